@@ -1,0 +1,38 @@
+"""aotpack: ahead-of-time export and packaging for PyTorch models.
+
+``aotpack.build(model, example_inputs, output)`` compiles a model into one archive;
+``aotpack.load(path)`` loads it for serving. ``import aotpack`` stays light: the build side (Dynamo,
+Inductor) is imported only when ``build`` is called.
+"""
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+from aotpack_runtime import (AotpackError, ArchiveError, CaptureError, Entry, GuardError, Package,  # noqa: E402
+                             load)
+from aotpack_runtime.errors import BuildError, ModelFileError  # noqa: E402
+
+
+def build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, example_kwargs: dict | None = None,
+          cpu_isa: str | None = None, progress: Any = None) -> pathlib.Path:
+    """Capture, guard, compile and package ``model(*example_inputs, **example_kwargs)`` into ``output``.
+
+    ``model`` is an ``nn.Module`` or a plain function of tensors; ``example_inputs`` a tuple. Module state
+    (parameters, buffers, attributes, the training flag) is frozen into the pack. ``cpu_isa`` picks the
+    instruction set of the CPU code (``x86-64``, ``avx2``, ``avx512``, ``native``; default ``avx2`` where
+    the host has it). ``progress`` is called with one line of text per build event (default: silent).
+    Returns the path of the written pack.
+    """
+    from .pipeline import build as _build
+    from .options import BuildOptions
+
+    report = _build(model, example_inputs, output, example_kwargs=example_kwargs,
+                    options=BuildOptions(cpu_isa=cpu_isa), progress=progress)
+    return report.output
+
+
+__all__ = ["build", "load", "Package", "Entry", "AotpackError", "ArchiveError", "CaptureError", "GuardError",
+           "BuildError", "ModelFileError", "__version__"]

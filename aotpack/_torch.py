@@ -1,0 +1,109 @@
+"""Every private or experimental torch API the build side touches, in one place, each with a test
+(tests/test_torch_private.py). A torch upgrade that moves one breaks here first, with a clear message."""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from typing import Any, Iterator
+
+import torch
+import torch.utils._pytree as pytree
+
+# Inductor options every aotpack build uses (see docs/FORMAT.md, "Native code"):
+#  - weights are not embedded in the .so: the pack stores them once and hands them to each entry;
+#  - no debug line tables and no precompiled headers: both put build paths into the code;
+#  - caches off and one compile thread, so a build starts from nothing and its output depends only on
+#    its inputs.
+BASE_INDUCTOR_CONFIG: dict[str, Any] = {
+    "aot_inductor.package_constants_in_so": False,
+    "aot_inductor.enable_line_tables": False,
+    "aot_inductor.precompile_headers": False,
+    "aot_inductor.debug_compile": False,
+    "force_disable_caches": True,
+    "compile_threads": 1,
+}
+
+# gcc -march level and Inductor vector width for each CPU ISA a pack can target.
+ISA_COMPILER_OPTIONS: dict[str, dict[str, Any]] = {
+    "x86-64": {"cpp.march": "x86-64", "cpp.simdlen": 0},
+    "avx2": {"cpp.march": "x86-64-v3", "cpp.simdlen": 256},
+    "avx512": {"cpp.march": "x86-64-v4", "cpp.simdlen": 512},
+    "native": {"cpp.march": "native"},
+}
+
+
+def export_strict(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any = None):
+    """Dynamo bytecode capture of the whole forward (torch.export with strict=True: fullgraph enforced)."""
+    return torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes, strict=True)
+
+
+def graph_break_types() -> tuple[type, ...]:
+    """Exception types Dynamo raises for a graph break or an unsupported construct."""
+    from torch._dynamo import exc
+
+    return tuple(t for t in (getattr(exc, "Unsupported", None), getattr(exc, "UserError", None),
+                             getattr(exc, "TorchRuntimeError", None)) if t is not None)
+
+
+def unsupported_details(err: BaseException) -> tuple[str | None, list]:
+    """The graph-break type name and the user stack (FrameSummary list) Dynamo attaches to its errors."""
+    gb_type = getattr(err, "gb_type", None)
+    stack = list(getattr(err, "real_stack", None) or [])
+    return gb_type, stack
+
+
+@contextlib.contextmanager
+def inductor_config(options: dict[str, Any]) -> Iterator[None]:
+    from torch._inductor import config
+
+    with config.patch(options):
+        yield
+
+
+@contextlib.contextmanager
+def private_build_dirs(root: str) -> Iterator[None]:
+    """Point Inductor's cache and every temporary file of the build at ``root`` for the duration."""
+    saved = {k: os.environ.get(k) for k in ("TORCHINDUCTOR_CACHE_DIR", "TMPDIR")}
+    saved_tempdir = tempfile.tempdir
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(root, "inductor")
+    os.environ["TMPDIR"] = os.path.join(root, "tmp")
+    os.makedirs(os.environ["TMPDIR"], exist_ok=True)
+    tempfile.tempdir = os.environ["TMPDIR"]
+    try:
+        yield
+    finally:
+        tempfile.tempdir = saved_tempdir
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def aoti_compile(exported, package_path: str, options: dict[str, Any]) -> str:
+    """Compile an ExportedProgram to an AOTInductor package (a zip holding the .so and its sources)."""
+    from torch._inductor import aoti_compile_and_package
+
+    return aoti_compile_and_package(exported, package_path=package_path, inductor_configs=options)
+
+
+def treespec_parts(spec) -> tuple[type | None, Any, list]:
+    """(node type, context, children) of a pytree TreeSpec; type None for a leaf."""
+    if spec.is_leaf():
+        return None, None, []
+    children = spec.children() if callable(getattr(spec, "children", None)) else spec.children_specs
+    return spec.type, spec.context, list(children)
+
+
+def tree_flatten(tree: Any):
+    return pytree.tree_flatten(tree)
+
+
+def fake_tensor_facts(val: Any) -> dict | None:
+    """Sizes/strides (ints or SymInt expressions as strings), dtype and device of a placeholder's fake
+    tensor, or None when the value is not a tensor."""
+    if not isinstance(val, torch.Tensor):
+        return None
+    return {"sizes": list(val.shape), "strides": list(val.stride()), "dtype": val.dtype,
+            "device": val.device, "requires_grad": val.requires_grad}

@@ -1,0 +1,183 @@
+"""Stage 1, capture: Dynamo bytecode capture of the whole model with fullgraph enforced.
+
+A graph break is a :class:`CaptureError` that names the user's file and line, the reason, and what to
+change. Module state (parameters, buffers, attributes, the training flag) is read at capture time and frozen
+into the graph.
+"""
+from __future__ import annotations
+
+import inspect
+import linecache
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from aotpack_runtime.errors import CaptureError
+
+from . import _torch
+
+# Hints keyed by Dynamo's graph-break type (``gb_type``) or a phrase of its message.
+HINTS: tuple[tuple[str, str], ...] = (
+    ("Data-dependent branching", "branch without Python control flow: compute both sides and pick with "
+     "torch.where(cond, a, b), or use torch.cond(pred, true_fn, false_fn, operands)"),
+    ("builtin operator", "remove the call (print, logging, I/O) from forward, or move it out of the model"),
+    ("print", "remove print/logging from forward, or move it out of the model"),
+    ("data-dependent", "avoid reading tensor values in Python (.item(), .tolist(), bool(t)); keep the "
+     "computation in tensors, or use torch.cond / torch.where"),
+    ("numpy", "replace NumPy calls in forward with the torch equivalents"),
+    ("Unsupported method call", "use a torch operation instead of this Python method"),
+    ("mutation", "avoid mutating inputs, module attributes or globals in forward"),
+)
+
+
+@dataclass(frozen=True)
+class Captured:
+    """The captured graph and what it was captured from."""
+
+    exported: Any  # torch.export.ExportedProgram
+    args: tuple
+    kwargs: dict
+    param_names: tuple[str, ...]
+    grad_mode: bool
+    training: bool
+
+
+class _FunctionModule(torch.nn.Module):
+    """Wraps a plain function so it can be captured like a module."""
+
+    def __init__(self, fn: Callable):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+
+def _param_names(fn: Callable, n_args: int) -> tuple[str, ...]:
+    try:
+        params = [p for p in inspect.signature(fn).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        params = []
+    names = [p.name for p in params][:n_args]
+    return tuple(names + [f"arg{i}" for i in range(len(names), n_args)])
+
+
+def _user_frame(stack: list) -> Any:
+    """The innermost frame that belongs to the user's code (not torch, not aotpack)."""
+    torch_dir = os.path.dirname(torch.__file__)
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for frame in reversed(stack):
+        fname = os.path.abspath(frame.filename)
+        if not fname.startswith(torch_dir) and not fname.startswith(os.path.join(here, "aotpack")):
+            return frame
+    return None
+
+
+def _hint_for(gb_type: str | None, message: str) -> str:
+    text = f"{gb_type or ''} {message}"
+    for key, hint in HINTS:
+        if key.lower() in text.lower():
+            return hint
+    return "rewrite this line so Dynamo can trace it (see the reason), or move it out of forward"
+
+
+def _reason(gb_type: str | None, message: str) -> str:
+    first = message.strip().splitlines()[0] if message.strip() else type(message).__name__
+    explanation = ""
+    for line in message.splitlines():
+        if line.strip().startswith("Explanation:"):
+            explanation = line.strip()[len("Explanation:"):].strip()
+            break
+    reason = f"graph break: {gb_type or first}"
+    return f"{reason}. {explanation}" if explanation else reason
+
+
+def _check_inputs(args: tuple, kwargs: dict) -> None:
+    def walk(v: Any, path: str) -> None:
+        if isinstance(v, torch.Tensor) or v is None or type(v) in (int, float, bool, str):
+            return
+        if type(v) in (tuple, list):
+            for i, x in enumerate(v):
+                walk(x, f"{path}[{i}]")
+            return
+        if type(v) is dict:
+            for k, x in v.items():
+                if not isinstance(k, str):
+                    raise CaptureError(f"example input {path} has a non-string dict key {k!r}",
+                                       hint="use string keys for dict inputs")
+                walk(x, f"{path}[{k!r}]")
+            return
+        raise CaptureError(f"example input {path} is a {type(v).__name__}; packs take tensors, int, float, "
+                           "bool, str and None, nested in tuples, lists and dicts",
+                           hint="pass the tensors inside it as separate arguments")
+
+    for i, a in enumerate(args):
+        walk(a, f"args[{i}]")
+    for k, v in kwargs.items():
+        walk(v, f"kwargs[{k!r}]")
+
+
+def capture(model: Any, args: tuple, kwargs: dict | None = None, *, dynamic_shapes: Any = None) -> Captured:
+    """Capture ``model(*args, **kwargs)`` as one graph. Raises :class:`CaptureError` on a graph break."""
+    kwargs = dict(kwargs or {})
+    if not isinstance(args, tuple):
+        raise CaptureError(f"example_inputs must be a tuple, got {type(args).__name__}",
+                           hint="write example_inputs = (x,) for a single input")
+    _check_inputs(args, kwargs)
+    if isinstance(model, torch.nn.Module):
+        module, fn = model, model.forward
+    elif callable(model):
+        module, fn = _FunctionModule(model), model
+    else:
+        raise CaptureError(f"model must be a torch.nn.Module or a function, got {type(model).__name__}")
+    grad_mode = torch.is_grad_enabled()
+    try:
+        exported = _torch.export_strict(module, args, kwargs, dynamic_shapes)
+    except _torch.graph_break_types() as e:
+        raise _capture_error(e) from e
+    except CaptureError:
+        raise
+    except Exception as e:  # anything else the tracer or the model raised
+        raise _capture_error(e) from e
+    _check_no_mutation(exported)
+    return Captured(exported=exported, args=args, kwargs=kwargs,
+                    param_names=_param_names(fn, len(args)), grad_mode=grad_mode,
+                    training=bool(getattr(module, "training", False)))
+
+
+def _capture_error(e: BaseException) -> CaptureError:
+    gb_type, stack = _torch.unsupported_details(e)
+    message = str(e)
+    if not stack and e.__traceback__ is not None:
+        import traceback
+
+        stack = traceback.extract_tb(e.__traceback__)
+    frame = _user_frame(stack)
+    filename = lineno = code = None
+    if frame is not None:
+        filename, lineno = frame.filename, frame.lineno
+        code = frame.line or linecache.getline(filename, lineno)
+    if gb_type:
+        return CaptureError(_reason(gb_type, message), filename=filename, lineno=lineno, code=code,
+                            hint=_hint_for(gb_type, message))
+    first = message.strip().splitlines()[0] if message.strip() else ""
+    return CaptureError(f"capture failed: {type(e).__name__}: {first}", filename=filename, lineno=lineno,
+                        code=code, hint=_hint_for(None, message))
+
+
+def _check_no_mutation(exported: Any) -> None:
+    sig = exported.graph_signature
+    buffers = dict(getattr(sig, "buffers_to_mutate", {}) or {})
+    inputs = dict(getattr(sig, "user_inputs_to_mutate", {}) or {})
+    if buffers:
+        names = sorted(set(buffers.values()))
+        raise CaptureError(f"forward mutates the buffers {names}; a pack freezes module state and cannot "
+                           "update it", hint="call model.eval() before building (batch norm updates its "
+                           "running statistics in training mode), or stop assigning to buffers in forward")
+    if inputs:
+        raise CaptureError(f"forward mutates its inputs {sorted(set(inputs.values()))} in place; a pack "
+                           "returns results and never writes into its inputs",
+                           hint="use out-of-place operations (x = x + 1 instead of x += 1) and return the result")

@@ -1,0 +1,92 @@
+"""The model file convention of the CLI.
+
+``FILE.py`` is imported and its module-level ``model`` and ``example_inputs`` (and ``example_kwargs``,
+``dynamic_shapes`` if present) are used; ``FILE.py:NAME`` calls the zero-argument function ``NAME``, which
+returns ``(model, example_inputs)`` or ``(model, example_inputs, example_kwargs)``.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import sys
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+from aotpack_runtime.errors import ModelFileError
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    model: Any
+    example_inputs: tuple
+    example_kwargs: dict = field(default_factory=dict)
+    source: str = ""
+
+
+def _import(path: str) -> Any:
+    if not os.path.isfile(path):
+        raise ModelFileError(f"model file {path} does not exist")
+    if not path.endswith(".py"):
+        raise ModelFileError(f"model file {path} is not a .py file; give FILE.py or FILE.py:NAME")
+    folder = os.path.dirname(os.path.abspath(path))
+    stem = os.path.splitext(os.path.basename(path))[0]
+    # A real module name: Dynamo looks a function's globals up through sys.modules.
+    name = f"aotpack_model_{stem}_{hashlib.sha256(os.path.abspath(path).encode()).hexdigest()[:8]}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ModelFileError(f"cannot import {path} as a Python module")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    if folder not in sys.path:
+        sys.path.insert(0, folder)  # lets the file import its sibling modules
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        sys.modules.pop(name, None)
+        tb = traceback.extract_tb(e.__traceback__)
+        frame = next((f for f in reversed(tb) if os.path.abspath(f.filename) == os.path.abspath(path)), None)
+        where = f" (line {frame.lineno}: {frame.line})" if frame else ""
+        raise ModelFileError(f"importing {path} failed{where}: {type(e).__name__}: {e}") from e
+    return module
+
+
+def load_model_file(target: str) -> ModelSpec:
+    """Import ``FILE.py`` or ``FILE.py:NAME`` and return the model and its example inputs."""
+    path, _, func = target.partition(":")
+    module = _import(path)
+    if func:
+        fn = getattr(module, func, None)
+        if fn is None:
+            defined = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_")
+                             and getattr(v, "__module__", None) == module.__name__)
+            raise ModelFileError(f"{path} has no function {func!r}; functions it defines: "
+                                 f"{', '.join(defined) or 'none'}")
+        if not callable(fn):
+            raise ModelFileError(f"{path}:{func} is a {type(fn).__name__}, not a function")
+        try:
+            result = fn()
+        except Exception as e:
+            raise ModelFileError(f"calling {path}:{func}() failed: {type(e).__name__}: {e}") from e
+        if not isinstance(result, tuple) or len(result) not in (2, 3):
+            raise ModelFileError(f"{path}:{func}() must return (model, example_inputs) or (model, "
+                                 f"example_inputs, example_kwargs); it returned "
+                                 f"{type(result).__name__ if not isinstance(result, tuple) else f'a tuple of {len(result)}'}")
+        model, inputs, kwargs = (*result, {}) if len(result) == 2 else result
+    else:
+        missing = [n for n in ("model", "example_inputs") if not hasattr(module, n)]
+        if missing:
+            raise ModelFileError(f"{path} defines no {' and no '.join(repr(m) for m in missing)}: a model file "
+                                 "sets module-level `model` and `example_inputs` (a tuple), or use "
+                                 f"'{path}:NAME' to name a function that returns (model, example_inputs)")
+        model, inputs = module.model, module.example_inputs
+        kwargs = getattr(module, "example_kwargs", {}) or {}
+    if not isinstance(inputs, tuple):
+        raise ModelFileError(f"example_inputs in {target} must be a tuple, got {type(inputs).__name__}; "
+                             "write example_inputs = (x,) for one input")
+    if not isinstance(kwargs, dict):
+        raise ModelFileError(f"example_kwargs in {target} must be a dict, got {type(kwargs).__name__}")
+    if not callable(model):
+        raise ModelFileError(f"model in {target} is a {type(model).__name__}, not a module or function")
+    return ModelSpec(model=model, example_inputs=inputs, example_kwargs=kwargs, source=target)

@@ -1,0 +1,69 @@
+"""The exception hierarchy shared by the runtime and the build side.
+
+Every error a user can cause derives from :class:`AotpackError`. The data travels on the exception as
+fields, so callers (the CLI, a server) can report it without parsing the message.
+"""
+from __future__ import annotations
+
+
+class AotpackError(Exception):
+    """Base class of every error aotpack raises on purpose."""
+
+
+class ArchiveError(AotpackError):
+    """The archive is malformed, truncated, tampered with or incompatible with this host.
+
+    ``path`` is the archive (when known) and ``reason`` the sentence that says what is wrong.
+    """
+
+    def __init__(self, reason: str, *, path: str | None = None):
+        self.reason = reason
+        self.path = path
+        super().__init__(f"{path}: {reason}" if path else reason)
+
+
+class GuardError(AotpackError):
+    """An input does not match the guards of any entry in the pack; nothing was computed.
+
+    ``reasons`` holds one ``(entry_name, reason)`` pair per entry tried, in dispatch order.
+    """
+
+    def __init__(self, reasons: list[tuple[str, str]]):
+        self.reasons = list(reasons)
+        if len(self.reasons) == 1:
+            message = self.reasons[0][1]
+        else:
+            parts = [f"entry {name}: {why}" for name, why in self.reasons]
+            message = "no entry accepts this input: " + "; ".join(parts)
+        super().__init__(message)
+
+
+class CaptureError(AotpackError):
+    """The model could not be captured as one graph (a graph break, or an untraceable construct).
+
+    ``filename`` and ``lineno`` point at the user's code where known; ``reason`` is what the tracer said
+    and ``hint`` what to change.
+    """
+
+    def __init__(self, reason: str, *, filename: str | None = None, lineno: int | None = None,
+                 hint: str | None = None, code: str | None = None):
+        self.reason = reason
+        self.filename = filename
+        self.lineno = lineno
+        self.hint = hint
+        self.code = code
+        where = f"{filename}:{lineno}: " if filename and lineno else ""
+        text = f"{where}{reason}"
+        if code:
+            text += f"\n    {code.strip()}"
+        if hint:
+            text += f"\n  hint: {hint}"
+        super().__init__(text)
+
+
+class BuildError(AotpackError):
+    """The build could not finish for a reason other than capture (bad options, compiler failure)."""
+
+
+class ModelFileError(AotpackError):
+    """A model file given to the CLI does not follow the model file convention."""

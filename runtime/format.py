@@ -1,0 +1,247 @@
+"""The aotpack archive format: names, version constants, header layout and the manifest schema.
+
+The runtime owns the format; the build side's writer imports these definitions. ``docs/FORMAT.md`` is the
+written spec and its examples are tested against this module.
+
+Changelog of ``FORMAT_VERSION`` (readers accept ``MIN_READ_VERSION..FORMAT_VERSION``):
+  1 (2026-11): first version: header, JSON manifest, 64-byte aligned blobs, sha256 per blob.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ArchiveError
+
+MAGIC = b"AOTPACK\x00"
+FORMAT_VERSION = 1
+MIN_READ_VERSION = 1
+# magic, format version, flags, manifest length, manifest sha256
+HEADER = struct.Struct("<8sIIQ32s")
+HEADER_SIZE = HEADER.size  # 56
+ALIGN = 64
+MAX_MANIFEST_BYTES = 16 * 1024 * 1024
+MAX_BLOBS = 100_000
+MAX_BLOB_BYTES = 1 << 40
+BLOB_NAME = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
+COMPRESSIONS = ("none", "zstd")
+DEVICES = ("cpu", "cuda")
+CPU_ISAS = ("x86-64", "avx2", "avx512", "native")
+
+DTYPES = ("float32", "float64", "float16", "bfloat16", "int8", "int16", "int32", "int64", "uint8",
+          "bool", "complex64", "complex128")
+
+
+def align(n: int) -> int:
+    """Round ``n`` up to the blob alignment."""
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def canonical_json(obj: Any) -> bytes:
+    """Serialize ``obj`` the one way the format allows: sorted keys, no whitespace, no NaN, UTF-8."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False,
+                      ensure_ascii=False).encode("utf-8")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise ArchiveError(f"manifest has a duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _no_constants(name: str) -> Any:
+    raise ArchiveError(f"manifest holds the non-JSON number {name}")
+
+
+def parse_json(data: bytes, what: str = "manifest") -> Any:
+    """Parse strict JSON: UTF-8, no duplicate keys, no NaN or Infinity."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ArchiveError(f"{what} is not UTF-8 (byte {e.start})") from None
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+    except json.JSONDecodeError as e:
+        raise ArchiveError(f"{what} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except RecursionError:
+        raise ArchiveError(f"{what} is nested too deeply") from None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checked access to parsed JSON: every field is checked for presence and type before use.
+
+def field_of(obj: Any, key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    if not isinstance(obj, dict):
+        raise ArchiveError(f"{where} must be a JSON object, found {type(obj).__name__}")
+    if key not in obj:
+        raise ArchiveError(f"{where} lacks the field {key!r}")
+    value = obj[key]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    # bool is an int in Python; an int field must not accept true/false.
+    if isinstance(value, bool) and bool not in kinds:
+        raise ArchiveError(f"{where}.{key} must be {_names(kinds)}, found a boolean")
+    if not isinstance(value, kinds):
+        raise ArchiveError(f"{where}.{key} must be {_names(kinds)}, found {type(value).__name__}")
+    return value
+
+
+def _names(kinds: tuple[type, ...]) -> str:
+    table = {dict: "an object", list: "a list", str: "a string", int: "an integer", bool: "a boolean",
+             float: "a number", type(None): "null"}
+    return " or ".join(table.get(k, k.__name__) for k in kinds)
+
+
+def nonneg_int(obj: Any, key: str, where: str, limit: int = MAX_BLOB_BYTES) -> int:
+    value = field_of(obj, key, int, where)
+    if value < 0 or value > limit:
+        raise ArchiveError(f"{where}.{key} is {value}, outside 0..{limit}")
+    return value
+
+
+def one_of(obj: Any, key: str, allowed: tuple[str, ...], where: str) -> str:
+    value = field_of(obj, key, str, where)
+    if value not in allowed:
+        raise ArchiveError(f"{where}.{key} is {value!r}; this reader knows {', '.join(allowed)}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------
+# Manifest records
+
+@dataclass(frozen=True)
+class BlobRecord:
+    """One blob: where it lies (``offset`` from the start of the blob region), how it is stored, its hash."""
+
+    name: str
+    offset: int
+    stored_size: int
+    size: int
+    sha256: str
+    compression: str
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "offset": self.offset, "stored_size": self.stored_size,
+                "size": self.size, "sha256": self.sha256, "compression": self.compression}
+
+    @classmethod
+    def from_json(cls, obj: Any, where: str) -> "BlobRecord":
+        name = field_of(obj, "name", str, where)
+        if not BLOB_NAME.match(name) or ".." in name.split("/") or len(name) > 256:
+            raise ArchiveError(f"{where}.name {name!r} is not a valid blob name "
+                               "(letters, digits, '._-' and '/' separators; no '..', no leading '/')")
+        sha = field_of(obj, "sha256", str, where)
+        if not re.fullmatch(r"[0-9a-f]{64}", sha):
+            raise ArchiveError(f"{where}.sha256 is not 64 lowercase hex digits")
+        rec = cls(name=name, offset=nonneg_int(obj, "offset", where),
+                  stored_size=nonneg_int(obj, "stored_size", where), size=nonneg_int(obj, "size", where),
+                  sha256=sha, compression=one_of(obj, "compression", COMPRESSIONS, where))
+        if rec.compression == "none" and rec.stored_size != rec.size:
+            raise ArchiveError(f"{where}: uncompressed blob {name!r} has stored_size {rec.stored_size} "
+                               f"but size {rec.size}")
+        if rec.offset % ALIGN:
+            raise ArchiveError(f"{where}: blob {name!r} offset {rec.offset} is not {ALIGN}-byte aligned")
+        return rec
+
+
+@dataclass(frozen=True)
+class WeightRecord:
+    """A parameter, buffer or constant tensor, stored once per pack and shared by every entry."""
+
+    name: str
+    blob: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "blob": self.blob, "dtype": self.dtype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_json(cls, obj: Any, where: str) -> "WeightRecord":
+        shape = field_of(obj, "shape", list, where)
+        if len(shape) > 64 or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**48
+                                      for d in shape):
+            raise ArchiveError(f"{where}.shape must be a list of at most 64 non-negative integers")
+        return cls(name=field_of(obj, "name", str, where), blob=field_of(obj, "blob", str, where),
+                   dtype=one_of(obj, "dtype", DTYPES, where), shape=tuple(shape))
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPE_SIZES[self.dtype]
+
+
+DTYPE_SIZES = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2, "int8": 1, "int16": 2, "int32": 4,
+               "int64": 8, "uint8": 1, "bool": 1, "complex64": 8, "complex128": 16}
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The parsed, checked manifest. ``entries`` and ``example`` are kept as checked JSON: the guards
+    module parses them into its own records."""
+
+    format_version: int
+    producer: dict
+    target: dict
+    options: dict
+    weights: tuple[WeightRecord, ...]
+    entries: tuple[dict, ...]
+    example: dict | None
+    blobs: tuple[BlobRecord, ...]
+    raw: dict = field(repr=False, compare=False, default_factory=dict)
+
+    def blob(self, name: str) -> BlobRecord:
+        for b in self.blobs:
+            if b.name == name:
+                return b
+        raise ArchiveError(f"manifest refers to blob {name!r}, which the blob table lacks")
+
+    @classmethod
+    def from_json(cls, obj: Any) -> "Manifest":
+        where = "manifest"
+        if not isinstance(obj, dict):
+            raise ArchiveError("manifest must be a JSON object")
+        if obj.get("format") != "aotpack":
+            raise ArchiveError("manifest field 'format' is not 'aotpack'")
+        version = field_of(obj, "format_version", int, where)
+        blobs_json = field_of(obj, "blobs", list, where)
+        if len(blobs_json) > MAX_BLOBS:
+            raise ArchiveError(f"manifest lists {len(blobs_json)} blobs; at most {MAX_BLOBS} are allowed")
+        blobs = tuple(BlobRecord.from_json(b, f"manifest.blobs[{i}]") for i, b in enumerate(blobs_json))
+        names = [b.name for b in blobs]
+        if len(set(names)) != len(names):
+            dup = next(n for n in names if names.count(n) > 1)
+            raise ArchiveError(f"manifest lists blob {dup!r} twice")
+        weights = tuple(WeightRecord.from_json(w, f"manifest.weights[{i}]")
+                        for i, w in enumerate(field_of(obj, "weights", list, where)))
+        entries = field_of(obj, "entries", list, where)
+        if not entries:
+            raise ArchiveError("manifest lists no entries")
+        for i, e in enumerate(entries):
+            if not isinstance(e, dict):
+                raise ArchiveError(f"manifest.entries[{i}] must be a JSON object")
+        example = obj.get("example")
+        if example is not None and not isinstance(example, dict):
+            raise ArchiveError("manifest.example must be a JSON object or absent")
+        m = cls(format_version=version, producer=field_of(obj, "producer", dict, where),
+                target=field_of(obj, "target", dict, where), options=field_of(obj, "options", dict, where),
+                weights=weights, entries=tuple(entries), example=example, blobs=blobs, raw=obj)
+        known = set(names)
+        for w in weights:
+            if w.blob not in known:
+                raise ArchiveError(f"weight {w.name!r} refers to blob {w.blob!r}, which the blob table lacks")
+            if m.blob(w.blob).size != w.nbytes:
+                raise ArchiveError(f"weight {w.name!r} is {w.dtype}{list(w.shape)} ({w.nbytes} bytes) but its "
+                                   f"blob holds {m.blob(w.blob).size} bytes")
+        return m
+
+    def to_json(self) -> dict:
+        return {"format": "aotpack", "format_version": self.format_version, "producer": self.producer,
+                "target": self.target, "options": self.options,
+                "weights": [w.to_json() for w in self.weights], "entries": list(self.entries),
+                "example": self.example, "blobs": [b.to_json() for b in self.blobs]}

@@ -1,0 +1,458 @@
+"""Guards as data, and the check that runs before every call.
+
+An entry's guards are plain JSON in the manifest (see docs/FORMAT.md, "Guards"):
+
+* ``inputs``: the structure of ``(args, kwargs)`` as a tree of ``tuple``/``list``/``dict``/``none``/``leaf``
+  nodes, with the path and parameter name of each leaf;
+* ``leaves``: one guard per leaf, in flattening order: a tensor guard (dtype, device, sizes with symbols,
+  strides, requires_grad) or a value guard (the exact Python value the graph specialised on);
+* ``symbols``: the range of each symbolic size.
+
+:class:`EntryGuards` turns that data into a fast matcher (``match``) that returns the flat tensors to hand to
+native code, or ``None``; ``explain`` re-walks the input slowly to say which guard failed, for the error.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .errors import ArchiveError
+from .format import DTYPES, field_of
+
+_DTYPE_BY_NAME = {name: getattr(torch, name) for name in DTYPES}
+_NAME_BY_DTYPE = {v: k for k, v in _DTYPE_BY_NAME.items()}
+NODE_TYPES = ("leaf", "none", "tuple", "list", "dict")
+VALUE_TYPES = {"int": int, "float": float, "bool": bool, "str": str, "none": type(None)}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The format's name of a torch dtype (``float32``)."""
+    return _NAME_BY_DTYPE.get(dtype, str(dtype).replace("torch.", ""))
+
+
+def check_spec(node: Any, where: str, depth: int = 0) -> int:
+    """Check a structure tree read from a manifest; return its number of leaves."""
+    if depth > 64:
+        raise ArchiveError(f"{where} is nested deeper than 64 levels")
+    kind = field_of(node, "type", str, where)
+    if kind not in NODE_TYPES:
+        raise ArchiveError(f"{where}.type is {kind!r}; this reader knows {', '.join(NODE_TYPES)}")
+    if kind == "leaf":
+        return 1
+    if kind == "none":
+        return 0
+    children = field_of(node, "children", list, where)
+    if kind == "dict":
+        keys = field_of(node, "keys", list, where)
+        if len(keys) != len(children) or not all(isinstance(k, str) for k in keys) or len(set(keys)) != len(keys):
+            raise ArchiveError(f"{where}.keys must be distinct strings, one per child")
+    return sum(check_spec(c, f"{where}.children[{i}]", depth + 1) for i, c in enumerate(children))
+
+
+def describe_layout(sizes: tuple[int, ...], strides: tuple[int, ...]) -> str:
+    """Name a layout for people: contiguous, channels_last, or the raw strides."""
+    expected = []
+    acc = 1
+    for s in reversed(sizes):
+        expected.append(acc)
+        acc *= max(s, 1)
+    if all(sz <= 1 or st == e for sz, st, e in zip(sizes, strides, reversed(expected))):
+        return "contiguous"
+    if len(sizes) == 4:
+        n, c, h, w = sizes
+        cl = (h * w * c, 1, w * c, c)
+        if all(sz <= 1 or st == e for sz, st, e in zip(sizes, strides, cl)):
+            return "channels_last"
+    return f"strides {tuple(strides)}"
+
+
+@dataclass(frozen=True)
+class TensorGuard:
+    path: str
+    name: str
+    dtype: str
+    device: str
+    sizes: tuple  # int, or str naming a symbol
+    strides: tuple  # int, or None where the dim's size is 0 or 1 (any stride is fine there)
+    requires_grad: bool
+
+    def to_json(self) -> dict:
+        return {"kind": "tensor", "path": self.path, "name": self.name, "dtype": self.dtype,
+                "device": self.device, "sizes": list(self.sizes), "strides": list(self.strides),
+                "requires_grad": self.requires_grad}
+
+    def describe(self, symbols: dict) -> str:
+        dims = []
+        for s in self.sizes:
+            if isinstance(s, str):
+                lo, hi = symbols[s]
+                dims.append(f"{s}={lo}..{hi}")
+            else:
+                dims.append(str(s))
+        static = all(isinstance(s, int) for s in self.sizes) and all(isinstance(s, int) or s is None
+                                                                   for s in self.strides)
+        layout = (describe_layout(self.sizes, tuple(0 if s is None else s for s in self.strides))
+                  if static else "dense")
+        return f"{self.dtype}[{', '.join(dims)}] {self.device} {layout}"
+
+
+@dataclass(frozen=True)
+class ValueGuard:
+    path: str
+    name: str
+    type: str
+    value: Any
+
+    def to_json(self) -> dict:
+        return {"kind": "value", "path": self.path, "name": self.name, "type": self.type, "value": self.value}
+
+
+def leaf_from_json(obj: Any, where: str, symbols: dict) -> TensorGuard | ValueGuard:
+    kind = field_of(obj, "kind", str, where)
+    path = field_of(obj, "path", str, where)
+    name = field_of(obj, "name", str, where)
+    if kind == "value":
+        vtype = field_of(obj, "type", str, where)
+        if vtype not in VALUE_TYPES:
+            raise ArchiveError(f"{where}.type is {vtype!r}; this reader knows {', '.join(VALUE_TYPES)}")
+        value = obj.get("value")
+        if not isinstance(value, VALUE_TYPES[vtype]) and not (vtype == "float" and type(value) is int):
+            raise ArchiveError(f"{where}.value does not match its type {vtype}")
+        return ValueGuard(path, name, vtype, float(value) if vtype == "float" else value)
+    if kind != "tensor":
+        raise ArchiveError(f"{where}.kind is {kind!r}; this reader knows tensor, value")
+    sizes = field_of(obj, "sizes", list, where)
+    strides = field_of(obj, "strides", list, where)
+    if len(sizes) != len(strides) or len(sizes) > 64:
+        raise ArchiveError(f"{where}: sizes and strides must have the same length (at most 64)")
+    for s in sizes:
+        if isinstance(s, str):
+            if s not in symbols:
+                raise ArchiveError(f"{where}: size symbol {s!r} is not declared in the entry's symbols")
+        elif not (type(s) is int and s >= 0):
+            raise ArchiveError(f"{where}.sizes must hold non-negative integers or symbol names")
+    for s in strides:
+        if s is not None and not (type(s) is int and s >= 0):
+            raise ArchiveError(f"{where}.strides must hold non-negative integers or null")
+    device = field_of(obj, "device", str, where)
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise ArchiveError(f"{where}.device {device!r} is not a device name") from None
+    dtype = field_of(obj, "dtype", str, where)
+    if dtype not in _DTYPE_BY_NAME:
+        raise ArchiveError(f"{where}.dtype is {dtype!r}; this reader knows {', '.join(DTYPES)}")
+    return TensorGuard(path, name, dtype, device, tuple(sizes), tuple(strides),
+                       field_of(obj, "requires_grad", bool, where))
+
+
+def _spec_leaves(node: dict, path: str, out: list[str]) -> None:
+    kind = node["type"]
+    if kind == "leaf":
+        out.append(path)
+    elif kind in ("tuple", "list"):
+        for i, c in enumerate(node["children"]):
+            _spec_leaves(c, f"{path}[{i}]", out)
+    elif kind == "dict":
+        for k, c in zip(node["keys"], node["children"]):
+            _spec_leaves(c, f"{path}[{k!r}]", out)
+
+
+def _type_word(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor {dtype_name(value.dtype)}{list(value.shape)}"
+    if value is None:
+        return "None"
+    return f"{type(value).__name__} {value!r}" if isinstance(value, (int, float, bool, str)) \
+        else type(value).__name__
+
+
+class _Mismatch(Exception):
+    """Raised inside :meth:`EntryGuards.explain` with the first reason found."""
+
+
+class EntryGuards:
+    """The guards of one entry, compiled into a fast matcher and a slow explainer."""
+
+    def __init__(self, inputs: dict, leaves: list, symbols: dict, param_names: list[str]):
+        self.inputs = inputs
+        self.leaves = leaves
+        self.symbols = symbols
+        self.param_names = param_names
+        args_node, kwargs_node = inputs["children"]
+        self._n_args = len(args_node["children"])
+        self._kw_keys = tuple(kwargs_node["keys"])
+        # The common case, positional tensors only and no nesting, skips the tree walk.
+        self._flat_positional = (not self._kw_keys and all(c["type"] == "leaf" for c in args_node["children"]))
+        self._tensor_checks = []
+        self._value_checks = []
+        self._static = True
+        for i, g in enumerate(leaves):
+            if isinstance(g, TensorGuard):
+                sizes = g.sizes
+                if any(isinstance(s, str) for s in sizes):
+                    self._static = False
+                stride_idx = tuple(d for d, s in enumerate(g.strides) if s is not None)
+                exp_strides = tuple(g.strides[d] for d in stride_idx)
+                full_strides = len(stride_idx) == len(g.strides)
+                self._tensor_checks.append((i, _DTYPE_BY_NAME[g.dtype], torch.device(g.device), len(sizes),
+                                            tuple(sizes), stride_idx, exp_strides, full_strides))
+            else:
+                self._value_checks.append((i, VALUE_TYPES[g.type], g.value))
+
+    @classmethod
+    def from_json(cls, entry: dict, where: str) -> "EntryGuards":
+        inputs = field_of(entry, "inputs", dict, where)
+        n_leaves = check_spec(inputs, f"{where}.inputs")
+        if inputs.get("type") != "tuple" or len(inputs["children"]) != 2 or \
+                inputs["children"][0]["type"] != "tuple" or inputs["children"][1]["type"] != "dict":
+            raise ArchiveError(f"{where}.inputs must be a tuple of (args tuple, kwargs dict)")
+        symbols_json = field_of(entry, "symbols", dict, where)
+        symbols = {}
+        for name, rng in symbols_json.items():
+            if not (isinstance(rng, list) and len(rng) == 2 and all(type(v) is int for v in rng)
+                    and 0 <= rng[0] <= rng[1]):
+                raise ArchiveError(f"{where}.symbols[{name!r}] must be [min, max] with 0 <= min <= max")
+            symbols[name] = (rng[0], rng[1])
+        leaves_json = field_of(entry, "leaves", list, where)
+        if len(leaves_json) != n_leaves:
+            raise ArchiveError(f"{where} has {len(leaves_json)} leaf guards for {n_leaves} input leaves")
+        leaves = [leaf_from_json(g, f"{where}.leaves[{i}]", symbols) for i, g in enumerate(leaves_json)]
+        params = field_of(entry, "param_names", list, where)
+        return cls(inputs, leaves, symbols, [str(p) for p in params])
+
+    # -- the hot path -------------------------------------------------------------------------------
+
+    def flatten(self, args: tuple, kwargs: dict) -> list | None:
+        """The input's leaves in spec order, or None when its structure differs from the spec."""
+        if self._flat_positional:
+            if kwargs or len(args) != self._n_args:
+                return None
+            return list(args)
+        if len(args) != self._n_args or len(kwargs) != len(self._kw_keys):
+            return None
+        out: list = []
+        try:
+            _walk(self.inputs["children"][0], args, out)
+            _walk(self.inputs["children"][1], kwargs, out)
+        except _Mismatch:
+            return None
+        return out
+
+    def match(self, args: tuple, kwargs: dict) -> list | None:
+        """Return the tensors to pass to native code if every guard holds, else None."""
+        leaves = self.flatten(args, kwargs)
+        if leaves is None:
+            return None
+        grad = torch.is_grad_enabled()
+        bound: dict | None = None if self._static else {}
+        tensors = []
+        for i, dtype, device, rank, sizes, stride_idx, exp_strides, full in self._tensor_checks:
+            t = leaves[i]
+            if not isinstance(t, torch.Tensor) or t.dtype is not dtype or t.device != device \
+                    or t.layout is not torch.strided:
+                return None
+            if (grad and t.requires_grad) or type(t) not in (torch.Tensor, torch.nn.Parameter):
+                return None
+            if bound is None:
+                if t.shape != sizes:
+                    return None
+            elif not self._sizes_ok(t.shape, rank, sizes, bound):
+                return None
+            st = t.stride()
+            if full:
+                if st != exp_strides:
+                    return None
+            elif tuple(st[d] for d in stride_idx) != exp_strides:
+                return None
+            if t.is_complex() and (t.is_conj() or t.is_neg()):
+                return None
+            tensors.append(t)
+        for i, vtype, value in self._value_checks:
+            v = leaves[i]
+            if type(v) is not vtype or v != value:
+                return None
+        return tensors
+
+    def _sizes_ok(self, shape, rank, sizes, bound) -> bool:
+        if len(shape) != rank:
+            return False
+        for actual, want in zip(shape, sizes):
+            if type(want) is int:
+                if actual != want:
+                    return False
+            else:
+                prev = bound.get(want)
+                if prev is None:
+                    lo, hi = self.symbols[want]
+                    if actual < lo or actual > hi:
+                        return False
+                    bound[want] = actual
+                elif prev != actual:
+                    return False
+        return True
+
+    # -- the slow path: say why -------------------------------------------------------------------
+
+    def explain(self, args: tuple, kwargs: dict) -> str:
+        """The first guard this input fails, as a sentence for people ("" if it passes)."""
+        try:
+            self._explain_structure(args, kwargs)
+            leaves = self.flatten(args, kwargs)
+            if leaves is None:  # pragma: no cover - _explain_structure names every structural mismatch
+                return "input structure differs from the packaged one"
+            bound: dict = {}
+            for g, v in zip(self.leaves, leaves):
+                self._explain_leaf(g, v, bound)
+        except _Mismatch as m:
+            return str(m)
+        return ""
+
+    def _explain_structure(self, args: tuple, kwargs: dict) -> None:
+        names = self.param_names
+        if len(args) != self._n_args:
+            listed = ", ".join(names[: self._n_args])
+            raise _Mismatch(f"expected {self._n_args} positional argument{'s' if self._n_args != 1 else ''}"
+                            f"{f' ({listed})' if listed else ''}, actual {len(args)}")
+        missing = [k for k in self._kw_keys if k not in kwargs]
+        if missing:
+            raise _Mismatch(f"missing keyword argument {missing[0]!r} (the pack was built with "
+                            f"keyword arguments {list(self._kw_keys)})")
+        extra = [k for k in kwargs if k not in self._kw_keys]
+        if extra:
+            raise _Mismatch(f"unexpected keyword argument {extra[0]!r}: the pack was built with "
+                            f"{'keyword arguments ' + str(list(self._kw_keys)) if self._kw_keys else 'no keyword arguments'}"
+                            " (a default value left out at build time is frozen into the pack)")
+        self._explain_node(self.inputs["children"][0], args, "args")
+        self._explain_node(self.inputs["children"][1], kwargs, "kwargs")
+
+    def _explain_node(self, node: dict, value: Any, path: str) -> None:
+        kind = node["type"]
+        if kind == "leaf":
+            return
+        if kind == "none":
+            if value is not None:
+                raise _Mismatch(f"input {path} structure mismatch: expected None, actual {_type_word(value)}")
+            return
+        if kind in ("tuple", "list"):
+            want = tuple if kind == "tuple" else list
+            n = len(node["children"])
+            if not isinstance(value, want):
+                raise _Mismatch(f"input {path} structure mismatch: expected a {kind} of {n}, "
+                                f"actual {_type_word(value)}")
+            if len(value) != n:
+                raise _Mismatch(f"input {path} structure mismatch: expected a {kind} of {n}, "
+                                f"actual a {kind} of {len(value)}")
+            for i, c in enumerate(node["children"]):
+                self._explain_node(c, value[i], f"{path}[{i}]")
+            return
+        if not isinstance(value, dict):
+            raise _Mismatch(f"input {path} structure mismatch: expected a dict with keys {node['keys']}, "
+                            f"actual {_type_word(value)}")
+        if set(value) != set(node["keys"]):
+            raise _Mismatch(f"input {path} structure mismatch: expected keys {sorted(node['keys'])}, "
+                            f"actual {sorted(map(str, value))}")
+        for k, c in zip(node["keys"], node["children"]):
+            self._explain_node(c, value[k], f"{path}[{k!r}]")
+
+    def _explain_leaf(self, g: TensorGuard | ValueGuard, v: Any, bound: dict) -> None:
+        who = f"input {g.name!r} ({g.path})"
+        if isinstance(g, ValueGuard):
+            if isinstance(v, torch.Tensor) or type(v) is not VALUE_TYPES[g.type]:
+                raise _Mismatch(f"{who} type mismatch: expected {g.type} {g.value!r}, actual {_type_word(v)}")
+            if v != g.value:
+                raise _Mismatch(f"{who} value mismatch: expected {g.value!r}, actual {v!r} (the graph was "
+                                "specialised on this value; build the pack with the value you call it with)")
+            return
+        if not isinstance(v, torch.Tensor):
+            raise _Mismatch(f"{who} type mismatch: expected a tensor {g.describe(self.symbols)}, "
+                            f"actual {_type_word(v)}")
+        if type(v) not in (torch.Tensor, torch.nn.Parameter):
+            raise _Mismatch(f"{who} type mismatch: expected a plain torch.Tensor, actual the subclass "
+                            f"{type(v).__name__}")
+        if v.layout is not torch.strided:
+            raise _Mismatch(f"{who} layout mismatch: expected torch.strided, actual {v.layout}")
+        if dtype_name(v.dtype) != g.dtype:
+            raise _Mismatch(f"{who} dtype mismatch: expected {g.dtype}, actual {dtype_name(v.dtype)}")
+        if v.device != torch.device(g.device):
+            raise _Mismatch(f"{who} device mismatch: expected {g.device}, actual {v.device}")
+        if v.dim() != len(g.sizes):
+            raise _Mismatch(f"{who} rank mismatch: expected {len(g.sizes)} dims {g.describe(self.symbols)}, "
+                            f"actual {v.dim()} dims {list(v.shape)}")
+        for d, (actual, want) in enumerate(zip(v.shape, g.sizes)):
+            if isinstance(want, int):
+                if actual != want:
+                    raise _Mismatch(f"{who} size mismatch at dim {d}: expected {want}, actual {actual}")
+                continue
+            lo, hi = self.symbols[want]
+            if actual < lo:
+                raise _Mismatch(f"{who} dim {d} ({want}) is {actual}, below {lo}")
+            if actual > hi:
+                raise _Mismatch(f"{who} dim {d} ({want}) is {actual}, above {hi}")
+            if want in bound and bound[want] != actual:
+                raise _Mismatch(f"{who} dim {d} ({want}) is {actual}, but {want} is {bound[want]} in an "
+                                "earlier input (these dims must be equal)")
+            bound[want] = actual
+        st = v.stride()
+        for d, want in enumerate(g.strides):
+            if want is not None and st[d] != want:
+                exp_layout = describe_layout(tuple(v.shape), tuple(0 if s is None else s for s in g.strides))
+                act_layout = describe_layout(tuple(v.shape), tuple(st))
+                raise _Mismatch(f"{who} stride mismatch at dim {d}: expected {want}, actual {st[d]} "
+                                f"(expected layout {exp_layout}, actual {act_layout}; call .contiguous() "
+                                "or build the pack with this layout)")
+        if v.is_complex() and (v.is_conj() or v.is_neg()):
+            raise _Mismatch(f"{who} has a lazy conjugate or negation bit; call .resolve_conj().resolve_neg()")
+        if torch.is_grad_enabled() and v.requires_grad:
+            raise _Mismatch(f"{who} requires_grad mismatch: the tensor requires grad under grad mode, but a pack "
+                            "computes no gradients; call it under torch.inference_mode() or torch.no_grad(), "
+                            "or pass x.detach()")
+
+
+def _walk(node: dict, value: Any, out: list) -> None:
+    kind = node["type"]
+    if kind == "leaf":
+        out.append(value)
+    elif kind == "none":
+        if value is not None:
+            raise _Mismatch
+    elif kind == "tuple" or kind == "list":
+        children = node["children"]
+        if not isinstance(value, tuple if kind == "tuple" else list) or len(value) != len(children):
+            raise _Mismatch
+        for c, v in zip(children, value):
+            _walk(c, v, out)
+    else:
+        keys = node["keys"]
+        if not isinstance(value, dict) or len(value) != len(keys):
+            raise _Mismatch
+        for k, c in zip(keys, node["children"]):
+            if k not in value:
+                raise _Mismatch
+            _walk(c, value[k], out)
+
+
+def leaf_paths(inputs: dict) -> list[str]:
+    """The path of each leaf of an input structure (``args[0]``, ``kwargs['mask']``), in order."""
+    out: list[str] = []
+    args_node, kwargs_node = inputs["children"]
+    _spec_leaves(args_node, "args", out)
+    _spec_leaves(kwargs_node, "kwargs", out)
+    return out
+
+
+def rebuild(node: dict, leaves: list, pos: list) -> Any:
+    """Rebuild a structure from its tree and a flat list of leaves (``pos`` is a one-item cursor)."""
+    kind = node["type"]
+    if kind == "leaf":
+        v = leaves[pos[0]]
+        pos[0] += 1
+        return v
+    if kind == "none":
+        return None
+    if kind == "dict":
+        return {k: rebuild(c, leaves, pos) for k, c in zip(node["keys"], node["children"])}
+    items = [rebuild(c, leaves, pos) for c in node["children"]]
+    return tuple(items) if kind == "tuple" else items

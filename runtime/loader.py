@@ -1,0 +1,217 @@
+"""``load(path) -> Package``: check the archive, map its code, and call it behind its guards.
+
+Loading runs no compiler and no tracer: the archive is checked (header, manifest, layout), the host is
+checked (CPU instruction set, torch series), the native code is hash-checked and put in the extraction cache,
+``dlopen``-ed through libtorch's model-container runner, and pointed at the pack's weights.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any
+
+import torch
+
+from . import _torch, cache, platform
+from .archive import Archive
+from .errors import ArchiveError, GuardError
+from .format import field_of
+from .guards import EntryGuards, _DTYPE_BY_NAME, check_spec, rebuild
+
+_RUNTIME_DEVICES = ("cpu",)
+
+
+def tensor_from_bytes(data: bytes | bytearray, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """A tensor over ``data`` (little-endian, contiguous) without a copy when ``data`` is a bytearray."""
+    tdtype = _DTYPE_BY_NAME[dtype]
+    if math.prod(shape) == 0:
+        return torch.empty(shape, dtype=tdtype)
+    buf = data if isinstance(data, bytearray) else bytearray(data)
+    return torch.frombuffer(buf, dtype=torch.uint8).view(tdtype).reshape(shape)
+
+
+class Entry:
+    """One compiled specialization: its guards, its native code, and how to rebuild its outputs."""
+
+    def __init__(self, index: int, meta: dict, guards: EntryGuards, runner: Any, outputs: dict,
+                 output_leaves: list):
+        self.index = index
+        self.name = str(meta.get("name", index))
+        self.meta = meta
+        self.guards = guards
+        self._runner = runner
+        self._outputs = outputs
+        self._output_leaves = output_leaves
+        self._simple_output = all(o["kind"] == "tensor" for o in output_leaves) and \
+            [o["index"] for o in output_leaves] == list(range(len(output_leaves)))
+
+    def run(self, tensors: list[torch.Tensor]) -> Any:
+        flat = _torch.run(self._runner, tensors)
+        if not self._simple_output:
+            flat = [flat[o["index"]] if o["kind"] == "tensor" else o["value"] for o in self._output_leaves]
+        if self._outputs["type"] == "leaf":
+            return flat[0]
+        return rebuild(self._outputs, flat, [0])
+
+
+class Package:
+    """A loaded pack. Call it like the model: ``pkg(x)``, ``pkg(x, mask=m)``.
+
+    Before every call the entries' guards are checked in order (the order ``aotpack inspect`` shows);
+    the first entry that accepts the input runs. If none does, :class:`GuardError` says, per entry, the
+    first guard that failed, and no native code has run.
+
+    Calls from several threads are safe. Each entry owns ``num_models`` copies of the compiled model's
+    state; a call takes a free copy or waits for one, so with the default of one copy, calls to the same
+    entry run one at a time (each already uses every core through OpenMP).
+    """
+
+    def __init__(self, archive: Archive, entries: list[Entry], weights: dict[str, torch.Tensor],
+                 load_seconds: float):
+        self.path = archive.path
+        self.manifest = archive.manifest
+        self.entries = entries
+        self.weights = weights
+        self.load_seconds = load_seconds
+        self._archive = archive
+        self._example = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        for entry in self.entries:
+            tensors = entry.guards.match(args, kwargs)
+            if tensors is not None:
+                return entry.run(tensors)
+        raise GuardError([(e.name, e.guards.explain(args, kwargs) or "guards failed") for e in self.entries])
+
+    def select(self, *args: Any, **kwargs: Any) -> Entry | None:
+        """The entry that would run for this input, or None (runs nothing)."""
+        for entry in self.entries:
+            if entry.guards.match(args, kwargs) is not None:
+                return entry
+        return None
+
+    @property
+    def producer(self) -> dict:
+        return self.manifest.producer
+
+    def example_inputs(self) -> tuple[tuple, dict]:
+        """The example ``(args, kwargs)`` the pack was built with (stored in the pack)."""
+        ex = self.manifest.example
+        if ex is None:
+            raise ArchiveError("this pack stores no example inputs", path=self.path)
+        inputs = field_of(ex, "inputs", dict, "manifest.example")
+        n = check_spec(inputs, "manifest.example.inputs")
+        leaves_json = field_of(ex, "leaves", list, "manifest.example")
+        if len(leaves_json) != n:
+            raise ArchiveError("manifest.example has a leaf count that does not match its structure",
+                               path=self.path)
+        leaves = []
+        for i, leaf in enumerate(leaves_json):
+            where = f"manifest.example.leaves[{i}]"
+            if field_of(leaf, "kind", str, where) == "value":
+                leaves.append(leaf.get("value"))
+                continue
+            dtype = field_of(leaf, "dtype", str, where)
+            if dtype not in _DTYPE_BY_NAME:
+                raise ArchiveError(f"{where}.dtype {dtype!r} is unknown", path=self.path)
+            shape = tuple(field_of(leaf, "shape", list, where))
+            strides = tuple(field_of(leaf, "strides", list, where))
+            blob = self._archive.read_blob(field_of(leaf, "blob", str, where))
+            t = tensor_from_bytes(blob, dtype, shape)
+            if len(strides) != len(shape) or not all(type(s) is int and s >= 0 for s in strides):
+                raise ArchiveError(f"{where}.strides do not fit its shape", path=self.path)
+            out = torch.empty_strided(shape, strides, dtype=t.dtype)
+            out.copy_(t)
+            leaves.append(out)
+        args, kwargs = rebuild(inputs, leaves, [0])
+        return tuple(args), dict(kwargs)
+
+    def __repr__(self) -> str:
+        return f"<aotpack.Package {self.path!r}: {len(self.entries)} entr{'y' if len(self.entries) == 1 else 'ies'}>"
+
+
+
+
+def load(path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
+         expected_sha256: str | None = None, num_models: int = 1) -> Package:
+    """Load a pack for serving. Raises ``ArchiveError`` if the file or this host cannot serve it.
+
+    ``expected_sha256`` pins the exact file (hex sha256 of the whole pack); ``cache_dir`` is where native
+    code is extracted (default: ``$AOTPACK_CACHE_DIR`` or ``~/.cache/aotpack``); ``num_models`` is how
+    many calls of one entry may run at the same time.
+    """
+    start = time.perf_counter()
+    path = os.fspath(path)
+    if expected_sha256 is not None:
+        _check_pin(path, expected_sha256)
+    archive = Archive.open(path)
+    m = archive.manifest
+    platform.check_byteorder()
+    producer_torch = m.producer.get("torch")
+    if not isinstance(producer_torch, str):
+        raise ArchiveError("manifest.producer lacks the torch version", path=path)
+    platform.check_torch(producer_torch)
+    try:
+        platform.check_target(m.target)
+    except ArchiveError as e:
+        raise ArchiveError(e.reason, path=path) from None
+    cache_root = os.fspath(cache_dir) if cache_dir is not None else cache.default_cache_dir()
+
+    weights: dict[str, torch.Tensor] = {}
+    for w in m.weights:
+        weights[w.name] = tensor_from_bytes(_read_mutable(archive, w.blob), w.dtype, w.shape)
+
+    entries = []
+    for i, meta in enumerate(m.entries):
+        where = f"manifest.entries[{i}]"
+        guards = EntryGuards.from_json(meta, where)
+        device = field_of(meta, "device", str, where)
+        if device not in _RUNTIME_DEVICES:
+            raise ArchiveError(f"{where} is a {device} entry; this runtime serves {', '.join(_RUNTIME_DEVICES)}",
+                               path=path)
+        outputs = field_of(meta, "outputs", dict, where)
+        n_out = check_spec(outputs, f"{where}.outputs")
+        output_leaves = field_of(meta, "output_leaves", list, where)
+        if len(output_leaves) != n_out:
+            raise ArchiveError(f"{where} has {len(output_leaves)} output leaves for {n_out} in its structure",
+                               path=path)
+        for j, o in enumerate(output_leaves):
+            kind = field_of(o, "kind", str, f"{where}.output_leaves[{j}]")
+            if kind == "tensor":
+                field_of(o, "index", int, f"{where}.output_leaves[{j}]")
+            elif kind != "value":
+                raise ArchiveError(f"{where}.output_leaves[{j}].kind is {kind!r}", path=path)
+        constants = field_of(meta, "constants", dict, where)
+        for cname, wname in constants.items():
+            if wname not in weights:
+                raise ArchiveError(f"{where} constant {cname!r} refers to weight {wname!r}, which the pack "
+                                   "lacks", path=path)
+        library = _extract(archive, field_of(meta, "library", str, where), cache_root)
+        runner = _torch.cpu_runner(library, num_models)
+        if constants:
+            _torch.set_constants(runner, {c: weights[w] for c, w in constants.items()})
+        entries.append(Entry(i, meta, guards, runner, outputs, output_leaves))
+    return Package(archive, entries, weights, time.perf_counter() - start)
+
+
+def _read_mutable(archive: Archive, name: str) -> bytearray:
+    return bytearray(archive.read_blob(name))
+
+
+def _extract(archive: Archive, blob_name: str, cache_root: str) -> str:
+    rec = archive.manifest.blob(blob_name)
+    hit = cache.lookup(cache_root, rec.sha256, ".so")
+    if hit:
+        return hit
+    return cache.store(cache_root, rec.sha256, ".so", archive.read_blob(blob_name))
+
+
+def _check_pin(path: str, expected: str) -> None:
+    want = expected.lower().strip()
+    got = cache.file_sha256(path)
+    if got is None:
+        raise ArchiveError("cannot read the file to check its pinned sha256", path=path)
+    if got != want:
+        raise ArchiveError(f"sha256 mismatch: expected {want}, actual {got}; refusing to load a pack that is "
+                           "not the pinned one", path=path)
