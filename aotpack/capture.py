@@ -168,8 +168,19 @@ def _capture_error(e: BaseException) -> CaptureError:
                         code=code, hint=_hint_for(None, message))
 
 
+def _has_mutable_ops(exported: Any) -> bool:
+    for node in exported.graph.nodes:
+        schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
+        if schema is not None and schema.is_mutable:
+            return True
+    return False
+
+
 def _check_no_mutation(exported: Any) -> None:
-    sig = exported.graph_signature
+    # The capture graph keeps in-place ops; functionalizing it shows what they write to.
+    if not _has_mutable_ops(exported):
+        return
+    sig = exported.run_decompositions({}).graph_signature
     buffers = dict(getattr(sig, "buffers_to_mutate", {}) or {})
     inputs = dict(getattr(sig, "user_inputs_to_mutate", {}) or {})
     if buffers:

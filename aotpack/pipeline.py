@@ -77,7 +77,7 @@ def _example_record(captured: capture.Captured, blobs: list) -> dict:
     leaves = []
     for v in flat:
         if isinstance(v, torch.Tensor):
-            name = f"example/{len(blobs)}"
+            name = f"example/{len(leaves)}"
             blobs.append(package.Blob(name, package.tensor_bytes(v)))
             leaves.append({"kind": "tensor", "blob": name, "dtype": dtype_name(v.dtype), "shape": list(v.shape),
                            "strides": list(v.contiguous().stride() if v.numel() == 0 else v.stride())})

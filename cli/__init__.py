@@ -1,0 +1,1 @@
+"""The ``aotpack`` command line."""

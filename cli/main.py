@@ -1,0 +1,141 @@
+"""``aotpack``: build, inspect and run packs.
+
+Exit codes: 0 success, 1 an aotpack error (the message says what and how to fix it; ``--debug`` adds the
+traceback), 2 a usage error. The build side is imported only by ``build``: ``inspect`` and ``run`` use the
+runtime alone.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import sys
+import time
+import traceback
+from importlib import metadata
+
+import click
+
+import aotpack_runtime as rt
+from aotpack_runtime.archive import Archive
+from aotpack_runtime.describe import describe, render
+
+
+def _version_text() -> str:
+    def v(dist: str) -> str:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    return (f"aotpack {v('aotpack')}\ntorch {v('torch')}\ntriton {v('triton')}\n"
+            f"python {platform.python_version()}")
+
+
+class _Group(click.Group):
+    """Turns aotpack errors into exit code 1 with a one-line message (traceback with --debug)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except rt.AotpackError as e:
+            if ctx.obj and ctx.obj.get("debug"):
+                traceback.print_exc()
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(1)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(message=_version_text(), version="", prog_name="aotpack")
+@click.option("--debug", is_flag=True, help="Show the full traceback of an error.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Ahead-of-time export and packaging for PyTorch models: compile once, ship one file."""
+    ctx.obj = {"debug": debug}
+
+
+@cli.command()
+@click.argument("target", metavar="FILE.py[:NAME]")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Path of the pack to write.")
+@click.option("--cpu-isa", type=click.Choice(["x86-64", "avx2", "avx512", "native"]), default=None,
+              help="Instruction set of the CPU code (default: avx2 where the host has it, else x86-64).")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+def build(target: str, output: str, cpu_isa: str | None, quiet: bool) -> None:
+    """Build a pack from a model file.
+
+    FILE.py must define `model` and `example_inputs` (a tuple), and may define `example_kwargs`;
+    FILE.py:NAME calls the function NAME, which returns (model, example_inputs) or
+    (model, example_inputs, example_kwargs).
+    """
+    from aotpack.modelfile import load_model_file
+    from aotpack.options import BuildOptions
+    from aotpack.pipeline import build as run_build
+
+    def say(line: str) -> None:
+        if not quiet:
+            click.echo(line, err=True)
+
+    say(f"loading {target}")
+    spec = load_model_file(target)
+    run_build(spec.model, spec.example_inputs, output, example_kwargs=spec.example_kwargs,
+              options=BuildOptions(cpu_isa=cpu_isa), progress=say)
+
+
+@cli.command()
+@click.argument("pack", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def inspect(pack: str, as_json: bool) -> None:
+    """Show what a pack holds: producer, target, entries and their guards, kernels, blobs."""
+    info = describe(Archive.open(pack))
+    click.echo(json.dumps(info, indent=2, sort_keys=True) if as_json else render(info))
+
+
+def _summary(value, depth: int = 0) -> str:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        flat = value.detach().reshape(-1)[:4].tolist()
+        head = ", ".join(f"{x:.4g}" if isinstance(x, float) else str(x) for x in flat)
+        return f"tensor {str(value.dtype).replace('torch.', '')}{list(value.shape)} [{head}{', ...' if value.numel() > 4 else ''}]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k!r}: {_summary(v, depth + 1)}" for k, v in value.items()) + "}"
+    if isinstance(value, (tuple, list)):
+        inner = ", ".join(_summary(v, depth + 1) for v in value)
+        return f"({inner})" if isinstance(value, tuple) else f"[{inner}]"
+    return repr(value)
+
+
+@cli.command()
+@click.argument("pack", type=click.Path(dir_okay=False))
+@click.option("--repeat", default=50, show_default=True, type=click.IntRange(1, 100000),
+              help="Calls to time after the first.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="Extraction cache for native code (default: $AOTPACK_CACHE_DIR or ~/.cache/aotpack).")
+def run(pack: str, repeat: int, cache_dir: str | None) -> None:
+    """Load a pack and run it on the example inputs stored inside it; print the result and timings."""
+    import torch
+
+    t0 = time.perf_counter()
+    pkg = rt.load(pack, cache_dir=cache_dir)
+    t1 = time.perf_counter()
+    args, kwargs = pkg.example_inputs()
+    with torch.inference_mode():
+        t2 = time.perf_counter()
+        out = pkg(*args, **kwargs)
+        t3 = time.perf_counter()
+        times = []
+        for _ in range(repeat):
+            s = time.perf_counter()
+            pkg(*args, **kwargs)
+            times.append(time.perf_counter() - s)
+    click.echo(f"output: {_summary(out)}")
+    click.echo(f"load {1e3 * (t1 - t0):.1f} ms, first call {1e3 * (t3 - t2):.2f} ms, "
+               f"median call {1e6 * statistics.median(times):.1f} us over {repeat} calls")
+
+
+def main() -> None:
+    cli(prog_name="aotpack")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""Tools to take a real pack apart and put it back together with one thing changed."""
+from __future__ import annotations
+
+import hashlib
+import json
+
+from aotpack_runtime import format as fmt
+
+
+def split(data: bytes) -> tuple[int, dict, bytes]:
+    """(header version, manifest object, blob region bytes) of an archive."""
+    _, version, _, mlen, _ = fmt.HEADER.unpack(data[: fmt.HEADER_SIZE])
+    manifest = json.loads(data[fmt.HEADER_SIZE: fmt.HEADER_SIZE + mlen])
+    region = fmt.align(fmt.HEADER_SIZE + mlen)
+    return version, manifest, data[region:]
+
+
+def join(version: int, manifest_bytes: bytes, region: bytes, *, fix_hash: bool = True) -> bytes:
+    """An archive from its parts; the header's manifest hash is recomputed unless ``fix_hash`` is False."""
+    digest = hashlib.sha256(manifest_bytes).digest() if fix_hash else b"\x00" * 32
+    header = fmt.HEADER.pack(fmt.MAGIC, version, 0, len(manifest_bytes), digest)
+    pad = fmt.align(fmt.HEADER_SIZE + len(manifest_bytes)) - fmt.HEADER_SIZE - len(manifest_bytes)
+    return header + manifest_bytes + b"\x00" * pad + region
+
+
+def with_manifest(data: bytes, edit) -> bytes:
+    """The archive with ``edit(manifest)`` applied (canonical JSON, hash recomputed)."""
+    version, manifest, region = split(data)
+    edit(manifest)
+    return join(version, fmt.canonical_json(manifest), region)
+
+
+def blob_range(data: bytes, name: str) -> tuple[int, int]:
+    """Absolute [start, end) of a blob's stored bytes."""
+    _, manifest, _ = split(data)
+    _, _, _, mlen, _ = fmt.HEADER.unpack(data[: fmt.HEADER_SIZE])
+    region = fmt.align(fmt.HEADER_SIZE + mlen)
+    for b in manifest["blobs"]:
+        if b["name"] == name:
+            return region + b["offset"], region + b["offset"] + b["stored_size"]
+    raise KeyError(name)

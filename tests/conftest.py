@@ -1,0 +1,82 @@
+"""Shared fixtures. Real packs are built once per test session (an Inductor compile is 5-30 s here) and
+shared; every cache a build or load writes goes to a session folder that is removed at the end."""
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+
+_session_tmp = tempfile.mkdtemp(prefix="aotpack-tests-")
+os.environ["AOTPACK_CACHE_DIR"] = os.path.join(_session_tmp, "cache")
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(_session_tmp, "inductor")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_session_tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def session_dir() -> pathlib.Path:
+    return pathlib.Path(_session_tmp)
+
+
+class Built:
+    """A pack built from an example file, with the model and inputs it came from."""
+
+    def __init__(self, name: str, path: pathlib.Path, spec):
+        self.name = name
+        self.path = path
+        self.model = spec.model
+        self.args = spec.example_inputs
+        self.kwargs = spec.example_kwargs
+
+
+_built: dict[str, Built] = {}
+
+
+def build_example(name: str, session_dir: pathlib.Path) -> Built:
+    if name not in _built:
+        import aotpack
+        from aotpack.modelfile import load_model_file
+
+        spec = load_model_file(str(EXAMPLES / f"{name}.py"))
+        out = session_dir / f"{name}.pack"
+        aotpack.build(spec.model, spec.example_inputs, out, example_kwargs=spec.example_kwargs)
+        _built[name] = Built(name, out, spec)
+    return _built[name]
+
+
+@pytest.fixture(scope="session")
+def mlp_pack(session_dir) -> Built:
+    return build_example("mlp", session_dir)
+
+
+@pytest.fixture(scope="session")
+def convnet_pack(session_dir) -> Built:
+    return build_example("convnet", session_dir)
+
+
+@pytest.fixture(scope="session")
+def multi_io_pack(session_dir) -> Built:
+    return build_example("multi_io", session_dir)
+
+
+@pytest.fixture(scope="session", params=["mlp", "convnet", "multi_io"])
+def example_pack(request, session_dir) -> Built:
+    return build_example(request.param, session_dir)
+
+
+def run_python(code: str, env: dict | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh Python process (the same interpreter), returning the completed process."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env,
+                          timeout=timeout, cwd=str(ROOT))

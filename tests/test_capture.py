@@ -1,0 +1,75 @@
+"""Capture errors name the user's file and line, the reason, and what to change."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import aotpack
+from aotpack.capture import capture
+
+
+class DataDependentIf(nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:  # the line the error must name
+            return x * 2
+        return x
+
+
+class MutatesInput(nn.Module):
+    def forward(self, x):
+        x.add_(1)
+        return x * 2
+
+
+def _line_of(fn_source_marker: str) -> int:
+    with open(__file__) as f:
+        for i, line in enumerate(f, 1):
+            if fn_source_marker in line:
+                return i
+    raise AssertionError(fn_source_marker)
+
+
+def test_graph_break_names_file_line_reason_and_hint():
+    with pytest.raises(aotpack.CaptureError) as info:
+        capture(DataDependentIf(), (torch.randn(3),))
+    e = info.value
+    assert e.filename == __file__
+    assert e.lineno == _line_of("# the line the error must name")
+    assert "Data-dependent branching" in e.reason
+    assert "torch.where" in e.hint and "torch.cond" in e.hint
+    assert str(e).startswith(f"{__file__}:{e.lineno}: graph break: Data-dependent branching")
+    assert "if x.sum() > 0:" in str(e)
+
+
+def test_build_raises_capture_error_before_compiling(session_dir):
+    with pytest.raises(aotpack.CaptureError):
+        aotpack.build(DataDependentIf(), (torch.randn(3),), session_dir / "never.pack")
+    assert not (session_dir / "never.pack").exists()
+
+
+def test_input_mutation_is_refused():
+    with pytest.raises(aotpack.CaptureError, match=r"forward mutates its inputs .* in place"):
+        capture(MutatesInput(), (torch.randn(3),))
+
+
+def test_training_mode_batch_norm_is_refused_with_hint():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).train()
+    with pytest.raises(aotpack.CaptureError) as info:
+        capture(model, (torch.randn(2, 3, 8, 8),))
+    assert "mutates the buffers" in str(info.value) and "model.eval()" in info.value.hint
+
+
+def test_unsupported_input_type():
+    with pytest.raises(aotpack.CaptureError, match=r"example input args\[1\] is a set"):
+        capture(lambda x, s: x, (torch.randn(2), {1, 2}))
+
+
+def test_example_inputs_must_be_a_tuple():
+    with pytest.raises(aotpack.CaptureError, match="example_inputs must be a tuple, got Tensor"):
+        capture(nn.Linear(2, 2), torch.randn(2))
+
+
+def test_not_a_model():
+    with pytest.raises(aotpack.CaptureError, match="model must be a torch.nn.Module or a function, got int"):
+        capture(3, (torch.randn(2),))
