@@ -1,0 +1,30 @@
+"""docs/FORMAT.md matches the code: its constants, its header table, and its entry example parses."""
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+
+from aotpack_runtime import format as fmt
+from aotpack_runtime.guards import EntryGuards
+
+DOC = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "FORMAT.md").read_text()
+
+
+def test_version_and_range():
+    assert f"# The aotpack archive format, version {fmt.FORMAT_VERSION}" in DOC
+    assert f"(today `{fmt.MIN_READ_VERSION}..{fmt.FORMAT_VERSION}`)" in DOC
+
+
+def test_header_table():
+    assert fmt.MAGIC == b"AOTPACK\x00" and "magic `AOTPACK\\0`" in DOC
+    assert fmt.HEADER_SIZE == 56 and "| 56 | M | manifest" in DOC
+    assert fmt.ALIGN == 64 and "multiple of 64" in DOC
+    assert fmt.MAX_MANIFEST_BYTES == 16 * 1024 * 1024 and "at most 16 MiB" in DOC
+
+
+def test_entry_example_is_valid():
+    blocks = re.findall(r"```json\n(.*?)```", DOC, re.S)
+    entry = json.loads(next(b for b in blocks if b.lstrip().startswith('{\n  "name"')))
+    guards = EntryGuards.from_json(entry, "doc")
+    assert guards.leaves[0].describe(guards.symbols) == "float32[4, 3, 32, 32] cpu contiguous"
