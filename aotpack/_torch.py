@@ -13,14 +13,15 @@ import torch.utils._pytree as pytree
 # Inductor options every aotpack build uses (see docs/FORMAT.md, "Native code"):
 #  - weights are not embedded in the .so: the pack stores them once and hands them to each entry;
 #  - no debug line tables and no precompiled headers: both put build paths into the code;
-#  - caches off and one compile thread, so a build starts from nothing and its output depends only on
-#    its inputs.
+#  - no FX graph cache and one compile thread, so a build starts from nothing (the scratch folder is
+#    emptied before each build) and its output depends only on its inputs. (force_disable_caches is not
+#    used: it compiles in a randomly named folder, whose name ends up in the code.)
 BASE_INDUCTOR_CONFIG: dict[str, Any] = {
     "aot_inductor.package_constants_in_so": False,
     "aot_inductor.enable_line_tables": False,
     "aot_inductor.precompile_headers": False,
     "aot_inductor.debug_compile": False,
-    "force_disable_caches": True,
+    "fx_graph_cache": False,
     "compile_threads": 1,
 }
 
