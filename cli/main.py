@@ -90,6 +90,36 @@ def inspect(pack: str, as_json: bool) -> None:
     click.echo(json.dumps(info, indent=2, sort_keys=True) if as_json else render(info))
 
 
+@cli.command()
+@click.argument("pack", type=click.Path(dir_okay=False))
+@click.option("--against", metavar="FILE.py[:NAME]", default=None,
+              help="Also run the pack on this model file's example inputs and compare with eager.")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@click.pass_context
+def verify(ctx: click.Context, pack: str, against: str | None, as_json: bool) -> None:
+    """Check a pack: format and version, every hash, can this host run it (exit 0 ok, 1 not)."""
+    from aotpack.checks import render_verify, verify as run_verify
+
+    result = run_verify(pack, against)
+    click.echo(json.dumps(result, indent=2, sort_keys=True) if as_json else render_verify(result))
+    ctx.exit(0 if result["ok"] else 1)
+
+
+@cli.command()
+@click.argument("pack_a", type=click.Path(dir_okay=False))
+@click.argument("pack_b", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@click.pass_context
+def diff(ctx: click.Context, pack_a: str, pack_b: str, as_json: bool) -> None:
+    """Explain how two packs differ: producer, options, weights, entries and guards, blobs, generated
+    source (exit 0 equal, 1 different)."""
+    from aotpack.checks import diff as run_diff, render_diff
+
+    result = run_diff(pack_a, pack_b)
+    click.echo(json.dumps(result, indent=2, sort_keys=True) if as_json else render_diff(result))
+    ctx.exit(0 if result["equal"] else 1)
+
+
 def _summary(value, depth: int = 0) -> str:
     import torch
 

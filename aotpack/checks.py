@@ -1,0 +1,163 @@
+"""``verify`` and ``diff``: the checks CI runs on packs. Neither imports the build side's compiler stack."""
+from __future__ import annotations
+
+import difflib
+import os
+import tempfile
+from typing import Any
+
+from aotpack_runtime import platform
+from aotpack_runtime.archive import Archive
+from aotpack_runtime.errors import AotpackError
+
+
+def _check(checks: list, name: str, fn) -> Any:
+    try:
+        detail = fn()
+    except AotpackError as e:
+        checks.append({"check": name, "ok": False, "detail": str(e)})
+        return None
+    text = detail if isinstance(detail, str) else f"{type(detail).__name__} ready"
+    checks.append({"check": name, "ok": True, "detail": text})
+    return detail if detail is not None else True
+
+
+def verify(path: str, against: str | None = None, tolerance: float = 1e-4) -> dict:
+    """Check a pack: format and version, every hash, whether this host can run it, and (``against``, a
+    model file) its outputs against eager on the model file's example inputs."""
+    checks: list[dict] = []
+    archive = _check(checks, "format", lambda: Archive.open(path))
+    if archive is None:
+        return {"path": path, "ok": False, "checks": checks}
+    _check(checks, "format", lambda: f"format version {archive.manifest.format_version}, "
+                                     f"{len(archive.manifest.blobs)} blobs")
+    checks.pop(0)
+    _check(checks, "hashes", lambda: archive.verify() or "every blob matches its sha256")
+    _check(checks, "host", lambda: (platform.check_torch(archive.manifest.producer.get("torch", "?")),
+                                    platform.check_target(archive.manifest.target),
+                                    "this host's CPU and torch can run the pack")[-1])
+    pkg = _check(checks, "load", lambda: _load_fresh(path))
+    if against is not None and pkg is not None:
+        _check(checks, "numerics", lambda: _compare(pkg, against, tolerance))
+    return {"path": path, "ok": all(c["ok"] for c in checks), "checks": checks}
+
+
+def _load_fresh(path: str):
+    import aotpack_runtime
+
+    with tempfile.TemporaryDirectory(prefix="aotpack-verify-") as cache:
+        return aotpack_runtime.load(path, cache_dir=os.path.join(cache, "c"))
+
+
+def _compare(pkg, against: str, tolerance: float) -> str:
+    import torch
+    import torch.utils._pytree as pytree
+
+    from .modelfile import load_model_file
+
+    spec = load_model_file(against)
+    with torch.inference_mode():
+        out = pkg(*spec.example_inputs, **spec.example_kwargs)
+        ref = spec.model(*spec.example_inputs, **spec.example_kwargs)
+    a, a_spec = pytree.tree_flatten(out)
+    r, r_spec = pytree.tree_flatten(ref)
+    if a_spec != r_spec:
+        raise AotpackError(f"output structure differs from eager: pack {a_spec}, eager {r_spec}")
+    worst = 0.0
+    for x, y in zip(a, r):
+        if isinstance(y, torch.Tensor):
+            if x.shape != y.shape or x.dtype != y.dtype:
+                raise AotpackError(f"output {list(x.shape)} {x.dtype} differs from eager {list(y.shape)} {y.dtype}")
+            if y.numel():
+                worst = max(worst, (x - y).abs().max().item() / max(y.abs().max().item(), 1e-6))
+        elif x != y:
+            raise AotpackError(f"output value {x!r} differs from eager {y!r}")
+    if worst > tolerance:
+        raise AotpackError(f"max error relative to the output scale is {worst:.2e}, above {tolerance:.0e}")
+    return f"matches eager on {against}'s example inputs (max relative error {worst:.2e})"
+
+
+def _walk_diff(a: Any, b: Any, where: str, out: list) -> None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            _walk_diff(a.get(k, "<absent>"), b.get(k, "<absent>"), f"{where}.{k}" if where else k, out)
+    elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b)):
+            _walk_diff(x, y, f"{where}[{i}]", out)
+    elif a != b:
+        out.append({"where": where, "a": a, "b": b})
+
+
+def diff(path_a: str, path_b: str, context: int = 3) -> dict:
+    """Explain how two packs differ: manifest fields, weights, entries and guards, blobs, and a unified
+    diff of generated source. ``equal`` is True when the files are byte-identical."""
+    a, b = Archive.open(path_a), Archive.open(path_b)
+    with open(path_a, "rb") as fa, open(path_b, "rb") as fb:
+        identical = fa.read() == fb.read()
+    fields: list[dict] = []
+    ma, mb = a.manifest.raw, b.manifest.raw
+    for section in ("format_version", "producer", "target", "options", "frozen"):
+        _walk_diff(ma.get(section), mb.get(section), section, fields)
+    wa = {w.name: (w, a.manifest.blob(w.blob).sha256) for w in a.manifest.weights}
+    wb = {w.name: (w, b.manifest.blob(w.blob).sha256) for w in b.manifest.weights}
+    weights = []
+    for name in sorted(set(wa) | set(wb)):
+        if name not in wa or name not in wb:
+            weights.append({"weight": name, "change": "only in " + ("b" if name in wb else "a")})
+        elif wa[name][0].dtype != wb[name][0].dtype or wa[name][0].shape != wb[name][0].shape:
+            weights.append({"weight": name, "change": f"{wa[name][0].dtype}{list(wa[name][0].shape)} -> "
+                                                      f"{wb[name][0].dtype}{list(wb[name][0].shape)}"})
+        elif wa[name][1] != wb[name][1]:
+            weights.append({"weight": name, "change": "values differ (sha256 "
+                                                      f"{wa[name][1][:12]} -> {wb[name][1][:12]})"})
+    entries: list[dict] = []
+    for i in range(max(len(ma["entries"]), len(mb["entries"]))):
+        ea = ma["entries"][i] if i < len(ma["entries"]) else {}
+        eb = mb["entries"][i] if i < len(mb["entries"]) else {}
+        _walk_diff({k: v for k, v in ea.items() if k not in ("library", "sources")},
+                   {k: v for k, v in eb.items() if k not in ("library", "sources")}, f"entries[{i}]", entries)
+    ba = {x.name: x for x in a.manifest.blobs}
+    bb = {x.name: x for x in b.manifest.blobs}
+    blobs = []
+    sources = []
+    for name in sorted(set(ba) | set(bb)):
+        x, y = ba.get(name), bb.get(name)
+        if x is None or y is None:
+            blobs.append({"blob": name, "change": "only in " + ("b" if x is None else "a")})
+        elif x.sha256 != y.sha256:
+            blobs.append({"blob": name, "change": f"{x.size} -> {y.size} bytes, sha256 {x.sha256[:12]} -> "
+                                                  f"{y.sha256[:12]}"})
+            if name.startswith("source/"):
+                text = difflib.unified_diff(a.read_blob(name).decode(errors="replace").splitlines(),
+                                            b.read_blob(name).decode(errors="replace").splitlines(),
+                                            f"a/{name}", f"b/{name}", lineterm="", n=context)
+                sources.append({"blob": name, "diff": "\n".join(text)})
+    differs = bool(fields or weights or entries or blobs) or not identical
+    return {"a": path_a, "b": path_b, "equal": not differs, "byte_identical": identical, "fields": fields,
+            "weights": weights, "entries": entries, "blobs": blobs, "sources": sources}
+
+
+def render_diff(d: dict) -> str:
+    if d["equal"]:
+        return f"{d['a']} and {d['b']} are identical"
+    lines = [f"{d['a']} and {d['b']} differ:"]
+    for f in d["fields"]:
+        lines.append(f"  manifest {f['where']}: {f['a']!r} -> {f['b']!r}")
+    for w in d["weights"]:
+        lines.append(f"  weight {w['weight']}: {w['change']}")
+    for e in d["entries"]:
+        lines.append(f"  {e['where']}: {e['a']!r} -> {e['b']!r}")
+    for b in d["blobs"]:
+        lines.append(f"  blob {b['blob']}: {b['change']}")
+    if not (d["fields"] or d["weights"] or d["entries"] or d["blobs"]):
+        lines.append("  same manifest content, but the bytes differ (padding or compression)")
+    for s in d["sources"]:
+        lines.append(s["diff"])
+    return "\n".join(lines)
+
+
+def render_verify(v: dict) -> str:
+    lines = [f"{v['path']}: {'OK' if v['ok'] else 'FAILED'}"]
+    for c in v["checks"]:
+        lines.append(f"  [{'ok' if c['ok'] else 'FAIL'}] {c['check']}: {c['detail']}")
+    return "\n".join(lines)

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Build the pack twice in separate folders and fail on any difference, printing `aotpack diff`.
+# Usage: examples/ci/check-reproducible.sh MODEL.py[:NAME] [SHIPPED.pack]
+# With SHIPPED.pack, also check that the shipped pack is the one the source produces.
+set -euo pipefail
+model=${1:?usage: check-reproducible.sh MODEL.py[:NAME] [SHIPPED.pack]}
+shipped=${2:-}
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+mkdir -p "$work/a" "$work/b"
+(cd "$work/a" && TMPDIR="$work/a" aotpack build "$OLDPWD/$model" -o "$work/a/model.pack" --quiet)
+(cd "$work/b" && TMPDIR="$work/b" aotpack build "$OLDPWD/$model" -o "$work/b/model.pack" --quiet)
+status=0
+aotpack diff "$work/a/model.pack" "$work/b/model.pack" || status=1
+if [ -n "$shipped" ]; then
+  aotpack verify "$shipped" || status=1
+  aotpack diff "$shipped" "$work/a/model.pack" || status=1
+fi
+exit $status
