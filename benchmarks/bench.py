@@ -1,0 +1,321 @@
+"""Benchmark aotpack against eager, torch.compile and AOTInductor's own loader on the examples.
+
+Run from the repository root::
+
+    .venv/bin/python benchmarks/bench.py [--quick] [--models mlp,convnet,multi_io]
+
+For each example model it measures, and writes to ``benchmarks/results.md`` and ``benchmarks/results.json``:
+
+1. Fresh-process time to first output: the median of N fresh subprocesses per variant, timed inside the
+   subprocess from its first line (before ``import torch``) to the first output, next to ``import torch``
+   alone (the floor). Variants: eager (build the model from the example file, call it), aotpack
+   (``aotpack.load`` then call on ``pkg.example_inputs()``), and torch.compile and AOTInductor's
+   ``aoti_load_package`` (inputs from ``torch.load``), each with an empty Inductor cache (cold) and with
+   a cache filled by an earlier run (warm).
+2. Per-call latency in one process under ``torch.inference_mode``: eager, torch.compile, the AOTInductor
+   package, the aotpack Package call, and the pack's compiled code without the guard check
+   (``entry.run``); their difference is aotpack's guard + dispatch overhead.
+3. Peak RSS (``ru_maxrss``) of the fresh processes of part 1.
+
+Builds, packs, caches and temporary files live in ``benchmarks/.work/``, created fresh and removed at the
+end; every subprocess gets ``TMPDIR``, ``TORCHINDUCTOR_CACHE_DIR`` and ``AOTPACK_CACHE_DIR`` under it.
+A comparison that fails is recorded with its error in the JSON and shown as n/a in the table.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+CHILD = HERE / "_child.py"
+WORK = HERE / ".work"
+MODELS = ("mlp", "convnet", "multi_io")
+CHILD_TIMEOUT_S = 600
+
+# Fresh-process variants, in the order they take turns within a round: (child mode, Inductor cache).
+# "empty": a new empty cache folder per run; "cold"/"warm": the cold variant's first run fills the folder
+# that every run of the warm variant reuses, later cold runs get a new empty one.
+FRESH = {
+    "import_torch": ("import_torch", "empty"),
+    "eager": ("eager", "empty"),
+    "aotpack": ("aotpack", "empty"),
+    "aoti_cold": ("aoti", "cold"),
+    "aoti_warm": ("aoti", "warm"),
+    "compile_cold": ("compile", "cold"),
+    "compile_warm": ("compile", "warm"),
+}
+WARMED_UP = ("import_torch", "eager", "aotpack")  # one untimed run first (page cache, aotpack's cache)
+LATENCY = ("eager", "torch_compile", "aoti", "aotpack", "aotpack_entry_run")
+
+
+class ChildError(Exception):
+    """A benchmark subprocess failed; the message is its error line."""
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Where one model's example file and build outputs are."""
+
+    name: str
+    example: Path
+    pack: Path
+    pt2: Path
+    inputs: Path
+
+    def warm_cache(self, mode: str) -> Path:
+        return WORK / "inductor" / f"{self.name}-{mode}-warm"
+
+
+# -- subprocesses --------------------------------------------------------------------------------
+
+def child_env(cache_dir: Path) -> dict:
+    env = dict(os.environ, TMPDIR=str(WORK / "tmp"), TORCHINDUCTOR_CACHE_DIR=str(cache_dir),
+               AOTPACK_CACHE_DIR=str(WORK / "aotpack-cache"))
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    return env
+
+
+def error_line(stderr: str) -> str:
+    """The exception line of a traceback (else the last line), shortened."""
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    found = next((ln for ln in reversed(lines) if re.match(r"^[\w.]+(Error|Exception|Exit)\b", ln)), None)
+    return (found or (lines[-1] if lines else "no error output"))[:500]
+
+
+def run_child(mode: str, *argv: object, cache_dir: Path) -> dict:
+    """Run ``_child.py MODE`` in a fresh interpreter; return the JSON it writes."""
+    result = WORK / "results" / f"{mode}-{time.monotonic_ns()}.json"
+    result.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, str(CHILD), mode, str(result), *map(str, argv)]
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=child_env(cache_dir), capture_output=True, text=True,
+                              timeout=CHILD_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise ChildError(f"timed out after {CHILD_TIMEOUT_S} s") from None
+    if proc.returncode != 0:
+        raise ChildError(f"exit {proc.returncode}: {error_line(proc.stderr)}")
+    return json.loads(result.read_text())
+
+
+# -- the three measurements ----------------------------------------------------------------------
+
+def build(p: Paths) -> dict:
+    """Build the pack and the AOTInductor package; ``{"aotpack": {...}, "aoti": {...}}``."""
+    try:
+        return run_child("build", p.example, p.pack, p.pt2, p.inputs, cache_dir=WORK / "inductor-build")
+    except ChildError as e:
+        return {"aotpack": {"error": str(e)}, "aoti": {"error": str(e)}}
+
+
+def fresh_run(variant: str, p: Paths, round_index: int) -> dict:
+    """One fresh process of ``variant`` in round ``round_index`` (-1: the untimed warm-up)."""
+    mode, cache = FRESH[variant]
+    argv = {"import_torch": (), "eager": (p.example,), "aotpack": (p.pack,), "aoti": (p.pt2, p.inputs),
+            "compile": (p.example,)}[mode]
+    if cache == "warm" or (cache == "cold" and round_index == 0):
+        folder = p.warm_cache(mode)
+    else:
+        folder = WORK / "inductor" / f"{p.name}-{variant}-{round_index}"
+    return run_child(mode, *argv, cache_dir=folder)
+
+
+def fresh_processes(p: Paths, built: dict, repeats: int) -> dict:
+    """Per variant: the samples (ms, MB) of ``repeats`` fresh processes, or the error that stopped it."""
+    errors = {v: f"build failed: {built[mode]['error']}" for v, (mode, _) in FRESH.items()
+              if mode in built and "error" in built[mode]}
+    samples: dict[str, list[dict]] = {v: [] for v in FRESH}
+    for variant in WARMED_UP:
+        if variant not in errors:
+            try:
+                fresh_run(variant, p, -1)
+            except ChildError as e:
+                errors[variant] = str(e)
+    variants = list(FRESH)
+    for r in range(repeats):
+        line = []
+        # Rotate the order each round so that no variant always follows the same one; round 0 keeps the
+        # declared order, in which each cold variant fills the warm cache before its warm variant runs.
+        for variant in variants[r % len(variants):] + variants[:r % len(variants)]:
+            if variant in errors:
+                continue
+            try:
+                samples[variant].append(fresh_run(variant, p, r))
+                line.append(f"{variant} {samples[variant][-1]['ms']:.0f} ms")
+            except ChildError as e:
+                errors[variant] = str(e)
+                line.append(f"{variant} FAILED")
+        print(f"[{p.name}] fresh processes {r + 1}/{repeats}: {', '.join(line)}", flush=True)
+    return {v: {"error": errors[v]} if v in errors else summarize_fresh(samples[v]) for v in FRESH}
+
+
+def summarize_fresh(samples: list[dict]) -> dict:
+    ms = [s["ms"] for s in samples]
+    mb = [s["maxrss_mb"] for s in samples]
+    return {"median_ms": statistics.median(ms), "samples_ms": ms,
+            "median_maxrss_mb": statistics.median(mb), "samples_maxrss_mb": mb}
+
+
+def latency(p: Paths, calls: int, warmup: int) -> dict:
+    """Per-call medians (µs) of every variant in one process, or one error for all."""
+    try:
+        return run_child("latency", p.example, p.pack, p.pt2, calls, warmup, cache_dir=p.warm_cache("compile"))
+    except ChildError as e:
+        return {v: {"error": str(e)} for v in LATENCY}
+
+
+# -- derived figures -----------------------------------------------------------------------------
+
+def add_ratios(fresh: dict, per_call: dict) -> dict:
+    """Ratios to the floor / to eager, aotpack minus import torch, and the guard + dispatch overhead."""
+    derived: dict = {}
+    floor = fresh["import_torch"].get("median_ms")
+    for v in FRESH:
+        if floor and "median_ms" in fresh[v]:
+            fresh[v]["ratio_to_import_torch"] = fresh[v]["median_ms"] / floor
+    if floor and "median_ms" in fresh["aotpack"]:
+        extra = fresh["aotpack"]["median_ms"] - floor
+        derived["aotpack_minus_import_torch_ms"] = extra
+        derived["aotpack_within_50ms_of_import_torch"] = extra <= 50
+    eager = per_call.get("eager", {}).get("median_us")
+    for v, figures in per_call.items():
+        if eager and "median_us" in figures:
+            figures["ratio_to_eager"] = figures["median_us"] / eager
+    if "median_us" in per_call.get("aotpack", {}) and "median_us" in per_call.get("aotpack_entry_run", {}):
+        derived["guard_dispatch_overhead_us"] = per_call["aotpack"]["median_us"] - \
+            per_call["aotpack_entry_run"]["median_us"]
+    return derived
+
+
+def benchmark_model(p: Paths, repeats: int, calls: int, warmup: int) -> dict:
+    print(f"[{p.name}] building the pack and the AOTInductor package ...", flush=True)
+    built = build(p)
+    for kind, outcome in built.items():
+        print(f"[{p.name}] build {kind}: " + (f"{outcome['seconds']:.1f} s" if "seconds" in outcome
+                                             else f"FAILED: {outcome['error']}"), flush=True)
+    fresh = fresh_processes(p, built, repeats)
+    print(f"[{p.name}] per-call latency ({calls} calls per variant) ...", flush=True)
+    per_call = latency(p, calls, warmup)
+    derived = add_ratios(fresh, per_call)
+    return {"build": built, "fresh_process": fresh, "per_call": per_call, **derived}
+
+
+# -- reporting -----------------------------------------------------------------------------------
+
+def machine_info() -> dict:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": metadata.version("torch"),
+            "python": platform.python_version(),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+def cell(figures: dict, value: str, fmt: str, ratio: str | None = None) -> str:
+    """``value`` formatted, with ``ratio`` after it when given; n/a when the figure is missing."""
+    if value not in figures:
+        return "n/a"
+    text = format(figures[value], fmt)
+    return f"{text} ({figures[ratio]:.2f}×)" if ratio in figures else text
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+def markdown(results: dict) -> str:
+    m, cfg, models = results["machine"], results["config"], results["models"]
+    fresh_rows, call_rows, rss_rows, failures = [], [], [], []
+    for name, r in models.items():
+        f, c = r["fresh_process"], r["per_call"]
+        extra = r.get("aotpack_minus_import_torch_ms")
+        fresh_rows.append([name, cell(f["import_torch"], "median_ms", ".0f"),
+                           *(cell(f[v], "median_ms", ".0f", "ratio_to_import_torch")
+                             for v in ("eager", "aotpack")),
+                           "n/a" if extra is None else f"{extra:+.0f}",
+                           *(cell(f[v], "median_ms", ".0f", "ratio_to_import_torch")
+                             for v in ("compile_cold", "compile_warm", "aoti_cold", "aoti_warm"))])
+        overhead = r.get("guard_dispatch_overhead_us")
+        call_rows.append([name, *(cell(c.get(v, {}), "median_us", ".1f", "ratio_to_eager") for v in LATENCY),
+                          "n/a" if overhead is None else f"{overhead:.1f}"])
+        rss_rows.append([name, *(cell(f[v], "median_maxrss_mb", ".0f")
+                                 for v in ("import_torch", "eager", "aotpack", "aoti_warm", "compile_warm"))])
+        for part, figures in (("build", r["build"]), ("fresh process", f), ("per call", c)):
+            failures += [f"- {name}, {part}, {v}: {x['error']}" for v, x in figures.items() if "error" in x]
+    lines = [
+        "# aotpack benchmarks", "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, Python {m['python']}, {m['date']}.",
+        f"Medians of {cfg['repeats']} fresh processes and of {cfg['calls']} calls per figure; "
+        f"whole run {results['total_seconds'] / 60:.1f} min. See README.md for what each column means.", "",
+        "## Fresh process: time to first output (ms, × import torch)", "",
+        *table(["model", "import torch", "eager", "aotpack", "aotpack − import torch", "torch.compile cold",
+                "torch.compile warm", "AOTInductor cold", "AOTInductor warm"], fresh_rows), "",
+        "## Per-call latency (µs, × eager)", "",
+        *table(["model", "eager", "torch.compile", "AOTInductor", "aotpack", "aotpack entry.run",
+                "guard + dispatch (µs)"], call_rows), "",
+        "## Peak RSS of the fresh process (MB)", "",
+        *table(["model", "import torch", "eager", "aotpack", "AOTInductor warm", "torch.compile warm"], rss_rows),
+    ]
+    if failures:
+        lines += ["", "## Failures", "", *failures]
+    return "\n".join(lines) + "\n"
+
+
+# -- main ----------------------------------------------------------------------------------------
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and calls (a smoke run)")
+    parser.add_argument("--models", default=",".join(MODELS),
+                        help=f"comma-separated examples to run (default: {','.join(MODELS)})")
+    args = parser.parse_args()
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in args.models if m not in MODELS]
+    if unknown or not args.models:
+        parser.error(f"--models takes names from {', '.join(MODELS)}; got {args.models}")
+    return args
+
+
+def paths_for(name: str) -> Paths:
+    out = WORK / "build" / name
+    out.mkdir(parents=True, exist_ok=True)
+    return Paths(name=name, example=ROOT / "examples" / f"{name}.py", pack=out / f"{name}.pack",
+                 pt2=out / f"{name}.pt2", inputs=out / "inputs.pt")
+
+
+def main() -> None:
+    args = parse_args()
+    repeats, calls, warmup = (2, 50, 10) if args.quick else (5, 200, 20)
+    start = time.perf_counter()
+    shutil.rmtree(WORK, ignore_errors=True)
+    (WORK / "tmp").mkdir(parents=True)
+    try:
+        models = {name: benchmark_model(paths_for(name), repeats, calls, warmup) for name in args.models}
+    finally:
+        shutil.rmtree(WORK, ignore_errors=True)
+    results = {"machine": machine_info(),
+               "config": {"repeats": repeats, "calls": calls, "warmup_calls": warmup, "quick": args.quick},
+               "total_seconds": time.perf_counter() - start, "models": models}
+    (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (HERE / "results.md").write_text(markdown(results))
+    print(f"wrote {HERE / 'results.md'} and {HERE / 'results.json'} in {results['total_seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
