@@ -11,35 +11,39 @@ from aotpack_runtime.archive import Archive
 from aotpack_runtime.errors import AotpackError
 
 
-def _check(checks: list, name: str, fn) -> Any:
+def _check(checks: list, name: str, fn, describe=None) -> Any:
+    """Run one check; record it as ok (with ``describe(value)`` or the returned text) or failed."""
     try:
-        detail = fn()
+        value = fn()
     except AotpackError as e:
         checks.append({"check": name, "ok": False, "detail": str(e)})
         return None
-    text = detail if isinstance(detail, str) else f"{type(detail).__name__} ready"
+    text = describe(value) if describe else (value if isinstance(value, str) else "ok")
     checks.append({"check": name, "ok": True, "detail": text})
-    return detail if detail is not None else True
+    return value
 
 
 def verify(path: str, against: str | None = None, tolerance: float = 1e-4) -> dict:
     """Check a pack: format and version, every hash, whether this host can run it, and (``against``, a
     model file) its outputs against eager on the model file's example inputs."""
     checks: list[dict] = []
-    archive = _check(checks, "format", lambda: Archive.open(path))
+    archive = _check(checks, "format", lambda: Archive.open(path),
+                     lambda a: f"format version {a.manifest.format_version}, {len(a.manifest.blobs)} blobs")
     if archive is None:
         return {"path": path, "ok": False, "checks": checks}
-    _check(checks, "format", lambda: f"format version {archive.manifest.format_version}, "
-                                     f"{len(archive.manifest.blobs)} blobs")
-    checks.pop(0)
     _check(checks, "hashes", lambda: archive.verify() or "every blob matches its sha256")
-    _check(checks, "host", lambda: (platform.check_torch(archive.manifest.producer.get("torch", "?")),
-                                    platform.check_target(archive.manifest.target),
-                                    "this host's CPU and torch can run the pack")[-1])
-    pkg = _check(checks, "load", lambda: _load_fresh(path))
+    _check(checks, "host", lambda: _check_host(archive.manifest))
+    pkg = _check(checks, "load", lambda: _load_fresh(path),
+                 lambda p: f"loaded {len(p.entries)} entr{'y' if len(p.entries) == 1 else 'ies'} without a compiler")
     if against is not None and pkg is not None:
         _check(checks, "numerics", lambda: _compare(pkg, against, tolerance))
     return {"path": path, "ok": all(c["ok"] for c in checks), "checks": checks}
+
+
+def _check_host(manifest) -> str:
+    platform.check_torch(manifest.producer.get("torch", "?"))
+    platform.check_target(manifest.target)
+    return "this host's CPU and torch can run the pack"
 
 
 def _load_fresh(path: str):
