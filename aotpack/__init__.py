@@ -17,11 +17,17 @@ from aotpack_runtime.errors import BuildError, ModelFileError  # noqa: E402
 
 
 def build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, example_kwargs: dict | None = None,
-          cpu_isa: str | None = None, progress: Any = None) -> pathlib.Path:
+          dynamic_shapes: Any = None, specializations: Any = (), cpu_isa: str | None = None,
+          progress: Any = None) -> pathlib.Path:
     """Capture, guard, compile and package ``model(*example_inputs, **example_kwargs)`` into ``output``.
 
     ``model`` is an ``nn.Module`` or a plain function of tensors; ``example_inputs`` a tuple. Module state
-    (parameters, buffers, attributes, the training flag) is frozen into the pack. ``cpu_isa`` picks the
+    (parameters, buffers, attributes, the training flag) is frozen into the pack.
+
+    ``dynamic_shapes`` (torch.export's format: ``{"x": {0: Dim("batch", min=1, max=64)}}``) makes sizes
+    symbolic within ranges; ``specializations`` is a list of further example inputs (args tuples, or
+    ``(args, kwargs)``), each compiled as its own entry unless an earlier entry's guards accept it. At call
+    time the first entry whose guards pass runs. ``cpu_isa`` picks the
     instruction set of the CPU code (``x86-64``, ``avx2``, ``avx512``, ``native``; default ``avx2`` where
     the host has it). ``progress`` is called with one line of text per build event (default: silent).
     Returns the path of the written pack.
@@ -29,8 +35,8 @@ def build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, exam
     from .pipeline import build as _build
     from .options import BuildOptions
 
-    report = _build(model, example_inputs, output, example_kwargs=example_kwargs,
-                    options=BuildOptions(cpu_isa=cpu_isa), progress=progress)
+    report = _build(model, example_inputs, output, example_kwargs=example_kwargs, dynamic_shapes=dynamic_shapes,
+                    specializations=specializations, options=BuildOptions(cpu_isa=cpu_isa), progress=progress)
     return report.output
 
 

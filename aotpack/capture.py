@@ -6,6 +6,7 @@ into the graph.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import linecache
 import os
@@ -42,17 +43,22 @@ class Captured:
     param_names: tuple[str, ...]
     grad_mode: bool
     training: bool
+    dynamic_shapes: Any = None
 
 
 class _FunctionModule(torch.nn.Module):
-    """Wraps a plain function so it can be captured like a module."""
+    """Wraps a plain function so it can be captured like a module. ``forward`` carries the function's
+    signature, so ``dynamic_shapes`` can name the function's own parameters."""
 
     def __init__(self, fn: Callable):
         super().__init__()
         self.fn = fn
 
-    def forward(self, *args, **kwargs):
-        return self.fn(*args, **kwargs)
+        @functools.wraps(fn)
+        def forward(*args, **kwargs):
+            return self.fn(*args, **kwargs)
+
+        self.forward = forward
 
 
 def _param_names(fn: Callable, n_args: int) -> tuple[str, ...]:
@@ -145,7 +151,7 @@ def capture(model: Any, args: tuple, kwargs: dict | None = None, *, dynamic_shap
     _check_no_mutation(exported)
     return Captured(exported=exported, args=args, kwargs=kwargs,
                     param_names=_param_names(fn, len(args)), grad_mode=grad_mode,
-                    training=bool(getattr(module, "training", False)))
+                    training=bool(getattr(module, "training", False)), dynamic_shapes=dynamic_shapes)
 
 
 def _capture_error(e: BaseException) -> CaptureError:

@@ -61,17 +61,74 @@ def spec_to_json(spec: Any, what: str) -> dict:
                        hint="return a tuple or dict (for a dataclass output: dataclasses.asdict)")
 
 
-def _sym_name(value: Any) -> str | int:
-    if isinstance(value, torch.SymInt):
-        node = value.node
-        expr = node.expr
-        if getattr(expr, "is_Integer", False) or getattr(expr, "is_number", False):
+def _dim_names(captured: Captured) -> dict[str, dict[int, str]]:
+    """Input path -> {dim: Dim name} from the user's ``dynamic_shapes`` (top-level inputs)."""
+    ds = captured.dynamic_shapes
+    if ds is None:
+        return {}
+    paths = [f"args[{i}]" for i in range(len(captured.args))] + [f"kwargs[{k!r}]" for k in captured.kwargs]
+    names = list(captured.param_names) + list(captured.kwargs)
+    if isinstance(ds, dict):
+        specs = [(p, ds.get(n)) for p, n in zip(paths, names)]
+    else:
+        specs = list(zip(paths, ds))
+    out: dict[str, dict[int, str]] = {}
+    for path, spec in specs:
+        items = spec.items() if isinstance(spec, dict) else enumerate(spec) if isinstance(spec, (list, tuple)) else ()
+        dims = {int(d): getattr(dim, "__name__") for d, dim in items
+                if isinstance(getattr(dim, "__name__", None), str)}
+        if dims:
+            out[path] = dims
+    return out
+
+
+class _Symbols:
+    """Gives each shape symbol of the graph a readable, deterministic name and records its range."""
+
+    def __init__(self, ranges: dict):
+        self.ranges = ranges
+        self.names: dict[str, str] = {}
+        self.table: dict[str, list[int]] = {}
+
+    def name(self, expr: Any, preferred: str | None) -> str:
+        key = str(expr)
+        if key not in self.names:
+            name = preferred if preferred and preferred not in self.table else f"d{len(self.table)}"
+            rng = self.ranges.get(key)
+            lo = int(rng.lower) if rng is not None else 0
+            hi = int(rng.upper) if rng is not None and rng.upper.is_finite else 2**62
+            self.names[key] = name
+            self.table[name] = [lo, hi]
+        return self.names[key]
+
+    def size(self, value: Any, preferred: str | None, path: str) -> int | str:
+        if not isinstance(value, torch.SymInt):
+            return int(value)
+        expr = value.node.expr
+        if getattr(expr, "is_number", False):
             return int(expr)
         if getattr(expr, "is_Symbol", False):
-            return str(expr)
-        raise CaptureError(f"an input size is the expression {expr}; aotpack supports sizes that are a "
-                           "number or a single symbol", hint="declare that dimension as its own Dim")
-    return int(value)
+            return self.name(expr, preferred)
+        raise CaptureError(f"input {path} has a size that is the expression {expr}; aotpack supports sizes "
+                           "that are a number or one symbol", hint="give that dimension its own Dim")
+
+    def stride(self, value: Any, path: str) -> int | list:
+        if not isinstance(value, torch.SymInt):
+            return int(value)
+        expr = value.node.expr
+        if getattr(expr, "is_number", False):
+            return int(expr)
+        coeff, factors = expr.as_coeff_mul()
+        mono: list = [int(coeff)]
+        for f in factors:
+            base, exp = f.as_base_exp()
+            if not (getattr(base, "is_Symbol", False) and getattr(exp, "is_Integer", False) and int(exp) > 0):
+                raise CaptureError(f"input {path} has the stride {expr}, which is not a product of sizes; "
+                                   "pass a dense tensor (.contiguous())")
+            mono += [self.name(base, None)] * int(exp)
+        if not getattr(coeff, "is_Integer", False):
+            raise CaptureError(f"input {path} has the stride {expr}, which is not a product of sizes")
+        return mono
 
 
 def derive(captured: Captured) -> Guards:
@@ -88,8 +145,8 @@ def derive(captured: Captured) -> Guards:
         raise CaptureError(f"the captured graph has {len(user_inputs)} inputs for {len(paths)} input leaves; "
                            "this input structure is not supported")
     leaves = []
-    symbols: dict[str, list[int]] = {}
-    ranges = {str(k): v for k, v in ep.range_constraints.items()}
+    symbols = _Symbols({str(k): v for k, v in ep.range_constraints.items()})
+    dim_names = _dim_names(captured)
     for arg, path in zip(user_inputs, paths):
         if type(arg).__name__ == "ConstantArgument":
             val = arg.value
@@ -103,25 +160,14 @@ def derive(captured: Captured) -> Guards:
             leaves.append({"kind": "value", "path": path, "name": top, "type": _VALUE_TYPE_NAMES[type(val)],
                            "value": val})
             continue
-        sizes = [_sym_name(s) for s in facts["sizes"]]
-        for s in sizes:
-            if isinstance(s, str) and s not in symbols:
-                rng = ranges.get(s)
-                lo = int(rng.lower) if rng is not None else 0
-                hi = int(rng.upper) if rng is not None and rng.upper.is_finite else 2**62
-                symbols[s] = [lo, hi]
-        strides: list = []
-        for size, stride in zip(sizes, facts["strides"]):
-            if isinstance(size, int) and size <= 1:
-                strides.append(None)  # any stride indexes the same elements
-            else:
-                strides.append(_sym_name(stride))
-        if any(isinstance(s, str) for s in strides):
-            raise CaptureError(f"input {path} has a symbolic stride; not supported yet")
+        preferred = dim_names.get(path, {})
+        sizes = [symbols.size(s, preferred.get(d), path) for d, s in enumerate(facts["sizes"])]
+        strides = [None if isinstance(size, int) and size <= 1 else symbols.stride(stride, path)
+                   for size, stride in zip(sizes, facts["strides"])]  # size 0/1: any stride will do
         leaves.append({"kind": "tensor", "path": path, "name": top, "dtype": dtype_name(facts["dtype"]),
                        "device": str(facts["device"]), "sizes": sizes, "strides": strides,
                        "requires_grad": False})
-    return Guards(inputs=inputs, leaves=tuple(leaves), symbols=symbols, param_names=captured.param_names,
+    return Guards(inputs=inputs, leaves=tuple(leaves), symbols=symbols.table, param_names=captured.param_names,
                   grad_mode=captured.grad_mode, outputs=outputs, output_leaves=tuple(_output_leaves(ep)))
 
 

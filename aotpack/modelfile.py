@@ -1,8 +1,10 @@
 """The model file convention of the CLI.
 
 ``FILE.py`` is imported and its module-level ``model`` and ``example_inputs`` (and ``example_kwargs``,
-``dynamic_shapes`` if present) are used; ``FILE.py:NAME`` calls the zero-argument function ``NAME``, which
-returns ``(model, example_inputs)`` or ``(model, example_inputs, example_kwargs)``.
+``dynamic_shapes``, ``specializations`` if present) are used; ``FILE.py:NAME`` calls the zero-argument
+function ``NAME``, which returns ``(model, example_inputs)``, ``(model, example_inputs, example_kwargs)``, or
+a dict with the keys ``model`` and ``example_inputs`` and optionally ``example_kwargs``, ``dynamic_shapes``,
+``specializations``.
 """
 from __future__ import annotations
 
@@ -17,11 +19,16 @@ from typing import Any
 from aotpack_runtime.errors import ModelFileError
 
 
+_FIELDS = ("model", "example_inputs", "example_kwargs", "dynamic_shapes", "specializations")
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     model: Any
     example_inputs: tuple
     example_kwargs: dict = field(default_factory=dict)
+    dynamic_shapes: Any = None
+    specializations: tuple = ()
     source: str = ""
 
 
@@ -69,17 +76,28 @@ def load_model_file(target: str) -> ModelSpec:
             result = fn()
         except Exception as e:
             raise ModelFileError(f"calling {path}:{func}() failed: {type(e).__name__}: {e}") from e
-        if not isinstance(result, tuple) or len(result) not in (2, 3):
+        if isinstance(result, dict):
+            unknown = sorted(set(result) - set(_FIELDS))
+            missing = [k for k in ("model", "example_inputs") if k not in result]
+            if unknown or missing:
+                raise ModelFileError(f"{path}:{func}() returned a dict "
+                                     f"{'with unknown keys ' + str(unknown) if unknown else 'without ' + str(missing)}; "
+                                     f"its keys are {', '.join(_FIELDS)}")
+            extras = result
+        elif not isinstance(result, tuple) or len(result) not in (2, 3):
             raise ModelFileError(f"{path}:{func}() must return (model, example_inputs) or (model, "
-                                 f"example_inputs, example_kwargs); it returned "
+                                 f"example_inputs, example_kwargs) or a dict; it returned "
                                  f"{type(result).__name__ if not isinstance(result, tuple) else f'a tuple of {len(result)}'}")
-        model, inputs, kwargs = (*result, {}) if len(result) == 2 else result
+        else:
+            extras = dict(zip(_FIELDS, result))
+        model, inputs, kwargs = extras["model"], extras["example_inputs"], extras.get("example_kwargs") or {}
     else:
         missing = [n for n in ("model", "example_inputs") if not hasattr(module, n)]
         if missing:
             raise ModelFileError(f"{path} defines no {' and no '.join(repr(m) for m in missing)}: a model file "
                                  "sets module-level `model` and `example_inputs` (a tuple), or use "
                                  f"'{path}:NAME' to name a function that returns (model, example_inputs)")
+        extras = {k: getattr(module, k) for k in _FIELDS if hasattr(module, k)}
         model, inputs = module.model, module.example_inputs
         kwargs = getattr(module, "example_kwargs", {}) or {}
     if not isinstance(inputs, tuple):
@@ -89,4 +107,9 @@ def load_model_file(target: str) -> ModelSpec:
         raise ModelFileError(f"example_kwargs in {target} must be a dict, got {type(kwargs).__name__}")
     if not callable(model):
         raise ModelFileError(f"model in {target} is a {type(model).__name__}, not a module or function")
-    return ModelSpec(model=model, example_inputs=inputs, example_kwargs=kwargs, source=target)
+    specializations = extras.get("specializations") or ()
+    if not isinstance(specializations, (list, tuple)):
+        raise ModelFileError(f"specializations in {target} must be a list of example input tuples")
+    return ModelSpec(model=model, example_inputs=inputs, example_kwargs=kwargs,
+                     dynamic_shapes=extras.get("dynamic_shapes"), specializations=tuple(specializations),
+                     source=target)

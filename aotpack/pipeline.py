@@ -7,12 +7,12 @@ import platform as _platform
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
 from aotpack_runtime.errors import BuildError
-from aotpack_runtime.guards import dtype_name
+from aotpack_runtime.guards import EntryGuards, dtype_name
 from aotpack_runtime.platform import KNOWN_FLAGS, host_cpu_flags, host_machine, torch_minor
 
 from . import __version__, capture, compile, guards, package
@@ -45,18 +45,23 @@ class _Stages:
         self.progress = progress
         self.report = report
         self.n = 0
+        self.total = 4
 
     @contextlib.contextmanager
     def stage(self, name: str, detail: str = "") -> Iterator[None]:
         self.n += 1
         if self.progress:
-            self.progress(f"[{self.n}/4] {name}{': ' + detail if detail else ''} ...")
+            self.progress(f"[{self.n}/{self.total}] {name}{': ' + detail if detail else ''} ...")
         start = time.perf_counter()
         yield
         took = time.perf_counter() - start
         self.report.stages[name] = self.report.stages.get(name, 0.0) + took
         if self.progress:
-            self.progress(f"[{self.n}/4] {name} done in {took:.1f} s")
+            self.progress(f"[{self.n}/{self.total}] {name} done in {took:.1f} s")
+
+    def say(self, line: str) -> None:
+        if self.progress:
+            self.progress(line)
 
 
 def producer(compiler: str) -> dict:
@@ -86,48 +91,100 @@ def _example_record(captured: capture.Captured, blobs: list) -> dict:
     return {"inputs": spec, "leaves": leaves}
 
 
+def _as_call(spec: Any, default_kwargs: dict, i: int) -> tuple[tuple, dict]:
+    """A specialization given as an args tuple, or as (args tuple, kwargs dict)."""
+    if isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], tuple) and isinstance(spec[1], dict):
+        return spec[0], spec[1]
+    if isinstance(spec, tuple):
+        return spec, default_kwargs
+    raise BuildError(f"specializations[{i}] must be an args tuple or (args, kwargs), got {type(spec).__name__}")
+
+
+def _accepting_entry(entries: list, args: tuple, kwargs: dict) -> int | None:
+    """Index of the first entry whose guards accept this example (as the runtime would dispatch it)."""
+    with torch.no_grad():
+        for j, (_, g) in enumerate(entries):
+            runtime_guards = EntryGuards.from_json(g.to_json(), f"entry {j}")
+            if runtime_guards.match(args, kwargs) is not None:
+                return j
+    return None
+
+
+def _weights(entries: list, compiled: list) -> tuple[list[dict], list[package.Blob]]:
+    """Every constant any entry needs, stored once, by its name in the model."""
+    tensors: dict[str, torch.Tensor] = {}
+    for (captured, _), code in zip(entries, compiled):
+        ep = captured.exported
+        state = {**dict(ep.state_dict), **dict(ep.constants)}
+        for name in code.constants.values():
+            t = state.get(name)
+            if not isinstance(t, torch.Tensor):
+                raise BuildError(f"the compiled code needs the constant {name!r}, which the model does not have")
+            if name in tensors and not torch.equal(tensors[name], t):
+                raise BuildError(f"two entries see different values for {name!r}; the model changed during the build")
+            tensors[name] = t
+    records, blobs = [], []
+    for i, name in enumerate(sorted(tensors)):
+        t = tensors[name]
+        blobs.append(package.Blob(f"weights/{i}", package.tensor_bytes(t)))
+        records.append({"name": name, "blob": f"weights/{i}", "dtype": dtype_name(t.dtype), "shape": list(t.shape)})
+    return records, blobs
+
+
 def build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, example_kwargs: dict | None = None,
-          options: BuildOptions | None = None, progress: ProgressFn | None = None) -> BuildReport:
-    """Run the whole pipeline; return a :class:`BuildReport`. ``progress`` receives one line per event."""
+          dynamic_shapes: Any = None, specializations: Sequence = (), options: BuildOptions | None = None,
+          progress: ProgressFn | None = None) -> BuildReport:
+    """Run the whole pipeline; return a :class:`BuildReport`. ``progress`` receives one line per event.
+
+    The first entry is captured from ``example_inputs`` (with ``dynamic_shapes``, torch.export's format);
+    each of ``specializations`` that no earlier entry accepts becomes its own static entry, in order.
+    """
     options = (options or BuildOptions()).resolved()
+    example_kwargs = dict(example_kwargs or {})
     report = BuildReport(output=pathlib.Path(output))
     stages = _Stages(progress, report)
     compiler = compile.compiler_version()
-    with stages.stage("capture", "Dynamo, fullgraph"):
-        captured = capture.capture(model, example_inputs, example_kwargs)
+    calls = [(example_inputs, example_kwargs, dynamic_shapes)]
+    calls += [(*_as_call(sp, example_kwargs, i), None) for i, sp in enumerate(specializations)]
+    with stages.stage("capture", f"Dynamo, fullgraph; {len(calls)} example input(s)"):
+        captures = [capture.capture(model, args, kwargs, dynamic_shapes=dyn) for args, kwargs, dyn in calls]
+    entries: list[tuple[capture.Captured, guards.Guards]] = []
     with stages.stage("guards"):
-        entry_guards = guards.derive(captured)
-    with stages.stage("compile", f"Inductor C++ for {options.cpu_isa}"):
-        compiled = compile.compile_entry(captured, options)
+        for i, ((args, kwargs, _), captured) in enumerate(zip(calls, captures)):
+            served_by = _accepting_entry(entries, args, kwargs)
+            if served_by is not None:
+                stages.say(f"      example {i}: served by entry {served_by}, no new entry")
+                continue
+            entries.append((captured, guards.derive(captured)))
+            label = EntryGuards.from_json(entries[-1][1].to_json(), f"entry {len(entries) - 1}").label()
+            stages.say(f"      example {i}: entry {len(entries) - 1} ({label})")
+    compiled = []
+    with stages.stage("compile", f"Inductor C++ for {options.cpu_isa}, {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}"):
+        for i, (captured, _) in enumerate(entries):
+            start = time.perf_counter()
+            compiled.append(compile.compile_entry(captured, options))
+            stages.say(f"      entry {i + 1} of {len(entries)}: {len(compiled[-1].kernels)} kernels in "
+                       f"{time.perf_counter() - start:.1f} s")
     with stages.stage("package"):
-        ep = captured.exported
-        state = {**{k: v for k, v in ep.state_dict.items()}, **{k: v for k, v in ep.constants.items()}}
-        used = sorted(set(compiled.constants.values()))
-        missing = [name for name in used if not isinstance(state.get(name), torch.Tensor)]
-        if missing:
-            raise BuildError(f"the compiled code needs constants the model does not have: {missing}")
-        blobs: list[package.Blob] = []
-        weights = []
-        for i, name in enumerate(used):
-            t = state[name]
-            blob = f"weights/{i}"
-            blobs.append(package.Blob(blob, package.tensor_bytes(t)))
-            weights.append({"name": name, "blob": blob, "dtype": dtype_name(t.dtype), "shape": list(t.shape)})
-        entry = {"name": "0", "device": "cpu", "library": "code/0.so", "constants": compiled.constants,
-                 "kernels": list(compiled.kernels), **entry_guards.to_json(),
-                 "sources": [f"source/0/{n}" for n in sorted(compiled.sources)]}
-        blobs.append(package.Blob("code/0.so", compiled.library))
-        for n in sorted(compiled.sources):
-            blobs.append(package.Blob(f"source/0/{n}", compiled.sources[n]))
-        example = _example_record(captured, blobs)
+        weights, blobs = _weights(entries, compiled)
+        manifest_entries = []
+        for i, ((_, g), code) in enumerate(zip(entries, compiled)):
+            library = f"code/{i}.so"
+            blobs.append(package.Blob(library, code.library))
+            sources = [f"source/{i}/{n}" for n in sorted(code.sources)]
+            blobs += [package.Blob(name, code.sources[n]) for name, n in zip(sources, sorted(code.sources))]
+            manifest_entries.append({"name": str(i), "device": "cpu", "library": library,
+                                     "constants": code.constants, "kernels": list(code.kernels),
+                                     "sources": sources, **g.to_json()})
+        example = _example_record(entries[0][0], blobs)
         manifest = {"producer": producer(compiler), "target": target(options), "options": options.to_json(),
-                    "weights": weights, "entries": [entry], "example": example,
-                    "frozen": {"training": captured.training}}
+                    "weights": weights, "entries": manifest_entries, "example": example,
+                    "frozen": {"training": entries[0][0].training}}
         report.size = package.write_archive(output, manifest, blobs, options.compression_level)
-    report.entries = 1
+    report.entries = len(entries)
     report.weights = len(weights)
     report.weight_bytes = sum(len(b.data) for b in blobs if b.name.startswith("weights/"))
-    report.kernels = len(compiled.kernels)
+    report.kernels = sum(len(c.kernels) for c in compiled)
     if progress:
         progress(report.summary())
     return report

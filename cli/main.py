@@ -59,26 +59,69 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Path of the pack to write.")
 @click.option("--cpu-isa", type=click.Choice(["x86-64", "avx2", "avx512", "native"]), default=None,
               help="Instruction set of the CPU code (default: avx2 where the host has it, else x86-64).")
+@click.option("--dynamic", "dynamic", multiple=True, metavar="INPUT:DIM=[NAME:]MIN..MAX",
+              help="Make a dimension dynamic, e.g. x:0=1..64 or x:0=batch:1..64 (the same NAME on several "
+                   "inputs means equal sizes). Repeatable; replaces the file's dynamic_shapes.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
-def build(target: str, output: str, cpu_isa: str | None, quiet: bool) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print progress as JSON lines and a JSON summary.")
+def build(target: str, output: str, cpu_isa: str | None, dynamic: tuple[str, ...], quiet: bool,
+          as_json: bool) -> None:
     """Build a pack from a model file.
 
-    FILE.py must define `model` and `example_inputs` (a tuple), and may define `example_kwargs`;
-    FILE.py:NAME calls the function NAME, which returns (model, example_inputs) or
-    (model, example_inputs, example_kwargs).
+    FILE.py must define `model` and `example_inputs` (a tuple), and may define `example_kwargs`,
+    `dynamic_shapes` (torch.export's format) and `specializations` (a list of further example input
+    tuples, each compiled as its own entry unless an earlier entry accepts it). FILE.py:NAME calls the
+    function NAME, which returns (model, example_inputs), (model, example_inputs, example_kwargs), or a
+    dict with those keys and optionally dynamic_shapes and specializations.
     """
     from aotpack.modelfile import load_model_file
     from aotpack.options import BuildOptions
     from aotpack.pipeline import build as run_build
 
+    dynamic_shapes = _parse_dynamic(dynamic) if dynamic else None
+    start = time.perf_counter()
+
     def say(line: str) -> None:
-        if not quiet:
+        if as_json:
+            click.echo(json.dumps({"event": "progress", "elapsed_s": round(time.perf_counter() - start, 3),
+                                   "message": line.strip()}))
+        elif not quiet:
             click.echo(line, err=True)
 
     say(f"loading {target}")
     spec = load_model_file(target)
-    run_build(spec.model, spec.example_inputs, output, example_kwargs=spec.example_kwargs,
-              options=BuildOptions(cpu_isa=cpu_isa), progress=say)
+    report = run_build(spec.model, spec.example_inputs, output, example_kwargs=spec.example_kwargs,
+                       dynamic_shapes=dynamic_shapes if dynamic_shapes is not None else spec.dynamic_shapes,
+                       specializations=spec.specializations, options=BuildOptions(cpu_isa=cpu_isa), progress=say)
+    if as_json:
+        click.echo(json.dumps({"event": "done", "output": str(report.output), "size": report.size,
+                               "entries": report.entries, "weights": report.weights,
+                               "weight_bytes": report.weight_bytes, "kernels": report.kernels,
+                               "stages_s": {k: round(v, 3) for k, v in report.stages.items()}}))
+
+
+def _parse_dynamic(specs: tuple[str, ...]) -> dict:
+    """``x:0=1..64`` / ``x:0=batch:1..64`` into torch.export's dynamic_shapes dict."""
+    import re
+
+    from torch.export import Dim
+
+    dims: dict = {}
+    out: dict = {}
+    for spec in specs:
+        m = re.fullmatch(r"([A-Za-z_]\w*):(\d+)=(?:([A-Za-z_]\w*):)?(\d+)\.\.(\d+)", spec)
+        if not m:
+            raise click.BadParameter(f"{spec!r} is not INPUT:DIM=MIN..MAX or INPUT:DIM=NAME:MIN..MAX "
+                                     "(e.g. x:0=1..64)", param_hint="--dynamic")
+        name, dim, sym, lo, hi = m.group(1), int(m.group(2)), m.group(3), int(m.group(4)), int(m.group(5))
+        if lo > hi:
+            raise click.BadParameter(f"{spec!r}: the minimum {lo} is above the maximum {hi}", param_hint="--dynamic")
+        sym = sym or f"{name}_{dim}"
+        if sym in dims and dims[sym][1:] != (lo, hi):
+            raise click.BadParameter(f"{sym!r} is given two ranges", param_hint="--dynamic")
+        dims.setdefault(sym, (Dim(sym, min=lo, max=hi), lo, hi))
+        out.setdefault(name, {})[dim] = dims[sym][0]
+    return out
 
 
 @cli.command()

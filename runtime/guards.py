@@ -75,7 +75,8 @@ class TensorGuard:
     dtype: str
     device: str
     sizes: tuple  # int, or str naming a symbol
-    strides: tuple  # int, or None where the dim's size is 0 or 1 (any stride is fine there)
+    strides: tuple  # int; None where the dim's size is 0 or 1 (any stride is fine there); or a monomial
+    #                 [coefficient, symbol, symbol, ...] meaning coefficient * symbol * symbol ...
     requires_grad: bool
 
     def to_json(self) -> dict:
@@ -91,11 +92,19 @@ class TensorGuard:
                 dims.append(f"{s}={lo}..{hi}")
             else:
                 dims.append(str(s))
-        static = all(isinstance(s, int) for s in self.sizes) and all(isinstance(s, int) or s is None
-                                                                   for s in self.strides)
-        layout = (describe_layout(self.sizes, tuple(0 if s is None else s for s in self.strides))
-                  if static else "dense")
-        return f"{self.dtype}[{', '.join(dims)}] {self.device} {layout}"
+        return f"{self.dtype}[{', '.join(dims)}] {self.device} {self.layout()}"
+
+    def layout(self) -> str:
+        """contiguous / channels_last / the strides, worked out on the symbols where sizes are symbolic."""
+        if all(isinstance(s, int) for s in self.sizes) and not any(isinstance(s, list) for s in self.strides):
+            return describe_layout(self.sizes, tuple(0 if s is None else s for s in self.strides))
+        # Compare symbolically: a stride is contiguous if it is the product of the later sizes.
+        later: list = [1]
+        for size in reversed(self.sizes[1:]):
+            later.insert(0, _mono_mul(later[0], size))
+        if all(st is None or _mono(st) == _mono(want) for st, want in zip(self.strides, later)):
+            return "contiguous"
+        return "strides " + "(" + ", ".join(_mono_text(st) for st in self.strides) + ")"
 
 
 @dataclass(frozen=True)
@@ -134,8 +143,13 @@ def leaf_from_json(obj: Any, where: str, symbols: dict) -> TensorGuard | ValueGu
         elif not (type(s) is int and s >= 0):
             raise ArchiveError(f"{where}.sizes must hold non-negative integers or symbol names")
     for s in strides:
-        if s is not None and not (type(s) is int and s >= 0):
-            raise ArchiveError(f"{where}.strides must hold non-negative integers or null")
+        if isinstance(s, list):
+            if not s or type(s[0]) is not int or s[0] < 0 or len(s) > 65 or \
+                    not all(isinstance(x, str) and x in symbols for x in s[1:]):
+                raise ArchiveError(f"{where}.strides: a symbolic stride must be [coefficient, symbol, ...] "
+                                   "over the entry's symbols")
+        elif s is not None and not (type(s) is int and s >= 0):
+            raise ArchiveError(f"{where}.strides must hold non-negative integers, null or monomials")
     device = field_of(obj, "device", str, where)
     try:
         torch.device(device)
@@ -144,7 +158,8 @@ def leaf_from_json(obj: Any, where: str, symbols: dict) -> TensorGuard | ValueGu
     dtype = field_of(obj, "dtype", str, where)
     if dtype not in _DTYPE_BY_NAME:
         raise ArchiveError(f"{where}.dtype is {dtype!r}; this reader knows {', '.join(DTYPES)}")
-    return TensorGuard(path, name, dtype, device, tuple(sizes), tuple(strides),
+    return TensorGuard(path, name, dtype, device, tuple(sizes),
+                       tuple(tuple(x) if isinstance(x, list) else x for x in strides),
                        field_of(obj, "requires_grad", bool, where))
 
 
@@ -169,6 +184,35 @@ def _type_word(value: Any) -> str:
         else type(value).__name__
 
 
+def _mono(x: Any) -> tuple:
+    """A stride or size as a normalized monomial (coefficient, symbols sorted)."""
+    if isinstance(x, int):
+        return (x,)
+    if isinstance(x, str):
+        return (1, x)
+    return (x[0], *sorted(x[1:]))
+
+
+def _mono_mul(a: Any, b: Any) -> tuple:
+    ma, mb = _mono(a), _mono(b)
+    return (ma[0] * mb[0], *sorted(ma[1:] + mb[1:]))
+
+
+def _mono_text(x: Any) -> str:
+    if x is None:
+        return "any"
+    m = _mono(x)
+    parts = ([str(m[0])] if m[0] != 1 or len(m) == 1 else []) + list(m[1:])
+    return "*".join(parts)
+
+
+def _mono_eval(m: tuple, bound: dict) -> int:
+    value = m[0]
+    for sym in m[1:]:
+        value *= bound[sym]
+    return value
+
+
 class _Mismatch(Exception):
     """Raised inside :meth:`EntryGuards.explain` with the first reason found."""
 
@@ -191,16 +235,25 @@ class EntryGuards:
         self._static = True
         for i, g in enumerate(leaves):
             if isinstance(g, TensorGuard):
-                sizes = g.sizes
-                if any(isinstance(s, str) for s in sizes):
+                if any(isinstance(x, str) for x in g.sizes):
                     self._static = False
-                stride_idx = tuple(d for d, s in enumerate(g.strides) if s is not None)
+                stride_idx = tuple(d for d, st in enumerate(g.strides) if isinstance(st, int))
                 exp_strides = tuple(g.strides[d] for d in stride_idx)
                 full_strides = len(stride_idx) == len(g.strides)
-                self._tensor_checks.append((i, _DTYPE_BY_NAME[g.dtype], torch.device(g.device), len(sizes),
-                                            tuple(sizes), stride_idx, exp_strides, full_strides))
+                sym_strides = tuple((d, st) for d, st in enumerate(g.strides) if isinstance(st, tuple))
+                self._tensor_checks.append((i, _DTYPE_BY_NAME[g.dtype], torch.device(g.device), len(g.sizes),
+                                            tuple(g.sizes), stride_idx, exp_strides, full_strides, sym_strides))
             else:
                 self._value_checks.append((i, VALUE_TYPES[g.type], g.value))
+
+    def label(self) -> str:
+        """A short name for people: the symbol ranges of a dynamic entry, else the first tensor's sizes."""
+        if self.symbols:
+            return ", ".join(f"{k} {lo}..{hi}" for k, (lo, hi) in self.symbols.items())
+        for g in self.leaves:
+            if isinstance(g, TensorGuard):
+                return f"{g.name} {list(g.sizes)}"
+        return "no tensors"
 
     @classmethod
     def from_json(cls, entry: dict, where: str) -> "EntryGuards":
@@ -249,7 +302,7 @@ class EntryGuards:
         grad = torch.is_grad_enabled()
         bound: dict | None = None if self._static else {}
         tensors = []
-        for i, dtype, device, rank, sizes, stride_idx, exp_strides, full in self._tensor_checks:
+        for i, dtype, device, rank, sizes, stride_idx, exp_strides, full, _ in self._tensor_checks:
             t = leaves[i]
             if not isinstance(t, torch.Tensor) or t.dtype is not dtype or t.device != device \
                     or t.layout is not torch.strided:
@@ -270,6 +323,11 @@ class EntryGuards:
             if t.is_complex() and (t.is_conj() or t.is_neg()):
                 return None
             tensors.append(t)
+        if bound is not None:  # symbolic strides, once every size symbol is bound
+            for i, *_, sym_strides in self._tensor_checks:
+                for d, mono in sym_strides:
+                    if leaves[i].stride(d) != _mono_eval(mono, bound):
+                        return None
         for i, vtype, value in self._value_checks:
             v = leaves[i]
             if type(v) is not vtype or v != value:
@@ -397,10 +455,14 @@ class EntryGuards:
             bound[want] = actual
         st = v.stride()
         for d, want in enumerate(g.strides):
-            if want is not None and st[d] != want:
-                exp_layout = describe_layout(tuple(v.shape), tuple(0 if s is None else s for s in g.strides))
+            if want is None:
+                continue
+            expected = want if isinstance(want, int) else _mono_eval(want, bound) if all(
+                x in bound for x in want[1:]) else None
+            if expected is not None and st[d] != expected:
+                exp_layout = g.layout()
                 act_layout = describe_layout(tuple(v.shape), tuple(st))
-                raise _Mismatch(f"{who} stride mismatch at dim {d}: expected {want}, actual {st[d]} "
+                raise _Mismatch(f"{who} stride mismatch at dim {d}: expected {expected}, actual {st[d]} "
                                 f"(expected layout {exp_layout}, actual {act_layout}; call .contiguous() "
                                 "or build the pack with this layout)")
         if v.is_complex() and (v.is_conj() or v.is_neg()):

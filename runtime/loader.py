@@ -82,7 +82,8 @@ class Package:
             tensors = entry.guards.match(args, kwargs)
             if tensors is not None:
                 return entry.run(tensors)
-        raise GuardError([(e.name, e.guards.explain(args, kwargs) or "guards failed") for e in self.entries])
+        raise GuardError([(f"{e.name} ({e.guards.label()})", e.guards.explain(args, kwargs) or "guards failed")
+                          for e in self.entries])
 
     def select(self, *args: Any, **kwargs: Any) -> Entry | None:
         """The entry that would run for this input, or None (runs nothing)."""

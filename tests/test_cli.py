@@ -7,6 +7,8 @@ import textwrap
 import pytest
 from click.testing import CliRunner
 
+import aotpack
+
 from aotpack_cli.main import cli
 from conftest import EXAMPLES, run_python
 
@@ -70,7 +72,7 @@ def test_usage_error_exits_2():
     ("import torch\nmodel = torch.nn.Linear(2, 2)\n", "", "defines no 'example_inputs'"),
     ("import torch\n", ":make", "has no function 'make'"),
     ("def make():\n    return 1\n", ":make", "must return (model, example_inputs) or (model, example_inputs, "
-                                              "example_kwargs); it returned int"),
+                                              "example_kwargs) or a dict; it returned int"),
     ("import torch\nmodel = torch.nn.Linear(2, 2)\nexample_inputs = torch.randn(2)\n", "",
      "example_inputs in"),
     ("raise ValueError('boom')\n", "", "failed (line 1: raise ValueError('boom')): ValueError: boom"),
@@ -93,3 +95,38 @@ def test_graph_break_via_cli(tmp_path):
     assert r.exit_code == 1
     assert f"error: {f}:5: graph break: Data-dependent branching" in r.output
     assert "hint:" in r.output
+
+
+def test_build_dynamic_with_json_progress(tmp_path):
+    out = tmp_path / "dyn.pack"
+    r = CliRunner().invoke(cli, ["build", str(EXAMPLES / "mlp.py"), "-o", str(out), "--dynamic", "x:0=batch:1..16",
+                                 "--json"])
+    assert r.exit_code == 0, r.output
+    events = [json.loads(line) for line in r.output.splitlines()]
+    assert events[-1]["event"] == "done" and events[-1]["entries"] == 1
+    assert any("[3/4] compile done" in e.get("message", "") for e in events[:-1])
+    info = json.loads(_run("inspect", out, "--json").output)
+    assert info["entries"][0]["guards"] == ["x (args[0]): float32[batch=1..16, 64] cpu contiguous"]
+    assert info["entries"][0]["symbols"] == {"batch": [1, 16]}
+
+
+@pytest.mark.parametrize("spec,message", [("x0=1..4", "is not INPUT:DIM=MIN..MAX"),
+                                          ("x:0=9..4", "the minimum 9 is above the maximum 4")])
+def test_bad_dynamic_spec_is_a_usage_error(tmp_path, spec, message):
+    r = _run("build", EXAMPLES / "mlp.py", "-o", tmp_path / "o.pack", "--dynamic", spec)
+    assert r.exit_code == 2 and message in r.output
+
+
+def test_model_function_may_return_a_dict(tmp_path):
+    from aotpack.modelfile import load_model_file
+
+    f = tmp_path / "m.py"
+    f.write_text("import torch\nfrom torch.export import Dim\n\ndef make():\n"
+                 "    return {'model': torch.nn.Linear(3, 2), 'example_inputs': (torch.randn(4, 3),),\n"
+                 "            'dynamic_shapes': {'input': {0: Dim('b', min=1, max=8)}},\n"
+                 "            'specializations': [(torch.randn(20, 3),)]}\n")
+    spec = load_model_file(f"{f}:make")
+    assert spec.dynamic_shapes["input"][0].__name__ == "b" and len(spec.specializations) == 1
+    f.write_text("def make():\n    return {'model': 1, 'inputs': ()}\n")
+    with pytest.raises(aotpack.ModelFileError, match=r"unknown keys \['inputs'\]"):
+        load_model_file(f"{f}:make")
