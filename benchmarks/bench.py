@@ -16,6 +16,8 @@ For each example model it measures, and writes to ``benchmarks/results.md`` and 
    package, the aotpack Package call, and the pack's compiled code without the guard check
    (``entry.run``); their difference is aotpack's guard + dispatch overhead.
 3. Peak RSS (``ru_maxrss``) of the fresh processes of part 1.
+4. Dispatch (``dispatch.py``): a dynamic entry vs a static one on the same input, the cost of each extra
+   entry tried, and a second ``aotpack.load`` of the same pack in one process.
 
 Builds, packs, caches and temporary files live in ``benchmarks/.work/``, created fresh and removed at the
 end; every subprocess gets ``TMPDIR``, ``TORCHINDUCTOR_CACHE_DIR`` and ``AOTPACK_CACHE_DIR`` under it.
@@ -214,6 +216,21 @@ def benchmark_model(p: Paths, repeats: int, calls: int, warmup: int) -> dict:
 
 # -- reporting -----------------------------------------------------------------------------------
 
+def dispatch_figures() -> dict:
+    """benchmarks/dispatch.py in a fresh process: dynamic vs static entry, cost per extra entry, second load."""
+    folder = WORK / "dispatch"
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        proc = subprocess.run([sys.executable, str(HERE / "dispatch.py"), str(folder)], cwd=ROOT,
+                              env=child_env(WORK / "inductor" / "dispatch"), capture_output=True, text=True,
+                              timeout=CHILD_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {CHILD_TIMEOUT_S} s"}
+    if proc.returncode != 0:
+        return {"error": f"exit {proc.returncode}: {error_line(proc.stderr)}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def machine_info() -> dict:
     cpu = platform.processor() or "unknown CPU"
     try:
@@ -272,6 +289,16 @@ def markdown(results: dict) -> str:
         "## Peak RSS of the fresh process (MB)", "",
         *table(["model", "import torch", "eager", "aotpack", "AOTInductor warm", "torch.compile warm"], rss_rows),
     ]
+    d = results.get("dispatch", {})
+    if "error" in d:
+        failures.append(f"- dispatch: {d['error']}")
+    elif d:
+        lines += ["", "## Dispatch (small MLP, batch 8; µs per call, medians)", "",
+                  *table(["dynamic entry (batch 1..64)", "static entry (batch 8)", "4th of 4 static entries",
+                          "each extra entry tried", "second load (ms)"],
+                         [[f"{d['dynamic_entry_us']:.1f}", f"{d['static_entry_us']:.1f}",
+                           f"{d['last_of_4_entries_us']:.1f}", f"{d['per_extra_entry_us']:.2f}",
+                           f"{d['second_load_ms']:.1f}"]])]
     if failures:
         lines += ["", "## Failures", "", *failures]
     return "\n".join(lines) + "\n"
@@ -307,11 +334,13 @@ def main() -> None:
     (WORK / "tmp").mkdir(parents=True)
     try:
         models = {name: benchmark_model(paths_for(name), repeats, calls, warmup) for name in args.models}
+        print("dispatch figures ...", flush=True)
+        dispatch = dispatch_figures()
     finally:
         shutil.rmtree(WORK, ignore_errors=True)
     results = {"machine": machine_info(),
                "config": {"repeats": repeats, "calls": calls, "warmup_calls": warmup, "quick": args.quick},
-               "total_seconds": time.perf_counter() - start, "models": models}
+               "total_seconds": time.perf_counter() - start, "models": models, "dispatch": dispatch}
     (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (HERE / "results.md").write_text(markdown(results))
     print(f"wrote {HERE / 'results.md'} and {HERE / 'results.json'} in {results['total_seconds']:.0f} s")
