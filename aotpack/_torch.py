@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
+import sys
 import tempfile
 from typing import Any, Iterator
 
@@ -35,8 +37,23 @@ ISA_COMPILER_OPTIONS: dict[str, dict[str, Any]] = {
 
 
 def export_strict(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any = None):
-    """Dynamo bytecode capture of the whole forward (torch.export with strict=True: fullgraph enforced)."""
-    return torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes, strict=True)
+    """Dynamo bytecode capture of the whole forward (torch.export with strict=True: fullgraph enforced).
+
+    On a data-dependent graph break, torch.export prints the partial graph to stderr before raising; that
+    dump is dropped here (it stays on the exception as ``partial_fx_graph``) and anything else that was
+    written to stderr is passed on.
+    """
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(buffer):
+            return torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes, strict=True)
+    except Exception as e:
+        partial = getattr(e, "partial_fx_graph", None)
+        text = buffer.getvalue()
+        buffer = io.StringIO(text.replace(f"{partial}\n", "") if partial else text)
+        raise
+    finally:
+        sys.stderr.write(buffer.getvalue())
 
 
 def graph_break_types() -> tuple[type, ...]:
@@ -108,3 +125,16 @@ def fake_tensor_facts(val: Any) -> dict | None:
         return None
     return {"sizes": list(val.shape), "strides": list(val.stride()), "dtype": val.dtype,
             "device": val.device, "requires_grad": val.requires_grad}
+
+
+def custom_ops(exported) -> list[tuple[str, str]]:
+    """(op name, stack trace) of each call in the graph to an operator outside aten/prims: a custom op
+    whose implementation lives in a Python library, which compiled code can only reach through a proxy
+    executor that a pack does not carry."""
+    out = []
+    for node in exported.graph.nodes:
+        target = node.target
+        if node.op == "call_function" and isinstance(target, torch._ops.OpOverload) \
+                and target.namespace not in ("aten", "prims"):
+            out.append((f"{target.namespace}.{target._opname}", node.meta.get("stack_trace") or ""))
+    return out

@@ -10,6 +10,7 @@ import functools
 import inspect
 import linecache
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -149,6 +150,7 @@ def capture(model: Any, args: tuple, kwargs: dict | None = None, *, dynamic_shap
     except Exception as e:  # anything else the tracer or the model raised
         raise _capture_error(e) from e
     _check_no_mutation(exported)
+    _check_no_custom_ops(exported)
     return Captured(exported=exported, args=args, kwargs=kwargs,
                     param_names=_param_names(fn, len(args)), grad_mode=grad_mode,
                     training=bool(getattr(module, "training", False)), dynamic_shapes=dynamic_shapes)
@@ -157,6 +159,12 @@ def capture(model: Any, args: tuple, kwargs: dict | None = None, *, dynamic_shap
 def _capture_error(e: BaseException) -> CaptureError:
     gb_type, stack = _torch.unsupported_details(e)
     message = str(e)
+    unknown_output = re.search(r"Encountered unrecognized type \w+\((\w+)\) at output (\d+)", message)
+    if unknown_output:
+        kind, index = unknown_output.groups()
+        return CaptureError(f"the model's output {index} is a {kind} object; packs return tensors, scalars, "
+                            "strings and None in tuples, lists and dicts",
+                            hint="return the tensors it holds; for Hugging Face models pass use_cache=False")
     if not stack and e.__traceback__ is not None:
         import traceback
 
@@ -170,8 +178,26 @@ def _capture_error(e: BaseException) -> CaptureError:
         return CaptureError(_reason(gb_type, message), filename=filename, lineno=lineno, code=code,
                             hint=_hint_for(gb_type, message))
     first = message.strip().splitlines()[0] if message.strip() else ""
+    if "dynamic_shapes" in message or "Constraints violated" in message:
+        return CaptureError(f"capture failed: {type(e).__name__}: {first}",
+                            hint="check dynamic_shapes against torch.export's format: keys are forward's "
+                                 "parameter names (a **kwargs parameter takes a dict of its own), values give "
+                                 "a Dim per dynamic dimension, and the model must not specialise those sizes")
     return CaptureError(f"capture failed: {type(e).__name__}: {first}", filename=filename, lineno=lineno,
                         code=code, hint=_hint_for(None, message))
+
+
+_FRAME = re.compile(r'File "([^"]+)", line (\d+), in [^\n]*\n\s*([^\n]*)')
+
+
+def _check_no_custom_ops(exported: Any) -> None:
+    for name, stack in _torch.custom_ops(exported):
+        frames = _FRAME.findall(stack)
+        filename, lineno, code = (frames[-1][0], int(frames[-1][1]), frames[-1][2]) if frames else (None, None, None)
+        raise CaptureError(f"forward calls the custom operator {name}, whose implementation a pack cannot carry",
+                           filename=filename, lineno=lineno, code=code,
+                           hint="use torch operations instead (Hugging Face mixture-of-experts models: "
+                                "experts_implementation='batched_mm')")
 
 
 def _has_mutable_ops(exported: Any) -> bool:

@@ -56,9 +56,10 @@ def spec_to_json(spec: Any, what: str) -> dict:
             raise CaptureError(f"{what} holds a dict with non-string keys {keys!r}",
                                hint="use string keys")
         return {"type": "dict", "keys": keys, "children": kids}
+    hint = ("call the model with return_dict=False, or return output.to_tuple()" if hasattr(node_type, "to_tuple")
+            else "return a tuple or dict (for a dataclass output: dataclasses.asdict)")
     raise CaptureError(f"{what} holds a {getattr(node_type, '__name__', node_type)}; packs support tuples, "
-                       "lists, dicts and None around tensors and Python scalars",
-                       hint="return a tuple or dict (for a dataclass output: dataclasses.asdict)")
+                       "lists, dicts and None around tensors and Python scalars", hint=hint)
 
 
 def _dim_names(captured: Captured) -> dict[str, dict[int, str]]:

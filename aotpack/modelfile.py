@@ -33,8 +33,10 @@ class ModelSpec:
 
 
 def _import(path: str) -> Any:
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise ModelFileError(f"model file {path} does not exist")
+    if not os.path.isfile(path):
+        raise ModelFileError(f"model file {path} is not a regular file; give FILE.py or FILE.py:NAME")
     if not path.endswith(".py"):
         raise ModelFileError(f"model file {path} is not a .py file; give FILE.py or FILE.py:NAME")
     folder = os.path.dirname(os.path.abspath(path))

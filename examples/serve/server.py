@@ -1,0 +1,323 @@
+"""A small HTTP prediction service for one pack, on the Python standard library only.
+
+    python examples/serve/server.py model.pack --host 127.0.0.1 --port 8000
+
+GET  /health   -> 200 {"status": "ok", "pack": ..., "inputs": [{"path", "name", "dtype", "sizes"}, ...]}
+POST /predict  <- {"args": [...], "kwargs": {...}, "dtype": "float32" | {"input name": "int64", ...}}
+               -> 200 {"outputs": ...}  (the model's output structure; tuples become JSON lists)
+
+Nested JSON lists become tensors (float32 unless "dtype" says otherwise); numbers, strings, booleans and
+null where the pack expects a Python value stay Python values. A request the pack's guards refuse, or a
+malformed one, is answered 4xx with {"error": "..."} (for a guard, the GuardError's own message); no
+client mistake reaches the native code or gives a 500. See README.md next to this file.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+import traceback
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import torch
+
+import aotpack
+from aotpack_runtime.guards import TensorGuard
+
+DTYPES = {name: getattr(torch, name) for name in (
+    "float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool")}
+DEFAULT_DTYPE = "float32"
+MAX_DEPTH = 32
+
+
+class BadRequest(Exception):
+    """A client mistake: answered with 400 (or ``status``) and {"error": message}."""
+
+    def __init__(self, message: str, status: int = HTTPStatus.BAD_REQUEST):
+        super().__init__(message)
+        self.status = status
+
+
+# --- JSON -> model inputs --------------------------------------------------------------------------
+
+def _tensor(value: Any, dtype: str, where: str) -> torch.Tensor:
+    try:
+        return torch.tensor(value, dtype=DTYPES[dtype])
+    except (TypeError, ValueError, RuntimeError, OverflowError) as e:
+        raise BadRequest(f"{where}: cannot make a {dtype} tensor from this value: {e}") from None
+
+
+def _generic(value: Any, dtype: str, where: str, depth: int = 0) -> Any:
+    """Without the pack's structure to follow: lists are tensors, objects are dicts, the rest stays."""
+    if depth > MAX_DEPTH:
+        raise BadRequest(f"{where} is nested deeper than {MAX_DEPTH} levels")
+    if isinstance(value, list):
+        return _tensor(value, dtype, where)
+    if isinstance(value, dict):
+        return {k: _generic(v, dtype, f"{where}[{k!r}]", depth + 1) for k, v in value.items()}
+    return value
+
+
+def _follow(node: dict, value: Any, path: str, dtype: str, guards: dict, depth: int = 0) -> Any:
+    """Convert ``value`` along the pack's input structure ``node``: a tensor where the pack expects a
+    tensor, the right container type (tuple/list/dict) where it expects one. Where the request does not fit
+    the structure, convert generically and let the pack's guards say what is wrong."""
+    if depth > MAX_DEPTH:
+        raise BadRequest(f"{path} is nested deeper than {MAX_DEPTH} levels")
+    kind = node["type"]
+    if kind == "leaf":
+        guard = guards.get(path)
+        if isinstance(guard, TensorGuard) and isinstance(value, (list, int, float)):
+            return _tensor(value, dtype, path)  # a bare number for a 0-d tensor input
+        return _generic(value, dtype, path, depth)
+    if kind in ("tuple", "list") and isinstance(value, list) and len(value) == len(node["children"]):
+        items = [_follow(c, v, f"{path}[{i}]", dtype, guards, depth + 1)
+                 for i, (c, v) in enumerate(zip(node["children"], value))]
+        return tuple(items) if kind == "tuple" else items
+    if kind == "dict" and isinstance(value, dict) and set(value) == set(node["keys"]):
+        return {k: _follow(c, value[k], f"{path}[{k!r}]", dtype, guards, depth + 1)
+                for k, c in zip(node["keys"], node["children"])}
+    return _generic(value, dtype, path, depth)
+
+
+class InputConverter:
+    """Turns a /predict body into ``(args, kwargs)`` for the package, following its first entry's inputs."""
+
+    def __init__(self, pkg: aotpack.Package):
+        g = pkg.entries[0].guards
+        self.args_node, self.kwargs_node = g.inputs["children"]
+        self.param_names = list(g.param_names)
+        self.guards = {leaf.path: leaf for leaf in g.leaves}
+        self.leaves = g.leaves
+        self.symbols = g.symbols
+
+    def _dtype_for(self, dtype: Any, top: str, name: str | None) -> str:
+        if dtype is None:
+            return DEFAULT_DTYPE
+        if isinstance(dtype, str):
+            return dtype
+        for key in (top, name):
+            if key is not None and key in dtype:
+                return dtype[key]
+        return DEFAULT_DTYPE
+
+    def convert(self, body: Any) -> tuple[tuple, dict]:
+        if not isinstance(body, dict):
+            raise BadRequest(f"the request body must be a JSON object, not {type(body).__name__}")
+        unknown = sorted(set(body) - {"args", "kwargs", "dtype"})
+        if unknown:
+            raise BadRequest(f"unknown field(s) {unknown} in the request body; expected args, kwargs, dtype")
+        args, kwargs, dtype = body.get("args", []), body.get("kwargs", {}), body.get("dtype")
+        if not isinstance(args, list):
+            raise BadRequest(f"'args' must be a JSON list, not {type(args).__name__}")
+        if not isinstance(kwargs, dict):
+            raise BadRequest(f"'kwargs' must be a JSON object, not {type(kwargs).__name__}")
+        self._check_dtype(dtype, args, kwargs)
+        arg_nodes = self.args_node["children"]
+        out_args = []
+        for i, a in enumerate(args):
+            name = self.param_names[i] if i < len(self.param_names) else None
+            dt = self._dtype_for(dtype, f"args[{i}]", name)
+            if i < len(arg_nodes):
+                out_args.append(_follow(arg_nodes[i], a, f"args[{i}]", dt, self.guards))
+            else:
+                out_args.append(_generic(a, dt, f"args[{i}]"))
+        kw_nodes = dict(zip(self.kwargs_node["keys"], self.kwargs_node["children"]))
+        out_kwargs = {}
+        for k, v in kwargs.items():
+            dt = self._dtype_for(dtype, k, k)
+            path = f"kwargs[{k!r}]"
+            out_kwargs[k] = _follow(kw_nodes[k], v, path, dt, self.guards) if k in kw_nodes else \
+                _generic(v, dt, path)
+        return tuple(out_args), out_kwargs
+
+    def _check_dtype(self, dtype: Any, args: list, kwargs: dict) -> None:
+        if dtype is None:
+            return
+        if isinstance(dtype, str):
+            names = [dtype]
+        elif isinstance(dtype, dict):
+            known = ({f"args[{i}]" for i in range(max(len(args), len(self.param_names)))} | set(self.param_names)
+                     | set(self.kwargs_node["keys"]) | set(kwargs))
+            unknown = sorted(k for k in dtype if k not in known)
+            if unknown:
+                raise BadRequest(f"'dtype' names input(s) {unknown} that neither the request nor the pack has; "
+                                 "use a keyword name, a positional parameter name or args[i]")
+            names = list(dtype.values())
+        else:
+            raise BadRequest("'dtype' must be a dtype name or an object mapping input names to dtype names")
+        for n in names:
+            if not isinstance(n, str) or n not in DTYPES:
+                raise BadRequest(f"unknown dtype {n!r}; expected one of {', '.join(DTYPES)}")
+
+    def describe(self) -> list[dict]:
+        out = []
+        for leaf in self.leaves:
+            if isinstance(leaf, TensorGuard):
+                out.append({"path": leaf.path, "name": leaf.name, "kind": "tensor", "dtype": leaf.dtype,
+                            "sizes": list(leaf.sizes)})
+            else:
+                out.append({"path": leaf.path, "name": leaf.name, "kind": "value", "type": leaf.type,
+                            "value": leaf.value})
+        return out
+
+
+# --- model outputs -> JSON -------------------------------------------------------------------------
+
+def to_json(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        t = value.detach()
+        if t.is_complex():
+            t = torch.view_as_real(t.resolve_conj())
+        return t.tolist()
+    if isinstance(value, (tuple, list)):
+        return [to_json(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): to_json(v) for k, v in value.items()}
+    return value
+
+
+# --- HTTP ------------------------------------------------------------------------------------------
+
+class PredictionServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address, pkg: aotpack.Package, *, max_body: int, quiet: bool):
+        self.pkg = pkg
+        self.converter = InputConverter(pkg)
+        self.max_body = max_body
+        self.quiet = quiet
+        super().__init__(address, Handler)
+
+
+class Handler(BaseHTTPRequestHandler):
+    server: PredictionServer
+    protocol_version = "HTTP/1.1"
+    server_version = "aotpack-serve/0.1"
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+        if not self.server.quiet:
+            super().log_message(format, *args)
+
+    def _send(self, status: int, payload: dict) -> None:
+        body = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _error(self, status: int, message: str, *, close: bool = False) -> None:
+        if close:  # the request body was not read: the connection cannot carry another request
+            self.close_connection = True
+        self._send(status, {"error": message})
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        if self.path == "/health":
+            pkg = self.server.pkg
+            self._send(HTTPStatus.OK, {"status": "ok", "pack": pkg.path, "entries": len(pkg.entries),
+                                       "inputs": self.server.converter.describe()})
+        elif self.path == "/predict":
+            self._error(HTTPStatus.METHOD_NOT_ALLOWED, "use POST /predict with a JSON body")
+        else:
+            self._error(HTTPStatus.NOT_FOUND, f"no such path {self.path!r}; use GET /health or POST /predict")
+
+    def do_POST(self) -> None:  # noqa: N802
+        if self.path != "/predict":
+            self._error(HTTPStatus.NOT_FOUND, f"no such path {self.path!r}; use POST /predict", close=True)
+            return
+        try:
+            body = self._read_json()
+        except BadRequest as e:  # the body was not (fully) read
+            self._error(e.status, str(e), close=True)
+            return
+        try:
+            args, kwargs = self.server.converter.convert(body)
+        except BadRequest as e:
+            self._error(e.status, str(e))
+            return
+        try:
+            with torch.inference_mode():
+                out = self.server.pkg(*args, **kwargs)
+        except aotpack.GuardError as e:
+            self._error(HTTPStatus.BAD_REQUEST, str(e))
+            return
+        except Exception:  # a server fault, not the client's: log it, say little
+            traceback.print_exc(file=sys.stderr)
+            self._error(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error while running the model")
+            return
+        self._send(HTTPStatus.OK, {"outputs": to_json(out)})
+
+    def _read_json(self) -> Any:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            raise BadRequest("chunked request bodies are not supported; send Content-Length",
+                             HTTPStatus.LENGTH_REQUIRED)
+        length = self.headers.get("Content-Length")
+        if length is None:
+            raise BadRequest("a request body with Content-Length is required", HTTPStatus.LENGTH_REQUIRED)
+        try:
+            n = int(length)
+        except ValueError:
+            raise BadRequest(f"Content-Length {length!r} is not a number", HTTPStatus.LENGTH_REQUIRED) from None
+        if n < 0:
+            raise BadRequest(f"Content-Length {n} is negative", HTTPStatus.LENGTH_REQUIRED)
+        if n > self.server.max_body:
+            raise BadRequest(f"the request body is {n} bytes, above this server's limit of "
+                             f"{self.server.max_body}", HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+        raw = self.rfile.read(n)
+        if len(raw) != n:
+            raise BadRequest(f"the request body ended after {len(raw)} of {n} bytes",
+                             HTTPStatus.BAD_REQUEST)
+        try:
+            return json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise BadRequest(f"the request body is not UTF-8: {e}") from None
+        except json.JSONDecodeError as e:
+            raise BadRequest(f"invalid JSON: {e}") from None
+        except RecursionError:
+            raise BadRequest("invalid JSON: nested too deeply") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Serve one aotpack pack over HTTP (POST /predict, GET /health).")
+    p.add_argument("pack", help="the .pack file to serve")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port to bind; 0 picks a free one (default 8000)")
+    p.add_argument("--num-models", type=int, default=1,
+                   help="how many calls may run the model at the same time (default 1)")
+    p.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body (default 16 MiB)")
+    p.add_argument("--sha256", default=None, help="refuse any pack file but the one with this sha256")
+    p.add_argument("--quiet", action="store_true", help="no access log")
+    opts = p.parse_args(argv)
+
+    try:
+        pkg = aotpack.load(opts.pack, expected_sha256=opts.sha256, num_models=opts.num_models)
+    except aotpack.AotpackError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    server = PredictionServer((opts.host, opts.port), pkg, max_body=int(opts.max_body_mb * 2**20),
+                              quiet=opts.quiet)
+
+    def stop(signum, frame):  # shutdown() waits for serve_forever, which runs in this thread
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    host, port = server.server_address[:2]
+    print(f"serving {opts.pack} on http://{host}:{port} (loaded in {pkg.load_seconds * 1000:.0f} ms)", flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+    print("stopped", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
