@@ -6,6 +6,7 @@ import pathlib
 import platform as _platform
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
@@ -126,7 +127,8 @@ def _weights(entries: list, compiled: list) -> tuple[list[dict], list[package.Bl
     records, blobs = [], []
     for i, name in enumerate(sorted(tensors)):
         t = tensors[name]
-        blobs.append(package.Blob(f"weights/{i}", package.tensor_bytes(t)))
+        # Weights stay uncompressed: the loader maps them from the file (shared, no copy, no decompression).
+        blobs.append(package.Blob(f"weights/{i}", package.tensor_bytes(t), compressible=False))
         records.append({"name": name, "blob": f"weights/{i}", "dtype": dtype_name(t.dtype), "shape": list(t.shape)})
     return records, blobs
 
@@ -139,6 +141,16 @@ def build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, exam
     The first entry is captured from ``example_inputs`` (with ``dynamic_shapes``, torch.export's format);
     each of ``specializations`` that no earlier entry accepts becomes its own static entry, in order.
     """
+    with warnings.catch_warnings():
+        # torch's own deep copies of pytree specs warn about a deprecation inside torch; not the user's to fix
+        warnings.filterwarnings("ignore", message=r".*LeafSpec.* is deprecated", category=FutureWarning)
+        return _build(model, example_inputs, output, example_kwargs=example_kwargs, dynamic_shapes=dynamic_shapes,
+                      specializations=specializations, options=options, progress=progress)
+
+
+def _build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, example_kwargs: dict | None,
+           dynamic_shapes: Any, specializations: Sequence, options: BuildOptions | None,
+           progress: ProgressFn | None) -> BuildReport:
     options = (options or BuildOptions()).resolved()
     example_kwargs = dict(example_kwargs or {})
     report = BuildReport(output=pathlib.Path(output))

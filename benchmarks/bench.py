@@ -279,7 +279,7 @@ def markdown(results: dict) -> str:
         "# aotpack benchmarks", "",
         f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, Python {m['python']}, {m['date']}.",
         f"Medians of {cfg['repeats']} fresh processes and of {cfg['calls']} calls per figure; "
-        f"whole run {results['total_seconds'] / 60:.1f} min. See README.md for what each column means.", "",
+        f"whole run {results['total_seconds'] / 60:.1f} min. See benchmarks/README.md for what each column means.", "",
         "## Fresh process: time to first output (ms, × import torch)", "",
         *table(["model", "import torch", "eager", "aotpack", "aotpack − import torch", "torch.compile cold",
                 "torch.compile warm", "AOTInductor cold", "AOTInductor warm"], fresh_rows), "",
@@ -305,6 +305,21 @@ def markdown(results: dict) -> str:
 
 
 # -- main ----------------------------------------------------------------------------------------
+
+README_START, README_END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
+
+
+def update_readme(table_md: str) -> None:
+    """Put the latest tables into the project README, between its benchmark markers."""
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        print(f"README.md has no {README_START} / {README_END} markers; left as it is")
+        return
+    body = table_md.split("\n", 2)[2].replace("## ", "### ")  # drop the title; nest the sections
+    head, rest = text.split(README_START, 1)
+    readme.write_text(f"{head}{README_START}\n{body}{README_END}{rest.split(README_END, 1)[1]}")
+
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -343,6 +358,7 @@ def main() -> None:
                "total_seconds": time.perf_counter() - start, "models": models, "dispatch": dispatch}
     (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (HERE / "results.md").write_text(markdown(results))
+    update_readme(markdown(results))
     print(f"wrote {HERE / 'results.md'} and {HERE / 'results.json'} in {results['total_seconds']:.0f} s")
 
 

@@ -8,6 +8,7 @@ bytes are hashed before they are used.
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 
 import zstandard
@@ -48,6 +49,7 @@ class Archive:
         self.region_start = region_start
         self.file_size = file_size
         self.header_version = header_version
+        self._map: mmap.mmap | None = None
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> "Archive":
@@ -97,7 +99,11 @@ class Archive:
         if hashlib.sha256(mbytes).digest() != msha:
             raise ArchiveError("hash mismatch in the manifest: the file is corrupt or was modified")
         obj = fmt.parse_json(mbytes)
-        if fmt.canonical_json(obj) != mbytes:
+        try:
+            canonical = fmt.canonical_json(obj)
+        except UnicodeEncodeError:  # a lone surrogate, which only a \u escape (not canonical) can spell
+            canonical = None
+        if canonical != mbytes:
             raise ArchiveError("manifest is not in canonical form (sorted keys, no whitespace)")
         manifest = fmt.Manifest.from_json(obj)
         if manifest.format_version != version:
@@ -118,10 +124,7 @@ class Archive:
             if end > size:
                 raise ArchiveError(f"truncated at byte {size}: blob {b.name!r} should end at byte {end}")
             expected = fmt.align(b.offset + b.stored_size)
-        if manifest.blobs:
-            last = region + manifest.blobs[-1].offset + manifest.blobs[-1].stored_size
-        else:
-            last = size if size <= region else region
+        last = region + manifest.blobs[-1].offset + manifest.blobs[-1].stored_size if manifest.blobs else region
         if size != last:
             raise ArchiveError(f"file is {size} bytes but its last blob ends at byte {last} "
                                "(trailing data, or a truncated copy)")
@@ -152,6 +155,29 @@ class Archive:
                                path=self.path)
         return data
 
+    def map_blob(self, name: str) -> memoryview | bytearray:
+        """The blob's checked content without a copy where possible.
+
+        An uncompressed blob is a view of a private copy-on-write mapping of the file: its pages are
+        shared with the page cache (and with every process that maps the same pack) until written. A
+        pack must therefore be replaced by renaming a new file over it, never rewritten in place while
+        loaded. A compressed blob is decompressed into memory.
+        """
+        b = self.manifest.blob(name)
+        if b.compression != "none" or b.size == 0:
+            return bytearray(self.read_blob(name))
+        if self._map is None:
+            with open(self.path, "rb") as f:
+                if os.fstat(f.fileno()).st_size != self.file_size:
+                    raise ArchiveError("the file changed size since it was opened", path=self.path)
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        start = self.region_start + b.offset
+        view = memoryview(self._map)[start:start + b.size]
+        if hashlib.sha256(view).hexdigest() != b.sha256:
+            raise ArchiveError(f"hash mismatch in blob {name!r}: the file is corrupt or was modified",
+                               path=self.path)
+        return view
+
     def verify(self) -> None:
         """Read and hash every blob, and check that padding between blobs is zero."""
         for b in self.manifest.blobs:
@@ -180,7 +206,11 @@ def decompress(data: bytes, size: int, name: str, path: str | None = None) -> by
         raise ArchiveError(f"blob {name!r}: zstd frame declares {params.content_size} bytes, the manifest "
                            f"says {size}", path=path)
     try:
-        out = zstandard.ZstdDecompressor().decompress(data, max_output_size=size)
+        # Bytes after the frame would be covered by no hash: the format allows exactly one frame.
+        out = zstandard.ZstdDecompressor().decompress(data, max_output_size=size, allow_extra_data=False)
     except zstandard.ZstdError as e:
         raise ArchiveError(f"blob {name!r}: zstd data is corrupt ({e})", path=path) from None
+    except MemoryError:  # the frame, like the manifest, declares the size; this host cannot hold it
+        raise ArchiveError(f"blob {name!r} declares {size} bytes, more than this process can allocate",
+                           path=path) from None
     return out

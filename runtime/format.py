@@ -27,6 +27,9 @@ ALIGN = 64
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024
 MAX_BLOBS = 100_000
 MAX_BLOB_BYTES = 1 << 40
+# Longest integer literal a manifest may hold: 640 is the lowest limit Python lets a process set on
+# int/str conversion (sys.set_int_max_str_digits), so reading one never trips the interpreter's own limit.
+MAX_INT_DIGITS = 640
 BLOB_NAME = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
 COMPRESSIONS = ("none", "zstd")
 DEVICES = ("cpu", "cuda")
@@ -60,14 +63,29 @@ def _no_constants(name: str) -> Any:
     raise ArchiveError(f"manifest holds the non-JSON number {name}")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 parses to inf, which no JSON writer can write back
+        raise ArchiveError(f"manifest holds the number {text[:40]}, which is out of range")
+    return value
+
+
+def _bounded_int(text: str) -> int:
+    digits = len(text.lstrip("-"))
+    if digits > MAX_INT_DIGITS:
+        raise ArchiveError(f"manifest holds an integer of {digits} digits (at most {MAX_INT_DIGITS})")
+    return int(text)
+
+
 def parse_json(data: bytes, what: str = "manifest") -> Any:
-    """Parse strict JSON: UTF-8, no duplicate keys, no NaN or Infinity."""
+    """Parse strict JSON: UTF-8, no duplicate keys, no NaN, Infinity or out-of-range numbers."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ArchiveError(f"{what} is not UTF-8 (byte {e.start})") from None
     try:
-        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants,
+                          parse_float=_finite_float, parse_int=_bounded_int)
     except json.JSONDecodeError as e:
         raise ArchiveError(f"{what} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
     except RecursionError:
@@ -194,12 +212,17 @@ class Manifest:
     example: dict | None
     blobs: tuple[BlobRecord, ...]
     raw: dict = field(repr=False, compare=False, default_factory=dict)
+    # name -> record: a table may list up to MAX_BLOBS blobs, and every weight looks its blob up.
+    _by_name: dict = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_by_name", {b.name: b for b in self.blobs})
 
     def blob(self, name: str) -> BlobRecord:
-        for b in self.blobs:
-            if b.name == name:
-                return b
-        raise ArchiveError(f"manifest refers to blob {name!r}, which the blob table lacks")
+        try:
+            return self._by_name[name]
+        except (KeyError, TypeError):  # TypeError: a name from the manifest that is not a string
+            raise ArchiveError(f"manifest refers to blob {name!r}, which the blob table lacks") from None
 
     @classmethod
     def from_json(cls, obj: Any) -> "Manifest":
@@ -213,10 +236,11 @@ class Manifest:
         if len(blobs_json) > MAX_BLOBS:
             raise ArchiveError(f"manifest lists {len(blobs_json)} blobs; at most {MAX_BLOBS} are allowed")
         blobs = tuple(BlobRecord.from_json(b, f"manifest.blobs[{i}]") for i, b in enumerate(blobs_json))
-        names = [b.name for b in blobs]
-        if len(set(names)) != len(names):
-            dup = next(n for n in names if names.count(n) > 1)
-            raise ArchiveError(f"manifest lists blob {dup!r} twice")
+        names: set[str] = set()
+        for b in blobs:
+            if b.name in names:
+                raise ArchiveError(f"manifest lists blob {b.name!r} twice")
+            names.add(b.name)
         weights = tuple(WeightRecord.from_json(w, f"manifest.weights[{i}]")
                         for i, w in enumerate(field_of(obj, "weights", list, where)))
         entries = field_of(obj, "entries", list, where)
@@ -229,11 +253,10 @@ class Manifest:
         if example is not None and not isinstance(example, dict):
             raise ArchiveError("manifest.example must be a JSON object or absent")
         m = cls(format_version=version, producer=field_of(obj, "producer", dict, where),
-                target=field_of(obj, "target", dict, where), options=field_of(obj, "options", dict, where),
+                target=_target(field_of(obj, "target", dict, where)), options=field_of(obj, "options", dict, where),
                 weights=weights, entries=tuple(entries), example=example, blobs=blobs, raw=obj)
-        known = set(names)
         for w in weights:
-            if w.blob not in known:
+            if w.blob not in names:
                 raise ArchiveError(f"weight {w.name!r} refers to blob {w.blob!r}, which the blob table lacks")
             if m.blob(w.blob).size != w.nbytes:
                 raise ArchiveError(f"weight {w.name!r} is {w.dtype}{list(w.shape)} ({w.nbytes} bytes) but its "
@@ -245,3 +268,14 @@ class Manifest:
                 "target": self.target, "options": self.options,
                 "weights": [w.to_json() for w in self.weights], "entries": list(self.entries),
                 "example": self.example, "blobs": [b.to_json() for b in self.blobs]}
+
+
+def _target(target: dict) -> dict:
+    """Check the types of the documented target fields, which host checks read (each may be absent)."""
+    for key in ("machine", "cpu_isa", "torch_series"):
+        if key in target:
+            field_of(target, key, str, "manifest.target")
+    if "cpu_flags" in target and not all(isinstance(f, str) for f in field_of(target, "cpu_flags", list,
+                                                                             "manifest.target")):
+        raise ArchiveError("manifest.target.cpu_flags must be a list of strings")
+    return target

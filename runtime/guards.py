@@ -24,6 +24,7 @@ from .format import DTYPES, field_of
 _DTYPE_BY_NAME = {name: getattr(torch, name) for name in DTYPES}
 _NAME_BY_DTYPE = {v: k for k, v in _DTYPE_BY_NAME.items()}
 NODE_TYPES = ("leaf", "none", "tuple", "list", "dict")
+_Tensor, _Parameter, _strided = torch.Tensor, torch.nn.Parameter, torch.strided
 VALUE_TYPES = {"int": int, "float": float, "bool": bool, "str": str, "none": type(None)}
 
 
@@ -228,8 +229,8 @@ class EntryGuards:
         args_node, kwargs_node = inputs["children"]
         self._n_args = len(args_node["children"])
         self._kw_keys = tuple(kwargs_node["keys"])
-        # The common case, positional tensors only and no nesting, skips the tree walk.
-        self._flat_positional = (not self._kw_keys and all(c["type"] == "leaf" for c in args_node["children"]))
+        # The common case, no nesting (leaves directly in args and kwargs), skips the tree walk.
+        self._flat = all(c["type"] == "leaf" for c in args_node["children"] + kwargs_node["children"])
         self._tensor_checks = []
         self._value_checks = []
         self._static = True
@@ -280,12 +281,15 @@ class EntryGuards:
 
     def flatten(self, args: tuple, kwargs: dict) -> list | None:
         """The input's leaves in spec order, or None when its structure differs from the spec."""
-        if self._flat_positional:
-            if kwargs or len(args) != self._n_args:
-                return None
-            return list(args)
         if len(args) != self._n_args or len(kwargs) != len(self._kw_keys):
             return None
+        if self._flat:
+            if not kwargs:
+                return list(args)
+            try:
+                return [*args, *[kwargs[k] for k in self._kw_keys]]
+            except KeyError:
+                return None
         out: list = []
         try:
             _walk(self.inputs["children"][0], args, out)
@@ -304,10 +308,9 @@ class EntryGuards:
         tensors = []
         for i, dtype, device, rank, sizes, stride_idx, exp_strides, full, _ in self._tensor_checks:
             t = leaves[i]
-            if not isinstance(t, torch.Tensor) or t.dtype is not dtype or t.device != device \
-                    or t.layout is not torch.strided:
-                return None
-            if (grad and t.requires_grad) or type(t) not in (torch.Tensor, torch.nn.Parameter):
+            tp = type(t)
+            if (tp is not _Tensor and tp is not _Parameter) or t.dtype is not dtype or t.device != device \
+                    or t.layout is not _strided or (grad and t.requires_grad):
                 return None
             if bound is None:
                 if t.shape != sizes:
@@ -320,7 +323,7 @@ class EntryGuards:
                     return None
             elif tuple(st[d] for d in stride_idx) != exp_strides:
                 return None
-            if t.is_complex() and (t.is_conj() or t.is_neg()):
+            if dtype.is_complex and (t.is_conj() or t.is_neg()):
                 return None
             tensors.append(t)
         if bound is not None:  # symbolic strides, once every size symbol is bound

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import time
+import weakref
 from typing import Any
 
 import torch
@@ -22,13 +24,30 @@ from .guards import EntryGuards, _DTYPE_BY_NAME, check_spec, rebuild
 _RUNTIME_DEVICES = ("cpu",)
 
 
-def tensor_from_bytes(data: bytes | bytearray, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
-    """A tensor over ``data`` (little-endian, contiguous) without a copy when ``data`` is a bytearray."""
+def tensor_from_bytes(data: bytes | bytearray | memoryview, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """A tensor over ``data`` (little-endian, contiguous); no copy for a bytearray or writable view."""
     tdtype = _DTYPE_BY_NAME[dtype]
     if math.prod(shape) == 0:
         return torch.empty(shape, dtype=tdtype)
-    buf = data if isinstance(data, bytearray) else bytearray(data)
+    buf = data if isinstance(data, (bytearray, memoryview)) else bytearray(data)
     return torch.frombuffer(buf, dtype=torch.uint8).view(tdtype).reshape(shape)
+
+
+# Weights already loaded in this process, by file identity and content hash: a second load of the same,
+# unchanged pack shares them instead of reading them again. Another file (a copy, a rebuilt or a corrupt
+# pack) is read and checked anew. Entries go when no Package uses them.
+_loaded_weights: "weakref.WeakValueDictionary[tuple, torch.Tensor]" = weakref.WeakValueDictionary()
+_loaded_lock = threading.Lock()
+
+
+def _weight(archive: Archive, identity: tuple, w) -> torch.Tensor:
+    key = (*identity, archive.manifest.blob(w.blob).sha256, w.dtype, w.shape)
+    with _loaded_lock:
+        t = _loaded_weights.get(key)
+        if t is None:
+            t = tensor_from_bytes(archive.map_blob(w.blob), w.dtype, w.shape)
+            _loaded_weights[key] = t
+    return t
 
 
 class Entry:
@@ -159,9 +178,11 @@ def load(path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
         raise ArchiveError(e.reason, path=path) from None
     cache_root = os.fspath(cache_dir) if cache_dir is not None else cache.default_cache_dir()
 
+    st = os.stat(path)
+    identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
     weights: dict[str, torch.Tensor] = {}
     for w in m.weights:
-        weights[w.name] = tensor_from_bytes(_read_mutable(archive, w.blob), w.dtype, w.shape)
+        weights[w.name] = _weight(archive, identity, w)
 
     entries = []
     for i, meta in enumerate(m.entries):
@@ -194,10 +215,6 @@ def load(path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
             _torch.set_constants(runner, {c: weights[w] for c, w in constants.items()})
         entries.append(Entry(i, meta, guards, runner, outputs, output_leaves))
     return Package(archive, entries, weights, time.perf_counter() - start)
-
-
-def _read_mutable(archive: Archive, name: str) -> bytearray:
-    return bytearray(archive.read_blob(name))
 
 
 def _extract(archive: Archive, blob_name: str, cache_root: str) -> str:

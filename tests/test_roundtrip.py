@@ -76,10 +76,14 @@ print(json.dumps(heavy))
 def test_loads_after_every_build_cache_is_deleted(convnet_pack, session_dir):
     """Nothing outside the pack is needed: the build's scratch folder is empty after a build, and a load
     with new Inductor and extraction caches (both empty) works in a fresh process."""
+    import fcntl
+
     from aotpack.compile import SCRATCH
 
     if os.path.isdir(SCRATCH):
-        assert [n for n in os.listdir(SCRATCH)] == []
+        with open(SCRATCH + ".lock", "w") as lock:  # wait for any build running beside this test
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            assert os.listdir(SCRATCH) == []
     empty = session_dir / "no-caches"
     code = f"""
 import aotpack, torch
