@@ -178,6 +178,8 @@ def _spec_leaves(node: dict, path: str, out: list[str]) -> None:
 
 def _type_word(value: Any) -> str:
     if isinstance(value, torch.Tensor):
+        if value.is_nested:  # has no shape
+            return f"a nested tensor {dtype_name(value.dtype)}"
         return f"a tensor {dtype_name(value.dtype)}{list(value.shape)}"
     if value is None:
         return "None"
@@ -310,7 +312,7 @@ class EntryGuards:
             t = leaves[i]
             tp = type(t)
             if (tp is not _Tensor and tp is not _Parameter) or t.dtype is not dtype or t.device != device \
-                    or t.layout is not _strided or (grad and t.requires_grad):
+                    or t.layout is not _strided or (grad and t.requires_grad) or t.is_nested:
                 return None
             if bound is None:
                 if t.shape != sizes:
@@ -323,7 +325,7 @@ class EntryGuards:
                     return None
             elif tuple(st[d] for d in stride_idx) != exp_strides:
                 return None
-            if dtype.is_complex and (t.is_conj() or t.is_neg()):
+            if t.is_neg() or (dtype.is_complex and t.is_conj()):  # x.conj().imag is real, with the negation bit
                 return None
             tensors.append(t)
         if bound is not None:  # symbolic strides, once every size symbol is bound
@@ -435,6 +437,8 @@ class EntryGuards:
                             f"{type(v).__name__}")
         if v.layout is not torch.strided:
             raise _Mismatch(f"{who} layout mismatch: expected torch.strided, actual {v.layout}")
+        if v.is_nested:
+            raise _Mismatch(f"{who} layout mismatch: expected a plain strided tensor, actual a nested tensor")
         if dtype_name(v.dtype) != g.dtype:
             raise _Mismatch(f"{who} dtype mismatch: expected {g.dtype}, actual {dtype_name(v.dtype)}")
         if v.device != torch.device(g.device):
@@ -468,7 +472,7 @@ class EntryGuards:
                 raise _Mismatch(f"{who} stride mismatch at dim {d}: expected {expected}, actual {st[d]} "
                                 f"(expected layout {exp_layout}, actual {act_layout}; call .contiguous() "
                                 "or build the pack with this layout)")
-        if v.is_complex() and (v.is_conj() or v.is_neg()):
+        if v.is_neg() or (v.is_complex() and v.is_conj()):
             raise _Mismatch(f"{who} has a lazy conjugate or negation bit; call .resolve_conj().resolve_neg()")
         if torch.is_grad_enabled() and v.requires_grad:
             raise _Mismatch(f"{who} requires_grad mismatch: the tensor requires grad under grad mode, but a pack "

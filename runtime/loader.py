@@ -18,7 +18,7 @@ import torch
 from . import _torch, cache, platform
 from .archive import Archive
 from .errors import ArchiveError, GuardError
-from .format import field_of
+from .format import DTYPE_SIZES, field_of
 from .guards import EntryGuards, _DTYPE_BY_NAME, check_spec, rebuild
 
 _RUNTIME_DEVICES = ("cpu",)
@@ -122,6 +122,8 @@ class Package:
             raise ArchiveError("this pack stores no example inputs", path=self.path)
         inputs = field_of(ex, "inputs", dict, "manifest.example")
         n = check_spec(inputs, "manifest.example.inputs")
+        if inputs["type"] != "tuple" or [c["type"] for c in inputs["children"]] != ["tuple", "dict"]:
+            raise ArchiveError("manifest.example.inputs must be a tuple of (args tuple, kwargs dict)", path=self.path)
         leaves_json = field_of(ex, "leaves", list, "manifest.example")
         if len(leaves_json) != n:
             raise ArchiveError("manifest.example has a leaf count that does not match its structure",
@@ -137,13 +139,28 @@ class Package:
                 raise ArchiveError(f"{where}.dtype {dtype!r} is unknown", path=self.path)
             shape = tuple(field_of(leaf, "shape", list, where))
             strides = tuple(field_of(leaf, "strides", list, where))
+            if len(strides) != len(shape) or not all(type(s) is int and 0 <= s < 2**48 for s in shape + strides):
+                raise ArchiveError(f"{where}: shape and strides must be non-negative integers, one per dim",
+                                   path=self.path)
             blob = self._archive.read_blob(field_of(leaf, "blob", str, where))
+            if len(blob) != math.prod(shape) * DTYPE_SIZES[dtype]:
+                raise ArchiveError(f"{where} is {dtype}{list(shape)} but its blob holds {len(blob)} bytes",
+                                   path=self.path)
             t = tensor_from_bytes(blob, dtype, shape)
-            if len(strides) != len(shape) or not all(type(s) is int and s >= 0 for s in strides):
-                raise ArchiveError(f"{where}.strides do not fit its shape", path=self.path)
-            out = torch.empty_strided(shape, strides, dtype=t.dtype)
-            out.copy_(t)
-            leaves.append(out)
+            span = 1 + sum((n - 1) * s for n, s in zip(shape, strides)) if t.numel() else 0
+            if span >= 2**48:
+                raise ArchiveError(f"{where}.strides {list(strides)} span {span} elements", path=self.path)
+            try:
+                storage = torch.empty(span, dtype=t.dtype)
+            except RuntimeError:  # more memory than this host can allocate
+                raise ArchiveError(f"{where}.strides {list(strides)} span {span} elements", path=self.path) from None
+            # Each element goes to its offset through an index, not a strided copy: the strides of an expanded
+            # input overlap.
+            offsets = torch.zeros((), dtype=torch.int64)
+            for n, s in zip(shape, strides):
+                offsets = offsets[..., None] + torch.arange(n) * s
+            storage[offsets.reshape(-1)] = t.reshape(-1)
+            leaves.append(storage.as_strided(shape, strides))
         args, kwargs = rebuild(inputs, leaves, [0])
         return tuple(args), dict(kwargs)
 
@@ -198,19 +215,32 @@ def load(path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
         if len(output_leaves) != n_out:
             raise ArchiveError(f"{where} has {len(output_leaves)} output leaves for {n_out} in its structure",
                                path=path)
+        n_tensors = 0
         for j, o in enumerate(output_leaves):
             kind = field_of(o, "kind", str, f"{where}.output_leaves[{j}]")
             if kind == "tensor":
-                field_of(o, "index", int, f"{where}.output_leaves[{j}]")
-            elif kind != "value":
-                raise ArchiveError(f"{where}.output_leaves[{j}].kind is {kind!r}", path=path)
+                # The compiled code returns its tensors in this order; anything else would pick the wrong one.
+                if field_of(o, "index", int, f"{where}.output_leaves[{j}]") != n_tensors:
+                    raise ArchiveError(f"{where}.output_leaves[{j}].index is {o['index']}, expected {n_tensors}",
+                                       path=path)
+                n_tensors += 1
+            elif kind != "value" or "value" not in o:
+                raise ArchiveError(f"{where}.output_leaves[{j}] must be a tensor index or a value", path=path)
         constants = field_of(meta, "constants", dict, where)
         for cname, wname in constants.items():
-            if wname not in weights:
+            if not isinstance(wname, str) or wname not in weights:
                 raise ArchiveError(f"{where} constant {cname!r} refers to weight {wname!r}, which the pack "
                                    "lacks", path=path)
-        library = _extract(archive, field_of(meta, "library", str, where), cache_root)
-        runner = _torch.cpu_runner(library, num_models)
+        library_blob = field_of(meta, "library", str, where)
+        library = _extract(archive, library_blob, cache_root)
+        try:
+            runner = _torch.cpu_runner(library, num_models)
+        except RuntimeError as e:  # not a shared object, or not a model container
+            raise ArchiveError(f"{where}: blob {library_blob!r} is not loadable native code "
+                               f"({str(e).splitlines()[0]})", path=path) from None
+        # The code knows the weight each of its constants came from: a manifest that says otherwise is wrong.
+        if _torch.constant_fqns(runner) != constants:
+            raise ArchiveError(f"{where}.constants do not match the constants of its native code", path=path)
         if constants:
             _torch.set_constants(runner, {c: weights[w] for c, w in constants.items()})
         entries.append(Entry(i, meta, guards, runner, outputs, output_leaves))
