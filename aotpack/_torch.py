@@ -138,3 +138,12 @@ def custom_ops(exported) -> list[tuple[str, str]]:
                 and target.namespace not in ("aten", "prims"):
             out.append((f"{target.namespace}.{target._opname}", node.meta.get("stack_trace") or ""))
     return out
+
+
+def save_exported(exported, path: str) -> None:
+    """Write an ExportedProgram to a file (for a compile worker process)."""
+    torch.export.save(exported, path)
+
+
+def load_exported(path: str):
+    return torch.export.load(path)

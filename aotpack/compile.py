@@ -1,22 +1,28 @@
-"""Stage 3, compile: Inductor lowers the captured graph to a C++ shared object for the CPU.
+"""Stage 3, compile: Inductor lowers each captured graph to a C++ shared object for the CPU.
 
-Every build compiles in one fixed scratch folder (``/tmp/aotpack-build``, emptied before and after, held
-under a file lock), because Inductor writes that folder's path into generated source, file names and the
-library; a fixed path makes the output depend only on the model, the options and the toolchain.
+Entry ``i`` always compiles in the fixed scratch folder ``/tmp/aotpack-build/slot-i`` (emptied before and
+after, held under a file lock), because Inductor writes that folder's path into generated source, file
+names and the library; a fixed path makes the output depend only on the model, the options and the
+toolchain. A pack with several entries compiles them in parallel worker processes (as many as there are
+cores), each from the entry's graph saved with ``torch.export.save``; the output does not depend on how
+many workers ran.
 """
 from __future__ import annotations
 
 import contextlib
 import fcntl
 import hashlib
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
+import time
 import zipfile
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -41,16 +47,18 @@ class CompiledEntry:
 
 
 @contextlib.contextmanager
-def scratch_dir() -> Iterator[str]:
-    """The fixed build folder, locked against concurrent builds and emptied before and after use."""
-    root = SCRATCH
+def scratch_dir(slot: int = 0) -> Iterator[str]:
+    """Entry ``slot``'s fixed build folder, locked against concurrent builds, emptied before and after."""
+    base = SCRATCH
     try:
-        os.makedirs(root, exist_ok=True)
-        if os.stat(root).st_uid != os.getuid():
+        os.makedirs(base, exist_ok=True)
+        if os.stat(base).st_uid != os.getuid():
             raise PermissionError
     except PermissionError:
-        root = f"{SCRATCH}-{os.getuid()}"
-        os.makedirs(root, exist_ok=True)
+        base = f"{SCRATCH}-{os.getuid()}"
+        os.makedirs(base, exist_ok=True)
+    root = os.path.join(base, f"slot-{slot}")
+    os.makedirs(root, exist_ok=True)
     with open(root + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
@@ -91,14 +99,79 @@ def normalize_source(text: str, root: str) -> str:
     return text
 
 
-def compile_entry(captured: Captured, options: BuildOptions) -> CompiledEntry:
-    """Compile one captured graph to a CPU shared object."""
+def compile_entries(captured: list[Captured], options: BuildOptions,
+                    progress: Callable[[str], None] | None = None) -> list[CompiledEntry]:
+    """Compile every entry; several entries compile in parallel worker processes."""
+    if len(captured) == 1:
+        start = time.perf_counter()
+        entry = compile_exported(captured[0].exported, options, slot=0)
+        if progress:
+            progress(f"      entry 1 of 1: {len(entry.kernels)} kernels in {time.perf_counter() - start:.1f} s")
+        return [entry]
+    workers = max(1, min(len(captured), os.cpu_count() or 1))
+    with tempfile.TemporaryDirectory(prefix="aotpack-entries-") as tmp:
+        jobs = []
+        for i, c in enumerate(captured):
+            folder = os.path.join(tmp, str(i))
+            os.makedirs(folder)
+            _torch.save_exported(c.exported, os.path.join(folder, "graph.pt2"))
+            jobs.append(folder)
+        results: list[CompiledEntry | None] = [None] * len(jobs)
+        pending = list(enumerate(jobs))
+        running: list[tuple[int, str, subprocess.Popen, float]] = []
+        while pending or running:
+            while pending and len(running) < workers:
+                i, folder = pending.pop(0)
+                cmd = [sys.executable, "-m", "aotpack.compile", folder, options.cpu_isa, str(i)]
+                proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                running.append((i, folder, proc, time.perf_counter()))
+            i, folder, proc, start = running.pop(0)
+            _, err = proc.communicate()
+            if proc.returncode != 0:
+                for *_, other, _ in running:
+                    other.kill()
+                lines = [ln for ln in err.decode(errors="replace").splitlines() if ln.strip()]
+                raise BuildError(f"compiling entry {i} failed in its worker process: "
+                                 f"{lines[-1] if lines else f'exit {proc.returncode}'}")
+            results[i] = _read_result(folder)
+            if progress:
+                progress(f"      entry {i + 1} of {len(jobs)}: {len(results[i].kernels)} kernels in "
+                         f"{time.perf_counter() - start:.1f} s ({workers} worker process{'es' if workers > 1 else ''})")
+    return [r for r in results if r is not None]
+
+
+def _write_result(entry: CompiledEntry, folder: str) -> None:
+    with open(os.path.join(folder, "library.so"), "wb") as f:
+        f.write(entry.library)
+    for name, data in entry.sources.items():
+        with open(os.path.join(folder, f"source-{name}"), "wb") as f:
+            f.write(data)
+    with open(os.path.join(folder, "result.json"), "w") as f:
+        json.dump({"constants": entry.constants, "kernels": list(entry.kernels),
+                   "sources": sorted(entry.sources)}, f)
+
+
+def _read_result(folder: str) -> CompiledEntry:
+    with open(os.path.join(folder, "result.json")) as f:
+        meta = json.load(f)
+    with open(os.path.join(folder, "library.so"), "rb") as f:
+        library = f.read()
+    sources = {}
+    for name in meta["sources"]:
+        with open(os.path.join(folder, f"source-{name}"), "rb") as f:
+            sources[name] = f.read()
+    return CompiledEntry(library=library, sources=sources, constants=meta["constants"],
+                         kernels=tuple(meta["kernels"]))
+
+
+def compile_exported(exported, options: BuildOptions, slot: int = 0) -> CompiledEntry:
+    """Compile one exported graph to a CPU shared object, in scratch folder ``slot``."""
     config = dict(_torch.BASE_INDUCTOR_CONFIG)
     config.update(_torch.ISA_COMPILER_OPTIONS[options.cpu_isa])
-    with scratch_dir() as root, _torch.private_build_dirs(root):
+    with scratch_dir(slot) as root, _torch.private_build_dirs(root):
         package = os.path.join(root, "entry.pt2")
         try:
-            _torch.aoti_compile(captured.exported, package, config)
+            _torch.aoti_compile(exported, package, config)
         except Exception as e:  # a compiler failure, or a lowering Inductor does not support
             raise BuildError(f"Inductor could not compile the graph: {type(e).__name__}: "
                              f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
@@ -130,3 +203,13 @@ def _unpack(package: str, root: str) -> tuple[bytes, dict]:
     if library is None:
         raise BuildError("Inductor produced no shared object")
     return library, sources
+
+
+def _worker(folder: str, cpu_isa: str, slot: int) -> None:
+    """Worker process: compile the graph saved in ``folder`` and write the result beside it."""
+    exported = _torch.load_exported(os.path.join(folder, "graph.pt2"))
+    _write_result(compile_exported(exported, BuildOptions(cpu_isa=cpu_isa), slot=slot), folder)
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1], sys.argv[2], int(sys.argv[3]))

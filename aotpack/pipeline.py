@@ -170,13 +170,8 @@ def _build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, exa
             entries.append((captured, guards.derive(captured)))
             label = EntryGuards.from_json(entries[-1][1].to_json(), f"entry {len(entries) - 1}").label()
             stages.say(f"      example {i}: entry {len(entries) - 1} ({label})")
-    compiled = []
     with stages.stage("compile", f"Inductor C++ for {options.cpu_isa}, {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}"):
-        for i, (captured, _) in enumerate(entries):
-            start = time.perf_counter()
-            compiled.append(compile.compile_entry(captured, options))
-            stages.say(f"      entry {i + 1} of {len(entries)}: {len(compiled[-1].kernels)} kernels in "
-                       f"{time.perf_counter() - start:.1f} s")
+        compiled = compile.compile_entries([c for c, _ in entries], options, progress=stages.say)
     with stages.stage("package"):
         weights, blobs = _weights(entries, compiled)
         manifest_entries = []

@@ -27,3 +27,23 @@ def test_two_builds_are_byte_identical(tmp_path):
     b = _build_in(tmp_path / "second-place", "other-name.pack")
     assert a == b
     assert str(tmp_path).encode() not in a
+
+
+def test_parallel_entries_are_byte_identical(tmp_path):
+    """Several entries compile in worker processes; the pack does not depend on how they were scheduled."""
+    import torch
+
+    import aotpack
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh()).eval()
+    x = torch.randn(2, 8)
+    specs = [(torch.randn(3, 8),), (torch.randn(5, 8),)]
+    a = aotpack.build(model, (x,), tmp_path / "a.pack", specializations=specs)
+    b = aotpack.build(model, (x,), tmp_path / "b.pack", specializations=specs)
+    assert a.read_bytes() == b.read_bytes()
+    pkg = aotpack.load(a)
+    assert len(pkg.entries) == 3
+    with torch.no_grad():
+        for x in (torch.randn(2, 8), *[s[0] for s in specs]):
+            torch.testing.assert_close(pkg(x), model(x))

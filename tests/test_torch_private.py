@@ -70,6 +70,20 @@ def test_private_build_dirs_restores_environment(tmp_path, monkeypatch):
     assert os.environ["TMPDIR"] == "/somewhere"
 
 
+def test_save_and_load_exported(tmp_path):
+    """Compile workers receive their graph through torch.export.save / load."""
+    ep = build_torch.export_strict(_Tiny(), (torch.randn(2, 4),), {"k": 3})
+    build_torch.save_exported(ep, str(tmp_path / "g.pt2"))
+    back = build_torch.load_exported(str(tmp_path / "g.pt2"))
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(back.module()(x, k=3)["y"], ep.module()(x, k=3)["y"])
+
+
+def test_custom_ops_finds_non_aten_calls():
+    ep = build_torch.export_strict(_Tiny(), (torch.randn(2, 4),), {"k": 3})
+    assert build_torch.custom_ops(ep) == []
+
+
 def test_treespec_parts():
     _, spec = build_torch.tree_flatten(((1, [2]), {"a": None}))
     node, ctx, kids = build_torch.treespec_parts(spec)
@@ -85,7 +99,7 @@ def test_fake_tensor_facts():
 
 
 def test_aoti_compile_and_runner(convnet_pack):
-    """aoti_compile_and_package (used by compile_entry to build every pack) and the C++ runner API."""
+    """aoti_compile_and_package (used by compile_exported to build every pack) and the C++ runner API."""
     import aotpack
 
     pkg = aotpack.load(convnet_pack.path)
