@@ -18,6 +18,7 @@ from aotpack_runtime.errors import BuildError, ModelFileError  # noqa: E402
 
 def build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, example_kwargs: dict | None = None,
           dynamic_shapes: Any = None, specializations: Any = (), cpu_isa: str | None = None,
+          devices: tuple[str, ...] = ("cpu",), cuda_archs: Any = (), without_gpu: bool = False,
           progress: Any = None) -> pathlib.Path:
     """Capture, guard, compile and package ``model(*example_inputs, **example_kwargs)`` into ``output``.
 
@@ -29,14 +30,20 @@ def build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, exam
     ``(args, kwargs)``), each compiled as its own entry unless an earlier entry's guards accept it. At call
     time the first entry whose guards pass runs. ``cpu_isa`` picks the
     instruction set of the CPU code (``x86-64``, ``avx2``, ``avx512``, ``native``; default ``avx2`` where
-    the host has it). ``progress`` is called with one line of text per build event (default: silent).
+    the host has it). ``devices`` picks the kinds of entries (``("cpu",)``, ``("cuda",)`` or both);
+    ``cuda_archs`` the compute capabilities of CUDA code (``"80,90"`` or ``(80, 90)``; default the build
+    GPU's); ``without_gpu`` builds CUDA entries on a host with no GPU (experimental, see the README).
+    ``progress`` is called with one line of text per build event (default: silent).
     Returns the path of the written pack.
     """
     from .pipeline import build as _build
     from .options import BuildOptions
 
     report = _build(model, example_inputs, output, example_kwargs=example_kwargs, dynamic_shapes=dynamic_shapes,
-                    specializations=specializations, options=BuildOptions(cpu_isa=cpu_isa), progress=progress)
+                    specializations=specializations, options=BuildOptions(cpu_isa=cpu_isa, devices=tuple(devices),
+                                                                   cuda_archs=tuple(cuda_archs) if isinstance(cuda_archs, (list, tuple)) else (cuda_archs,),
+                                                                   without_gpu=without_gpu),
+                    progress=progress)
     return report.output
 
 

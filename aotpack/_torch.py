@@ -1,5 +1,8 @@
 """Every private or experimental torch API the build side touches, in one place, each with a test
-(tests/test_torch_private.py). A torch upgrade that moves one breaks here first, with a clear message."""
+(tests/test_torch_private.py). A torch upgrade that moves one breaks here first, with a clear message.
+
+The one exception is the experimental GPU-less CUDA build: its patches of torch and Triton internals live in
+``_cuda_offline.py``, gated on exact versions and tested by tests/test_cuda_build.py."""
 from __future__ import annotations
 
 import contextlib
@@ -25,6 +28,22 @@ BASE_INDUCTOR_CONFIG: dict[str, Any] = {
     "aot_inductor.debug_compile": False,
     "fx_graph_cache": False,
     "compile_threads": 1,
+}
+
+# Added for CUDA entries: one fatbin per kernel (SASS for each architecture in TORCH_CUDA_ARCH_LIST at or
+# above ``cuda.arch``, PTX for ``cuda.arch``), no autotuning by benchmarks that would differ between runs.
+CUDA_INDUCTOR_CONFIG: dict[str, Any] = {
+    "aot_inductor.emit_multi_arch_kernel": True,
+    "max_autotune": False,
+    "max_autotune_gemm": False,
+    "benchmark_fusion": False,
+    "coordinate_descent_tuning": False,
+}
+
+# Added when there is no GPU: nothing may benchmark on one (pad_mm does), and nothing may cache.
+NO_GPU_INDUCTOR_CONFIG: dict[str, Any] = {
+    "shape_padding": False,
+    "benchmark_kernel": False,
 }
 
 # gcc -march level and Inductor vector width for each CPU ISA a pack can target.
@@ -104,6 +123,13 @@ def aoti_compile(exported, package_path: str, options: dict[str, Any]) -> str:
     from torch._inductor import aoti_compile_and_package
 
     return aoti_compile_and_package(exported, package_path=package_path, inductor_configs=options)
+
+
+def move_to_cuda(exported):
+    """The exported program (captured on the CPU) with its graph, inputs and weights on the current GPU."""
+    from torch.export.passes import move_to_device_pass
+
+    return move_to_device_pass(exported, "cuda")
 
 
 def treespec_parts(spec) -> tuple[type | None, Any, list]:

@@ -1,4 +1,6 @@
-"""Stage 3, compile: Inductor lowers each captured graph to a C++ shared object for the CPU.
+"""Stage 3, compile: Inductor lowers each captured graph to native code: a C++ shared object for a CPU
+entry; for a CUDA entry, a C++ wrapper library plus one Triton kernel binary (a fatbin: SASS for each
+requested architecture and PTX for the lowest) per kernel.
 
 Entry ``i`` always compiles in the fixed scratch folder ``/tmp/aotpack-build/slot-i`` (emptied before and
 after, held under a file lock), because Inductor writes that folder's path into generated source, file
@@ -21,7 +23,7 @@ import sys
 import tempfile
 import time
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
@@ -44,6 +46,10 @@ class CompiledEntry:
     sources: dict  # file name -> bytes (generated C++, build paths replaced by placeholders)
     constants: dict  # the code's constant name -> the model's parameter/buffer name
     kernels: tuple[str, ...]
+    device: str = "cpu"
+    # CUDA entries: one record per kernel (name, file, archs, ptx, shared_mem, num_warps) and its bytes.
+    cuda_kernels: tuple = ()
+    binaries: dict = field(default_factory=dict)  # file name -> bytes
 
 
 @contextlib.contextmanager
@@ -100,13 +106,17 @@ def normalize_source(text: str, root: str) -> str:
 
 
 def compile_entries(captured: list[Captured], options: BuildOptions,
-                    progress: Callable[[str], None] | None = None) -> list[CompiledEntry]:
-    """Compile every entry; several entries compile in parallel worker processes."""
+                    progress: Callable[[str], None] | None = None,
+                    devices: list[str] | None = None) -> list[CompiledEntry]:
+    """Compile every entry (``devices[i]`` is entry i's device, CPU by default); several entries compile
+    in parallel worker processes."""
+    devices = devices or ["cpu"] * len(captured)
     if len(captured) == 1:
         start = time.perf_counter()
-        entry = compile_exported(captured[0].exported, options, slot=0)
+        entry = compile_exported(captured[0].exported, options, slot=0, device=devices[0])
         if progress:
-            progress(f"      entry 1 of 1: {len(entry.kernels)} kernels in {time.perf_counter() - start:.1f} s")
+            progress(f"      entry 1 of 1 ({devices[0]}): {len(entry.kernels)} kernels in "
+                     f"{time.perf_counter() - start:.1f} s")
         return [entry]
     workers = max(1, min(len(captured), os.cpu_count() or 1))
     with tempfile.TemporaryDirectory(prefix="aotpack-entries-") as tmp:
@@ -115,6 +125,8 @@ def compile_entries(captured: list[Captured], options: BuildOptions,
             folder = os.path.join(tmp, str(i))
             os.makedirs(folder)
             _torch.save_exported(c.exported, os.path.join(folder, "graph.pt2"))
+            with open(os.path.join(folder, "job.json"), "w") as f:
+                json.dump({"options": options.to_json(), "device": devices[i]}, f)
             jobs.append(folder)
         results: list[CompiledEntry | None] = [None] * len(jobs)
         pending = list(enumerate(jobs))
@@ -122,7 +134,7 @@ def compile_entries(captured: list[Captured], options: BuildOptions,
         while pending or running:
             while pending and len(running) < workers:
                 i, folder = pending.pop(0)
-                cmd = [sys.executable, "-m", "aotpack.compile", folder, options.cpu_isa, str(i)]
+                cmd = [sys.executable, "-m", "aotpack.compile", folder, str(i)]
                 proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
                 running.append((i, folder, proc, time.perf_counter()))
             i, folder, proc, start = running.pop(0)
@@ -135,7 +147,7 @@ def compile_entries(captured: list[Captured], options: BuildOptions,
                                  f"{lines[-1] if lines else f'exit {proc.returncode}'}")
             results[i] = _read_result(folder)
             if progress:
-                progress(f"      entry {i + 1} of {len(jobs)}: {len(results[i].kernels)} kernels in "
+                progress(f"      entry {i + 1} of {len(jobs)} ({devices[i]}): {len(results[i].kernels)} kernels in "
                          f"{time.perf_counter() - start:.1f} s ({workers} worker process{'es' if workers > 1 else ''})")
     return [r for r in results if r is not None]
 
@@ -143,12 +155,14 @@ def compile_entries(captured: list[Captured], options: BuildOptions,
 def _write_result(entry: CompiledEntry, folder: str) -> None:
     with open(os.path.join(folder, "library.so"), "wb") as f:
         f.write(entry.library)
-    for name, data in entry.sources.items():
-        with open(os.path.join(folder, f"source-{name}"), "wb") as f:
-            f.write(data)
+    for prefix, files in (("source-", entry.sources), ("binary-", entry.binaries)):
+        for name, data in files.items():
+            with open(os.path.join(folder, prefix + name), "wb") as f:
+                f.write(data)
     with open(os.path.join(folder, "result.json"), "w") as f:
-        json.dump({"constants": entry.constants, "kernels": list(entry.kernels),
-                   "sources": sorted(entry.sources)}, f)
+        json.dump({"constants": entry.constants, "kernels": list(entry.kernels), "device": entry.device,
+                   "sources": sorted(entry.sources), "binaries": sorted(entry.binaries),
+                   "cuda_kernels": list(entry.cuda_kernels)}, f)
 
 
 def _read_result(folder: str) -> CompiledEntry:
@@ -156,16 +170,20 @@ def _read_result(folder: str) -> CompiledEntry:
         meta = json.load(f)
     with open(os.path.join(folder, "library.so"), "rb") as f:
         library = f.read()
-    sources = {}
-    for name in meta["sources"]:
-        with open(os.path.join(folder, f"source-{name}"), "rb") as f:
-            sources[name] = f.read()
-    return CompiledEntry(library=library, sources=sources, constants=meta["constants"],
-                         kernels=tuple(meta["kernels"]))
+    files: dict[str, dict] = {"source-": {}, "binary-": {}}
+    for prefix, key in (("source-", "sources"), ("binary-", "binaries")):
+        for name in meta[key]:
+            with open(os.path.join(folder, prefix + name), "rb") as f:
+                files[prefix][name] = f.read()
+    return CompiledEntry(library=library, sources=files["source-"], constants=meta["constants"],
+                         kernels=tuple(meta["kernels"]), device=meta["device"], binaries=files["binary-"],
+                         cuda_kernels=tuple(meta["cuda_kernels"]))
 
 
-def compile_exported(exported, options: BuildOptions, slot: int = 0) -> CompiledEntry:
-    """Compile one exported graph to a CPU shared object, in scratch folder ``slot``."""
+def compile_exported(exported, options: BuildOptions, slot: int = 0, device: str = "cpu") -> CompiledEntry:
+    """Compile one exported graph for ``device``, in scratch folder ``slot``."""
+    if device == "cuda":
+        return compile_cuda(exported, options, slot)
     config = dict(_torch.BASE_INDUCTOR_CONFIG)
     config.update(_torch.ISA_COMPILER_OPTIONS[options.cpu_isa])
     with scratch_dir(slot) as root, _torch.private_build_dirs(root):
@@ -186,13 +204,96 @@ def compile_exported(exported, options: BuildOptions, slot: int = 0) -> Compiled
     return CompiledEntry(library=library, sources=sources, constants=constants, kernels=kernels)
 
 
-def _unpack(package: str, root: str) -> tuple[bytes, dict]:
+def compile_cuda(exported, options: BuildOptions, slot: int = 0) -> CompiledEntry:
+    """Compile one exported graph for CUDA: on this host's GPU, or (``without_gpu``) for named archs with none.
+
+    The graph was captured on the CPU; it is moved to CUDA here (with fake weights when there is no GPU:
+    the real ones stay in the pack, beside the code). Every kernel binary is then read back with cuobjdump
+    and must carry SASS for each requested architecture.
+    """
+    from . import cudabuild
+
+    archs = options.cuda_archs
+    config = dict(_torch.BASE_INDUCTOR_CONFIG)
+    config.update(_torch.ISA_COMPILER_OPTIONS[options.cpu_isa])
+    config.update(_torch.CUDA_INDUCTOR_CONFIG)
+    config["cuda.arch"] = str(min(archs))
+    if options.without_gpu:
+        config.update(_torch.NO_GPU_INDUCTOR_CONFIG)
+    with scratch_dir(slot) as root, _torch.private_build_dirs(root):
+        home = cudabuild.cuda_home()
+        stub = cudabuild.libcuda_stub(os.path.join(root, "libcuda-stub"), home) if options.without_gpu else None
+        package = os.path.join(root, "entry.pt2")
+        with cudabuild.build_environment(archs, stub, home):
+            try:
+                if options.without_gpu:
+                    from . import _cuda_offline
+
+                    program = _cuda_offline.fake_cuda_program(exported)
+                    with _cuda_offline.offline_cuda(min(archs)):
+                        _torch.aoti_compile(program, package, config)
+                else:
+                    _torch.aoti_compile(_torch.move_to_cuda(exported), package, config)
+            except Exception as e:
+                raise BuildError(f"Inductor could not compile the graph for CUDA: {type(e).__name__}: "
+                                 f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
+        library, sources, binaries = _unpack(package, root, with_binaries=True)
+        wrapper = sources.get("wrapper.cpp", b"").decode()
+        records = []
+        listed = cudabuild.wrapper_kernels(wrapper)
+        if sorted(k.file for k in listed) != sorted(binaries):
+            raise BuildError(f"the generated code loads kernels {sorted(k.file for k in listed)} but Inductor wrote "
+                             f"{sorted(binaries)}; this torch's CUDA packaging is not supported")
+        for k in listed:
+            path = os.path.join(root, "check-" + k.file)
+            with open(path, "wb") as f:
+                f.write(binaries[k.file])
+            sass, ptx = cudabuild.binary_archs(path)
+            missing = cudabuild.missing_archs(sass, archs)
+            if missing:
+                raise BuildError(f"kernel {k.name} carries SASS for {', '.join(sass) or 'nothing'} but not for "
+                                 f"{', '.join(missing)}, which the build asked for; this torch cannot compile "
+                                 "for an architecture other than the build GPU's: build on that GPU")
+            records.append({"name": k.name, "file": k.file, "archs": sass, "ptx": ptx,
+                            "shared_mem": k.shared_mem, "num_warps": k.num_warps})
+    constants = _wrapper_constants(wrapper)
+    missing = sorted(set(_used_weights(exported)) - set(constants.values()))
+    if missing:
+        raise BuildError(f"the CUDA code does not use the weights {missing}, which the graph reads; refusing a "
+                         "pack that would compute with the wrong weights")
+    return CompiledEntry(library=library, sources=sources, constants=constants,
+                         kernels=tuple(r["name"] for r in records), device="cuda",
+                         cuda_kernels=tuple(records), binaries=binaries)
+
+
+def _used_weights(exported) -> list[str]:
+    """Parameter and buffer names that some node of the graph reads."""
+    sig = exported.graph_signature
+    by_input = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
+    return [by_input[n.name] for n in exported.graph.nodes
+            if n.op == "placeholder" and n.name in by_input and n.users]
+
+
+def _wrapper_constants(wrapper: str) -> dict:
+    """The constant name -> original parameter/buffer name table the generated wrapper compiles in (the
+    CPU path asks the loaded library; a CUDA library cannot be loaded without a driver)."""
+    names = dict(re.findall(r'constants_info_\[(\d+)\]\.name = "([^"]*)";', wrapper))
+    fqns = dict(re.findall(r'constants_info_\[(\d+)\]\.original_fqn = "([^"]*)";', wrapper))
+    if set(names) != set(fqns):
+        raise BuildError("the generated CUDA wrapper lists constants without their parameter names")
+    return {names[i]: fqns[i] for i in sorted(names, key=int)}
+
+
+def _unpack(package: str, root: str, with_binaries: bool = False):
     library = None
     sources = {}
+    binaries = {}
     with zipfile.ZipFile(package) as z:
         for info in z.infolist():
             name = info.filename.rsplit("/", 1)[-1]
-            if name.endswith(".so"):
+            if name.endswith((".fatbin", ".cubin")):
+                binaries[name] = z.read(info)
+            elif name.endswith(".so"):
                 if library is not None:
                     raise BuildError("Inductor produced more than one shared object for one graph")
                 library = z.read(info)
@@ -202,14 +303,24 @@ def _unpack(package: str, root: str) -> tuple[bytes, dict]:
                 sources["kernel.cpp"] = normalize_source(z.read(info).decode(), root).encode()
     if library is None:
         raise BuildError("Inductor produced no shared object")
+    if with_binaries:
+        return library, sources, binaries
+    if binaries:
+        raise BuildError("Inductor produced GPU kernels for a CPU entry")
     return library, sources
 
 
-def _worker(folder: str, cpu_isa: str, slot: int) -> None:
+def _worker(folder: str, slot: int) -> None:
     """Worker process: compile the graph saved in ``folder`` and write the result beside it."""
+    with open(os.path.join(folder, "job.json")) as f:
+        job = json.load(f)
+    opts = job["options"]
+    options = BuildOptions(cpu_isa=opts["cpu_isa"], compression_level=opts["compression_level"],
+                           devices=tuple(opts["devices"]), cuda_archs=tuple(opts["cuda_archs"]),
+                           without_gpu=opts["without_gpu"])
     exported = _torch.load_exported(os.path.join(folder, "graph.pt2"))
-    _write_result(compile_exported(exported, BuildOptions(cpu_isa=cpu_isa), slot=slot), folder)
+    _write_result(compile_exported(exported, options, slot=slot, device=job["device"]), folder)
 
 
 if __name__ == "__main__":
-    _worker(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    _worker(sys.argv[1], int(sys.argv[2]))

@@ -7,6 +7,7 @@ from aotpack_runtime.errors import BuildError
 from aotpack_runtime.platform import ISA_FLAGS, host_cpu_flags, host_machine
 
 CPU_ISAS = ("x86-64", "avx2", "avx512", "native")
+DEVICES = ("cpu", "cuda")
 
 
 @dataclass(frozen=True)
@@ -17,10 +18,19 @@ class BuildOptions:
     (x86-64-v3), ``avx512`` (x86-64-v4) or ``native`` (whatever the build host has: not portable).
     ``None`` means ``avx2`` where the build host has it, else ``x86-64``.
     ``compression_level``: zstd level for blobs that compression shrinks by at least 5%.
+    ``devices``: the kinds of entries to build, ``("cpu",)``, ``("cuda",)`` or both: each captured graph
+    gets one entry per device, all sharing the pack's weights.
+    ``cuda_archs``: compute capabilities the CUDA code is for (``(80, 90)``): SASS for each, PTX for the
+    lowest. Empty means the build GPU's own.
+    ``without_gpu``: build CUDA entries on a host with no GPU (experimental: not autotuned, never run at
+    build time; needs ``cuda_archs`` and an exact torch/triton pair, see ``aotpack/_cuda_offline.py``).
     """
 
     cpu_isa: str | None = None
     compression_level: int = 9
+    devices: tuple[str, ...] = ("cpu",)
+    cuda_archs: tuple[int, ...] = ()
+    without_gpu: bool = False
 
     def resolved(self) -> "BuildOptions":
         isa = self.cpu_isa
@@ -37,7 +47,40 @@ class BuildOptions:
                              "checks the ISA by running code; choose --cpu-isa x86-64 or build elsewhere")
         if not 1 <= self.compression_level <= 22:
             raise BuildError(f"compression level {self.compression_level} is outside zstd's 1..22")
-        return BuildOptions(cpu_isa=isa, compression_level=self.compression_level)
+        devices = tuple(dict.fromkeys(self.devices))
+        if not devices or any(d not in DEVICES for d in devices):
+            raise BuildError(f"--device must be one of {', '.join(DEVICES)} (repeatable), got {list(self.devices)}")
+        archs = self.cuda_archs
+        if "cuda" not in devices:
+            if archs or self.without_gpu:
+                flag = "--cuda-arch" if archs else "--without-gpu"
+                raise BuildError(f"{flag} applies to CUDA entries: add --device cuda")
+        else:
+            from . import cudabuild
+
+            archs = cudabuild.parse_archs(list(archs)) if archs else ()
+            cudabuild.check_toolchain(self.without_gpu)
+            if self.without_gpu:
+                from . import _cuda_offline
+
+                _cuda_offline.check_versions()
+                if not archs:
+                    raise BuildError("--without-gpu needs --cuda-arch: with no GPU to ask, name the architectures "
+                                     "to build for, e.g. --cuda-arch 80,90")
+                if min(archs) not in _cuda_offline.TARGETS:
+                    known = ", ".join(str(a) for a in _cuda_offline.TARGETS)
+                    raise BuildError(f"--without-gpu compiles for the lowest architecture named, {min(archs)}, and "
+                                     f"has no device description for it (it has {known})")
+            elif not archs:
+                import torch
+
+                major, minor = torch.cuda.get_device_capability()
+                archs = cudabuild.parse_archs(f"{major}{minor}")
+        return BuildOptions(cpu_isa=isa, compression_level=self.compression_level, devices=devices,
+                            cuda_archs=tuple(archs), without_gpu=self.without_gpu)
 
     def to_json(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        out["devices"] = list(self.devices)
+        out["cuda_archs"] = list(self.cuda_archs)
+        return out

@@ -58,10 +58,12 @@ def write_archive(path: str | os.PathLike, manifest: dict, blobs: list[Blob], le
                                       compression=compression).to_json())
         stored.append(data)
         offset += len(data)
-    body = dict(manifest, blobs=records, format="aotpack", format_version=fmt.FORMAT_VERSION)
+    # Version 2 added CUDA entries; a pack without one is written as version 1, which older readers accept.
+    version = 2 if any(e.get("device") == "cuda" for e in manifest.get("entries", [])) else 1
+    body = dict(manifest, blobs=records, format="aotpack", format_version=version)
     fmt.Manifest.from_json(body)  # the reader's schema is the writer's check
     mbytes = fmt.canonical_json(body)
-    header = fmt.HEADER.pack(fmt.MAGIC, fmt.FORMAT_VERSION, 0, len(mbytes), hashlib.sha256(mbytes).digest())
+    header = fmt.HEADER.pack(fmt.MAGIC, version, 0, len(mbytes), hashlib.sha256(mbytes).digest())
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):

@@ -133,6 +133,63 @@ def _weights(entries: list, compiled: list) -> tuple[list[dict], list[package.Bl
     return records, blobs
 
 
+def _compile_detail(options: BuildOptions, n: int) -> str:
+    parts = []
+    if "cpu" in options.devices:
+        parts.append(f"C++ for {options.cpu_isa}")
+    if "cuda" in options.devices:
+        archs = ", ".join(f"sm_{a}" for a in options.cuda_archs)
+        parts.append(f"Triton for {archs}{' without a GPU' if options.without_gpu else ''}")
+    return f"Inductor {' + '.join(parts)}, {n} entr{'y' if n == 1 else 'ies'}"
+
+
+def _guards_on(guards_json: dict, device: str) -> dict:
+    """The entry's guards with every tensor input on ``device`` (a CUDA guard names no index: an entry
+    serves inputs on any GPU, all on the same one)."""
+    out = dict(guards_json)
+    out["leaves"] = [dict(leaf, device=device) if leaf.get("kind") == "tensor" else leaf
+                     for leaf in guards_json["leaves"]]
+    return out
+
+
+def _common(lists: list[list[str]]) -> list[str]:
+    """The architectures every kernel carries, in order."""
+    if not lists:
+        return []
+    common = set(lists[0]).intersection(*map(set, lists[1:]))
+    return [a for a in lists[0] if a in common]
+
+
+def _cuda_record(i: int, code: Any, options: BuildOptions, blobs: list) -> dict:
+    """The manifest's record of a CUDA entry: its architectures, how it was built, and each kernel."""
+    from . import cudabuild
+
+    kernels = []
+    for k in code.cuda_kernels:
+        blob = f"kernels/{i}/{k['file']}"
+        data = code.binaries[k["file"]]
+        blobs.append(package.Blob(blob, data))
+        kernels.append({"name": k["name"], "blob": blob, "file": k["file"], "archs": k["archs"], "ptx": k["ptx"],
+                        "size": len(data), "shared_mem": k["shared_mem"], "num_warps": k["num_warps"]})
+    archs = _common([k["archs"] for k in kernels]) if kernels else [f"sm_{a}" for a in options.cuda_archs]
+    ptx = _common([k["ptx"] for k in kernels]) if kernels else []
+    return {"archs": archs, "ptx": ptx, "built_without_gpu": options.without_gpu,
+            "autotuned": not options.without_gpu,
+            "build_gpu": None if options.without_gpu else cudabuild.gpu_description(),
+            "cuda_version": torch.version.cuda, "kernels": kernels}
+
+
+def _cuda_summary(entries: list[dict], options: BuildOptions) -> str:
+    lines = []
+    for e in entries:
+        if e["device"] == "cuda":
+            c = e["cuda"]
+            lines.append(f"      entry {e['name']} (cuda): {len(c['kernels'])} kernels, SASS "
+                         f"{', '.join(c['archs']) or '-'}, PTX {', '.join(c['ptx']) or '-'}"
+                         f"{', built without a GPU' if c['built_without_gpu'] else ', on ' + str(c['build_gpu'])}")
+    return "\n".join(lines)
+
+
 def build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, example_kwargs: dict | None = None,
           dynamic_shapes: Any = None, specializations: Sequence = (), options: BuildOptions | None = None,
           progress: ProgressFn | None = None) -> BuildReport:
@@ -170,20 +227,27 @@ def _build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, exa
             entries.append((captured, guards.derive(captured)))
             label = EntryGuards.from_json(entries[-1][1].to_json(), f"entry {len(entries) - 1}").label()
             stages.say(f"      example {i}: entry {len(entries) - 1} ({label})")
-    with stages.stage("compile", f"Inductor C++ for {options.cpu_isa}, {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}"):
-        compiled = compile.compile_entries([c for c, _ in entries], options, progress=stages.say)
+    # One entry per captured graph and device, graph by graph: [g0 cpu, g0 cuda, g1 cpu, ...].
+    entries = [(c, g, d) for c, g in entries for d in options.devices]
+    with stages.stage("compile", _compile_detail(options, len(entries))):
+        compiled = compile.compile_entries([c for c, _, _ in entries], options, progress=stages.say,
+                                           devices=[d for _, _, d in entries])
     with stages.stage("package"):
-        weights, blobs = _weights(entries, compiled)
+        weights, blobs = _weights([(c, g) for c, g, _ in entries], compiled)
         manifest_entries = []
-        for i, ((_, g), code) in enumerate(zip(entries, compiled)):
+        for i, ((_, g, device), code) in enumerate(zip(entries, compiled)):
             library = f"code/{i}.so"
             blobs.append(package.Blob(library, code.library))
             sources = [f"source/{i}/{n}" for n in sorted(code.sources)]
             blobs += [package.Blob(name, code.sources[n]) for name, n in zip(sources, sorted(code.sources))]
-            manifest_entries.append({"name": str(i), "device": "cpu", "library": library,
-                                     "constants": code.constants, "kernels": list(code.kernels),
-                                     "sources": sources, **g.to_json()})
+            entry = {"name": str(i), "device": device, "library": library, "constants": code.constants,
+                     "kernels": list(code.kernels), "sources": sources, **_guards_on(g.to_json(), device)}
+            if device == "cuda":
+                entry["cuda"] = _cuda_record(i, code, options, blobs)
+            manifest_entries.append(entry)
         example = _example_record(entries[0][0], blobs)
+        if any(d == "cuda" for _, _, d in entries):
+            stages.say(_cuda_summary(manifest_entries, options))
         manifest = {"producer": producer(compiler), "target": target(options), "options": options.to_json(),
                     "weights": weights, "entries": manifest_entries, "example": example,
                     "frozen": {"training": entries[0][0].training}}
@@ -192,6 +256,9 @@ def _build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, exa
     report.weights = len(weights)
     report.weight_bytes = sum(len(b.data) for b in blobs if b.name.startswith("weights/"))
     report.kernels = sum(len(c.kernels) for c in compiled)
+    if options.without_gpu and progress:
+        progress("note: CUDA entries built without a GPU are not autotuned and were never run; smoke-test the "
+                 "pack on the target GPU before trusting it")
     if progress:
         progress(report.summary())
     return report

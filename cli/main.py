@@ -62,10 +62,19 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--dynamic", "dynamic", multiple=True, metavar="INPUT:DIM=[NAME:]MIN..MAX",
               help="Make a dimension dynamic, e.g. x:0=1..64 or x:0=batch:1..64 (the same NAME on several "
                    "inputs means equal sizes). Repeatable; replaces the file's dynamic_shapes.")
+@click.option("--device", "devices", multiple=True, type=click.Choice(["cpu", "cuda"]),
+              help="Kind of entries to build: cpu (default), cuda, or both (--device cpu --device cuda); "
+                   "CUDA needs the CUDA build of torch.")
+@click.option("--cuda-arch", "cuda_archs", multiple=True, metavar="ARCHS",
+              help="Compute capabilities of the CUDA code, e.g. 80,90: SASS for each, PTX for the lowest "
+                   "(default: the build GPU's).")
+@click.option("--without-gpu", is_flag=True,
+              help="Build the CUDA entries on a host with no GPU, for --cuda-arch (experimental: not "
+                   "autotuned, never run at build time; tested only with torch 2.14.1 and triton 3.8.0).")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @click.option("--json", "as_json", is_flag=True, help="Print progress as JSON lines and a JSON summary.")
-def build(target: str, output: str, cpu_isa: str | None, dynamic: tuple[str, ...], quiet: bool,
-          as_json: bool) -> None:
+def build(target: str, output: str, cpu_isa: str | None, dynamic: tuple[str, ...], devices: tuple[str, ...],
+          cuda_archs: tuple[str, ...], without_gpu: bool, quiet: bool, as_json: bool) -> None:
     """Build a pack from a model file.
 
     FILE.py must define `model` and `example_inputs` (a tuple), and may define `example_kwargs`,
@@ -80,6 +89,8 @@ def build(target: str, output: str, cpu_isa: str | None, dynamic: tuple[str, ...
 
     dynamic_shapes = _parse_dynamic(dynamic) if dynamic else None
     start = time.perf_counter()
+    options = BuildOptions(cpu_isa=cpu_isa, devices=devices or ("cpu",), cuda_archs=cuda_archs,
+                           without_gpu=without_gpu).resolved()  # option errors before the model file runs
 
     def say(line: str) -> None:
         if as_json:
@@ -92,9 +103,10 @@ def build(target: str, output: str, cpu_isa: str | None, dynamic: tuple[str, ...
     spec = load_model_file(target)
     report = run_build(spec.model, spec.example_inputs, output, example_kwargs=spec.example_kwargs,
                        dynamic_shapes=dynamic_shapes if dynamic_shapes is not None else spec.dynamic_shapes,
-                       specializations=spec.specializations, options=BuildOptions(cpu_isa=cpu_isa), progress=say)
+                       specializations=spec.specializations, options=options, progress=say)
     if as_json:
         click.echo(json.dumps({"event": "done", "output": str(report.output), "size": report.size,
+                               "devices": list(options.devices), "cuda_archs": list(options.cuda_archs),
                                "entries": report.entries, "weights": report.weights,
                                "weight_bytes": report.weight_bytes, "kernels": report.kernels,
                                "stages_s": {k: round(v, 3) for k, v in report.stages.items()}}))
