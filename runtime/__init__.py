@@ -1,8 +1,8 @@
 """aotpack's runtime: load a pack and call it. Imports only the standard library, torch core, zstandard
 and cffi; never the build side, click, triton, torch._dynamo or torch._inductor, and never runs a compiler."""
-from .errors import AotpackError, ArchiveError, CaptureError, GuardError
+from .errors import AotpackError, AotpackWarning, ArchiveError, CaptureError, GuardError
 from .format import FORMAT_VERSION, MIN_READ_VERSION
-from .loader import Entry, Package, load
+from .loader import CudaEntry, Entry, Package, load
 
-__all__ = ["AotpackError", "ArchiveError", "CaptureError", "GuardError", "Package", "Entry", "load",
-           "FORMAT_VERSION", "MIN_READ_VERSION"]
+__all__ = ["AotpackError", "AotpackWarning", "ArchiveError", "CaptureError", "GuardError", "Package", "Entry",
+           "CudaEntry", "load", "FORMAT_VERSION", "MIN_READ_VERSION"]

@@ -25,6 +25,39 @@ def cpu_runner(library_path: str, num_models: int = 1):
     return _aoti().AOTIModelContainerRunnerCpu(library_path, num_models)
 
 
+def cuda_runner(library_path: str, num_models: int, device_str: str, cubin_dir: str):
+    """Load an Inductor-compiled model container for a CUDA device (``device_str``, e.g. ``cuda:1``).
+
+    The library loads each GPU kernel at its first run from ``cubin_dir/<file>``: the kernels must already
+    be there. Loading the library needs libcuda.so.1, so call this only on a host with a usable GPU.
+
+    Each model the container creates calls ``cudaSetDevice(index)`` and leaves it set; it is created inside
+    ``torch.cuda.device(index)``, which puts the caller's current device back afterwards.
+    """
+    aoti = _aoti()
+    cls = getattr(aoti, "AOTIModelContainerRunnerCuda", None)
+    if cls is None:
+        raise ArchiveError(f"this torch ({torch.__version__}) is a CPU build, and the pack's CUDA entries need "
+                           "the CUDA build of torch (the same major.minor series); install it to run them")
+    with torch.cuda.device(torch.device(device_str).index or 0):
+        # torch 2.14: (model_so_path, num_models, device_str, cubin_dir)
+        return cls(library_path, num_models, device_str, cubin_dir)
+
+
+def cuda_run(runner, tensors: list[torch.Tensor], index: int) -> list[torch.Tensor]:
+    """Call a CUDA container on flat input tensors that lie on device ``index``.
+
+    Without a stream argument, the runner enqueues its work on ``c10::cuda::getCurrentCUDAStream()`` of
+    the *current* device, not of the inputs' device. Making ``index`` current for the call makes it use the
+    caller's current stream on the inputs' device, as an eager op on those tensors would; the common case
+    (the inputs are on the current device) costs one cheap check.
+    """
+    if torch.cuda.current_device() == index:
+        return runner.run(tensors)
+    with torch.cuda.device(index):
+        return runner.run(tensors)
+
+
 def constant_fqns(runner) -> dict[str, str]:
     """The compiled code's constant names mapped to the model's parameter or buffer names."""
     return dict(runner.get_constant_names_to_original_fqns())

@@ -5,6 +5,7 @@ from typing import Any
 
 from .archive import Archive
 from .guards import EntryGuards, TensorGuard, ValueGuard
+from .platform import CudaMeta
 
 
 def _structure(node: dict) -> str:
@@ -24,6 +25,7 @@ def describe(archive: Archive) -> dict:
     """A JSON-ready description of the archive: producer, target, entries with readable guards, blobs."""
     m = archive.manifest
     entries = []
+    blob_sizes = None
     for i, meta in enumerate(m.entries):
         g = EntryGuards.from_json(meta, f"manifest.entries[{i}]")
         guards = []
@@ -33,13 +35,18 @@ def describe(archive: Archive) -> dict:
             elif isinstance(leaf, ValueGuard):
                 guards.append(f"{leaf.name} ({leaf.path}) == {leaf.value!r}")
         library = m.blob(meta["library"])
-        entries.append({
+        entry = {
             "index": i, "name": meta.get("name"), "device": meta.get("device"), "guards": guards,
             "symbols": {k: list(v) for k, v in g.symbols.items()}, "grad_mode_at_capture": meta.get("grad_mode"),
             "outputs": _structure(meta["outputs"]), "kernels": list(meta.get("kernels", [])),
             "library": {"blob": library.name, "size": library.size, "sha256": library.sha256},
             "constants": len(meta.get("constants", {})),
-        })
+        }
+        if meta.get("device") == "cuda":
+            if blob_sizes is None:
+                blob_sizes = {b.name: b.size for b in m.blobs}
+            entry["cuda"] = CudaMeta.from_json(meta.get("cuda"), f"manifest.entries[{i}].cuda", blob_sizes).to_json()
+        entries.append(entry)
     return {
         "path": archive.path, "file_size": archive.file_size, "format_version": m.format_version,
         "producer": m.producer, "target": m.target, "options": m.options, "frozen": m.raw.get("frozen", {}),
@@ -66,11 +73,16 @@ def render(info: dict[str, Any]) -> str:
     for e in info["entries"]:
         lines.append(f"  entry {e['name']} [{e['device']}]: library {e['library']['size']:,} bytes, "
                      f"{len(e['kernels'])} kernels, {e['constants']} constants")
+        if "cuda" in e:
+            lines.extend(_cuda_lines(e["cuda"]))
         for g in e["guards"]:
             lines.append(f"    guard  {g}")
         if e["grad_mode_at_capture"] is not None:
             lines.append("    guard  inputs must not require grad under grad mode (a pack computes no gradients)")
         lines.append(f"    output {e['outputs']}")
+        if "cuda" in e:
+            lines.extend(_kernel_table(e["cuda"], e["kernels"]))
+            continue
         for k in e["kernels"]:
             lines.append(f"    kernel {k}")
     lines.append("blobs:")
@@ -79,3 +91,38 @@ def render(info: dict[str, Any]) -> str:
             else f"{'':>10} stored as is"
         lines.append(f"  {b['name']:<28} {b['size']:>10,} bytes {stored}  sha256 {b['sha256'][:16]}")
     return "\n".join(lines)
+
+
+def _cuda_lines(cuda: dict) -> list[str]:
+    """What a CUDA entry's code targets and how it was built."""
+    targets = f"SASS {', '.join(cuda['archs'])}" if cuda["archs"] else "no SASS"
+    targets += f", PTX {', '.join(cuda['ptx'])}" if cuda["ptx"] else ", no PTX"
+    lines = [f"    cuda   {targets} (in every kernel); CUDA {cuda['cuda_version']}"]
+    if cuda["built_without_gpu"]:
+        lines.append("    cuda   built without a GPU: not autotuned, never run; smoke-test on the target")
+    else:
+        lines.append(f"    cuda   built on {cuda['build_gpu'] or 'a GPU'}, "
+                     f"{'autotuned' if cuda['autotuned'] else 'not autotuned'}")
+    return lines
+
+
+def _kernel_table(cuda: dict, kernel_names: list) -> list[str]:
+    """One row per GPU kernel, one column per architecture it may carry ('x': code for it, '-': none)."""
+    kernels = cuda["kernels"]
+    if not kernels:
+        return ["    kernels: none (the entry's GPU work is library calls)"]
+    columns: list[str] = []
+    for key in ("archs", "ptx"):
+        for k in kernels:
+            columns.extend(a for a in k[key] if a not in columns)
+    width = max(len("kernel"), *(len(k["name"]) for k in kernels))
+    head = f"      {'kernel':<{width}}  " + "  ".join(columns) + f"  {'bytes':>10}  {'smem':>6}  warps"
+    lines = ["    kernels per arch:", head.rstrip()]
+    for k in kernels:
+        have = set(k["archs"]) | set(k["ptx"])
+        cells = "  ".join(f"{'x' if c in have else '-':<{len(c)}}" for c in columns)
+        warps = "-" if k["num_warps"] is None else k["num_warps"]
+        lines.append(f"      {k['name']:<{width}}  {cells}  {k['size']:>10,}  {k['shared_mem']:>6,}  {warps:>5}")
+    listed = {k["name"] for k in kernels}
+    lines.extend(f"    kernel {name}" for name in kernel_names if name not in listed)
+    return lines

@@ -26,15 +26,21 @@ class GuardError(AotpackError):
     """An input does not match the guards of any entry in the pack; nothing was computed.
 
     ``reasons`` holds one ``(entry_name, reason)`` pair per entry tried, in dispatch order.
+
+    ``note`` (optional) is a sentence about the host rather than the input, e.g. that it has no usable CUDA
+    device for the pack's CUDA entries; it ends the message.
     """
 
-    def __init__(self, reasons: list[tuple[str, str]]):
+    def __init__(self, reasons: list[tuple[str, str]], *, note: str | None = None):
         self.reasons = list(reasons)
+        self.note = note
         if len(self.reasons) == 1:
             message = self.reasons[0][1]
         else:
             parts = [f"entry {name}: {why}" for name, why in self.reasons]
             message = "no entry accepts this input: " + "; ".join(parts)
+        if note:
+            message = f"{message}; {note}"
         super().__init__(message)
 
 
@@ -67,3 +73,8 @@ class BuildError(AotpackError):
 
 class ModelFileError(AotpackError):
     """A model file given to the CLI does not follow the model file convention."""
+
+
+class AotpackWarning(UserWarning):
+    """Something about a pack or this host that does not stop it from loading but that a person should
+    know: CUDA entries that cannot run on this host, or CUDA code that was never run where it was built."""

@@ -5,6 +5,8 @@ written spec and its examples are tested against this module.
 
 Changelog of ``FORMAT_VERSION`` (readers accept ``MIN_READ_VERSION..FORMAT_VERSION``):
   1 (2026-11): first version: header, JSON manifest, 64-byte aligned blobs, sha256 per blob.
+  2 (2026-11): CUDA entries: entry.cuda with per-kernel blobs and architectures. A pack with no CUDA entry
+               is still written as version 1 (``version_for``), so older readers keep loading CPU packs.
 """
 from __future__ import annotations
 
@@ -18,8 +20,10 @@ from typing import Any
 from .errors import ArchiveError
 
 MAGIC = b"AOTPACK\x00"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MIN_READ_VERSION = 1
+# The first format version that may hold CUDA entries.
+CUDA_FORMAT_VERSION = 2
 # magic, format version, flags, manifest length, manifest sha256
 HEADER = struct.Struct("<8sIIQ32s")
 HEADER_SIZE = HEADER.size  # 56
@@ -37,6 +41,14 @@ CPU_ISAS = ("x86-64", "avx2", "avx512", "native")
 
 DTYPES = ("float32", "float64", "float16", "bfloat16", "int8", "int16", "int32", "int64", "uint8",
           "bool", "complex64", "complex128")
+
+
+def version_for(entries: list[dict]) -> int:
+    """The format version a pack with these entries is written as: the oldest that can describe them, so
+    a CPU-only pack stays readable by version-1 readers."""
+    if any(isinstance(e, dict) and e.get("device") == "cuda" for e in entries):
+        return CUDA_FORMAT_VERSION
+    return MIN_READ_VERSION
 
 
 def align(n: int) -> int:
@@ -249,6 +261,10 @@ class Manifest:
         for i, e in enumerate(entries):
             if not isinstance(e, dict):
                 raise ArchiveError(f"manifest.entries[{i}] must be a JSON object")
+            if e.get("device") == "cuda" and version < CUDA_FORMAT_VERSION:
+                raise ArchiveError(f"manifest.entries[{i}] is a CUDA entry, which format version "
+                                   f"{CUDA_FORMAT_VERSION} introduced, but the manifest says format version "
+                                   f"{version}; the pack was written by a broken or modified writer")
         example = obj.get("example")
         if example is not None and not isinstance(example, dict):
             raise ArchiveError("manifest.example must be a JSON object or absent")

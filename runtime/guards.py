@@ -28,6 +28,30 @@ _Tensor, _Parameter, _strided = torch.Tensor, torch.nn.Parameter, torch.strided
 VALUE_TYPES = {"int": int, "float": float, "bool": bool, "str": str, "none": type(None)}
 
 
+# A guard's device: "cpu"; "cuda" (no index) accepts a CUDA tensor on any device, since the compiled code
+# runs on the device of its inputs; a device with an index ("cuda:1") only that one. The hot path tests the
+# first two through ``Tensor.is_cpu`` / ``is_cuda`` (about 35 ns, where building ``t.device`` and comparing
+# it costs 60 ns, and ``t.device.type`` over 200 ns).
+_CPU = "cpu"
+_ANY_CUDA = "cuda"
+
+
+def _device_check(device: str) -> Any:
+    """What the hot path compares a tensor's device with: the ``_CPU`` or ``_ANY_CUDA`` marker (checked by
+    identity), else the exact ``torch.device``."""
+    if device == "cpu":
+        return _CPU
+    if device == "cuda":
+        return _ANY_CUDA
+    return torch.device(device)
+
+
+def device_matches(guard_device: str, actual: torch.device) -> bool:
+    """Whether a tensor on ``actual`` passes a guard on ``guard_device`` (an index-less guard accepts any index)."""
+    want = torch.device(guard_device)
+    return actual.type == want.type if want.index is None else actual == want
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     """The format's name of a torch dtype (``float32``)."""
     return _NAME_BY_DTYPE.get(dtype, str(dtype).replace("torch.", ""))
@@ -244,7 +268,7 @@ class EntryGuards:
                 exp_strides = tuple(g.strides[d] for d in stride_idx)
                 full_strides = len(stride_idx) == len(g.strides)
                 sym_strides = tuple((d, st) for d, st in enumerate(g.strides) if isinstance(st, tuple))
-                self._tensor_checks.append((i, _DTYPE_BY_NAME[g.dtype], torch.device(g.device), len(g.sizes),
+                self._tensor_checks.append((i, _DTYPE_BY_NAME[g.dtype], _device_check(g.device), len(g.sizes),
                                             tuple(g.sizes), stride_idx, exp_strides, full_strides, sym_strides))
             else:
                 self._value_checks.append((i, VALUE_TYPES[g.type], g.value))
@@ -311,7 +335,8 @@ class EntryGuards:
         for i, dtype, device, rank, sizes, stride_idx, exp_strides, full, _ in self._tensor_checks:
             t = leaves[i]
             tp = type(t)
-            if (tp is not _Tensor and tp is not _Parameter) or t.dtype is not dtype or t.device != device \
+            if (tp is not _Tensor and tp is not _Parameter) or t.dtype is not dtype \
+                    or not (t.is_cpu if device is _CPU else t.is_cuda if device is _ANY_CUDA else t.device == device) \
                     or t.layout is not _strided or (grad and t.requires_grad) or t.is_nested:
                 return None
             if bound is None:
@@ -441,7 +466,7 @@ class EntryGuards:
             raise _Mismatch(f"{who} layout mismatch: expected a plain strided tensor, actual a nested tensor")
         if dtype_name(v.dtype) != g.dtype:
             raise _Mismatch(f"{who} dtype mismatch: expected {g.dtype}, actual {dtype_name(v.dtype)}")
-        if v.device != torch.device(g.device):
+        if not device_matches(g.device, v.device):
             raise _Mismatch(f"{who} device mismatch: expected {g.device}, actual {v.device}")
         if v.dim() != len(g.sizes):
             raise _Mismatch(f"{who} rank mismatch: expected {len(g.sizes)} dims {g.describe(self.symbols)}, "

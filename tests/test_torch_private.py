@@ -2,6 +2,7 @@
 that moves one fails here, by name."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from aotpack import _torch as build_torch
@@ -50,13 +51,32 @@ def test_inductor_config_keys_exist():
     from torch._inductor import config
 
     for key in list(build_torch.BASE_INDUCTOR_CONFIG) + [k for o in build_torch.ISA_COMPILER_OPTIONS.values()
-                                                          for k in o]:
+                                                          for k in o] \
+            + list(build_torch.CUDA_INDUCTOR_CONFIG) + list(build_torch.NO_GPU_INDUCTOR_CONFIG) + ["cuda.arch"]:
         obj = config
         for part in key.split("."):
             assert hasattr(obj, part), key
             obj = getattr(obj, part)
     with build_torch.inductor_config({"aot_inductor.enable_line_tables": False}):
         assert config.aot_inductor.enable_line_tables is False
+
+
+def test_move_to_cuda_pass_exists():
+    """move_to_cuda (CUDA entries on a GPU host) and the GPU-less build use torch.export's device pass."""
+    from torch.export.passes import move_to_device_pass
+
+    assert callable(move_to_device_pass) and callable(build_torch.move_to_cuda)
+
+
+def test_program_copy_is_independent_and_keeps_names():
+    m = torch.nn.Sequential(torch.nn.Linear(4, 4)).eval()  # its forward's argument is called `input`
+    ep = torch.export.export(m, (torch.randn(2, 4),), strict=True)
+    c = build_torch.program_copy(ep)
+    assert [n.name for n in c.graph.nodes] == [n.name for n in ep.graph.nodes]
+    assert "input" in [n.name for n in c.graph.nodes]
+    c.state_dict["0.weight"].data.zero_()
+    assert ep.state_dict["0.weight"].abs().sum() > 0
+    assert c.graph is not ep.graph and c.state_dict is not ep.state_dict
 
 
 def test_private_build_dirs_restores_environment(tmp_path, monkeypatch):
@@ -109,3 +129,24 @@ def test_aoti_compile_and_runner(convnet_pack):
     out = rt_torch.run(runner, [convnet_pack.args[0]])
     assert isinstance(out, list) and out[0].shape == (4, 10)
     rt_torch.set_constants(runner, {c: pkg.weights[w] for c, w in fqns.items()})
+
+
+@pytest.mark.skipif(torch.version.cuda is None,
+                    reason=f"torch {torch.__version__} is a CPU build: torch._C._aoti has no "
+                           "AOTIModelContainerRunnerCuda (runtime/_torch.cuda_runner needs the CUDA build)")
+def test_aoti_cuda_runner_binding():
+    """runtime/_torch.cuda_runner calls AOTIModelContainerRunnerCuda(model_so_path, num_models, device_str,
+    cubin_dir), and cuda_run calls its run(inputs) with no stream (the current stream of the current device).
+    Constructing one needs a GPU and a compiled library, so this checks the binding's shape only."""
+    import re
+
+    from torch._C import _aoti
+
+    cls = _aoti.AOTIModelContainerRunnerCuda
+    for name in ("run", "get_constant_names_to_original_fqns", "update_constant_buffer"):
+        assert callable(getattr(cls, name, None)), name
+    overloads = re.findall(r"__init__\(self: [^,]+((?:, \w+: [^,()]+)*)\) -> None", cls.__init__.__doc__)
+    params = [[p.split(":")[1].strip() for p in o.split(", ")[1:]] for o in overloads]
+    assert any(len(p) == 4 and p[0] == "str" and p[2] == "str" and p[3] == "str" for p in params), params
+    assert re.search(r"run\(self: [^,]+, inputs: [^,]+, stream_handle: [^)]+ = None\)", cls.run.__doc__), \
+        cls.run.__doc__
