@@ -109,7 +109,9 @@ def _offline_driver(target: GpuTarget):
     class _Utils:
         @staticmethod
         def load_binary(name, kernel, shared, device):  # module, function, n_regs, n_spills, n_max_threads
-            return 0, 0, 0, 0, 1024
+            # No module: a CompiledKernel with module None unloads nothing when it is collected, which may
+            # be after this driver is gone.
+            return None, 0, 0, 0, 1024
 
         @staticmethod
         def unload_module(*_):
@@ -261,12 +263,16 @@ def offline_cuda(arch: int) -> Iterator[GpuTarget]:
 
 
 def fake_cuda_program(exported):
-    """The exported program moved to CUDA with fake weights (the real ones stay in the pack)."""
+    """A copy of the exported program moved to CUDA with fake weights (the real ones stay in the pack);
+    the original is not changed."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.export.passes import move_to_device_pass
 
+    from ._torch import program_copy
+
+    copied = program_copy(exported)
     with FakeTensorMode(allow_non_fake_inputs=True):
-        return move_to_device_pass(exported, "cuda")
+        return move_to_device_pass(copied, "cuda")
 
 
 def cuda_home() -> str | None:

@@ -125,11 +125,23 @@ def aoti_compile(exported, package_path: str, options: dict[str, Any]) -> str:
     return aoti_compile_and_package(exported, package_path=package_path, inductor_configs=options)
 
 
+def program_copy(exported):
+    """An independent copy of an ExportedProgram: ``move_to_device_pass`` rewrites the program's graph and
+    weight dicts in place, and the pack's weights are read from the original, which must stay on the CPU
+    with its real values. (A save/load round trip, as for compile workers: ``copy.deepcopy`` renames a
+    placeholder called ``input`` to ``input_1`` and the copy then fails validation.)"""
+    buffer = io.BytesIO()
+    torch.export.save(exported, buffer)
+    buffer.seek(0)
+    return torch.export.load(buffer)
+
+
 def move_to_cuda(exported):
-    """The exported program (captured on the CPU) with its graph, inputs and weights on the current GPU."""
+    """A copy of the exported program (captured on the CPU) with its graph, inputs and weights on the
+    current GPU; the original is not changed."""
     from torch.export.passes import move_to_device_pass
 
-    return move_to_device_pass(exported, "cuda")
+    return move_to_device_pass(program_copy(exported), "cuda")
 
 
 def treespec_parts(spec) -> tuple[type | None, Any, list]:

@@ -43,7 +43,25 @@ def verify(path: str, against: str | None = None, tolerance: float = 1e-4) -> di
 def _check_host(manifest) -> str:
     platform.check_torch(manifest.producer.get("torch", "?"))
     platform.check_target(manifest.target)
-    return "this host's CPU and torch can run the pack"
+    cuda = [e for e in manifest.entries if e.get("device") == "cuda"]
+    n_cpu = len(manifest.entries) - len(cuda)
+    if not cuda:
+        return "this host's CPU and torch can run the pack"
+    reason = platform.cuda_unavailable_reason()
+    if reason is not None:
+        if n_cpu == 0:
+            raise AotpackError(f"the pack has only CUDA entries and {reason}; verify it on a host with its GPU")
+        return (f"this host's CPU and torch can run the pack's {n_cpu} CPU entr{'y' if n_cpu == 1 else 'ies'}; "
+                f"its {len(cuda)} CUDA entr{'y' if len(cuda) == 1 else 'ies'} cannot run here ({reason})")
+    import torch
+
+    gpus = []
+    for i in range(torch.cuda.device_count()):
+        name, cap = torch.cuda.get_device_name(i), torch.cuda.get_device_capability(i)
+        for e in cuda:
+            platform.check_cuda_device(e["cuda"], i, name, cap, f"CUDA entry {e['name']}")
+        gpus.append(f"GPU {i} ({name}, sm_{cap[0]}{cap[1]})")
+    return f"this host's CPU, torch and {', '.join(gpus)} can run the pack"
 
 
 def _load_fresh(path: str):
@@ -60,9 +78,26 @@ def _compare(pkg, against: str, tolerance: float) -> str:
     from .modelfile import load_model_file
 
     spec = load_model_file(against)
+    kinds = {e.meta.get("device", "cpu") for e in pkg.entries}
+    devices = [d for d in ("cpu", "cuda") if d in kinds and (d == "cpu" or torch.cuda.is_available())]
+    if not devices:
+        raise AotpackError("no entry of the pack can run on this host, so its outputs cannot be compared")
+    texts = []
+    for device in devices:
+        move = (lambda v: v.to(device) if isinstance(v, torch.Tensor) else v)
+        args, kwargs = pytree.tree_map(move, (spec.example_inputs, spec.example_kwargs))
+        model = spec.model.to(device) if isinstance(spec.model, torch.nn.Module) else spec.model
+        texts.append(f"{device}: max relative error {_worst(pkg, model, args, kwargs, tolerance):.2e}")
+    return f"matches eager on {against}'s example inputs ({'; '.join(texts)})"
+
+
+def _worst(pkg, model, args, kwargs, tolerance: float) -> float:
+    import torch
+    import torch.utils._pytree as pytree
+
     with torch.inference_mode():
-        out = pkg(*spec.example_inputs, **spec.example_kwargs)
-        ref = spec.model(*spec.example_inputs, **spec.example_kwargs)
+        out = pkg(*args, **kwargs)
+        ref = model(*args, **kwargs)
     a, a_spec = pytree.tree_flatten(out)
     r, r_spec = pytree.tree_flatten(ref)
     if a_spec != r_spec:
@@ -78,7 +113,7 @@ def _compare(pkg, against: str, tolerance: float) -> str:
             raise AotpackError(f"output value {x!r} differs from eager {y!r}")
     if worst > tolerance:
         raise AotpackError(f"max error relative to the output scale is {worst:.2e}, above {tolerance:.0e}")
-    return f"matches eager on {against}'s example inputs (max relative error {worst:.2e})"
+    return worst
 
 
 def _walk_diff(a: Any, b: Any, where: str, out: list) -> None:

@@ -196,22 +196,38 @@ def _summary(value, depth: int = 0) -> str:
               help="Calls to time after the first.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
               help="Extraction cache for native code (default: $AOTPACK_CACHE_DIR or ~/.cache/aotpack).")
-def run(pack: str, repeat: int, cache_dir: str | None) -> None:
+@click.option("--device", default=None, metavar="DEVICE",
+              help="Where to put the example inputs: cpu, cuda, cuda:1 ... (default: cpu if the pack has a CPU "
+                   "entry, else cuda).")
+def run(pack: str, repeat: int, cache_dir: str | None, device: str | None) -> None:
     """Load a pack and run it on the example inputs stored inside it; print the result and timings."""
     import torch
+    import torch.utils._pytree as pytree
 
     t0 = time.perf_counter()
     pkg = rt.load(pack, cache_dir=cache_dir)
     t1 = time.perf_counter()
     args, kwargs = pkg.example_inputs()
+    if device is None:
+        device = "cpu" if any(e.meta.get("device", "cpu") == "cpu" for e in pkg.entries) else "cuda"
+    try:
+        target = torch.device(device)
+    except RuntimeError:
+        raise click.BadParameter(f"{device!r} is not a device (cpu, cuda, cuda:1, ...)", param_hint="--device")
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise rt.ArchiveError(f"--device {device}: this host has no usable CUDA device", path=pack)
+    args, kwargs = pytree.tree_map(lambda v: v.to(target) if isinstance(v, torch.Tensor) else v, (args, kwargs))
+    sync = torch.cuda.synchronize if target.type == "cuda" else (lambda: None)
     with torch.inference_mode():
         t2 = time.perf_counter()
         out = pkg(*args, **kwargs)
+        sync()
         t3 = time.perf_counter()
         times = []
         for _ in range(repeat):
             s = time.perf_counter()
             pkg(*args, **kwargs)
+            sync()
             times.append(time.perf_counter() - s)
     click.echo(f"output: {_summary(out)}")
     click.echo(f"load {1e3 * (t1 - t0):.1f} ms, first call {1e3 * (t3 - t2):.2f} ms, "
