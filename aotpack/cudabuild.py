@@ -88,15 +88,17 @@ def check_toolchain(without_gpu: bool) -> dict:
         raise BuildError("--device cuda needs triton, which comes with the CUDA build of torch: "
                          "`pip install triton`") from None
     found = {"cuobjdump": cuobjdump()}
+    home = cuda_home()
+    if home is None:
+        flag = "--without-gpu" if without_gpu else "--device cuda"
+        raise BuildError(f"{flag} needs the CUDA toolkit (nvcc, cuda.h): none found in $CUDA_HOME, $CUDA_PATH, "
+                         "nvcc's folder or /usr/local/cuda. The generated wrapper includes its headers and each "
+                         "kernel is packed as a fatbin with nvcc. Install it (e.g. NVIDIA's cuda-toolkit "
+                         "package) and set CUDA_HOME to its folder")
+    found["cuda_home"] = home
     if without_gpu:
-        home = cuda_home()
-        if home is None:
-            raise BuildError("--without-gpu needs the CUDA toolkit (nvcc, cuda.h): none found in $CUDA_HOME, "
-                             "$CUDA_PATH, nvcc's folder or /usr/local/cuda. Install it (e.g. NVIDIA's "
-                             "cuda-toolkit package) and set CUDA_HOME to its folder")
         if shutil.which(os.environ.get("CC", "gcc")) is None:
             raise BuildError("--without-gpu builds a libcuda stub with gcc, which is not on PATH; install gcc")
-        found["cuda_home"] = home
     elif not torch.cuda.is_available():
         raise BuildError("--device cuda: this host has no usable GPU (torch.cuda.is_available() is False). "
                          "Build on a machine with the target GPU, or add --without-gpu --cuda-arch ARCHS "

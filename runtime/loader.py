@@ -144,9 +144,10 @@ class CudaEntry(Entry):
                 return runner
             st = self._state
             try:
-                platform.check_cuda_device(self.cuda, index, torch.cuda.get_device_name(index),
-                                           tuple(torch.cuda.get_device_capability(index)),
-                                           f"CUDA entry {self.name}")
+                props = torch.cuda.get_device_properties(index)
+                platform.check_cuda_device(self.cuda, index, props.name, (props.major, props.minor),
+                                           f"CUDA entry {self.name}",
+                                           getattr(props, "shared_memory_per_block_optin", None))
             except ArchiveError as e:
                 raise ArchiveError(e.reason, path=st.path) from None
             if self._files is None:

@@ -262,7 +262,7 @@ def _union(lists) -> list[str]:
 
 
 def check_cuda_device(meta: CudaMeta | dict, index: int, name: str, capability: tuple[int, int],
-                      where: str) -> None:
+                      where: str, max_shared_mem: int | None = None) -> None:
     """Refuse, before any kernel is loaded or launched, a GPU that cannot run every kernel of a CUDA entry.
 
     ``meta`` is the entry's ``cuda`` object (checked, or raw JSON), ``index``, ``name`` and ``capability``
@@ -279,6 +279,14 @@ def check_cuda_device(meta: CudaMeta | dict, index: int, name: str, capability: 
     # which runs on any GPU this torch supports: its lists only record what the build asked for.
     failing = [k for k in kernels if not cuda_arch_runs(k.archs, k.ptx, capability)]
     if not failing:
+        # Same architecture, smaller part: a kernel tuned on a GPU with more shared memory per block than
+        # this one (``max_shared_mem``: the opt-in limit) would fail at its first launch.
+        greedy = [k for k in kernels if max_shared_mem is not None and k.shared_mem > max_shared_mem]
+        if greedy:
+            k = max(greedy, key=lambda k: k.shared_mem)
+            raise ArchiveError(f"GPU {index} ({name}, compute capability {major}.{minor}) cannot run {where} of "
+                               f"this pack: its kernel {k.name} asks for {k.shared_mem:,} bytes of shared memory "
+                               f"per block and this GPU allows {max_shared_mem:,}; rebuild the pack on this GPU")
         return
     carried = _carried(_union(k.archs for k in failing), _union(k.ptx for k in failing))
     if len(failing) == len(kernels):

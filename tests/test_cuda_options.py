@@ -73,11 +73,14 @@ def test_without_a_toolkit_the_message_says_what_to_install(monkeypatch):
         cudabuild.check_toolchain(without_gpu=True)
     assert str(e.value).startswith("--without-gpu needs the CUDA toolkit (nvcc, cuda.h)")
     assert "set CUDA_HOME" in str(e.value)
+    with pytest.raises(BuildError, match=r"^--device cuda needs the CUDA toolkit \(nvcc, cuda.h\)"):
+        cudabuild.check_toolchain(without_gpu=False)
 
 
 def test_gpu_build_without_a_gpu_points_at_without_gpu(monkeypatch):
     monkeypatch.setattr(torch.version, "cuda", "13.0")
     monkeypatch.setattr(cudabuild, "cuobjdump", lambda: "/bin/true")
+    monkeypatch.setattr(cudabuild, "cuda_home", lambda: "/opt/cuda-toolkit")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     pytest.importorskip("triton")
     with pytest.raises(BuildError) as e:

@@ -134,6 +134,20 @@ def test_one_kernel_without_code_for_the_gpu_is_named():
     check_cuda_device(meta, 0, "NVIDIA H100", (9, 0), "CUDA entry 0")
 
 
+def test_a_kernel_needing_more_shared_memory_than_the_gpu_allows_is_named():
+    meta = CudaMeta.from_json({
+        "archs": ["sm_86"], "ptx": ["compute_86"], "built_without_gpu": False, "autotuned": True,
+        "build_gpu": "NVIDIA A40 (sm_86)", "cuda_version": "13.0",
+        "kernels": [{"name": "triton_red_0", "blob": "kernels/0/a.cubin", "file": "a.cubin", "archs": ["sm_86"],
+                     "ptx": ["compute_86"], "size": 10, "shared_mem": 99_000, "num_warps": 8}]}, "cuda")
+    check_cuda_device(meta, 0, "NVIDIA A40", (8, 6), "CUDA entry 0", max_shared_mem=101_376)
+    with pytest.raises(aotpack.ArchiveError) as info:
+        check_cuda_device(meta, 0, "NVIDIA RTX A2000", (8, 6), "CUDA entry 0", max_shared_mem=65_536)
+    assert str(info.value) == ("GPU 0 (NVIDIA RTX A2000, compute capability 8.6) cannot run CUDA entry 0 of this "
+                               "pack: its kernel triton_red_0 asks for 99,000 bytes of shared memory per block "
+                               "and this GPU allows 65,536; rebuild the pack on this GPU")
+
+
 def test_kernel_without_lists_uses_the_entry_lists_and_raw_json_is_accepted():
     raw = {"archs": ["sm_80"], "ptx": [], "built_without_gpu": True, "autotuned": False, "build_gpu": None,
            "cuda_version": "13.0", "kernels": [{"name": "k", "blob": "kernels/0/k.cubin", "file": "k.cubin",
@@ -722,6 +736,8 @@ def fake_gpu_host(monkeypatch, mlp_pack):
     monkeypatch.setattr(platform, "cuda_unavailable_reason", lambda: None)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: GPUS[i][0])
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: GPUS[i][1])
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(
+        name=GPUS[i][0], major=GPUS[i][1][0], minor=GPUS[i][1][1], shared_memory_per_block_optin=101_376))
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "device", device)
     monkeypatch.setattr(rt_torch, "cuda_runner", cuda_runner)
