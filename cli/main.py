@@ -52,6 +52,22 @@ class _Group(click.Group):
 def cli(ctx: click.Context, debug: bool) -> None:
     """Ahead-of-time export and packaging for PyTorch models: compile once, ship one file."""
     ctx.obj = {"debug": debug}
+    _plain_warnings()
+
+
+def _plain_warnings() -> None:
+    """aotpack's own warnings as one line each (``warning: ...``), without a source line."""
+    import warnings
+
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, rt.AotpackWarning):
+            click.echo(f"warning: {message}", err=True)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
 
 
 @cli.command()
