@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import types
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -159,9 +160,65 @@ def _offline_driver(target: GpuTarget):
     return OfflineCudaDriver()
 
 
+# Every private name ``offline_cuda`` replaces, as "module:attribute" (tests/test_cuda_build.py checks each
+# exists in the supported versions and that this list is complete).
+PATCHED = (
+    "torch.cuda:get_device_properties", "torch.cuda:get_device_capability", "torch.cuda:get_device_name",
+    "torch.cuda:_DeviceGuard", "torch._C:_cuda_getCurrentRawStream", "torch._C._dynamo.guards:_empty_strided_cuda",
+    *(f"torch._dynamo.device_interface:CudaInterface.{n}" for n in (
+        "get_device_properties", "is_available", "exchange_device", "maybe_exchange_device", "set_device",
+        "current_device", "device_count", "get_raw_stream", "synchronize", "get_compute_capability",
+        "is_bf16_supported")),
+    "torch._inductor.runtime.triton_heuristics:CachingAutotuner.run",
+    "torch._inductor.select_algorithm:AlgorithmSelectorCache.generate_example_value",
+    "torch._inductor.graph:is_same_tensor",
+)
+
+
+class _NoDeviceGuard:
+    """Stands in for ``torch.cuda._DeviceGuard``: there is no device to enter."""
+
+    def __init__(self, index):
+        self.idx = index
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _example_value(size, stride, device, dtype, extra_size, allocation_size=None):
+    """Stands in for ``AlgorithmSelectorCache.generate_example_value``: a meta tensor, no GPU memory."""
+    t = torch.empty_strided(allocation_size or size, stride, device="meta", dtype=dtype)
+    return t.as_strided(size, stride) if allocation_size not in (None, size) else t
+
+
+def _empty_strided_meta(size, stride, dtype, *rest, **kwargs):
+    return torch.empty_strided(size, stride, device="meta", dtype=dtype)
+
+
+def _run_without_launch(self, *args, stream, benchmark_run=False, **kwargs):
+    """Stands in for ``CachingAutotuner.run``: compile the kernel's first heuristic config and record its
+    binary for the package (what AOTInductor's autotune block wants), with no launch and no benchmark."""
+    if not self.launchers:
+        self.configs = self.configs[:1]
+        self.compile_results = self.compile_results[:1]
+        self.precompile()
+    launcher = self.launchers[0]
+    self.launchers = [launcher]
+    if self.save_cache_hook:
+        self.save_cache_hook(launcher.config, 0)
+    self.save_gpu_kernel(stream, launcher)
+
+
+last_patched: list[str] = []  # the names the last offline_cuda replaced (for the completeness test)
+
+
 @contextlib.contextmanager
 def offline_cuda(arch: int) -> Iterator[GpuTarget]:
-    """Within this context Inductor compiles CUDA graphs for ``arch`` with no GPU present."""
+    """Within this context Inductor compiles CUDA graphs for ``arch`` with no GPU present. Everything it
+    changes is put back on exit, also when entering fails half way."""
     check_versions()
     import triton
     from torch._dynamo import device_interface as di
@@ -169,97 +226,87 @@ def offline_cuda(arch: int) -> Iterator[GpuTarget]:
     from torch._inductor.runtime import hints, triton_heuristics, triton_helpers
     from torch.utils import _triton as torch_triton
 
+    from aotpack_runtime.errors import BuildError
+
     target = TARGETS[arch]
     props = _Props(target)
-    patches: list[tuple[Any, str, Any]] = []
+    undo: list = []
+    last_patched.clear()
 
     def patch(obj: Any, name: str, value: Any) -> None:
-        patches.append((obj, name, getattr(obj, name)))
+        if not hasattr(obj, name):
+            owner = getattr(obj, "__name__", type(obj).__name__)
+            raise BuildError(f"--without-gpu: {owner}.{name} does not exist in this torch/triton; the GPU-less "
+                             f"build supports only {SUPPORTED}")
+        if isinstance(obj, type) and name not in vars(obj):  # inherited: remove the override afterwards
+            undo.append(lambda: delattr(obj, name))
+        else:  # the raw attribute (a staticmethod stays a staticmethod)
+            saved = vars(obj)[name] if isinstance(obj, type) else getattr(obj, name)
+            undo.append(lambda: setattr(obj, name, saved))
         setattr(obj, name, value)
+        owner = obj.__name__ if isinstance(obj, types.ModuleType) else f"{obj.__module__}:{obj.__qualname__}"
+        last_patched.append(f"{owner}:{name}" if isinstance(obj, types.ModuleType) else f"{owner}.{name}")
 
     def get_props(device: Any = None) -> _Props:
         return props
 
-    iface = di.CudaInterface
-    patch(torch.cuda, "get_device_properties", get_props)
-    patch(torch.cuda, "get_device_capability", lambda device=None: (target.major, target.minor))
-    patch(torch.cuda, "get_device_name", lambda device=None: target.name)
-    patch(iface, "get_device_properties", staticmethod(get_props))
-    patch(iface, "is_available", staticmethod(lambda: True))
-    patch(iface, "exchange_device", staticmethod(lambda device: 0))
-    patch(iface, "maybe_exchange_device", staticmethod(lambda device: 0))
-    patch(iface, "set_device", staticmethod(lambda device: None))
-    patch(iface, "current_device", staticmethod(lambda: 0))
-    patch(iface, "device_count", staticmethod(lambda: 1))
-    patch(iface, "get_raw_stream", staticmethod(lambda device=None: 0))
-    patch(iface, "synchronize", staticmethod(lambda device=None: None))
-    patch(iface, "get_compute_capability", staticmethod(lambda device=None: target.arch))
-    patch(iface, "is_bf16_supported", staticmethod(lambda including_emulation=False: True))
-    saved_workers = (dict(di.caching_worker_current_devices), dict(di.caching_worker_device_properties))
-    di.caching_worker_current_devices["cuda"] = 0
-    di.caching_worker_device_properties["cuda"] = [props]
-    hints.DeviceProperties.create.cache_clear()
-    torch_triton.has_triton.cache_clear()
-
-    driver = triton.runtime.driver
-    previous_driver = driver._active  # None until something asks (asking, with no GPU, raises)
-    driver.set_active(_offline_driver(target))
-    token = triton_helpers._skip_gpu_driver_setup.set(True)
-
-    def run_without_launch(self, *args, stream, benchmark_run=False, **kwargs):
-        # Compile the kernel's first heuristic config and record its binary for the package; no launch.
-        if not self.launchers:
-            self.configs = self.configs[:1]
-            self.compile_results = self.compile_results[:1]
-            self.precompile()
-        launcher = self.launchers[0]
-        self.launchers = [launcher]
-        if self.save_cache_hook:
-            self.save_cache_hook(launcher.config, 0)
-        self.save_gpu_kernel(stream, launcher)
-
-    patch(triton_heuristics.CachingAutotuner, "run", run_without_launch)
-
-    # The autotune block Inductor generates allocates example inputs on the GPU, enters the device and asks
-    # for its stream: meta tensors, no-ops and stream 0 instead.
-    def example_value(size, stride, device, dtype, extra_size, allocation_size=None):
-        t = torch.empty_strided(allocation_size or size, stride, device="meta", dtype=dtype)
-        return t.as_strided(size, stride) if allocation_size not in (None, size) else t
-
-    def empty_strided_meta(size, stride, dtype, *rest, **kwargs):
-        return torch.empty_strided(size, stride, device="meta", dtype=dtype)
-
-    class _NoDeviceGuard:
-        def __init__(self, index):
-            self.idx = index
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-    patch(select_algorithm.AlgorithmSelectorCache, "generate_example_value", staticmethod(example_value))
-    # Inductor merges constants whose storages share a data pointer; every fake weight's pointer is 0, so
-    # two different weights of one shape (two biases) would become one: a wrong answer, not an error. Only
-    # the very same tensor object is the same constant here.
-    patch(graph, "is_same_tensor", lambda data, value: data is value)
-    patch(torch._C._dynamo.guards, "_empty_strided_cuda", empty_strided_meta)
-    patch(torch.cuda, "_DeviceGuard", _NoDeviceGuard)
-    patch(torch._C, "_cuda_getCurrentRawStream", lambda device=None: 0)
     try:
-        yield target
-    finally:
-        triton_helpers._skip_gpu_driver_setup.reset(token)
-        driver._active = previous_driver
-        for obj, name, value in reversed(patches):
-            setattr(obj, name, value)
-        di.caching_worker_current_devices.clear()
-        di.caching_worker_current_devices.update(saved_workers[0])
-        di.caching_worker_device_properties.clear()
-        di.caching_worker_device_properties.update(saved_workers[1])
+        iface = di.CudaInterface
+        patch(torch.cuda, "get_device_properties", get_props)
+        patch(torch.cuda, "get_device_capability", lambda device=None: (target.major, target.minor))
+        patch(torch.cuda, "get_device_name", lambda device=None: target.name)
+        patch(iface, "get_device_properties", staticmethod(get_props))
+        patch(iface, "is_available", staticmethod(lambda: True))
+        patch(iface, "exchange_device", staticmethod(lambda device: 0))
+        patch(iface, "maybe_exchange_device", staticmethod(lambda device: 0))
+        patch(iface, "set_device", staticmethod(lambda device: None))
+        patch(iface, "current_device", staticmethod(lambda: 0))
+        patch(iface, "device_count", staticmethod(lambda: 1))
+        patch(iface, "get_raw_stream", staticmethod(lambda device=None: 0))
+        patch(iface, "synchronize", staticmethod(lambda device=None: None))
+        patch(iface, "get_compute_capability", staticmethod(lambda device=None: target.arch))
+        patch(iface, "is_bf16_supported", staticmethod(lambda including_emulation=False: True))
+
+        # Compile workers' cached view of the devices.
+        saved_workers = (dict(di.caching_worker_current_devices), dict(di.caching_worker_device_properties))
+
+        def restore_workers():
+            for live, saved in zip((di.caching_worker_current_devices, di.caching_worker_device_properties),
+                                   saved_workers):
+                live.clear()
+                live.update(saved)
+
+        undo.append(restore_workers)
+        di.caching_worker_current_devices["cuda"] = 0
+        di.caching_worker_device_properties["cuda"] = [props]
+        # Cached answers computed before (no GPU, no Triton device) must be asked again, and again after.
+        undo.append(hints.DeviceProperties.create.cache_clear)
+        undo.append(torch_triton.has_triton.cache_clear)
         hints.DeviceProperties.create.cache_clear()
         torch_triton.has_triton.cache_clear()
+
+        driver = triton.runtime.driver
+        previous_driver = driver._active  # None until something asks (asking, with no GPU, raises)
+        undo.append(lambda: setattr(driver, "_active", previous_driver))
+        driver.set_active(_offline_driver(target))
+        token = triton_helpers._skip_gpu_driver_setup.set(True)
+        undo.append(lambda: triton_helpers._skip_gpu_driver_setup.reset(token))
+
+        patch(triton_heuristics.CachingAutotuner, "run", _run_without_launch)
+        # The autotune block Inductor generates allocates example inputs on the GPU, enters the device and
+        # asks for its stream: meta tensors, no-ops and stream 0 instead.
+        patch(select_algorithm.AlgorithmSelectorCache, "generate_example_value", staticmethod(_example_value))
+        patch(torch._C._dynamo.guards, "_empty_strided_cuda", _empty_strided_meta)
+        patch(torch.cuda, "_DeviceGuard", _NoDeviceGuard)
+        patch(torch._C, "_cuda_getCurrentRawStream", lambda device=None: 0)
+        # Inductor merges constants whose storages share a data pointer; every fake weight's pointer is 0, so
+        # two different weights of one shape (two biases) would become one: a wrong answer, not an error.
+        # Only the very same tensor object is the same constant here.
+        patch(graph, "is_same_tensor", lambda data, value: data is value)
+        yield target
+    finally:
+        for step in reversed(undo):
+            step()
 
 
 def fake_cuda_program(exported):

@@ -199,12 +199,42 @@ def test_build_log_shows_the_cuda_stage(mixed_pack):
     assert "not autotuned" in log
 
 
-def test_offline_mode_restores_everything_it_patched():
-    before = (torch.cuda.get_device_properties, torch.cuda._DeviceGuard, torch._C._cuda_getCurrentRawStream)
+def _resolve(qualified: str):
+    import importlib
+
+    module, attr = qualified.split(":")
+    obj = importlib.import_module(module)
+    for part in attr.split("."):
+        obj = vars(obj)[part] if isinstance(obj, type) and part in vars(obj) else getattr(obj, part)
+    return obj
+
+
+def test_offline_mode_patches_exactly_the_listed_private_names_and_restores_them():
+    from torch._dynamo.device_interface import CudaInterface
+
+    before = {name: _resolve(name) for name in _cuda_offline.PATCHED}  # each exists in this torch/triton
+    raw_before = vars(CudaInterface)["is_available"]
     with _cuda_offline.offline_cuda(80) as target:
         assert torch.cuda.get_device_properties(0).multi_processor_count == target.sms == 108
         assert torch.cuda.get_device_capability(0) == (8, 0)
-    assert (torch.cuda.get_device_properties, torch.cuda._DeviceGuard, torch._C._cuda_getCurrentRawStream) == before
+        assert CudaInterface.is_available()
+    assert sorted(_cuda_offline.last_patched) == sorted(_cuda_offline.PATCHED)
+    assert all(_resolve(name) is value for name, value in before.items())
+    assert vars(CudaInterface)["is_available"] is raw_before  # still the staticmethod object
+    assert not torch.cuda.is_available() and not CudaInterface.is_available()
+
+
+def test_offline_mode_restores_what_it_changed_when_entering_fails(monkeypatch):
+    from torch._inductor import graph
+
+    original = graph.is_same_tensor
+    props, guard = torch.cuda.get_device_properties, torch.cuda._DeviceGuard
+    monkeypatch.delattr(torch._C, "_cuda_getCurrentRawStream")
+    with pytest.raises(rt.AotpackError, match=r"_cuda_getCurrentRawStream does not exist in this torch/triton"):
+        with _cuda_offline.offline_cuda(90):
+            pass
+    assert torch.cuda.get_device_properties is props and torch.cuda._DeviceGuard is guard
+    assert graph.is_same_tensor is original
     assert not torch.cuda.is_available()
 
 
