@@ -319,7 +319,7 @@ def fake_cuda_program(exported):
 
     copied = program_copy(exported)
     with FakeTensorMode(allow_non_fake_inputs=True):
-        return move_to_device_pass(copied, "cuda")
+        return move_to_device_pass(copied, "cuda:0")
 
 
 def cuda_home() -> str | None:

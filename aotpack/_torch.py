@@ -40,10 +40,15 @@ CUDA_INDUCTOR_CONFIG: dict[str, Any] = {
     "coordinate_descent_tuning": False,
 }
 
-# Added when there is no GPU: nothing may benchmark on one (pad_mm does), and nothing may cache.
+# Added when there is no GPU: nothing may benchmark on one (pad_mm does), nothing may run a real op on one
+# (the joint-graph constant folding evaluates pointwise ops, e.g. a masked_fill's -inf, on the graph's
+# device; the kernels compute those values instead), and nothing may read a weight's value (Inductor inlines
+# small weights, e.g. a bias of one element, into the code; the weights are fake here: they stay weights).
 NO_GPU_INDUCTOR_CONFIG: dict[str, Any] = {
     "shape_padding": False,
     "benchmark_kernel": False,
+    "joint_graph_constant_folding": False,
+    "always_keep_tensor_constants": True,
 }
 
 # gcc -march level and Inductor vector width for each CPU ISA a pack can target.
@@ -141,7 +146,7 @@ def move_to_cuda(exported):
     current GPU; the original is not changed."""
     from torch.export.passes import move_to_device_pass
 
-    return move_to_device_pass(program_copy(exported), "cuda")
+    return move_to_device_pass(program_copy(exported), f"cuda:{torch.cuda.current_device()}")
 
 
 def treespec_parts(spec) -> tuple[type | None, Any, list]:

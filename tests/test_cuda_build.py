@@ -60,6 +60,14 @@ def cuda_only_pack(session_dir) -> pathlib.Path:
                       "--cuda-arch", "90", "--without-gpu")
 
 
+@pytest.fixture(scope="session")
+def kwargs_pack(session_dir) -> pathlib.Path:
+    """The keyword-argument model (a masked_fill with -inf, a one-element bias) for sm_86: Inductor would
+    evaluate the fill and read the bias's value at compile time, which fake weights on no GPU cannot give."""
+    return _cli_build(session_dir / "cuda-kwargs", "multi_io.py", "multi-io-cuda.pack", "--device", "cuda",
+                      "--cuda-arch", "86", "--without-gpu")
+
+
 def _extract(archive: Archive, blob: str, folder: pathlib.Path) -> pathlib.Path:
     path = folder / blob.replace("/", "_")
     path.write_bytes(archive.read_blob(blob))
@@ -98,9 +106,11 @@ def test_weights_are_stored_once_and_every_entry_uses_all_of_them(mixed_pack):
     assert len([b for b in m.blobs if b.name.startswith("weights/")]) == len(m.weights)
 
 
-def test_every_kernel_carries_the_requested_sass_and_disassembles(mixed_pack, cuda_only_pack, tmp_path):
+def test_every_kernel_carries_the_requested_sass_and_disassembles(mixed_pack, cuda_only_pack, kwargs_pack,
+                                                                tmp_path):
     for pack, sass, ptx in ((mixed_pack, ["sm_80", "sm_90"], ["compute_80"]),
-                            (cuda_only_pack, ["sm_90a"], ["compute_90a"])):
+                            (cuda_only_pack, ["sm_90a"], ["compute_90a"]),
+                            (kwargs_pack, ["sm_86"], ["compute_86"])):
         archive = Archive.open(str(pack))
         cuda_entries = [e for e in archive.manifest.entries if e["device"] == "cuda"]
         assert len(cuda_entries) == 1
@@ -254,7 +264,8 @@ def test_verify_on_this_host_checks_the_cpu_entry_and_says_what_cannot_run(mixed
     assert checks["host"]["detail"].startswith("the pack has only CUDA entries and torch ")
 
 
-@pytest.mark.parametrize("which, example", [("mixed_pack", "mlp.py"), ("cuda_only_pack", "convnet.py")])
+@pytest.mark.parametrize("which, example", [("mixed_pack", "mlp.py"), ("cuda_only_pack", "convnet.py"),
+                                            ("kwargs_pack", "multi_io.py")])
 def test_stored_weights_are_the_models_real_values(which, example, request):
     """The CUDA compile works on a fake copy of the graph; the pack must hold the real weights (one build
     compiles in this process, the other in worker processes)."""
