@@ -57,6 +57,14 @@ def describe(archive: Archive) -> dict:
     }
 
 
+def _per_device(entries: list[dict]) -> str:
+    """': 1 cpu + 1 cuda' for a pack with more than one kind of entry, else nothing."""
+    counts: dict[str, int] = {}
+    for e in entries:
+        counts[str(e.get("device"))] = counts.get(str(e.get("device")), 0) + 1
+    return f": {' + '.join(f'{n} {d}' for d, n in counts.items())}" if len(counts) > 1 else ""
+
+
 def render(info: dict[str, Any]) -> str:
     """``describe``'s data as text for people."""
     p = info["producer"]
@@ -68,7 +76,8 @@ def render(info: dict[str, Any]) -> str:
         f"target:   {t.get('machine')} cpu_isa={t.get('cpu_isa')} torch {t.get('torch_series')}.x",
         f"weights:  {info['weights']['count']} tensors, {info['weights']['bytes']:,} bytes (stored once, "
         "shared by all entries)",
-        f"entries:  {len(info['entries'])} (tried in this order; the first whose guards pass runs)",
+        f"entries:  {len(info['entries'])}{_per_device(info['entries'])} (tried in this order; the first whose guards "
+        "pass runs)",
     ]
     for e in info["entries"]:
         lines.append(f"  entry {e['name']} [{e['device']}]: library {e['library']['size']:,} bytes, "

@@ -163,6 +163,7 @@ def test_inspect_lists_kernels_per_arch(mixed_pack):
     text = subprocess.run([sys.executable, "-m", "aotpack", "inspect", str(mixed_pack)], capture_output=True,
                           text=True, cwd=ROOT, timeout=120).stdout
     kernel = gpu["cuda"]["kernels"][0]
+    assert "entries:  2: 1 cpu + 1 cuda (tried in this order" in text
     assert "entry 1 [cuda]" in text and kernel["name"] in text
     assert "sm_80" in text and "sm_90" in text and "compute_80" in text
     assert "without a GPU" in text
