@@ -10,7 +10,6 @@ changed between releases, so the whole mode is gated on the exact versions in ``
 from __future__ import annotations
 
 import contextlib
-import os
 import types
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -320,12 +319,3 @@ def fake_cuda_program(exported):
     copied = program_copy(exported)
     with FakeTensorMode(allow_non_fake_inputs=True):
         return move_to_device_pass(copied, "cuda:0")
-
-
-def cuda_home() -> str | None:
-    for candidate in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
-        if candidate and os.path.isfile(os.path.join(candidate, "include", "cuda.h")):
-            return candidate
-    return None
-
-

@@ -193,7 +193,9 @@ def compile_exported(exported, options: BuildOptions, slot: int = 0, device: str
         except Exception as e:  # a compiler failure, or a lowering Inductor does not support
             raise BuildError(f"Inductor could not compile the graph: {type(e).__name__}: "
                              f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
-        library, sources = _unpack(package, root)
+        library, sources, binaries = _unpack(package, root)
+        if binaries:
+            raise BuildError("Inductor produced GPU kernels for a CPU entry")
         # dlopen returns an already-loaded library for a path it has seen: name the file by its content.
         so_path = os.path.join(root, hashlib.sha256(library).hexdigest() + ".so")
         with open(so_path, "wb") as f:
@@ -237,7 +239,7 @@ def compile_cuda(exported, options: BuildOptions, slot: int = 0) -> CompiledEntr
             except Exception as e:
                 raise BuildError(f"Inductor could not compile the graph for CUDA: {type(e).__name__}: "
                                  f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
-        library, sources, binaries = _unpack(package, root, with_binaries=True)
+        library, sources, binaries = _unpack(package, root)
         wrapper = sources.get("wrapper.cpp", b"").decode()
         records = []
         listed = cudabuild.wrapper_kernels(wrapper)
@@ -284,7 +286,8 @@ def _wrapper_constants(wrapper: str) -> dict:
     return {names[i]: fqns[i] for i in sorted(names, key=int)}
 
 
-def _unpack(package: str, root: str, with_binaries: bool = False):
+def _unpack(package: str, root: str) -> tuple[bytes, dict, dict]:
+    """The shared object, the generated sources (paths normalized) and the kernel binaries of a package."""
     library = None
     sources = {}
     binaries = {}
@@ -303,11 +306,7 @@ def _unpack(package: str, root: str, with_binaries: bool = False):
                 sources["kernel.cpp"] = normalize_source(z.read(info).decode(), root).encode()
     if library is None:
         raise BuildError("Inductor produced no shared object")
-    if with_binaries:
-        return library, sources, binaries
-    if binaries:
-        raise BuildError("Inductor produced GPU kernels for a CPU entry")
-    return library, sources
+    return library, sources, binaries
 
 
 def _worker(folder: str, slot: int) -> None:

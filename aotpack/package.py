@@ -58,8 +58,7 @@ def write_archive(path: str | os.PathLike, manifest: dict, blobs: list[Blob], le
                                       compression=compression).to_json())
         stored.append(data)
         offset += len(data)
-    # Version 2 added CUDA entries; a pack without one is written as version 1, which older readers accept.
-    version = 2 if any(e.get("device") == "cuda" for e in manifest.get("entries", [])) else 1
+    version = fmt.version_for(manifest.get("entries", []))
     body = dict(manifest, blobs=records, format="aotpack", format_version=version)
     fmt.Manifest.from_json(body)  # the reader's schema is the writer's check
     mbytes = fmt.canonical_json(body)

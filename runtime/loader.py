@@ -75,7 +75,10 @@ class Entry:
             [o["index"] for o in output_leaves] == list(range(len(output_leaves)))
 
     def run(self, tensors: list[torch.Tensor]) -> Any:
-        flat = _torch.run(self._runner, tensors)
+        return self._outputs_from(_torch.run(self._runner, tensors))
+
+    def _outputs_from(self, flat: list) -> Any:
+        """The model's output structure from the native code's flat output tensors."""
         if not self._simple_output:
             flat = [flat[o["index"]] if o["kind"] == "tensor" else o["value"] for o in self._output_leaves]
         if self._outputs["type"] == "leaf":
@@ -119,12 +122,7 @@ class CudaEntry(Entry):
         runner = self._runners.get(index)
         if runner is None:
             runner = self.runner(index)
-        flat = _torch.cuda_run(runner, tensors, index)
-        if not self._simple_output:
-            flat = [flat[o["index"]] if o["kind"] == "tensor" else o["value"] for o in self._output_leaves]
-        if self._outputs["type"] == "leaf":
-            return flat[0]
-        return rebuild(self._outputs, flat, [0])
+        return self._outputs_from(_torch.cuda_run(runner, tensors, index))
 
     def _refuse_mixed(self, tensors: list[torch.Tensor]) -> None:
         placed = ", ".join(f"{who} on {t.device}" for who, t in zip(self._tensor_names, tensors))
