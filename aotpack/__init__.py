@@ -19,7 +19,7 @@ from aotpack_runtime.errors import BuildError, ModelFileError  # noqa: E402
 def build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, example_kwargs: dict | None = None,
           dynamic_shapes: Any = None, specializations: Any = (), cpu_isa: str | None = None,
           devices: tuple[str, ...] = ("cpu",), cuda_archs: Any = (), without_gpu: bool = False,
-          progress: Any = None) -> pathlib.Path:
+          cpu_threads: int | None = None, progress: Any = None) -> pathlib.Path:
     """Capture, guard, compile and package ``model(*example_inputs, **example_kwargs)`` into ``output``.
 
     ``model`` is an ``nn.Module`` or a plain function of tensors; ``example_inputs`` a tuple. Module state
@@ -33,17 +33,19 @@ def build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, exam
     the host has it). ``devices`` picks the kinds of entries (``("cpu",)``, ``("cuda",)`` or both);
     ``cuda_archs`` the compute capabilities of CUDA code (``"80,90"`` or ``(80, 90)``; default the build
     GPU's); ``without_gpu`` builds CUDA entries on a host with no GPU (experimental, see the README).
+    ``cpu_threads`` is the thread count the CPU code's parallel loops are planned for (default 16; the code
+    runs on as many threads as the serving process has).
     ``progress`` is called with one line of text per build event (default: silent).
     Returns the path of the written pack.
     """
+    from .options import DEFAULT_CPU_THREADS, BuildOptions
     from .pipeline import build as _build
-    from .options import BuildOptions
 
+    archs = tuple(cuda_archs) if isinstance(cuda_archs, (list, tuple)) else (cuda_archs,)
+    options = BuildOptions(cpu_isa=cpu_isa, devices=tuple(devices), cuda_archs=archs, without_gpu=without_gpu,
+                           cpu_threads=DEFAULT_CPU_THREADS if cpu_threads is None else cpu_threads)
     report = _build(model, example_inputs, output, example_kwargs=example_kwargs, dynamic_shapes=dynamic_shapes,
-                    specializations=specializations, options=BuildOptions(cpu_isa=cpu_isa, devices=tuple(devices),
-                                                                   cuda_archs=tuple(cuda_archs) if isinstance(cuda_archs, (list, tuple)) else (cuda_archs,),
-                                                                   without_gpu=without_gpu),
-                    progress=progress)
+                    specializations=specializations, options=options, progress=progress)
     return report.output
 
 

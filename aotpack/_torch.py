@@ -15,19 +15,28 @@ from typing import Any, Iterator
 import torch
 import torch.utils._pytree as pytree
 
-# Inductor options every aotpack build uses (see docs/FORMAT.md, "Native code"):
+# The name Inductor gives its generated files instead of a hash of their content and compile command (the
+# command names the torch install folder, and the file name ends up in the code through __FILE__).
+GENERATED_NAME = "model"
+
+# Inductor options every aotpack build uses (see README, "Reproducibility"):
 #  - weights are not embedded in the .so: the pack stores them once and hands them to each entry;
 #  - no debug line tables and no precompiled headers: both put build paths into the code;
-#  - no FX graph cache and one compile thread, so a build starts from nothing (the scratch folder is
-#    emptied before each build) and its output depends only on its inputs. (force_disable_caches is not
-#    used: it compiles in a randomly named folder, whose name ends up in the code.)
+#  - no FX graph cache and one compile thread, so a build starts from nothing (each build compiles in a
+#    new, private folder) and its output depends only on its inputs;
+#  - fixed file names, dynamic OpenMP regions (the code takes the serving process's thread count), and
+#    the vector ISA taken from the build options instead of probing the build host's CPU (cpp.vec_isa_ok:
+#    no test program is compiled). See ``inductor_options`` for the thread plan.
 BASE_INDUCTOR_CONFIG: dict[str, Any] = {
     "aot_inductor.package_constants_in_so": False,
     "aot_inductor.enable_line_tables": False,
-    "aot_inductor.precompile_headers": False,
+    "aot_inductor.precompile_headers": True,
     "aot_inductor.debug_compile": False,
+    "aot_inductor.model_name_for_generated_files": GENERATED_NAME,
     "fx_graph_cache": False,
     "compile_threads": 1,
+    "cpp.dynamic_threads": True,
+    "cpp.vec_isa_ok": True,
 }
 
 # Added for CUDA entries: one fatbin per kernel (SASS for each architecture in TORCH_CUDA_ARCH_LIST at or
@@ -58,6 +67,21 @@ ISA_COMPILER_OPTIONS: dict[str, dict[str, Any]] = {
     "avx512": {"cpp.march": "x86-64-v4", "cpp.simdlen": 512},
     "native": {"cpp.march": "native"},
 }
+
+
+def inductor_options(cpu_isa: str, cpu_threads: int) -> dict[str, Any]:
+    """The Inductor config of a build for ``cpu_isa``, with CPU code planned for ``cpu_threads`` threads.
+
+    Inductor decides how many loop levels of a kernel to parallelise from a thread count (by default
+    torch.get_num_threads(), and baked into the code as ``num_threads(N)`` when it differs from the cores):
+    a build under OMP_NUM_THREADS=1, as Ray and Dask workers set, would emit serial kernels. A fixed plan and
+    dynamic OpenMP regions make the code independent of the build host's cores and thread settings, while
+    it still uses every thread the serving process has.
+    """
+    config = dict(BASE_INDUCTOR_CONFIG)
+    config.update(ISA_COMPILER_OPTIONS[cpu_isa])
+    config["cpp.threads"] = cpu_threads
+    return config
 
 
 def export_strict(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any = None):
@@ -103,11 +127,124 @@ def inductor_config(options: dict[str, Any]) -> Iterator[None]:
         yield
 
 
+# The vector ISA class Inductor uses for each CPU ISA a pack can target (None: scalar code).
+_VEC_ISA_CLASSES = {"x86-64": None, "avx2": "VecAVX2", "avx512": "VecAVX512"}
+
+
+@contextlib.contextmanager
+def pinned_vec_isa(cpu_isa: str) -> Iterator[None]:
+    """Make Inductor generate vector code for ``cpu_isa`` whatever CPU the build host has.
+
+    Inductor picks its vector ISA from the ISAs it finds valid on the build host (it compiles and runs a
+    test program for each), so two hosts with different CPUs could generate different code for the same
+    target. aotpack checks the host against the target itself (BuildOptions.resolved); here the list of
+    valid ISAs is exactly the target's. ``native`` keeps Inductor's own probing: it means this host.
+    """
+    if cpu_isa not in _VEC_ISA_CLASSES:
+        yield
+        return
+    from torch._inductor import cpu_vec_isa
+
+    name = _VEC_ISA_CLASSES[cpu_isa]
+    pinned = [] if name is None else [getattr(cpu_vec_isa, name)()]
+    saved = cpu_vec_isa.valid_vec_isa_list
+    cpu_vec_isa.valid_vec_isa_list = lambda: list(pinned)
+    try:
+        yield
+    finally:
+        cpu_vec_isa.valid_vec_isa_list = saved
+
+
+@contextlib.contextmanager
+def serial_small_kernels() -> Iterator[None]:
+    """Keep small CPU kernels serial under ``cpp.dynamic_threads``.
+
+    With dynamic threads Inductor opens an OpenMP parallel region in every kernel, even a loop over 24
+    elements, where the region costs more than the work (measured: a small model's call went from 34 to
+    54 us on 2 cores). Here the parallel depth of each kernel is decided as without dynamic threads (for the
+    planned thread count), while the regions that remain still take the thread count at run time.
+    """
+    from torch._inductor import config
+    from torch._inductor.codegen.cpp import CppKernel
+
+    original = CppKernel.decide_parallel_depth
+
+    def decide_parallel_depth(self, max_parallel_depth, threads):
+        with config.patch({"cpp.dynamic_threads": False}):
+            return original(self, max_parallel_depth, threads)
+
+    CppKernel.decide_parallel_depth = decide_parallel_depth
+    try:
+        yield
+    finally:
+        CppKernel.decide_parallel_depth = original
+
+
+def build_prefixes(root: str) -> list[tuple[str, str]]:
+    """(host folder, fixed name) pairs that the compiler writes into code in place of host paths (through
+    ``__FILE__`` in torch's headers and the generated sources): the Python installation, torch's folder and
+    the build's scratch folder ``root``. In GCC's ``-ffile-prefix-map`` the last matching pair wins: the
+    most specific comes last."""
+    return _install_prefixes() + [(os.path.realpath(root), "/aotpack/build"), (root, "/aotpack/build")]
+
+
+def _install_prefixes() -> list[tuple[str, str]]:
+    pairs = []
+    for prefix in dict.fromkeys((sys.base_prefix, sys.prefix)):
+        pairs += [(os.path.realpath(prefix), "/aotpack/python"), (prefix, "/aotpack/python")]
+    torch_dir = os.path.dirname(torch.__file__)
+    pairs += [(os.path.realpath(torch_dir), "/aotpack/torch"), (torch_dir, "/aotpack/torch")]
+    return list(dict.fromkeys(pairs))
+
+
+# The environment variable through which the compiler wrapper learns the current build's scratch folder.
+BUILD_ROOT_ENV = "AOTPACK_BUILD_ROOT"
+
+
+def compiler_wrapper(folder: str, compiler: str) -> str:
+    """A wrapper script, under ``folder``, that runs ``compiler`` with ``-ffile-prefix-map`` options
+    replacing every host path (``build_prefixes``) in what the compiler writes; return its path for
+    Inductor's ``cpp.cxx``. The script is the same for every build with this toolchain (the scratch folder
+    comes from ``$AOTPACK_BUILD_ROOT``), so its path, which Inductor hashes into cache keys, is stable.
+    The name keeps "g++" because Inductor picks GCC's flags by the compiler's name."""
+    import hashlib
+    import shlex
+
+    maps = " ".join(shlex.quote(f"-ffile-prefix-map={host}={fixed}") for host, fixed in _install_prefixes())
+    root = f'"-ffile-prefix-map=${BUILD_ROOT_ENV}=/aotpack/build"'
+    script = f"#!/bin/sh\nexec {shlex.quote(compiler)} \"$@\" {maps} {root}\n"
+    path = os.path.join(folder, hashlib.sha256(script.encode()).hexdigest()[:16], "g++")
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            f.write(script)
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, path)
+    return path
+
+
+@contextlib.contextmanager
+def precompiled_header_dir(folder: str) -> Iterator[None]:
+    """Keep Inductor's precompiled headers in ``folder`` (its default is a fixed folder in /tmp, chosen at
+    import and ignoring TORCHINDUCTOR_CACHE_DIR). Their names are hashes of the header's preprocessed text,
+    the compile command and the compiler version, so builds with the same toolchain share them."""
+    from torch._inductor import codecache
+
+    saved = codecache._HEADER_DIR, codecache._HEADER_LOCK_DIR
+    codecache._HEADER_DIR, codecache._HEADER_LOCK_DIR = folder, os.path.join(folder, "locks")
+    try:
+        yield
+    finally:
+        codecache._HEADER_DIR, codecache._HEADER_LOCK_DIR = saved
+
+
 @contextlib.contextmanager
 def private_build_dirs(root: str) -> Iterator[None]:
     """Point Inductor's cache and every temporary file of the build at ``root`` for the duration."""
-    saved = {k: os.environ.get(k) for k in ("TORCHINDUCTOR_CACHE_DIR", "TMPDIR")}
+    saved = {k: os.environ.get(k) for k in ("TORCHINDUCTOR_CACHE_DIR", "TMPDIR", BUILD_ROOT_ENV)}
     saved_tempdir = tempfile.tempdir
+    os.environ[BUILD_ROOT_ENV] = root
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(root, "inductor")
     os.environ["TMPDIR"] = os.path.join(root, "tmp")
     os.makedirs(os.environ["TMPDIR"], exist_ok=True)

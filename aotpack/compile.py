@@ -2,17 +2,18 @@
 entry; for a CUDA entry, a C++ wrapper library plus one Triton kernel binary (a fatbin: SASS for each
 requested architecture and PTX for the lowest) per kernel.
 
-Entry ``i`` always compiles in the fixed scratch folder ``/tmp/aotpack-build/slot-i`` (emptied before and
-after, held under a file lock), because Inductor writes that folder's path into generated source, file
-names and the library; a fixed path makes the output depend only on the model, the options and the
-toolchain. A pack with several entries compiles them in parallel worker processes (as many as there are
-cores), each from the entry's graph saved with ``torch.export.save``; the output does not depend on how
-many workers ran.
+Every compile runs in a new, private scratch folder (removed afterwards), so builds on one host run side by
+side. The output does not depend on that folder, on where torch and Python are installed, on the build
+host's CPU model or core count: Inductor's files get fixed names, the compiler maps every host path to a
+fixed name (``-ffile-prefix-map``, through a small wrapper script Inductor calls as its compiler), the
+vector ISA comes from the build options, and the code is planned for a fixed thread count with dynamic
+OpenMP regions (see ``_torch.inductor_options``). A pack with several entries compiles them in parallel
+worker processes (as many as there are cores), each from the entry's graph saved with
+``torch.export.save``; the output does not depend on how many workers ran.
 """
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -35,9 +36,6 @@ from . import _torch
 from .capture import Captured
 from .options import BuildOptions
 
-SCRATCH = "/tmp/aotpack-build"
-
-
 @dataclass(frozen=True)
 class CompiledEntry:
     """The native code of one entry and what it needs."""
@@ -53,36 +51,42 @@ class CompiledEntry:
 
 
 @contextlib.contextmanager
-def scratch_dir(slot: int = 0) -> Iterator[str]:
-    """Entry ``slot``'s fixed build folder, locked against concurrent builds, emptied before and after."""
-    base = SCRATCH
+def scratch_dir() -> Iterator[str]:
+    """A new, private build folder under the temporary folder (``TMPDIR``), removed afterwards."""
     try:
-        os.makedirs(base, exist_ok=True)
-        if os.stat(base).st_uid != os.getuid():
-            raise PermissionError
-    except PermissionError:
-        base = f"{SCRATCH}-{os.getuid()}"
-        os.makedirs(base, exist_ok=True)
-    root = os.path.join(base, f"slot-{slot}")
-    os.makedirs(root, exist_ok=True)
-    with open(root + ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            _empty(root)
-            yield root
-        finally:
-            _empty(root)
-            fcntl.flock(lock, fcntl.LOCK_UN)
+        root = os.path.realpath(tempfile.mkdtemp(prefix="aotpack-build-"))
+    except OSError as e:
+        raise BuildError(f"cannot create a build folder in {tempfile.gettempdir()}: {e.strerror}; set TMPDIR to "
+                         "a writable folder with room for the build (Inductor writes about 200 MB there)") from None
+    try:
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
-def _empty(root: str) -> None:
-    for name in os.listdir(root):
-        path = os.path.join(root, name)
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
+@contextlib.contextmanager
+def build_environment(root: str, options: BuildOptions, config: dict) -> Iterator[dict]:
+    """Everything a compile in ``root`` needs to be private and reproducible: Inductor's caches and temporary
+    files inside ``root``, the compiler wrapper that maps host paths away, the pinned vector ISA. Yields the
+    Inductor config to compile with."""
+    compiler = shutil.which(os.environ.get("CXX", "g++"))
+    if compiler is None:
+        raise BuildError(f"no C++ compiler: {os.environ.get('CXX', 'g++')!r} is not on PATH; install g++ "
+                         "(Debian/Ubuntu: apt-get install g++) or set CXX")
+    toolchain = toolchain_dir()
+    config = dict(config)
+    config["cpp.cxx"] = (_torch.compiler_wrapper(os.path.join(toolchain, "bin"), compiler),)
+    with _torch.private_build_dirs(root), _torch.precompiled_header_dir(os.path.join(toolchain, "pch")), \
+            _torch.pinned_vec_isa(options.cpu_isa), _torch.serial_small_kernels():
+        yield config
+
+
+def toolchain_dir() -> str:
+    """Where builds keep what they share on this host: the compiler wrapper and precompiled headers
+    (``$AOTPACK_BUILD_CACHE/toolchain``; see ``buildcache``)."""
+    base = os.environ.get("AOTPACK_BUILD_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "aotpack", "build")
+    return os.path.join(base, "toolchain")
 
 
 def compiler_version() -> str:
@@ -98,10 +102,15 @@ def compiler_version() -> str:
 
 
 def normalize_source(text: str, root: str) -> str:
-    """Replace build-host paths in generated source with placeholders."""
-    text = text.replace(root, "<build>")
-    text = text.replace(os.path.dirname(torch.__file__), "<torch>")
-    text = text.replace(sys.prefix, "<python>").replace(sys.base_prefix, "<python>")
+    """Replace build-host paths in generated source (the compile commands Inductor appends as comments)
+    with placeholders: the scratch folder, torch's and Python's folders, and the toolchain folder's compiler
+    wrapper and precompiled headers (whose names hash host paths)."""
+    toolchain = toolchain_dir()
+    text = re.sub(re.escape(toolchain) + r"/bin/[0-9a-f]+/g\+\+", "g++", text)
+    text = re.sub(re.escape(toolchain) + r"/pch/[a-z0-9]+\.h", "<precompiled header>", text)
+    placeholders = {"/aotpack/build": "<build>", "/aotpack/torch": "<torch>", "/aotpack/python": "<python>"}
+    for host, fixed in reversed(_torch.build_prefixes(root)):  # most specific first
+        text = text.replace(host, placeholders[fixed])
     return text
 
 
@@ -113,12 +122,12 @@ def compile_entries(captured: list[Captured], options: BuildOptions,
     devices = devices or ["cpu"] * len(captured)
     if len(captured) == 1:
         start = time.perf_counter()
-        entry = compile_exported(captured[0].exported, options, slot=0, device=devices[0])
+        entry = compile_exported(captured[0].exported, options, device=devices[0])
         if progress:
             progress(f"      entry 1 of 1 ({devices[0]}): {len(entry.kernels)} kernels in "
                      f"{time.perf_counter() - start:.1f} s")
         return [entry]
-    workers = max(1, min(len(captured), os.cpu_count() or 1))
+    workers = max(1, min(len(captured), len(os.sched_getaffinity(0))))
     with tempfile.TemporaryDirectory(prefix="aotpack-entries-") as tmp:
         jobs = []
         for i, c in enumerate(captured):
@@ -134,7 +143,7 @@ def compile_entries(captured: list[Captured], options: BuildOptions,
         while pending or running:
             while pending and len(running) < workers:
                 i, folder = pending.pop(0)
-                cmd = [sys.executable, "-m", "aotpack.compile", folder, str(i)]
+                cmd = [sys.executable, "-m", "aotpack.compile", folder]
                 proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
                 running.append((i, folder, proc, time.perf_counter()))
             i, folder, proc, start = running.pop(0)
@@ -180,13 +189,12 @@ def _read_result(folder: str) -> CompiledEntry:
                          cuda_kernels=tuple(meta["cuda_kernels"]))
 
 
-def compile_exported(exported, options: BuildOptions, slot: int = 0, device: str = "cpu") -> CompiledEntry:
-    """Compile one exported graph for ``device``, in scratch folder ``slot``."""
+def compile_exported(exported, options: BuildOptions, device: str = "cpu") -> CompiledEntry:
+    """Compile one exported graph for ``device`` in a private scratch folder."""
     if device == "cuda":
-        return compile_cuda(exported, options, slot)
-    config = dict(_torch.BASE_INDUCTOR_CONFIG)
-    config.update(_torch.ISA_COMPILER_OPTIONS[options.cpu_isa])
-    with scratch_dir(slot) as root, _torch.private_build_dirs(root):
+        return compile_cuda(exported, options)
+    config = _torch.inductor_options(options.cpu_isa, options.cpu_threads)
+    with scratch_dir() as root, build_environment(root, options, config) as config:
         package = os.path.join(root, "entry.pt2")
         try:
             _torch.aoti_compile(exported, package, config)
@@ -206,7 +214,7 @@ def compile_exported(exported, options: BuildOptions, slot: int = 0, device: str
     return CompiledEntry(library=library, sources=sources, constants=constants, kernels=kernels)
 
 
-def compile_cuda(exported, options: BuildOptions, slot: int = 0) -> CompiledEntry:
+def compile_cuda(exported, options: BuildOptions) -> CompiledEntry:
     """Compile one exported graph for CUDA: on this host's GPU, or (``without_gpu``) for named archs with none.
 
     The graph was captured on the CPU; it is moved to CUDA here (with fake weights when there is no GPU:
@@ -216,13 +224,12 @@ def compile_cuda(exported, options: BuildOptions, slot: int = 0) -> CompiledEntr
     from . import cudabuild
 
     archs = options.cuda_archs
-    config = dict(_torch.BASE_INDUCTOR_CONFIG)
-    config.update(_torch.ISA_COMPILER_OPTIONS[options.cpu_isa])
+    config = _torch.inductor_options(options.cpu_isa, options.cpu_threads)
     config.update(_torch.CUDA_INDUCTOR_CONFIG)
     config["cuda.arch"] = str(min(archs))
     if options.without_gpu:
         config.update(_torch.NO_GPU_INDUCTOR_CONFIG)
-    with scratch_dir(slot) as root, _torch.private_build_dirs(root):
+    with scratch_dir() as root, build_environment(root, options, config) as config:
         home = cudabuild.cuda_home()
         stub = cudabuild.libcuda_stub(os.path.join(root, "libcuda-stub"), home) if options.without_gpu else None
         package = os.path.join(root, "entry.pt2")
@@ -309,17 +316,14 @@ def _unpack(package: str, root: str) -> tuple[bytes, dict, dict]:
     return library, sources, binaries
 
 
-def _worker(folder: str, slot: int) -> None:
+def _worker(folder: str) -> None:
     """Worker process: compile the graph saved in ``folder`` and write the result beside it."""
     with open(os.path.join(folder, "job.json")) as f:
         job = json.load(f)
-    opts = job["options"]
-    options = BuildOptions(cpu_isa=opts["cpu_isa"], compression_level=opts["compression_level"],
-                           devices=tuple(opts["devices"]), cuda_archs=tuple(opts["cuda_archs"]),
-                           without_gpu=opts["without_gpu"])
+    options = BuildOptions.from_json(job["options"])
     exported = _torch.load_exported(os.path.join(folder, "graph.pt2"))
-    _write_result(compile_exported(exported, options, slot=slot, device=job["device"]), folder)
+    _write_result(compile_exported(exported, options, device=job["device"]), folder)
 
 
 if __name__ == "__main__":
-    _worker(sys.argv[1], int(sys.argv[2]))
+    _worker(sys.argv[1])

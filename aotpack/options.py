@@ -8,6 +8,8 @@ from aotpack_runtime.platform import ISA_FLAGS, host_cpu_flags, host_machine
 
 CPU_ISAS = ("x86-64", "avx2", "avx512", "native")
 DEVICES = ("cpu", "cuda")
+DEFAULT_CPU_THREADS = 16
+MAX_CPU_THREADS = 1024
 
 
 @dataclass(frozen=True)
@@ -24,6 +26,10 @@ class BuildOptions:
     lowest. Empty means the build GPU's own.
     ``without_gpu``: build CUDA entries on a host with no GPU (experimental: not autotuned, never run at
     build time; needs ``cuda_archs`` and an exact torch/triton pair, see ``aotpack/_cuda_offline.py``).
+    ``cpu_threads``: the thread count the CPU code's parallel loops are planned for. It decides which
+    kernels run in parallel and how many loop levels they split; the code itself runs on as many threads as
+    the serving process has (OpenMP's, i.e. ``OMP_NUM_THREADS`` or the cores). It is an option, not read
+    from the build host, so that the bytes do not depend on where the pack was built.
     """
 
     cpu_isa: str | None = None
@@ -31,6 +37,7 @@ class BuildOptions:
     devices: tuple[str, ...] = ("cpu",)
     cuda_archs: tuple[int, ...] = ()
     without_gpu: bool = False
+    cpu_threads: int = DEFAULT_CPU_THREADS
 
     def resolved(self) -> "BuildOptions":
         isa = self.cpu_isa
@@ -47,6 +54,8 @@ class BuildOptions:
                              "checks the ISA by running code; choose --cpu-isa x86-64 or build elsewhere")
         if not 1 <= self.compression_level <= 22:
             raise BuildError(f"compression level {self.compression_level} is outside zstd's 1..22")
+        if type(self.cpu_threads) is not int or not 1 <= self.cpu_threads <= MAX_CPU_THREADS:
+            raise BuildError(f"--cpu-threads must be an integer from 1 to {MAX_CPU_THREADS}, got {self.cpu_threads!r}")
         devices = tuple(dict.fromkeys(self.devices))
         if not devices or any(d not in DEVICES for d in devices):
             raise BuildError(f"--device must be one of {', '.join(DEVICES)} (repeatable), got {list(self.devices)}")
@@ -77,10 +86,17 @@ class BuildOptions:
                 major, minor = torch.cuda.get_device_capability()
                 archs = cudabuild.parse_archs(f"{major}{minor}")
         return BuildOptions(cpu_isa=isa, compression_level=self.compression_level, devices=devices,
-                            cuda_archs=tuple(archs), without_gpu=self.without_gpu)
+                            cuda_archs=tuple(archs), without_gpu=self.without_gpu, cpu_threads=self.cpu_threads)
 
     def to_json(self) -> dict:
         out = asdict(self)
         out["devices"] = list(self.devices)
         out["cuda_archs"] = list(self.cuda_archs)
         return out
+
+    @classmethod
+    def from_json(cls, obj: dict) -> "BuildOptions":
+        """The options ``to_json`` wrote (for compile worker processes)."""
+        return cls(cpu_isa=obj["cpu_isa"], compression_level=obj["compression_level"], devices=tuple(obj["devices"]),
+                   cuda_archs=tuple(obj["cuda_archs"]), without_gpu=obj["without_gpu"],
+                   cpu_threads=obj["cpu_threads"])

@@ -87,10 +87,13 @@ def _plain_warnings() -> None:
 @click.option("--without-gpu", is_flag=True,
               help="Build the CUDA entries on a host with no GPU, for --cuda-arch (experimental: not "
                    "autotuned, never run at build time; tested only with torch 2.14.1 and triton 3.8.0).")
+@click.option("--cpu-threads", type=click.IntRange(1, 1024), default=16, show_default=True, metavar="N",
+              help="Thread count the CPU code's parallel loops are planned for; the code runs on as many threads "
+                   "as the serving process has. Not read from this host, so the pack is the same everywhere.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @click.option("--json", "as_json", is_flag=True, help="Print progress as JSON lines and a JSON summary.")
 def build(target: str, output: str, cpu_isa: str | None, dynamic: tuple[str, ...], devices: tuple[str, ...],
-          cuda_archs: tuple[str, ...], without_gpu: bool, quiet: bool, as_json: bool) -> None:
+          cuda_archs: tuple[str, ...], without_gpu: bool, cpu_threads: int, quiet: bool, as_json: bool) -> None:
     """Build a pack from a model file.
 
     FILE.py must define `model` and `example_inputs` (a tuple), and may define `example_kwargs`,
@@ -106,7 +109,7 @@ def build(target: str, output: str, cpu_isa: str | None, dynamic: tuple[str, ...
     dynamic_shapes = _parse_dynamic(dynamic) if dynamic else None
     start = time.perf_counter()
     options = BuildOptions(cpu_isa=cpu_isa, devices=devices or ("cpu",), cuda_archs=cuda_archs,
-                           without_gpu=without_gpu).resolved()  # option errors before the model file runs
+                           without_gpu=without_gpu, cpu_threads=cpu_threads).resolved()  # errors before the model runs
 
     def say(line: str) -> None:
         if as_json:

@@ -17,6 +17,7 @@ EXAMPLES = ROOT / "examples"
 _session_tmp = tempfile.mkdtemp(prefix="aotpack-tests-")
 os.environ["AOTPACK_CACHE_DIR"] = os.path.join(_session_tmp, "cache")
 os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(_session_tmp, "inductor")
+os.environ["AOTPACK_BUILD_CACHE"] = os.path.join(_session_tmp, "build-cache")
 
 
 def pytest_sessionfinish(session, exitstatus):

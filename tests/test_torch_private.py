@@ -52,7 +52,8 @@ def test_inductor_config_keys_exist():
 
     for key in list(build_torch.BASE_INDUCTOR_CONFIG) + [k for o in build_torch.ISA_COMPILER_OPTIONS.values()
                                                           for k in o] \
-            + list(build_torch.CUDA_INDUCTOR_CONFIG) + list(build_torch.NO_GPU_INDUCTOR_CONFIG) + ["cuda.arch"]:
+            + list(build_torch.CUDA_INDUCTOR_CONFIG) + list(build_torch.NO_GPU_INDUCTOR_CONFIG) \
+            + ["cuda.arch", "cpp.threads", "cpp.cxx"]:
         obj = config
         for part in key.split("."):
             assert hasattr(obj, part), key
@@ -150,3 +151,59 @@ def test_aoti_cuda_runner_binding():
     assert any(len(p) == 4 and p[0] == "str" and p[2] == "str" and p[3] == "str" for p in params), params
     assert re.search(r"run\(self: [^,]+, inputs: [^,]+, stream_handle: [^)]+ = None\)", cls.run.__doc__), \
         cls.run.__doc__
+
+
+def test_pinned_vec_isa_decides_inductors_choice():
+    """Inductor picks its vector ISA from cpu_vec_isa.valid_vec_isa_list (probed on the host); pinning
+    replaces that list, for each target, without compiling a test program (cpp.vec_isa_ok)."""
+    from torch._inductor import config, cpu_vec_isa
+
+    for isa, simdlen, name in (("avx2", 256, "VecAVX2"), ("avx512", 512, "VecAVX512"), ("x86-64", 0, None)):
+        with build_torch.pinned_vec_isa(isa), config.patch({"cpp.simdlen": simdlen, "cpp.vec_isa_ok": True}):
+            picked = cpu_vec_isa.pick_vec_isa()
+            assert (type(picked).__name__ if picked else None) == name, isa
+    assert cpu_vec_isa.valid_vec_isa_list.__module__ == cpu_vec_isa.__name__  # restored
+
+
+def test_serial_small_kernels_patches_the_depth_decision():
+    """Under dynamic threads Inductor forces a parallel region on every kernel; the patch decides the
+    depth as without them. The method and its arguments must exist as the patch assumes."""
+    import inspect as pyinspect
+
+    from torch._inductor.codegen.cpp import CppKernel
+
+    assert list(pyinspect.signature(CppKernel.decide_parallel_depth).parameters) == \
+        ["self", "max_parallel_depth", "threads"]
+    original = CppKernel.decide_parallel_depth
+    with build_torch.serial_small_kernels():
+        assert CppKernel.decide_parallel_depth is not original
+    assert CppKernel.decide_parallel_depth is original
+
+
+def test_precompiled_header_dir_is_a_module_global(tmp_path):
+    from torch._inductor import codecache
+
+    before = codecache._HEADER_DIR, codecache._HEADER_LOCK_DIR
+    with build_torch.precompiled_header_dir(str(tmp_path)):
+        assert codecache._HEADER_DIR == str(tmp_path)
+        assert codecache._HEADER_LOCK_DIR == str(tmp_path / "locks")
+    assert (codecache._HEADER_DIR, codecache._HEADER_LOCK_DIR) == before
+
+
+def test_compiler_wrapper_maps_host_paths(tmp_path):
+    """The wrapper Inductor calls as its compiler adds -ffile-prefix-map for Python, torch and the build
+    folder (from the environment), so __FILE__ names no host path; its path is the same for every build."""
+    import os
+    import shutil
+    import subprocess
+
+    wrapper = build_torch.compiler_wrapper(str(tmp_path / "bin"), shutil.which("g++"))
+    assert wrapper == build_torch.compiler_wrapper(str(tmp_path / "bin"), shutil.which("g++"))
+    assert os.path.basename(wrapper) == "g++"  # Inductor recognises GCC by the name
+    root = tmp_path / "scratch-folder"
+    root.mkdir()
+    (root / "f.cpp").write_text('const char* where() { return __FILE__; }\n')
+    env = dict(os.environ, **{build_torch.BUILD_ROOT_ENV: str(root)})
+    subprocess.run([wrapper, "-c", str(root / "f.cpp"), "-o", str(root / "f.o")], check=True, env=env)
+    data = (root / "f.o").read_bytes()
+    assert b"/aotpack/build/f.cpp" in data and str(root).encode() not in data
