@@ -7,6 +7,7 @@ import tempfile
 from typing import Any
 
 from aotpack_runtime import platform
+from aotpack_runtime import signature as rt_signature
 from aotpack_runtime.archive import Archive
 from aotpack_runtime.errors import AotpackError
 
@@ -23,10 +24,15 @@ def _check(checks: list, name: str, fn, describe=None) -> Any:
     return value
 
 
-def verify(path: str, against: str | None = None, tolerance: float = 1e-4) -> dict:
-    """Check a pack: format and version, every hash, whether this host can run it, and (``against``, a
-    model file) its outputs against eager on the model file's example inputs."""
+def verify(path: str, against: str | None = None, tolerance: float = 1e-4, *, signature: str | None = None,
+           public_key: str | None = None, roots: tuple[str, ...] = ()) -> dict:
+    """Check a pack: its signature (with ``public_key``, or ``roots`` for a certificate signature; the
+    signature file defaults to ``PATH.sig``), format and version, every hash, whether this host can run it,
+    and (``against``, a model file) its outputs against eager on the model file's example inputs."""
     checks: list[dict] = []
+    if public_key is not None or roots:
+        _check(checks, "signature", lambda: _check_signature(path, signature, public_key, roots),
+               lambda s: s.describe())
     archive = _check(checks, "format", lambda: Archive.open(path),
                      lambda a: f"format version {a.manifest.format_version}, {len(a.manifest.blobs)} blobs")
     if archive is None:
@@ -38,6 +44,17 @@ def verify(path: str, against: str | None = None, tolerance: float = 1e-4) -> di
     if against is not None and pkg is not None:
         _check(checks, "numerics", lambda: _compare(pkg, against, tolerance))
     return {"path": path, "ok": all(c["ok"] for c in checks), "checks": checks}
+
+
+def _check_signature(path: str, signature: str | None, public_key: str | None, roots: tuple[str, ...]):
+    if roots:
+        from .signing import check_certificate
+
+        signed = check_certificate(path, signature, roots)
+        if public_key is not None:  # both: the certified key must also be the one named
+            signed = rt_signature.check(path, signature, public_key)
+        return signed
+    return rt_signature.check(path, signature, public_key)
 
 
 def _check_host(manifest) -> str:
