@@ -219,8 +219,9 @@ def sign(pack: str, key: str, output: str | None, certificate: str | None, chain
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @click.pass_context
 def diff(ctx: click.Context, pack_a: str, pack_b: str, as_json: bool) -> None:
-    """Explain how two packs differ: producer, options, weights, entries and guards, blobs, generated
-    source (exit 0 equal, 1 different)."""
+    """Explain how two packs differ: first the causes (what built them differently: aotpack, torch, Python
+    or compiler version, platform, target ISA, build options), then manifest fields, weights, entries and
+    guards, blobs, generated source (exit 0 equal, 1 different)."""
     from aotpack.checks import diff as run_diff, render_diff
 
     result = run_diff(pack_a, pack_b)
