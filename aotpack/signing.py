@@ -79,8 +79,8 @@ def sign(pack: str | os.PathLike, key: str | os.PathLike, output: str | os.PathL
     output = rt_signature.default_signature_path(pack) if output is None else os.fspath(output)
     archive = Archive.open(pack)
     archive.verify()
-    _check_key(key, None if certificate is None else os.fspath(certificate))
     hashing, signing, _ = _model_signing()
+    _check_key(key, None if certificate is None else os.fspath(certificate))
     config = signing.Config().set_hashing_config(hashing.Config().use_file_serialization(hashing_algorithm="sha256"))
     if certificate is None:
         config.use_elliptic_key_signer(private_key=key)

@@ -396,6 +396,12 @@ def test_bad_public_keys(signed, keys, tmp_path):
             public_key=tmp_path / "none.pub")
 
 
+def test_checking_without_cryptography_says_what_to_install(signed, keys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "cryptography", None)  # import cryptography now raises ImportError
+    refused(signed, "cannot check the signature: the 'cryptography' package is not installed; pip install "
+                    "cryptography (or aotpack[sign])", public_key=keys.a_pub)
+
+
 def test_a_p384_key_signs_and_verifies(signed, keys, tmp_path):
     pack = tmp_path / "m.pack"
     shutil.copyfile(signed, pack)
