@@ -11,6 +11,7 @@ import hashlib
 import json
 import pathlib
 import shutil
+import subprocess
 import sys
 from unittest import mock
 
@@ -29,7 +30,7 @@ from aotpack_runtime import loader
 from aotpack_runtime import signature as rt_signature
 from aotpack_runtime.errors import ArchiveError, SigningError
 from archive_tools import blob_range, with_manifest
-from conftest import run_python
+from conftest import ROOT, run_python
 
 
 def _write_key(folder: pathlib.Path, name: str, key) -> tuple[pathlib.Path, pathlib.Path]:
@@ -523,6 +524,18 @@ def test_certificate_chain_refusals(signed, keys, tmp_path):
         sign(pack, keys.b, tmp_path / "x.sig", certificate=keys.a_cert, chain=[keys.root])
     assert str(e.value) == (f"the certificate {keys.a_cert} is for another key than {keys.b}: sign with the key the "
                             "certificate was issued for")
+
+
+def test_the_example_server_refuses_a_pack_signed_by_another_key(signed, keys):
+    server = [sys.executable, str(ROOT / "examples" / "serve" / "server.py"), str(signed), "--port", "0"]
+    proc = subprocess.run(server + ["--public-key", str(keys.b_pub)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr == (f"error: {signed}: signature {signed}.sig: made by another key: it names key "
+                           f"{key_id(keys.a_pub)[:16]}, the public key in {keys.b_pub} is key "
+                           f"{key_id(keys.b_pub)[:16]} (sha256 of the PEM public key); check it with the signer's "
+                           "public key\n")
+    proc = subprocess.run(server + ["--signature", f"{signed}.sig"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--signature needs --public-key to check it with" in proc.stderr
 
 
 # -- the runtime stays thin -----------------------------------------------------------------------------------
