@@ -146,7 +146,8 @@ def test_signed_pack_loads_and_matches_the_unsigned_load(signed, keys, mlp_pack)
 def test_check_says_what_it_proved(signed, keys):
     s = rt_signature.check(signed, None, keys.a_pub)
     assert s == rt_signature.Signed(sha(signed), key_id(keys.a_pub), "P-256", None)
-    assert s.describe() == f"signed by key {key_id(keys.a_pub)[:16]} (P-256); covers sha256 {sha(signed)[:16]}, this file"
+    assert s.describe() == (f"signed by key {key_id(keys.a_pub)[:16]} (P-256); covers sha256 {sha(signed)[:16]}, "
+                            "this file")
 
 
 def test_cli_sign_verify_run(mlp_pack, keys, tmp_path):
@@ -161,7 +162,8 @@ def test_cli_sign_verify_run(mlp_pack, keys, tmp_path):
     r = CliRunner().invoke(cli, ["verify", str(pack), "--signature", str(sig), "--public-key", str(keys.a_pub)])
     assert r.exit_code == 0, r.output
     assert r.output.splitlines()[:2] == [f"{pack}: OK", f"  [ok] signature: {proof}"]
-    r = CliRunner().invoke(cli, ["verify", str(pack), "--signature", str(sig), "--public-key", str(keys.a_pub), "--json"])
+    r = CliRunner().invoke(cli, ["verify", str(pack), "--signature", str(sig), "--public-key", str(keys.a_pub),
+                                 "--json"])
     assert r.exit_code == 0 and json.loads(r.output)["checks"][0] == {"check": "signature", "ok": True, "detail": proof}
     r = CliRunner().invoke(cli, ["run", str(pack), "--signature", str(sig), "--public-key", str(keys.a_pub),
                                  "--repeat", "1"])
@@ -330,8 +332,8 @@ MALFORMED = {
                                               "`aotpack sign` writes"),
     "duplicate keys": (lambda b, k: b'{"mediaType": "x", "mediaType": "y"}', SIG + " has a duplicate key 'mediaType'"),
     "too large": (lambda b, k: b" " * (rt_signature.MAX_SIGNATURE_BYTES + 1),
-                  SIG + f" is over {rt_signature.MAX_SIGNATURE_BYTES} bytes; a signature bundle is a few KB: this is not "
-                        "one"),
+                  SIG + f" is over {rt_signature.MAX_SIGNATURE_BYTES} bytes; a signature bundle is a few KB: this is "
+                        "not one"),
     "media type": (lambda b, k: _edit(b, lambda x: x.update(mediaType="application/json")),
                    SIG + " has media type 'application/json', expected "
                          "'application/vnd.dev.sigstore.bundle.v0.3+json' (the Sigstore bundle `aotpack sign` and "

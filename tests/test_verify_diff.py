@@ -153,7 +153,8 @@ def test_causes_of_cuda_and_option_differences():
     ]
     gpu = {**b, "options": {**b["options"], "without_gpu": False},
            "entries": [{"device": "cuda", "cuda": {"cuda_version": "12.8", "build_gpu": "NVIDIA H100 (sm_90)"}}]}
-    gpu2 = {**gpu, "entries": [{"device": "cuda", "cuda": {"cuda_version": "12.8", "build_gpu": "NVIDIA A100 (sm_80)"}}]}
+    gpu2 = {**gpu, "entries": [{"device": "cuda",
+                                "cuda": {"cuda_version": "12.8", "build_gpu": "NVIDIA A100 (sm_80)"}}]}
     assert [c["text"] for c in causes(b, gpu)] == ["CUDA code built without a GPU vs on a GPU",
                                                     "built with CUDA 13.0 vs 12.8"]
     assert [c["text"] for c in causes(gpu, gpu2)] == ["built on GPU NVIDIA H100 (sm_90) vs NVIDIA A100 (sm_80)"]
