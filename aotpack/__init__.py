@@ -1,8 +1,9 @@
 """aotpack: ahead-of-time export and packaging for PyTorch models.
 
 ``aotpack.build(model, example_inputs, output)`` compiles a model into one archive;
-``aotpack.load(path)`` loads it for serving. ``import aotpack`` stays light: the build side (Dynamo,
-Inductor) is imported only when ``build`` is called.
+``aotpack.load(path)`` loads it for serving; ``aotpack.sign(path, key)`` signs it. ``import aotpack`` stays
+light: the build side (Dynamo, Inductor) is imported only when ``build`` is called, the signing package only
+when ``sign`` is.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ __version__ = "0.1.0"
 
 from aotpack_runtime import (AotpackError, ArchiveError, CaptureError, Entry, GuardError, Package,  # noqa: E402
                              load)
-from aotpack_runtime.errors import BuildError, ModelFileError  # noqa: E402
+from aotpack_runtime.errors import BuildError, ModelFileError, SigningError  # noqa: E402
 
 
 def build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, example_kwargs: dict | None = None,
@@ -49,5 +50,20 @@ def build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, exam
     return report.output
 
 
-__all__ = ["build", "load", "Package", "Entry", "AotpackError", "ArchiveError", "CaptureError", "GuardError",
-           "BuildError", "ModelFileError", "__version__"]
+def sign(pack: str | pathlib.Path, key: str | pathlib.Path, output: str | pathlib.Path | None = None, *,
+         certificate: str | pathlib.Path | None = None, chain: Any = ()) -> pathlib.Path:
+    """Sign the pack at ``pack`` with the EC private key ``key`` (PEM) using OpenSSF model-signing; write the
+    detached signature (a Sigstore bundle) to ``output`` (default ``PACK.sig``) and return its path.
+
+    ``certificate`` (PEM, issued for ``key``) and ``chain`` (intermediate and root certificates) make a
+    certificate signature. ``load(pack, public_key=...)`` checks it. Needs ``pip install aotpack[sign]``;
+    raises ``SigningError`` for a missing package or an unusable key, ``ArchiveError`` for a damaged pack.
+    """
+    from .signing import sign as _sign
+
+    written, _ = _sign(pack, key, output, certificate=certificate, chain=chain)
+    return pathlib.Path(written)
+
+
+__all__ = ["build", "load", "sign", "Package", "Entry", "AotpackError", "ArchiveError", "CaptureError", "GuardError",
+           "BuildError", "ModelFileError", "SigningError", "__version__"]

@@ -7,6 +7,7 @@ import tempfile
 from typing import Any
 
 from aotpack_runtime import platform
+from aotpack_runtime import signature as rt_signature
 from aotpack_runtime.archive import Archive
 from aotpack_runtime.errors import AotpackError
 
@@ -23,10 +24,15 @@ def _check(checks: list, name: str, fn, describe=None) -> Any:
     return value
 
 
-def verify(path: str, against: str | None = None, tolerance: float = 1e-4) -> dict:
-    """Check a pack: format and version, every hash, whether this host can run it, and (``against``, a
-    model file) its outputs against eager on the model file's example inputs."""
+def verify(path: str, against: str | None = None, tolerance: float = 1e-4, *, signature: str | None = None,
+           public_key: str | None = None, roots: tuple[str, ...] = ()) -> dict:
+    """Check a pack: its signature (with ``public_key``, or ``roots`` for a certificate signature; the
+    signature file defaults to ``PATH.sig``), format and version, every hash, whether this host can run it,
+    and (``against``, a model file) its outputs against eager on the model file's example inputs."""
     checks: list[dict] = []
+    if public_key is not None or roots:
+        _check(checks, "signature", lambda: _check_signature(path, signature, public_key, roots),
+               lambda s: s.describe())
     archive = _check(checks, "format", lambda: Archive.open(path),
                      lambda a: f"format version {a.manifest.format_version}, {len(a.manifest.blobs)} blobs")
     if archive is None:
@@ -38,6 +44,17 @@ def verify(path: str, against: str | None = None, tolerance: float = 1e-4) -> di
     if against is not None and pkg is not None:
         _check(checks, "numerics", lambda: _compare(pkg, against, tolerance))
     return {"path": path, "ok": all(c["ok"] for c in checks), "checks": checks}
+
+
+def _check_signature(path: str, signature: str | None, public_key: str | None, roots: tuple[str, ...]):
+    if roots:
+        from .signing import check_certificate
+
+        signed = check_certificate(path, signature, roots)
+        if public_key is not None:  # both: the certified key must also be the one named
+            signed = rt_signature.check(path, signature, public_key)
+        return signed
+    return rt_signature.check(path, signature, public_key)
 
 
 def _check_host(manifest) -> str:
@@ -119,7 +136,7 @@ def _worst(pkg, model, args, kwargs, tolerance: float) -> float:
 def _walk_diff(a: Any, b: Any, where: str, out: list) -> None:
     if isinstance(a, dict) and isinstance(b, dict):
         for k in sorted(set(a) | set(b)):
-            _walk_diff(a.get(k, "<absent>"), b.get(k, "<absent>"), f"{where}.{k}" if where else k, out)
+            _walk_diff(a.get(k, _ABSENT), b.get(k, _ABSENT), f"{where}.{k}" if where else k, out)
     elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
         for i, (x, y) in enumerate(zip(a, b)):
             _walk_diff(x, y, f"{where}[{i}]", out)
@@ -127,9 +144,98 @@ def _walk_diff(a: Any, b: Any, where: str, out: list) -> None:
         out.append({"where": where, "a": a, "b": b})
 
 
+_ABSENT = "<absent>"
+# How diff words a difference in what built a pack (producer fields read "built with NAME A vs B"), and the
+# order it names them in.
+_TOOLS = {"aotpack": "aotpack", "torch": "torch", "triton": "triton", "python": "Python"}
+_ORDER = [*_TOOLS, "compiler", "platform"]
+
+
+def _text(value: Any) -> str:
+    if value == _ABSENT:
+        return "(not recorded)"
+    if isinstance(value, list):
+        return ", ".join(map(str, value)) or "none"
+    return str(value)
+
+
+def _versions(name: str, a: Any, b: Any) -> str:
+    """``built with g++ 12.2.0 vs 13.1.0``: the tool's name once when both sides name the same tool."""
+    ta, tb = _text(a), _text(b)
+    ha, _, ra = ta.partition(" ")
+    hb, _, rb = tb.partition(" ")
+    if not name and ha == hb and ra and rb:
+        return f"built with {ha} {ra} vs {rb}"
+    return f"built with {name + ' ' if name else ''}{ta} vs {tb}"
+
+
+def _cause(section: str, key: str, a: Any, b: Any) -> str:
+    """The plain words for a difference in one field of what built a pack."""
+    if section == "producer":
+        if key == "compiler":
+            return _versions("", a, b)
+        if key == "platform":
+            return f"built on {_text(a)} vs {_text(b)}"
+        return _versions(_TOOLS.get(key, key), a, b)
+    if section == "target":
+        if key == "cpu_isa":
+            return f"built for CPU instruction set {_text(a)} vs {_text(b)}"
+        if key == "cpu_flags" and isinstance(a, list) and isinstance(b, list):
+            only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+            return (f"built for another native CPU (CPU flags only in a: {_text(only_a)}; "
+                    f"only in b: {_text(only_b)})")
+        return f"built for {key.replace('_', ' ')} {_text(a)} vs {_text(b)}"
+    if key == "without_gpu":
+        return "CUDA code built " + " vs ".join("without a GPU" if v is True else "on a GPU" if v is False
+                                                else _text(v) for v in (a, b))
+    words = {"devices": "devices", "cuda_archs": "CUDA architectures", "compression_level": "compression level"}
+    return f"built with {words.get(key, 'option ' + key)} {_text(a)} vs {_text(b)}"
+
+
+def causes(ma: dict, mb: dict) -> list[dict]:
+    """What built two packs differently, in plain words, from their manifests: toolchain versions, platform,
+    target, build options, format version, CUDA toolkit and build GPU. Each cause is ``{"where", "a", "b",
+    "text"}``; a difference that only follows from another one (the torch series from the torch version,
+    the requested ISA from the target ISA) is left out."""
+    out: list[dict] = []
+
+    def add(where: str, a: Any, b: Any, text: str) -> None:
+        if all(c["text"] != text for c in out):
+            out.append({"where": where, "a": a, "b": b, "text": text})
+
+    for section in ("producer", "target", "options"):
+        sa, sb = ma.get(section), mb.get(section)
+        sa, sb = (sa if isinstance(sa, dict) else {}), (sb if isinstance(sb, dict) else {})
+        for key in sorted(set(sa) | set(sb), key=lambda k: (_ORDER.index(k) if k in _ORDER else len(_ORDER), k)):
+            a, b = sa.get(key, _ABSENT), sb.get(key, _ABSENT)
+            if a == b:
+                continue
+            if (section, key) == ("target", "torch_series") and ma.get("producer", {}).get("torch") != \
+                    mb.get("producer", {}).get("torch"):
+                continue
+            if (section, key) == ("options", "cpu_isa") and sa.get(key) == ma.get("target", {}).get("cpu_isa") \
+                    and sb.get(key) == mb.get("target", {}).get("cpu_isa"):
+                continue
+            add(f"{section}.{key}", a, b, _cause(section, key, a, b))
+    if ma.get("format_version") != mb.get("format_version"):
+        add("format_version", ma.get("format_version"), mb.get("format_version"),
+            f"written as format version {_text(ma.get('format_version'))} vs {_text(mb.get('format_version'))}")
+    ea, eb = ma.get("entries") or [], mb.get("entries") or []
+    for i, (x, y) in enumerate(zip(ea, eb)):
+        cx = x.get("cuda") if isinstance(x, dict) and isinstance(x.get("cuda"), dict) else {}
+        cy = y.get("cuda") if isinstance(y, dict) and isinstance(y.get("cuda"), dict) else {}
+        for key, words in (("cuda_version", "built with CUDA"), ("build_gpu", "built on GPU")):
+            # A CPU entry against a CUDA one is said by the devices; no build GPU by --without-gpu.
+            if cx.get(key) is not None and cy.get(key) is not None and cx[key] != cy[key]:
+                add(f"entries[{i}].cuda.{key}", cx.get(key), cy.get(key),
+                    f"{words} {_text(cx.get(key))} vs {_text(cy.get(key))}")
+    return out
+
+
 def diff(path_a: str, path_b: str, context: int = 3) -> dict:
-    """Explain how two packs differ: manifest fields, weights, entries and guards, blobs, and a unified
-    diff of generated source. ``equal`` is True when the files are byte-identical."""
+    """Explain how two packs differ: first the causes (what built them differently: toolchain, platform,
+    target, options), then manifest fields, weights, entries and guards, blobs, and a unified diff of
+    generated source. ``equal`` is True when the files are byte-identical."""
     a, b = Archive.open(path_a), Archive.open(path_b)
     with open(path_a, "rb") as fa, open(path_b, "rb") as fb:
         identical = fa.read() == fb.read()
@@ -172,14 +278,20 @@ def diff(path_a: str, path_b: str, context: int = 3) -> dict:
                                             f"a/{name}", f"b/{name}", lineterm="", n=context)
                 sources.append({"blob": name, "diff": "\n".join(text)})
     differs = bool(fields or weights or entries or blobs) or not identical
-    return {"a": path_a, "b": path_b, "equal": not differs, "byte_identical": identical, "fields": fields,
-            "weights": weights, "entries": entries, "blobs": blobs, "sources": sources}
+    return {"a": path_a, "b": path_b, "equal": not differs, "byte_identical": identical,
+            "causes": causes(ma, mb), "fields": fields, "weights": weights, "entries": entries,
+            "blobs": blobs, "sources": sources}
 
 
 def render_diff(d: dict) -> str:
     if d["equal"]:
         return f"{d['a']} and {d['b']} are identical"
     lines = [f"{d['a']} and {d['b']} differ:"]
+    for c in d["causes"]:
+        lines.append(f"  cause: {c['text']}")
+    if not d["causes"] and not (d["weights"] or d["entries"]):
+        lines.append("  cause: none recorded (same aotpack, torch, Python, compiler, platform, target and options, "
+                     "same weights and guards): the model's code, or a build input the pack does not record, differs")
     for f in d["fields"]:
         lines.append(f"  manifest {f['where']}: {f['a']!r} -> {f['b']!r}")
     for w in d["weights"]:

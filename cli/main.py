@@ -1,8 +1,9 @@
-"""``aotpack``: build, inspect and run packs.
+"""``aotpack``: build, inspect, sign, verify and run packs.
 
 Exit codes: 0 success, 1 an aotpack error (the message says what and how to fix it; ``--debug`` adds the
-traceback), 2 a usage error. The build side is imported only by ``build``: ``inspect`` and ``run`` use the
-runtime alone.
+traceback), 2 a usage error. The build side's compiler stack is imported only by ``build``, and the
+signing package only by ``sign`` (and ``verify --certificate-chain``): ``inspect`` and ``run`` use the runtime
+alone.
 """
 from __future__ import annotations
 
@@ -168,15 +169,51 @@ def inspect(pack: str, as_json: bool) -> None:
 @click.argument("pack", type=click.Path(dir_okay=False))
 @click.option("--against", metavar="FILE.py[:NAME]", default=None,
               help="Also run the pack on this model file's example inputs and compare with eager.")
+@click.option("--signature", type=click.Path(dir_okay=False), default=None,
+              help="The pack's detached signature (default with --public-key or --certificate-chain: PACK.sig).")
+@click.option("--public-key", type=click.Path(dir_okay=False), default=None,
+              help="Require a signature by this key: the signer's EC public key in PEM (or its certificate).")
+@click.option("--certificate-chain", "roots", multiple=True, type=click.Path(dir_okay=False),
+              help="Require a certificate signature whose certificate chains up to this PEM root "
+                   "(repeatable; needs aotpack[sign]).")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @click.pass_context
-def verify(ctx: click.Context, pack: str, against: str | None, as_json: bool) -> None:
-    """Check a pack: format and version, every hash, can this host run it (exit 0 ok, 1 not)."""
+def verify(ctx: click.Context, pack: str, against: str | None, signature: str | None, public_key: str | None,
+           roots: tuple[str, ...], as_json: bool) -> None:
+    """Check a pack: its signature (if asked), format and version, every hash, can this host run it
+    (exit 0 ok, 1 not)."""
     from aotpack.checks import render_verify, verify as run_verify
 
-    result = run_verify(pack, against)
+    if signature is not None and public_key is None and not roots:
+        raise click.UsageError("--signature needs --public-key (or --certificate-chain) to check it with")
+    result = run_verify(pack, against, signature=signature, public_key=public_key, roots=roots)
     click.echo(json.dumps(result, indent=2, sort_keys=True) if as_json else render_verify(result))
     ctx.exit(0 if result["ok"] else 1)
+
+
+@cli.command()
+@click.argument("pack", type=click.Path(dir_okay=False))
+@click.option("--key", required=True, type=click.Path(dir_okay=False),
+              help="The signer's EC private key (P-256, unencrypted PEM).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="Where to write the signature (default: PACK.sig).")
+@click.option("--certificate", type=click.Path(dir_okay=False), default=None,
+              help="Sign with this PEM certificate issued for --key (the signature then carries the chain).")
+@click.option("--chain", multiple=True, type=click.Path(dir_okay=False),
+              help="Intermediate and root certificates (PEM) to put in the signature with --certificate "
+                   "(repeatable).")
+def sign(pack: str, key: str, output: str | None, certificate: str | None, chain: tuple[str, ...]) -> None:
+    """Sign a pack with OpenSSF model-signing: write a detached signature (a Sigstore bundle) next to it.
+
+    The pack is checked first and left unchanged. Check the signature with `aotpack verify PACK
+    --public-key KEY.pub` or `aotpack.load(PACK, public_key=...)`. Needs aotpack[sign]; works offline.
+    """
+    from aotpack.signing import sign as run_sign
+
+    if chain and certificate is None:
+        raise click.UsageError("--chain goes with --certificate")
+    written, signed = run_sign(pack, key, output, certificate=certificate, chain=chain)
+    click.echo(f"wrote {written}: {signed.describe()}")
 
 
 @cli.command()
@@ -185,8 +222,9 @@ def verify(ctx: click.Context, pack: str, against: str | None, as_json: bool) ->
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @click.pass_context
 def diff(ctx: click.Context, pack_a: str, pack_b: str, as_json: bool) -> None:
-    """Explain how two packs differ: producer, options, weights, entries and guards, blobs, generated
-    source (exit 0 equal, 1 different)."""
+    """Explain how two packs differ: first the causes (what built them differently: aotpack, torch, Python
+    or compiler version, platform, target ISA, build options), then manifest fields, weights, entries and
+    guards, blobs, generated source (exit 0 equal, 1 different)."""
     from aotpack.checks import diff as run_diff, render_diff
 
     result = run_diff(pack_a, pack_b)
@@ -218,13 +256,20 @@ def _summary(value, depth: int = 0) -> str:
 @click.option("--device", default=None, metavar="DEVICE",
               help="Where to put the example inputs: cpu, cuda, cuda:1 ... (default: cpu if the pack has a CPU "
                    "entry, else cuda).")
-def run(pack: str, repeat: int, cache_dir: str | None, device: str | None) -> None:
+@click.option("--signature", type=click.Path(dir_okay=False), default=None,
+              help="The pack's detached signature (default with --public-key: PACK.sig).")
+@click.option("--public-key", type=click.Path(dir_okay=False), default=None,
+              help="Refuse to load the pack unless it is signed by this key (EC public key or certificate, PEM).")
+def run(pack: str, repeat: int, cache_dir: str | None, device: str | None, signature: str | None,
+        public_key: str | None) -> None:
     """Load a pack and run it on the example inputs stored inside it; print the result and timings."""
     import torch
     import torch.utils._pytree as pytree
 
+    if signature is not None and public_key is None:
+        raise click.UsageError("--signature needs --public-key to check it with")
     t0 = time.perf_counter()
-    pkg = rt.load(pack, cache_dir=cache_dir)
+    pkg = rt.load(pack, cache_dir=cache_dir, signature=signature, public_key=public_key)
     t1 = time.perf_counter()
     args, kwargs = pkg.example_inputs()
     if device is None:

@@ -1,5 +1,6 @@
 """aotpack's runtime: load a pack and call it. Imports only the standard library, torch core, zstandard
-and cffi; never the build side, click, triton, torch._dynamo or torch._inductor, and never runs a compiler."""
+and cffi (and cryptography, when a signature is checked); never the build side, the signing package, click,
+triton, torch._dynamo or torch._inductor, and never runs a compiler."""
 from .errors import AotpackError, AotpackWarning, ArchiveError, CaptureError, GuardError
 from .format import FORMAT_VERSION, MIN_READ_VERSION
 from .loader import CudaEntry, Entry, Package, load

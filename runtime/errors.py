@@ -71,6 +71,11 @@ class BuildError(AotpackError):
     """The build could not finish for a reason other than capture (bad options, compiler failure)."""
 
 
+class SigningError(AotpackError):
+    """A pack could not be signed: the signing package is missing, or the key or certificate is unusable.
+    (A signature that does not check out when a pack is loaded or verified is an ``ArchiveError``.)"""
+
+
 class ModelFileError(AotpackError):
     """A model file given to the CLI does not follow the model file convention."""
 

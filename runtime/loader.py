@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from . import _torch, cache, platform
+from . import signature as _signature
 from .archive import Archive
 from .errors import AotpackWarning, ArchiveError, GuardError
 from .format import DTYPE_SIZES, field_of
@@ -305,21 +306,39 @@ class Package:
 
 
 def load(path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
-         expected_sha256: str | None = None, num_models: int = 1) -> Package:
+         expected_sha256: str | None = None, num_models: int = 1, signature: str | os.PathLike | None = None,
+         public_key: str | os.PathLike | bytes | None = None) -> Package:
     """Load a pack for serving. Raises ``ArchiveError`` if the file or this host cannot serve it.
 
     ``expected_sha256`` pins the exact file (hex sha256 of the whole pack); ``cache_dir`` is where native
     code is extracted (default: ``$AOTPACK_CACHE_DIR`` or ``~/.cache/aotpack``); ``num_models`` is how
     many calls of one entry may run at the same time (per GPU, for a CUDA entry).
 
+    ``public_key`` (a PEM file or PEM bytes: the signer's EC public key, or a certificate holding it)
+    requires the pack to be signed by that key: ``signature`` is the detached signature ``aotpack sign``
+    wrote (default ``PATH.sig``). A missing, malformed, altered or foreign signature, or a pack that is not
+    the signed file, is an ``ArchiveError`` before anything in the pack is read. This check needs the
+    ``cryptography`` package.
+
     A pack with CUDA entries loads on a host without CUDA (its CPU entries serve), with an
     ``AotpackWarning``; so does a pack whose CUDA code was built without a GPU (never run, not autotuned).
     """
     start = time.perf_counter()
     path = os.fspath(path)
+    checked = None
+    if signature is not None and public_key is None:
+        raise ArchiveError("a signature was given but no public key to check it with: pass public_key= (the "
+                           "signer's PEM public key)", path=path)
+    if expected_sha256 is not None or public_key is not None:
+        checked = _identity(path)
     if expected_sha256 is not None:
         _check_pin(path, expected_sha256)
+    if public_key is not None:
+        _signature.check(path, signature, public_key)
     archive = Archive.open(path)
+    if checked is not None and _identity(path) != checked:
+        raise ArchiveError("the file was replaced or changed while its hash was being checked; load it again "
+                           "once it is in place", path=path)
     m = archive.manifest
     platform.check_byteorder()
     producer_torch = m.producer.get("torch")
@@ -471,6 +490,15 @@ def _extract_kernels(archive: Archive, cuda: CudaMeta, cache_root: str) -> str:
     if hit:
         return hit
     return cache.store_dir(cache_root, files, {name: archive.read_blob(blob) for name, blob in blobs.items()})
+
+
+def _identity(path: str) -> tuple | None:
+    """What tells this file from a replacement (a rename over it) or a rewrite, or None if it is unreadable."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def _check_pin(path: str, expected: str) -> None:

@@ -293,11 +293,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="how many calls may run the model at the same time (default 1)")
     p.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body (default 16 MiB)")
     p.add_argument("--sha256", default=None, help="refuse any pack file but the one with this sha256")
+    p.add_argument("--public-key", default=None,
+                   help="refuse the pack unless it is signed by this key (PEM; the signature is PACK.sig or --signature)")
+    p.add_argument("--signature", default=None, help="the pack's detached signature (default PACK.sig)")
     p.add_argument("--quiet", action="store_true", help="no access log")
     opts = p.parse_args(argv)
 
+    if opts.signature is not None and opts.public_key is None:
+        p.error("--signature needs --public-key to check it with")
     try:
-        pkg = aotpack.load(opts.pack, expected_sha256=opts.sha256, num_models=opts.num_models)
+        pkg = aotpack.load(opts.pack, expected_sha256=opts.sha256, num_models=opts.num_models,
+                           signature=opts.signature, public_key=opts.public_key)
     except aotpack.AotpackError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
