@@ -27,8 +27,6 @@ import zipfile
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-import torch
-
 from aotpack_runtime import _torch as rt_torch
 from aotpack_runtime.errors import BuildError
 

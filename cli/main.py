@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import platform
 import statistics
-import sys
 import time
 import traceback
 from importlib import metadata

@@ -24,7 +24,7 @@ import torch
 
 import aotpack
 from aotpack_runtime import _torch as rt_torch
-from aotpack_runtime import cache, loader, platform
+from aotpack_runtime import cache, devices, platform
 from aotpack_runtime import format as fmt
 from aotpack_runtime.archive import Archive
 from aotpack_runtime.describe import describe, render
@@ -741,7 +741,7 @@ def fake_gpu_host(monkeypatch, mlp_pack):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "device", device)
     monkeypatch.setattr(rt_torch, "cuda_runner", cuda_runner)
-    monkeypatch.setattr(loader, "_copy_to_cuda", copy_to_cuda)
+    monkeypatch.setattr(devices, "_copy_to_cuda", copy_to_cuda)
     return host
 
 

@@ -18,7 +18,7 @@ import sysconfig
 
 import pytest
 
-from conftest import EXAMPLES, ROOT
+from conftest import EXAMPLES
 
 # Runs the CLI after making Inductor's CPU probe fail: a build that probed the host CPU would stop here.
 _NO_PROBE = (

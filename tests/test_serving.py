@@ -52,9 +52,9 @@ def test_weights_are_views_of_the_mapped_file(convnet_pack):
     of the pack file (shared with the page cache and other processes), not a copy."""
     import ctypes
 
-    from aotpack_runtime import loader
+    from aotpack_runtime import weights
 
-    loader._loaded_weights.clear()  # forget earlier loads of this file in this test process
+    weights._loaded_weights.clear()  # forget earlier loads of this file in this test process
     pkg = aotpack.load(convnet_pack.path)
     archive = pkg._archive
     m = archive.manifest

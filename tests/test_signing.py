@@ -26,7 +26,7 @@ from cryptography.x509.oid import NameOID
 import aotpack
 from aotpack.signing import check_certificate, sign
 from aotpack_cli.main import cli
-from aotpack_runtime import loader
+from aotpack_runtime import _torch as rt_torch, loader
 from aotpack_runtime import signature as rt_signature
 from aotpack_runtime.errors import ArchiveError, SigningError
 from archive_tools import blob_range, with_manifest
@@ -125,7 +125,7 @@ def refused(pack: pathlib.Path, reason: str, untouched: bool = True, **kwargs) -
     with contextlib.ExitStack() as stack:
         if untouched:
             stack.enter_context(mock.patch.object(loader.Archive, "open", _refuse))
-            stack.enter_context(mock.patch.object(loader._torch, "cpu_runner", _refuse))
+            stack.enter_context(mock.patch.object(rt_torch, "cpu_runner", _refuse))
         with pytest.raises(ArchiveError) as e:
             aotpack.load(pack, **kwargs)
     assert e.value.path == str(pack)

@@ -1,0 +1,113 @@
+"""What the CUDA entries of one package share per GPU, and what a host without CUDA is told.
+
+CUDA code needs libcuda.so.1 and a GPU it has kernels for, so it is loaded per device index at the first
+call there (``CudaEntry.runner``); the weights are copied once per GPU, and the kernels are extracted once
+into a folder of the extraction cache.
+"""
+from __future__ import annotations
+
+import threading
+import warnings
+from typing import TYPE_CHECKING
+
+import torch
+
+from . import cache
+from .archive import Archive
+from .errors import AotpackWarning
+from .platform import CudaMeta, _union
+
+if TYPE_CHECKING:
+    from .entries import CudaEntry, Entry
+
+
+def _copy_to_cuda(t: torch.Tensor, index: int) -> torch.Tensor:
+    """A copy of a host tensor on CUDA device ``index`` (synchronous: it is complete when this returns)."""
+    return t.to(torch.device("cuda", index))
+
+
+class CudaState:
+    """What the CUDA entries of one package share: where to extract their code, and the pack's weights
+    copied once per device index (the compiled code reads its constants on its own device)."""
+
+    def __init__(self, archive: Archive, cache_root: str, num_models: int, weights: dict[str, torch.Tensor],
+                 needed: set[str], no_cuda: str | None):
+        self.path = archive.path
+        self.no_cuda = no_cuda  # why this host cannot run CUDA code, or None
+        self.archive = archive
+        self.cache_root = cache_root
+        self.num_models = num_models
+        self._weights = weights
+        self._needed = sorted(needed)
+        self._by_device: dict[int, dict[str, torch.Tensor]] = {}
+        self._lock = threading.Lock()
+
+    def device_weights(self, index: int) -> dict[str, torch.Tensor]:
+        with self._lock:
+            on_device = self._by_device.get(index)
+            if on_device is None:
+                on_device = {name: _copy_to_cuda(self._weights[name], index) for name in self._needed}
+                self._by_device[index] = on_device
+            return on_device
+
+    def extract(self, entry: "CudaEntry") -> tuple[str, str]:
+        """The entry's library and kernel folder in the extraction cache, each hash-checked."""
+        library = extract_library(self.archive, entry._library_blob, self.cache_root)
+        return library, extract_kernels(self.archive, entry.cuda, self.cache_root)
+
+
+def _entry_list(entries: list["Entry"], kind: str) -> str:
+    names = ", ".join(e.name for e in entries)
+    return f"{kind} entr{'y' if len(entries) == 1 else 'ies'} {names}"
+
+
+def warn_cuda(path: str, entries: list["Entry"], no_cuda: str | None) -> str | None:
+    """Warn about CUDA entries this host cannot run, and about CUDA code built without a GPU; return the
+    sentence a GuardError of this package ends with on a host without CUDA (else None)."""
+    cuda = [e for e in entries if e.device == "cuda"]
+    cpu = [e for e in entries if e.device != "cuda"]
+    note = None
+    if no_cuda is not None:
+        if cpu:
+            warnings.warn(f"{path}: this host cannot run the pack's {_entry_list(cuda, 'CUDA')} ({no_cuda}); "
+                          f"its {_entry_list(cpu, 'CPU')} still serve{'s' if len(cpu) == 1 else ''} CPU inputs",
+                          AotpackWarning, stacklevel=3)
+            note = f"this host has no usable CUDA device ({no_cuda}), so only the pack's CPU entries can run here"
+        else:
+            warnings.warn(f"{path}: this host cannot run the pack's {_entry_list(cuda, 'CUDA')} ({no_cuda}), and "
+                          "the pack has no CPU entry: every call will be refused here; run it on a host with an "
+                          "NVIDIA GPU and the CUDA build of torch", AotpackWarning, stacklevel=3)
+            note = (f"this host has no usable CUDA device ({no_cuda}), and every entry of this pack is a CUDA "
+                    "entry: run it on a host with an NVIDIA GPU and the CUDA build of torch")
+    blind = [e for e in cuda if e.cuda.built_without_gpu]
+    if blind:
+        archs = _union(e.cuda.archs for e in blind)
+        ptx = _union(e.cuda.ptx for e in blind)
+        targets = ", ".join(archs) or "no SASS"
+        if ptx:
+            targets += f" (PTX {', '.join(ptx)})"
+        warnings.warn(f"{path}: {_entry_list(blind, 'CUDA')} {'was' if len(blind) == 1 else 'were'} built "
+                      f"without a GPU, for {targets}: not autotuned and never run at build time; smoke-test "
+                      "the pack on a target GPU before serving it", AotpackWarning, stacklevel=3)
+    return note
+
+
+def extract_library(archive: Archive, blob_name: str, cache_root: str) -> str:
+    rec = archive.manifest.blob(blob_name)
+    hit = cache.lookup(cache_root, rec.sha256, ".so")
+    if hit:
+        return hit
+    return cache.store(cache_root, rec.sha256, ".so", archive.read_blob(blob_name))
+
+
+def extract_kernels(archive: Archive, cuda: CudaMeta, cache_root: str) -> str:
+    """The folder of the entry's kernel files (the compiled code's ``cubin_dir``), hash-checked."""
+    files: dict[str, str] = {}
+    blobs: dict[str, str] = {}
+    for k in cuda.kernels:
+        files[k.file] = archive.manifest.blob(k.blob).sha256
+        blobs[k.file] = k.blob
+    hit = cache.lookup_dir(cache_root, files)
+    if hit:
+        return hit
+    return cache.store_dir(cache_root, files, {name: archive.read_blob(blob) for name, blob in blobs.items()})
