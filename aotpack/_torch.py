@@ -69,8 +69,18 @@ ISA_COMPILER_OPTIONS: dict[str, dict[str, Any]] = {
 }
 
 
-def inductor_options(cpu_isa: str, cpu_threads: int) -> dict[str, Any]:
-    """The Inductor config of a build for ``cpu_isa``, with CPU code planned for ``cpu_threads`` threads.
+# Added for graphs that write buffers in place (a pack's state): joint-graph constant folding reads a
+# mutated one-element buffer's build-time value into the code (pytorch/pytorch#165444), and runtime constant
+# folding stops the writes altogether; both stay off.
+STATEFUL_INDUCTOR_CONFIG: dict[str, Any] = {
+    "joint_graph_constant_folding": False,
+    "aot_inductor.use_runtime_constant_folding": False,
+}
+
+
+def inductor_options(cpu_isa: str, cpu_threads: int, stateful: bool = False) -> dict[str, Any]:
+    """The Inductor config of a build for ``cpu_isa``, with CPU code planned for ``cpu_threads`` threads
+    (and, for a ``stateful`` graph, ``STATEFUL_INDUCTOR_CONFIG``).
 
     Inductor decides how many loop levels of a kernel to parallelise from a thread count (by default
     torch.get_num_threads(), and baked into the code as ``num_threads(N)`` when it differs from the cores):
@@ -81,6 +91,8 @@ def inductor_options(cpu_isa: str, cpu_threads: int) -> dict[str, Any]:
     config = dict(BASE_INDUCTOR_CONFIG)
     config.update(ISA_COMPILER_OPTIONS[cpu_isa])
     config["cpp.threads"] = cpu_threads
+    if stateful:
+        config.update(STATEFUL_INDUCTOR_CONFIG)
     return config
 
 

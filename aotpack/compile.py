@@ -114,13 +114,13 @@ def normalize_source(text: str, root: str) -> str:
 
 def compile_entries(captured: list[Captured], options: BuildOptions,
                     progress: Callable[[str], None] | None = None,
-                    devices: list[str] | None = None) -> list[CompiledEntry]:
+                    devices: list[str] | None = None, stateful: bool = False) -> list[CompiledEntry]:
     """Compile every entry (``devices[i]`` is entry i's device, CPU by default); several entries compile
-    in parallel worker processes."""
+    in parallel worker processes. ``stateful``: the graphs write buffers in place (see ``compile_exported``)."""
     devices = devices or ["cpu"] * len(captured)
     if len(captured) == 1:
         start = time.perf_counter()
-        entry = compile_exported(captured[0].exported, options, device=devices[0])
+        entry = compile_exported(captured[0].exported, options, device=devices[0], stateful=stateful)
         if progress:
             progress(f"      entry 1 of 1 ({devices[0]}): {len(entry.kernels)} kernels in "
                      f"{time.perf_counter() - start:.1f} s")
@@ -133,7 +133,7 @@ def compile_entries(captured: list[Captured], options: BuildOptions,
             os.makedirs(folder)
             _torch.save_exported(c.exported, os.path.join(folder, "graph.pt2"))
             with open(os.path.join(folder, "job.json"), "w") as f:
-                json.dump({"options": options.to_json(), "device": devices[i]}, f)
+                json.dump({"options": options.to_json(), "device": devices[i], "stateful": stateful}, f)
             jobs.append(folder)
         results: list[CompiledEntry | None] = [None] * len(jobs)
         pending = list(enumerate(jobs))
@@ -187,11 +187,15 @@ def _read_result(folder: str) -> CompiledEntry:
                          cuda_kernels=tuple(meta["cuda_kernels"]))
 
 
-def compile_exported(exported, options: BuildOptions, device: str = "cpu") -> CompiledEntry:
-    """Compile one exported graph for ``device`` in a private scratch folder."""
+def compile_exported(exported, options: BuildOptions, device: str = "cpu", stateful: bool = False) -> CompiledEntry:
+    """Compile one exported graph for ``device`` in a private scratch folder.
+
+    A ``stateful`` graph writes buffers in place (the pack's state); Inductor's joint-graph constant folding
+    would read such a buffer's build-time value into the code (a counter that returns 1, 1, 1 instead of
+    1, 2, 3), so it is off for them."""
     if device == "cuda":
-        return compile_cuda(exported, options)
-    config = _torch.inductor_options(options.cpu_isa, options.cpu_threads)
+        return compile_cuda(exported, options, stateful)
+    config = _torch.inductor_options(options.cpu_isa, options.cpu_threads, stateful)
     with scratch_dir() as root, build_environment(root, options, config) as config:
         package = os.path.join(root, "entry.pt2")
         try:
@@ -212,7 +216,7 @@ def compile_exported(exported, options: BuildOptions, device: str = "cpu") -> Co
     return CompiledEntry(library=library, sources=sources, constants=constants, kernels=kernels)
 
 
-def compile_cuda(exported, options: BuildOptions) -> CompiledEntry:
+def compile_cuda(exported, options: BuildOptions, stateful: bool = False) -> CompiledEntry:
     """Compile one exported graph for CUDA: on this host's GPU, or (``without_gpu``) for named archs with none.
 
     The graph was captured on the CPU; it is moved to CUDA here (with fake weights when there is no GPU:
@@ -222,7 +226,7 @@ def compile_cuda(exported, options: BuildOptions) -> CompiledEntry:
     from . import cudabuild
 
     archs = options.cuda_archs
-    config = _torch.inductor_options(options.cpu_isa, options.cpu_threads)
+    config = _torch.inductor_options(options.cpu_isa, options.cpu_threads, stateful)
     config.update(_torch.CUDA_INDUCTOR_CONFIG)
     config["cuda.arch"] = str(min(archs))
     if options.without_gpu:
@@ -320,7 +324,7 @@ def _worker(folder: str) -> None:
         job = json.load(f)
     options = BuildOptions.from_json(job["options"])
     exported = _torch.load_exported(os.path.join(folder, "graph.pt2"))
-    _write_result(compile_exported(exported, options, device=job["device"]), folder)
+    _write_result(compile_exported(exported, options, device=job["device"], stateful=job["stateful"]), folder)
 
 
 if __name__ == "__main__":

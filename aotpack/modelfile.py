@@ -1,10 +1,10 @@
 """The model file convention of the CLI.
 
 ``FILE.py`` is imported and its module-level ``model`` and ``example_inputs`` (and ``example_kwargs``,
-``dynamic_shapes``, ``specializations`` if present) are used; ``FILE.py:NAME`` calls the zero-argument
+``dynamic_shapes``, ``specializations``, ``cache_positions`` if present) are used; ``FILE.py:NAME`` calls the zero-argument
 function ``NAME``, which returns ``(model, example_inputs)``, ``(model, example_inputs, example_kwargs)``, or
 a dict with the keys ``model`` and ``example_inputs`` and optionally ``example_kwargs``, ``dynamic_shapes``,
-``specializations``.
+``specializations``, ``cache_positions``.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from typing import Any
 from aotpack_runtime.errors import ModelFileError
 
 
-_FIELDS = ("model", "example_inputs", "example_kwargs", "dynamic_shapes", "specializations")
+_FIELDS = ("model", "example_inputs", "example_kwargs", "dynamic_shapes", "specializations", "cache_positions")
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,7 @@ class ModelSpec:
     example_kwargs: dict = field(default_factory=dict)
     dynamic_shapes: Any = None
     specializations: tuple = ()
+    cache_positions: Any = None
     source: str = ""
 
 
@@ -114,4 +115,4 @@ def load_model_file(target: str) -> ModelSpec:
         raise ModelFileError(f"specializations in {target} must be a list of example input tuples")
     return ModelSpec(model=model, example_inputs=inputs, example_kwargs=kwargs,
                      dynamic_shapes=extras.get("dynamic_shapes"), specializations=tuple(specializations),
-                     source=target)
+                     cache_positions=extras.get("cache_positions"), source=target)

@@ -58,7 +58,7 @@ def write_archive(path: str | os.PathLike, manifest: dict, blobs: list[Blob], le
                                       compression=compression).to_json())
         stored.append(data)
         offset += len(data)
-    version = fmt.version_for(manifest.get("entries", []))
+    version = fmt.version_for(manifest)
     body = dict(manifest, blobs=records, format="aotpack", format_version=version)
     fmt.Manifest.from_json(body)  # the reader's schema is the writer's check
     mbytes = fmt.canonical_json(body)

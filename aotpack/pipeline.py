@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import pathlib
 import platform as _platform
 import sys
@@ -16,7 +17,7 @@ from aotpack_runtime.errors import BuildError
 from aotpack_runtime.guards import EntryGuards, dtype_name
 from aotpack_runtime.platform import KNOWN_FLAGS, host_cpu_flags, host_machine, torch_minor
 
-from . import __version__, capture, compile, guards, package
+from . import __version__, capture, compile, guards, package, state
 from .options import BuildOptions
 
 ProgressFn = Callable[[str], None]
@@ -111,8 +112,10 @@ def _accepting_entry(entries: list, args: tuple, kwargs: dict) -> int | None:
     return None
 
 
-def _weights(entries: list, compiled: list) -> tuple[list[dict], list[package.Blob]]:
-    """Every constant any entry needs, stored once, by its name in the model."""
+def _weights(entries: list, compiled: list, state_names: tuple[str, ...] = ()) \
+        -> tuple[list[dict], list[package.Blob], dict[str, torch.Tensor]]:
+    """Every constant any entry needs, stored once, by its name in the model; the state buffers among them
+    are returned apart (name -> initial value)."""
     tensors: dict[str, torch.Tensor] = {}
     for (captured, _), code in zip(entries, compiled):
         ep = captured.exported
@@ -124,13 +127,18 @@ def _weights(entries: list, compiled: list) -> tuple[list[dict], list[package.Bl
             if name in tensors and not torch.equal(tensors[name], t):
                 raise BuildError(f"two entries see different values for {name!r}; the model changed during the build")
             tensors[name] = t
+    missing = [n for n in state_names if n not in tensors]
+    if missing:
+        raise BuildError(f"the compiled code does not keep the state buffers {missing} as buffers it writes; a pack "
+                         "would serve their build-time values. Report it with the model")
+    state = {n: tensors.pop(n) for n in state_names}
     records, blobs = [], []
     for i, name in enumerate(sorted(tensors)):
         t = tensors[name]
         # Weights stay uncompressed: the loader maps them from the file (shared, no copy, no decompression).
         blobs.append(package.Blob(f"weights/{i}", package.tensor_bytes(t), compressible=False))
         records.append({"name": name, "blob": f"weights/{i}", "dtype": dtype_name(t.dtype), "shape": list(t.shape)})
-    return records, blobs
+    return records, blobs, state
 
 
 def _compile_detail(options: BuildOptions, n: int) -> str:
@@ -192,22 +200,26 @@ def _cuda_summary(entries: list[dict], options: BuildOptions) -> str:
 
 def build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, example_kwargs: dict | None = None,
           dynamic_shapes: Any = None, specializations: Sequence = (), options: BuildOptions | None = None,
-          progress: ProgressFn | None = None) -> BuildReport:
+          progress: ProgressFn | None = None,
+          cache_positions: Any = None) -> BuildReport:
     """Run the whole pipeline; return a :class:`BuildReport`. ``progress`` receives one line per event.
 
     The first entry is captured from ``example_inputs`` (with ``dynamic_shapes``, torch.export's format);
     each of ``specializations`` that no earlier entry accepts becomes its own static entry, in order.
+    Buffers the model writes in place become the pack's state; ``cache_positions`` says which input holds
+    cache positions (see ``state.position_rules``).
     """
     with warnings.catch_warnings():
         # torch's own deep copies of pytree specs warn about a deprecation inside torch; not the user's to fix
         warnings.filterwarnings("ignore", message=r".*LeafSpec.* is deprecated", category=FutureWarning)
         return _build(model, example_inputs, output, example_kwargs=example_kwargs, dynamic_shapes=dynamic_shapes,
-                      specializations=specializations, options=options, progress=progress)
+                      specializations=specializations, options=options, progress=progress,
+                      cache_positions=cache_positions)
 
 
 def _build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, example_kwargs: dict | None,
            dynamic_shapes: Any, specializations: Sequence, options: BuildOptions | None,
-           progress: ProgressFn | None) -> BuildReport:
+           progress: ProgressFn | None, cache_positions: Any = None) -> BuildReport:
     options = (options or BuildOptions()).resolved()
     example_kwargs = dict(example_kwargs or {})
     report = BuildReport(output=pathlib.Path(output))
@@ -227,13 +239,24 @@ def _build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, exa
             entries.append((captured, guards.derive(captured)))
             label = EntryGuards.from_json(entries[-1][1].to_json(), f"entry {len(entries) - 1}").label()
             stages.say(f"      example {i}: entry {len(entries) - 1} ({label})")
+        state_names = tuple(sorted(set().union(*(c.state for c, _ in entries))))
+        positions = []
+        if state_names:
+            positions = state.position_rules(model, cache_positions, example_kwargs, example_inputs,
+                                             captures[0].param_names)
+            stages.say(f"      state: {len(state_names)} buffer(s) the model writes in place"
+                       + (f"; cache positions in {', '.join(repr(p['input']) for p in positions)}" if positions
+                          else "; no cache-position input"))
+        elif cache_positions is not None:
+            raise BuildError("cache_positions was given, but the model writes no buffer in place: a pack without "
+                             "state has no cache")
     # One entry per captured graph and device, graph by graph: [g0 cpu, g0 cuda, g1 cpu, ...].
     entries = [(c, g, d) for c, g in entries for d in options.devices]
     with stages.stage("compile", _compile_detail(options, len(entries))):
         compiled = compile.compile_entries([c for c, _, _ in entries], options, progress=stages.say,
-                                           devices=[d for _, _, d in entries])
+                                           devices=[d for _, _, d in entries], stateful=bool(state_names))
     with stages.stage("package"):
-        weights, blobs = _weights([(c, g) for c, g, _ in entries], compiled)
+        weights, blobs, state_values = _weights([(c, g) for c, g, _ in entries], compiled, state_names)
         manifest_entries = []
         for i, ((_, g, device), code) in enumerate(zip(entries, compiled)):
             library = f"code/{i}.so"
@@ -251,7 +274,23 @@ def _build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, exa
         manifest = {"producer": producer(compiler), "target": target(options), "options": options.to_json(),
                     "weights": weights, "entries": manifest_entries, "example": example,
                     "frozen": {"training": entries[0][0].training}}
-        report.size = package.write_archive(output, manifest, blobs, options.compression_level)
+        if state_names:
+            buffers, state_blobs = state.state_records(state_values)
+            blobs += state_blobs
+            manifest["state"] = {"buffers": buffers, "positions": positions}
+        staging = report.output.with_name(f".{report.output.name}.{os.getpid()}.building")
+        try:
+            report.size = package.write_archive(staging, manifest, blobs, options.compression_level)
+            if state_names and "cpu" in options.devices:
+                state.check_against_eager(model, str(staging), example_inputs, example_kwargs, state_names,
+                                          stages.say)
+            elif state_names:
+                stages.say("      state: not checked against eager here (the pack has no CPU entry); run it "
+                           "against eager on its GPU before serving it")
+            os.replace(staging, report.output)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(staging)
     report.entries = len(entries)
     report.weights = len(weights)
     report.weight_bytes = sum(len(b.data) for b in blobs if b.name.startswith("weights/"))

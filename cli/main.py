@@ -97,10 +97,12 @@ def build(target: str, output: str, cpu_isa: str | None, dynamic: tuple[str, ...
     """Build a pack from a model file.
 
     FILE.py must define `model` and `example_inputs` (a tuple), and may define `example_kwargs`,
-    `dynamic_shapes` (torch.export's format) and `specializations` (a list of further example input
-    tuples, each compiled as its own entry unless an earlier entry accepts it). FILE.py:NAME calls the
+    `dynamic_shapes` (torch.export's format), `specializations` (a list of further example input
+    tuples, each compiled as its own entry unless an earlier entry accepts it) and `cache_positions` (for a
+    model with state: which input holds cache positions, e.g. {"input": "cache_position", "limit": 64,
+    "span": ["input_ids", 1]}). FILE.py:NAME calls the
     function NAME, which returns (model, example_inputs), (model, example_inputs, example_kwargs), or a
-    dict with those keys and optionally dynamic_shapes and specializations.
+    dict with those keys and optionally dynamic_shapes, specializations and cache_positions.
     """
     from aotpack.modelfile import load_model_file
     from aotpack.options import BuildOptions
@@ -122,7 +124,8 @@ def build(target: str, output: str, cpu_isa: str | None, dynamic: tuple[str, ...
     spec = load_model_file(target)
     report = run_build(spec.model, spec.example_inputs, output, example_kwargs=spec.example_kwargs,
                        dynamic_shapes=dynamic_shapes if dynamic_shapes is not None else spec.dynamic_shapes,
-                       specializations=spec.specializations, options=options, progress=say)
+                       specializations=spec.specializations, options=options, progress=say,
+                       cache_positions=spec.cache_positions)
     if as_json:
         click.echo(json.dumps({"event": "done", "output": str(report.output), "size": report.size,
                                "devices": list(options.devices), "cuda_archs": list(options.cuda_archs),
@@ -261,7 +264,10 @@ def _summary(value, depth: int = 0) -> str:
               help="Refuse to load the pack unless it is signed by this key (EC public key or certificate, PEM).")
 def run(pack: str, repeat: int, cache_dir: str | None, device: str | None, signature: str | None,
         public_key: str | None) -> None:
-    """Load a pack and run it on the example inputs stored inside it; print the result and timings."""
+    """Load a pack and run it on the example inputs stored inside it; print the result and timings.
+
+    A pack with state runs in one session: the first call starts from the initial state, and each timed
+    call continues it (with the same example inputs)."""
     import torch
     import torch.utils._pytree as pytree
 
@@ -281,17 +287,20 @@ def run(pack: str, repeat: int, cache_dir: str | None, device: str | None, signa
         raise rt.ArchiveError(f"--device {device}: this host has no usable CUDA device", path=pack)
     args, kwargs = pytree.tree_map(lambda v: v.to(target) if isinstance(v, torch.Tensor) else v, (args, kwargs))
     sync = torch.cuda.synchronize if target.type == "cuda" else (lambda: None)
+    call = pkg.session(device=target) if pkg.stateful else pkg
     with torch.inference_mode():
         t2 = time.perf_counter()
-        out = pkg(*args, **kwargs)
+        out = call(*args, **kwargs)
         sync()
         t3 = time.perf_counter()
         times = []
         for _ in range(repeat):
             s = time.perf_counter()
-            pkg(*args, **kwargs)
+            call(*args, **kwargs)
             sync()
             times.append(time.perf_counter() - s)
+    if pkg.stateful:
+        click.echo(f"session: {call!r}")
     click.echo(f"output: {_summary(out)}")
     click.echo(f"load {1e3 * (t1 - t0):.1f} ms, first call {1e3 * (t3 - t2):.2f} ms, "
                f"median call {1e6 * statistics.median(times):.1f} us over {repeat} calls")

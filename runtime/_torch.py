@@ -71,6 +71,12 @@ def set_constants(runner, tensors: dict[str, torch.Tensor]) -> None:
         runner.update_constant_buffer(tensors, False, True)
 
 
+def bind_constants(runner, tensors: dict[str, torch.Tensor]) -> None:
+    """Point some of the compiled code's constants at ``tensors`` (no copy; the others stay as they are).
+    The code writes into a constant it mutates (a state buffer) in place, through this pointer."""
+    runner.update_constant_buffer(tensors, False, False, True)
+
+
 def run(runner, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """Call the compiled code on flat input tensors; returns its flat output tensors."""
     return runner.run(tensors)

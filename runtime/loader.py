@@ -23,12 +23,13 @@ from . import signature as _signature
 from .archive import Archive
 from .devices import CudaState, warn_cuda
 from .entries import CudaEntry, Entry, entry_from_manifest
-from .errors import ArchiveError, GuardError
+from .errors import ArchiveError, GuardError, SessionError
 from .format import DTYPE_SIZES, field_of
 from .guards import _DTYPE_BY_NAME, check_spec, rebuild
+from .sessions import PositionCheck, Session, StateTemplate
 from .weights import load_weights, tensor_from_bytes
 
-__all__ = ["CudaEntry", "Entry", "Package", "load", "tensor_from_bytes"]
+__all__ = ["CudaEntry", "Entry", "Package", "Session", "load", "tensor_from_bytes"]
 
 
 class Package:
@@ -44,6 +45,9 @@ class Package:
 
     A CUDA entry accepts CUDA tensors on any device and runs on theirs, on the caller's current stream
     there. ``weights`` are the pack's weights in host memory; CUDA entries use copies of them on each GPU.
+
+    A pack with state (``stateful``: its code writes buffers such as an LLM's KV cache between calls) is
+    called through sessions, each with its own state: ``s = pkg.session(); s(...)`` (``runtime/sessions.py``).
     """
 
     def __init__(self, archive: Archive, entries: list[Entry], weights: dict[str, torch.Tensor],
@@ -57,14 +61,35 @@ class Package:
         self._example = None
         self._guard_note = guard_note
         self._cuda_state = cuda_state
+        self.stateful = bool(archive.manifest.state)
+        self._state_template = StateTemplate.from_archive(archive) if self.stateful else None
+        self._position_checks = [
+            [PositionCheck.bind(rule, e, archive.path, f"manifest.state.positions[{k}]")
+             for k, rule in enumerate(archive.manifest.positions)] for e in entries]
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.stateful:
+            raise SessionError(f"this pack carries state that its calls write ({self._state_template.describe()}): "
+                               "open a session, which holds its own copy of it: s = pkg.session(); s(...)")
+        entry, tensors = self._dispatch(args, kwargs)
+        return entry.run(tensors)
+
+    def _dispatch(self, args: tuple, kwargs: dict) -> tuple[Entry, list[torch.Tensor]]:
+        """The first entry whose guards accept this input, and the tensors to hand it; else GuardError."""
         for entry in self.entries:
             tensors = entry.guards.match(args, kwargs)
             if tensors is not None:
-                return entry.run(tensors)
-        raise GuardError([(f"{e.name} ({e.guards.label()})", e.guards.explain(args, kwargs) or "guards failed")
-                          for e in self.entries], note=self._guard_note)
+                return entry, tensors
+        raise GuardError([(e.label(), e.guards.explain(args, kwargs) or "guards failed") for e in self.entries],
+                         note=self._guard_note)
+
+    def session(self, device: torch.device | str | None = None) -> Session:
+        """A new session of a stateful pack, with fresh state (the pack's initial values). Its state lives on
+        ``device``, by default on the device of its first call."""
+        if not self.stateful:
+            raise SessionError("this pack has no state: call the package itself (pkg(...)); sessions are for packs "
+                               "whose code writes buffers between calls, such as an LLM's KV cache")
+        return Session(self, device)
 
     def select(self, *args: Any, **kwargs: Any) -> Entry | None:
         """The entry that would run for this input, or None (runs nothing)."""
@@ -186,8 +211,9 @@ def load(path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
     blob_sizes = {b.name: b.size for b in m.blobs} if cuda_metas else {}
     cuda_state = None
     if cuda_metas:
+        state_names = {r.name for r in m.state}
         needed = {w for meta in cuda_metas.values() if isinstance(meta.get("constants"), dict)
-                  for w in meta["constants"].values() if isinstance(w, str)}
+                  for w in meta["constants"].values() if isinstance(w, str) and w not in state_names}
         cuda_state = CudaState(archive, cache_root, num_models, weights, needed, no_cuda)
 
     entries = [entry_from_manifest(i, archive, weights, cache_root, num_models, cuda_state, blob_sizes)

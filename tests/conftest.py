@@ -44,13 +44,15 @@ _built: dict[str, Built] = {}
 
 
 def build_example(name: str, session_dir: pathlib.Path) -> Built:
+    """Build ``examples/NAME.py`` once per session (``NAME`` may name a subfolder: ``llm/llama``)."""
     if name not in _built:
         import aotpack
         from aotpack.modelfile import load_model_file
 
         spec = load_model_file(str(EXAMPLES / f"{name}.py"))
-        out = session_dir / f"{name}.pack"
-        aotpack.build(spec.model, spec.example_inputs, out, example_kwargs=spec.example_kwargs)
+        out = session_dir / f"{name.replace('/', '-')}.pack"
+        aotpack.build(spec.model, spec.example_inputs, out, example_kwargs=spec.example_kwargs,
+                      dynamic_shapes=spec.dynamic_shapes)
         _built[name] = Built(name, out, spec)
     return _built[name]
 
@@ -81,3 +83,14 @@ def run_python(code: str, env: dict | None = None, timeout: int = 120) -> subpro
     full_env.update(env or {})
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env,
                           timeout=timeout, cwd=str(ROOT))
+
+
+@pytest.fixture(scope="session", params=["llama", "qwen3", "gemma2"])
+def llm_pack(request, session_dir) -> Built:
+    """A tiny decoder with a static KV cache (examples/llm/), built into a stateful pack."""
+    return build_example(f"llm/{request.param}", session_dir)
+
+
+@pytest.fixture(scope="session")
+def llama_pack(session_dir) -> Built:
+    return build_example("llm/llama", session_dir)
