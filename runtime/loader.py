@@ -89,6 +89,10 @@ class Package:
         if not self.stateful:
             raise SessionError("this pack has no state: call the package itself (pkg(...)); sessions are for packs "
                                "whose code writes buffers between calls, such as an LLM's KV cache")
+        if device is not None and torch.device(device).type == "cuda":
+            reason = self._cuda_state.no_cuda if self._cuda_state is not None else "the pack has no CUDA entry"
+            if reason is not None:
+                raise SessionError(f"cannot keep this session's state on {device}: {reason}")
         return Session(self, device)
 
     def select(self, *args: Any, **kwargs: Any) -> Entry | None:

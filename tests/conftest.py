@@ -94,3 +94,38 @@ def llm_pack(request, session_dir) -> Built:
 @pytest.fixture(scope="session")
 def llama_pack(session_dir) -> Built:
     return build_example("llm/llama", session_dir)
+
+
+class Counter:
+    """A stateful model: a step counter (a 0-d buffer whose old value is read) and a rolling history."""
+
+    @staticmethod
+    def make():
+        import torch
+
+        class CounterModel(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.register_buffer("count", torch.zeros(()))
+                self.register_buffer("history", torch.zeros(4))
+                self.scale = torch.nn.Parameter(torch.tensor(2.0))
+
+            def forward(self, x):
+                self.count.add_(1)
+                self.history.copy_(torch.cat([x.sum().reshape(1), self.history[:-1]]))
+                return x * self.count * self.scale, self.history.sum()
+
+        return CounterModel().eval()
+
+
+@pytest.fixture(scope="session")
+def counter_pack(session_dir) -> pathlib.Path:
+    """A small pack with state (Counter), built once per session."""
+    import torch
+
+    import aotpack
+
+    path = session_dir / "counter.pack"
+    if not path.exists():
+        aotpack.build(Counter.make(), (torch.ones(3),), path)
+    return path

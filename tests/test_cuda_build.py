@@ -61,6 +61,13 @@ def cuda_only_pack(session_dir) -> pathlib.Path:
 
 
 @pytest.fixture(scope="session")
+def llama_cuda_pack(session_dir) -> pathlib.Path:
+    """A tiny Llama with a static KV cache (a pack with state): a CPU and a CUDA entry, sm_80 and sm_90."""
+    return _cli_build(session_dir / "cuda-llama", "llm/llama.py", "llama-cuda.pack", "--device", "cpu", "--device",
+                      "cuda", "--cuda-arch", "80,90", "--without-gpu")
+
+
+@pytest.fixture(scope="session")
 def kwargs_pack(session_dir) -> pathlib.Path:
     """The keyword-argument model (a masked_fill with -inf, a one-element bias) for sm_86: Inductor would
     evaluate the fill and read the bias's value at compile time, which fake weights on no GPU cannot give."""
@@ -289,3 +296,31 @@ def test_run_command_on_this_host(mixed_pack, cuda_only_pack):
                           text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 1
     assert proc.stderr.strip().endswith("--device cuda: this host has no usable CUDA device")
+
+
+def test_a_pack_with_state_builds_cuda_entries_without_a_gpu(llama_cuda_pack):
+    """The KV cache is state for the CUDA entry as for the CPU entry (the CUDA code writes it in place on the
+    GPU, in the session's own copy there); the kernels carry the requested SASS; the CPU entry serves a session
+    here with eager's tokens, and a session on a GPU is refused clearly on this host."""
+    sys.path.insert(0, str(EXAMPLES / "llm"))
+    from decoders import greedy, wrapped
+
+    m = Archive.open(llama_cuda_pack).manifest
+    assert m.format_version == 3
+    names = {r.name for r in m.state}
+    assert names == {f"{k}_{i}" for k in ("key_cache", "value_cache", "cumulative_length") for i in (0, 1)}
+    cpu, cuda = m.entries
+    assert cuda["device"] == "cuda" and names <= set(cuda["constants"].values()) and names <= set(
+        cpu["constants"].values())
+    assert all({"sm_80", "sm_90"} <= set(k["archs"]) for k in cuda["cuda"]["kernels"]) and cuda["cuda"]["kernels"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", rt.AotpackWarning)
+        pkg = rt.load(llama_cuda_pack)
+    s = pkg.session()
+    _, wrapper = wrapped("llama")
+    with torch.inference_mode():
+        got = greedy(lambda ids, pos: s(input_ids=ids, cache_position=pos), [5, 17, 42], 12)
+        want = greedy(lambda ids, pos: wrapper(input_ids=ids, cache_position=pos), [5, 17, 42], 12)
+    assert got == want
+    with pytest.raises(rt.SessionError, match=r"cannot keep this session's state on cuda: torch .* sees no CUDA device"):
+        pkg.session(device="cuda")

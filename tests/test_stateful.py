@@ -23,32 +23,10 @@ from aotpack_runtime import _torch as rt_torch
 from aotpack_runtime import format as fmt
 from aotpack_runtime.errors import ArchiveError, BuildError, CaptureError, GuardError, SessionError
 from archive_tools import join, split
-from conftest import EXAMPLES, ROOT, run_python
+from conftest import EXAMPLES, ROOT, Counter, run_python
 
 sys.path.insert(0, str(EXAMPLES / "llm"))
 from decoders import greedy, wrapped  # noqa: E402
-
-
-class Counter(torch.nn.Module):
-    """A step counter (a 0-d buffer whose old value is read) and a rolling history of input sums."""
-
-    def __init__(self):
-        super().__init__()
-        self.register_buffer("count", torch.zeros(()))
-        self.register_buffer("history", torch.zeros(4))
-        self.scale = torch.nn.Parameter(torch.tensor(2.0))
-
-    def forward(self, x):
-        self.count.add_(1)
-        self.history.copy_(torch.cat([x.sum().reshape(1), self.history[:-1]]))
-        return x * self.count * self.scale, self.history.sum()
-
-
-@pytest.fixture(scope="module")
-def counter_pack(session_dir):
-    path = session_dir / "counter.pack"
-    aotpack.build(Counter().eval(), (torch.ones(3),), path)
-    return path
 
 
 def test_a_counter_counts_from_the_initial_state(counter_pack):
@@ -182,7 +160,7 @@ def test_without_the_fix_a_folded_counter_fails_the_build(tmp_path, monkeypatch)
     monkeypatch.setattr(build_torch, "STATEFUL_INDUCTOR_CONFIG", {})
     with pytest.raises(BuildError, match=r"the compiled code does not match eager on call 2 of 3 from the initial "
                                          r"state: output leaf 0 differs from eager's by 2"):
-        aotpack.build(Counter().eval(), (torch.ones(3),), tmp_path / "folded.pack")
+        aotpack.build(Counter.make(), (torch.ones(3),), tmp_path / "folded.pack")
     assert not list(tmp_path.iterdir())  # no pack, and no half-written file
 
 
