@@ -47,6 +47,8 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from _markers import put_between_markers
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 SERVE_DIR = ROOT / "examples" / "serve"
@@ -284,15 +286,6 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def put_between_markers(path: Path, table: str) -> None:
-    text = path.read_text()
-    if MARK_START not in text or MARK_END not in text:
-        print(f"{path.relative_to(ROOT)} has no {MARK_START} / {MARK_END} markers; left as it is")
-        return
-    head, rest = text.split(MARK_START, 1)
-    path.write_text(f"{head}{MARK_START}\n{table}{MARK_END}{rest.split(MARK_END, 1)[1]}")
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="mlp", help="the example to serve (examples/NAME.py; default mlp)")
@@ -383,7 +376,7 @@ def main() -> int:
     (HERE / "results-serve.json").write_text(json.dumps(results, indent=1) + "\n")
     (HERE / "results-serve.md").write_text("# Serving on Ray Serve: aotpack vs AOTInductor\n\n" + table)
     for doc in (ROOT / "README.md", SERVE_DIR / "README.md"):
-        put_between_markers(doc, table)
+        put_between_markers(doc, MARK_START, MARK_END, table)
     print(table)
     print(f"wrote benchmarks/results-serve.md and results-serve.json in {results['total_seconds']:.0f} s")
     return 0
