@@ -317,5 +317,9 @@ def fake_cuda_program(exported):
     from ._torch import program_copy
 
     copied = program_copy(exported)
-    with FakeTensorMode(allow_non_fake_inputs=True):
+    # The fake weights must live in the program's own shape environment: a mode without it loses the size
+    # hints of dynamic dimensions, which Inductor needs to lower e.g. an expand over a dynamic size.
+    shape_env = next((n.meta["val"].fake_mode.shape_env for n in copied.graph.nodes if n.op == "placeholder"
+                      and getattr(n.meta.get("val"), "fake_mode", None) is not None), None)
+    with FakeTensorMode(allow_non_fake_inputs=True, shape_env=shape_env):
         return move_to_device_pass(copied, "cuda:0")

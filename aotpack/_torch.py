@@ -213,18 +213,34 @@ def _install_prefixes() -> list[tuple[str, str]]:
 BUILD_ROOT_ENV = "AOTPACK_BUILD_ROOT"
 
 
+# Run by the compiler wrapper on each generated source in the build folder before it is compiled: the
+# folder's path in string literals (a CUDA wrapper names each kernel's file by its absolute path; the
+# runtime loads kernels from its own folder by file name) becomes the fixed name, as -ffile-prefix-map does
+# for __FILE__.
+_UNROOT = ("import os, sys\n"
+           "root, path = os.environ['" + "AOTPACK_BUILD_ROOT" + "'], sys.argv[1]\n"
+           "with open(path, encoding='utf-8') as f:\n"
+           "    text = f.read()\n"
+           "if root in text:\n"
+           "    with open(path, 'w', encoding='utf-8') as f:\n"
+           "        f.write(text.replace(root, '/aotpack/build'))\n")
+
+
 def compiler_wrapper(folder: str, compiler: str) -> str:
     """A wrapper script, under ``folder``, that runs ``compiler`` with ``-ffile-prefix-map`` options
-    replacing every host path (``build_prefixes``) in what the compiler writes; return its path for
-    Inductor's ``cpp.cxx``. The script is the same for every build with this toolchain (the scratch folder
-    comes from ``$AOTPACK_BUILD_ROOT``), so its path, which Inductor hashes into cache keys, is stable.
-    The name keeps "g++" because Inductor picks GCC's flags by the compiler's name."""
+    replacing every host path (``build_prefixes``) in what the compiler writes, after replacing the build
+    folder's path in the generated C++ sources it compiles (``_UNROOT``); return its path for Inductor's
+    ``cpp.cxx``. The script is the same for every build with this toolchain (the scratch folder comes from
+    ``$AOTPACK_BUILD_ROOT``), so its path, which Inductor hashes into cache keys, is stable. The name keeps
+    "g++" because Inductor picks GCC's flags by the compiler's name."""
     import hashlib
     import shlex
 
     maps = " ".join(shlex.quote(f"-ffile-prefix-map={host}={fixed}") for host, fixed in _install_prefixes())
     root = f'"-ffile-prefix-map=${BUILD_ROOT_ENV}=/aotpack/build"'
-    script = f"#!/bin/sh\nexec {shlex.quote(compiler)} \"$@\" {maps} {root}\n"
+    unroot = (f'for arg in "$@"; do\n  case "$arg" in\n    "${BUILD_ROOT_ENV}"/*.cpp) '
+              f'{shlex.quote(sys.executable)} -c {shlex.quote(_UNROOT)} "$arg" || exit 1;;\n  esac\ndone\n')
+    script = f"#!/bin/sh\n{unroot}exec {shlex.quote(compiler)} \"$@\" {maps} {root}\n"
     path = os.path.join(folder, hashlib.sha256(script.encode()).hexdigest()[:16], "g++")
     if not os.path.exists(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -109,7 +109,7 @@ def normalize_source(text: str, root: str) -> str:
     placeholders = {"/aotpack/build": "<build>", "/aotpack/torch": "<torch>", "/aotpack/python": "<python>"}
     for host, fixed in reversed(_torch.build_prefixes(root)):  # most specific first
         text = text.replace(host, placeholders[fixed])
-    return text
+    return text.replace("/aotpack/build", "<build>")  # what the compiler wrapper already replaced
 
 
 def compile_entries(captured: list[Captured], options: BuildOptions,

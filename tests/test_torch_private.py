@@ -202,8 +202,10 @@ def test_compiler_wrapper_maps_host_paths(tmp_path):
     assert os.path.basename(wrapper) == "g++"  # Inductor recognises GCC by the name
     root = tmp_path / "scratch-folder"
     root.mkdir()
-    (root / "f.cpp").write_text('const char* where() { return __FILE__; }\n')
+    (root / "f.cpp").write_text('const char* where() { return __FILE__; }\n'
+                                f'const char* kernel() {{ return "{root}/k.fatbin"; }}\n')
     env = dict(os.environ, **{build_torch.BUILD_ROOT_ENV: str(root)})
     subprocess.run([wrapper, "-c", str(root / "f.cpp"), "-o", str(root / "f.o")], check=True, env=env)
     data = (root / "f.o").read_bytes()
-    assert b"/aotpack/build/f.cpp" in data and str(root).encode() not in data
+    assert b"/aotpack/build/f.cpp" in data and b"/aotpack/build/k.fatbin" in data  # __FILE__ and a literal
+    assert str(root).encode() not in data
