@@ -26,8 +26,11 @@ from .errors import ArchiveError
 
 # Blobs are hashed in chunks of this many bytes (read into a buffer per thread, never the whole blob).
 HASH_CHUNK = 8 << 20
-# At most this many threads hash blobs at once (hashlib and file reads release the GIL).
+# At most this many threads hash blobs at once (hashlib and file reads release the GIL), each a blob of at
+# least PARALLEL_MIN_BYTES.
 MAX_HASH_THREADS = 16
+PARALLEL_MIN_BYTES = 1 << 20
+_EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 _ZEROS: bytes | None = None  # zeros to hash a hole with, made at first use
 
 
@@ -238,29 +241,33 @@ class Archive:
         cores this process may use (at most ``MAX_HASH_THREADS``). The first mismatch in table order is
         the error.
         """
-        blobs = sorted(self.manifest.blobs, key=lambda b: -b.stored_size)  # longest first: even finish
+        # Large blobs go to the threads, longest first (they finish together); small ones are hashed here,
+        # where a thread hand-off would cost more than the hash (a pack may hold 100,000 tiny blobs).
+        large = sorted((b for b in self.manifest.blobs if b.stored_size >= PARALLEL_MIN_BYTES),
+                       key=lambda b: -b.stored_size)
         if threads is None:
             threads = min(MAX_HASH_THREADS, len(os.sched_getaffinity(0)))
-        threads = max(1, min(threads, len(blobs)))
+        threads = max(1, min(threads, len(large)))
         failed: dict[str, ArchiveError] = {}
 
         def one(b: fmt.BlobRecord) -> None:
             try:
-                if b.compression == "none":
-                    digest = _hash_range(self._file(), self.region_start + b.offset, b.size, self.path, b.name)
-                    if digest != b.sha256:
-                        raise ArchiveError(_mismatch(b.name), path=self.path)
-                else:
+                if b.compression != "none":
                     self.read_blob(b.name)
+                elif _hash_range(self._file(), self.region_start + b.offset, b.size, self.path, b.name) != b.sha256:
+                    raise ArchiveError(_mismatch(b.name), path=self.path)
             except ArchiveError as e:
                 failed[b.name] = e
 
+        for b in self.manifest.blobs:
+            if b.stored_size < PARALLEL_MIN_BYTES:
+                one(b)
         if threads == 1:
-            for b in blobs:
+            for b in large:
                 one(b)
         else:
             with concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="aotpack-hash") as pool:
-                list(pool.map(one, blobs))
+                list(pool.map(one, large))
         for b in self.manifest.blobs:
             if b.name in failed:
                 raise failed[b.name]
@@ -330,6 +337,14 @@ def _extent(fd: int, pos: int, end: int) -> tuple[int, int]:
 def _hash_range(fd: int, offset: int, size: int, path: str, name: str) -> str:
     """sha256 of ``size`` bytes of the file at ``offset``, read in chunks; holes are hashed as zeros."""
     global _ZEROS
+    if size == 0:
+        return _EMPTY_SHA256
+    if size < PARALLEL_MIN_BYTES:  # one read
+        data = _pread(fd, offset, size)
+        if len(data) != size:
+            raise ArchiveError(f"truncated: blob {name!r} ends early (the file changed while it was read?)",
+                               path=path)
+        return hashlib.sha256(data).hexdigest()
     h = hashlib.sha256()
     view = memoryview(bytearray(min(size, HASH_CHUNK)))
     pos, end = offset, offset + size
