@@ -311,7 +311,8 @@ def markdown(results: dict) -> str:
         failures += [f"- {size}, {k}: {v['error']}" for k, v in r.items() if isinstance(v, dict) and "error" in v]
     lines = [
         "# aotpack big-model benchmarks", "",
-        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, transformers {m['transformers']}, "
+        f"Machine: {m['cpu']}, {m['cores']} cores (load average {m['load_average'][0]:.1f} at the start, "
+        f"{m['load_average'][1]:.1f} at the end), torch {m['torch']}, transformers {m['transformers']}, "
         f"Python {m['python']}, {m['date']}. Hugging Face LlamaForCausalLM, float32, random weights; medians of "
         f"{results['config']['repeats']} fresh processes per figure; memory budget "
         f"{results['config']['budget_gb']} GB; whole run {results['total_seconds'] / 60:.0f} min. See "
@@ -372,6 +373,7 @@ def main() -> None:
     if not sizes or any(s not in SIZES + MORE_SIZES for s in sizes):
         parser.error(f"--sizes takes names from {', '.join(SIZES + MORE_SIZES)}; got {sizes}")
     start = time.perf_counter()
+    load_before = os.getloadavg()[0]
     shutil.rmtree(WORK, ignore_errors=True)
     (WORK / "tmp").mkdir(parents=True)
     try:
@@ -379,7 +381,8 @@ def main() -> None:
                    for size in sizes}
     finally:
         shutil.rmtree(WORK, ignore_errors=True)
-    report = {"machine": machine_info(), "config": {"repeats": args.repeats, "budget_gb": args.memory_budget_gb},
+    report = {"machine": dict(machine_info(), load_average=[load_before, os.getloadavg()[0]]),
+              "config": {"repeats": args.repeats, "budget_gb": args.memory_budget_gb},
               "total_seconds": time.perf_counter() - start, "sizes": results}
     (HERE / f"{args.results}.json").write_text(json.dumps(report, indent=2) + "\n")
     (HERE / f"{args.results}.md").write_text(markdown(report))

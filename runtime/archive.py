@@ -78,11 +78,11 @@ class Archive:
     def __del__(self) -> None:
         self.close()
 
-    def close(self) -> None:
+    def close(self, _close=os.close) -> None:  # ``_close`` bound now: __del__ may run at interpreter exit
         """Close the file (a mapping made by ``map_blob`` stays valid while its views are used)."""
         fd, self._fd = getattr(self, "_fd", None), None
         if fd is not None:
-            os.close(fd)
+            _close(fd)
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> "Archive":
