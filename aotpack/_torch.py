@@ -105,7 +105,7 @@ def export_strict(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic_sh
     """
     buffer = io.StringIO()
     try:
-        with contextlib.redirect_stderr(buffer):
+        with contextlib.redirect_stderr(buffer), no_real_value_copies():
             return torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes, strict=True)
     except Exception as e:
         partial = getattr(e, "partial_fx_graph", None)
@@ -114,6 +114,29 @@ def export_strict(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic_sh
         raise
     finally:
         sys.stderr.write(buffer.getvalue())
+
+
+@contextlib.contextmanager
+def no_real_value_copies() -> Iterator[None]:
+    """Dynamo without its copies of every weight while it exports.
+
+    When it exports, Dynamo keeps a "real value" of every tensor it meets (``real_value_cache``, for the rare
+    op it must run on real data), and makes each one a clone, twice: a build would hold three copies of the
+    weights at once. ``torch.compile`` keeps the tensors themselves there; so does an export under this
+    patch (``torch._dynamo.variables.builder._clone_input``, looked up by name at each call).
+    """
+    from torch._dynamo.variables import builder
+
+    original = builder._clone_input
+
+    def keep(value, fake_mode):
+        return value
+
+    builder._clone_input = keep
+    try:
+        yield
+    finally:
+        builder._clone_input = original
 
 
 def graph_break_types() -> tuple[type, ...]:

@@ -32,6 +32,7 @@ from aotpack_runtime.errors import BuildError
 
 from . import _torch
 from .capture import Captured
+from .memory import peak_rss
 from .options import BuildOptions
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class CompiledEntry:
     # CUDA entries: one record per kernel (name, file, archs, ptx, shared_mem, num_warps) and its bytes.
     cuda_kernels: tuple = ()
     binaries: dict = field(default_factory=dict)  # file name -> bytes
+    peak_rss: int = 0  # bytes: the peak memory of the worker process that compiled it (0: compiled in process)
 
 
 @contextlib.contextmanager
@@ -169,7 +171,7 @@ def _write_result(entry: CompiledEntry, folder: str) -> None:
     with open(os.path.join(folder, "result.json"), "w") as f:
         json.dump({"constants": entry.constants, "kernels": list(entry.kernels), "device": entry.device,
                    "sources": sorted(entry.sources), "binaries": sorted(entry.binaries),
-                   "cuda_kernels": list(entry.cuda_kernels)}, f)
+                   "cuda_kernels": list(entry.cuda_kernels), "peak_rss": peak_rss()}, f)
 
 
 def _read_result(folder: str) -> CompiledEntry:
@@ -184,7 +186,7 @@ def _read_result(folder: str) -> CompiledEntry:
                 files[prefix][name] = f.read()
     return CompiledEntry(library=library, sources=files["source-"], constants=meta["constants"],
                          kernels=tuple(meta["kernels"]), device=meta["device"], binaries=files["binary-"],
-                         cuda_kernels=tuple(meta["cuda_kernels"]))
+                         cuda_kernels=tuple(meta["cuda_kernels"]), peak_rss=meta["peak_rss"])
 
 
 def compile_exported(exported, options: BuildOptions, device: str = "cpu", stateful: bool = False) -> CompiledEntry:

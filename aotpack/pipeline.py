@@ -18,6 +18,7 @@ from aotpack_runtime.guards import EntryGuards, dtype_name
 from aotpack_runtime.platform import KNOWN_FLAGS, host_cpu_flags, host_machine, torch_minor
 
 from . import __version__, capture, compile, guards, package, state
+from .memory import peak_rss, reset_peak_rss
 from .options import BuildOptions
 
 ProgressFn = Callable[[str], None]
@@ -34,12 +35,18 @@ class BuildReport:
     weights: int = 0
     weight_bytes: int = 0
     kernels: int = 0
+    peak_rss: int = 0  # bytes: this process's peak resident memory during the build
+    worker_peak_rss: int = 0  # bytes: the largest peak of a compile worker process (0 when none ran)
 
     def summary(self) -> str:
         total = sum(self.stages.values())
+        memory = f"peak memory {self.peak_rss / 1e9:.2f} GB"
+        if self.worker_peak_rss:
+            memory += f" (compile workers: {self.worker_peak_rss / 1e9:.2f} GB each at most)"
         return (f"wrote {self.output} ({self.size / 1e6:.2f} MB): {self.entries} entr"
                 f"{'y' if self.entries == 1 else 'ies'}, {self.weights} weights ({self.weight_bytes / 1e6:.2f} MB), "
-                f"{self.kernels} kernels, built in {total:.1f} s")
+                f"{self.kernels} kernels, built in {total:.1f} s, {memory}")
+
 
 
 class _Stages:
@@ -135,8 +142,9 @@ def _weights(entries: list, compiled: list, state_names: tuple[str, ...] = ()) \
     records, blobs = [], []
     for i, name in enumerate(sorted(tensors)):
         t = tensors[name]
-        # Weights stay uncompressed: the loader maps them from the file (shared, no copy, no decompression).
-        blobs.append(package.Blob(f"weights/{i}", package.tensor_bytes(t), compressible=False))
+        # Weights stay uncompressed: the loader maps them from the file (shared, no copy, no decompression);
+        # the writer streams them from the tensor's memory (no copy at build time either).
+        blobs.append(package.Blob(f"weights/{i}", t, compressible=False))
         records.append({"name": name, "blob": f"weights/{i}", "dtype": dtype_name(t.dtype), "shape": list(t.shape)})
     return records, blobs, state
 
@@ -220,6 +228,7 @@ def build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, exam
 def _build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, example_kwargs: dict | None,
            dynamic_shapes: Any, specializations: Sequence, options: BuildOptions | None,
            progress: ProgressFn | None, cache_positions: Any = None) -> BuildReport:
+    reset_peak_rss()
     options = (options or BuildOptions()).resolved()
     example_kwargs = dict(example_kwargs or {})
     report = BuildReport(output=pathlib.Path(output))
@@ -293,8 +302,10 @@ def _build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, exa
                 os.unlink(staging)
     report.entries = len(entries)
     report.weights = len(weights)
-    report.weight_bytes = sum(len(b.data) for b in blobs if b.name.startswith("weights/"))
+    report.weight_bytes = sum(b.size for b in blobs if b.name.startswith("weights/"))
     report.kernels = sum(len(c.kernels) for c in compiled)
+    report.peak_rss = peak_rss()
+    report.worker_peak_rss = max((c.peak_rss for c in compiled), default=0)
     if options.without_gpu and progress:
         progress("note: CUDA entries built without a GPU are not autotuned and were never run; smoke-test the "
                  "pack on the target GPU before trusting it")

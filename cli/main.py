@@ -254,7 +254,12 @@ def _summary(value, depth: int = 0) -> str:
 @click.option("--repeat", default=50, show_default=True, type=click.IntRange(1, 100000),
               help="Calls to time after the first.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
-              help="Extraction cache for native code (default: $AOTPACK_CACHE_DIR or ~/.cache/aotpack).")
+              help="Extraction cache for native code and records of completed checks (default: "
+                   "$AOTPACK_CACHE_DIR or ~/.cache/aotpack).")
+@click.option("--verify", "verify_mode", type=click.Choice(["auto", "full"]), default="auto", show_default=True,
+              help="auto: hash every blob unless the cache records a check of this same, unchanged file; "
+                   "full: always hash every blob.")
+@click.option("--prefetch", is_flag=True, help="Read the weights into memory in the background while loading.")
 @click.option("--device", default=None, metavar="DEVICE",
               help="Where to put the example inputs: cpu, cuda, cuda:1 ... (default: cpu if the pack has a CPU "
                    "entry, else cuda).")
@@ -262,8 +267,8 @@ def _summary(value, depth: int = 0) -> str:
               help="The pack's detached signature (default with --public-key: PACK.sig).")
 @click.option("--public-key", type=click.Path(dir_okay=False), default=None,
               help="Refuse to load the pack unless it is signed by this key (EC public key or certificate, PEM).")
-def run(pack: str, repeat: int, cache_dir: str | None, device: str | None, signature: str | None,
-        public_key: str | None) -> None:
+def run(pack: str, repeat: int, cache_dir: str | None, verify_mode: str, prefetch: bool, device: str | None,
+        signature: str | None, public_key: str | None) -> None:
     """Load a pack and run it on the example inputs stored inside it; print the result and timings.
 
     A pack with state runs in one session: the first call starts from the initial state, and each timed
@@ -274,7 +279,8 @@ def run(pack: str, repeat: int, cache_dir: str | None, device: str | None, signa
     if signature is not None and public_key is None:
         raise click.UsageError("--signature needs --public-key to check it with")
     t0 = time.perf_counter()
-    pkg = rt.load(pack, cache_dir=cache_dir, signature=signature, public_key=public_key)
+    pkg = rt.load(pack, cache_dir=cache_dir, signature=signature, public_key=public_key, verify=verify_mode,
+                  prefetch=prefetch)
     t1 = time.perf_counter()
     args, kwargs = pkg.example_inputs()
     if device is None:
@@ -302,7 +308,8 @@ def run(pack: str, repeat: int, cache_dir: str | None, device: str | None, signa
     if pkg.stateful:
         click.echo(f"session: {call!r}")
     click.echo(f"output: {_summary(out)}")
-    click.echo(f"load {1e3 * (t1 - t0):.1f} ms, first call {1e3 * (t3 - t2):.2f} ms, "
+    checked = "every blob hashed" if pkg.checked == "full" else "the check recorded earlier"
+    click.echo(f"load {1e3 * (t1 - t0):.1f} ms ({checked}), first call {1e3 * (t3 - t2):.2f} ms, "
                f"median call {1e6 * statistics.median(times):.1f} us over {repeat} calls")
 
 

@@ -21,6 +21,7 @@ def test_header_table():
     assert fmt.HEADER_SIZE == 56 and "| 56 | M | manifest" in DOC
     assert fmt.ALIGN == 64 and "multiple of 64" in DOC
     assert fmt.MAX_MANIFEST_BYTES == 16 * 1024 * 1024 and "at most 16 MiB" in DOC
+    assert fmt.MAX_BLOB_BYTES == 2**40 and "each offset and size at most 2^40, 1 TiB" in DOC
 
 
 def test_entry_example_is_valid():

@@ -271,8 +271,8 @@ def test_a_file_replaced_while_it_is_checked_is_refused(signed, keys, tmp_path, 
     pack = _copy(signed, tmp_path)
     real = rt_signature.check
 
-    def check_then_replace(*args):
-        result = real(*args)
+    def check_then_replace(*args, **kwargs):
+        result = real(*args, **kwargs)
         replacement = tmp_path / "new.pack"
         replacement.write_bytes(signed.read_bytes())
         replacement.replace(pack)  # a deploy renaming another file over the pack

@@ -26,6 +26,40 @@ def test_export_strict_lifts_parameters_and_specialises_values():
     assert "lin.weight" in ep.state_dict
 
 
+def test_export_strict_keeps_no_copies_of_the_weights():
+    """Dynamo's export clones every tensor it meets into its real-value cache (no_real_value_copies turns
+    that off, by patching builder._clone_input): no clone of a weight is made while exporting."""
+    from torch._dynamo.variables import builder
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 4))
+    weight_bytes = {p.numel() * p.element_size() for p in model.parameters()}
+
+    class Allocations(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.copies = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten.clone.default and type(out) is torch.Tensor and \
+                    out.numel() * out.element_size() in weight_bytes:
+                self.copies += 1
+            return out
+
+    original = builder._clone_input
+    for patched in (False, True):
+        spy = Allocations()
+        with spy:
+            if patched:
+                ep = build_torch.export_strict(model, (torch.randn(2, 256),), {})
+            else:
+                ep = torch.export.export(model, (torch.randn(2, 256),), strict=True)
+        assert (spy.copies == 0) == patched, spy.copies
+    assert builder._clone_input is original
+    assert ep.state_dict["0.weight"].data_ptr() == model[0].weight.data_ptr()
+
+
 def test_graph_break_types_and_details():
     types = build_torch.graph_break_types()
     assert types and all(issubclass(t, Exception) for t in types)
