@@ -1,15 +1,19 @@
-"""What the serving tests share: a server process started on loopback and stopped by the test, an HTTP
-client, the multi_io example's requests, and the listening sockets and lifetimes of processes (from /proc)."""
+"""What the serving tests share: a server process started on loopback and stopped by the test, an app served
+by uvicorn in a thread of the test process, an HTTP client, the multi_io example's requests, and the listening
+sockets and lifetimes of processes (from /proc)."""
 from __future__ import annotations
 
+import contextlib
 import http.client
 import ipaddress
 import json
 import os
 import pathlib
 import re
+import socket
 import subprocess
 import sys
+import threading
 import time
 
 import torch
@@ -19,9 +23,10 @@ from conftest import ROOT
 SERVE_DIR = ROOT / "examples" / "serve"
 
 
-def request(port: int, method: str, path: str, body: bytes | str | None = None,
-            headers: dict | None = None) -> tuple[int, dict]:
-    """One request to 127.0.0.1:``port``; the status and the JSON answer (which every answer must be)."""
+def exchange(port: int, method: str, path: str, body: bytes | str | None = None,
+             headers: dict | None = None) -> tuple[int, dict, dict]:
+    """One request to 127.0.0.1:``port``; the status, the JSON answer (which every answer must be) and the
+    answer's headers (names in lower case)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     try:
         if isinstance(body, str):
@@ -30,9 +35,16 @@ def request(port: int, method: str, path: str, body: bytes | str | None = None,
         resp = conn.getresponse()
         data = resp.read()
         assert resp.getheader("Content-Type") == "application/json", (resp.status, data)
-        return resp.status, json.loads(data)
+        return resp.status, json.loads(data), {k.lower(): v for k, v in resp.getheaders()}
     finally:
         conn.close()
+
+
+def request(port: int, method: str, path: str, body: bytes | str | None = None,
+            headers: dict | None = None) -> tuple[int, dict]:
+    """One request to 127.0.0.1:``port``; the status and the JSON answer (which every answer must be)."""
+    status, answer, _ = exchange(port, method, path, body, headers)
+    return status, answer
 
 
 def predict(port: int, payload: dict) -> tuple[int, dict]:
@@ -51,6 +63,64 @@ def multi_io_inputs(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 def multi_io_payload(tokens, mask, temperature=0.5, **extra) -> dict:
     return dict({"args": [tokens.tolist()], "kwargs": {"mask": mask.tolist(), "temperature": temperature},
                  "dtype": {"mask": "bool"}}, **extra)
+
+
+# --- conversations with the tiny Llama pack (examples/llm) -------------------------------------------------
+
+PROMPTS = ([5, 17, 42], [9, 8, 7, 6])
+NEW_TOKENS = 4
+
+
+def llm_payload(ids: list[list[int]], position: int) -> str:
+    """A request body for one call of the Llama pack: token ids, and the cache position of the first."""
+    return json.dumps({"kwargs": {"input_ids": ids, "cache_position": [position]}, "dtype": "int64"})
+
+
+class Conversation:
+    """Greedy generation one call at a time: the whole prompt first, then one token per call.
+    ``call(ids, position)`` runs one call and returns the logits."""
+
+    def __init__(self, call, prompt: list[int]):
+        self.call, self.prompt, self.tokens, self.logits = call, prompt, [], []
+
+    def next_call(self) -> tuple[list[list[int]], int]:
+        """The token ids and the cache position of the next call."""
+        if not self.tokens:
+            return [self.prompt], 0
+        return [[self.tokens[-1]]], len(self.prompt) + len(self.tokens) - 1
+
+    def record(self, logits) -> None:
+        """Take the answer of the next call: the next token is the most likely one."""
+        self.logits.append(logits)
+        self.tokens.append(int(logits[0, -1].argmax()))
+
+    def step(self) -> None:
+        self.record(self.call(*self.next_call()))
+
+
+def reference_conversations(pkg) -> dict[tuple, tuple[list, list]]:
+    """Each prompt of PROMPTS: its tokens and logits from a session of ``pkg`` used directly."""
+    out = {}
+    for prompt in PROMPTS:
+        session = pkg.session()
+
+        def call(ids, position, session=session):
+            with torch.inference_mode():
+                return session(input_ids=torch.tensor(ids), cache_position=torch.tensor([position]))
+
+        c = Conversation(call, prompt)
+        for _ in range(NEW_TOKENS):
+            c.step()
+        out[tuple(prompt)] = (c.tokens, c.logits)
+    return out
+
+
+def assert_matches(conversation: Conversation, reference: dict) -> None:
+    """The conversation's tokens so far are those of the reference, and its logits close to them."""
+    tokens, logits = reference[tuple(conversation.prompt)]
+    assert conversation.tokens == tokens[:len(conversation.tokens)]
+    for got, want in zip(conversation.logits, logits):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 def from_json(value, like):
@@ -97,6 +167,31 @@ def stop(proc: subprocess.Popen, timeout_s: float = 60) -> int:
             proc.kill()
             proc.wait(timeout=20)
     return proc.returncode
+
+
+@contextlib.contextmanager
+def serve_in_thread(app, timeout_s: float = 60):
+    """Serve the ASGI ``app`` with uvicorn on a free port of 127.0.0.1, in a thread of this process (its
+    lifespan runs); yields the port, and stops the server on exit."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.02)
+        yield sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+        assert not thread.is_alive(), "the server did not stop"
 
 
 # --- processes, from /proc ---------------------------------------------------------------------------

@@ -157,6 +157,16 @@ def test_http_level_mistakes(server):
         405, {"error": "POST is not allowed on /health; use GET /health or POST /predict"})
 
 
+def test_a_pack_without_state_has_no_sessions(server):
+    port, _, _ = server
+    status, health = request(port, "GET", "/health")
+    assert status == 200 and health["stateful"] is False and "sessions" not in health
+    for method, path in (("POST", "/sessions"), ("POST", "/sessions/abc.def/predict"), ("DELETE", "/sessions/abc.def")):
+        assert request(port, method, path, "{}") == (404, {"error": (
+            f"no such path {path!r}: this pack keeps no state between calls, so this server has no sessions; send "
+            "each call to POST /predict")})
+
+
 def _padded(size: int) -> bytes:
     """A JSON body of exactly ``size`` bytes (a request the guards refuse, padded with spaces)."""
     body = b'{"args": [[1]]}'

@@ -2,9 +2,17 @@
 
     python examples/serve/app.py model.pack --host 127.0.0.1 --port 8000
 
-GET  /health   -> 200 {"status": "ok", "pack": ..., "entries": N, "inputs": [{"path", "name", ...}, ...]}
+GET  /health   -> 200 {"status": "ok", "pack": ..., "entries": N, "inputs": [{"path", "name", ...}, ...],
+                        "stateful": false, "replica": ...}
 POST /predict  <- {"args": [...], "kwargs": {...}, "dtype": "float32" | {"input name": "int64", ...}}
                -> 200 {"outputs": ...}  (the model's output structure; tuples become JSON lists)
+
+A pack with state (an LLM's KV cache) is called in sessions, one per conversation, each with its own state:
+
+POST   /sessions               -> 201 {"session": ID}
+POST   /sessions/ID/predict    <- the body of /predict; -> 200 {"outputs": ...}
+POST   /sessions/ID/reset      -> 200 (back to the pack's initial state)
+DELETE /sessions/ID            -> 200
 
 A request the pack's guards refuse, or a malformed one, is answered 4xx with {"error": "..."} (for a guard,
 the GuardError's own message); no client mistake reaches the native code or gives a 500. ``build_app`` is
@@ -15,15 +23,18 @@ this file.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import dataclasses
 import json
+import math
 import os
 import signal
 import socket
 import sys
 import traceback
 from http import HTTPStatus
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import uvicorn
@@ -33,11 +44,20 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 import aotpack
+from aotpack_runtime.format import DTYPE_SIZES
 from jsonio import BadRequest, InputConverter, parse_json, to_json
+from session_store import (DEFAULT_IDLE_TIMEOUT_S, DEFAULT_MAX_SESSIONS, SessionBusy, SessionNotFound, SessionStore,
+                           StoreFull, new_holder_id, shown)
 
 DEFAULT_MAX_BODY_MB = 16.0
 DEFAULT_MAX_BODY_BYTES = int(DEFAULT_MAX_BODY_MB * 2**20)
 ROUTES = "GET /health or POST /predict"
+SESSION_ROUTES = ("GET /health, POST /sessions, POST /sessions/{id}/predict, POST /sessions/{id}/reset or "
+                  "DELETE /sessions/{id}")
+# The header that carries a session's id on Ray Serve: its proxy hands the value to the deployment's request
+# router, which sends the request to the replica holding the session.
+ROUTING_HEADER = "serve_multiplexed_model_id"
+REPLICA_HEADER = "x-aotpack-replica"
 
 
 class ConfigError(aotpack.AotpackError):
@@ -55,11 +75,14 @@ class ServeOptions:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     public_key: str | None = None
     signature: str | None = None
+    max_sessions: int = DEFAULT_MAX_SESSIONS
+    session_idle_s: float = DEFAULT_IDLE_TIMEOUT_S
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "ServeOptions":
         """From ``AOTPACK_SERVE_PACK`` (required), ``AOTPACK_SERVE_SHA256``, ``AOTPACK_SERVE_NUM_MODELS``,
-        ``AOTPACK_SERVE_MAX_BODY_MB``, ``AOTPACK_SERVE_PUBLIC_KEY`` and ``AOTPACK_SERVE_SIGNATURE``."""
+        ``AOTPACK_SERVE_MAX_BODY_MB``, ``AOTPACK_SERVE_PUBLIC_KEY``, ``AOTPACK_SERVE_SIGNATURE``,
+        ``AOTPACK_SERVE_MAX_SESSIONS`` and ``AOTPACK_SERVE_SESSION_IDLE_S``."""
         pack = env.get("AOTPACK_SERVE_PACK")
         if not pack:
             raise ConfigError("AOTPACK_SERVE_PACK is not set; set it to the .pack file to serve")
@@ -67,7 +90,14 @@ class ServeOptions:
                    num_models=_number(env, "AOTPACK_SERVE_NUM_MODELS", int, 1),
                    max_body_bytes=int(_number(env, "AOTPACK_SERVE_MAX_BODY_MB", float, DEFAULT_MAX_BODY_MB) * 2**20),
                    public_key=env.get("AOTPACK_SERVE_PUBLIC_KEY") or None,
-                   signature=env.get("AOTPACK_SERVE_SIGNATURE") or None)
+                   signature=env.get("AOTPACK_SERVE_SIGNATURE") or None,
+                   max_sessions=_number(env, "AOTPACK_SERVE_MAX_SESSIONS", int, DEFAULT_MAX_SESSIONS),
+                   session_idle_s=_number(env, "AOTPACK_SERVE_SESSION_IDLE_S", float, DEFAULT_IDLE_TIMEOUT_S))
+
+    def app_options(self) -> dict:
+        """The keyword arguments of :func:`build_app` that these options set."""
+        return {"max_body_bytes": self.max_body_bytes, "max_sessions": self.max_sessions,
+                "session_idle_s": self.session_idle_s}
 
     def load(self) -> aotpack.Package:
         """The pack, loaded (``ArchiveError`` if it is not the pinned file, not signed by ``public_key``, or
@@ -112,15 +142,87 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def build_app(pkg: aotpack.Package, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
-    """A FastAPI app that serves ``pkg``: ``GET /health`` and ``POST /predict``.
+FOREIGN_HERE = ("the server was restarted since, or it runs several worker processes (sessions live in the process "
+                "that opened them: serve a stateful pack with one worker, or on Ray Serve)")
+FOREIGN_ON_RAY = "that replica was stopped or restarted (a scale-down, a failure or a redeploy)"
+
+
+class _ReplicaHeader:
+    """ASGI middleware: every answer names the replica (on one machine: the server process) that gave it, in
+    the ``X-Aotpack-Replica`` header."""
+
+    def __init__(self, app: Any, replica: str):
+        self.app = app
+        self.header = (REPLICA_HEADER.encode(), replica.encode())
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_named(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                message = dict(message, headers=[*message.get("headers", []), self.header])
+            await send(message)
+
+        await self.app(scope, receive, send_named)
+
+
+async def _expire_idle(store: SessionStore) -> None:
+    """Close idle sessions as they pass the timeout, so that their memory is freed without waiting for a
+    request (a request for one is refused on time regardless: the store checks on every lookup)."""
+    period = min(store.idle_timeout_s / 2, 30.0)
+    while True:
+        await asyncio.sleep(period)
+        store.expire()
+
+
+def state_bytes(pkg: aotpack.Package) -> int:
+    """The most memory one session's state takes (it grows as its cache is written)."""
+    return sum(math.prod(r.shape) * DTYPE_SIZES[r.dtype] for r in pkg.manifest.state)
+
+
+def build_app(pkg: aotpack.Package, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+              max_sessions: int = DEFAULT_MAX_SESSIONS, session_idle_s: float = DEFAULT_IDLE_TIMEOUT_S,
+              replica: str | None = None) -> FastAPI:
+    """A FastAPI app that serves ``pkg``: ``GET /health`` and ``POST /predict``; for a pack with state,
+    sessions instead of ``/predict``: ``POST /sessions``, ``POST /sessions/{id}/predict``,
+    ``POST /sessions/{id}/reset`` and ``DELETE /sessions/{id}``.
 
     The model runs in the server's thread pool, so several requests run at once, up to the ``num_models``
     the package was loaded with (the rest wait for a free copy of the model's state).
+
+    Sessions live in this process: at most ``max_sessions`` open (opening one more closes the least recently
+    used one that is not running a call), each closed after ``session_idle_s`` seconds without a request.
+    ``replica`` is the Ray Serve replica's id when the app runs in one (``ray_app.py``): session ids then name
+    it, and every request of a session must carry the session's id in the ``serve_multiplexed_model_id``
+    header, by which Ray Serve routes it to this replica.
     """
     converter = InputConverter(pkg)
-    app = FastAPI(title=f"aotpack {os.path.basename(pkg.path)}", docs_url=None, redoc_url=None, openapi_url=None)
+    on_ray = replica is not None
+    holder = replica if on_ray else new_holder_id()
+    store = None
+    if pkg.stateful:
+        store = SessionStore(pkg.session, holder=holder, max_sessions=max_sessions, idle_timeout_s=session_idle_s,
+                             holder_kind="replica" if on_ray else "server process",
+                             foreign_hint=FOREIGN_ON_RAY if on_ray else FOREIGN_HERE)
+    routes = SESSION_ROUTES if pkg.stateful else ROUTES
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        sweeper = asyncio.create_task(_expire_idle(store)) if store is not None else None
+        try:
+            yield
+        finally:
+            if sweeper is not None:
+                sweeper.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sweeper
+
+    app = FastAPI(title=f"aotpack {os.path.basename(pkg.path)}", docs_url=None, redoc_url=None, openapi_url=None,
+                  lifespan=lifespan)
     app.state.pkg = pkg
+    app.add_middleware(_ReplicaHeader, replica=holder)
 
     @app.exception_handler(BadRequest)
     async def bad_request(request: Request, exc: BadRequest) -> Response:
@@ -128,45 +230,131 @@ def build_app(pkg: aotpack.Package, *, max_body_bytes: int = DEFAULT_MAX_BODY_BY
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> Response:
-        if exc.status_code == HTTPStatus.NOT_FOUND:
-            message = f"no such path {request.url.path!r}; use {ROUTES}"
+        path = request.url.path
+        if exc.status_code == HTTPStatus.NOT_FOUND and store is None and (path == "/sessions" or
+                                                                          path.startswith("/sessions/")):
+            message = (f"no such path {path!r}: this pack keeps no state between calls, so this server has no "
+                       "sessions; send each call to POST /predict")
+        elif exc.status_code == HTTPStatus.NOT_FOUND:
+            message = f"no such path {path!r}; use {routes}"
         elif exc.status_code == HTTPStatus.METHOD_NOT_ALLOWED:
-            message = f"{request.method} is not allowed on {request.url.path}; use {ROUTES}"
+            message = f"{request.method} is not allowed on {path}; use {routes}"
         else:
             message = str(exc.detail)
         return json_response(exc.status_code, {"error": message}, headers=exc.headers)
 
     @app.get("/health")
     def health() -> Response:
-        return json_response(HTTPStatus.OK, {"status": "ok", "pack": pkg.path, "entries": len(pkg.entries),
-                                             "inputs": converter.describe()})
+        body = {"status": "ok", "pack": pkg.path, "entries": len(pkg.entries), "inputs": converter.describe(),
+                "stateful": pkg.stateful, "replica": holder}
+        if store is not None:
+            store.expire()
+            body["sessions"] = dict(store.stats(), state_bytes=state_bytes(pkg),
+                                    cache_positions=min((r.limit for r in pkg.manifest.positions), default=None))
+        return json_response(HTTPStatus.OK, body)
 
-    def answer(raw: bytes) -> tuple[int, dict]:
+    def answer(call: Callable[..., Any], raw: bytes, session_id: str | None = None) -> tuple[int, dict]:
+        """Run ``call`` (the package, or a session of it) on the request body ``raw``: (status, answer)."""
         args, kwargs = converter.convert(parse_json(raw))
         try:
             with torch.inference_mode():
-                out = pkg(*args, **kwargs)
+                out = call(*args, **kwargs)
         except aotpack.GuardError as e:
             return HTTPStatus.BAD_REQUEST, {"error": str(e)}
+        except aotpack.SessionError as e:  # an earlier call failed: the state is undefined until a reset
+            return HTTPStatus.CONFLICT, {"error": f"session {shown(session_id)}: {e} (POST /sessions/{session_id}/"
+                                                  "reset)"}
         except Exception:  # a server fault, not the client's: log it, say little
             traceback.print_exc(file=sys.stderr)
-            return HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "internal error while running the model"}
+            message = "internal error while running the model"
+            if session_id is not None:
+                message += (f"; the state of session {shown(session_id)} is now undefined: reset it (POST /sessions/"
+                            f"{session_id}/reset) or open a new one")
+            return HTTPStatus.INTERNAL_SERVER_ERROR, {"error": message}
         return HTTPStatus.OK, {"outputs": to_json(out)}
 
     @app.post("/predict")
     async def predict(request: Request) -> Response:
+        if store is not None:
+            return json_response(HTTPStatus.CONFLICT, {"error": (
+                f"this pack keeps state between calls ({len(pkg.manifest.state)} state buffers, such as an LLM's KV "
+                "cache), so its calls run in a session, which holds its own copy of it: open one with POST "
+                "/sessions, then send each call to POST /sessions/{id}/predict (the same body as /predict)")})
         raw = await read_body(request, max_body_bytes)
-        status, payload = await run_in_threadpool(answer, raw)
+        status, payload = await run_in_threadpool(answer, pkg, raw)
         return json_response(status, payload)
 
+    if store is not None:
+        _add_session_routes(app, store, answer, max_body_bytes, on_ray)
     return app
+
+
+def _add_session_routes(app: FastAPI, store: SessionStore, answer: Callable[..., tuple[int, dict]],
+                        max_body_bytes: int, on_ray: bool) -> None:
+    """The routes of a stateful pack's sessions, and the answers to what can go wrong with one."""
+
+    @app.exception_handler(SessionNotFound)
+    async def not_found(request: Request, exc: SessionNotFound) -> Response:
+        return json_response(HTTPStatus.NOT_FOUND, {"error": str(exc)})
+
+    @app.exception_handler(SessionBusy)
+    async def busy(request: Request, exc: SessionBusy) -> Response:
+        return json_response(HTTPStatus.CONFLICT, {"error": str(exc)})
+
+    @app.exception_handler(StoreFull)
+    async def full(request: Request, exc: StoreFull) -> Response:
+        return json_response(HTTPStatus.SERVICE_UNAVAILABLE, {"error": str(exc)}, headers={"Retry-After": "1"})
+
+    def check_routing(request: Request, session_id: str) -> None:
+        """The routing header, where sent, must name the session of the path; on Ray Serve it must be sent."""
+        sent = request.headers.get(ROUTING_HEADER, request.headers.get(ROUTING_HEADER.replace("_", "-")))
+        if sent is None and on_ray:
+            raise BadRequest(f"this request names session {shown(session_id)} in its path but not in the header "
+                             f"{ROUTING_HEADER}: on Ray Serve, send that header with the session's id with every "
+                             f"request of a session (-H '{ROUTING_HEADER}: {session_id}'), so that it reaches the "
+                             "replica that holds the session")
+        if sent is not None and sent != session_id:
+            raise BadRequest(f"the header {ROUTING_HEADER} names session {shown(sent)} but the path names "
+                             f"{shown(session_id)}; send the session's id in both")
+
+    @app.post("/sessions")
+    async def open_session() -> Response:
+        held = store.open()
+        return json_response(HTTPStatus.CREATED, {"session": held.id}, headers={"Location": f"/sessions/{held.id}"})
+
+    @app.post("/sessions/{session_id}/predict")
+    async def session_predict(session_id: str, request: Request) -> Response:
+        check_routing(request, session_id)
+        raw = await read_body(request, max_body_bytes)
+        held = store.acquire(session_id)
+        try:
+            status, payload = await run_in_threadpool(answer, held.session, raw, session_id)
+        finally:
+            store.release(held)
+        return json_response(status, payload)
+
+    @app.post("/sessions/{session_id}/reset")
+    async def reset_session(session_id: str, request: Request) -> Response:
+        check_routing(request, session_id)
+        held = store.acquire(session_id)
+        try:
+            held.session.reset()
+        finally:
+            store.release(held)
+        return json_response(HTTPStatus.OK, {"session": session_id, "reset": True})
+
+    @app.delete("/sessions/{session_id}")
+    async def close_session(session_id: str, request: Request) -> Response:
+        check_routing(request, session_id)
+        store.close(session_id)
+        return json_response(HTTPStatus.OK, {"session": session_id, "closed": True})
 
 
 def create_app() -> FastAPI:
     """The app for ``uvicorn --factory app:create_app``, its options from the environment (see
     :meth:`ServeOptions.from_env`)."""
     opts = ServeOptions.from_env(os.environ)
-    return build_app(opts.load(), max_body_bytes=opts.max_body_bytes)
+    return build_app(opts.load(), **opts.app_options())
 
 
 def add_pack_arguments(parser: argparse.ArgumentParser) -> None:
@@ -181,14 +369,23 @@ def add_pack_arguments(parser: argparse.ArgumentParser) -> None:
                         help="refuse the pack unless it is signed by this key (PEM; the signature is PACK.sig or "
                              "--signature)")
     parser.add_argument("--signature", default=None, help="the pack's detached signature (default PACK.sig)")
+    parser.add_argument("--max-sessions", type=int, default=DEFAULT_MAX_SESSIONS,
+                        help="for a pack with state: most sessions open at once (per replica); opening one more "
+                             f"closes the least recently used idle one (default {DEFAULT_MAX_SESSIONS})")
+    parser.add_argument("--session-idle-s", type=float, default=DEFAULT_IDLE_TIMEOUT_S,
+                        help="for a pack with state: close a session after this many seconds without a request "
+                             f"(default {DEFAULT_IDLE_TIMEOUT_S:g})")
 
 
 def options_from_args(parser: argparse.ArgumentParser, opts: argparse.Namespace) -> ServeOptions:
     if opts.signature is not None and opts.public_key is None:
         parser.error("--signature needs --public-key to check it with")
+    if opts.max_sessions < 1 or not opts.session_idle_s > 0:
+        parser.error("--max-sessions must be at least 1 and --session-idle-s above 0")
     return ServeOptions(pack=opts.pack, sha256=opts.sha256, num_models=opts.num_models,
                         max_body_bytes=int(opts.max_body_mb * 2**20), public_key=opts.public_key,
-                        signature=opts.signature)
+                        signature=opts.signature, max_sessions=opts.max_sessions,
+                        session_idle_s=opts.session_idle_s)
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -211,7 +408,7 @@ def url(host: str, port: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Serve one aotpack pack over HTTP with uvicorn "
-                                            "(POST /predict, GET /health).")
+                                            "(GET /health, POST /predict or, for a pack with state, /sessions).")
     add_pack_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port to bind; 0 picks a free one (default 8000)")
@@ -230,13 +427,16 @@ def main(argv: list[str] | None = None) -> int:
               "(0 picks a free one)", file=sys.stderr)
         return 1
     host, port = sock.getsockname()[:2]
-    server = uvicorn.Server(uvicorn.Config(build_app(pkg, max_body_bytes=opts.max_body_bytes),
-                                           access_log=not args.quiet, log_level="info"))
+    server = uvicorn.Server(uvicorn.Config(build_app(pkg, **opts.app_options()), access_log=not args.quiet,
+                                           log_level="info"))
     # uvicorn stops on SIGINT/SIGTERM, then sends the signal again to the handler it found: this one, so the
     # process ends normally (exit 0) instead of by the signal.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: None)
-    print(f"serving {args.pack} on {url(host, port)} (loaded in {pkg.load_seconds * 1000:.0f} ms)", flush=True)
+    sessions = (f"; sessions: at most {opts.max_sessions} open, each closed after {opts.session_idle_s:g} s idle"
+                if pkg.stateful else "")
+    print(f"serving {args.pack} on {url(host, port)} (loaded in {pkg.load_seconds * 1000:.0f} ms{sessions})",
+          flush=True)
     try:
         server.run(sockets=[sock])
     finally:

@@ -6,8 +6,11 @@
 The command starts a local Ray cluster for itself, every listener on 127.0.0.1 and no usage statistics
 sent, deploys the pack on it, and stops what it started on SIGINT or SIGTERM. Each replica (``PackServer``)
 loads the pack in its constructor and serves ``app.build_app`` of it, so the endpoints and error answers are
-those of app.py. From your own Ray driver, on a cluster where the pack's path exists on every node and this
-folder is on ``PYTHONPATH``: ``serve.run(ray_app.application(ServeOptions(pack="/abs/model.pack"), replicas=2))``.
+those of app.py. For a pack with state, a session lives in the replica that opened it: the deployment
+routes with ``session_router.SessionRouter``, which sends every request carrying the session's id in the
+``serve_multiplexed_model_id`` header to that replica. From your own Ray driver, on a cluster where the
+pack's path exists on every node and this folder is on ``PYTHONPATH``:
+``serve.run(ray_app.application(ServeOptions(pack="/abs/model.pack"), replicas=2))``.
 """
 from __future__ import annotations
 
@@ -32,9 +35,12 @@ import ray
 from fastapi import FastAPI
 from ray import serve
 from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
 
 import aotpack
+from aotpack_runtime.archive import Archive
 from app import ServeOptions, add_pack_arguments, build_app, options_from_args, url
+from session_router import SessionRouter
 
 APP_NAME = "aotpack"
 
@@ -42,7 +48,8 @@ APP_NAME = "aotpack"
 @serve.deployment
 @serve.ingress()
 class PackServer:
-    """One replica: loads the pack once, when the replica starts, and serves it through ``build_app``."""
+    """One replica: loads the pack once, when the replica starts, and serves it through ``build_app``; the
+    sessions of a pack with state live here, under ids that name this replica."""
 
     def __init__(self, opts: ServeOptions):
         _bind_replica_grpc_to_node_address()
@@ -50,7 +57,8 @@ class PackServer:
         self.pkg = opts.load()
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return build_app(self.pkg, max_body_bytes=self.opts.max_body_bytes)
+        replica = serve.get_replica_context().replica_id.unique_id
+        return build_app(self.pkg, **self.opts.app_options(), replica=replica)
 
 
 def _bind_replica_grpc_to_node_address() -> None:
@@ -78,14 +86,18 @@ def application(opts: ServeOptions, *, replicas: int = 1, max_replicas: int | No
     """The deployment, bound to ``opts``: ``replicas`` replicas, or autoscaled from ``replicas`` up to
     ``max_replicas`` (Ray Serve adds a replica when the ongoing requests per replica stay above 2).
 
-    Each replica reserves ``replica_cpus`` CPUs, and Ray sets its OpenMP threads to that number.
+    Each replica reserves ``replica_cpus`` CPUs, and Ray sets its OpenMP threads to that number. A pack with
+    state is routed by :class:`SessionRouter` (every request of a session to the replica holding it); one
+    without keeps Ray Serve's default routing.
     """
     if max_replicas is not None and max_replicas > replicas:
-        scaling: dict = {"autoscaling_config": {"min_replicas": replicas, "initial_replicas": replicas,
+        options: dict = {"autoscaling_config": {"min_replicas": replicas, "initial_replicas": replicas,
                                                 "max_replicas": max_replicas, "target_ongoing_requests": 2}}
     else:
-        scaling = {"num_replicas": replicas}
-    return PackServer.options(**scaling, ray_actor_options={"num_cpus": replica_cpus}).bind(opts)
+        options = {"num_replicas": replicas}
+    if Archive.open(opts.pack).manifest.state:
+        options["request_router_config"] = RequestRouterConfig(request_router_class=SessionRouter)
+    return PackServer.options(**options, ray_actor_options={"num_cpus": replica_cpus}).bind(opts)
 
 
 def free_port(host: str) -> int:
@@ -118,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = dataclasses.replace(opts, pack=os.path.abspath(opts.pack), public_key=_absolute(opts.public_key),
                                signature=_absolute(opts.signature))
     try:  # refuse a pack this host cannot serve (or not the pinned one) before starting a cluster
-        opts.load()
+        stateful = opts.load().stateful
     except aotpack.AotpackError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -136,8 +148,10 @@ def main(argv: list[str] | None = None) -> int:
                               replica_cpus=args.replica_cpus), name=APP_NAME, route_prefix="/")
         scaling = (f"{args.replicas} to {args.max_replicas} replicas" if args.max_replicas
                    and args.max_replicas > args.replicas else f"{args.replicas} replica(s)")
+        sessions = (f"; sessions: at most {opts.max_sessions} open per replica, each closed after "
+                    f"{opts.session_idle_s:g} s idle" if stateful else "")
         print(f"serving {args.pack} on {url(args.host, port)} with {scaling} "
-              f"(ready in {time.perf_counter() - start:.1f} s)", flush=True)
+              f"(ready in {time.perf_counter() - start:.1f} s{sessions})", flush=True)
         while not stop.wait(0.5):
             pass
     finally:
