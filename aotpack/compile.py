@@ -30,7 +30,7 @@ from typing import Callable, Iterator
 from aotpack_runtime import _torch as rt_torch
 from aotpack_runtime.errors import BuildError
 
-from . import _torch
+from . import _torch, buildcache
 from .capture import Captured
 from .options import BuildOptions
 
@@ -63,10 +63,10 @@ def scratch_dir() -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def build_environment(root: str, options: BuildOptions, config: dict) -> Iterator[dict]:
+def build_environment(root: str, options: BuildOptions, config: dict, parallel: bool = False) -> Iterator[dict]:
     """Everything a compile in ``root`` needs to be private and reproducible: Inductor's caches and temporary
-    files inside ``root``, the compiler wrapper that maps host paths away, the pinned vector ISA. Yields the
-    Inductor config to compile with."""
+    files inside ``root``, the compiler wrapper that maps host paths away, the pinned vector ISA (and, with
+    ``parallel``, the wrapper and kernels compiled at once). Yields the Inductor config to compile with."""
     compiler = shutil.which(os.environ.get("CXX", "g++"))
     if compiler is None:
         raise BuildError(f"no C++ compiler: {os.environ.get('CXX', 'g++')!r} is not on PATH; install g++ "
@@ -75,16 +75,27 @@ def build_environment(root: str, options: BuildOptions, config: dict) -> Iterato
     config = dict(config)
     config["cpp.cxx"] = (_torch.compiler_wrapper(os.path.join(toolchain, "bin"), compiler),)
     with _torch.private_build_dirs(root), _torch.precompiled_header_dir(os.path.join(toolchain, "pch")), \
-            _torch.pinned_vec_isa(options.cpu_isa), _torch.serial_small_kernels():
+            _torch.pinned_vec_isa(options.cpu_isa), _torch.serial_small_kernels(), \
+            _torch.parallel_object_compiles(parallel):
         yield config
 
 
 def toolchain_dir() -> str:
     """Where builds keep what they share on this host: the compiler wrapper and precompiled headers
-    (``$AOTPACK_BUILD_CACHE/toolchain``; see ``buildcache``)."""
-    base = os.environ.get("AOTPACK_BUILD_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "aotpack", "build")
-    return os.path.join(base, "toolchain")
+    (``$AOTPACK_BUILD_CACHE/toolchain``, beside the build cache's ``packs``; see ``buildcache``)."""
+    return os.path.join(buildcache.default_root(), "toolchain")
+
+
+def entry_config(options: BuildOptions, device: str, stateful: bool = False) -> dict:
+    """The Inductor config aotpack compiles an entry for ``device`` with (before the compiler wrapper is
+    added: see ``build_environment``); ``stateful``: the graph writes buffers in place."""
+    config = _torch.inductor_options(options.cpu_isa, options.cpu_threads, stateful)
+    if device == "cuda":
+        config.update(_torch.CUDA_INDUCTOR_CONFIG)
+        config["cuda.arch"] = str(min(options.cuda_archs))
+        if options.without_gpu:
+            config.update(_torch.NO_GPU_INDUCTOR_CONFIG)
+    return config
 
 
 def compiler_version() -> str:
@@ -114,18 +125,25 @@ def normalize_source(text: str, root: str) -> str:
 
 def compile_entries(captured: list[Captured], options: BuildOptions,
                     progress: Callable[[str], None] | None = None,
-                    devices: list[str] | None = None, stateful: bool = False) -> list[CompiledEntry]:
-    """Compile every entry (``devices[i]`` is entry i's device, CPU by default); several entries compile
-    in parallel worker processes. ``stateful``: the graphs write buffers in place (see ``compile_exported``)."""
+                    devices: list[str] | None = None, threads: int | None = None,
+                    stateful: bool = False) -> list[CompiledEntry]:
+    """Compile every entry (``devices[i]`` is entry i's device, CPU by default) with at most ``threads``
+    compiler processes at once (default: the cores this process may use). Several entries compile in
+    parallel worker processes; an entry with two threads to itself compiles its wrapper and kernels at
+    once. None of this changes the output. ``stateful``: the graphs write buffers in place (see
+    ``compile_exported``)."""
     devices = devices or ["cpu"] * len(captured)
+    threads = threads or len(os.sched_getaffinity(0))
     if len(captured) == 1:
         start = time.perf_counter()
-        entry = compile_exported(captured[0].exported, options, device=devices[0], stateful=stateful)
+        entry = compile_exported(captured[0].exported, options, device=devices[0], parallel=threads >= 2,
+                                 stateful=stateful)
         if progress:
             progress(f"      entry 1 of 1 ({devices[0]}): {len(entry.kernels)} kernels in "
                      f"{time.perf_counter() - start:.1f} s")
         return [entry]
-    workers = max(1, min(len(captured), len(os.sched_getaffinity(0))))
+    workers = max(1, min(len(captured), threads))
+    parallel = threads >= 2 * workers
     with tempfile.TemporaryDirectory(prefix="aotpack-entries-") as tmp:
         jobs = []
         for i, c in enumerate(captured):
@@ -133,7 +151,8 @@ def compile_entries(captured: list[Captured], options: BuildOptions,
             os.makedirs(folder)
             _torch.save_exported(c.exported, os.path.join(folder, "graph.pt2"))
             with open(os.path.join(folder, "job.json"), "w") as f:
-                json.dump({"options": options.to_json(), "device": devices[i], "stateful": stateful}, f)
+                json.dump({"options": options.to_json(), "device": devices[i], "parallel": parallel,
+                           "stateful": stateful}, f)
             jobs.append(folder)
         results: list[CompiledEntry | None] = [None] * len(jobs)
         pending = list(enumerate(jobs))
@@ -187,16 +206,18 @@ def _read_result(folder: str) -> CompiledEntry:
                          cuda_kernels=tuple(meta["cuda_kernels"]))
 
 
-def compile_exported(exported, options: BuildOptions, device: str = "cpu", stateful: bool = False) -> CompiledEntry:
-    """Compile one exported graph for ``device`` in a private scratch folder.
+def compile_exported(exported, options: BuildOptions, device: str = "cpu", parallel: bool = False,
+                     stateful: bool = False) -> CompiledEntry:
+    """Compile one exported graph for ``device`` in a private scratch folder; ``parallel`` compiles the
+    wrapper's and the kernels' object files at once (two compiler processes).
 
     A ``stateful`` graph writes buffers in place (the pack's state); Inductor's joint-graph constant folding
     would read such a buffer's build-time value into the code (a counter that returns 1, 1, 1 instead of
     1, 2, 3), so it is off for them."""
     if device == "cuda":
-        return compile_cuda(exported, options, stateful)
-    config = _torch.inductor_options(options.cpu_isa, options.cpu_threads, stateful)
-    with scratch_dir() as root, build_environment(root, options, config) as config:
+        return compile_cuda(exported, options, parallel, stateful)
+    with scratch_dir() as root, build_environment(root, options, entry_config(options, "cpu", stateful),
+                                                  parallel) as config:
         package = os.path.join(root, "entry.pt2")
         try:
             _torch.aoti_compile(exported, package, config)
@@ -216,7 +237,7 @@ def compile_exported(exported, options: BuildOptions, device: str = "cpu", state
     return CompiledEntry(library=library, sources=sources, constants=constants, kernels=kernels)
 
 
-def compile_cuda(exported, options: BuildOptions, stateful: bool = False) -> CompiledEntry:
+def compile_cuda(exported, options: BuildOptions, parallel: bool = False, stateful: bool = False) -> CompiledEntry:
     """Compile one exported graph for CUDA: on this host's GPU, or (``without_gpu``) for named archs with none.
 
     The graph was captured on the CPU; it is moved to CUDA here (with fake weights when there is no GPU:
@@ -226,12 +247,8 @@ def compile_cuda(exported, options: BuildOptions, stateful: bool = False) -> Com
     from . import cudabuild
 
     archs = options.cuda_archs
-    config = _torch.inductor_options(options.cpu_isa, options.cpu_threads, stateful)
-    config.update(_torch.CUDA_INDUCTOR_CONFIG)
-    config["cuda.arch"] = str(min(archs))
-    if options.without_gpu:
-        config.update(_torch.NO_GPU_INDUCTOR_CONFIG)
-    with scratch_dir() as root, build_environment(root, options, config) as config:
+    with scratch_dir() as root, build_environment(root, options, entry_config(options, "cuda", stateful),
+                                                  parallel) as config:
         home = cudabuild.cuda_home()
         stub = cudabuild.libcuda_stub(os.path.join(root, "libcuda-stub"), home) if options.without_gpu else None
         package = os.path.join(root, "entry.pt2")
@@ -324,7 +341,8 @@ def _worker(folder: str) -> None:
         job = json.load(f)
     options = BuildOptions.from_json(job["options"])
     exported = _torch.load_exported(os.path.join(folder, "graph.pt2"))
-    _write_result(compile_exported(exported, options, device=job["device"], stateful=job["stateful"]), folder)
+    _write_result(compile_exported(exported, options, device=job["device"], parallel=job["parallel"],
+                                   stateful=job["stateful"]), folder)
 
 
 if __name__ == "__main__":
