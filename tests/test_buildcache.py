@@ -66,10 +66,10 @@ def _cli_build(*args):
     return CliRunner().invoke(cli, ["build", *map(str, args)])
 
 
-def test_a_hit_equals_a_fresh_build_byte_for_byte(mlp_pack, tmp_path):
-    """mlp_pack was built through the Python API, which stores into the (session) build cache by default; the
-    CLI build of the same file is a hit, and a --no-cache build compiles the same bytes again. A key that
-    missed an input would show here as a hit that differs from the fresh build."""
+def test_the_cli_build_hits_what_the_api_stored(mlp_pack, tmp_path):
+    """mlp_pack was built through the Python API, which stores into the (session) build cache by default;
+    the CLI build of the same file is a hit, copied rather than compiled, with the same bytes.
+    (tests/test_build_many.py rebuilds a hit with --no-cache and compares the bytes.)"""
     hit = tmp_path / "hit.pack"
     r = _cli_build(EXAMPLES / "mlp.py", "-o", hit, "--json")
     assert r.exit_code == 0, r.output
@@ -79,10 +79,6 @@ def test_a_hit_equals_a_fresh_build_byte_for_byte(mlp_pack, tmp_path):
     assert done["cached"] is True and len(done["cache_key"]) == 64 and "compile" not in done["stages_s"]
     assert done["stages_s"]["package"] < 1.0  # the copy, not a compile
     assert hit.read_bytes() == mlp_pack.path.read_bytes()
-    fresh = tmp_path / "fresh.pack"
-    r = _cli_build(EXAMPLES / "mlp.py", "-o", fresh, "--no-cache", "--quiet")
-    assert r.exit_code == 0, r.output
-    assert fresh.read_bytes() == hit.read_bytes()
 
 
 def _store(store: BuildCache, key: str, data: bytes, tmp_path, source: str = "test") -> None:
