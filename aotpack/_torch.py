@@ -11,7 +11,7 @@ import json
 import os
 import sys
 import tempfile
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.utils._pytree as pytree
@@ -273,16 +273,26 @@ def private_build_dirs(root: str) -> Iterator[None]:
                 os.environ[k] = v
 
 
+def object_build(builder) -> tuple[str, list[str], str] | None:
+    """(command line, source files, object file) of one of Inductor's compiler calls that makes an object
+    file, or None for any other call (precompiled header, preprocessing, link)."""
+    if not builder._compile_only:
+        return None
+    return builder.get_command_line(), builder._sources_args.split(), builder.get_target_file_path()
+
+
 @contextlib.contextmanager
-def parallel_object_compiles(enabled: bool) -> Iterator[None]:
-    """Compile the AOTInductor wrapper's object file while the kernels' object file compiles.
+def object_compiles(parallel: bool, around: Callable[[Callable[[], None], Any], None] | None = None) -> Iterator[None]:
+    """How Inductor's compiler calls run during a compile: ``around(run, builder)``, if given, is called
+    instead of each call (it may skip ``run``, e.g. to reuse an object file), and with ``parallel`` the
+    AOTInductor wrapper's object file compiles while the kernels' object file does.
 
     Inductor (``AotCodeCompiler.compile``) compiles ``model.wrapper.cpp`` (-O1) and then ``model.kernel.cpp``
     (-O3), one after the other, before it links them. Here the wrapper's compile starts in a thread and the
     kernels' compile, the next build Inductor asks for, waits for it before it returns, so both objects exist
     before anything reads them. Each object is the same whichever finishes first: the pack does not change.
     """
-    if not enabled:
+    if not parallel and around is None:
         yield
         return
     import threading
@@ -292,21 +302,27 @@ def parallel_object_compiles(enabled: bool) -> Iterator[None]:
     original = CppBuilder.build
     pending: list[tuple[threading.Thread, list]] = []
 
+    def one(builder) -> None:
+        if around is None:
+            original(builder)
+        else:
+            around(lambda: original(builder), builder)
+
     def run(builder, failure: list) -> None:
         try:
-            original(builder)
+            one(builder)
         except BaseException as e:  # handed to the thread that waits for this one
             failure.append(e)
 
     def build(self) -> None:
-        if self._compile_only and self._name == f"{GENERATED_NAME}.wrapper" and not pending:
+        if parallel and self._compile_only and self._name == f"{GENERATED_NAME}.wrapper" and not pending:
             failure: list = []
             thread = threading.Thread(target=run, args=(self, failure), daemon=True)
             thread.start()
             pending.append((thread, failure))
             return
         try:
-            original(self)
+            one(self)
         finally:
             while pending:
                 thread, failure = pending.pop()

@@ -151,12 +151,17 @@ class CacheEntry:
 
 
 class BuildCache:
-    """A build cache folder (``root/packs``). Reads and writes never fail a build: a problem with the folder
+    """A build cache folder (``root/packs``, or ``root/objects`` for object files). Reads and writes never fail a build: a problem with the folder
     is a warning, and the build compiles as if the cache were not there."""
 
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, kind: str = "packs"):
         self.root = pathlib.Path(root)
-        self.folder = self.root / "packs"
+        self.folder = self.root / kind
+
+    def objects(self) -> "BuildCache":
+        """The object files beside the packs (``objects/``): compiler outputs reused by builds whose generated
+        code is the same (see ``compile``)."""
+        return BuildCache(self.root, "objects")
 
     @classmethod
     def open(cls, cache: Any) -> "BuildCache | None":

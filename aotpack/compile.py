@@ -63,10 +63,12 @@ def scratch_dir() -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def build_environment(root: str, options: BuildOptions, config: dict, parallel: bool = False) -> Iterator[dict]:
+def build_environment(root: str, options: BuildOptions, config: dict, parallel: bool = False,
+                      objects: buildcache.BuildCache | None = None) -> Iterator[dict]:
     """Everything a compile in ``root`` needs to be private and reproducible: Inductor's caches and temporary
     files inside ``root``, the compiler wrapper that maps host paths away, the pinned vector ISA (and, with
-    ``parallel``, the wrapper and kernels compiled at once). Yields the Inductor config to compile with."""
+    ``parallel``, the wrapper and kernels compiled at once; with ``objects``, object files reused from that
+    cache). Yields the Inductor config to compile with."""
     compiler = shutil.which(os.environ.get("CXX", "g++"))
     if compiler is None:
         raise BuildError(f"no C++ compiler: {os.environ.get('CXX', 'g++')!r} is not on PATH; install g++ "
@@ -76,8 +78,35 @@ def build_environment(root: str, options: BuildOptions, config: dict, parallel: 
     config["cpp.cxx"] = (_torch.compiler_wrapper(os.path.join(toolchain, "bin"), compiler),)
     with _torch.private_build_dirs(root), _torch.precompiled_header_dir(os.path.join(toolchain, "pch")), \
             _torch.pinned_vec_isa(options.cpu_isa), _torch.serial_small_kernels(), \
-            _torch.parallel_object_compiles(parallel):
+            _torch.object_compiles(parallel, None if objects is None else _reuse_objects(objects, root)):
         yield config
+
+
+def _reuse_objects(cache: buildcache.BuildCache, root: str) -> Callable:
+    """Reuse object files by a key of what the compiler reads: the command line and the source, with host
+    paths replaced (the compiler wrapper maps them away, so the object does not hold them), aotpack's own
+    files (the wrapper's flags) and the toolchain's versions (torch's headers, the compiler, the C library).
+    A model whose weights change keeps its generated code, so only Inductor's code generation runs again."""
+    toolchain = buildcache.toolchain(("cpu",))
+
+    def around(run: Callable[[], None], builder) -> None:
+        found = _torch.object_build(builder)
+        if found is None:
+            return run()
+        command, sources, target = found
+        texts = []
+        for source in sources:
+            with open(source, encoding="utf-8", errors="surrogateescape") as f:
+                texts.append(normalize_source(f.read(), root))
+        key = buildcache.key_of({"object": {"command": normalize_source(command, root), "sources": texts},
+                                 "toolchain": toolchain})
+        if cache.fetch(key, target) is not None:
+            return None
+        run()
+        cache.store(key, target, {"source": os.path.basename(target)})
+        return None
+
+    return around
 
 
 def toolchain_dir() -> str:
@@ -126,18 +155,18 @@ def normalize_source(text: str, root: str) -> str:
 def compile_entries(captured: list[Captured], options: BuildOptions,
                     progress: Callable[[str], None] | None = None,
                     devices: list[str] | None = None, threads: int | None = None,
-                    stateful: bool = False) -> list[CompiledEntry]:
+                    stateful: bool = False, objects: buildcache.BuildCache | None = None) -> list[CompiledEntry]:
     """Compile every entry (``devices[i]`` is entry i's device, CPU by default) with at most ``threads``
     compiler processes at once (default: the cores this process may use). Several entries compile in
     parallel worker processes; an entry with two threads to itself compiles its wrapper and kernels at
-    once. None of this changes the output. ``stateful``: the graphs write buffers in place (see
-    ``compile_exported``)."""
+    once; with ``objects``, object files are reused from that cache. None of this changes the output.
+    ``stateful``: the graphs write buffers in place (see ``compile_exported``)."""
     devices = devices or ["cpu"] * len(captured)
     threads = threads or len(os.sched_getaffinity(0))
     if len(captured) == 1:
         start = time.perf_counter()
         entry = compile_exported(captured[0].exported, options, device=devices[0], parallel=threads >= 2,
-                                 stateful=stateful)
+                                 stateful=stateful, objects=objects)
         if progress:
             progress(f"      entry 1 of 1 ({devices[0]}): {len(entry.kernels)} kernels in "
                      f"{time.perf_counter() - start:.1f} s")
@@ -152,7 +181,8 @@ def compile_entries(captured: list[Captured], options: BuildOptions,
             _torch.save_exported(c.exported, os.path.join(folder, "graph.pt2"))
             with open(os.path.join(folder, "job.json"), "w") as f:
                 json.dump({"options": options.to_json(), "device": devices[i], "parallel": parallel,
-                           "stateful": stateful}, f)
+                           "stateful": stateful,
+                           "objects": None if objects is None else [str(objects.root), objects.folder.name]}, f)
             jobs.append(folder)
         results: list[CompiledEntry | None] = [None] * len(jobs)
         pending = list(enumerate(jobs))
@@ -207,17 +237,18 @@ def _read_result(folder: str) -> CompiledEntry:
 
 
 def compile_exported(exported, options: BuildOptions, device: str = "cpu", parallel: bool = False,
-                     stateful: bool = False) -> CompiledEntry:
+                     stateful: bool = False, objects: buildcache.BuildCache | None = None) -> CompiledEntry:
     """Compile one exported graph for ``device`` in a private scratch folder; ``parallel`` compiles the
-    wrapper's and the kernels' object files at once (two compiler processes).
+    wrapper's and the kernels' object files at once (two compiler processes), ``objects`` reuses object
+    files from that cache.
 
     A ``stateful`` graph writes buffers in place (the pack's state); Inductor's joint-graph constant folding
     would read such a buffer's build-time value into the code (a counter that returns 1, 1, 1 instead of
     1, 2, 3), so it is off for them."""
     if device == "cuda":
-        return compile_cuda(exported, options, parallel, stateful)
+        return compile_cuda(exported, options, parallel, stateful, objects)
     with scratch_dir() as root, build_environment(root, options, entry_config(options, "cpu", stateful),
-                                                  parallel) as config:
+                                                  parallel, objects) as config:
         package = os.path.join(root, "entry.pt2")
         try:
             _torch.aoti_compile(exported, package, config)
@@ -237,7 +268,8 @@ def compile_exported(exported, options: BuildOptions, device: str = "cpu", paral
     return CompiledEntry(library=library, sources=sources, constants=constants, kernels=kernels)
 
 
-def compile_cuda(exported, options: BuildOptions, parallel: bool = False, stateful: bool = False) -> CompiledEntry:
+def compile_cuda(exported, options: BuildOptions, parallel: bool = False, stateful: bool = False,
+                 objects: buildcache.BuildCache | None = None) -> CompiledEntry:
     """Compile one exported graph for CUDA: on this host's GPU, or (``without_gpu``) for named archs with none.
 
     The graph was captured on the CPU; it is moved to CUDA here (with fake weights when there is no GPU:
@@ -248,7 +280,7 @@ def compile_cuda(exported, options: BuildOptions, parallel: bool = False, statef
 
     archs = options.cuda_archs
     with scratch_dir() as root, build_environment(root, options, entry_config(options, "cuda", stateful),
-                                                  parallel) as config:
+                                                  parallel, objects) as config:
         home = cudabuild.cuda_home()
         stub = cudabuild.libcuda_stub(os.path.join(root, "libcuda-stub"), home) if options.without_gpu else None
         package = os.path.join(root, "entry.pt2")
@@ -341,8 +373,9 @@ def _worker(folder: str) -> None:
         job = json.load(f)
     options = BuildOptions.from_json(job["options"])
     exported = _torch.load_exported(os.path.join(folder, "graph.pt2"))
+    objects = None if job["objects"] is None else buildcache.BuildCache(*job["objects"])
     _write_result(compile_exported(exported, options, device=job["device"], parallel=job["parallel"],
-                                   stateful=job["stateful"]), folder)
+                                   stateful=job["stateful"], objects=objects), folder)
 
 
 if __name__ == "__main__":

@@ -353,7 +353,8 @@ def _build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, exa
     with stages.stage("compile", _compile_detail(options, len(entries))):
         compiled = compile.compile_entries([c for c, _, _ in entries], options, progress=stages.say,
                                            devices=[d for _, _, d in entries], threads=threads,
-                                           stateful=bool(state_names))
+                                           stateful=bool(state_names),
+                                           objects=None if cache is None else cache.objects())
     with stages.stage("package"):
         weights, blobs, state_values = _weights([(c, g) for c, g, _ in entries], compiled, state_names)
         manifest_entries = []

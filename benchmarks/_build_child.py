@@ -1,8 +1,8 @@
 """One timed build in a fresh process, run by bench_build.py: ``python _build_child.py MODE MODEL OUT RESULT``.
 
 ``aotpack``: the build pipeline with the build cache in ``AOTPACK_BENCH_CACHE`` (``AOTPACK_BENCH_NO_CACHE=1``:
-without one; ``AOTPACK_BENCH_THREADS``: the compiler processes at once). ``aoti``: ``torch.export.export`` then ``aoti_compile_and_package`` with
-Inductor's defaults. Writes ``{"seconds", "phases"}``: seconds from the model file's import to the written
+without one; ``AOTPACK_BENCH_THREADS``: the compiler processes at once). ``aoti``: ``torch.export.export``
+then ``aoti_compile_and_package`` with Inductor's defaults. Writes ``{"seconds", "phases"}``: seconds from the model file's import to the written
 file, and for aotpack the stages and each compiler call.
 """
 import importlib.util

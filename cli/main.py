@@ -194,7 +194,8 @@ def build_many(ctx: click.Context, matrix: str, out_dir: str, ray: str | None, j
 
 @cli.group()
 def cache() -> None:
-    """List or prune the build cache (packs kept by a key of everything that decides their bytes)."""
+    """List or prune the build cache: packs kept by a key of everything that decides their bytes, and the
+    object files of their generated code."""
 
 
 def _cache_option(f):
@@ -224,9 +225,10 @@ def cache_list(cache_dir: str | None, as_json: bool) -> None:
             indent=2, sort_keys=True))
         return
     now = time.time()
+    objects = store.objects().entries()
     click.echo(f"{store.folder}: {len(entries)} pack{'s' if len(entries) != 1 else ''}, "
-               f"{sum(e.size for e in entries) / 1e6:.1f} MB (toolchain folder beside it: "
-               f"{store.toolchain_bytes() / 1e6:.0f} MB)")
+               f"{sum(e.size for e in entries) / 1e6:.1f} MB (beside it: {len(objects)} object files, "
+               f"{sum(e.size for e in objects) / 1e6:.1f} MB; toolchain {store.toolchain_bytes() / 1e6:.0f} MB)")
     for e in entries:
         opts = e.meta.get("options")
         target = (f"  ({opts.get('cpu_isa')}, {'+'.join(opts.get('devices', []))}, {opts.get('cpu_threads')} "
@@ -256,7 +258,8 @@ def _parse_amount(text: str, units: dict, param: str) -> float:
               help="Then remove the least recently used packs until the rest fit in SIZE (e.g. 10GB, 500MB).")
 @click.option("--all", "everything", is_flag=True, help="Remove every cached pack.")
 def cache_prune(cache_dir: str | None, older_than: str | None, max_size: str | None, everything: bool) -> None:
-    """Remove cached packs by age or total size, and say what was removed."""
+    """Remove cached packs (and object files) by age or total size, and say what was removed. The size
+    limit applies to the packs and to the object files separately."""
     from aotpack.buildcache import BuildCache
 
     if not (older_than or max_size or everything):
@@ -265,6 +268,7 @@ def cache_prune(cache_dir: str | None, older_than: str | None, max_size: str | N
     size = int(_parse_amount(max_size, _UNITS, "--max-size")) if max_size else None
     store = BuildCache(cache_dir) if cache_dir else BuildCache.open(True)
     removed = store.prune(older_than=age, max_bytes=size, everything=everything)
+    objects = store.objects().prune(older_than=age, max_bytes=size, everything=everything)
     now = time.time()
     for e in removed:
         click.echo(f"removed {e.key[:12]}  {e.size / 1e6:.2f} MB  used {_ago(now - e.last_used)}  "
@@ -273,6 +277,9 @@ def cache_prune(cache_dir: str | None, older_than: str | None, max_size: str | N
     click.echo(f"removed {len(removed)} pack{'s' if len(removed) != 1 else ''} "
                f"({sum(e.size for e in removed) / 1e6:.2f} MB); {len(left)} left "
                f"({sum(e.size for e in left) / 1e6:.2f} MB) in {store.folder}")
+    if objects:
+        click.echo(f"removed {len(objects)} object file{'s' if len(objects) != 1 else ''} "
+                   f"({sum(e.size for e in objects) / 1e6:.2f} MB) from {store.objects().folder}")
 
 
 def _parse_dynamic(specs: tuple[str, ...]) -> dict:

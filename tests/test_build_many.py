@@ -132,6 +132,35 @@ def test_a_cache_hit_rebuilt_without_the_cache_is_the_same_pack(local_run, tmp_p
     assert (tmp_path / "fresh" / "tiny_a.avx2.pack").read_bytes() == (tmp / "out" / "tiny_a.avx2.pack").read_bytes()
 
 
+def test_a_weight_change_reuses_the_object_files_and_gives_the_same_bytes(local_run, tmp_path):
+    """A retrained model (new weights, same graph) misses the pack cache but keeps its generated code: its
+    object files come from the cache (no new ones are stored), and the pack equals a build that compiled
+    everything."""
+    import torch
+
+    import aotpack
+    from aotpack.buildcache import BuildCache
+    from aotpack.modelfile import load_model_file
+
+    tmp, _, _, _ = local_run
+    objects = BuildCache(tmp / "cache").objects()
+    before = {e.key: e.last_used for e in objects.entries()}
+    assert before  # the runs above stored the wrapper's and the kernels' objects
+    spec = load_model_file(str(DATA / "tiny_a.py"))
+    with torch.no_grad():
+        spec.model[0].weight.mul_(-1)
+    lines: list[str] = []
+    reused = aotpack.build(spec.model, spec.example_inputs, tmp_path / "reused.pack", cache=tmp / "cache",
+                           progress=lines.append)
+    assert any(line.strip().startswith("build cache: miss") for line in lines)
+    after = {e.key: e.last_used for e in objects.entries()}
+    assert set(after) == set(before), "the new weights changed the generated code"
+    assert any(after[k] > before[k] for k in before)  # used again
+    fresh = aotpack.build(spec.model, spec.example_inputs, tmp_path / "fresh.pack", cache=False)
+    assert reused.read_bytes() == fresh.read_bytes()
+    assert reused.read_bytes() != (tmp / "out" / "tiny_a.avx2.pack").read_bytes()
+
+
 def test_ray_without_ray_installed_says_how_to_install_it(tmp_path):
     code = ("import sys; sys.modules['ray'] = None\n"
             "from aotpack_cli.main import main\n"
