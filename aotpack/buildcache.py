@@ -151,8 +151,9 @@ class CacheEntry:
 
 
 class BuildCache:
-    """A build cache folder (``root/packs``, or ``root/objects`` for object files). Reads and writes never fail a build: a problem with the folder
-    is a warning, and the build compiles as if the cache were not there."""
+    """A build cache folder (``root/packs``, or ``root/objects`` for object files). Reads and writes never
+    fail a build: a problem with the folder is a warning, and the build compiles as if the cache were not
+    there."""
 
     def __init__(self, root: str | os.PathLike, kind: str = "packs"):
         self.root = pathlib.Path(root)
@@ -194,6 +195,8 @@ class BuildCache:
             self._drop(key, f"its record {meta_path} is unreadable ({e})")
             return None
         output = pathlib.Path(output)
+        if not output.parent.is_dir():
+            raise BuildError(f"cannot write {output}: the folder {output.parent} does not exist")
         tmp = output.parent / f".{output.name}.{secrets.token_hex(4)}.tmp"
         h = hashlib.sha256()
         try:
@@ -206,8 +209,6 @@ class BuildCache:
             return None
         except OSError as e:
             tmp.unlink(missing_ok=True)
-            if not output.parent.is_dir():
-                raise BuildError(f"cannot write {output}: the folder {output.parent} does not exist") from None
             _warn(f"cannot read the build cache entry {pack}: {e.strerror}; compiling instead")
             return None
         if h.hexdigest() != expected:
