@@ -232,12 +232,14 @@ def _is_loopback(address: str) -> bool:
                     "0000000000000000FFFF00000100007F")  # ::ffff:127.0.0.1
 
 
-def _alive(pid: int) -> bool:
+def _started(pid: int) -> str | None:
+    """The process's start time (None if it is gone or a zombie): with the pid, it names one process."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+            fields = f.read().rsplit(")", 1)[1].split()
     except OSError:
-        return False
+        return None
+    return None if fields[0] == "Z" else fields[19]
 
 
 @pytest.mark.ray
@@ -252,12 +254,12 @@ def test_build_many_on_a_local_ray_cluster(local_run, tmp_path):
            "--cache-dir", str(tmp_path / "empty-cache"), "--ray"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    seen: set[int] = set()
+    seen: dict[int, str | None] = {}
     listeners: dict[str, str] = {}  # "pid name" -> address
     try:
         while proc.poll() is None:
             pids = _descendants(proc.pid)
-            seen |= pids
+            seen.update({p: _started(p) for p in pids if p not in seen})
             table = _listening()
             for pid in pids:
                 for inode in _sockets(pid):
@@ -284,8 +286,11 @@ def test_build_many_on_a_local_ray_cluster(local_run, tmp_path):
         assert (out / f"{name}.pack").read_bytes() == (tmp / "out" / f"{name}.pack").read_bytes(), name
     for name in BROKEN:
         assert rows[name][1] == "failed" and "graph break" in (out / "logs" / f"{name}.log").read_text()
+    def left() -> list[int]:
+        return [p for p, start in seen.items() if start is not None and _started(p) == start]
+
     deadline = time.monotonic() + 20
-    while any(_alive(p) for p in seen) and time.monotonic() < deadline:
+    while left() and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert not [p for p in seen if _alive(p)], "processes left behind by the Ray run"
+    assert not left(), "processes left behind by the Ray run"
     assert not [p for p in out.iterdir() if p.name.startswith(".aotpack-many-")]  # the marker file is gone
