@@ -82,16 +82,22 @@ def build_environment(root: str, options: BuildOptions, config: dict, parallel: 
         yield config
 
 
+# The generated files whose object files are reused: C++ that holds everything it compiles to (the weights'
+# object is small, and Inductor patches it after compiling).
+_REUSED_SOURCES = (".wrapper.cpp", ".kernel.cpp")
+
+
 def _reuse_objects(cache: buildcache.BuildCache, root: str) -> Callable:
-    """Reuse object files by a key of what the compiler reads: the command line and the source, with host
-    paths replaced (the compiler wrapper maps them away, so the object does not hold them), aotpack's own
-    files (the wrapper's flags) and the toolchain's versions (torch's headers, the compiler, the C library).
-    A model whose weights change keeps its generated code, so only Inductor's code generation runs again."""
+    """Reuse the object files of a CPU entry's wrapper and kernels by a key of what the compiler reads: the
+    command line and the source, with host paths replaced (the compiler wrapper maps them away, so the object
+    does not hold them), aotpack's own files (the wrapper's flags) and the toolchain's versions (torch's
+    headers, the compiler, the C library). A model whose weights change keeps its generated code, so only
+    Inductor's code generation runs again."""
     toolchain = buildcache.toolchain(("cpu",))
 
     def around(run: Callable[[], None], builder) -> None:
         found = _torch.object_build(builder)
-        if found is None:
+        if found is None or not all(s.endswith(_REUSED_SOURCES) for s in found[1]):
             return run()
         command, sources, target = found
         texts = []
@@ -239,14 +245,14 @@ def _read_result(folder: str) -> CompiledEntry:
 def compile_exported(exported, options: BuildOptions, device: str = "cpu", parallel: bool = False,
                      stateful: bool = False, objects: buildcache.BuildCache | None = None) -> CompiledEntry:
     """Compile one exported graph for ``device`` in a private scratch folder; ``parallel`` compiles the
-    wrapper's and the kernels' object files at once (two compiler processes), ``objects`` reuses object
-    files from that cache.
+    wrapper's and the kernels' object files at once (two compiler processes), ``objects`` reuses a CPU
+    entry's object files from that cache.
 
     A ``stateful`` graph writes buffers in place (the pack's state); Inductor's joint-graph constant folding
     would read such a buffer's build-time value into the code (a counter that returns 1, 1, 1 instead of
     1, 2, 3), so it is off for them."""
     if device == "cuda":
-        return compile_cuda(exported, options, parallel, stateful, objects)
+        return compile_cuda(exported, options, parallel, stateful)
     with scratch_dir() as root, build_environment(root, options, entry_config(options, "cpu", stateful),
                                                   parallel, objects) as config:
         package = os.path.join(root, "entry.pt2")
@@ -268,8 +274,7 @@ def compile_exported(exported, options: BuildOptions, device: str = "cpu", paral
     return CompiledEntry(library=library, sources=sources, constants=constants, kernels=kernels)
 
 
-def compile_cuda(exported, options: BuildOptions, parallel: bool = False, stateful: bool = False,
-                 objects: buildcache.BuildCache | None = None) -> CompiledEntry:
+def compile_cuda(exported, options: BuildOptions, parallel: bool = False, stateful: bool = False) -> CompiledEntry:
     """Compile one exported graph for CUDA: on this host's GPU, or (``without_gpu``) for named archs with none.
 
     The graph was captured on the CPU; it is moved to CUDA here (with fake weights when there is no GPU:
@@ -279,8 +284,10 @@ def compile_cuda(exported, options: BuildOptions, parallel: bool = False, statef
     from . import cudabuild
 
     archs = options.cuda_archs
+    # No object reuse for CUDA entries: their objects depend on the CUDA toolkit's headers and on kernel
+    # binaries their source only names.
     with scratch_dir() as root, build_environment(root, options, entry_config(options, "cuda", stateful),
-                                                  parallel, objects) as config:
+                                                  parallel) as config:
         home = cudabuild.cuda_home()
         stub = cudabuild.libcuda_stub(os.path.join(root, "libcuda-stub"), home) if options.without_gpu else None
         package = os.path.join(root, "entry.pt2")
