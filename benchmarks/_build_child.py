@@ -79,7 +79,7 @@ def main():
 
         with torch.no_grad():
             ep = torch.export.export(model, args, kwargs)
-            aoti_compile_and_package(ep, package_path=out)
+            aoti_compile_and_package(ep, package_path=out + ".pt2")  # AOTInductor wants the .pt2 suffix
     seconds = time.perf_counter() - start
     with open(result, "w") as f:
         json.dump({"seconds": seconds, "phases": phases}, f)

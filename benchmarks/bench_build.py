@@ -20,7 +20,7 @@ import to the written file (``import torch`` is not counted). Variants, per mode
 The child also times each compiler call (the wrapper at -O1, the kernels at -O3, the weights object, the
 link) and the precompiled-header step; the 1-thread runs, whose compiler calls do not overlap, give the
 table of where an aotpack build's time goes ("Inductor codegen" is the rest of the compile stage: lowering,
-code generation, reading the compiled code's constants). Figures are
+code generation, reading the compiled code's constants; "key" is the cache key, from the cold-cache run). Figures are
 medians of ``--repeat`` runs; the variants take turns within each round. It writes
 ``benchmarks/build_results.md`` and ``build_results.json``; caches and temporary files live in
 ``benchmarks/.work-build/``, removed at the end. These machines are shared and noisy: compare ratios
@@ -83,10 +83,10 @@ def main() -> None:
                 cold_cache = WORK / f"cache-{m}-{r}"
                 aoti_cache = WORK / f"inductor-{m}-{r}"
                 runs = {
-                    "aotpack_cold": ("aotpack", dict(base, AOTPACK_BUILD_CACHE=str(toolchain),
-                                                     AOTPACK_BENCH_CACHE=str(cold_cache))),
                     "aotpack_1thread": ("aotpack", dict(base, AOTPACK_BUILD_CACHE=str(toolchain),
                                                         AOTPACK_BENCH_NO_CACHE="1", AOTPACK_BENCH_THREADS="1")),
+                    "aotpack_cold": ("aotpack", dict(base, AOTPACK_BUILD_CACHE=str(toolchain),
+                                                     AOTPACK_BENCH_CACHE=str(cold_cache))),
                     "aotpack_warm": ("aotpack", dict(base, AOTPACK_BUILD_CACHE=str(toolchain),
                                                      AOTPACK_BENCH_CACHE=str(cold_cache))),
                     "aoti_cold": ("aoti", dict(base, TORCHINDUCTOR_CACHE_DIR=str(aoti_cache))),
@@ -98,6 +98,8 @@ def main() -> None:
                     samples[m][variant].append(res)
                     if variant == "aotpack_1thread" and "error" not in res:
                         phases[m].append(res["phases"])
+                    if variant == "aotpack_cold" and "error" not in res and phases[m]:
+                        phases[m][-1]["key"] = res["phases"].get("key")
                     print(f"round {r + 1}/{args.repeat} {m} {variant}: "
                           f"{res.get('seconds', res.get('error'))}", file=sys.stderr, flush=True)
                 shutil.rmtree(cold_cache, ignore_errors=True)
