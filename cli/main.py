@@ -159,8 +159,8 @@ def build(target: str, output: str, cpu_isa: str | None, dynamic: tuple[str, ...
               help="Threads (Ray: CPUs) each build gets (default: the cores divided among the jobs; with --ray: 2).")
 @click.option("--no-cache", is_flag=True, help="Compile every task even if the build cache holds its pack.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
-              help="Build cache folder for every worker, e.g. on shared storage (default: each worker's "
-                   "$AOTPACK_BUILD_CACHE or ~/.cache/aotpack/build).")
+              help="Build cache folder for every worker, e.g. on shared storage (default: $AOTPACK_BUILD_CACHE "
+                   "if set here, else each worker's own ~/.cache/aotpack/build).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of a table.")
 @click.pass_context
 def build_many(ctx: click.Context, matrix: str, out_dir: str, ray: str | None, jobs: int | None,
