@@ -20,7 +20,8 @@ from aotpack_runtime.errors import BuildError, ModelFileError, SigningError  # n
 def build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, example_kwargs: dict | None = None,
           dynamic_shapes: Any = None, specializations: Any = (), cpu_isa: str | None = None,
           devices: tuple[str, ...] = ("cpu",), cuda_archs: Any = (), without_gpu: bool = False,
-          cpu_threads: int | None = None, cache_positions: Any = None, progress: Any = None) -> pathlib.Path:
+          cpu_threads: int | None = None, cache_positions: Any = None, cache: Any = True,
+          progress: Any = None) -> pathlib.Path:
     """Capture, guard, compile and package ``model(*example_inputs, **example_kwargs)`` into ``output``.
 
     ``model`` is an ``nn.Module`` or a plain function of tensors; ``example_inputs`` a tuple. Module state
@@ -40,9 +41,14 @@ def build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, exam
     (``pkg.session()``); ``cache_positions`` (``{"input": "cache_position", "limit": 64, "span": ["input_ids",
     1]}``) names the input holding cache positions, so that calls past the cache are refused; for Hugging
     Face's ``TorchExportableModuleWithStaticCache`` it is found by itself.
+    ``cache`` is the build cache: ``True`` (default) uses ``$AOTPACK_BUILD_CACHE`` or
+    ``~/.cache/aotpack/build``, a path picks another folder, ``False`` always compiles. A pack is reused only
+    when everything that decides its bytes is the same (graph, weights, example inputs, options, toolchain),
+    so the cache changes how long a build takes, never what it writes.
     ``progress`` is called with one line of text per build event (default: silent).
     Returns the path of the written pack.
     """
+    from .buildcache import BuildCache
     from .options import DEFAULT_CPU_THREADS, BuildOptions
     from .pipeline import build as _build
 
@@ -51,7 +57,8 @@ def build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, exam
                            cpu_threads=DEFAULT_CPU_THREADS if cpu_threads is None else cpu_threads)
     report = _build(model, example_inputs, output, example_kwargs=example_kwargs, dynamic_shapes=dynamic_shapes,
                     specializations=specializations, options=options, progress=progress,
-                    cache_positions=cache_positions)
+                    cache_positions=cache_positions, cache=BuildCache.open(cache),
+                    source=f"aotpack.build({type(model).__name__})")
     return report.output
 
 

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import sys
 import tempfile
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.utils._pytree as pytree
@@ -309,6 +310,106 @@ def private_build_dirs(root: str) -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def object_build(builder) -> tuple[str, list[str], str] | None:
+    """(command line, source files, object file) of one of Inductor's compiler calls that makes an object
+    file, or None for any other call (precompiled header, preprocessing, link)."""
+    if not builder._compile_only:
+        return None
+    return builder.get_command_line(), builder._sources_args.split(), builder.get_target_file_path()
+
+
+@contextlib.contextmanager
+def object_compiles(parallel: bool, around: Callable[[Callable[[], None], Any], None] | None = None) -> Iterator[None]:
+    """How Inductor's compiler calls run during a compile: ``around(run, builder)``, if given, is called
+    instead of each call (it may skip ``run``, e.g. to reuse an object file), and with ``parallel`` the
+    AOTInductor wrapper's object file compiles while the kernels' object file does.
+
+    Inductor (``AotCodeCompiler.compile``) compiles ``model.wrapper.cpp`` (-O1) and then ``model.kernel.cpp``
+    (-O3), one after the other, before it links them. Here the wrapper's compile starts in a thread and the
+    kernels' compile, the next build Inductor asks for, waits for it before it returns, so both objects exist
+    before anything reads them. Each object is the same whichever finishes first: the pack does not change.
+    """
+    if not parallel and around is None:
+        yield
+        return
+    import threading
+
+    from torch._inductor.cpp_builder import CppBuilder
+
+    original = CppBuilder.build
+    pending: list[tuple[threading.Thread, list]] = []
+
+    def one(builder) -> None:
+        if around is None:
+            original(builder)
+        else:
+            around(lambda: original(builder), builder)
+
+    def run(builder, failure: list) -> None:
+        try:
+            one(builder)
+        except BaseException as e:  # handed to the thread that waits for this one
+            failure.append(e)
+
+    def build(self) -> None:
+        if parallel and self._compile_only and self._name == f"{GENERATED_NAME}.wrapper" and not pending:
+            failure: list = []
+            thread = threading.Thread(target=run, args=(self, failure), daemon=True)
+            thread.start()
+            pending.append((thread, failure))
+            return
+        try:
+            one(self)
+        finally:
+            while pending:
+                thread, failure = pending.pop()
+                thread.join()
+                if failure:
+                    raise failure[0]
+
+    CppBuilder.build = build
+    try:
+        yield
+    finally:
+        CppBuilder.build = original
+        while pending:  # a compile that failed before the kernels' build: wait for the wrapper's
+            pending.pop()[0].join()
+
+
+def graph_text(exported) -> bytes:
+    """The captured graph as torch.export's serialized JSON (nodes, tensor shapes and strides, dtypes, the
+    signature, range constraints, module call graph), without each node's metadata: stack traces name host
+    paths and the model file's module, and ``nn_module_stack``/``from_node`` hold object ids that change
+    with every process. None of it reaches the code Inductor generates. Weights are not included."""
+    from torch._export.serde.serialize import serialize
+
+    artifact = serialize(exported, serialize_state_dict=False, serialize_constants=False,
+                         serialize_example_inputs=False)
+    program = json.loads(artifact.exported_program)
+    for node in program["graph_module"]["graph"]["nodes"]:
+        node["metadata"] = {}
+    return json.dumps(program, sort_keys=True, separators=(",", ":")).encode()
+
+
+# Inductor settings that hold host paths (the compiler wrapper's path); what they stand for is in the key
+# as the compiler's identity.
+_HOST_CONFIG_KEYS = ("cpp.cxx", "cuda.cuda_cxx")
+
+
+def effective_config(options: dict[str, Any]) -> dict[str, Any]:
+    """Every Inductor and AOT-autograd setting a compile with ``options`` would see (defaults, the
+    TORCHINDUCTOR_* environment, then ``options``), as JSON-able values, less those Inductor itself leaves
+    out of its cache keys (paths, custom passes, cache switches) and host paths."""
+    from torch._functorch import config as functorch_config
+    from torch._inductor import config
+
+    with config.patch({k: v for k, v in options.items() if k not in _HOST_CONFIG_KEYS}):
+        inductor = config.save_config_portable()
+    out = {"inductor": {k: v for k, v in inductor.items() if k not in _HOST_CONFIG_KEYS},
+           "functorch": functorch_config.save_config_portable()}
+    return json.loads(json.dumps(out, sort_keys=True, default=repr))
 
 
 def aoti_compile(exported, package_path: str, options: dict[str, Any]) -> str:

@@ -30,7 +30,7 @@ from typing import Callable, Iterator
 from aotpack_runtime import _torch as rt_torch
 from aotpack_runtime.errors import BuildError
 
-from . import _torch
+from . import _torch, buildcache
 from .capture import Captured
 from .memory import peak_rss
 from .options import BuildOptions
@@ -65,10 +65,12 @@ def scratch_dir() -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def build_environment(root: str, options: BuildOptions, config: dict) -> Iterator[dict]:
+def build_environment(root: str, options: BuildOptions, config: dict, parallel: bool = False,
+                      objects: buildcache.BuildCache | None = None) -> Iterator[dict]:
     """Everything a compile in ``root`` needs to be private and reproducible: Inductor's caches and temporary
-    files inside ``root``, the compiler wrapper that maps host paths away, the pinned vector ISA. Yields the
-    Inductor config to compile with."""
+    files inside ``root``, the compiler wrapper that maps host paths away, the pinned vector ISA (and, with
+    ``parallel``, the wrapper and kernels compiled at once; with ``objects``, object files reused from that
+    cache). Yields the Inductor config to compile with."""
     compiler = shutil.which(os.environ.get("CXX", "g++"))
     if compiler is None:
         raise BuildError(f"no C++ compiler: {os.environ.get('CXX', 'g++')!r} is not on PATH; install g++ "
@@ -77,16 +79,60 @@ def build_environment(root: str, options: BuildOptions, config: dict) -> Iterato
     config = dict(config)
     config["cpp.cxx"] = (_torch.compiler_wrapper(os.path.join(toolchain, "bin"), compiler),)
     with _torch.private_build_dirs(root), _torch.precompiled_header_dir(os.path.join(toolchain, "pch")), \
-            _torch.pinned_vec_isa(options.cpu_isa), _torch.serial_small_kernels():
+            _torch.pinned_vec_isa(options.cpu_isa), _torch.serial_small_kernels(), \
+            _torch.object_compiles(parallel, None if objects is None else _reuse_objects(objects, root)):
         yield config
+
+
+# The generated files whose object files are reused: C++ that holds everything it compiles to (the weights'
+# object is small, and Inductor patches it after compiling).
+_REUSED_SOURCES = (".wrapper.cpp", ".kernel.cpp")
+
+
+def _reuse_objects(cache: buildcache.BuildCache, root: str) -> Callable:
+    """Reuse the object files of a CPU entry's wrapper and kernels by a key of what the compiler reads: the
+    command line and the source, with host paths replaced (the compiler wrapper maps them away, so the object
+    does not hold them), aotpack's own files (the wrapper's flags) and the toolchain's versions (torch's
+    headers, the compiler, the C library). A model whose weights change keeps its generated code, so only
+    Inductor's code generation runs again."""
+    toolchain = buildcache.toolchain(("cpu",))
+
+    def around(run: Callable[[], None], builder) -> None:
+        found = _torch.object_build(builder)
+        if found is None or not all(s.endswith(_REUSED_SOURCES) for s in found[1]):
+            return run()
+        command, sources, target = found
+        texts = []
+        for source in sources:
+            with open(source, encoding="utf-8", errors="surrogateescape") as f:
+                texts.append(normalize_source(f.read(), root))
+        key = buildcache.key_of({"object": {"command": normalize_source(command, root), "sources": texts},
+                                 "toolchain": toolchain})
+        if cache.fetch(key, target) is not None:
+            return None
+        run()
+        cache.store(key, target, {"source": os.path.basename(target)})
+        return None
+
+    return around
 
 
 def toolchain_dir() -> str:
     """Where builds keep what they share on this host: the compiler wrapper and precompiled headers
-    (``$AOTPACK_BUILD_CACHE/toolchain``; see ``buildcache``)."""
-    base = os.environ.get("AOTPACK_BUILD_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "aotpack", "build")
-    return os.path.join(base, "toolchain")
+    (``$AOTPACK_BUILD_CACHE/toolchain``, beside the build cache's ``packs``; see ``buildcache``)."""
+    return os.path.join(buildcache.default_root(), "toolchain")
+
+
+def entry_config(options: BuildOptions, device: str, stateful: bool = False) -> dict:
+    """The Inductor config aotpack compiles an entry for ``device`` with (before the compiler wrapper is
+    added: see ``build_environment``); ``stateful``: the graph writes buffers in place."""
+    config = _torch.inductor_options(options.cpu_isa, options.cpu_threads, stateful)
+    if device == "cuda":
+        config.update(_torch.CUDA_INDUCTOR_CONFIG)
+        config["cuda.arch"] = str(min(options.cuda_archs))
+        if options.without_gpu:
+            config.update(_torch.NO_GPU_INDUCTOR_CONFIG)
+    return config
 
 
 def compiler_version() -> str:
@@ -116,18 +162,25 @@ def normalize_source(text: str, root: str) -> str:
 
 def compile_entries(captured: list[Captured], options: BuildOptions,
                     progress: Callable[[str], None] | None = None,
-                    devices: list[str] | None = None, stateful: bool = False) -> list[CompiledEntry]:
-    """Compile every entry (``devices[i]`` is entry i's device, CPU by default); several entries compile
-    in parallel worker processes. ``stateful``: the graphs write buffers in place (see ``compile_exported``)."""
+                    devices: list[str] | None = None, threads: int | None = None,
+                    stateful: bool = False, objects: buildcache.BuildCache | None = None) -> list[CompiledEntry]:
+    """Compile every entry (``devices[i]`` is entry i's device, CPU by default) with at most ``threads``
+    compiler processes at once (default: the cores this process may use). Several entries compile in
+    parallel worker processes; an entry with two threads to itself compiles its wrapper and kernels at
+    once; with ``objects``, object files are reused from that cache. None of this changes the output.
+    ``stateful``: the graphs write buffers in place (see ``compile_exported``)."""
     devices = devices or ["cpu"] * len(captured)
+    threads = threads or len(os.sched_getaffinity(0))
     if len(captured) == 1:
         start = time.perf_counter()
-        entry = compile_exported(captured[0].exported, options, device=devices[0], stateful=stateful)
+        entry = compile_exported(captured[0].exported, options, device=devices[0], parallel=threads >= 2,
+                                 stateful=stateful, objects=objects)
         if progress:
             progress(f"      entry 1 of 1 ({devices[0]}): {len(entry.kernels)} kernels in "
                      f"{time.perf_counter() - start:.1f} s")
         return [entry]
-    workers = max(1, min(len(captured), len(os.sched_getaffinity(0))))
+    workers = max(1, min(len(captured), threads))
+    parallel = threads >= 2 * workers
     with tempfile.TemporaryDirectory(prefix="aotpack-entries-") as tmp:
         jobs = []
         for i, c in enumerate(captured):
@@ -135,7 +188,9 @@ def compile_entries(captured: list[Captured], options: BuildOptions,
             os.makedirs(folder)
             _torch.save_exported(c.exported, os.path.join(folder, "graph.pt2"))
             with open(os.path.join(folder, "job.json"), "w") as f:
-                json.dump({"options": options.to_json(), "device": devices[i], "stateful": stateful}, f)
+                json.dump({"options": options.to_json(), "device": devices[i], "parallel": parallel,
+                           "stateful": stateful,
+                           "objects": None if objects is None else [str(objects.root), objects.folder.name]}, f)
             jobs.append(folder)
         results: list[CompiledEntry | None] = [None] * len(jobs)
         pending = list(enumerate(jobs))
@@ -189,16 +244,19 @@ def _read_result(folder: str) -> CompiledEntry:
                          cuda_kernels=tuple(meta["cuda_kernels"]), peak_rss=meta["peak_rss"])
 
 
-def compile_exported(exported, options: BuildOptions, device: str = "cpu", stateful: bool = False) -> CompiledEntry:
-    """Compile one exported graph for ``device`` in a private scratch folder.
+def compile_exported(exported, options: BuildOptions, device: str = "cpu", parallel: bool = False,
+                     stateful: bool = False, objects: buildcache.BuildCache | None = None) -> CompiledEntry:
+    """Compile one exported graph for ``device`` in a private scratch folder; ``parallel`` compiles the
+    wrapper's and the kernels' object files at once (two compiler processes), ``objects`` reuses a CPU
+    entry's object files from that cache.
 
     A ``stateful`` graph writes buffers in place (the pack's state); Inductor's joint-graph constant folding
     would read such a buffer's build-time value into the code (a counter that returns 1, 1, 1 instead of
     1, 2, 3), so it is off for them."""
     if device == "cuda":
-        return compile_cuda(exported, options, stateful)
-    config = _torch.inductor_options(options.cpu_isa, options.cpu_threads, stateful)
-    with scratch_dir() as root, build_environment(root, options, config) as config:
+        return compile_cuda(exported, options, parallel, stateful)
+    with scratch_dir() as root, build_environment(root, options, entry_config(options, "cpu", stateful),
+                                                  parallel, objects) as config:
         package = os.path.join(root, "entry.pt2")
         try:
             _torch.aoti_compile(exported, package, config)
@@ -218,7 +276,7 @@ def compile_exported(exported, options: BuildOptions, device: str = "cpu", state
     return CompiledEntry(library=library, sources=sources, constants=constants, kernels=kernels)
 
 
-def compile_cuda(exported, options: BuildOptions, stateful: bool = False) -> CompiledEntry:
+def compile_cuda(exported, options: BuildOptions, parallel: bool = False, stateful: bool = False) -> CompiledEntry:
     """Compile one exported graph for CUDA: on this host's GPU, or (``without_gpu``) for named archs with none.
 
     The graph was captured on the CPU; it is moved to CUDA here (with fake weights when there is no GPU:
@@ -228,12 +286,10 @@ def compile_cuda(exported, options: BuildOptions, stateful: bool = False) -> Com
     from . import cudabuild
 
     archs = options.cuda_archs
-    config = _torch.inductor_options(options.cpu_isa, options.cpu_threads, stateful)
-    config.update(_torch.CUDA_INDUCTOR_CONFIG)
-    config["cuda.arch"] = str(min(archs))
-    if options.without_gpu:
-        config.update(_torch.NO_GPU_INDUCTOR_CONFIG)
-    with scratch_dir() as root, build_environment(root, options, config) as config:
+    # No object reuse for CUDA entries: their objects depend on the CUDA toolkit's headers and on kernel
+    # binaries their source only names.
+    with scratch_dir() as root, build_environment(root, options, entry_config(options, "cuda", stateful),
+                                                  parallel) as config:
         home = cudabuild.cuda_home()
         stub = cudabuild.libcuda_stub(os.path.join(root, "libcuda-stub"), home) if options.without_gpu else None
         package = os.path.join(root, "entry.pt2")
@@ -326,7 +382,9 @@ def _worker(folder: str) -> None:
         job = json.load(f)
     options = BuildOptions.from_json(job["options"])
     exported = _torch.load_exported(os.path.join(folder, "graph.pt2"))
-    _write_result(compile_exported(exported, options, device=job["device"], stateful=job["stateful"]), folder)
+    objects = None if job["objects"] is None else buildcache.BuildCache(*job["objects"])
+    _write_result(compile_exported(exported, options, device=job["device"], parallel=job["parallel"],
+                                   stateful=job["stateful"], objects=objects), folder)
 
 
 if __name__ == "__main__":

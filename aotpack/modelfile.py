@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import re
 import sys
 import traceback
 from dataclasses import dataclass, field
@@ -116,3 +117,37 @@ def load_model_file(target: str) -> ModelSpec:
     return ModelSpec(model=model, example_inputs=inputs, example_kwargs=kwargs,
                      dynamic_shapes=extras.get("dynamic_shapes"), specializations=tuple(specializations),
                      cache_positions=extras.get("cache_positions"), source=target)
+
+
+_DYNAMIC = re.compile(r"([A-Za-z_]\w*):(\d+)=(?:([A-Za-z_]\w*):)?(\d+)\.\.(\d+)")
+
+
+def check_dynamic(spec: str) -> str | None:
+    """What is wrong with one ``INPUT:DIM=[NAME:]MIN..MAX`` text, or None (no torch needed)."""
+    m = _DYNAMIC.fullmatch(spec)
+    if not m:
+        return f"{spec!r} is not INPUT:DIM=MIN..MAX or INPUT:DIM=NAME:MIN..MAX (e.g. x:0=1..64)"
+    if int(m.group(4)) > int(m.group(5)):
+        return f"{spec!r}: the minimum {m.group(4)} is above the maximum {m.group(5)}"
+    return None
+
+
+def parse_dynamic(specs: tuple[str, ...] | list[str]) -> dict:
+    """``x:0=1..64`` / ``x:0=batch:1..64`` texts into torch.export's dynamic_shapes dict; the same NAME on
+    several inputs is one symbol (equal sizes). Raises :class:`ModelFileError` for a malformed text."""
+    from torch.export import Dim
+
+    dims: dict = {}
+    out: dict = {}
+    for spec in specs:
+        problem = check_dynamic(spec)
+        if problem:
+            raise ModelFileError(problem)
+        name, dim, sym, lo, hi = _DYNAMIC.fullmatch(spec).groups()
+        dim, lo, hi = int(dim), int(lo), int(hi)
+        sym = sym or f"{name}_{dim}"
+        if sym in dims and dims[sym][1:] != (lo, hi):
+            raise ModelFileError(f"{sym!r} is given two ranges")
+        dims.setdefault(sym, (Dim(sym, min=lo, max=hi), lo, hi))
+        out.setdefault(name, {})[dim] = dims[sym][0]
+    return out

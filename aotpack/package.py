@@ -51,6 +51,11 @@ def tensor_bytes(t: torch.Tensor) -> bytes:
     return ctypes.string_at(t.data_ptr(), n) if n else b""
 
 
+def tensor_digest(t: torch.Tensor) -> str:
+    """sha256 of the tensor's elements as ``tensor_bytes`` gives them, hashed in place when it is dense."""
+    return hashlib.sha256(_memory(_plain(t))).hexdigest()
+
+
 def _plain(t: torch.Tensor) -> torch.Tensor:
     """The tensor as a dense, contiguous CPU tensor: itself when it already is one (no copy)."""
     return t.detach().to("cpu").contiguous()

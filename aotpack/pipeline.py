@@ -17,7 +17,7 @@ from aotpack_runtime.errors import BuildError
 from aotpack_runtime.guards import EntryGuards, dtype_name
 from aotpack_runtime.platform import KNOWN_FLAGS, host_cpu_flags, host_machine, torch_minor
 
-from . import __version__, capture, compile, guards, package, state
+from . import __version__, _torch, buildcache, capture, compile, guards, package, state
 from .memory import peak_rss, reset_peak_rss
 from .options import BuildOptions
 
@@ -35,6 +35,8 @@ class BuildReport:
     weights: int = 0
     weight_bytes: int = 0
     kernels: int = 0
+    key: str = ""  # the build cache key (empty when the build ran without a cache)
+    cached: bool = False  # True when the pack was copied from the build cache instead of compiled
     peak_rss: int = 0  # bytes: this process's peak resident memory during the build
     worker_peak_rss: int = 0  # bytes: the largest peak of a compile worker process (0 when none ran)
 
@@ -45,8 +47,7 @@ class BuildReport:
             memory += f" (compile workers: {self.worker_peak_rss / 1e9:.2f} GB each at most)"
         return (f"wrote {self.output} ({self.size / 1e6:.2f} MB): {self.entries} entr"
                 f"{'y' if self.entries == 1 else 'ies'}, {self.weights} weights ({self.weight_bytes / 1e6:.2f} MB), "
-                f"{self.kernels} kernels, built in {total:.1f} s, {memory}")
-
+                f"{self.kernels} kernels, built in {total:.1f} s{', from the build cache' if self.cached else ''}, {memory}")
 
 
 class _Stages:
@@ -208,32 +209,84 @@ def _cuda_summary(entries: list[dict], options: BuildOptions) -> str:
 
 def build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, example_kwargs: dict | None = None,
           dynamic_shapes: Any = None, specializations: Sequence = (), options: BuildOptions | None = None,
-          progress: ProgressFn | None = None,
-          cache_positions: Any = None) -> BuildReport:
+          progress: ProgressFn | None = None, cache_positions: Any = None,
+          cache: buildcache.BuildCache | None = None, source: str = "", threads: int | None = None) -> BuildReport:
     """Run the whole pipeline; return a :class:`BuildReport`. ``progress`` receives one line per event.
 
     The first entry is captured from ``example_inputs`` (with ``dynamic_shapes``, torch.export's format);
     each of ``specializations`` that no earlier entry accepts becomes its own static entry, in order.
     Buffers the model writes in place become the pack's state; ``cache_positions`` says which input holds
     cache positions (see ``state.position_rules``).
+    With a ``cache``, a pack with the same key is copied from it instead of compiled, and a compiled pack
+    is stored in it (``source`` names the model in the cache's records). ``threads`` caps the compiler
+    processes the build runs at once (default: the cores this process may use); it never changes the pack.
     """
     with warnings.catch_warnings():
         # torch's own deep copies of pytree specs warn about a deprecation inside torch; not the user's to fix
         warnings.filterwarnings("ignore", message=r".*LeafSpec.* is deprecated", category=FutureWarning)
         return _build(model, example_inputs, output, example_kwargs=example_kwargs, dynamic_shapes=dynamic_shapes,
                       specializations=specializations, options=options, progress=progress,
-                      cache_positions=cache_positions)
+                      cache_positions=cache_positions, cache=cache, source=source, threads=threads)
 
 
-def _build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, example_kwargs: dict | None,
-           dynamic_shapes: Any, specializations: Sequence, options: BuildOptions | None,
-           progress: ProgressFn | None, cache_positions: Any = None) -> BuildReport:
-    reset_peak_rss()
-    options = (options or BuildOptions()).resolved()
+def _tensor_records(entries: list) -> dict:
+    """Every weight and constant any entry's graph holds: dtype, shape, strides and sha256, by name."""
+    out: dict = {}
+    for captured, _, _ in entries:
+        ep = captured.exported
+        for name, t in sorted({**dict(ep.state_dict), **dict(ep.constants)}.items()):
+            if name in out:
+                continue
+            if isinstance(t, torch.Tensor):
+                out[name] = buildcache.tensor_record(t, package.tensor_digest(t))
+            else:
+                out[name] = {"type": type(t).__name__}
+    return out
+
+
+def cache_key(entries: list, options: BuildOptions, example: dict, example_blobs: list, compiler: str,
+              state_names: tuple[str, ...] = (), positions: list | None = None) -> str:
+    """The build cache key of a build whose graphs are captured and guarded: see ``buildcache``."""
+    graphs: dict[int, str] = {}
+    records = []
+    for captured, g, device in entries:
+        if id(captured) not in graphs:
+            graphs[id(captured)] = buildcache.digest(_torch.graph_text(captured.exported))
+        records.append({"graph": graphs[id(captured)], "guards": g.to_json(), "device": device})
+    example_digest = buildcache.digest(buildcache.canonical(example) + b"".join(
+        buildcache.digest(b.data).encode() for b in example_blobs))
+    configs = {d: buildcache.digest(buildcache.canonical(_torch.effective_config(
+        compile.entry_config(options, d, bool(state_names))))) for d in options.devices}
+    material = {"entries": records, "weights": _tensor_records(entries), "example": example_digest,
+                "frozen": {"training": entries[0][0].training}, "options": options.to_json(),
+                "producer": producer(compiler), "target": target(options), "inductor": configs,
+                "toolchain": buildcache.toolchain(options.devices),
+                "state": {"buffers": list(state_names), "positions": positions or []}}
+    if "cuda" in options.devices and not options.without_gpu:
+        from . import cudabuild
+
+        material["build_gpu"] = cudabuild.gpu_description()
+    return buildcache.key_of(material)
+
+
+def _cached_report(report: BuildReport, entry: buildcache.CacheEntry) -> None:
+    """Fill the report's figures from the manifest of the pack copied from the cache."""
+    from aotpack_runtime.archive import Archive
+
+    manifest = Archive.open(report.output).manifest
+    report.size = entry.size
+    report.entries = len(manifest.entries)
+    report.weights = len(manifest.weights)
+    report.weight_bytes = sum(manifest.blob(w.blob).size for w in manifest.weights)
+    report.kernels = sum(len(e.get("kernels", ())) for e in manifest.entries)
+
+
+def _capture_and_guard(model: Any, example_inputs: tuple, example_kwargs: dict | None, dynamic_shapes: Any,
+                       specializations: Sequence, options: BuildOptions, stages: _Stages,
+                       cache_positions: Any) -> tuple[list, tuple[str, ...], list]:
+    """Stages 1 and 2: capture each example call, keep those no earlier entry accepts; return one
+    (captured, guards, device) per entry and device, the state buffers and the cache-position rules."""
     example_kwargs = dict(example_kwargs or {})
-    report = BuildReport(output=pathlib.Path(output))
-    stages = _Stages(progress, report)
-    compiler = compile.compiler_version()
     calls = [(example_inputs, example_kwargs, dynamic_shapes)]
     calls += [(*_as_call(sp, example_kwargs, i), None) for i, sp in enumerate(specializations)]
     with stages.stage("capture", f"Dynamo, fullgraph; {len(calls)} example input(s)"):
@@ -260,10 +313,57 @@ def _build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, exa
             raise BuildError("cache_positions was given, but the model writes no buffer in place: a pack without "
                              "state has no cache")
     # One entry per captured graph and device, graph by graph: [g0 cpu, g0 cuda, g1 cpu, ...].
-    entries = [(c, g, d) for c, g in entries for d in options.devices]
+    return [(c, g, d) for c, g in entries for d in options.devices], state_names, positions
+
+
+def build_key(model: Any, example_inputs: tuple, *, example_kwargs: dict | None = None, dynamic_shapes: Any = None,
+              specializations: Sequence = (), options: BuildOptions | None = None, cache_positions: Any = None) -> str:
+    """The build cache key a build with these arguments would have (capture and guards only, no compile)."""
+    options = (options or BuildOptions()).resolved()
+    stages = _Stages(None, BuildReport(output=pathlib.Path(".")))
+    entries, state_names, positions = _capture_and_guard(model, example_inputs, example_kwargs, dynamic_shapes,
+                                                         specializations, options, stages, cache_positions)
+    example_blobs: list[package.Blob] = []
+    example = _example_record(entries[0][0], example_blobs)
+    return cache_key(entries, options, example, example_blobs, compile.compiler_version(), state_names, positions)
+
+
+def _build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, example_kwargs: dict | None,
+           dynamic_shapes: Any, specializations: Sequence, options: BuildOptions | None,
+           progress: ProgressFn | None, cache_positions: Any, cache: buildcache.BuildCache | None, source: str,
+           threads: int | None) -> BuildReport:
+    reset_peak_rss()
+    options = (options or BuildOptions()).resolved()
+    example_kwargs = dict(example_kwargs or {})
+    report = BuildReport(output=pathlib.Path(output))
+    stages = _Stages(progress, report)
+    compiler = compile.compiler_version()
+    entries, state_names, positions = _capture_and_guard(model, example_inputs, example_kwargs, dynamic_shapes,
+                                                         specializations, options, stages, cache_positions)
+    example_blobs: list[package.Blob] = []
+    example = _example_record(entries[0][0], example_blobs)
+    if cache is not None:
+        start = time.perf_counter()
+        report.key = cache_key(entries, options, example, example_blobs, compiler, state_names, positions)
+        took = time.perf_counter() - start
+        hit = cache.fetch(report.key, output)
+        if hit is not None:
+            stages.say(f"      build cache: hit {report.key[:12]} (key in {took:.2f} s), in {cache.folder}")
+            stages.n += 1
+            stages.say(f"[{stages.n}/{stages.total}] compile: skipped, the build cache holds this pack")
+            with stages.stage("package", "copied from the build cache"):
+                report.cached = True
+                _cached_report(report, hit)
+                report.peak_rss = peak_rss()
+            if progress:
+                progress(report.summary())
+            return report
+        stages.say(f"      build cache: miss {report.key[:12]} (key in {took:.2f} s)")
     with stages.stage("compile", _compile_detail(options, len(entries))):
         compiled = compile.compile_entries([c for c, _, _ in entries], options, progress=stages.say,
-                                           devices=[d for _, _, d in entries], stateful=bool(state_names))
+                                           devices=[d for _, _, d in entries], threads=threads,
+                                           stateful=bool(state_names),
+                                           objects=None if cache is None else cache.objects())
     with stages.stage("package"):
         weights, blobs, state_values = _weights([(c, g) for c, g, _ in entries], compiled, state_names)
         manifest_entries = []
@@ -277,7 +377,7 @@ def _build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, exa
             if device == "cuda":
                 entry["cuda"] = _cuda_record(i, code, options, blobs)
             manifest_entries.append(entry)
-        example = _example_record(entries[0][0], blobs)
+        blobs += example_blobs
         if any(d == "cuda" for _, _, d in entries):
             stages.say(_cuda_summary(manifest_entries, options))
         manifest = {"producer": producer(compiler), "target": target(options), "options": options.to_json(),
@@ -306,6 +406,9 @@ def _build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, exa
     report.kernels = sum(len(c.kernels) for c in compiled)
     report.peak_rss = peak_rss()
     report.worker_peak_rss = max((c.peak_rss for c in compiled), default=0)
+    if cache is not None and cache.store(report.key, output, {"source": source, "options": options.to_json(),
+                                                              "producer": producer(compiler)}) is not None:
+        stages.say(f"      build cache: stored {report.key[:12]} in {cache.folder}")
     if options.without_gpu and progress:
         progress("note: CUDA entries built without a GPU are not autotuned and were never run; smoke-test the "
                  "pack on the target GPU before trusting it")

@@ -243,3 +243,61 @@ def test_compiler_wrapper_maps_host_paths(tmp_path):
     data = (root / "f.o").read_bytes()
     assert b"/aotpack/build/f.cpp" in data and b"/aotpack/build/k.fatbin" in data  # __FILE__ and a literal
     assert str(root).encode() not in data
+
+
+def test_graph_text_is_the_graph_without_metadata_or_weights():
+    """The build cache key reads the graph through torch.export's serializer, with node metadata dropped
+    (object ids and stack traces change with every process and folder)."""
+    import json
+
+    a = build_torch.graph_text(build_torch.export_strict(_Tiny(), (torch.randn(2, 4),), {"k": 3}))
+    b = build_torch.graph_text(build_torch.export_strict(_Tiny(), (torch.randn(2, 4),), {"k": 3}))
+    assert a == b  # another capture, other weights: the same text
+    program = json.loads(a)
+    nodes = program["graph_module"]["graph"]["nodes"]
+    assert nodes and all(n["metadata"] == {} for n in nodes)
+    assert "aten.linear" in a.decode() and "lin.weight" in a.decode()
+    c = build_torch.graph_text(build_torch.export_strict(_Tiny(), (torch.randn(3, 4),), {"k": 3}))
+    assert c != a  # the input's shape is in the graph
+
+
+def test_effective_config_sees_patches_and_the_environment_but_no_host_paths():
+    from torch._inductor import config
+
+    options = build_torch.inductor_options("avx2", 16)
+    options["cpp.cxx"] = ("/some/host/path/g++",)
+    got = build_torch.effective_config(options)
+    assert got["inductor"]["cpp.threads"] == 16 and got["inductor"]["cpp.dynamic_threads"] is True
+    assert "cpp.cxx" not in got["inductor"] and "/some/host/path" not in str(got)
+    assert "functorch" in got and config.cpp.threads == -1  # the patch is undone
+    with config.patch({"max_fusion_size": 7}):  # as a TORCHINDUCTOR_* variable would set it
+        assert build_torch.effective_config(options)["inductor"]["max_fusion_size"] == 7
+
+
+def test_object_compiles_runs_the_wrapper_beside_the_kernels(tmp_path):
+    """Inductor's CppBuilder: object_build reads a compile-only call; object_compiles starts the wrapper's
+    compile in a thread and has the next compile wait for it, and routes each call through ``around``."""
+    from torch._inductor.cpp_builder import CppBuilder, CppOptions
+
+    for name in ("model.wrapper", "model.kernel"):
+        (tmp_path / f"{name}.cpp").write_text(f"int f_{name.replace('.', '_')}() {{ return 1; }}\n")
+
+    def builder(name):
+        return CppBuilder(name=name, sources=str(tmp_path / f"{name}.cpp"), output_dir=str(tmp_path),
+                          BuildOption=CppOptions(compile_only=True))
+
+    command, sources, target = build_torch.object_build(builder("model.wrapper"))
+    assert sources == [str(tmp_path / "model.wrapper.cpp")] and target == str(tmp_path / "model.wrapper.o")
+    assert " -c " in f" {command} "
+    seen = []
+
+    def around(run, b):
+        seen.append(b._name)
+        run()
+
+    with build_torch.object_compiles(True, around):
+        builder("model.wrapper").build()  # returns at once: the compile runs in a thread
+        builder("model.kernel").build()  # waits for the wrapper's before it returns
+        assert (tmp_path / "model.wrapper.o").is_file() and (tmp_path / "model.kernel.o").is_file()
+    assert sorted(seen) == ["model.kernel", "model.wrapper"]
+    assert CppBuilder.build.__qualname__ == "CppBuilder.build"  # restored
