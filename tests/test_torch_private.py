@@ -65,11 +65,11 @@ def test_inductor_config_keys_exist():
 
     keys = list(build_torch.BASE_INDUCTOR_CONFIG) + [k for o in build_torch.ISA_COMPILER_OPTIONS.values() for k in o] \
         + list(build_torch.CUDA_INDUCTOR_CONFIG) + list(build_torch.NO_GPU_INDUCTOR_CONFIG) \
-        + ["cuda.arch", "cpp.threads", "cpp.cxx", "cuda.cuda_cxx"]
+        + list(build_torch.STATEFUL_INDUCTOR_CONFIG) + ["cuda.arch", "cpp.threads", "cpp.cxx", "cuda.cuda_cxx"]
     for key in keys:
         since = build_torch.ADDED_IN.get(key, ((0, 0), ""))[0]
         assert _has_config(key) == (build_torch.torch_version() >= since), (key, since, torch.__version__)
-    options = build_torch.inductor_options("avx2", 16)
+    options = build_torch.inductor_options("avx2", 16, stateful=True)
     assert all(_has_config(k) for k in options), [k for k in options if not _has_config(k)]
     with build_torch.inductor_config({"aot_inductor.debug_compile": False}):
         assert config.aot_inductor.debug_compile is False
