@@ -339,36 +339,6 @@ def private_build_dirs(root: str) -> Iterator[None]:
                 os.environ[k] = v
 
 
-@contextlib.contextmanager
-def fixed_kernel_paths(root: str) -> Iterator[None]:
-    """Make the kernel file paths that generated CUDA code names independent of the build folder ``root``.
-
-    The wrapper loads each kernel with ``loadKernel("<root>/inductor/<hash>/<kernel>.fatbin", ...,
-    cubin_dir)``; given ``cubin_dir`` (aotpack's runtime always gives it) only the file name counts, but the
-    whole path is a string in the library, and ``root`` is new for every build. Within this context the
-    generated code names ``/aotpack/build`` instead, as the compiler's ``-ffile-prefix-map`` does."""
-    from torch._inductor.codecache import get_cpp_wrapper_cubin_path_name
-    from torch._inductor.codegen.cpp_wrapper_gpu import DeferredTritonCallWrapper
-
-    original = DeferredTritonCallWrapper.generate_load_kernel
-    hosts = list(dict.fromkeys((os.path.realpath(root), root)))
-
-    def generate_load_kernel(self, prefix, kernel_var_name, params):
-        key = get_cpp_wrapper_cubin_path_name()
-        path = params.get(key)
-        for host in hosts:
-            if isinstance(path, str) and path.startswith(host + os.sep):
-                params = {**params, key: "/aotpack/build" + path[len(host):]}
-                break
-        return original(self, prefix, kernel_var_name, params)
-
-    DeferredTritonCallWrapper.generate_load_kernel = generate_load_kernel
-    try:
-        yield
-    finally:
-        DeferredTritonCallWrapper.generate_load_kernel = original
-
-
 def aoti_compile(exported, package_path: str, options: dict[str, Any]) -> str:
     """Compile an ExportedProgram to an AOTInductor package (a zip holding the .so and its sources)."""
     from torch._inductor import aoti_compile_and_package

@@ -239,7 +239,7 @@ def compile_cuda(exported, options: BuildOptions, stateful: bool = False) -> Com
                                                archs))
         stub = cudabuild.libcuda_stub(os.path.join(root, "libcuda-stub"), home) if options.without_gpu else None
         package = os.path.join(root, "entry.pt2")
-        with cudabuild.build_environment(archs, stub, home), _torch.fixed_kernel_paths(root):
+        with cudabuild.build_environment(archs, stub, home):
             try:
                 if options.without_gpu:
                     from . import _cuda_offline

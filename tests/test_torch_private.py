@@ -272,27 +272,3 @@ def test_compiler_wrapper_maps_host_paths(tmp_path):
     data = (root / "f.o").read_bytes()
     assert b"/aotpack/build/f.cpp" in data and str(root).encode() not in data
 
-
-def test_fixed_kernel_paths_names_no_build_folder(tmp_path):
-    """The generated CUDA wrapper loads each kernel by a path that ends up as a string in the library; within
-    fixed_kernel_paths the build folder part reads /aotpack/build (the runtime uses only the file name)."""
-    import types
-
-    from torch._inductor.codecache import get_cpp_wrapper_cubin_path_name
-    from torch._inductor.codegen.cpp_wrapper_gpu import DeferredTritonCallWrapper
-    from torch._inductor.utils import IndentedBuffer
-    from torch._inductor.virtualized import V
-
-    root = tmp_path / "aotpack-build-x1y2"
-    params = {get_cpp_wrapper_cubin_path_name(): f"{root}/inductor/ab/kernel0.fatbin", "mangled_name": "k0",
-              "shared_mem": 0, "inductor_meta": {"kernel_name": "k0"}}
-    original = DeferredTritonCallWrapper.generate_load_kernel
-    with V.set_graph_handler(types.SimpleNamespace(aot_mode=True, device_type="cuda")):
-        with build_torch.fixed_kernel_paths(str(root)):
-            prefix = IndentedBuffer()
-            DeferredTritonCallWrapper.generate_load_kernel(None, prefix, "kernels_.k0", dict(params))
-        plain = IndentedBuffer()
-        DeferredTritonCallWrapper.generate_load_kernel(None, plain, "kernels_.k0", dict(params))
-    assert DeferredTritonCallWrapper.generate_load_kernel is original
-    assert 'loadKernel("/aotpack/build/inductor/ab/kernel0.fatbin", "k0", 0, cubin_dir_' in prefix.getvalue()
-    assert str(root) not in prefix.getvalue() and str(root) in plain.getvalue()
