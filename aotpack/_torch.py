@@ -40,6 +40,27 @@ BASE_INDUCTOR_CONFIG: dict[str, Any] = {
     "cpp.vec_isa_ok": True,
 }
 
+# Options that older torch releases lack, with the first minor version that has each and why leaving it out
+# there gives the same code: ``inductor_options`` sets an option only where this torch has it.
+ADDED_IN: dict[str, tuple[tuple[int, int], str]] = {
+    "aot_inductor.enable_line_tables": ((2, 13), "before 2.13 AOTInductor adds debug information only with "
+                                                  "debug_compile or debug_symbols, both off"),
+    "cpp.march": ((2, 13), "before 2.13 Inductor always compiles with -march=native; the compiler wrapper "
+                           "puts the target's -march in its place (see compiler_march)"),
+}
+
+
+def torch_version() -> tuple[int, int]:
+    """(major, minor) of the running torch."""
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    return int(major), int(minor)
+
+
+def _available(config: dict[str, Any]) -> dict[str, Any]:
+    have = torch_version()
+    return {k: v for k, v in config.items() if k not in ADDED_IN or have >= ADDED_IN[k][0]}
+
+
 # Added for CUDA entries: one fatbin per kernel (SASS for each architecture in TORCH_CUDA_ARCH_LIST at or
 # above ``cuda.arch``, PTX for ``cuda.arch``), no autotuning by benchmarks that would differ between runs.
 CUDA_INDUCTOR_CONFIG: dict[str, Any] = {
@@ -79,6 +100,17 @@ STATEFUL_INDUCTOR_CONFIG: dict[str, Any] = {
 }
 
 
+def compiler_march(cpu_isa: str) -> str | None:
+    """The ``-march`` that the compiler wrapper must put in place of Inductor's ``-march=native`` for
+    ``cpu_isa``, on a torch without ``cpp.march`` (before 2.13); None where Inductor sets it itself or the
+    target is the build host (``native``). ``-march=native`` also tunes for the build host's CPU model, so
+    without this the code would differ between hosts, and could use instructions the target lacks."""
+    march = ISA_COMPILER_OPTIONS[cpu_isa].get("cpp.march", "native")
+    if march == "native" or "cpp.march" in _available(ISA_COMPILER_OPTIONS[cpu_isa]):
+        return None
+    return march
+
+
 def inductor_options(cpu_isa: str, cpu_threads: int, stateful: bool = False) -> dict[str, Any]:
     """The Inductor config of a build for ``cpu_isa``, with CPU code planned for ``cpu_threads`` threads
     (and, for a ``stateful`` graph, ``STATEFUL_INDUCTOR_CONFIG``).
@@ -89,8 +121,8 @@ def inductor_options(cpu_isa: str, cpu_threads: int, stateful: bool = False) -> 
     dynamic OpenMP regions make the code independent of the build host's cores and thread settings, while
     it still uses every thread the serving process has.
     """
-    config = dict(BASE_INDUCTOR_CONFIG)
-    config.update(ISA_COMPILER_OPTIONS[cpu_isa])
+    config = _available(BASE_INDUCTOR_CONFIG)
+    config.update(_available(ISA_COMPILER_OPTIONS[cpu_isa]))
     config["cpp.threads"] = cpu_threads
     if stateful:
         config.update(STATEFUL_INDUCTOR_CONFIG)
@@ -250,22 +282,33 @@ _UNROOT = ("import os, sys\n"
            "        f.write(text.replace(root, '/aotpack/build'))\n")
 
 
-def compiler_wrapper(folder: str, compiler: str) -> str:
+def compiler_wrapper(folder: str, compiler: str, march: str | None = None) -> str:
     """A wrapper script, under ``folder``, that runs ``compiler`` with ``-ffile-prefix-map`` options
     replacing every host path (``build_prefixes``) in what the compiler writes, after replacing the build
-    folder's path in the generated C++ sources it compiles (``_UNROOT``); return its path for Inductor's
-    ``cpp.cxx``. The script is the same for every build with this toolchain (the scratch folder comes from
-    ``$AOTPACK_BUILD_ROOT``), so its path, which Inductor hashes into cache keys, is stable. The name keeps
-    "g++" because Inductor picks GCC's flags by the compiler's name."""
-    import hashlib
+    folder's path in the generated C++ sources it compiles (``_UNROOT``), and with ``-march=native``
+    replaced by ``-march={march}`` when ``march`` is given (``compiler_march``); return its path for
+    Inductor's ``cpp.cxx``. The script is the same for every build with this toolchain and target (the
+    scratch folder comes from ``$AOTPACK_BUILD_ROOT``), so its path, which Inductor hashes into cache keys,
+    is stable. The name keeps "g++" because Inductor picks GCC's flags by the compiler's name."""
     import shlex
 
     maps = " ".join(shlex.quote(f"-ffile-prefix-map={host}={fixed}") for host, fixed in _install_prefixes())
     root = f'"-ffile-prefix-map=${BUILD_ROOT_ENV}=/aotpack/build"'
     unroot = (f'for arg in "$@"; do\n  case "$arg" in\n    "${BUILD_ROOT_ENV}"/*.cpp) '
               f'{shlex.quote(sys.executable)} -c {shlex.quote(_UNROOT)} "$arg" || exit 1;;\n  esac\ndone\n')
-    script = f"#!/bin/sh\n{unroot}exec {shlex.quote(compiler)} \"$@\" {maps} {root}\n"
-    path = os.path.join(folder, hashlib.sha256(script.encode()).hexdigest()[:16], "g++")
+    rewrite = ""
+    if march is not None:  # POSIX sh: rebuild "$@" with each -march=native replaced
+        rewrite = (f'for arg do shift; case $arg in -march=native) arg={shlex.quote("-march=" + march)};; esac; '
+                   'set -- "$@" "$arg"; done\n')
+    script = f"#!/bin/sh\n{unroot}{rewrite}exec {shlex.quote(compiler)} \"$@\" {maps} {root}\n"
+    return _script(folder, "g++", script)
+
+
+def _script(folder: str, name: str, script: str) -> str:
+    """Write ``script`` as ``folder/<hash of script>/name`` (once; executable) and return its path."""
+    import hashlib
+
+    path = os.path.join(folder, hashlib.sha256(script.encode()).hexdigest()[:16], name)
     if not os.path.exists(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.{os.getpid()}.tmp"
@@ -274,6 +317,30 @@ def compiler_wrapper(folder: str, compiler: str) -> str:
         os.chmod(tmp, 0o755)
         os.replace(tmp, path)
     return path
+
+
+# Compute capabilities whose code Inductor compiles arch-specifically (sm_90a: exactly that GPU); SASS for
+# another architecture cannot come from their PTX.
+ARCH_SPECIFIC = (90, 100, 103, 120)
+
+
+def fatbin_config(folder: str, nvcc: str, archs: tuple[int, ...]) -> dict[str, Any]:
+    """Inductor config that gives every kernel fatbin SASS for each of ``archs`` (PTX for the lowest).
+
+    torch 2.14 does this itself, from TORCH_CUDA_ARCH_LIST. Before 2.13, Inductor packs each kernel with
+    ``nvcc -fatbin`` for the lowest architecture only: its nvcc (``cuda.cuda_cxx``) is then a wrapper,
+    under ``folder``, that adds the same ``-gencode`` for each other architecture as 2.14 does. (2.13
+    packs with ``fatbinary`` and gets SASS for one architecture; the build then names the missing ones.)
+    """
+    import shlex
+
+    base = min(archs)
+    if torch_version() >= (2, 13) or len(archs) == 1 or base in ARCH_SPECIFIC:
+        return {}
+    extra = " ".join(f"-gencode arch=compute_{a},code=sm_{a}" for a in sorted(archs) if a != base)
+    script = (f'#!/bin/sh\ncase " $* " in *" -fatbin "*) exec {shlex.quote(nvcc)} "$@" {extra};; esac\n'
+              f'exec {shlex.quote(nvcc)} "$@"\n')
+    return {"cuda.cuda_cxx": _script(folder, "nvcc", script)}
 
 
 @contextlib.contextmanager

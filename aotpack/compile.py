@@ -77,7 +77,8 @@ def build_environment(root: str, options: BuildOptions, config: dict, parallel: 
                          "(Debian/Ubuntu: apt-get install g++) or set CXX")
     toolchain = toolchain_dir()
     config = dict(config)
-    config["cpp.cxx"] = (_torch.compiler_wrapper(os.path.join(toolchain, "bin"), compiler),)
+    config["cpp.cxx"] = (_torch.compiler_wrapper(os.path.join(toolchain, "bin"), compiler,
+                                                 _torch.compiler_march(options.cpu_isa)),)
     with _torch.private_build_dirs(root), _torch.precompiled_header_dir(os.path.join(toolchain, "pch")), \
             _torch.pinned_vec_isa(options.cpu_isa), _torch.serial_small_kernels(), \
             _torch.object_compiles(parallel, None if objects is None else _reuse_objects(objects, root)):
@@ -291,6 +292,9 @@ def compile_cuda(exported, options: BuildOptions, parallel: bool = False, statef
     with scratch_dir() as root, build_environment(root, options, entry_config(options, "cuda", stateful),
                                                   parallel) as config:
         home = cudabuild.cuda_home()
+        if home:
+            config.update(_torch.fatbin_config(os.path.join(toolchain_dir(), "bin"), os.path.join(home, "bin", "nvcc"),
+                                               archs))
         stub = cudabuild.libcuda_stub(os.path.join(root, "libcuda-stub"), home) if options.without_gpu else None
         package = os.path.join(root, "entry.pt2")
         with cudabuild.build_environment(archs, stub, home):

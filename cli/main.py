@@ -88,7 +88,8 @@ def _plain_warnings() -> None:
                    "(default: the build GPU's).")
 @click.option("--without-gpu", is_flag=True,
               help="Build the CUDA entries on a host with no GPU, for --cuda-arch (experimental: not "
-                   "autotuned, never run at build time; tested only with torch 2.14.1 and triton 3.8.0).")
+                   "autotuned, never run at build time; tested only with torch 2.11.0 + triton 3.6.0 and "
+                   "torch 2.14.1 + triton 3.8.0).")
 @click.option("--cpu-threads", type=click.IntRange(1, 1024), default=16, show_default=True, metavar="N",
               help="Thread count the CPU code's parallel loops are planned for; the code runs on as many threads "
                    "as the serving process has. Not read from this host, so the pack is the same everywhere.")

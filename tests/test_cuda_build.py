@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import warnings
@@ -125,10 +126,11 @@ def test_every_kernel_carries_the_requested_sass_and_disassembles(mixed_pack, cu
         assert kernels
         for k in kernels:
             path = _extract(archive, k["blob"], tmp_path)
-            out = subprocess.run([cudabuild.cuobjdump(), "-lelf", "-lptx", str(path)], capture_output=True,
+            out = subprocess.run([cudabuild.cuobjdump(), "-elf", "-ptx", str(path)], capture_output=True,
                                  text=True, check=True).stdout
-            assert sorted(cudabuild._ELF.findall(out)) == sass, out
-            assert [p.replace("sm_", "compute_") for p in cudabuild._PTX.findall(out)] == ptx, out
+            images = re.findall(r"^Fatbin (elf|ptx) code:\n=+\narch = (\S+)$", out, re.M)
+            assert sorted(a for kind, a in images if kind == "elf") == sass, out
+            assert [a.replace("sm_", "compute_") for kind, a in images if kind == "ptx"] == ptx, out
             assert cudabuild.disassembles(str(path)), k["name"]
             assert k["archs"] == sass and k["ptx"] == ptx
 
@@ -230,13 +232,13 @@ def _resolve(qualified: str):
 def test_offline_mode_patches_exactly_the_listed_private_names_and_restores_them():
     from torch._dynamo.device_interface import CudaInterface
 
-    before = {name: _resolve(name) for name in _cuda_offline.PATCHED}  # each exists in this torch/triton
+    before = {name: _resolve(name) for name in _cuda_offline.patched_names()}  # each exists in this torch
     raw_before = vars(CudaInterface)["is_available"]
     with _cuda_offline.offline_cuda(80) as target:
         assert torch.cuda.get_device_properties(0).multi_processor_count == target.sms == 108
         assert torch.cuda.get_device_capability(0) == (8, 0)
         assert CudaInterface.is_available()
-    assert sorted(_cuda_offline.last_patched) == sorted(_cuda_offline.PATCHED)
+    assert sorted(_cuda_offline.last_patched) == sorted(_cuda_offline.patched_names())
     assert all(_resolve(name) is value for name, value in before.items())
     assert vars(CudaInterface)["is_available"] is raw_before  # still the staticmethod object
     assert not torch.cuda.is_available() and not CudaInterface.is_available()

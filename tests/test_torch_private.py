@@ -81,19 +81,83 @@ def test_graph_break_types_and_details():
         raise AssertionError("no graph break")
 
 
-def test_inductor_config_keys_exist():
+def _has_config(key: str) -> bool:
     from torch._inductor import config
 
-    for key in list(build_torch.BASE_INDUCTOR_CONFIG) + [k for o in build_torch.ISA_COMPILER_OPTIONS.values()
-                                                          for k in o] \
-            + list(build_torch.CUDA_INDUCTOR_CONFIG) + list(build_torch.NO_GPU_INDUCTOR_CONFIG) \
-            + ["cuda.arch", "cpp.threads", "cpp.cxx"]:
-        obj = config
-        for part in key.split("."):
-            assert hasattr(obj, part), key
-            obj = getattr(obj, part)
-    with build_torch.inductor_config({"aot_inductor.enable_line_tables": False}):
-        assert config.aot_inductor.enable_line_tables is False
+    obj = config
+    for part in key.split("."):
+        if not hasattr(obj, part):
+            return False
+        obj = getattr(obj, part)
+    return True
+
+
+def test_inductor_config_keys_exist():
+    """Every option a build sets exists in this torch, except those ADDED_IN a later minor version, which
+    must be absent here (and are then left out of the build's config)."""
+    from torch._inductor import config
+
+    keys = list(build_torch.BASE_INDUCTOR_CONFIG) + [k for o in build_torch.ISA_COMPILER_OPTIONS.values() for k in o] \
+        + list(build_torch.CUDA_INDUCTOR_CONFIG) + list(build_torch.NO_GPU_INDUCTOR_CONFIG) \
+        + list(build_torch.STATEFUL_INDUCTOR_CONFIG) + ["cuda.arch", "cpp.threads", "cpp.cxx", "cuda.cuda_cxx"]
+    for key in keys:
+        since = build_torch.ADDED_IN.get(key, ((0, 0), ""))[0]
+        assert _has_config(key) == (build_torch.torch_version() >= since), (key, since, torch.__version__)
+    options = build_torch.inductor_options("avx2", 16, stateful=True)
+    assert all(_has_config(k) for k in options), [k for k in options if not _has_config(k)]
+    with build_torch.inductor_config({"aot_inductor.debug_compile": False}):
+        assert config.aot_inductor.debug_compile is False
+
+
+def test_without_cpp_march_the_compiler_wrapper_sets_the_target(tmp_path):
+    """Before 2.13 Inductor compiles with -march=native (no cpp.march): the compiler wrapper replaces it with
+    the target's level, so the code neither tunes for nor uses the build host's CPU. From 2.13 Inductor
+    takes cpp.march and the wrapper leaves the flags alone."""
+    import shutil
+    import subprocess
+
+    from torch._inductor import cpp_builder
+
+    march = build_torch.compiler_march("avx2")
+    assert build_torch.compiler_march("native") is None
+    if build_torch.torch_version() >= (2, 13):
+        assert march is None and build_torch.inductor_options("avx2", 16)["cpp.march"] == "x86-64-v3"
+        return
+    assert march == "x86-64-v3" and "cpp.march" not in build_torch.inductor_options("avx2", 16)
+    flags, _ = cpp_builder._get_optimization_cflags("g++")  # the private function that adds -march=native
+    assert "march=native" in flags
+    wrapper = build_torch.compiler_wrapper(str(tmp_path / "bin"), shutil.which("g++"), march)
+    out = subprocess.run([wrapper, "-march=native", "-Q", "--help=target", "-x", "c++", "/dev/null"],
+                         capture_output=True, text=True, check=True).stdout
+    picked = {line.split()[0]: line.split()[-1] for line in out.splitlines() if line.strip().startswith(("-march=",
+                                                                                                         "-mtune="))}
+    assert picked == {"-march=": "x86-64-v3", "-mtune=": "generic"}, picked
+
+
+def test_fatbin_config_adds_sass_for_each_arch_before_2_13(tmp_path):
+    """torch 2.14 packs each kernel with SASS for every TORCH_CUDA_ARCH_LIST entry; before 2.13 Inductor runs
+    `nvcc -fatbin` (found through cuda.cuda_cxx) for one architecture, and aotpack's nvcc adds the others."""
+    fake_nvcc = tmp_path / "nvcc"
+    fake_nvcc.write_text('#!/bin/sh\necho "$@"\n')
+    fake_nvcc.chmod(0o755)
+    config = build_torch.fatbin_config(str(tmp_path / "bin"), str(fake_nvcc), (80, 86, 90))
+    assert build_torch.fatbin_config(str(tmp_path / "bin"), str(fake_nvcc), (90,)) == {}
+    assert build_torch.fatbin_config(str(tmp_path / "bin"), str(fake_nvcc), (90, 100)) == {}  # sm_90a: no others
+    if build_torch.torch_version() >= (2, 13):
+        assert config == {}
+        return
+    import subprocess
+
+    from torch._inductor.codegen.cuda import compile_utils
+
+    with build_torch.inductor_config(config):
+        nvcc = compile_utils._cuda_compiler()  # what Inductor runs as `nvcc -fatbin`
+    assert nvcc == config["cuda.cuda_cxx"]
+    fatbin = subprocess.run([nvcc, "-fatbin", "k.ptx", "-o", "k.fatbin"], capture_output=True, text=True).stdout
+    assert fatbin.split() == ["-fatbin", "k.ptx", "-o", "k.fatbin", "-gencode", "arch=compute_86,code=sm_86",
+                              "-gencode", "arch=compute_90,code=sm_90"]
+    other = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    assert other.split() == ["--version"]
 
 
 def test_move_to_cuda_pass_exists():
