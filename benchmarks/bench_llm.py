@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    .venv/bin/python benchmarks/bench_llm.py [--sizes tiny,600m] [--quick]
+    .venv/bin/python benchmarks/bench_llm.py [--sizes tiny,600m] [--quick] [--threads N]
 
 Two sizes of a Llama-shaped decoder with random weights, each wrapped in Hugging Face's static-cache export
 wrapper (``examples/llm/decoders.py``): ``tiny`` (the example: hidden 64, 2 layers, vocab 1000), where the
@@ -179,7 +179,9 @@ def markdown(results: dict) -> str:
     m = results["machine"]
     lines = [f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, Python {m['python']}, {m['date']}. "
              f"Memory bandwidth (sum of a 1 GiB tensor): {results['bandwidth_bytes_s'] / 1e9:.1f} GB/s. Medians; "
-             f"whole run {results['total_seconds'] / 60:.1f} min.", "",
+             f"whole run {results['total_seconds'] / 60:.1f} min; {results['threads']} thread(s) per contender; "
+             f"load average {results['load_average']['start']:.1f} at the start, "
+             f"{results['load_average']['end']:.1f} at the end (other work on this machine).", "",
              "| model | weights | | eager | torch.compile | AOTInductor | aotpack | aotpack vs eager | aotpack vs AOTI |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in results["sizes"]:
@@ -217,7 +219,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="tiny,600m", help="comma-separated: " + ", ".join(SIZES))
     parser.add_argument("--quick", action="store_true", help="fewer repetitions and decode steps (a smoke run)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads for every contender (OMP_NUM_THREADS and torch.set_num_threads); default: "
+                             "torch's own (one per core). On a machine shared with other work, 1 keeps "
+                             "OpenMP's waiting out of the figures")
     args = parser.parse_args()
+    if args.threads is not None:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # before torch is imported, for children too
     sizes = args.sizes.split(",")
     unknown = [s for s in sizes if s not in SIZES]
     if unknown:
@@ -233,6 +241,9 @@ def main() -> None:
     tempfile.tempdir = None
     import torch
 
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    load_start = os.getloadavg()[0]
     start = time.perf_counter()
     try:
         bandwidth = memory_bandwidth()
@@ -241,6 +252,8 @@ def main() -> None:
     finally:
         shutil.rmtree(WORK, ignore_errors=True)
     results["total_seconds"] = time.perf_counter() - start
+    results["load_average"] = {"start": load_start, "end": os.getloadavg()[0]}
+    results["threads"] = torch.get_num_threads()
     results["machine"] = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                           "torch": torch.__version__, "python": platform.python_version(),
                           "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}

@@ -17,6 +17,7 @@ from aotpack.matrix import load_matrix
 from aotpack_cli.main import cli
 from aotpack_runtime.errors import BuildError
 from conftest import ROOT
+from serve_client import bound_sockets, descendants, is_loopback, start_time
 
 DATA = ROOT / "tests" / "data" / "many"
 GOOD = ("tiny_a.avx2", "tiny_a.avx2-t4", "tiny_b-make.avx2", "tiny_b-make.avx2-t4")
@@ -174,74 +175,6 @@ def test_ray_without_ray_installed_says_how_to_install_it(tmp_path):
 
 # --- Ray ------------------------------------------------------------------------------------------------------
 
-def _children() -> dict[int, list[int]]:
-    tree: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            tree.setdefault(ppid, []).append(int(entry))
-    return tree
-
-
-def _descendants(pid: int) -> set[int]:
-    tree, out, todo = _children(), set(), [pid]
-    while todo:
-        for child in tree.get(todo.pop(), []):
-            if child not in out:
-                out.add(child)
-                todo.append(child)
-    return out
-
-
-def _listening() -> dict[str, str]:
-    """socket inode -> local address, for every listening TCP socket on this host."""
-    out = {}
-    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with open(name) as f:
-            for line in f.readlines()[1:]:
-                fields = line.split()
-                if fields[3] == "0A":  # LISTEN
-                    out[fields[9]] = fields[1]
-    return out
-
-
-def _sockets(pid: int) -> set[str]:
-    inodes = set()
-    try:
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            try:
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-            except OSError:
-                continue
-            if target.startswith("socket:["):
-                inodes.add(target[8:-1])
-    except OSError:
-        pass
-    return inodes
-
-
-def _is_loopback(address: str) -> bool:
-    host = address.split(":")[0]
-    if len(host) == 8:  # IPv4, little-endian hex
-        return host.endswith("7F")
-    return host in ("00000000000000000000000001000000",  # ::1
-                    "0000000000000000FFFF00000100007F")  # ::ffff:127.0.0.1
-
-
-def _started(pid: int) -> str | None:
-    """The process's start time (None if it is gone or a zombie): with the pid, it names one process."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return None if fields[0] == "Z" else fields[19]
-
-
 @pytest.mark.ray
 def test_build_many_on_a_local_ray_cluster(local_run, tmp_path):
     """--ray starts a local cluster: every listener of every process it starts is on loopback, the packs
@@ -258,21 +191,21 @@ def test_build_many_on_a_local_ray_cluster(local_run, tmp_path):
            "--cache-dir", str(tmp_path / "empty-cache"), "--ray"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    seen: dict[int, str | None] = {}
+    seen: dict[int, int] = {}  # pid -> start time: every process the run started
     listeners: dict[str, str] = {}  # "pid name" -> address
     try:
         while proc.poll() is None:
-            pids = _descendants(proc.pid)
-            seen.update({p: _started(p) for p in pids if p not in seen})
-            table = _listening()
+            pids = descendants(proc.pid)
+            pids.pop(proc.pid, None)
+            seen.update(pids)
             for pid in pids:
-                for inode in _sockets(pid):
-                    if inode in table:
+                for protocol, address, port in bound_sockets(pid):
+                    if protocol.startswith("tcp"):
                         try:
                             name = open(f"/proc/{pid}/comm").read().strip()
                         except OSError:
                             name = "?"
-                        listeners[f"{pid} {name}"] = table[inode]
+                        listeners[f"{pid} {name} {port}"] = address
             time.sleep(0.5)
         stdout, stderr = proc.communicate(timeout=60)
     finally:
@@ -281,7 +214,7 @@ def test_build_many_on_a_local_ray_cluster(local_run, tmp_path):
     assert proc.returncode == 1, stderr[-3000:]
     names = {k.split()[1] for k in listeners}
     assert {"gcs_server", "raylet"} <= names, listeners  # the cluster was up while we looked
-    assert all(_is_loopback(a) for a in listeners.values()), listeners
+    assert all(is_loopback(a) for a in listeners.values()), listeners
     assert "listeners on 127.0.0.1" in stderr
     rows = {line.split()[0]: line.split() for line in stdout.splitlines()[1:-1]}
     assert stdout.splitlines()[-1].startswith("2 tasks: 1 built, 0 cached, 1 failed")
@@ -289,7 +222,7 @@ def test_build_many_on_a_local_ray_cluster(local_run, tmp_path):
     assert (out / "tiny_a.avx2.pack").read_bytes() == (tmp / "out" / "tiny_a.avx2.pack").read_bytes()
     assert rows["broken.avx2"][1] == "failed" and "graph break" in (out / "logs" / "broken.avx2.log").read_text()
     def left() -> list[int]:
-        return [p for p, start in seen.items() if start is not None and _started(p) == start]
+        return [p for p, start in seen.items() if start_time(p) == start]
 
     deadline = time.monotonic() + 20
     while left() and time.monotonic() < deadline:
