@@ -28,3 +28,17 @@ def test_entry_example_is_valid():
     entry = json.loads(next(b for b in blocks if b.lstrip().startswith('{\n  "name"')))
     guards = EntryGuards.from_json(entry, "doc")
     assert guards.leaves[0].describe(guards.symbols) == "float32[4, 3, 32, 32] cpu contiguous"
+
+
+def test_version_3_example_is_valid_and_needs_version_3():
+    blocks = re.findall(r"```json\n(.*?)```", DOC, re.S)
+    entry = json.loads(next(b for b in blocks if '"extern_kernels"' in b))
+    guards = EntryGuards.from_json(entry, "doc")
+    assert [g.describe(guards.symbols) for g in guards.leaves] == [
+        "float32[n>=2, 3] cpu contiguous, written in place", "float32[n + 1, 3] cpu contiguous"]
+    features = fmt.v3_features({"entries": [entry]})
+    assert len(features) == 5 and fmt.version_for({"entries": [entry]}) == 3
+    for word in ("without an upper bound", "polynomial", "writes into", "Python number", "proxy executor"):
+        assert any(word in f for f in features), word
+    listed = DOC.split("## Version 3", 1)[1].split("```json", 1)[0]
+    assert all(d in listed for d in fmt.DTYPE_VERSIONS) and all(d in DOC for d in fmt.DTYPES)
