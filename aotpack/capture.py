@@ -45,6 +45,8 @@ class Captured:
     grad_mode: bool
     training: bool
     dynamic_shapes: Any = None
+    # Positions among the flat user inputs of the tensors forward writes into (the pack writes them too).
+    mutated_inputs: tuple[int, ...] = ()
 
 
 class _FunctionModule(torch.nn.Module):
@@ -149,11 +151,13 @@ def capture(model: Any, args: tuple, kwargs: dict | None = None, *, dynamic_shap
         raise
     except Exception as e:  # anything else the tracer or the model raised
         raise _capture_error(e) from e
-    _check_no_mutation(exported)
+    mutated = _check_no_mutation(exported)
     _check_no_custom_ops(exported)
+    _check_constants_are_tensors(exported)
     return Captured(exported=exported, args=args, kwargs=kwargs,
                     param_names=_param_names(fn, len(args)), grad_mode=grad_mode,
-                    training=bool(getattr(module, "training", False)), dynamic_shapes=dynamic_shapes)
+                    training=bool(getattr(module, "training", False)), dynamic_shapes=dynamic_shapes,
+                    mutated_inputs=tuple(mutated))
 
 
 def _capture_error(e: BaseException) -> CaptureError:
@@ -190,14 +194,29 @@ def _capture_error(e: BaseException) -> CaptureError:
 _FRAME = re.compile(r'File "([^"]+)", line (\d+), in [^\n]*\n\s*([^\n]*)')
 
 
+def user_line(stack: str) -> tuple[str | None, int | None, str | None]:
+    """(file, line, code) of the innermost frame of a graph node's ``stack_trace``: the user's call."""
+    frames = _FRAME.findall(stack or "")
+    return (frames[-1][0], int(frames[-1][1]), frames[-1][2]) if frames else (None, None, None)
+
+
 def _check_no_custom_ops(exported: Any) -> None:
     for name, stack in _torch.custom_ops(exported):
-        frames = _FRAME.findall(stack)
-        filename, lineno, code = (frames[-1][0], int(frames[-1][1]), frames[-1][2]) if frames else (None, None, None)
+        filename, lineno, code = user_line(stack)
         raise CaptureError(f"forward calls the custom operator {name}, whose implementation a pack cannot carry",
                            filename=filename, lineno=lineno, code=code,
                            hint="use torch operations instead (Hugging Face mixture-of-experts models: "
                                 "experts_implementation='batched_mm')")
+
+
+def _check_constants_are_tensors(exported: Any) -> None:
+    """A model attribute the graph reads (lifted as a constant) must be a tensor: the pack stores it as a
+    weight. (A script object, e.g. a packed quantized weight, has no bytes a pack could store.)"""
+    for name, value in exported.constants.items():
+        if not isinstance(value, torch.Tensor):
+            raise CaptureError(f"forward uses the attribute {name!r}, a {type(value).__name__} object (not a "
+                               "tensor), which a pack cannot store",
+                               hint="keep tensors, numbers and strings as the model's attributes")
 
 
 def _has_mutable_ops(exported: Any) -> bool:
@@ -208,10 +227,12 @@ def _has_mutable_ops(exported: Any) -> bool:
     return False
 
 
-def _check_no_mutation(exported: Any) -> None:
+def _check_no_mutation(exported: Any) -> list[int]:
+    """Refuse a forward that writes into buffers; return the positions (among the flat user inputs) of the
+    inputs it writes into, which the pack writes into as eager does."""
     # The capture graph keeps in-place ops; functionalizing it shows what they write to.
     if not _has_mutable_ops(exported):
-        return
+        return []
     sig = exported.run_decompositions({}).graph_signature
     buffers = dict(getattr(sig, "buffers_to_mutate", {}) or {})
     inputs = dict(getattr(sig, "user_inputs_to_mutate", {}) or {})
@@ -220,7 +241,6 @@ def _check_no_mutation(exported: Any) -> None:
         raise CaptureError(f"forward mutates the buffers {names}; a pack freezes module state and cannot "
                            "update it", hint="call model.eval() before building (batch norm updates its "
                            "running statistics in training mode), or stop assigning to buffers in forward")
-    if inputs:
-        raise CaptureError(f"forward mutates its inputs {sorted(set(inputs.values()))} in place; a pack "
-                           "returns results and never writes into its inputs",
-                           hint="use out-of-place operations (x = x + 1 instead of x += 1) and return the result")
+    written = set(inputs.values())
+    user = [spec.arg.name for spec in sig.input_specs if getattr(spec.kind, "name", "") == "USER_INPUT"]
+    return [i for i, name in enumerate(user) if name in written]

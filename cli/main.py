@@ -75,9 +75,10 @@ def _plain_warnings() -> None:
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Path of the pack to write.")
 @click.option("--cpu-isa", type=click.Choice(["x86-64", "avx2", "avx512", "native"]), default=None,
               help="Instruction set of the CPU code (default: avx2 where the host has it, else x86-64).")
-@click.option("--dynamic", "dynamic", multiple=True, metavar="INPUT:DIM=[NAME:]MIN..MAX",
-              help="Make a dimension dynamic, e.g. x:0=1..64 or x:0=batch:1..64 (the same NAME on several "
-                   "inputs means equal sizes). Repeatable; replaces the file's dynamic_shapes.")
+@click.option("--dynamic", "dynamic", multiple=True, metavar="INPUT:DIM=[NAME:]MIN..[MAX]",
+              help="Make a dimension dynamic, e.g. x:0=1..64, x:0=batch:1..64, or x:0=2.. for no upper bound (the "
+                   "same NAME on several inputs means equal sizes). Repeatable; replaces the file's "
+                   "dynamic_shapes.")
 @click.option("--device", "devices", multiple=True, type=click.Choice(["cpu", "cuda"]),
               help="Kind of entries to build: cpu (default), cuda, or both (--device cpu --device cuda); "
                    "CUDA needs the CUDA build of torch.")
@@ -132,7 +133,8 @@ def build(target: str, output: str, cpu_isa: str | None, dynamic: tuple[str, ...
 
 
 def _parse_dynamic(specs: tuple[str, ...]) -> dict:
-    """``x:0=1..64`` / ``x:0=batch:1..64`` into torch.export's dynamic_shapes dict."""
+    """``x:0=1..64`` / ``x:0=batch:1..64`` / ``x:0=2..`` (no upper bound) into torch.export's dynamic_shapes
+    dict."""
     import re
 
     from torch.export import Dim
@@ -140,17 +142,18 @@ def _parse_dynamic(specs: tuple[str, ...]) -> dict:
     dims: dict = {}
     out: dict = {}
     for spec in specs:
-        m = re.fullmatch(r"([A-Za-z_]\w*):(\d+)=(?:([A-Za-z_]\w*):)?(\d+)\.\.(\d+)", spec)
+        m = re.fullmatch(r"([A-Za-z_]\w*):(\d+)=(?:([A-Za-z_]\w*):)?(\d+)\.\.(\d*)", spec)
         if not m:
             raise click.BadParameter(f"{spec!r} is not INPUT:DIM=MIN..MAX or INPUT:DIM=NAME:MIN..MAX "
-                                     "(e.g. x:0=1..64)", param_hint="--dynamic")
-        name, dim, sym, lo, hi = m.group(1), int(m.group(2)), m.group(3), int(m.group(4)), int(m.group(5))
-        if lo > hi:
+                                     "(e.g. x:0=1..64; x:0=2.. for no upper bound)", param_hint="--dynamic")
+        name, dim, sym, lo = m.group(1), int(m.group(2)), m.group(3), int(m.group(4))
+        hi = int(m.group(5)) if m.group(5) else None
+        if hi is not None and lo > hi:
             raise click.BadParameter(f"{spec!r}: the minimum {lo} is above the maximum {hi}", param_hint="--dynamic")
         sym = sym or f"{name}_{dim}"
         if sym in dims and dims[sym][1:] != (lo, hi):
             raise click.BadParameter(f"{sym!r} is given two ranges", param_hint="--dynamic")
-        dims.setdefault(sym, (Dim(sym, min=lo, max=hi), lo, hi))
+        dims.setdefault(sym, (Dim(sym, min=lo) if hi is None else Dim(sym, min=lo, max=hi), lo, hi))
         out.setdefault(name, {})[dim] = dims[sym][0]
     return out
 

@@ -81,3 +81,20 @@ def run_python(code: str, env: dict | None = None, timeout: int = 120) -> subpro
     full_env.update(env or {})
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env,
                           timeout=timeout, cwd=str(ROOT))
+
+
+@pytest.fixture(scope="session")
+def corpus_pack(session_dir) -> pathlib.Path:
+    """The corpus of tests/corpus.py as one pack: one entry per group of models (the dynamic group first, with
+    its dynamic shapes; the others as specializations), compiled in parallel."""
+    import aotpack
+    import corpus
+
+    model = corpus.Corpus().eval()
+    groups = list(corpus.GROUPS)
+    main = groups[-1]
+    path = session_dir / "corpus.pack"
+    aotpack.build(model, (main, corpus.group_inputs(corpus.GROUPS[main], 0, 0)), path,
+                  dynamic_shapes={"group": None, **corpus.group_dynamic_shapes(corpus.GROUPS[main])},
+                  specializations=[(g, corpus.group_inputs(corpus.GROUPS[g], 0, 0)) for g in groups if g != main])
+    return path
