@@ -13,14 +13,15 @@ from typing import Any
 __version__ = "0.1.0"
 
 from aotpack_runtime import (AotpackError, ArchiveError, CaptureError, Entry, GuardError, Package,  # noqa: E402
-                             load)
+                             Session, SessionError, load)
 from aotpack_runtime.errors import BuildError, ModelFileError, SigningError  # noqa: E402
 
 
 def build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, example_kwargs: dict | None = None,
           dynamic_shapes: Any = None, specializations: Any = (), cpu_isa: str | None = None,
           devices: tuple[str, ...] = ("cpu",), cuda_archs: Any = (), without_gpu: bool = False,
-          cpu_threads: int | None = None, progress: Any = None) -> pathlib.Path:
+          cpu_threads: int | None = None, cache_positions: Any = None, cache: Any = True,
+          progress: Any = None) -> pathlib.Path:
     """Capture, guard, compile and package ``model(*example_inputs, **example_kwargs)`` into ``output``.
 
     ``model`` is an ``nn.Module`` or a plain function of tensors; ``example_inputs`` a tuple. Module state
@@ -36,9 +37,18 @@ def build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, exam
     GPU's); ``without_gpu`` builds CUDA entries on a host with no GPU (experimental, see the README).
     ``cpu_threads`` is the thread count the CPU code's parallel loops are planned for (default 16; the code
     runs on as many threads as the serving process has).
+    Buffers the model writes in place (an LLM's KV cache) become the pack's state, served through sessions
+    (``pkg.session()``); ``cache_positions`` (``{"input": "cache_position", "limit": 64, "span": ["input_ids",
+    1]}``) names the input holding cache positions, so that calls past the cache are refused; for Hugging
+    Face's ``TorchExportableModuleWithStaticCache`` it is found by itself.
+    ``cache`` is the build cache: ``True`` (default) uses ``$AOTPACK_BUILD_CACHE`` or
+    ``~/.cache/aotpack/build``, a path picks another folder, ``False`` always compiles. A pack is reused only
+    when everything that decides its bytes is the same (graph, weights, example inputs, options, toolchain),
+    so the cache changes how long a build takes, never what it writes.
     ``progress`` is called with one line of text per build event (default: silent).
     Returns the path of the written pack.
     """
+    from .buildcache import BuildCache
     from .options import DEFAULT_CPU_THREADS, BuildOptions
     from .pipeline import build as _build
 
@@ -46,7 +56,9 @@ def build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, exam
     options = BuildOptions(cpu_isa=cpu_isa, devices=tuple(devices), cuda_archs=archs, without_gpu=without_gpu,
                            cpu_threads=DEFAULT_CPU_THREADS if cpu_threads is None else cpu_threads)
     report = _build(model, example_inputs, output, example_kwargs=example_kwargs, dynamic_shapes=dynamic_shapes,
-                    specializations=specializations, options=options, progress=progress)
+                    specializations=specializations, options=options, progress=progress,
+                    cache_positions=cache_positions, cache=BuildCache.open(cache),
+                    source=f"aotpack.build({type(model).__name__})")
     return report.output
 
 
@@ -65,5 +77,5 @@ def sign(pack: str | pathlib.Path, key: str | pathlib.Path, output: str | pathli
     return pathlib.Path(written)
 
 
-__all__ = ["build", "load", "sign", "Package", "Entry", "AotpackError", "ArchiveError", "CaptureError", "GuardError",
-           "BuildError", "ModelFileError", "SigningError", "__version__"]
+__all__ = ["build", "load", "sign", "Package", "Session", "Entry", "AotpackError", "ArchiveError", "CaptureError",
+           "GuardError", "SessionError", "BuildError", "ModelFileError", "SigningError", "__version__"]

@@ -17,7 +17,7 @@ from typing import Any, Iterator
 import torch
 
 # (torch version without local suffix, triton version) pairs this mode is tested with.
-SUPPORTED: tuple[tuple[str, str], ...] = (("2.14.1", "3.8.0"),)
+SUPPORTED: tuple[tuple[str, str], ...] = (("2.11.0", "3.6.0"), ("2.14.1", "3.8.0"))
 
 
 @dataclass(frozen=True)
@@ -159,8 +159,14 @@ def _offline_driver(target: GpuTarget):
     return OfflineCudaDriver()
 
 
-# Every private name ``offline_cuda`` replaces, as "module:attribute" (tests/test_cuda_build.py checks each
-# exists in the supported versions and that this list is complete).
+# Every private name ``offline_cuda`` replaces, as "module:attribute", in every supported version, and those
+# it replaces in one version only (tests/test_cuda_build.py checks each exists in the versions that use it
+# and that the list is complete).
+PATCHED_IN: dict[str, tuple[str, ...]] = {
+    # 2.11 has no switch to keep Inductor from looking for a GPU backend before each kernel compile.
+    "2.11.0": ("torch._inductor.runtime.triton_helpers:set_driver_to_gpu",),
+    "2.14.1": (),
+}
 PATCHED = (
     "torch.cuda:get_device_properties", "torch.cuda:get_device_capability", "torch.cuda:get_device_name",
     "torch.cuda:_DeviceGuard", "torch._C:_cuda_getCurrentRawStream", "torch._C._dynamo.guards:_empty_strided_cuda",
@@ -172,6 +178,11 @@ PATCHED = (
     "torch._inductor.select_algorithm:AlgorithmSelectorCache.generate_example_value",
     "torch._inductor.graph:is_same_tensor",
 )
+
+
+def patched_names() -> tuple[str, ...]:
+    """Every private name ``offline_cuda`` replaces under this torch."""
+    return PATCHED + PATCHED_IN.get(torch.__version__.split("+")[0], ())
 
 
 class _NoDeviceGuard:
@@ -288,8 +299,13 @@ def offline_cuda(arch: int) -> Iterator[GpuTarget]:
         previous_driver = driver._active  # None until something asks (asking, with no GPU, raises)
         undo.append(lambda: setattr(driver, "_active", previous_driver))
         driver.set_active(_offline_driver(target))
-        token = triton_helpers._skip_gpu_driver_setup.set(True)
-        undo.append(lambda: triton_helpers._skip_gpu_driver_setup.reset(token))
+        # Before each kernel compile Inductor makes Triton's GPU backend the active driver, which it finds
+        # by asking for a GPU: the offline driver is already the active one.
+        if hasattr(triton_helpers, "_skip_gpu_driver_setup"):  # 2.14: a switch for this
+            token = triton_helpers._skip_gpu_driver_setup.set(True)
+            undo.append(lambda: triton_helpers._skip_gpu_driver_setup.reset(token))
+        else:  # 2.11
+            patch(triton_helpers, "set_driver_to_gpu", lambda: None)
 
         patch(triton_heuristics.CachingAutotuner, "run", _run_without_launch)
         # The autotune block Inductor generates allocates example inputs on the GPU, enters the device and
@@ -317,5 +333,9 @@ def fake_cuda_program(exported):
     from ._torch import program_copy
 
     copied = program_copy(exported)
-    with FakeTensorMode(allow_non_fake_inputs=True):
+    # The fake weights must live in the program's own shape environment: a mode without it loses the size
+    # hints of dynamic dimensions, which Inductor needs to lower e.g. an expand over a dynamic size.
+    shape_env = next((n.meta["val"].fake_mode.shape_env for n in copied.graph.nodes if n.op == "placeholder"
+                      and getattr(n.meta.get("val"), "fake_mode", None) is not None), None)
+    with FakeTensorMode(allow_non_fake_inputs=True, shape_env=shape_env):
         return move_to_device_pass(copied, "cuda:0")

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
 import sys
 import tempfile
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.utils._pytree as pytree
@@ -39,6 +40,27 @@ BASE_INDUCTOR_CONFIG: dict[str, Any] = {
     "cpp.dynamic_threads": True,
     "cpp.vec_isa_ok": True,
 }
+
+# Options that older torch releases lack, with the first minor version that has each and why leaving it out
+# there gives the same code: ``inductor_options`` sets an option only where this torch has it.
+ADDED_IN: dict[str, tuple[tuple[int, int], str]] = {
+    "aot_inductor.enable_line_tables": ((2, 13), "before 2.13 AOTInductor adds debug information only with "
+                                                  "debug_compile or debug_symbols, both off"),
+    "cpp.march": ((2, 13), "before 2.13 Inductor always compiles with -march=native; the compiler wrapper "
+                           "puts the target's -march in its place (see compiler_march)"),
+}
+
+
+def torch_version() -> tuple[int, int]:
+    """(major, minor) of the running torch."""
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    return int(major), int(minor)
+
+
+def _available(config: dict[str, Any]) -> dict[str, Any]:
+    have = torch_version()
+    return {k: v for k, v in config.items() if k not in ADDED_IN or have >= ADDED_IN[k][0]}
+
 
 # Added for CUDA entries: one fatbin per kernel (SASS for each architecture in TORCH_CUDA_ARCH_LIST at or
 # above ``cuda.arch``, PTX for ``cuda.arch``), no autotuning by benchmarks that would differ between runs.
@@ -105,8 +127,29 @@ ISA_COMPILER_OPTIONS: dict[str, dict[str, Any]] = {
 }
 
 
-def inductor_options(cpu_isa: str, cpu_threads: int) -> dict[str, Any]:
-    """The Inductor config of a build for ``cpu_isa``, with CPU code planned for ``cpu_threads`` threads.
+# Added for graphs that write buffers in place (a pack's state): joint-graph constant folding reads a
+# mutated one-element buffer's build-time value into the code (pytorch/pytorch#165444), and runtime constant
+# folding stops the writes altogether; both stay off.
+STATEFUL_INDUCTOR_CONFIG: dict[str, Any] = {
+    "joint_graph_constant_folding": False,
+    "aot_inductor.use_runtime_constant_folding": False,
+}
+
+
+def compiler_march(cpu_isa: str) -> str | None:
+    """The ``-march`` that the compiler wrapper must put in place of Inductor's ``-march=native`` for
+    ``cpu_isa``, on a torch without ``cpp.march`` (before 2.13); None where Inductor sets it itself or the
+    target is the build host (``native``). ``-march=native`` also tunes for the build host's CPU model, so
+    without this the code would differ between hosts, and could use instructions the target lacks."""
+    march = ISA_COMPILER_OPTIONS[cpu_isa].get("cpp.march", "native")
+    if march == "native" or "cpp.march" in _available(ISA_COMPILER_OPTIONS[cpu_isa]):
+        return None
+    return march
+
+
+def inductor_options(cpu_isa: str, cpu_threads: int, stateful: bool = False) -> dict[str, Any]:
+    """The Inductor config of a build for ``cpu_isa``, with CPU code planned for ``cpu_threads`` threads
+    (and, for a ``stateful`` graph, ``STATEFUL_INDUCTOR_CONFIG``).
 
     Inductor decides how many loop levels of a kernel to parallelise from a thread count (by default
     torch.get_num_threads(), and baked into the code as ``num_threads(N)`` when it differs from the cores):
@@ -114,10 +157,12 @@ def inductor_options(cpu_isa: str, cpu_threads: int) -> dict[str, Any]:
     dynamic OpenMP regions make the code independent of the build host's cores and thread settings, while
     it still uses every thread the serving process has.
     """
-    config = dict(BASE_INDUCTOR_CONFIG)
-    config.update(ISA_COMPILER_OPTIONS[cpu_isa])
+    config = _available(BASE_INDUCTOR_CONFIG)
+    config.update(_available(ISA_COMPILER_OPTIONS[cpu_isa]))
     config["cpp.threads"] = cpu_threads
     config["post_grad_custom_pre_pass"] = _graph_pass(_complex_casts_to_aten)
+    if stateful:
+        config.update(STATEFUL_INDUCTOR_CONFIG)
     return config
 
 
@@ -130,7 +175,7 @@ def export_strict(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic_sh
     """
     buffer = io.StringIO()
     try:
-        with contextlib.redirect_stderr(buffer):
+        with contextlib.redirect_stderr(buffer), no_real_value_copies():
             return torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes, strict=True)
     except Exception as e:
         partial = getattr(e, "partial_fx_graph", None)
@@ -139,6 +184,29 @@ def export_strict(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic_sh
         raise
     finally:
         sys.stderr.write(buffer.getvalue())
+
+
+@contextlib.contextmanager
+def no_real_value_copies() -> Iterator[None]:
+    """Dynamo without its copies of every weight while it exports.
+
+    When it exports, Dynamo keeps a "real value" of every tensor it meets (``real_value_cache``, for the rare
+    op it must run on real data), and makes each one a clone, twice: a build would hold three copies of the
+    weights at once. ``torch.compile`` keeps the tensors themselves there; so does an export under this
+    patch (``torch._dynamo.variables.builder._clone_input``, looked up by name at each call).
+    """
+    from torch._dynamo.variables import builder
+
+    original = builder._clone_input
+
+    def keep(value, fake_mode):
+        return value
+
+    builder._clone_input = keep
+    try:
+        yield
+    finally:
+        builder._clone_input = original
 
 
 def graph_break_types() -> tuple[type, ...]:
@@ -238,19 +306,46 @@ def _install_prefixes() -> list[tuple[str, str]]:
 BUILD_ROOT_ENV = "AOTPACK_BUILD_ROOT"
 
 
-def compiler_wrapper(folder: str, compiler: str) -> str:
+# Run by the compiler wrapper on each generated source in the build folder before it is compiled: the
+# folder's path in string literals (a CUDA wrapper names each kernel's file by its absolute path; the
+# runtime loads kernels from its own folder by file name) becomes the fixed name, as -ffile-prefix-map does
+# for __FILE__.
+_UNROOT = ("import os, sys\n"
+           "root, path = os.environ['" + "AOTPACK_BUILD_ROOT" + "'], sys.argv[1]\n"
+           "with open(path, encoding='utf-8') as f:\n"
+           "    text = f.read()\n"
+           "if root in text:\n"
+           "    with open(path, 'w', encoding='utf-8') as f:\n"
+           "        f.write(text.replace(root, '/aotpack/build'))\n")
+
+
+def compiler_wrapper(folder: str, compiler: str, march: str | None = None) -> str:
     """A wrapper script, under ``folder``, that runs ``compiler`` with ``-ffile-prefix-map`` options
-    replacing every host path (``build_prefixes``) in what the compiler writes; return its path for
-    Inductor's ``cpp.cxx``. The script is the same for every build with this toolchain (the scratch folder
-    comes from ``$AOTPACK_BUILD_ROOT``), so its path, which Inductor hashes into cache keys, is stable.
-    The name keeps "g++" because Inductor picks GCC's flags by the compiler's name."""
-    import hashlib
+    replacing every host path (``build_prefixes``) in what the compiler writes, after replacing the build
+    folder's path in the generated C++ sources it compiles (``_UNROOT``), and with ``-march=native``
+    replaced by ``-march={march}`` when ``march`` is given (``compiler_march``); return its path for
+    Inductor's ``cpp.cxx``. The script is the same for every build with this toolchain and target (the
+    scratch folder comes from ``$AOTPACK_BUILD_ROOT``), so its path, which Inductor hashes into cache keys,
+    is stable. The name keeps "g++" because Inductor picks GCC's flags by the compiler's name."""
     import shlex
 
     maps = " ".join(shlex.quote(f"-ffile-prefix-map={host}={fixed}") for host, fixed in _install_prefixes())
     root = f'"-ffile-prefix-map=${BUILD_ROOT_ENV}=/aotpack/build"'
-    script = f"#!/bin/sh\nexec {shlex.quote(compiler)} \"$@\" {maps} {root}\n"
-    path = os.path.join(folder, hashlib.sha256(script.encode()).hexdigest()[:16], "g++")
+    unroot = (f'for arg in "$@"; do\n  case "$arg" in\n    "${BUILD_ROOT_ENV}"/*.cpp) '
+              f'{shlex.quote(sys.executable)} -c {shlex.quote(_UNROOT)} "$arg" || exit 1;;\n  esac\ndone\n')
+    rewrite = ""
+    if march is not None:  # POSIX sh: rebuild "$@" with each -march=native replaced
+        rewrite = (f'for arg do shift; case $arg in -march=native) arg={shlex.quote("-march=" + march)};; esac; '
+                   'set -- "$@" "$arg"; done\n')
+    script = f"#!/bin/sh\n{unroot}{rewrite}exec {shlex.quote(compiler)} \"$@\" {maps} {root}\n"
+    return _script(folder, "g++", script)
+
+
+def _script(folder: str, name: str, script: str) -> str:
+    """Write ``script`` as ``folder/<hash of script>/name`` (once; executable) and return its path."""
+    import hashlib
+
+    path = os.path.join(folder, hashlib.sha256(script.encode()).hexdigest()[:16], name)
     if not os.path.exists(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.{os.getpid()}.tmp"
@@ -259,6 +354,30 @@ def compiler_wrapper(folder: str, compiler: str) -> str:
         os.chmod(tmp, 0o755)
         os.replace(tmp, path)
     return path
+
+
+# Compute capabilities whose code Inductor compiles arch-specifically (sm_90a: exactly that GPU); SASS for
+# another architecture cannot come from their PTX.
+ARCH_SPECIFIC = (90, 100, 103, 120)
+
+
+def fatbin_config(folder: str, nvcc: str, archs: tuple[int, ...]) -> dict[str, Any]:
+    """Inductor config that gives every kernel fatbin SASS for each of ``archs`` (PTX for the lowest).
+
+    torch 2.14 does this itself, from TORCH_CUDA_ARCH_LIST. Before 2.13, Inductor packs each kernel with
+    ``nvcc -fatbin`` for the lowest architecture only: its nvcc (``cuda.cuda_cxx``) is then a wrapper,
+    under ``folder``, that adds the same ``-gencode`` for each other architecture as 2.14 does. (2.13
+    packs with ``fatbinary`` and gets SASS for one architecture; the build then names the missing ones.)
+    """
+    import shlex
+
+    base = min(archs)
+    if torch_version() >= (2, 13) or len(archs) == 1 or base in ARCH_SPECIFIC:
+        return {}
+    extra = " ".join(f"-gencode arch=compute_{a},code=sm_{a}" for a in sorted(archs) if a != base)
+    script = (f'#!/bin/sh\ncase " $* " in *" -fatbin "*) exec {shlex.quote(nvcc)} "$@" {extra};; esac\n'
+              f'exec {shlex.quote(nvcc)} "$@"\n')
+    return {"cuda.cuda_cxx": _script(folder, "nvcc", script)}
 
 
 @contextlib.contextmanager
@@ -295,6 +414,106 @@ def private_build_dirs(root: str) -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def object_build(builder) -> tuple[str, list[str], str] | None:
+    """(command line, source files, object file) of one of Inductor's compiler calls that makes an object
+    file, or None for any other call (precompiled header, preprocessing, link)."""
+    if not builder._compile_only:
+        return None
+    return builder.get_command_line(), builder._sources_args.split(), builder.get_target_file_path()
+
+
+@contextlib.contextmanager
+def object_compiles(parallel: bool, around: Callable[[Callable[[], None], Any], None] | None = None) -> Iterator[None]:
+    """How Inductor's compiler calls run during a compile: ``around(run, builder)``, if given, is called
+    instead of each call (it may skip ``run``, e.g. to reuse an object file), and with ``parallel`` the
+    AOTInductor wrapper's object file compiles while the kernels' object file does.
+
+    Inductor (``AotCodeCompiler.compile``) compiles ``model.wrapper.cpp`` (-O1) and then ``model.kernel.cpp``
+    (-O3), one after the other, before it links them. Here the wrapper's compile starts in a thread and the
+    kernels' compile, the next build Inductor asks for, waits for it before it returns, so both objects exist
+    before anything reads them. Each object is the same whichever finishes first: the pack does not change.
+    """
+    if not parallel and around is None:
+        yield
+        return
+    import threading
+
+    from torch._inductor.cpp_builder import CppBuilder
+
+    original = CppBuilder.build
+    pending: list[tuple[threading.Thread, list]] = []
+
+    def one(builder) -> None:
+        if around is None:
+            original(builder)
+        else:
+            around(lambda: original(builder), builder)
+
+    def run(builder, failure: list) -> None:
+        try:
+            one(builder)
+        except BaseException as e:  # handed to the thread that waits for this one
+            failure.append(e)
+
+    def build(self) -> None:
+        if parallel and self._compile_only and self._name == f"{GENERATED_NAME}.wrapper" and not pending:
+            failure: list = []
+            thread = threading.Thread(target=run, args=(self, failure), daemon=True)
+            thread.start()
+            pending.append((thread, failure))
+            return
+        try:
+            one(self)
+        finally:
+            while pending:
+                thread, failure = pending.pop()
+                thread.join()
+                if failure:
+                    raise failure[0]
+
+    CppBuilder.build = build
+    try:
+        yield
+    finally:
+        CppBuilder.build = original
+        while pending:  # a compile that failed before the kernels' build: wait for the wrapper's
+            pending.pop()[0].join()
+
+
+def graph_text(exported) -> bytes:
+    """The captured graph as torch.export's serialized JSON (nodes, tensor shapes and strides, dtypes, the
+    signature, range constraints, module call graph), without each node's metadata: stack traces name host
+    paths and the model file's module, and ``nn_module_stack``/``from_node`` hold object ids that change
+    with every process. None of it reaches the code Inductor generates. Weights are not included."""
+    from torch._export.serde.serialize import serialize
+
+    artifact = serialize(exported, serialize_state_dict=False, serialize_constants=False,
+                         serialize_example_inputs=False)
+    program = json.loads(artifact.exported_program)
+    for node in program["graph_module"]["graph"]["nodes"]:
+        node["metadata"] = {}
+    return json.dumps(program, sort_keys=True, separators=(",", ":")).encode()
+
+
+# Inductor settings that hold host paths (the compiler wrapper's path); what they stand for is in the key
+# as the compiler's identity.
+_HOST_CONFIG_KEYS = ("cpp.cxx", "cuda.cuda_cxx")
+
+
+def effective_config(options: dict[str, Any]) -> dict[str, Any]:
+    """Every Inductor and AOT-autograd setting a compile with ``options`` would see (defaults, the
+    TORCHINDUCTOR_* environment, then ``options``), as JSON-able values, less those Inductor itself leaves
+    out of its cache keys (paths, custom passes, cache switches) and host paths."""
+    from torch._functorch import config as functorch_config
+    from torch._inductor import config
+
+    with config.patch({k: v for k, v in options.items() if k not in _HOST_CONFIG_KEYS}):
+        inductor = config.save_config_portable()
+    out = {"inductor": {k: v for k, v in inductor.items() if k not in _HOST_CONFIG_KEYS},
+           "functorch": functorch_config.save_config_portable()}
+    return json.loads(json.dumps(out, sort_keys=True, default=repr))
 
 
 def aoti_compile(exported, package_path: str, options: dict[str, Any]) -> str:

@@ -11,6 +11,7 @@ import inspect
 import linecache
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -45,6 +46,8 @@ class Captured:
     grad_mode: bool
     training: bool
     dynamic_shapes: Any = None
+    # Buffers the forward writes in place (names in the model): the pack's state.
+    state: tuple[str, ...] = ()
     # Positions among the flat user inputs of the tensors forward writes into (the pack writes them too).
     mutated_inputs: tuple[int, ...] = ()
 
@@ -144,20 +147,76 @@ def capture(model: Any, args: tuple, kwargs: dict | None = None, *, dynamic_shap
         raise CaptureError(f"model must be a torch.nn.Module or a function, got {type(model).__name__}")
     grad_mode = torch.is_grad_enabled()
     try:
-        exported = _torch.export_strict(module, args, kwargs, dynamic_shapes)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            exported = _torch.export_strict(module, args, kwargs, dynamic_shapes)
     except _torch.graph_break_types() as e:
         raise _capture_error(e) from e
     except CaptureError:
         raise
     except Exception as e:  # anything else the tracer or the model raised
         raise _capture_error(e) from e
-    mutated = _check_no_mutation(exported)
+    _check_no_reassigned_buffers(caught, module)
+    training = bool(getattr(module, "training", False))
+    state, mutated = _check_mutation(exported, training)
     _check_no_custom_ops(exported)
     _check_constants_are_tensors(exported)
     return Captured(exported=exported, args=args, kwargs=kwargs,
                     param_names=_param_names(fn, len(args)), grad_mode=grad_mode,
-                    training=bool(getattr(module, "training", False)), dynamic_shapes=dynamic_shapes,
+                    training=training, dynamic_shapes=dynamic_shapes, state=state,
                     mutated_inputs=tuple(mutated))
+
+
+# Dynamo's warning that a traced forward had side effects it could not put in the graph; a source naming a
+# module's ``_buffers`` means an assignment to a buffer attribute, which the graph silently drops.
+_SIDE_EFFECTS = "we found certain side effects happened in the model.forward"
+_BUFFER_SOURCE = re.compile(r"L\['self'\]((?:\._modules\['[^']+'\])*)\._buffers")
+
+
+def _check_no_reassigned_buffers(caught: list, module: torch.nn.Module) -> None:
+    """Refuse ``self.buf = self.buf + 1`` in forward: torch.export drops the assignment (the graph and the
+    pack would compute with the build-time value forever), and says so only in a warning. Other warnings
+    are passed on as they were."""
+    for w in caught:
+        text = str(w.message)
+        sources = _BUFFER_SOURCE.findall(text) if _SIDE_EFFECTS in text else []
+        if not sources:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+            continue
+        path = [p for p in re.findall(r"\['([^']+)'\]", sources[0]) if p != "_export_root"]
+        owner = module
+        for name in path:
+            owner = getattr(owner, name, owner)
+        filename, lineno, code, attr = _assignment_site(owner)
+        what = f"the buffer {'.'.join(path + [attr])!r}" if attr else \
+            f"a buffer of {'.'.join(path) or 'the model'} ({type(owner).__name__})"
+        raise CaptureError(f"forward assigns a new tensor to {what}; the captured graph drops such an assignment, so "
+                           "a pack would keep the build-time value forever", filename=filename, lineno=lineno,
+                           code=code, hint=f"update the buffer in place: self.{attr or 'buf'}.copy_(new_value) "
+                           "(or .add_(), .index_copy_()); a pack then carries it as state")
+
+
+def _assignment_site(owner: torch.nn.Module) -> tuple[str | None, int | None, str | None, str | None]:
+    """Where ``owner``'s forward assigns to one of its buffers: (file, line, code, buffer name)."""
+    import ast
+    import textwrap
+
+    try:
+        lines, first = inspect.getsourcelines(type(owner).forward)
+        filename = inspect.getsourcefile(type(owner).forward)
+    except (OSError, TypeError):
+        return None, None, None, None
+    tree = ast.parse(textwrap.dedent("".join(lines)))
+    buffers = set(getattr(owner, "_buffers", {}))
+    for node in ast.walk(tree):
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] \
+            if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else []
+        for t in targets:
+            if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "self" \
+                    and t.attr in buffers:
+                lineno = first + node.lineno - 1
+                return filename, lineno, linecache.getline(filename, lineno), t.attr
+    return filename, None, None, None
 
 
 def _capture_error(e: BaseException) -> CaptureError:
@@ -227,20 +286,27 @@ def _has_mutable_ops(exported: Any) -> bool:
     return False
 
 
-def _check_no_mutation(exported: Any) -> list[int]:
-    """Refuse a forward that writes into buffers; return the positions (among the flat user inputs) of the
-    inputs it writes into, which the pack writes into as eager does."""
+_RUNNING_STATS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def _check_mutation(exported: Any, training: bool) -> tuple[tuple[str, ...], list[int]]:
+    """The buffers the forward writes in place (the pack's state), in the model's names, and the positions
+    (among the flat user inputs) of the inputs it writes into, which the pack writes into as eager does. A
+    batch norm updating its statistics in training mode is refused, and so is a forward that writes both."""
     # The capture graph keeps in-place ops; functionalizing it shows what they write to.
     if not _has_mutable_ops(exported):
-        return []
+        return (), []
     sig = exported.run_decompositions({}).graph_signature
-    buffers = dict(getattr(sig, "buffers_to_mutate", {}) or {})
+    buffers = sorted(set((getattr(sig, "buffers_to_mutate", {}) or {}).values()))
     inputs = dict(getattr(sig, "user_inputs_to_mutate", {}) or {})
-    if buffers:
-        names = sorted(set(buffers.values()))
-        raise CaptureError(f"forward mutates the buffers {names}; a pack freezes module state and cannot "
-                           "update it", hint="call model.eval() before building (batch norm updates its "
-                           "running statistics in training mode), or stop assigning to buffers in forward")
+    stats = [b for b in buffers if b.rsplit(".", 1)[-1] in _RUNNING_STATS]
+    if training and stats:
+        raise CaptureError(f"forward updates the batch-norm statistics {stats} (the model is in training mode); "
+                           "a pack is for inference", hint="call model.eval() before building")
     written = set(inputs.values())
+    if buffers and written:
+        raise CaptureError(f"forward writes into its inputs {sorted(written)} and into the buffers {buffers}; "
+                           "a pack writes into its inputs or carries state, not both",
+                           hint="return the new input values instead of writing them in place")
     user = [spec.arg.name for spec in sig.input_specs if getattr(spec.kind, "name", "") == "USER_INPUT"]
-    return [i for i, name in enumerate(user) if name in written]
+    return tuple(buffers), [i for i, name in enumerate(user) if name in written]

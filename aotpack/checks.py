@@ -85,7 +85,7 @@ def _load_fresh(path: str):
     import aotpack_runtime
 
     with tempfile.TemporaryDirectory(prefix="aotpack-verify-") as cache:
-        return aotpack_runtime.load(path, cache_dir=os.path.join(cache, "c"))
+        return aotpack_runtime.load(path, cache_dir=os.path.join(cache, "c"), verify="full")
 
 
 def _compare(pkg, against: str, tolerance: float) -> str:

@@ -31,8 +31,9 @@ from aotpack_runtime import _torch as rt_torch
 from aotpack_runtime.devices import EXTERN_KERNELS_FILE, LIBRARY_FILE
 from aotpack_runtime.errors import AotpackError, BuildError, CaptureError
 
-from . import _torch
+from . import _torch, buildcache
 from .capture import Captured
+from .memory import peak_rss
 from .options import BuildOptions
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class CompiledEntry:
     binaries: dict = field(default_factory=dict)  # file name -> bytes
     # AOTInductor's description of the ATen calls its proxy executor makes (JSON), when the code makes any.
     extern_kernels: bytes | None = None
+    peak_rss: int = 0  # bytes: the peak memory of the worker process that compiled it (0: compiled in process)
 
 
 @contextlib.contextmanager
@@ -66,28 +68,75 @@ def scratch_dir() -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def build_environment(root: str, options: BuildOptions, config: dict) -> Iterator[dict]:
+def build_environment(root: str, options: BuildOptions, config: dict, parallel: bool = False,
+                      objects: buildcache.BuildCache | None = None) -> Iterator[dict]:
     """Everything a compile in ``root`` needs to be private and reproducible: Inductor's caches and temporary
-    files inside ``root``, the compiler wrapper that maps host paths away, the pinned vector ISA. Yields the
-    Inductor config to compile with."""
+    files inside ``root``, the compiler wrapper that maps host paths away, the pinned vector ISA (and, with
+    ``parallel``, the wrapper and kernels compiled at once; with ``objects``, object files reused from that
+    cache). Yields the Inductor config to compile with."""
     compiler = shutil.which(os.environ.get("CXX", "g++"))
     if compiler is None:
         raise BuildError(f"no C++ compiler: {os.environ.get('CXX', 'g++')!r} is not on PATH; install g++ "
                          "(Debian/Ubuntu: apt-get install g++) or set CXX")
     toolchain = toolchain_dir()
     config = dict(config)
-    config["cpp.cxx"] = (_torch.compiler_wrapper(os.path.join(toolchain, "bin"), compiler),)
+    config["cpp.cxx"] = (_torch.compiler_wrapper(os.path.join(toolchain, "bin"), compiler,
+                                                 _torch.compiler_march(options.cpu_isa)),)
     with _torch.private_build_dirs(root), _torch.precompiled_header_dir(os.path.join(toolchain, "pch")), \
-            _torch.pinned_vec_isa(options.cpu_isa), _torch.serial_small_kernels():
+            _torch.pinned_vec_isa(options.cpu_isa), _torch.serial_small_kernels(), \
+            _torch.object_compiles(parallel, None if objects is None else _reuse_objects(objects, root)):
         yield config
+
+
+# The generated files whose object files are reused: C++ that holds everything it compiles to (the weights'
+# object is small, and Inductor patches it after compiling).
+_REUSED_SOURCES = (".wrapper.cpp", ".kernel.cpp")
+
+
+def _reuse_objects(cache: buildcache.BuildCache, root: str) -> Callable:
+    """Reuse the object files of a CPU entry's wrapper and kernels by a key of what the compiler reads: the
+    command line and the source, with host paths replaced (the compiler wrapper maps them away, so the object
+    does not hold them), aotpack's own files (the wrapper's flags) and the toolchain's versions (torch's
+    headers, the compiler, the C library). A model whose weights change keeps its generated code, so only
+    Inductor's code generation runs again."""
+    toolchain = buildcache.toolchain(("cpu",))
+
+    def around(run: Callable[[], None], builder) -> None:
+        found = _torch.object_build(builder)
+        if found is None or not all(s.endswith(_REUSED_SOURCES) for s in found[1]):
+            return run()
+        command, sources, target = found
+        texts = []
+        for source in sources:
+            with open(source, encoding="utf-8", errors="surrogateescape") as f:
+                texts.append(normalize_source(f.read(), root))
+        key = buildcache.key_of({"object": {"command": normalize_source(command, root), "sources": texts},
+                                 "toolchain": toolchain})
+        if cache.fetch(key, target) is not None:
+            return None
+        run()
+        cache.store(key, target, {"source": os.path.basename(target)})
+        return None
+
+    return around
 
 
 def toolchain_dir() -> str:
     """Where builds keep what they share on this host: the compiler wrapper and precompiled headers
-    (``$AOTPACK_BUILD_CACHE/toolchain``; see ``buildcache``)."""
-    base = os.environ.get("AOTPACK_BUILD_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "aotpack", "build")
-    return os.path.join(base, "toolchain")
+    (``$AOTPACK_BUILD_CACHE/toolchain``, beside the build cache's ``packs``; see ``buildcache``)."""
+    return os.path.join(buildcache.default_root(), "toolchain")
+
+
+def entry_config(options: BuildOptions, device: str, stateful: bool = False) -> dict:
+    """The Inductor config aotpack compiles an entry for ``device`` with (before the compiler wrapper is
+    added: see ``build_environment``); ``stateful``: the graph writes buffers in place."""
+    config = _torch.inductor_options(options.cpu_isa, options.cpu_threads, stateful)
+    if device == "cuda":
+        config.update(_torch.CUDA_INDUCTOR_CONFIG)
+        config["cuda.arch"] = str(min(options.cuda_archs))
+        if options.without_gpu:
+            config.update(_torch.NO_GPU_INDUCTOR_CONFIG)
+    return config
 
 
 def compiler_version() -> str:
@@ -112,23 +161,30 @@ def normalize_source(text: str, root: str) -> str:
     placeholders = {"/aotpack/build": "<build>", "/aotpack/torch": "<torch>", "/aotpack/python": "<python>"}
     for host, fixed in reversed(_torch.build_prefixes(root)):  # most specific first
         text = text.replace(host, placeholders[fixed])
-    return text
+    return text.replace("/aotpack/build", "<build>")  # what the compiler wrapper already replaced
 
 
 def compile_entries(captured: list[Captured], options: BuildOptions,
                     progress: Callable[[str], None] | None = None,
-                    devices: list[str] | None = None) -> list[CompiledEntry]:
-    """Compile every entry (``devices[i]`` is entry i's device, CPU by default); several entries compile
-    in parallel worker processes."""
+                    devices: list[str] | None = None, threads: int | None = None,
+                    stateful: bool = False, objects: buildcache.BuildCache | None = None) -> list[CompiledEntry]:
+    """Compile every entry (``devices[i]`` is entry i's device, CPU by default) with at most ``threads``
+    compiler processes at once (default: the cores this process may use). Several entries compile in
+    parallel worker processes; an entry with two threads to itself compiles its wrapper and kernels at
+    once; with ``objects``, object files are reused from that cache. None of this changes the output.
+    ``stateful``: the graphs write buffers in place (see ``compile_exported``)."""
     devices = devices or ["cpu"] * len(captured)
+    threads = threads or len(os.sched_getaffinity(0))
     if len(captured) == 1:
         start = time.perf_counter()
-        entry = compile_exported(captured[0].exported, options, device=devices[0])
+        entry = compile_exported(captured[0].exported, options, device=devices[0], parallel=threads >= 2,
+                                 stateful=stateful, objects=objects)
         if progress:
             progress(f"      entry 1 of 1 ({devices[0]}): {len(entry.kernels)} kernels in "
                      f"{time.perf_counter() - start:.1f} s")
         return [entry]
-    workers = max(1, min(len(captured), len(os.sched_getaffinity(0))))
+    workers = max(1, min(len(captured), threads))
+    parallel = threads >= 2 * workers
     with tempfile.TemporaryDirectory(prefix="aotpack-entries-") as tmp:
         jobs = []
         for i, c in enumerate(captured):
@@ -136,7 +192,9 @@ def compile_entries(captured: list[Captured], options: BuildOptions,
             os.makedirs(folder)
             _torch.save_exported(for_inductor(c.exported), os.path.join(folder, "graph.pt2"))
             with open(os.path.join(folder, "job.json"), "w") as f:
-                json.dump({"options": options.to_json(), "device": devices[i]}, f)
+                json.dump({"options": options.to_json(), "device": devices[i], "parallel": parallel,
+                           "stateful": stateful,
+                           "objects": None if objects is None else [str(objects.root), objects.folder.name]}, f)
             jobs.append(folder)
         results: list[CompiledEntry | None] = [None] * len(jobs)
         pending = list(enumerate(jobs))
@@ -176,7 +234,7 @@ def _write_result(entry: CompiledEntry, folder: str) -> None:
     with open(os.path.join(folder, "result.json"), "w") as f:
         json.dump({"constants": entry.constants, "kernels": list(entry.kernels), "device": entry.device,
                    "sources": sorted(entry.sources), "binaries": sorted(entry.binaries),
-                   "cuda_kernels": list(entry.cuda_kernels)}, f)
+                   "cuda_kernels": list(entry.cuda_kernels), "peak_rss": peak_rss()}, f)
 
 
 def _read_result(folder: str) -> CompiledEntry:
@@ -195,16 +253,24 @@ def _read_result(folder: str) -> CompiledEntry:
                 files[prefix][name] = f.read()
     return CompiledEntry(library=library, sources=files["source-"], constants=meta["constants"],
                          kernels=tuple(meta["kernels"]), device=meta["device"], binaries=files["binary-"],
-                         cuda_kernels=tuple(meta["cuda_kernels"]), extern_kernels=extern)
+                         cuda_kernels=tuple(meta["cuda_kernels"]), extern_kernels=extern,
+                         peak_rss=meta["peak_rss"])
 
 
-def compile_exported(exported, options: BuildOptions, device: str = "cpu") -> CompiledEntry:
-    """Compile one exported graph for ``device`` in a private scratch folder."""
+def compile_exported(exported, options: BuildOptions, device: str = "cpu", parallel: bool = False,
+                     stateful: bool = False, objects: buildcache.BuildCache | None = None) -> CompiledEntry:
+    """Compile one exported graph for ``device`` in a private scratch folder; ``parallel`` compiles the
+    wrapper's and the kernels' object files at once (two compiler processes), ``objects`` reuses a CPU
+    entry's object files from that cache.
+
+    A ``stateful`` graph writes buffers in place (the pack's state); Inductor's joint-graph constant folding
+    would read such a buffer's build-time value into the code (a counter that returns 1, 1, 1 instead of
+    1, 2, 3), so it is off for them."""
     if device == "cuda":
-        return compile_cuda(exported, options)
+        return compile_cuda(exported, options, parallel, stateful)
     exported = for_inductor(exported)
-    config = _torch.inductor_options(options.cpu_isa, options.cpu_threads)
-    with scratch_dir() as root, build_environment(root, options, config) as config:
+    with scratch_dir() as root, build_environment(root, options, entry_config(options, "cpu", stateful),
+                                                  parallel, objects) as config:
         package = os.path.join(root, "entry.pt2")
         try:
             _torch.aoti_compile(exported, package, config)
@@ -246,7 +312,7 @@ def for_inductor(exported):
     return _torch.outputs_for_inductor(_torch.lift_constants_to_buffers(exported))
 
 
-def compile_cuda(exported, options: BuildOptions) -> CompiledEntry:
+def compile_cuda(exported, options: BuildOptions, parallel: bool = False, stateful: bool = False) -> CompiledEntry:
     """Compile one exported graph for CUDA: on this host's GPU, or (``without_gpu``) for named archs with none.
 
     The graph was captured on the CPU; it is moved to CUDA here (with fake weights when there is no GPU:
@@ -257,13 +323,14 @@ def compile_cuda(exported, options: BuildOptions) -> CompiledEntry:
 
     exported = for_inductor(exported)
     archs = options.cuda_archs
-    config = _torch.inductor_options(options.cpu_isa, options.cpu_threads)
-    config.update(_torch.CUDA_INDUCTOR_CONFIG)
-    config["cuda.arch"] = str(min(archs))
-    if options.without_gpu:
-        config.update(_torch.NO_GPU_INDUCTOR_CONFIG)
-    with scratch_dir() as root, build_environment(root, options, config) as config:
+    # No object reuse for CUDA entries: their objects depend on the CUDA toolkit's headers and on kernel
+    # binaries their source only names.
+    with scratch_dir() as root, build_environment(root, options, entry_config(options, "cuda", stateful),
+                                                  parallel) as config:
         home = cudabuild.cuda_home()
+        if home:
+            config.update(_torch.fatbin_config(os.path.join(toolchain_dir(), "bin"), os.path.join(home, "bin", "nvcc"),
+                                               archs))
         stub = cudabuild.libcuda_stub(os.path.join(root, "libcuda-stub"), home) if options.without_gpu else None
         package = os.path.join(root, "entry.pt2")
         with cudabuild.build_environment(archs, stub, home):
@@ -427,8 +494,10 @@ def _worker(folder: str) -> None:
         job = json.load(f)
     options = BuildOptions.from_json(job["options"])
     exported = _torch.load_exported(os.path.join(folder, "graph.pt2"))
+    objects = None if job["objects"] is None else buildcache.BuildCache(*job["objects"])
     try:
-        _write_result(compile_exported(exported, options, device=job["device"]), folder)
+        _write_result(compile_exported(exported, options, device=job["device"], parallel=job["parallel"],
+                                       stateful=job["stateful"], objects=objects), folder)
     except (CaptureError, BuildError) as e:
         fields = {"reason": e.reason, "filename": e.filename, "lineno": e.lineno, "hint": e.hint, "code": e.code} \
             if isinstance(e, CaptureError) else {"message": str(e)}

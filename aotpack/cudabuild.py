@@ -167,20 +167,22 @@ def build_environment(archs: tuple[int, ...], stub_dir: str | None, home: str | 
                 os.environ[k] = v
 
 
-_ELF = re.compile(r"^ELF file\s+\d+:\s+\S+?\.(sm_\d+[af]?)\.cubin$", re.M)
-_PTX = re.compile(r"^PTX file\s+\d+:\s+\S+?\.(sm_\d+[af]?)\.ptx$", re.M)
+# The header of each image in `cuobjdump -elf -ptx` output. Its arch is the image's own; the file names that
+# `-lelf` lists drop the ``a`` of an arch-specific image in older cuobjdumps (CUDA 12.8, in Triton 3.6).
+_IMAGE = re.compile(r"^Fatbin (elf|ptx) code:\n=+\narch = (sm_\d+[af]?)$", re.M)
 
 
 def binary_archs(path: str) -> tuple[list[str], list[str]]:
     """(SASS archs, PTX archs) of a cubin or fatbin, read with cuobjdump: (["sm_80", "sm_90"], ["compute_80"])."""
     tool = cuobjdump()
     try:
-        out = subprocess.run([tool, "-lelf", "-lptx", path], capture_output=True, text=True, timeout=120)
+        out = subprocess.run([tool, "-elf", "-ptx", path], capture_output=True, text=True, timeout=120)
     except (OSError, subprocess.TimeoutExpired) as e:
         raise BuildError(f"cuobjdump could not read {os.path.basename(path)}: {e}") from None
     text = out.stdout
-    sass = sorted(set(_ELF.findall(text)), key=arch_number)
-    ptx = sorted({"compute_" + a.removeprefix("sm_") for a in _PTX.findall(text)}, key=arch_number)
+    images = _IMAGE.findall(text)
+    sass = sorted({a for kind, a in images if kind == "elf"}, key=arch_number)
+    ptx = sorted({"compute_" + a.removeprefix("sm_") for kind, a in images if kind == "ptx"}, key=arch_number)
     if out.returncode != 0 or not (sass or ptx):
         if path.endswith(".cubin") and out.returncode == 0:
             return _cubin_arch(tool, path), []

@@ -1,16 +1,17 @@
 """The model file convention of the CLI.
 
 ``FILE.py`` is imported and its module-level ``model`` and ``example_inputs`` (and ``example_kwargs``,
-``dynamic_shapes``, ``specializations`` if present) are used; ``FILE.py:NAME`` calls the zero-argument
+``dynamic_shapes``, ``specializations``, ``cache_positions`` if present) are used; ``FILE.py:NAME`` calls the zero-argument
 function ``NAME``, which returns ``(model, example_inputs)``, ``(model, example_inputs, example_kwargs)``, or
 a dict with the keys ``model`` and ``example_inputs`` and optionally ``example_kwargs``, ``dynamic_shapes``,
-``specializations``.
+``specializations``, ``cache_positions``.
 """
 from __future__ import annotations
 
 import hashlib
 import importlib.util
 import os
+import re
 import sys
 import traceback
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from typing import Any
 from aotpack_runtime.errors import ModelFileError
 
 
-_FIELDS = ("model", "example_inputs", "example_kwargs", "dynamic_shapes", "specializations")
+_FIELDS = ("model", "example_inputs", "example_kwargs", "dynamic_shapes", "specializations", "cache_positions")
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ class ModelSpec:
     example_kwargs: dict = field(default_factory=dict)
     dynamic_shapes: Any = None
     specializations: tuple = ()
+    cache_positions: Any = None
     source: str = ""
 
 
@@ -114,4 +116,40 @@ def load_model_file(target: str) -> ModelSpec:
         raise ModelFileError(f"specializations in {target} must be a list of example input tuples")
     return ModelSpec(model=model, example_inputs=inputs, example_kwargs=kwargs,
                      dynamic_shapes=extras.get("dynamic_shapes"), specializations=tuple(specializations),
-                     source=target)
+                     cache_positions=extras.get("cache_positions"), source=target)
+
+
+_DYNAMIC = re.compile(r"([A-Za-z_]\w*):(\d+)=(?:([A-Za-z_]\w*):)?(\d+)\.\.(\d*)")
+
+
+def check_dynamic(spec: str) -> str | None:
+    """What is wrong with one ``INPUT:DIM=[NAME:]MIN..[MAX]`` text, or None (no torch needed)."""
+    m = _DYNAMIC.fullmatch(spec)
+    if not m:
+        return (f"{spec!r} is not INPUT:DIM=MIN..MAX or INPUT:DIM=NAME:MIN..MAX (e.g. x:0=1..64; x:0=2.. for no "
+                "upper bound)")
+    if m.group(5) and int(m.group(4)) > int(m.group(5)):
+        return f"{spec!r}: the minimum {m.group(4)} is above the maximum {m.group(5)}"
+    return None
+
+
+def parse_dynamic(specs: tuple[str, ...] | list[str]) -> dict:
+    """``x:0=1..64`` / ``x:0=batch:1..64`` / ``x:0=2..`` (no upper bound) texts into torch.export's
+    dynamic_shapes dict; the same NAME on several inputs is one symbol (equal sizes). Raises
+    :class:`ModelFileError` for a malformed text."""
+    from torch.export import Dim
+
+    dims: dict = {}
+    out: dict = {}
+    for spec in specs:
+        problem = check_dynamic(spec)
+        if problem:
+            raise ModelFileError(problem)
+        name, dim, sym, lo, hi = _DYNAMIC.fullmatch(spec).groups()
+        dim, lo, hi = int(dim), int(lo), int(hi) if hi else None
+        sym = sym or f"{name}_{dim}"
+        if sym in dims and dims[sym][1:] != (lo, hi):
+            raise ModelFileError(f"{sym!r} is given two ranges")
+        dims.setdefault(sym, (Dim(sym, min=lo) if hi is None else Dim(sym, min=lo, max=hi), lo, hi))
+        out.setdefault(name, {})[dim] = dims[sym][0]
+    return out

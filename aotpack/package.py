@@ -4,9 +4,14 @@ The writer follows the runtime's format module (``aotpack_runtime.format``) and 
 with the reader's checks before writing (the schema, and every entry and the example as ``load`` checks
 them), so a pack its reader would refuse is never written. The file appears atomically (written beside the target, then
 renamed).
+
+Weights are written from the tensors' own memory: hashed in place (several at once) and then streamed to the
+file, so packaging holds no copy of them. Runs of zero bytes inside a weight are left as holes (the file is
+sparse where the file system allows; the bytes read back are the same zeros).
 """
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 import hashlib
 import os
@@ -22,13 +27,23 @@ from aotpack_runtime.loader import check_manifest
 
 # A compressed blob is kept only when it saves at least this fraction of the raw size.
 MIN_SAVING = 0.05
+# Weights are written in chunks of this size; a chunk of zeros becomes a hole.
+WRITE_CHUNK = 1 << 20
+_ZEROS = bytes(WRITE_CHUNK)
+HASH_THREADS = 8
 
 
 @dataclass(frozen=True)
 class Blob:
+    """One blob: ``data`` is bytes, or a tensor whose memory is written as it is (never copied whole)."""
+
     name: str
-    data: bytes
+    data: bytes | torch.Tensor
     compressible: bool = True
+
+    @property
+    def size(self) -> int:
+        return self.data.numel() * self.data.element_size() if isinstance(self.data, torch.Tensor) else len(self.data)
 
 
 def tensor_bytes(t: torch.Tensor) -> bytes:
@@ -38,28 +53,63 @@ def tensor_bytes(t: torch.Tensor) -> bytes:
     return ctypes.string_at(t.data_ptr(), n) if n else b""
 
 
-def _store(blob: Blob, level: int) -> tuple[bytes, str]:
+def tensor_digest(t: torch.Tensor) -> str:
+    """sha256 of the tensor's elements as ``tensor_bytes`` gives them, hashed in place when it is dense."""
+    return hashlib.sha256(_memory(_plain(t))).hexdigest()
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    """The tensor as a dense, contiguous CPU tensor: itself when it already is one (no copy)."""
+    return t.detach().to("cpu").contiguous()
+
+
+def _memory(t: torch.Tensor) -> memoryview:
+    """A byte view of a dense, contiguous CPU tensor's memory (valid while ``t`` lives)."""
+    n = t.numel() * t.element_size()
+    if n == 0:
+        return memoryview(b"")
+    return memoryview((ctypes.c_char * n).from_address(t.data_ptr())).cast("B")
+
+
+def _stored(blob: Blob, level: int) -> tuple[bytes | None, str, str]:
+    """(the stored bytes of a bytes blob, or None for a tensor; compression; sha256 of the content)."""
+    if isinstance(blob.data, torch.Tensor):
+        t = _plain(blob.data)
+        return None, "none", hashlib.sha256(_memory(t)).hexdigest()
+    sha = hashlib.sha256(blob.data).hexdigest()
     if blob.compressible and len(blob.data) >= 256:
         packed = zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=False) \
             .compress(blob.data)
         if len(packed) <= len(blob.data) * (1 - MIN_SAVING):
-            return packed, "zstd"
-    return blob.data, "none"
+            return packed, "zstd", sha
+    return blob.data, "none", sha
+
+
+def _write_tensor(f, t: torch.Tensor) -> None:
+    """Write a tensor's bytes at the file's position, leaving a hole for each chunk of zeros."""
+    t = _plain(t)
+    view = _memory(t)
+    for start in range(0, len(view), WRITE_CHUNK):
+        chunk = view[start:start + WRITE_CHUNK]
+        # The two end bytes rule out almost every chunk of real weights before a full comparison.
+        if chunk[0] == 0 and chunk[-1] == 0 and bytes(chunk) == _ZEROS[:len(chunk)]:
+            f.seek(len(chunk), os.SEEK_CUR)
+        else:
+            f.write(chunk)
 
 
 def write_archive(path: str | os.PathLike, manifest: dict, blobs: list[Blob], level: int) -> int:
     """Write ``manifest`` (without its blob table) and ``blobs`` to ``path``; return the file size."""
+    with concurrent.futures.ThreadPoolExecutor(HASH_THREADS) as pool:  # hashlib and zstd release the GIL
+        stored = list(pool.map(lambda b: _stored(b, level), blobs))
     records = []
-    stored = []
     offset = 0
-    for blob in blobs:
-        data, compression = _store(blob, level)
+    for blob, (data, compression, sha) in zip(blobs, stored):
         offset = fmt.align(offset)
-        records.append(fmt.BlobRecord(name=blob.name, offset=offset, stored_size=len(data),
-                                      size=len(blob.data), sha256=hashlib.sha256(blob.data).hexdigest(),
-                                      compression=compression).to_json())
-        stored.append(data)
-        offset += len(data)
+        size = blob.size
+        records.append(fmt.BlobRecord(name=blob.name, offset=offset, stored_size=size if data is None else len(data),
+                                      size=size, sha256=sha, compression=compression).to_json())
+        offset += records[-1]["stored_size"]
     version = fmt.version_for(manifest)
     body = dict(manifest, blobs=records, format="aotpack", format_version=version)
     try:  # the reader's checks are the writer's
@@ -82,11 +132,15 @@ def write_archive(path: str | os.PathLike, manifest: dict, blobs: list[Blob], le
             region = fmt.align(pos)
             f.write(b"\x00" * (region - pos))
             pos = 0
-            for rec, data in zip(records, stored):
+            for rec, blob, (data, _, _) in zip(records, blobs, stored):
                 f.write(b"\x00" * (rec["offset"] - pos))
-                f.write(data)
-                pos = rec["offset"] + len(data)
-            size = f.tell()
+                if data is None:
+                    _write_tensor(f, blob.data)
+                else:
+                    f.write(data)
+                pos = rec["offset"] + rec["stored_size"]
+            size = region + pos
+            f.truncate(size)  # a hole at the end still counts
         os.replace(tmp, path)
     except OSError as e:
         if os.path.exists(tmp):

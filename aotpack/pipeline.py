@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import pathlib
 import platform as _platform
 import sys
@@ -17,7 +18,8 @@ from aotpack_runtime.format import DTYPES
 from aotpack_runtime.guards import EntryGuards, dtype_name, stored_dtype
 from aotpack_runtime.platform import KNOWN_FLAGS, host_cpu_flags, host_machine, torch_minor
 
-from . import __version__, capture, compile, guards, package
+from . import __version__, _torch, buildcache, capture, compile, guards, package, state
+from .memory import peak_rss, reset_peak_rss
 from .options import BuildOptions
 
 ProgressFn = Callable[[str], None]
@@ -34,12 +36,19 @@ class BuildReport:
     weights: int = 0
     weight_bytes: int = 0
     kernels: int = 0
+    key: str = ""  # the build cache key (empty when the build ran without a cache)
+    cached: bool = False  # True when the pack was copied from the build cache instead of compiled
+    peak_rss: int = 0  # bytes: this process's peak resident memory during the build
+    worker_peak_rss: int = 0  # bytes: the largest peak of a compile worker process (0 when none ran)
 
     def summary(self) -> str:
         total = sum(self.stages.values())
+        memory = f"peak memory {self.peak_rss / 1e9:.2f} GB"
+        if self.worker_peak_rss:
+            memory += f" (compile workers: {self.worker_peak_rss / 1e9:.2f} GB each at most)"
         return (f"wrote {self.output} ({self.size / 1e6:.2f} MB): {self.entries} entr"
                 f"{'y' if self.entries == 1 else 'ies'}, {self.weights} weights ({self.weight_bytes / 1e6:.2f} MB), "
-                f"{self.kernels} kernels, built in {total:.1f} s")
+                f"{self.kernels} kernels, built in {total:.1f} s{', from the build cache' if self.cached else ''}, {memory}")
 
 
 class _Stages:
@@ -132,8 +141,10 @@ def _accepting_entry(entries: list, args: tuple, kwargs: dict) -> int | None:
     return None
 
 
-def _weights(entries: list, compiled: list) -> tuple[list[dict], list[package.Blob]]:
-    """Every constant any entry needs, stored once, by its name in the model."""
+def _weights(entries: list, compiled: list, state_names: tuple[str, ...] = ()) \
+        -> tuple[list[dict], list[package.Blob], dict[str, torch.Tensor]]:
+    """Every constant any entry needs, stored once, by its name in the model; the state buffers among them
+    are returned apart (name -> initial value)."""
     tensors: dict[str, torch.Tensor] = {}
     for (captured, _), code in zip(entries, compiled):
         ep = captured.exported
@@ -145,14 +156,20 @@ def _weights(entries: list, compiled: list) -> tuple[list[dict], list[package.Bl
             if name in tensors and not torch.equal(tensors[name], t):
                 raise BuildError(f"two entries see different values for {name!r}; the model changed during the build")
             tensors[name] = t
+    missing = [n for n in state_names if n not in tensors]
+    if missing:
+        raise BuildError(f"the compiled code does not keep the state buffers {missing} as buffers it writes; a pack "
+                         "would serve their build-time values. Report it with the model")
+    state = {n: tensors.pop(n) for n in state_names}
     records, blobs = [], []
     for i, name in enumerate(sorted(tensors)):
         t = tensors[name]
-        # Weights stay uncompressed: the loader maps them from the file (shared, no copy, no decompression).
-        blobs.append(package.Blob(f"weights/{i}", package.tensor_bytes(t), compressible=False))
+        # Weights stay uncompressed: the loader maps them from the file (shared, no copy, no decompression);
+        # the writer streams them from the tensor's memory (no copy at build time either).
+        blobs.append(package.Blob(f"weights/{i}", t, compressible=False))
         records.append({"name": name, "blob": f"weights/{i}", "dtype": _dtype(t, f"the weight {name!r}"),
                         "shape": list(t.shape)})
-    return records, blobs
+    return records, blobs, state
 
 
 def _compile_detail(options: BuildOptions, n: int) -> str:
@@ -214,27 +231,84 @@ def _cuda_summary(entries: list[dict], options: BuildOptions) -> str:
 
 def build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, example_kwargs: dict | None = None,
           dynamic_shapes: Any = None, specializations: Sequence = (), options: BuildOptions | None = None,
-          progress: ProgressFn | None = None) -> BuildReport:
+          progress: ProgressFn | None = None, cache_positions: Any = None,
+          cache: buildcache.BuildCache | None = None, source: str = "", threads: int | None = None) -> BuildReport:
     """Run the whole pipeline; return a :class:`BuildReport`. ``progress`` receives one line per event.
 
     The first entry is captured from ``example_inputs`` (with ``dynamic_shapes``, torch.export's format);
     each of ``specializations`` that no earlier entry accepts becomes its own static entry, in order.
+    Buffers the model writes in place become the pack's state; ``cache_positions`` says which input holds
+    cache positions (see ``state.position_rules``).
+    With a ``cache``, a pack with the same key is copied from it instead of compiled, and a compiled pack
+    is stored in it (``source`` names the model in the cache's records). ``threads`` caps the compiler
+    processes the build runs at once (default: the cores this process may use); it never changes the pack.
     """
     with warnings.catch_warnings():
         # torch's own deep copies of pytree specs warn about a deprecation inside torch; not the user's to fix
         warnings.filterwarnings("ignore", message=r".*LeafSpec.* is deprecated", category=FutureWarning)
         return _build(model, example_inputs, output, example_kwargs=example_kwargs, dynamic_shapes=dynamic_shapes,
-                      specializations=specializations, options=options, progress=progress)
+                      specializations=specializations, options=options, progress=progress,
+                      cache_positions=cache_positions, cache=cache, source=source, threads=threads)
 
 
-def _build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, example_kwargs: dict | None,
-           dynamic_shapes: Any, specializations: Sequence, options: BuildOptions | None,
-           progress: ProgressFn | None) -> BuildReport:
-    options = (options or BuildOptions()).resolved()
+def _tensor_records(entries: list) -> dict:
+    """Every weight and constant any entry's graph holds: dtype, shape, strides and sha256, by name."""
+    out: dict = {}
+    for captured, _, _ in entries:
+        ep = captured.exported
+        for name, t in sorted({**dict(ep.state_dict), **dict(ep.constants)}.items()):
+            if name in out:
+                continue
+            if isinstance(t, torch.Tensor):
+                out[name] = buildcache.tensor_record(t, package.tensor_digest(t))
+            else:
+                out[name] = {"type": type(t).__name__}
+    return out
+
+
+def cache_key(entries: list, options: BuildOptions, example: dict, example_blobs: list, compiler: str,
+              state_names: tuple[str, ...] = (), positions: list | None = None) -> str:
+    """The build cache key of a build whose graphs are captured and guarded: see ``buildcache``."""
+    graphs: dict[int, str] = {}
+    records = []
+    for captured, g, device in entries:
+        if id(captured) not in graphs:
+            graphs[id(captured)] = buildcache.digest(_torch.graph_text(captured.exported))
+        records.append({"graph": graphs[id(captured)], "guards": g.to_json(), "device": device})
+    example_digest = buildcache.digest(buildcache.canonical(example) + b"".join(
+        buildcache.digest(b.data).encode() for b in example_blobs))
+    configs = {d: buildcache.digest(buildcache.canonical(_torch.effective_config(
+        compile.entry_config(options, d, bool(state_names))))) for d in options.devices}
+    material = {"entries": records, "weights": _tensor_records(entries), "example": example_digest,
+                "frozen": {"training": entries[0][0].training}, "options": options.to_json(),
+                "producer": producer(compiler), "target": target(options), "inductor": configs,
+                "toolchain": buildcache.toolchain(options.devices),
+                "state": {"buffers": list(state_names), "positions": positions or []}}
+    if "cuda" in options.devices and not options.without_gpu:
+        from . import cudabuild
+
+        material["build_gpu"] = cudabuild.gpu_description()
+    return buildcache.key_of(material)
+
+
+def _cached_report(report: BuildReport, entry: buildcache.CacheEntry) -> None:
+    """Fill the report's figures from the manifest of the pack copied from the cache."""
+    from aotpack_runtime.archive import Archive
+
+    manifest = Archive.open(report.output).manifest
+    report.size = entry.size
+    report.entries = len(manifest.entries)
+    report.weights = len(manifest.weights)
+    report.weight_bytes = sum(manifest.blob(w.blob).size for w in manifest.weights)
+    report.kernels = sum(len(e.get("kernels", ())) for e in manifest.entries)
+
+
+def _capture_and_guard(model: Any, example_inputs: tuple, example_kwargs: dict | None, dynamic_shapes: Any,
+                       specializations: Sequence, options: BuildOptions, stages: _Stages,
+                       cache_positions: Any) -> tuple[list, tuple[str, ...], list]:
+    """Stages 1 and 2: capture each example call, keep those no earlier entry accepts; return one
+    (captured, guards, device) per entry and device, the state buffers and the cache-position rules."""
     example_kwargs = dict(example_kwargs or {})
-    report = BuildReport(output=pathlib.Path(output))
-    stages = _Stages(progress, report)
-    compiler = compile.compiler_version()
     calls = [(example_inputs, example_kwargs, dynamic_shapes)]
     calls += [(*_as_call(sp, example_kwargs, i), None) for i, sp in enumerate(specializations)]
     with stages.stage("capture", f"Dynamo, fullgraph; {len(calls)} example input(s)"):
@@ -250,13 +324,71 @@ def _build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, exa
             _check_accepts_own_example(entries[-1][1], args, kwargs, len(entries) - 1)
             label = EntryGuards.from_json(entries[-1][1].to_json(), f"entry {len(entries) - 1}").label()
             stages.say(f"      example {i}: entry {len(entries) - 1} ({label})")
+        state_names = tuple(sorted(set().union(*(c.state for c, _ in entries))))
+        positions = []
+        if state_names:
+            positions = state.position_rules(model, cache_positions, example_kwargs, example_inputs,
+                                             captures[0].param_names)
+            stages.say(f"      state: {len(state_names)} buffer(s) the model writes in place"
+                       + (f"; cache positions in {', '.join(repr(p['input']) for p in positions)}" if positions
+                          else "; no cache-position input"))
+        elif cache_positions is not None:
+            raise BuildError("cache_positions was given, but the model writes no buffer in place: a pack without "
+                             "state has no cache")
     # One entry per captured graph and device, graph by graph: [g0 cpu, g0 cuda, g1 cpu, ...].
-    entries = [(c, g, d) for c, g in entries for d in options.devices]
+    return [(c, g, d) for c, g in entries for d in options.devices], state_names, positions
+
+
+def build_key(model: Any, example_inputs: tuple, *, example_kwargs: dict | None = None, dynamic_shapes: Any = None,
+              specializations: Sequence = (), options: BuildOptions | None = None, cache_positions: Any = None) -> str:
+    """The build cache key a build with these arguments would have (capture and guards only, no compile)."""
+    options = (options or BuildOptions()).resolved()
+    stages = _Stages(None, BuildReport(output=pathlib.Path(".")))
+    entries, state_names, positions = _capture_and_guard(model, example_inputs, example_kwargs, dynamic_shapes,
+                                                         specializations, options, stages, cache_positions)
+    example_blobs: list[package.Blob] = []
+    example = _example_record(entries[0][0], example_blobs)
+    return cache_key(entries, options, example, example_blobs, compile.compiler_version(), state_names, positions)
+
+
+def _build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, example_kwargs: dict | None,
+           dynamic_shapes: Any, specializations: Sequence, options: BuildOptions | None,
+           progress: ProgressFn | None, cache_positions: Any, cache: buildcache.BuildCache | None, source: str,
+           threads: int | None) -> BuildReport:
+    reset_peak_rss()
+    options = (options or BuildOptions()).resolved()
+    example_kwargs = dict(example_kwargs or {})
+    report = BuildReport(output=pathlib.Path(output))
+    stages = _Stages(progress, report)
+    compiler = compile.compiler_version()
+    entries, state_names, positions = _capture_and_guard(model, example_inputs, example_kwargs, dynamic_shapes,
+                                                         specializations, options, stages, cache_positions)
+    example_blobs: list[package.Blob] = []
+    example = _example_record(entries[0][0], example_blobs)
+    if cache is not None:
+        start = time.perf_counter()
+        report.key = cache_key(entries, options, example, example_blobs, compiler, state_names, positions)
+        took = time.perf_counter() - start
+        hit = cache.fetch(report.key, output)
+        if hit is not None:
+            stages.say(f"      build cache: hit {report.key[:12]} (key in {took:.2f} s), in {cache.folder}")
+            stages.n += 1
+            stages.say(f"[{stages.n}/{stages.total}] compile: skipped, the build cache holds this pack")
+            with stages.stage("package", "copied from the build cache"):
+                report.cached = True
+                _cached_report(report, hit)
+                report.peak_rss = peak_rss()
+            if progress:
+                progress(report.summary())
+            return report
+        stages.say(f"      build cache: miss {report.key[:12]} (key in {took:.2f} s)")
     with stages.stage("compile", _compile_detail(options, len(entries))):
         compiled = compile.compile_entries([c for c, _, _ in entries], options, progress=stages.say,
-                                           devices=[d for _, _, d in entries])
+                                           devices=[d for _, _, d in entries], threads=threads,
+                                           stateful=bool(state_names),
+                                           objects=None if cache is None else cache.objects())
     with stages.stage("package"):
-        weights, blobs = _weights([(c, g) for c, g, _ in entries], compiled)
+        weights, blobs, state_values = _weights([(c, g) for c, g, _ in entries], compiled, state_names)
         manifest_entries = []
         for i, ((_, g, device), code) in enumerate(zip(entries, compiled)):
             library = f"code/{i}.so"
@@ -271,17 +403,38 @@ def _build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, exa
             if device == "cuda":
                 entry["cuda"] = _cuda_record(i, code, options, blobs)
             manifest_entries.append(entry)
-        example = _example_record(entries[0][0], blobs)
+        blobs += example_blobs
         if any(d == "cuda" for _, _, d in entries):
             stages.say(_cuda_summary(manifest_entries, options))
         manifest = {"producer": producer(compiler), "target": target(options), "options": options.to_json(),
                     "weights": weights, "entries": manifest_entries, "example": example,
                     "frozen": {"training": entries[0][0].training}}
-        report.size = package.write_archive(output, manifest, blobs, options.compression_level)
+        if state_names:
+            buffers, state_blobs = state.state_records(state_values)
+            blobs += state_blobs
+            manifest["state"] = {"buffers": buffers, "positions": positions}
+        staging = report.output.with_name(f".{report.output.name}.{os.getpid()}.building")
+        try:
+            report.size = package.write_archive(staging, manifest, blobs, options.compression_level)
+            if state_names and "cpu" in options.devices:
+                state.check_against_eager(model, str(staging), example_inputs, example_kwargs, state_names,
+                                          stages.say)
+            elif state_names:
+                stages.say("      state: not checked against eager here (the pack has no CPU entry); run it "
+                           "against eager on its GPU before serving it")
+            os.replace(staging, report.output)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(staging)
     report.entries = len(entries)
     report.weights = len(weights)
-    report.weight_bytes = sum(len(b.data) for b in blobs if b.name.startswith("weights/"))
+    report.weight_bytes = sum(b.size for b in blobs if b.name.startswith("weights/"))
     report.kernels = sum(len(c.kernels) for c in compiled)
+    report.peak_rss = peak_rss()
+    report.worker_peak_rss = max((c.peak_rss for c in compiled), default=0)
+    if cache is not None and cache.store(report.key, output, {"source": source, "options": options.to_json(),
+                                                              "producer": producer(compiler)}) is not None:
+        stages.say(f"      build cache: stored {report.key[:12]} in {cache.folder}")
     if options.without_gpu and progress:
         progress("note: CUDA entries built without a GPU are not autotuned and were never run; smoke-test the "
                  "pack on the target GPU before trusting it")

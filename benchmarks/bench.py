@@ -40,6 +40,8 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from _markers import put_between_markers
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 CHILD = HERE / "_child.py"
@@ -311,14 +313,8 @@ README_START, README_END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->
 
 def update_readme(table_md: str) -> None:
     """Put the latest tables into the project README, between its benchmark markers."""
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    if README_START not in text or README_END not in text:
-        print(f"README.md has no {README_START} / {README_END} markers; left as it is")
-        return
     body = table_md.split("\n", 2)[2].replace("## ", "### ")  # drop the title; nest the sections
-    head, rest = text.split(README_START, 1)
-    readme.write_text(f"{head}{README_START}\n{body}{README_END}{rest.split(README_END, 1)[1]}")
+    put_between_markers(ROOT / "README.md", README_START, README_END, body)
 
 
 def parse_args() -> argparse.Namespace:

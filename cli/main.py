@@ -8,6 +8,7 @@ alone.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import time
@@ -19,6 +20,7 @@ import click
 import aotpack_runtime as rt
 from aotpack_runtime.archive import Archive
 from aotpack_runtime.describe import describe, render
+from aotpack_runtime.errors import ModelFileError
 
 
 def _version_text() -> str:
@@ -87,22 +89,33 @@ def _plain_warnings() -> None:
                    "(default: the build GPU's).")
 @click.option("--without-gpu", is_flag=True,
               help="Build the CUDA entries on a host with no GPU, for --cuda-arch (experimental: not "
-                   "autotuned, never run at build time; tested only with torch 2.14.1 and triton 3.8.0).")
+                   "autotuned, never run at build time; tested only with torch 2.11.0 + triton 3.6.0 and "
+                   "torch 2.14.1 + triton 3.8.0).")
 @click.option("--cpu-threads", type=click.IntRange(1, 1024), default=16, show_default=True, metavar="N",
               help="Thread count the CPU code's parallel loops are planned for; the code runs on as many threads "
                    "as the serving process has. Not read from this host, so the pack is the same everywhere.")
+@click.option("--no-cache", is_flag=True, help="Compile even if the build cache holds this pack, and do not store it.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
+              help="Build cache folder (default: $AOTPACK_BUILD_CACHE or ~/.cache/aotpack/build).")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @click.option("--json", "as_json", is_flag=True, help="Print progress as JSON lines and a JSON summary.")
 def build(target: str, output: str, cpu_isa: str | None, dynamic: tuple[str, ...], devices: tuple[str, ...],
-          cuda_archs: tuple[str, ...], without_gpu: bool, cpu_threads: int, quiet: bool, as_json: bool) -> None:
+          cuda_archs: tuple[str, ...], without_gpu: bool, cpu_threads: int, no_cache: bool, cache_dir: str | None,
+          quiet: bool, as_json: bool) -> None:
     """Build a pack from a model file.
 
     FILE.py must define `model` and `example_inputs` (a tuple), and may define `example_kwargs`,
-    `dynamic_shapes` (torch.export's format) and `specializations` (a list of further example input
-    tuples, each compiled as its own entry unless an earlier entry accepts it). FILE.py:NAME calls the
+    `dynamic_shapes` (torch.export's format), `specializations` (a list of further example input
+    tuples, each compiled as its own entry unless an earlier entry accepts it) and `cache_positions` (for a
+    model with state: which input holds cache positions, e.g. {"input": "cache_position", "limit": 64,
+    "span": ["input_ids", 1]}). FILE.py:NAME calls the
     function NAME, which returns (model, example_inputs), (model, example_inputs, example_kwargs), or a
-    dict with those keys and optionally dynamic_shapes and specializations.
+    dict with those keys and optionally dynamic_shapes, specializations and cache_positions.
+
+    A pack whose inputs (captured graph, weights, example inputs, options, toolchain) match one in the
+    build cache is copied from there instead of compiled; the bytes are the same either way.
     """
+    from aotpack.buildcache import BuildCache
     from aotpack.modelfile import load_model_file
     from aotpack.options import BuildOptions
     from aotpack.pipeline import build as run_build
@@ -121,41 +134,164 @@ def build(target: str, output: str, cpu_isa: str | None, dynamic: tuple[str, ...
 
     say(f"loading {target}")
     spec = load_model_file(target)
+    cache = None if no_cache else BuildCache.open(cache_dir or True)
     report = run_build(spec.model, spec.example_inputs, output, example_kwargs=spec.example_kwargs,
                        dynamic_shapes=dynamic_shapes if dynamic_shapes is not None else spec.dynamic_shapes,
-                       specializations=spec.specializations, options=options, progress=say)
+                       specializations=spec.specializations, options=options, progress=say,
+                       cache_positions=spec.cache_positions, cache=cache, source=target)
     if as_json:
         click.echo(json.dumps({"event": "done", "output": str(report.output), "size": report.size,
+                               "cached": report.cached, "cache_key": report.key,
                                "devices": list(options.devices), "cuda_archs": list(options.cuda_archs),
                                "entries": report.entries, "weights": report.weights,
                                "weight_bytes": report.weight_bytes, "kernels": report.kernels,
                                "stages_s": {k: round(v, 3) for k, v in report.stages.items()}}))
 
 
-def _parse_dynamic(specs: tuple[str, ...]) -> dict:
-    """``x:0=1..64`` / ``x:0=batch:1..64`` / ``x:0=2..`` (no upper bound) into torch.export's dynamic_shapes
-    dict."""
+@cli.command("build-many")
+@click.argument("matrix", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Folder for the packs (MODEL.TARGET.pack) and each task's log (logs/).")
+@click.option("--ray", "ray", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
+              help="Build on Ray: alone, on a local cluster started for the run (listeners on 127.0.0.1, "
+                   "stopped at the end); with ADDRESS, on that cluster. Needs aotpack[ray].")
+@click.option("--jobs", type=click.IntRange(1, 4096), default=None, metavar="N",
+              help="Builds at once (default: half the cores; with --ray: as many as the cluster's CPUs allow).")
+@click.option("--threads", type=click.IntRange(1, 1024), default=None, metavar="N",
+              help="Threads (Ray: CPUs) each build gets (default: the cores divided among the jobs; with --ray: 2).")
+@click.option("--no-cache", is_flag=True, help="Compile every task even if the build cache holds its pack.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
+              help="Build cache folder for every worker, e.g. on shared storage (default: $AOTPACK_BUILD_CACHE "
+                   "if set here, else each worker's own ~/.cache/aotpack/build).")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of a table.")
+@click.pass_context
+def build_many(ctx: click.Context, matrix: str, out_dir: str, ray: str | None, jobs: int | None,
+               threads: int | None, no_cache: bool, cache_dir: str | None, as_json: bool) -> None:
+    """Build every model of a matrix file for every target in it, each build in its own process.
+
+    MATRIX is a TOML file of [[model]] tables (file = "FILE.py[:NAME]", relative to it; optional name and
+    dynamic) and [[target]] tables (name, cpu_isa, devices, cuda_archs, without_gpu, cpu_threads, dynamic):
+    see examples/matrix.toml. A failed build does not stop the others; the command ends with a table and
+    exits 1 if any failed. Builds whose pack is in the build cache are copied from it.
+    """
+    from aotpack.many import build_many as run_many, summary_table
+
+    start = time.perf_counter()
+
+    def say(line: str) -> None:
+        click.echo(line, err=True)
+
+    if cache_dir is None and os.environ.get("AOTPACK_BUILD_CACHE"):
+        cache_dir = os.environ["AOTPACK_BUILD_CACHE"]  # the workers use the folder this shell names
+    results = run_many(matrix, out_dir, ray=ray is not None, address=ray or None, jobs=jobs, threads=threads,
+                       cache_dir=cache_dir, no_cache=no_cache, progress=say)
+    took = time.perf_counter() - start
+    if as_json:
+        click.echo(json.dumps({"seconds": round(took, 3), "tasks": [dict(r.to_json(), log=None) for r in results]},
+                              indent=2))
+    else:
+        click.echo(summary_table(results, took))
+    ctx.exit(1 if any(r.status == "failed" for r in results) else 0)
+
+
+@cli.group()
+def cache() -> None:
+    """List or prune the build cache: packs kept by a key of everything that decides their bytes, and the
+    object files of their generated code."""
+
+
+def _cache_option(f):
+    return click.option("--cache-dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
+                        help="Build cache folder (default: $AOTPACK_BUILD_CACHE or ~/.cache/aotpack/build).")(f)
+
+
+def _ago(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f} {unit} ago"
+    return "just now"
+
+
+@cache.command("list")
+@_cache_option
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def cache_list(cache_dir: str | None, as_json: bool) -> None:
+    """Show each cached pack: key, size, last use, what it was built from and for."""
+    from aotpack.buildcache import BuildCache
+
+    store = BuildCache(cache_dir) if cache_dir else BuildCache.open(True)
+    entries = store.entries()
+    if as_json:
+        click.echo(json.dumps({"folder": str(store.folder), "entries": [
+            {"key": e.key, "size": e.size, "last_used": e.last_used, **e.meta} for e in entries]},
+            indent=2, sort_keys=True))
+        return
+    now = time.time()
+    objects = store.objects().entries()
+    click.echo(f"{store.folder}: {len(entries)} pack{'s' if len(entries) != 1 else ''}, "
+               f"{sum(e.size for e in entries) / 1e6:.1f} MB (beside it: {len(objects)} object files, "
+               f"{sum(e.size for e in objects) / 1e6:.1f} MB; toolchain {store.toolchain_bytes() / 1e6:.0f} MB)")
+    for e in entries:
+        opts = e.meta.get("options")
+        target = (f"  ({opts.get('cpu_isa')}, {'+'.join(opts.get('devices', []))}, {opts.get('cpu_threads')} "
+                  "threads)") if isinstance(opts, dict) else ""
+        click.echo(f"  {e.key[:12]}  {e.size / 1e6:7.2f} MB  used {_ago(now - e.last_used):>12}  "
+                   f"{e.meta.get('source', '?')}{target}")
+
+
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12}
+_AGES = {"s": 1, "min": 60, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def _parse_amount(text: str, units: dict, param: str) -> float:
     import re
 
-    from torch.export import Dim
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in units:
+        raise click.BadParameter(f"{text!r}: give a number and one of {', '.join(u for u in units if u)}",
+                                 param_hint=param)
+    return float(m.group(1)) * units[m.group(2).lower()]
 
-    dims: dict = {}
-    out: dict = {}
-    for spec in specs:
-        m = re.fullmatch(r"([A-Za-z_]\w*):(\d+)=(?:([A-Za-z_]\w*):)?(\d+)\.\.(\d*)", spec)
-        if not m:
-            raise click.BadParameter(f"{spec!r} is not INPUT:DIM=MIN..MAX or INPUT:DIM=NAME:MIN..MAX "
-                                     "(e.g. x:0=1..64; x:0=2.. for no upper bound)", param_hint="--dynamic")
-        name, dim, sym, lo = m.group(1), int(m.group(2)), m.group(3), int(m.group(4))
-        hi = int(m.group(5)) if m.group(5) else None
-        if hi is not None and lo > hi:
-            raise click.BadParameter(f"{spec!r}: the minimum {lo} is above the maximum {hi}", param_hint="--dynamic")
-        sym = sym or f"{name}_{dim}"
-        if sym in dims and dims[sym][1:] != (lo, hi):
-            raise click.BadParameter(f"{sym!r} is given two ranges", param_hint="--dynamic")
-        dims.setdefault(sym, (Dim(sym, min=lo) if hi is None else Dim(sym, min=lo, max=hi), lo, hi))
-        out.setdefault(name, {})[dim] = dims[sym][0]
-    return out
+
+@cache.command("prune")
+@_cache_option
+@click.option("--older-than", default=None, metavar="AGE", help="Remove packs not used for AGE (e.g. 30d, 12h).")
+@click.option("--max-size", default=None, metavar="SIZE",
+              help="Then remove the least recently used packs until the rest fit in SIZE (e.g. 10GB, 500MB).")
+@click.option("--all", "everything", is_flag=True, help="Remove every cached pack.")
+def cache_prune(cache_dir: str | None, older_than: str | None, max_size: str | None, everything: bool) -> None:
+    """Remove cached packs (and object files) by age or total size, and say what was removed. The size
+    limit applies to the packs and to the object files separately."""
+    from aotpack.buildcache import BuildCache
+
+    if not (older_than or max_size or everything):
+        raise click.UsageError("say what to remove: --older-than AGE, --max-size SIZE or --all")
+    age = _parse_amount(older_than, _AGES, "--older-than") if older_than else None
+    size = int(_parse_amount(max_size, _UNITS, "--max-size")) if max_size else None
+    store = BuildCache(cache_dir) if cache_dir else BuildCache.open(True)
+    removed = store.prune(older_than=age, max_bytes=size, everything=everything)
+    objects = store.objects().prune(older_than=age, max_bytes=size, everything=everything)
+    now = time.time()
+    for e in removed:
+        click.echo(f"removed {e.key[:12]}  {e.size / 1e6:.2f} MB  used {_ago(now - e.last_used)}  "
+                   f"{e.meta.get('source', '?')}")
+    left = store.entries()
+    click.echo(f"removed {len(removed)} pack{'s' if len(removed) != 1 else ''} "
+               f"({sum(e.size for e in removed) / 1e6:.2f} MB); {len(left)} left "
+               f"({sum(e.size for e in left) / 1e6:.2f} MB) in {store.folder}")
+    if objects:
+        click.echo(f"removed {len(objects)} object file{'s' if len(objects) != 1 else ''} "
+                   f"({sum(e.size for e in objects) / 1e6:.2f} MB) from {store.objects().folder}")
+
+
+def _parse_dynamic(specs: tuple[str, ...]) -> dict:
+    """``--dynamic`` values into torch.export's dynamic_shapes dict (a bad one is a usage error)."""
+    from aotpack.modelfile import parse_dynamic
+
+    try:
+        return parse_dynamic(specs)
+    except ModelFileError as e:
+        raise click.BadParameter(str(e), param_hint="--dynamic") from None
 
 
 @cli.command()
@@ -254,7 +390,12 @@ def _summary(value, depth: int = 0) -> str:
 @click.option("--repeat", default=50, show_default=True, type=click.IntRange(1, 100000),
               help="Calls to time after the first.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
-              help="Extraction cache for native code (default: $AOTPACK_CACHE_DIR or ~/.cache/aotpack).")
+              help="Extraction cache for native code and records of completed checks (default: "
+                   "$AOTPACK_CACHE_DIR or ~/.cache/aotpack).")
+@click.option("--verify", "verify_mode", type=click.Choice(["auto", "full"]), default="auto", show_default=True,
+              help="auto: hash every blob unless the cache records a check of this same, unchanged file; "
+                   "full: always hash every blob.")
+@click.option("--prefetch", is_flag=True, help="Read the weights into memory in the background while loading.")
 @click.option("--device", default=None, metavar="DEVICE",
               help="Where to put the example inputs: cpu, cuda, cuda:1 ... (default: cpu if the pack has a CPU "
                    "entry, else cuda).")
@@ -262,16 +403,20 @@ def _summary(value, depth: int = 0) -> str:
               help="The pack's detached signature (default with --public-key: PACK.sig).")
 @click.option("--public-key", type=click.Path(dir_okay=False), default=None,
               help="Refuse to load the pack unless it is signed by this key (EC public key or certificate, PEM).")
-def run(pack: str, repeat: int, cache_dir: str | None, device: str | None, signature: str | None,
-        public_key: str | None) -> None:
-    """Load a pack and run it on the example inputs stored inside it; print the result and timings."""
+def run(pack: str, repeat: int, cache_dir: str | None, verify_mode: str, prefetch: bool, device: str | None,
+        signature: str | None, public_key: str | None) -> None:
+    """Load a pack and run it on the example inputs stored inside it; print the result and timings.
+
+    A pack with state runs in one session: the first call starts from the initial state, and each timed
+    call continues it (with the same example inputs)."""
     import torch
     import torch.utils._pytree as pytree
 
     if signature is not None and public_key is None:
         raise click.UsageError("--signature needs --public-key to check it with")
     t0 = time.perf_counter()
-    pkg = rt.load(pack, cache_dir=cache_dir, signature=signature, public_key=public_key)
+    pkg = rt.load(pack, cache_dir=cache_dir, signature=signature, public_key=public_key, verify=verify_mode,
+                  prefetch=prefetch)
     t1 = time.perf_counter()
     args, kwargs = pkg.example_inputs()
     if device is None:
@@ -284,19 +429,23 @@ def run(pack: str, repeat: int, cache_dir: str | None, device: str | None, signa
         raise rt.ArchiveError(f"--device {device}: this host has no usable CUDA device", path=pack)
     args, kwargs = pytree.tree_map(lambda v: v.to(target) if isinstance(v, torch.Tensor) else v, (args, kwargs))
     sync = torch.cuda.synchronize if target.type == "cuda" else (lambda: None)
+    call = pkg.session(device=target) if pkg.stateful else pkg
     with torch.inference_mode():
         t2 = time.perf_counter()
-        out = pkg(*args, **kwargs)
+        out = call(*args, **kwargs)
         sync()
         t3 = time.perf_counter()
         times = []
         for _ in range(repeat):
             s = time.perf_counter()
-            pkg(*args, **kwargs)
+            call(*args, **kwargs)
             sync()
             times.append(time.perf_counter() - s)
+    if pkg.stateful:
+        click.echo(f"session: {call!r}")
     click.echo(f"output: {_summary(out)}")
-    click.echo(f"load {1e3 * (t1 - t0):.1f} ms, first call {1e3 * (t3 - t2):.2f} ms, "
+    checked = "every blob hashed" if pkg.checked == "full" else "the check recorded earlier"
+    click.echo(f"load {1e3 * (t1 - t0):.1f} ms ({checked}), first call {1e3 * (t3 - t2):.2f} ms, "
                f"median call {1e6 * statistics.median(times):.1f} us over {repeat} calls")
 
 

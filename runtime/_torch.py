@@ -16,7 +16,7 @@ def _aoti():
         from torch._C import _aoti  # the C++ AOTInductor model-container runner bindings
     except ImportError as e:  # pragma: no cover - present in every supported torch
         raise ArchiveError(f"this torch ({torch.__version__}) lacks torch._C._aoti, which aotpack needs "
-                           "to run compiled code; install torch 2.11 to 2.14") from e
+                           "to run compiled code; install torch 2.11 to 2.15") from e
     return _aoti
 
 
@@ -40,7 +40,7 @@ def cuda_runner(library_path: str, num_models: int, device_str: str, cubin_dir: 
         raise ArchiveError(f"this torch ({torch.__version__}) is a CPU build, and the pack's CUDA entries need "
                            "the CUDA build of torch (the same major.minor series); install it to run them")
     with torch.cuda.device(torch.device(device_str).index or 0):
-        # torch 2.14: (model_so_path, num_models, device_str, cubin_dir)
+        # torch 2.11 to 2.15: (model_so_path, num_models, device_str, cubin_dir)
         return cls(library_path, num_models, device_str, cubin_dir)
 
 
@@ -69,6 +69,12 @@ def set_constants(runner, tensors: dict[str, torch.Tensor]) -> None:
         runner.update_constant_buffer(tensors, False, True, True)
     except TypeError:  # torch builds without the user_managed flag copy the tensors instead
         runner.update_constant_buffer(tensors, False, True)
+
+
+def bind_constants(runner, tensors: dict[str, torch.Tensor]) -> None:
+    """Point some of the compiled code's constants at ``tensors`` (no copy; the others stay as they are).
+    The code writes into a constant it mutates (a state buffer) in place, through this pointer."""
+    runner.update_constant_buffer(tensors, False, False, True)
 
 
 def run(runner, tensors: list[torch.Tensor]) -> list[torch.Tensor]:

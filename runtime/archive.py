@@ -3,18 +3,35 @@
 Order of checks: the header (magic, version range, manifest size against the file size), the manifest's
 hash, its JSON (strict: no duplicate keys, no NaN, canonical form) and schema, the blob table's layout (every
 blob aligned, in order, inside the file, and the file ending exactly where the last blob ends). A blob's
-bytes are hashed before they are used.
+bytes are hashed before they are used: when it is read (``read_blob``), or for the whole pack at once
+(``check_blobs``, in parallel threads) before blobs are mapped unchecked (``map_blob(checked=True)``).
+
+The archive keeps the file it opened: every read and the mapping come from that file, so a pack renamed over
+while it is loaded is read consistently, and ``identity`` (device, inode, size, modification and change
+time, from the open file) names exactly the bytes that were checked.
 """
 from __future__ import annotations
 
+import concurrent.futures
+import errno
 import hashlib
 import mmap
 import os
+import stat
 
 import zstandard
 
 from . import format as fmt
 from .errors import ArchiveError
+
+# Blobs are hashed in chunks of this many bytes (read into a buffer per thread, never the whole blob).
+HASH_CHUNK = 8 << 20
+# At most this many threads hash blobs at once (hashlib and file reads release the GIL), each a blob of at
+# least PARALLEL_MIN_BYTES.
+MAX_HASH_THREADS = 16
+PARALLEL_MIN_BYTES = 1 << 20
+_EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+_ZEROS: bytes | None = None  # zeros to hash a hole with, made at first use
 
 
 def _sniff(head: bytes) -> str:
@@ -39,26 +56,47 @@ def _sniff(head: bytes) -> str:
 
 
 class Archive:
-    """An opened, checked archive. Blobs are read on demand with :meth:`read_blob`."""
+    """An opened, checked archive. Blobs are read on demand with :meth:`read_blob`.
+
+    ``identity`` is ``(device, inode, size, mtime_ns, ctime_ns)`` of the opened file, and
+    ``manifest_sha256`` the hash the header gives for the manifest (checked).
+    """
 
     def __init__(self, path: str, manifest: fmt.Manifest, manifest_bytes: bytes, region_start: int,
-                 file_size: int, header_version: int):
+                 file_size: int, header_version: int, fd: int | None = None, identity: tuple | None = None):
         self.path = path
         self.manifest = manifest
         self.manifest_bytes = manifest_bytes
+        self.manifest_sha256 = hashlib.sha256(manifest_bytes).hexdigest()
         self.region_start = region_start
         self.file_size = file_size
         self.header_version = header_version
+        self.identity = identity
+        self._fd = fd
         self._map: mmap.mmap | None = None
+
+    def __del__(self) -> None:
+        self.close()
+
+    def close(self, _close=os.close) -> None:  # ``_close`` bound now: __del__ may run at interpreter exit
+        """Close the file (a mapping made by ``map_blob`` stays valid while its views are used)."""
+        fd, self._fd = getattr(self, "_fd", None), None
+        if fd is not None:
+            _close(fd)
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> "Archive":
         path = os.fspath(path)
+        fd = None
         try:
-            with open(path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                head = f.read(fmt.HEADER_SIZE)
-                return cls._open(path, f, size, head)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            st = os.fstat(fd)
+            if stat.S_ISDIR(st.st_mode):
+                raise IsADirectoryError
+            head = _pread(fd, 0, fmt.HEADER_SIZE)
+            archive = cls._open(path, fd, st, head)
+            fd = None  # the archive owns it now
+            return archive
         except ArchiveError as e:
             if e.path is None:
                 raise ArchiveError(e.reason, path=path) from None
@@ -69,9 +107,13 @@ class Archive:
             raise ArchiveError("is a directory, not a pack file", path=path) from None
         except PermissionError:
             raise ArchiveError("permission denied reading the pack", path=path) from None
+        finally:
+            if fd is not None:
+                os.close(fd)
 
     @classmethod
-    def _open(cls, path: str, f, size: int, head: bytes) -> "Archive":
+    def _open(cls, path: str, fd: int, st: os.stat_result, head: bytes) -> "Archive":
+        size = st.st_size
         if not head.startswith(fmt.MAGIC):
             if len(head) < len(fmt.MAGIC) and fmt.MAGIC.startswith(head) and head:
                 raise ArchiveError(f"truncated at byte {len(head)}: the file ends inside the header")
@@ -93,7 +135,7 @@ class Archive:
         if fmt.HEADER_SIZE + mlen > size:
             raise ArchiveError(f"truncated at byte {size}: the manifest should end at byte "
                                f"{fmt.HEADER_SIZE + mlen}")
-        mbytes = f.read(mlen)
+        mbytes = bytes(_pread(fd, fmt.HEADER_SIZE, mlen))
         if len(mbytes) != mlen:
             raise ArchiveError(f"truncated at byte {fmt.HEADER_SIZE + len(mbytes)} while reading the manifest")
         if hashlib.sha256(mbytes).digest() != msha:
@@ -111,7 +153,8 @@ class Archive:
                                f"says {version}")
         region = fmt.align(fmt.HEADER_SIZE + mlen)
         cls._check_layout(manifest, region, size)
-        return cls(path, manifest, mbytes, region, size, version)
+        identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        return cls(path, manifest, mbytes, region, size, version, fd, identity)
 
     @staticmethod
     def _check_layout(manifest: fmt.Manifest, region: int, size: int) -> None:
@@ -129,20 +172,30 @@ class Archive:
             raise ArchiveError(f"file is {size} bytes but its last blob ends at byte {last} "
                                "(trailing data, or a truncated copy)")
 
+    def still_same_file(self) -> bool:
+        """Whether the opened file still has the identity it had when it was opened (not written since)."""
+        if self._fd is None:
+            return False
+        st = os.fstat(self._fd)
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) == self.identity
+
+    def _file(self) -> int:
+        if self._fd is None:
+            raise ArchiveError("the archive was closed", path=self.path)
+        return self._fd
+
     # -- blobs ---------------------------------------------------------------------------------
 
-    def read_stored(self, name: str) -> bytes:
+    def read_stored(self, name: str) -> bytes | bytearray:
         """The blob's bytes as stored (maybe compressed), unchecked."""
         b = self.manifest.blob(name)
-        with open(self.path, "rb") as f:
-            f.seek(self.region_start + b.offset)
-            data = f.read(b.stored_size)
+        data = _pread(self._file(), self.region_start + b.offset, b.stored_size)
         if len(data) != b.stored_size:
             raise ArchiveError(f"truncated: blob {name!r} has {len(data)} of {b.stored_size} bytes "
                                "(the file changed while it was read?)", path=self.path)
         return data
 
-    def read_blob(self, name: str) -> bytes:
+    def read_blob(self, name: str) -> bytes | bytearray:
         """The blob's content, decompressed and checked against its sha256."""
         b = self.manifest.blob(name)
         data = self.read_stored(name)
@@ -151,49 +204,166 @@ class Archive:
         if len(data) != b.size:
             raise ArchiveError(f"blob {name!r} is {len(data)} bytes, the manifest says {b.size}", path=self.path)
         if hashlib.sha256(data).hexdigest() != b.sha256:
-            raise ArchiveError(f"hash mismatch in blob {name!r}: the file is corrupt or was modified",
-                               path=self.path)
+            raise ArchiveError(_mismatch(name), path=self.path)
         return data
 
-    def map_blob(self, name: str) -> memoryview | bytearray:
+    def map_blob(self, name: str, checked: bool = False) -> memoryview | bytearray:
         """The blob's checked content without a copy where possible.
 
         An uncompressed blob is a view of a private copy-on-write mapping of the file: its pages are
-        shared with the page cache (and with every process that maps the same pack) until written. A
-        pack must therefore be replaced by renaming a new file over it, never rewritten in place while
-        loaded. A compressed blob is decompressed into memory.
+        shared with the page cache (and with every process that maps the same pack) until written, and
+        read from the file only when first used. A pack must therefore be replaced by renaming a new file
+        over it, never rewritten in place while loaded. A compressed blob is decompressed into memory.
+
+        The view is hashed first unless ``checked`` says that ``check_blobs`` (or a record of it for this
+        very file) already did; hashing reads every page of the blob.
         """
         b = self.manifest.blob(name)
         if b.compression != "none" or b.size == 0:
             return bytearray(self.read_blob(name))
         if self._map is None:
-            with open(self.path, "rb") as f:
-                if os.fstat(f.fileno()).st_size != self.file_size:
-                    raise ArchiveError("the file changed size since it was opened", path=self.path)
-                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            fd = self._file()
+            if os.fstat(fd).st_size != self.file_size:
+                raise ArchiveError("the file changed size since it was opened", path=self.path)
+            self._map = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
         start = self.region_start + b.offset
         view = memoryview(self._map)[start:start + b.size]
-        if hashlib.sha256(view).hexdigest() != b.sha256:
-            raise ArchiveError(f"hash mismatch in blob {name!r}: the file is corrupt or was modified",
-                               path=self.path)
+        if not checked and hashlib.sha256(view).hexdigest() != b.sha256:
+            raise ArchiveError(_mismatch(name), path=self.path)
         return view
 
-    def verify(self) -> None:
-        """Read and hash every blob, and check that padding between blobs is zero."""
+    def check_blobs(self, threads: int | None = None) -> int:
+        """Hash every blob against the manifest, several at once; return the bytes hashed.
+
+        Uncompressed blobs are read in chunks through a buffer per thread (the file's pages go to the page
+        cache, not into this process's mapping), holes of a sparse file are hashed as the zeros they read
+        as without reading them, and compressed blobs are decompressed first. ``threads`` defaults to the
+        cores this process may use (at most ``MAX_HASH_THREADS``). The first mismatch in table order is
+        the error.
+        """
+        # Large blobs go to the threads, longest first (they finish together); small ones are hashed here,
+        # where a thread hand-off would cost more than the hash (a pack may hold 100,000 tiny blobs).
+        large = sorted((b for b in self.manifest.blobs if b.stored_size >= PARALLEL_MIN_BYTES),
+                       key=lambda b: -b.stored_size)
+        if threads is None:
+            threads = min(MAX_HASH_THREADS, len(os.sched_getaffinity(0)))
+        threads = max(1, min(threads, len(large)))
+        failed: dict[str, ArchiveError] = {}
+
+        def one(b: fmt.BlobRecord) -> None:
+            try:
+                if b.compression != "none":
+                    self.read_blob(b.name)
+                elif _hash_range(self._file(), self.region_start + b.offset, b.size, self.path, b.name) != b.sha256:
+                    raise ArchiveError(_mismatch(b.name), path=self.path)
+            except ArchiveError as e:
+                failed[b.name] = e
+
         for b in self.manifest.blobs:
-            self.read_blob(b.name)
-        with open(self.path, "rb") as f:
-            pos = self.region_start
-            for b in self.manifest.blobs:
-                start = self.region_start + b.offset
-                f.seek(pos)
-                pad = f.read(start - pos)
-                if pad.strip(b"\x00"):
-                    raise ArchiveError(f"non-zero padding before blob {b.name!r}", path=self.path)
-                pos = start + b.stored_size
-            f.seek(fmt.HEADER_SIZE + len(self.manifest_bytes))
-            if f.read(self.region_start - fmt.HEADER_SIZE - len(self.manifest_bytes)).strip(b"\x00"):
-                raise ArchiveError("non-zero padding after the manifest", path=self.path)
+            if b.stored_size < PARALLEL_MIN_BYTES:
+                one(b)
+        if threads == 1:
+            for b in large:
+                one(b)
+        else:
+            with concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="aotpack-hash") as pool:
+                list(pool.map(one, large))
+        for b in self.manifest.blobs:
+            if b.name in failed:
+                raise failed[b.name]
+        return sum(b.size for b in self.manifest.blobs)
+
+    def verify(self) -> None:
+        """Hash every blob, and check that padding between blobs is zero."""
+        self.check_blobs()
+        fd = self._file()
+        pos = self.region_start
+        for b in self.manifest.blobs:
+            start = self.region_start + b.offset
+            if bytes(_pread(fd, pos, start - pos)).strip(b"\x00"):
+                raise ArchiveError(f"non-zero padding before blob {b.name!r}", path=self.path)
+            pos = start + b.stored_size
+        end = fmt.HEADER_SIZE + len(self.manifest_bytes)
+        if bytes(_pread(fd, end, self.region_start - end)).strip(b"\x00"):
+            raise ArchiveError("non-zero padding after the manifest", path=self.path)
+
+
+def _mismatch(name: str) -> str:
+    return f"hash mismatch in blob {name!r}: the file is corrupt or was modified"
+
+
+def _pread(fd: int, offset: int, n: int) -> bytes | bytearray:
+    """Up to ``n`` bytes at ``offset`` (fewer only at the end of the file); large reads loop, as the
+    kernel returns at most about 2 GiB per call."""
+    first = os.pread(fd, min(n, 1 << 30), offset)
+    if len(first) == n or len(first) < min(n, 1 << 30):
+        return first
+    buf = bytearray(n)
+    buf[:len(first)] = first
+    got = len(first)
+    view = memoryview(buf)
+    while got < n:
+        k = os.preadv(fd, [view[got:got + (1 << 30)]], offset + got)
+        if k == 0:
+            break
+        got += k
+    del view
+    if got < n:
+        del buf[got:]
+    return buf
+
+
+def _extent(fd: int, pos: int, end: int) -> tuple[int, int]:
+    """``(start, stop)`` of the next stretch of data at or after ``pos``, within ``end``: the bytes before
+    ``start`` are a hole of a sparse file, which reads as zeros. Without hole support, ``(pos, end)``."""
+    seek_data, seek_hole = getattr(os, "SEEK_DATA", None), getattr(os, "SEEK_HOLE", None)
+    if seek_data is None or seek_hole is None:
+        return pos, end
+    try:
+        start = os.lseek(fd, pos, seek_data)
+    except OSError as e:
+        if e.errno != errno.ENXIO or os.fstat(fd).st_size < end:  # no hole support, or a truncated file
+            return pos, end
+        return end, end  # ENXIO: a hole up to the end of the file
+    if start >= end:
+        return end, end
+    try:
+        stop = os.lseek(fd, start, seek_hole)
+    except OSError:
+        stop = end
+    return start, min(stop, end)
+
+
+def _hash_range(fd: int, offset: int, size: int, path: str, name: str) -> str:
+    """sha256 of ``size`` bytes of the file at ``offset``, read in chunks; holes are hashed as zeros."""
+    global _ZEROS
+    if size == 0:
+        return _EMPTY_SHA256
+    if size < PARALLEL_MIN_BYTES:  # one read
+        data = _pread(fd, offset, size)
+        if len(data) != size:
+            raise ArchiveError(f"truncated: blob {name!r} ends early (the file changed while it was read?)",
+                               path=path)
+        return hashlib.sha256(data).hexdigest()
+    h = hashlib.sha256()
+    view = memoryview(bytearray(min(size, HASH_CHUNK)))
+    pos, end = offset, offset + size
+    while pos < end:
+        start, stop = _extent(fd, pos, end)
+        while pos < start:
+            if _ZEROS is None:
+                _ZEROS = bytes(HASH_CHUNK)
+            n = min(start - pos, HASH_CHUNK)
+            h.update(memoryview(_ZEROS)[:n])
+            pos += n
+        while pos < stop:
+            got = os.preadv(fd, [view[:min(stop - pos, HASH_CHUNK)]], pos)
+            if got == 0:
+                raise ArchiveError(f"truncated: blob {name!r} ends early (the file changed while it was read?)",
+                                   path=path)
+            h.update(view[:got])
+            pos += got
+    return h.hexdigest()
 
 
 def decompress(data: bytes, size: int, name: str, path: str | None = None) -> bytes:

@@ -8,16 +8,33 @@ hashed again before it is loaded: a cache folder is never trusted more than the 
 The GPU kernels of a CUDA entry are loaded by its compiled code from one folder, by file name, so they are
 cached as a folder (``kernels/<sha256 of the file names and hashes>/``), written whole into a temporary
 folder and renamed into place, and every file in it is hashed again when it is found.
+
+The cache also keeps records of completed checks (``checked/``): that every blob of one pack file matched its
+sha256 (and, when a load hashed the whole file for a pin or a signature, that file's sha256). A record names
+the file by its identity (device, inode, size, modification and change time) and its manifest's sha256, so a
+later load of the same, unchanged file can skip hashing its weights; any write to the file, or a file renamed
+over it, changes the identity and means a full check again. Records are written only for a file whose last
+change is ``SETTLE_SECONDS`` older than the check (a write in the same clock tick as the last one would not
+change the identity) and are trusted only in a folder that no other user can write.
 """
 from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import secrets
 import shutil
+import stat
 
 from .errors import ArchiveError
+
+# A file changed less than this long before its check began gets no record: file times tick coarsely (a
+# jiffy on Linux, up to 2 s on some file systems), and a write in the tick of the last change before the
+# check would leave the identity unchanged.
+SETTLE_SECONDS = 2.0
+CHECK_RECORD = "aotpack-check"
+MAX_RECORD_BYTES = 1 << 16
 
 
 def default_cache_dir() -> str:
@@ -135,3 +152,78 @@ def store_dir(cache_dir: str, files: dict[str, str], contents: dict[str, bytes])
     shutil.rmtree(tmp, ignore_errors=True)
     raise ArchiveError(f"cannot put the kernel folder {path} into the extraction cache: another process keeps "
                        "replacing it with different content; clear the cache folder")
+
+
+# -- records of completed checks -------------------------------------------------------------------------
+
+def check_record_path(cache_dir: str, identity: tuple) -> str:
+    """Where the record of a check of the file with this identity lives."""
+    key = ":".join(str(int(v)) for v in identity)
+    return os.path.join(cache_dir, "checked", hashlib.sha256(key.encode("ascii")).hexdigest() + ".json")
+
+
+def _private(st: os.stat_result) -> bool:
+    """Owned by this user and writable by nobody else: a record there was written by this user."""
+    return st.st_uid == os.geteuid() and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+
+
+def find_check(cache_dir: str, identity: tuple, manifest_sha256: str | None = None) -> dict | None:
+    """The record of a completed check of the file with ``identity`` (and this manifest, when given), or None:
+    absent, unreadable, for another file, or in a folder other users can write."""
+    path = check_record_path(cache_dir, identity)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0))
+        try:
+            st = os.fstat(fd)
+            data = os.read(fd, MAX_RECORD_BYTES + 1) if stat.S_ISREG(st.st_mode) else b""
+        finally:
+            os.close(fd)
+        if not _private(st) or not _private(os.stat(os.path.dirname(path))):
+            return None
+        record = json.loads(data.decode("utf-8")) if 0 < len(data) <= MAX_RECORD_BYTES else None
+    except (OSError, ValueError):  # no record (or a damaged one): the load checks every blob again
+        return None
+    if not isinstance(record, dict) or record.get("format") != CHECK_RECORD or \
+            record.get("identity") != [int(v) for v in identity]:
+        return None
+    if not isinstance(record.get("manifest_sha256"), str) or \
+            (manifest_sha256 is not None and record["manifest_sha256"] != manifest_sha256):
+        return None
+    file_sha = record.get("file_sha256")
+    if file_sha is not None and not (isinstance(file_sha, str) and len(file_sha) == 64):
+        return None
+    return record
+
+
+def save_check(cache_dir: str, identity: tuple, manifest_sha256: str, started: float, pack_path: str,
+               file_sha256: str | None = None) -> bool:
+    """Record that every blob of the file with ``identity`` matched its sha256, in a check that began at
+    ``started`` (``time.time()``); ``file_sha256`` is the whole file's, when it was hashed for this identity.
+
+    Nothing is written for a file changed less than ``SETTLE_SECONDS`` before the check began. Returns
+    whether a record was written; a cache folder that cannot be written is not an error (the next load
+    checks again).
+    """
+    ctime = identity[4] / 1e9
+    if started - ctime < SETTLE_SECONDS:
+        return False
+    path = check_record_path(cache_dir, identity)
+    folder = os.path.dirname(path)
+    record = {"format": CHECK_RECORD, "identity": [int(v) for v in identity], "manifest_sha256": manifest_sha256,
+              "file_sha256": file_sha256, "checked": "every blob", "path": os.path.abspath(pack_path),
+              "checked_at": round(started, 3)}
+    tmp = os.path.join(folder, f".{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(record, f, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        return False
+    return True
+

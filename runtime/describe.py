@@ -55,6 +55,8 @@ def describe(archive: Archive) -> dict:
         "path": archive.path, "file_size": archive.file_size, "format_version": m.format_version,
         "producer": m.producer, "target": m.target, "options": m.options, "frozen": m.raw.get("frozen", {}),
         "weights": {"count": len(m.weights), "bytes": sum(w.nbytes for w in m.weights)},
+        "state": {"buffers": [r.to_json() for r in m.state], "bytes": sum(r.nbytes for r in m.state),
+                  "positions": [p.to_json() for p in m.positions]} if m.state else None,
         "entries": entries,
         "blobs": [{"name": b.name, "size": b.size, "stored_size": b.stored_size, "compression": b.compression,
                    "sha256": b.sha256} for b in m.blobs],
@@ -91,9 +93,11 @@ def render(info: dict[str, Any]) -> str:
         f"target:   {t.get('machine')} cpu_isa={t.get('cpu_isa')} torch {t.get('torch_series')}.x",
         f"weights:  {info['weights']['count']} tensors, {info['weights']['bytes']:,} bytes (stored once, "
         "shared by all entries)",
-        f"entries:  {len(info['entries'])}{_per_device(info['entries'])} (tried in this order; the first whose guards "
-        "pass runs)",
     ]
+    if info.get("state"):
+        lines.extend(_state_lines(info["state"]))
+    lines.append(f"entries:  {len(info['entries'])}{_per_device(info['entries'])} (tried in this order; the first whose "
+                 "guards pass runs)")
     for e in info["entries"]:
         lines.append(f"  entry {e['name']} [{e['device']}]: library {e['library']['size']:,} bytes, "
                      f"{len(e['kernels'])} kernels, {e['constants']} constants")
@@ -119,6 +123,20 @@ def render(info: dict[str, Any]) -> str:
             else f"{'':>10} stored as is"
         lines.append(f"  {b['name']:<28} {b['size']:>10,} bytes {stored}  sha256 {b['sha256'][:16]}")
     return "\n".join(lines)
+
+
+def _state_lines(state: dict) -> list[str]:
+    """The buffers a stateful pack's code writes between calls, and its cache-position checks."""
+    lines = [f"state:    {len(state['buffers'])} buffers, {state['bytes']:,} bytes per session (each session of a "
+             "loaded pack has its own copy; call through pkg.session())"]
+    for r in state["buffers"]:
+        init = "zeros" if r["init"] == "zeros" else f"initial value in {r['init']}"
+        lines.append(f"  state  {r['name']}: {r['dtype']}{r['shape']}, starts as {init}")
+    for p in state["positions"]:
+        span = p["span"] if isinstance(p["span"], int) else f"dim {p['span']['dim']} of {p['span']['input']!r}"
+        lines.append(f"  cache positions in {p['input']!r}: each in 0..{p['limit'] - 1}, and the first + {span} "
+                     f"<= {p['limit']} (checked before every call)")
+    return lines
 
 
 def _cuda_lines(cuda: dict) -> list[str]:

@@ -8,12 +8,18 @@ its first call there.
 ATen ops that have no C shim run through AOTInductor's proxy executor, which libtorch's runner creates when
 it finds the description of those calls (``extern_kernels``, JSON) beside the library under the same name
 (``model.so`` and ``model.json``); the two are extracted into one folder of the cache.
+
+An entry of a pack with state runs only for a session (``runtime/sessions.py``): its code writes the state
+buffers in place through the pointers it was given, so each call binds the calling session's state first.
+Such an entry keeps ``num_models`` containers of its code (a ``RunnerPool``, per device), each one call at
+a time; a container still bound to the calling session from its last call there is not rebound.
 """
 from __future__ import annotations
 
+import queue
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -30,18 +36,50 @@ RUNTIME_DEVICES = ("cpu", "cuda")
 SCALAR_TYPES = ("int", "float", "bool")
 
 
+class RunnerPool:
+    """Containers of one entry's code on one device, for calls that bind a session's state.
+
+    A call takes a free container (or waits for one), binds the session's state buffers to it unless it is
+    still bound to that session (same ``token``), runs and gives it back, so state is never shared between
+    two sessions and a container is never rebound while it runs."""
+
+    def __init__(self, runners: list, state_constants: dict[str, str]):
+        self._state_constants = state_constants  # the code's constant name -> state buffer name
+        self._free: queue.SimpleQueue = queue.SimpleQueue()
+        for runner in runners:
+            self._free.put([runner, None])
+
+    def run(self, call: Callable[[Any], list], state: dict[str, torch.Tensor], token: Any) -> list:
+        slot = self._free.get()
+        try:
+            runner, bound = slot
+            if bound != token:
+                slot[1] = None
+                _torch.bind_constants(runner, {c: state[n] for c, n in self._state_constants.items()})
+                slot[1] = token
+            return call(runner)
+        finally:
+            self._free.put(slot)
+
+
 class Entry:
-    """One compiled specialization: its guards, its native code, and how to rebuild its outputs."""
+    """One compiled specialization: its guards, its native code, and how to rebuild its outputs.
+
+    ``state_constants`` (the code's constant name -> state buffer name) is empty for a pack without state.
+    """
 
     device = "cpu"
 
     def __init__(self, index: int, meta: dict, guards: EntryGuards, runner: Any, outputs: dict,
-                 output_leaves: list):
+                 output_leaves: list, state_constants: dict[str, str] | None = None,
+                 pool: RunnerPool | None = None):
         self.index = index
         self.name = str(meta.get("name", index))
         self.meta = meta
         self.guards = guards
+        self.state_constants = dict(state_constants or {})
         self._runner = runner
+        self._pool = pool
         self._outputs = outputs
         self._output_leaves = output_leaves
         self._simple_output = all(o["kind"] == "tensor" for o in output_leaves) and \
@@ -50,8 +88,16 @@ class Entry:
         self._output_plan = [(o.get("index"), VALUE_TYPES[o["type"]] if o["kind"] == "scalar" else None,
                               o.get("value")) for o in output_leaves]
 
+    def label(self) -> str:
+        """The entry's name and guard summary, as GuardError messages show it."""
+        return f"{self.name} ({self.guards.label()})"
+
     def run(self, tensors: list[torch.Tensor]) -> Any:
         return self._outputs_from(_torch.run(self._runner, tensors))
+
+    def run_stateful(self, tensors: list[torch.Tensor], state: dict[str, torch.Tensor], token: Any) -> Any:
+        """Run with ``state`` (state buffer name -> the session's tensor on the inputs' device) bound."""
+        return self._outputs_from(self._pool.run(lambda runner: _torch.run(runner, tensors), state, token))
 
     def _outputs_from(self, flat: list) -> Any:
         """The model's output structure from the native code's flat output tensors."""
@@ -73,34 +119,44 @@ class CudaEntry(Entry):
     device = "cuda"
 
     def __init__(self, index: int, meta: dict, guards: EntryGuards, outputs: dict, output_leaves: list,
-                 cuda: CudaMeta, state: CudaState):
-        super().__init__(index, meta, guards, None, outputs, output_leaves)
+                 cuda: CudaMeta, state: CudaState, state_constants: dict[str, str] | None = None):
+        super().__init__(index, meta, guards, None, outputs, output_leaves, state_constants)
         self.cuda = cuda
         self._state = state
         self._library_blob: str = meta["library"]
         self._extern_blob: str | None = meta.get("extern_kernels")
         self._constants: dict[str, str] = meta["constants"]
-        self._runners: dict[int, Any] = {}
+        self._runners: dict[int, Any] = {}  # device index -> runner, or RunnerPool for a pack with state
         self._lock = threading.Lock()
         self._files: tuple[str, str] | None = None  # (library path, kernel folder) once extracted
         self._tensor_names = [f"input {g.name!r} ({g.path})" for g in guards.leaves if isinstance(g, TensorGuard)]
 
-    def run(self, tensors: list[torch.Tensor]) -> Any:
+    def device_index(self, tensors: list[torch.Tensor]) -> int:
+        """The GPU this call runs on: its inputs' (all on one), else the current one."""
         if tensors:
             index = tensors[0].get_device()
             for t in tensors:
                 if t.get_device() != index:
                     self._refuse_mixed(tensors)
-        elif self._state.no_cuda is not None:
-            raise GuardError([(f"{self.name} ({self.guards.label()})",
-                               "a CUDA entry without tensor inputs runs on the current CUDA device, and this host "
-                               f"has no usable CUDA device ({self._state.no_cuda})")])
-        else:  # no tensor inputs: the current device, as an eager op creating tensors would use
-            index = torch.cuda.current_device()
+            return index
+        if self._state.no_cuda is not None:
+            raise GuardError([(self.label(), "a CUDA entry without tensor inputs runs on the current CUDA device, "
+                               f"and this host has no usable CUDA device ({self._state.no_cuda})")])
+        return torch.cuda.current_device()  # no tensor inputs: as an eager op creating tensors would
+
+    def run(self, tensors: list[torch.Tensor]) -> Any:
+        index = self.device_index(tensors)
         runner = self._runners.get(index)
         if runner is None:
             runner = self.runner(index)
         return self._outputs_from(_torch.cuda_run(runner, tensors, index))
+
+    def run_stateful(self, tensors: list[torch.Tensor], state: dict[str, torch.Tensor], token: Any) -> Any:
+        index = self.device_index(tensors)
+        pool = self._runners.get(index)
+        if pool is None:
+            pool = self.runner(index)
+        return self._outputs_from(pool.run(lambda runner: _torch.cuda_run(runner, tensors, index), state, token))
 
     def _refuse_mixed(self, tensors: list[torch.Tensor]) -> None:
         placed = ", ".join(f"{who} on {t.device}" for who, t in zip(self._tensor_names, tensors))
@@ -130,18 +186,18 @@ class CudaEntry(Entry):
                 self._files = st.extract(self)
             library, kernel_dir = self._files
             where = f"manifest.entries[{self.index}]"
-            try:
-                runner = _torch.cuda_runner(library, st.num_models, f"cuda:{index}", kernel_dir)
-            except RuntimeError as e:  # not a shared object, not a model container, or a CUDA error
-                raise ArchiveError(f"{where}: blob {self._library_blob!r} cannot be loaded on cuda:{index} "
-                                   f"({str(e).splitlines()[0] if str(e) else type(e).__name__})",
-                                   path=st.path) from None
-            if _torch.constant_fqns(runner) != self._constants:
-                raise ArchiveError(f"{where}.constants do not match the constants of its native code",
-                                   path=st.path)
-            if self._constants:
-                weights = st.device_weights(index)
-                _torch.set_constants(runner, {c: weights[w] for c, w in self._constants.items()})
+
+            def load_one(num_models: int) -> Any:
+                try:
+                    return _torch.cuda_runner(library, num_models, f"cuda:{index}", kernel_dir)
+                except RuntimeError as e:  # not a shared object, not a model container, or a CUDA error
+                    raise ArchiveError(f"{where}: blob {self._library_blob!r} cannot be loaded on cuda:{index} "
+                                       f"({str(e).splitlines()[0] if str(e) else type(e).__name__})",
+                                       path=st.path) from None
+
+            weights = st.device_weights(index) if len(self._constants) > len(self.state_constants) else {}
+            runner = _load_code(load_one, st.num_models, self._constants, weights, self.state_constants,
+                                where, st.path)
             self._runners[index] = runner
             return runner
 
@@ -158,6 +214,7 @@ class CheckedEntry:
     library: str  # blob name
     extern_kernels: str | None  # blob name of the proxy executor's description, if the code needs one
     cuda: CudaMeta | None
+    state_constants: dict  # the code's constant name -> state buffer name (empty without state)
 
 
 def check_entry(i: int, m: Manifest, weight_names: set[str], blob_sizes: dict[str, int]) -> CheckedEntry:
@@ -194,9 +251,11 @@ def check_entry(i: int, m: Manifest, weight_names: set[str], blob_sizes: dict[st
         elif kind != "value" or "value" not in o:
             raise ArchiveError(f"{ow} must be a tensor or scalar index, or a value")
     constants = field_of(meta, "constants", dict, where)
+    state_names = {r.name for r in m.state}
     for cname, wname in constants.items():
-        if not isinstance(wname, str) or wname not in weight_names:
+        if not isinstance(wname, str) or (wname not in weight_names and wname not in state_names):
             raise ArchiveError(f"{where} constant {cname!r} refers to weight {wname!r}, which the pack lacks")
+    state_constants = {c: n for c, n in constants.items() if n in state_names}
     library = field_of(meta, "library", str, where)
     m.blob(library)
     extern = field_of(meta, "extern_kernels", str, where) if "extern_kernels" in meta else None
@@ -204,7 +263,7 @@ def check_entry(i: int, m: Manifest, weight_names: set[str], blob_sizes: dict[st
         m.blob(extern)
     cuda = CudaMeta.from_json(field_of(meta, "cuda", dict, where), f"{where}.cuda", blob_sizes) \
         if device == "cuda" else None
-    return CheckedEntry(guards, device, outputs, output_leaves, constants, library, extern, cuda)
+    return CheckedEntry(guards, device, outputs, output_leaves, constants, library, extern, cuda, state_constants)
 
 
 def entry_from_manifest(i: int, archive: Archive, weights: dict[str, torch.Tensor], cache_root: str,
@@ -219,19 +278,38 @@ def entry_from_manifest(i: int, archive: Archive, weights: dict[str, torch.Tenso
     except ArchiveError as e:
         raise ArchiveError(e.reason, path=path) from None
     if c.device == "cuda":
-        entry = CudaEntry(i, meta, c.guards, c.outputs, c.output_leaves, c.cuda, cuda_state)
+        entry = CudaEntry(i, meta, c.guards, c.outputs, c.output_leaves, c.cuda, cuda_state, c.state_constants)
         if cuda_state.no_cuda is None:  # this host can run it: extract and hash-check its code now, fail at load
             entry._files = cuda_state.extract(entry)
         return entry
     library = extract_code(archive, c.library, c.extern_kernels, cache_root)
-    try:
-        runner = _torch.cpu_runner(library, num_models)
-    except RuntimeError as e:  # not a shared object, not a model container, or a proxy executor it refuses
-        raise ArchiveError(f"{where}: blob {c.library!r} is not loadable native code "
-                           f"({str(e).splitlines()[0]})", path=path) from None
-    # The code knows the weight each of its constants came from: a manifest that says otherwise is wrong.
-    if _torch.constant_fqns(runner) != c.constants:
-        raise ArchiveError(f"{where}.constants do not match the constants of its native code", path=path)
-    if c.constants:
-        _torch.set_constants(runner, {k: weights[w] for k, w in c.constants.items()})
+
+    def load_one(n: int) -> Any:
+        try:
+            return _torch.cpu_runner(library, n)
+        except RuntimeError as e:  # not a shared object, not a model container, or a proxy executor it refuses
+            raise ArchiveError(f"{where}: blob {c.library!r} is not loadable native code "
+                               f"({str(e).splitlines()[0]})", path=path) from None
+
+    runner = _load_code(load_one, num_models, c.constants, weights, c.state_constants, where, path)
+    if c.state_constants:
+        return Entry(i, meta, c.guards, None, c.outputs, c.output_leaves, c.state_constants, pool=runner)
     return Entry(i, meta, c.guards, runner, c.outputs, c.output_leaves)
+
+
+def _load_code(load_one: Callable[[int], Any], num_models: int, constants: dict[str, str],
+               weights: dict[str, torch.Tensor], state_constants: dict[str, str], where: str, path: str) -> Any:
+    """An entry's code with its weights bound: one container of ``num_models`` models for an entry without
+    state; for one with state, a ``RunnerPool`` of ``num_models`` containers (one model each: the models of
+    one container share its constants, so two of them could not hold two sessions' state)."""
+    runners = [load_one(1 if state_constants else num_models) for _ in range(num_models if state_constants else 1)]
+    # The code knows the weight each of its constants came from: a manifest that says otherwise is wrong.
+    if _torch.constant_fqns(runners[0]) != constants:
+        raise ArchiveError(f"{where}.constants do not match the constants of its native code", path=path)
+    bound = {c: weights[w] for c, w in constants.items() if c not in state_constants}
+    for runner in runners:
+        if state_constants:  # the state is bound per call (RunnerPool)
+            _torch.bind_constants(runner, bound)
+        elif bound:
+            _torch.set_constants(runner, bound)
+    return RunnerPool(runners, state_constants) if state_constants else runners[0]

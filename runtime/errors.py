@@ -44,6 +44,12 @@ class GuardError(AotpackError):
         super().__init__(message)
 
 
+class SessionError(AotpackError):
+    """A stateful pack was called in a way its state does not allow: without a session, from two threads at
+    once in one session, on another device than the session's state, or after a call that failed (the state
+    is then undefined until ``reset()``)."""
+
+
 class CaptureError(AotpackError):
     """The model could not be captured as one graph (a graph break, or an untraceable construct).
 

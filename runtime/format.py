@@ -7,7 +7,10 @@ Changelog of ``FORMAT_VERSION`` (readers accept ``MIN_READ_VERSION..FORMAT_VERSI
   1 (2026-11): first version: header, JSON manifest, 64-byte aligned blobs, sha256 per blob.
   2 (2026-11): CUDA entries: entry.cuda with per-kernel blobs and architectures. A pack with no CUDA entry
                is still written as version 1 (``version_for``), so older readers keep loading CPU packs.
-  3 (2026-12): models as torch.export gives them: symbols without an upper bound (``[min, null]``); sizes
+  3 (2026-12): state: buffers the model writes in place (an LLM's KV cache), recorded in ``state`` apart
+               from the weights, with their initial values; entries' ``constants`` may name them. A pack
+               is written as the oldest version that can describe it (``version_for``).
+  4 (2026-12): models as torch.export gives them: symbols without an upper bound (``[min, null]``); sizes
                and strides that are polynomials over the symbols (derived dims ``2*d + 1``); tensor inputs the
                pack writes into (``"mutated": true``); outputs that are Python numbers (output leaves of kind
                ``scalar``); the extern-kernel description of ATen ops that run through AOTInductor's proxy
@@ -26,12 +29,14 @@ from typing import Any
 from .errors import ArchiveError
 
 MAGIC = b"AOTPACK\x00"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 MIN_READ_VERSION = 1
 # The first format version that may hold CUDA entries.
 CUDA_FORMAT_VERSION = 2
-# The first format version that may hold the features of version 3 (see the changelog and ``v3_features``).
-BREADTH_FORMAT_VERSION = 3
+# The first format version that may hold state.
+STATE_FORMAT_VERSION = 3
+# The first format version that may hold the features of version 4 (see the changelog and ``v4_features``).
+BREADTH_FORMAT_VERSION = 4
 # magic, format version, flags, manifest length, manifest sha256
 HEADER = struct.Struct("<8sIIQ32s")
 HEADER_SIZE = HEADER.size  # 56
@@ -60,8 +65,8 @@ DTYPE_VERSIONS = {name: BREADTH_FORMAT_VERSION for name in (
     "complex32", "uint16", "uint32", "uint64", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")}
 
 
-def v3_features(manifest: dict) -> list[str]:
-    """What in ``manifest`` needs format version 3, in words (empty when nothing does). The writer picks the
+def v4_features(manifest: dict) -> list[str]:
+    """What in ``manifest`` needs format version 4, in words (empty when nothing does). The writer picks the
     version from it and the reader refuses a manifest that uses a feature its version lacks."""
     found: list[str] = []
 
@@ -73,7 +78,9 @@ def v3_features(manifest: dict) -> list[str]:
         if isinstance(d, str) and d in DTYPE_VERSIONS:
             note(f"the dtype {d}")
 
-    for w in manifest.get("weights") or []:
+    state = manifest.get("state")
+    buffers = state.get("buffers") if isinstance(state, dict) else None
+    for w in list(manifest.get("weights") or []) + list(buffers if isinstance(buffers, list) else []):
         if isinstance(w, dict):
             dtype(w.get("dtype"))
     example = manifest.get("example")
@@ -106,9 +113,11 @@ def v3_features(manifest: dict) -> list[str]:
 
 def version_for(manifest: dict) -> int:
     """The format version a pack with this manifest is written as: the oldest that can describe it, so a
-    CPU-only pack that needs nothing newer stays readable by version-1 readers."""
-    if v3_features(manifest):
+    CPU-only pack without state that needs nothing newer stays readable by version-1 readers."""
+    if v4_features(manifest):
         return BREADTH_FORMAT_VERSION
+    if manifest.get("state"):
+        return STATE_FORMAT_VERSION
     if any(isinstance(e, dict) and e.get("device") == "cuda" for e in manifest.get("entries") or []):
         return CUDA_FORMAT_VERSION
     return MIN_READ_VERSION
@@ -257,12 +266,70 @@ class WeightRecord:
 
     @classmethod
     def from_json(cls, obj: Any, where: str) -> "WeightRecord":
-        shape = field_of(obj, "shape", list, where)
-        if len(shape) > 64 or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**48
-                                      for d in shape):
-            raise ArchiveError(f"{where}.shape must be a list of at most 64 non-negative integers")
         return cls(name=field_of(obj, "name", str, where), blob=field_of(obj, "blob", str, where),
-                   dtype=one_of(obj, "dtype", DTYPES, where), shape=tuple(shape))
+                   dtype=one_of(obj, "dtype", DTYPES, where), shape=_shape(obj, where))
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPES[self.dtype]
+
+
+def _shape(obj: Any, where: str) -> tuple[int, ...]:
+    shape = field_of(obj, "shape", list, where)
+    if len(shape) > 64 or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**48 for d in shape):
+        raise ArchiveError(f"{where}.shape must be a list of at most 64 non-negative integers")
+    return tuple(shape)
+
+
+@dataclass(frozen=True)
+class PositionRule:
+    """Which input of a stateful pack holds cache positions, so that a call is refused, before any native
+    code runs, when it would write outside the cache: every position ``p`` of the 1-D integer tensor input
+    ``input`` must satisfy ``0 <= p < limit``, and ``p[0] + span <= limit``, where ``span`` is the number of
+    positions one call writes: a constant, or the size of dimension ``dim`` of input ``span_input``."""
+
+    input: str
+    limit: int
+    span: int | tuple[str, int]
+
+    def to_json(self) -> dict:
+        span = self.span if isinstance(self.span, int) else {"input": self.span[0], "dim": self.span[1]}
+        return {"input": self.input, "limit": self.limit, "span": span}
+
+    @classmethod
+    def from_json(cls, obj: Any, where: str) -> "PositionRule":
+        span_json = field_of(obj, "span", (int, dict), where)
+        if isinstance(span_json, dict):
+            span: int | tuple[str, int] = (field_of(span_json, "input", str, f"{where}.span"),
+                                           nonneg_int(span_json, "dim", f"{where}.span", limit=63))
+        else:
+            span = nonneg_int(obj, "span", where, limit=2**48)
+        return cls(input=field_of(obj, "input", str, where), limit=nonneg_int(obj, "limit", where, limit=2**48),
+                   span=span)
+
+
+@dataclass(frozen=True)
+class StateRecord:
+    """A buffer the compiled code writes in place (an LLM's KV cache, a counter): the pack's state.
+
+    Every session of a loaded pack gets its own copy, made from the initial value: ``init`` is ``"zeros"``
+    or the name of a blob holding the value (raw little-endian bytes, contiguous). All entries share it."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    init: str
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape), "init": self.init}
+
+    @classmethod
+    def from_json(cls, obj: Any, where: str) -> "StateRecord":
+        init = field_of(obj, "init", str, where)
+        if init != "zeros" and (not BLOB_NAME.match(init) or ".." in init.split("/")):
+            raise ArchiveError(f"{where}.init must be \"zeros\" or a blob name, found {init!r}")
+        return cls(name=field_of(obj, "name", str, where), dtype=one_of(obj, "dtype", DTYPES, where),
+                   shape=_shape(obj, where), init=init)
 
     @property
     def nbytes(self) -> int:
@@ -282,6 +349,8 @@ class Manifest:
     entries: tuple[dict, ...]
     example: dict | None
     blobs: tuple[BlobRecord, ...]
+    state: tuple[StateRecord, ...] = ()
+    positions: tuple[PositionRule, ...] = ()
     raw: dict = field(repr=False, compare=False, default_factory=dict)
     # name -> record: a table may list up to MAX_BLOBS blobs, and every weight looks its blob up.
     _by_name: dict = field(init=False, repr=False, compare=False)
@@ -324,7 +393,7 @@ class Manifest:
                 raise ArchiveError(f"manifest.entries[{i}] is a CUDA entry, which format version "
                                    f"{CUDA_FORMAT_VERSION} introduced, but the manifest says format version "
                                    f"{version}; the pack was written by a broken or modified writer")
-        newer = v3_features(obj)
+        newer = v4_features(obj)
         if newer and version < BREADTH_FORMAT_VERSION:
             raise ArchiveError(f"the manifest uses {newer[0]}, which format version {BREADTH_FORMAT_VERSION} "
                                f"introduced, but it says format version {version}; the pack was written by a "
@@ -332,22 +401,47 @@ class Manifest:
         example = obj.get("example")
         if example is not None and not isinstance(example, dict):
             raise ArchiveError("manifest.example must be a JSON object or absent")
+        state, positions = (), ()
+        if "state" in obj:
+            if version < STATE_FORMAT_VERSION:
+                raise ArchiveError(f"manifest.state is state, which format version {STATE_FORMAT_VERSION} "
+                                   f"introduced, but the manifest says format version {version}; the pack was "
+                                   "written by a broken or modified writer")
+            state_json = field_of(obj, "state", dict, where)
+            state = tuple(StateRecord.from_json(r, f"manifest.state.buffers[{i}]")
+                          for i, r in enumerate(field_of(state_json, "buffers", list, "manifest.state")))
+            positions = tuple(PositionRule.from_json(r, f"manifest.state.positions[{i}]")
+                              for i, r in enumerate(field_of(state_json, "positions", list, "manifest.state")))
+            if not state:
+                raise ArchiveError("manifest.state lists no buffers; a pack without state has no state field")
         m = cls(format_version=version, producer=field_of(obj, "producer", dict, where),
                 target=_target(field_of(obj, "target", dict, where)), options=field_of(obj, "options", dict, where),
-                weights=weights, entries=tuple(entries), example=example, blobs=blobs, raw=obj)
+                weights=weights, entries=tuple(entries), example=example, blobs=blobs, state=state,
+                positions=positions, raw=obj)
         for w in weights:
             if w.blob not in names:
                 raise ArchiveError(f"weight {w.name!r} refers to blob {w.blob!r}, which the blob table lacks")
             if m.blob(w.blob).size != w.nbytes:
                 raise ArchiveError(f"weight {w.name!r} is {w.dtype}{list(w.shape)} ({w.nbytes} bytes) but its "
                                    f"blob holds {m.blob(w.blob).size} bytes")
+        seen = {w.name for w in weights}
+        for r in state:
+            if r.name in seen:
+                raise ArchiveError(f"manifest.state names {r.name!r}, which is also a weight or another state "
+                                   "buffer; names must be unique")
+            seen.add(r.name)
+            if r.init != "zeros" and m.blob(r.init).size != r.nbytes:
+                raise ArchiveError(f"state {r.name!r} is {r.dtype}{list(r.shape)} ({r.nbytes} bytes) but its "
+                                   f"initial value {r.init!r} holds {m.blob(r.init).size} bytes")
         return m
 
     def to_json(self) -> dict:
         return {"format": "aotpack", "format_version": self.format_version, "producer": self.producer,
                 "target": self.target, "options": self.options,
                 "weights": [w.to_json() for w in self.weights], "entries": list(self.entries),
-                "example": self.example, "blobs": [b.to_json() for b in self.blobs]}
+                "example": self.example, "blobs": [b.to_json() for b in self.blobs],
+                **({"state": {"buffers": [r.to_json() for r in self.state],
+                              "positions": [p.to_json() for p in self.positions]}} if self.state else {})}
 
 
 def _target(target: dict) -> dict:

@@ -1,8 +1,10 @@
 """``load(path) -> Package``: check the archive, map its code, and call it behind its guards.
 
 Loading runs no compiler and no tracer: the archive is checked (header, manifest, layout), the host is
-checked (CPU instruction set, torch series), the native code is hash-checked and put in the extraction cache,
-``dlopen``-ed through libtorch's model-container runner, and pointed at the pack's weights.
+checked (CPU instruction set, torch series), every blob is hashed (in parallel threads) unless the extraction
+cache records a completed check of this very file, the native code is hash-checked and put in the extraction
+cache, ``dlopen``-ed through libtorch's model-container runner, and pointed at the pack's weights, which are
+views of the mapped file: no page of them is read until the code uses it.
 
 CUDA entries are checked at load like CPU entries, but their native code needs libcuda.so.1, so it is
 loaded only when a call first selects the entry on a given GPU: after the GPU's architecture is checked
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import time
 from typing import Any
 
@@ -23,15 +26,18 @@ from . import signature as _signature
 from .archive import Archive
 from .devices import CudaState, warn_cuda
 from .entries import CudaEntry, Entry, check_entry, entry_from_manifest
-from .errors import ArchiveError, GuardError
+from .errors import ArchiveError, GuardError, SessionError
 from .format import DTYPES, Manifest, field_of
 from .guards import _DTYPE_BY_NAME, check_spec, rebuild
-from .weights import load_weights, tensor_from_bytes
+from .sessions import PositionCheck, Session, StateTemplate
+from .weights import load_weights, prefetch as _prefetch, tensor_from_bytes
 
 # An integer dtype of each element width, to move elements of any dtype (complex32, float8) as bits.
 _SAME_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
-__all__ = ["CudaEntry", "Entry", "Package", "load", "tensor_from_bytes"]
+__all__ = ["CudaEntry", "Entry", "Package", "Session", "load", "tensor_from_bytes"]
+
+VERIFY_MODES = ("auto", "full")
 
 
 class Package:
@@ -47,27 +53,67 @@ class Package:
 
     A CUDA entry accepts CUDA tensors on any device and runs on theirs, on the caller's current stream
     there. ``weights`` are the pack's weights in host memory; CUDA entries use copies of them on each GPU.
+
+    A pack with state (``stateful``: its code writes buffers such as an LLM's KV cache between calls) is
+    called through sessions, each with its own state: ``s = pkg.session(); s(...)`` (``runtime/sessions.py``).
     """
 
     def __init__(self, archive: Archive, entries: list[Entry], weights: dict[str, torch.Tensor],
-                 load_seconds: float, *, guard_note: str | None = None, cuda_state: CudaState | None = None):
+                 load_seconds: float, *, guard_note: str | None = None, cuda_state: CudaState | None = None,
+                 checked: str = "full", prefetching: threading.Thread | None = None):
         self.path = archive.path
         self.manifest = archive.manifest
         self.entries = entries
         self.weights = weights
         self.load_seconds = load_seconds
+        # "full": this load hashed every blob; "record": a recorded full check of this unchanged file stood in
+        self.checked = checked
         self._archive = archive
         self._example = None
         self._guard_note = guard_note
         self._cuda_state = cuda_state
+        self.stateful = bool(archive.manifest.state)
+        self._state_template = StateTemplate.from_archive(archive) if self.stateful else None
+        self._position_checks = [
+            [PositionCheck.bind(rule, e, archive.path, f"manifest.state.positions[{k}]")
+             for k, rule in enumerate(archive.manifest.positions)] for e in entries]
+        self._prefetching = prefetching
+
+    def wait_prefetch(self, timeout: float | None = None) -> bool:
+        """Wait for the background read of ``load(..., prefetch=True)``; True once it is done (or when
+        there was none)."""
+        if self._prefetching is not None:
+            self._prefetching.join(timeout)
+            return not self._prefetching.is_alive()
+        return True
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.stateful:
+            raise SessionError(f"this pack carries state that its calls write ({self._state_template.describe()}): "
+                               "open a session, which holds its own copy of it: s = pkg.session(); s(...)")
+        entry, tensors = self._dispatch(args, kwargs)
+        return entry.run(tensors)
+
+    def _dispatch(self, args: tuple, kwargs: dict) -> tuple[Entry, list[torch.Tensor]]:
+        """The first entry whose guards accept this input, and the tensors to hand it; else GuardError."""
         for entry in self.entries:
             tensors = entry.guards.match(args, kwargs)
             if tensors is not None:
-                return entry.run(tensors)
-        raise GuardError([(f"{e.name} ({e.guards.label()})", e.guards.explain(args, kwargs) or "guards failed")
-                          for e in self.entries], note=self._guard_note)
+                return entry, tensors
+        raise GuardError([(e.label(), e.guards.explain(args, kwargs) or "guards failed") for e in self.entries],
+                         note=self._guard_note)
+
+    def session(self, device: torch.device | str | None = None) -> Session:
+        """A new session of a stateful pack, with fresh state (the pack's initial values). Its state lives on
+        ``device``, by default on the device of its first call."""
+        if not self.stateful:
+            raise SessionError("this pack has no state: call the package itself (pkg(...)); sessions are for packs "
+                               "whose code writes buffers between calls, such as an LLM's KV cache")
+        if device is not None and torch.device(device).type == "cuda":
+            reason = self._cuda_state.no_cuda if self._cuda_state is not None else "the pack has no CUDA entry"
+            if reason is not None:
+                raise SessionError(f"cannot keep this session's state on {device}: {reason}")
+        return Session(self, device)
 
     def select(self, *args: Any, **kwargs: Any) -> Entry | None:
         """The entry that would run for this input, or None (runs nothing)."""
@@ -117,38 +163,54 @@ class Package:
 
 def load(path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
          expected_sha256: str | None = None, num_models: int = 1, signature: str | os.PathLike | None = None,
-         public_key: str | os.PathLike | bytes | None = None) -> Package:
+         public_key: str | os.PathLike | bytes | None = None, verify: str = "auto",
+         prefetch: bool = False) -> Package:
     """Load a pack for serving. Raises ``ArchiveError`` if the file or this host cannot serve it.
 
     ``expected_sha256`` pins the exact file (hex sha256 of the whole pack); ``cache_dir`` is where native
-    code is extracted (default: ``$AOTPACK_CACHE_DIR`` or ``~/.cache/aotpack``); ``num_models`` is how
-    many calls of one entry may run at the same time (per GPU, for a CUDA entry).
+    code is extracted and checks are recorded (default: ``$AOTPACK_CACHE_DIR`` or ``~/.cache/aotpack``);
+    ``num_models`` is how many calls of one entry may run at the same time (per GPU, for a CUDA entry).
+
+    ``verify``: ``"auto"`` hashes every blob of the pack (in parallel threads) unless the cache records a
+    completed check of this same, unchanged file (same device, inode, size, modification and change time,
+    same manifest), and records the check it makes; ``"full"`` always hashes every blob. Native code is
+    hashed before it is loaded either way.
+
+    ``prefetch``: read the weights into memory in a background thread, so that the first call does not
+    wait for their pages; by default a page is read when the code first uses it.
 
     ``public_key`` (a PEM file or PEM bytes: the signer's EC public key, or a certificate holding it)
     requires the pack to be signed by that key: ``signature`` is the detached signature ``aotpack sign``
     wrote (default ``PATH.sig``). A missing, malformed, altered or foreign signature, or a pack that is not
     the signed file, is an ``ArchiveError`` before anything in the pack is read. This check needs the
-    ``cryptography`` package.
+    ``cryptography`` package. A pin or a signature is checked against the whole file's sha256, which a
+    recorded check of the same unchanged file supplies when it has one (``verify="full"`` hashes it again).
 
     A pack with CUDA entries loads on a host without CUDA (its CPU entries serve), with an
     ``AotpackWarning``; so does a pack whose CUDA code was built without a GPU (never run, not autotuned).
     """
     start = time.perf_counter()
     path = os.fspath(path)
-    checked = None
+    if verify not in VERIFY_MODES:
+        raise ArchiveError(f"verify={verify!r} is not a verify mode: use 'auto' (skip hashing a file whose check is "
+                           "recorded) or 'full' (hash every blob)", path=path)
     if signature is not None and public_key is None:
         raise ArchiveError("a signature was given but no public key to check it with: pass public_key= (the "
                            "signer's PEM public key)", path=path)
-    if expected_sha256 is not None or public_key is not None:
-        checked = _identity(path)
-    if expected_sha256 is not None:
-        _check_pin(path, expected_sha256)
-    if public_key is not None:
-        _signature.check(path, signature, public_key)
+    cache_root = os.fspath(cache_dir) if cache_dir is not None else cache.default_cache_dir()
+    began = time.time()
+    pinned = expected_sha256 is not None or public_key is not None
+    before = _identity(path) if pinned else None
+    recorded = cache.find_check(cache_root, before) if before is not None and verify == "auto" else None
+    file_sha = _check_whole_file(path, expected_sha256, signature, public_key, recorded) if pinned else None
     archive = Archive.open(path)
-    if checked is not None and _identity(path) != checked:
+    if pinned and archive.identity != before:
         raise ArchiveError("the file was replaced or changed while its hash was being checked; load it again "
                            "once it is in place", path=path)
+    if recorded is not None and recorded["manifest_sha256"] != archive.manifest_sha256:
+        # A record for this identity but another manifest: trust neither, hash the file itself.
+        file_sha = _check_whole_file(path, expected_sha256, signature, public_key, None)
+        recorded = None
     m = archive.manifest
     platform.check_byteorder()
     producer_torch = m.producer.get("torch")
@@ -159,10 +221,22 @@ def load(path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
         platform.check_target(m.target)
     except ArchiveError as e:
         raise ArchiveError(e.reason, path=path) from None
-    cache_root = os.fspath(cache_dir) if cache_dir is not None else cache.default_cache_dir()
 
-    st = os.stat(path)
-    weights = load_weights(archive, (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+    if verify == "auto" and recorded is None:
+        recorded = cache.find_check(cache_root, archive.identity, archive.manifest_sha256)
+    checked = "record"
+    if recorded is None:
+        if not pinned:
+            began = time.time()
+        archive.check_blobs()
+        checked = "full"
+    if (recorded is None or (file_sha and not recorded.get("file_sha256"))) and archive.still_same_file():
+        cache.save_check(cache_root, archive.identity, archive.manifest_sha256, began, path, file_sha)
+    weights = load_weights(archive, checked=True)
+    prefetching = None
+    if prefetch:
+        mapped = {w.name for w in m.weights if m.blob(w.blob).compression == "none"}
+        prefetching = _prefetch([t for name, t in weights.items() if name in mapped])
 
     cuda_metas = {i: meta for i, meta in enumerate(m.entries) if meta.get("device") == "cuda"}
     # Why this host cannot run CUDA code, or None; asked only of packs with CUDA entries, so loading a CPU
@@ -171,8 +245,9 @@ def load(path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
     blob_sizes = {b.name: b.size for b in m.blobs} if cuda_metas else {}
     cuda_state = None
     if cuda_metas:
+        state_names = {r.name for r in m.state}
         needed = {w for meta in cuda_metas.values() if isinstance(meta.get("constants"), dict)
-                  for w in meta["constants"].values() if isinstance(w, str)}
+                  for w in meta["constants"].values() if isinstance(w, str) and w not in state_names}
         cuda_state = CudaState(archive, cache_root, num_models, weights, needed, no_cuda)
 
     entries = [entry_from_manifest(i, archive, weights, cache_root, num_models, cuda_state, blob_sizes)
@@ -181,7 +256,19 @@ def load(path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
     if cuda_metas:
         guard_note = warn_cuda(path, entries, no_cuda)
     return Package(archive, entries, weights, time.perf_counter() - start, guard_note=guard_note,
-                   cuda_state=cuda_state)
+                   cuda_state=cuda_state, checked=checked, prefetching=prefetching)
+
+
+def _check_whole_file(path: str, expected_sha256: str | None, signature, public_key,
+                      recorded: dict | None) -> str:
+    """Check the pin and the signature against the file's sha256 (the recorded one when a record of this
+    unchanged file has it); return that sha256."""
+    file_sha = recorded.get("file_sha256") if recorded is not None else None
+    if expected_sha256 is not None:
+        file_sha = _check_pin(path, expected_sha256, file_sha)
+    if public_key is not None:
+        file_sha = _signature.check(path, signature, public_key, file_sha256=file_sha).file_sha256
+    return file_sha
 
 
 def check_example(m: Manifest) -> tuple[dict, list[dict]]:
@@ -237,14 +324,16 @@ def _identity(path: str) -> tuple | None:
         st = os.stat(path)
     except OSError:
         return None
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def _check_pin(path: str, expected: str) -> None:
+def _check_pin(path: str, expected: str, known: str | None = None) -> str:
+    """Check the file's sha256 (``known``: recorded for this unchanged file) against the pin; return it."""
     want = expected.lower().strip()
-    got = cache.file_sha256(path)
+    got = known or cache.file_sha256(path)
     if got is None:
         raise ArchiveError("cannot read the file to check its pinned sha256", path=path)
     if got != want:
         raise ArchiveError(f"sha256 mismatch: expected {want}, actual {got}; refusing to load a pack that is "
                            "not the pinned one", path=path)
+    return got

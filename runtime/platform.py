@@ -78,6 +78,10 @@ def check_target(target: dict, *, flags: frozenset[str] | None = None, machine: 
                            "ISA this CPU has")
 
 
+# The torch series (major.minor) aotpack supports; each has a CI lane (README, "Torch versions").
+TORCH_SERIES = ("2.11", "2.12", "2.13", "2.14", "2.15")
+
+
 def torch_minor(version: str) -> str:
     return ".".join(version.split("+")[0].split(".")[:2])
 

@@ -60,10 +60,13 @@ def default_signature_path(path: str | os.PathLike) -> str:
 
 
 def check(path: str | os.PathLike, signature: str | os.PathLike | None,
-          public_key: str | os.PathLike | bytes) -> Signed:
+          public_key: str | os.PathLike | bytes, *, file_sha256: str | None = None) -> Signed:
     """Check that ``signature`` (a bundle file; ``None`` means ``PATH.sig``) is a valid signature of the
     file at ``path`` by ``public_key`` (a PEM file, or PEM bytes, of an EC public key or of a certificate
-    holding one). Raises ``ArchiveError`` saying what failed and what to do; returns what was proved."""
+    holding one). Raises ``ArchiveError`` saying what failed and what to do; returns what was proved.
+
+    ``file_sha256`` is the file's sha256 when the caller already knows it for this unchanged file (a
+    recorded check); otherwise the whole file is hashed."""
     path = os.fspath(path)
     sig_path = default_signature_path(path) if signature is None else os.fspath(signature)
     if not os.path.isfile(path):
@@ -103,7 +106,7 @@ def check(path: str | os.PathLike, signature: str | os.PathLike | None,
                    "was made by another key; get the signature and public key from the release again") from None
 
     signed_sha = _statement_digest(path, sig_path, envelope["payload"])
-    actual = cache.file_sha256(path)
+    actual = file_sha256 or cache.file_sha256(path)
     if actual is None:
         raise ArchiveError("cannot read the pack to check its signature", path=path)
     if actual != signed_sha:

@@ -44,13 +44,15 @@ _built: dict[str, Built] = {}
 
 
 def build_example(name: str, session_dir: pathlib.Path) -> Built:
+    """Build ``examples/NAME.py`` once per session (``NAME`` may name a subfolder: ``llm/llama``)."""
     if name not in _built:
         import aotpack
         from aotpack.modelfile import load_model_file
 
         spec = load_model_file(str(EXAMPLES / f"{name}.py"))
-        out = session_dir / f"{name}.pack"
-        aotpack.build(spec.model, spec.example_inputs, out, example_kwargs=spec.example_kwargs)
+        out = session_dir / f"{name.replace('/', '-')}.pack"
+        aotpack.build(spec.model, spec.example_inputs, out, example_kwargs=spec.example_kwargs,
+                      dynamic_shapes=spec.dynamic_shapes)
         _built[name] = Built(name, out, spec)
     return _built[name]
 
@@ -83,14 +85,58 @@ def run_python(code: str, env: dict | None = None, timeout: int = 120) -> subpro
                           timeout=timeout, cwd=str(ROOT))
 
 
+@pytest.fixture(scope="session", params=["llama", "qwen3", "gemma2"])
+def llm_pack(request, session_dir) -> Built:
+    """A tiny decoder with a static KV cache (examples/llm/), built into a stateful pack."""
+    return build_example(f"llm/{request.param}", session_dir)
+
+
+@pytest.fixture(scope="session")
+def llama_pack(session_dir) -> Built:
+    return build_example("llm/llama", session_dir)
+
+
+class Counter:
+    """A stateful model: a step counter (a 0-d buffer whose old value is read) and a rolling history."""
+
+    @staticmethod
+    def make():
+        import torch
+
+        class CounterModel(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.register_buffer("count", torch.zeros(()))
+                self.register_buffer("history", torch.zeros(4))
+                self.scale = torch.nn.Parameter(torch.tensor(2.0))
+
+            def forward(self, x):
+                self.count.add_(1)
+                self.history.copy_(torch.cat([x.sum().reshape(1), self.history[:-1]]))
+                return x * self.count * self.scale, self.history.sum()
+
+        return CounterModel().eval()
+
+
+@pytest.fixture(scope="session")
+def counter_pack(session_dir) -> pathlib.Path:
+    """A small pack with state (Counter), built once per session."""
+    import torch
+
+    import aotpack
+
+    path = session_dir / "counter.pack"
+    if not path.exists():
+        aotpack.build(Counter.make(), (torch.ones(3),), path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def corpus_pack(session_dir) -> pathlib.Path:
     """The corpus of tests/corpus.py as one pack: one entry per group of models (the dynamic group first, with
     its dynamic shapes; the others as specializations), compiled in parallel."""
     import aotpack
     import corpus
-    if os.environ.get("DEVHACK_CORPUS"):
-        return pathlib.Path(os.environ["DEVHACK_CORPUS"])
 
     model = corpus.Corpus().eval()
     groups = list(corpus.GROUPS)

@@ -52,6 +52,13 @@ def test_run_in_a_fresh_process(convnet_pack, session_dir):
     assert "median call" in proc.stdout
 
 
+def test_run_says_what_its_load_checked(convnet_pack, tmp_path):
+    r = _run("run", convnet_pack.path, "--repeat", "1", "--cache-dir", tmp_path / "c", "--verify", "full",
+             "--prefetch")
+    assert r.exit_code == 0, r.output
+    assert "ms (every blob hashed), first call" in r.output
+
+
 def test_python_dash_m(convnet_pack):
     proc = run_python("import runpy, sys; sys.argv = ['aotpack', '--help']; runpy.run_module('aotpack', run_name='__main__')")
     assert proc.returncode == 0 and "build" in proc.stdout

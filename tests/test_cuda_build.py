@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import warnings
@@ -58,6 +59,13 @@ def cuda_only_pack(session_dir) -> pathlib.Path:
     """The conv net with a CUDA entry only, for sm_90."""
     return _cli_build(session_dir / "cuda-only", "convnet.py", "convnet-cuda.pack", "--device", "cuda",
                       "--cuda-arch", "90", "--without-gpu")
+
+
+@pytest.fixture(scope="session")
+def llama_cuda_pack(session_dir) -> pathlib.Path:
+    """A tiny Llama with a static KV cache (a pack with state): a CPU and a CUDA entry, sm_80 and sm_90."""
+    return _cli_build(session_dir / "cuda-llama", "llm/llama.py", "llama-cuda.pack", "--device", "cpu", "--device",
+                      "cuda", "--cuda-arch", "80,90", "--without-gpu")
 
 
 @pytest.fixture(scope="session")
@@ -118,10 +126,11 @@ def test_every_kernel_carries_the_requested_sass_and_disassembles(mixed_pack, cu
         assert kernels
         for k in kernels:
             path = _extract(archive, k["blob"], tmp_path)
-            out = subprocess.run([cudabuild.cuobjdump(), "-lelf", "-lptx", str(path)], capture_output=True,
+            out = subprocess.run([cudabuild.cuobjdump(), "-elf", "-ptx", str(path)], capture_output=True,
                                  text=True, check=True).stdout
-            assert sorted(cudabuild._ELF.findall(out)) == sass, out
-            assert [p.replace("sm_", "compute_") for p in cudabuild._PTX.findall(out)] == ptx, out
+            images = re.findall(r"^Fatbin (elf|ptx) code:\n=+\narch = (\S+)$", out, re.M)
+            assert sorted(a for kind, a in images if kind == "elf") == sass, out
+            assert [a.replace("sm_", "compute_") for kind, a in images if kind == "ptx"] == ptx, out
             assert cudabuild.disassembles(str(path)), k["name"]
             assert k["archs"] == sass and k["ptx"] == ptx
 
@@ -223,13 +232,13 @@ def _resolve(qualified: str):
 def test_offline_mode_patches_exactly_the_listed_private_names_and_restores_them():
     from torch._dynamo.device_interface import CudaInterface
 
-    before = {name: _resolve(name) for name in _cuda_offline.PATCHED}  # each exists in this torch/triton
+    before = {name: _resolve(name) for name in _cuda_offline.patched_names()}  # each exists in this torch
     raw_before = vars(CudaInterface)["is_available"]
     with _cuda_offline.offline_cuda(80) as target:
         assert torch.cuda.get_device_properties(0).multi_processor_count == target.sms == 108
         assert torch.cuda.get_device_capability(0) == (8, 0)
         assert CudaInterface.is_available()
-    assert sorted(_cuda_offline.last_patched) == sorted(_cuda_offline.PATCHED)
+    assert sorted(_cuda_offline.last_patched) == sorted(_cuda_offline.patched_names())
     assert all(_resolve(name) is value for name, value in before.items())
     assert vars(CudaInterface)["is_available"] is raw_before  # still the staticmethod object
     assert not torch.cuda.is_available() and not CudaInterface.is_available()
@@ -289,3 +298,31 @@ def test_run_command_on_this_host(mixed_pack, cuda_only_pack):
                           text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 1
     assert proc.stderr.strip().endswith("--device cuda: this host has no usable CUDA device")
+
+
+def test_a_pack_with_state_builds_cuda_entries_without_a_gpu(llama_cuda_pack):
+    """The KV cache is state for the CUDA entry as for the CPU entry (the CUDA code writes it in place on the
+    GPU, in the session's own copy there); the kernels carry the requested SASS; the CPU entry serves a session
+    here with eager's tokens, and a session on a GPU is refused clearly on this host."""
+    sys.path.insert(0, str(EXAMPLES / "llm"))
+    from decoders import greedy, wrapped
+
+    m = Archive.open(llama_cuda_pack).manifest
+    assert m.format_version == 3
+    names = {r.name for r in m.state}
+    assert names == {f"{k}_{i}" for k in ("key_cache", "value_cache", "cumulative_length") for i in (0, 1)}
+    cpu, cuda = m.entries
+    assert cuda["device"] == "cuda" and names <= set(cuda["constants"].values()) and names <= set(
+        cpu["constants"].values())
+    assert all({"sm_80", "sm_90"} <= set(k["archs"]) for k in cuda["cuda"]["kernels"]) and cuda["cuda"]["kernels"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", rt.AotpackWarning)
+        pkg = rt.load(llama_cuda_pack)
+    s = pkg.session()
+    _, wrapper = wrapped("llama")
+    with torch.inference_mode():
+        got = greedy(lambda ids, pos: s(input_ids=ids, cache_position=pos), [5, 17, 42], 12)
+        want = greedy(lambda ids, pos: wrapper(input_ids=ids, cache_position=pos), [5, 17, 42], 12)
+    assert got == want
+    with pytest.raises(rt.SessionError, match=r"cannot keep this session's state on cuda: torch .* sees no CUDA device"):
+        pkg.session(device="cuda")

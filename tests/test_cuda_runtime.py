@@ -388,7 +388,7 @@ def add_blobs(manifest: dict, region: bytes, blobs: dict[str, bytes]) -> bytes:
 
 
 def make_cuda_pack(data: bytes, *, cpu: bool = True, cuda_entries: int = 1, cuda_first: bool = False,
-                   edit=None) -> bytes:
+                   edit=None, version: int = 2) -> bytes:
     """The CPU pack with CUDA copies of its entry 0 added (or, with ``cpu=False``, instead of it)."""
     _, manifest, region = split(data)
     cpu_entry = manifest["entries"][0]
@@ -409,10 +409,10 @@ def make_cuda_pack(data: bytes, *, cpu: bool = True, cuda_entries: int = 1, cuda
             e["cuda"] = cuda_section(i, blobs)
             e["kernels"] = [k[0] for k in KERNELS]
     manifest["entries"] = entries
-    manifest["format_version"] = 2
+    manifest["format_version"] = version
     if edit:
         edit(manifest)
-    return join(2, fmt.canonical_json(manifest), region)
+    return join(version, fmt.canonical_json(manifest), region)
 
 
 @pytest.fixture(scope="module")
@@ -692,11 +692,13 @@ def test_render_of_a_gpu_build(mlp_pack, tmp_path):
 
 class FakeRunner:
     made: list = []
+    outputs = 1  # how many tensors run() returns
 
     def __init__(self, library, num_models, device_str, cubin_dir, constants):
         self.args = (library, num_models, device_str, cubin_dir)
         self.constants = constants
         self.set: dict = {}
+        self.updates: list = []
         self.runs = 0
         FakeRunner.made.append(self)
 
@@ -704,11 +706,12 @@ class FakeRunner:
         return dict(self.constants)
 
     def update_constant_buffer(self, tensors, use_inactive, validate_full, user_managed=False):
-        self.set = dict(tensors)
+        self.set.update(tensors)
+        self.updates.append((dict(tensors), validate_full, user_managed))
 
     def run(self, tensors):
         self.runs += 1
-        return [torch.zeros(8, 10)]
+        return [torch.zeros(8, 10)] * FakeRunner.outputs
 
 
 GPUS = {0: ("NVIDIA H100 80GB HBM3", (9, 0)), 1: ("Tesla T4", (7, 5)), 2: ("NVIDIA A10", (8, 6))}
@@ -718,6 +721,7 @@ GPUS = {0: ("NVIDIA H100 80GB HBM3", (9, 0)), 1: ("Tesla T4", (7, 5)), 2: ("NVID
 def fake_gpu_host(monkeypatch, mlp_pack):
     """A host with the GPUs of ``GPUS``: torch.cuda's queries, the runner and the copy to a GPU replaced."""
     FakeRunner.made = []
+    monkeypatch.setattr(FakeRunner, "outputs", 1)
     host = types.SimpleNamespace(copies=[], entered=[],
                                  constants=split(mlp_pack.path.read_bytes())[1]["entries"][0]["constants"])
 
@@ -815,3 +819,36 @@ def test_gpu_path_detects_a_damaged_kernel_folder(packs, fake_gpu_host, tmp_path
         again = aotpack.load(path, cache_dir=tmp_path / "cache")
     assert again.entries[1]._files[1] == kernel_dir
     assert open(target, "rb").read() == _kernel_blobs(1)["kernels/1/czr733aa11.fatbin"]
+
+
+def test_stateful_cuda_entry_binds_each_sessions_state_per_device(counter_pack, fake_gpu_host, tmp_path):
+    """A CUDA entry of a pack with state keeps a pool of num_models containers per GPU (one model each), binds
+    a session's state (user-managed, no copy) just before the call that needs it, and does not rebind a
+    container still bound to the calling session."""
+    _, manifest, _ = split(counter_pack.read_bytes())
+    fake_gpu_host.constants = manifest["entries"][0]["constants"]
+    FakeRunner.outputs = 2  # (x * count * scale, history.sum())
+    path = tmp_path / "stateful-cuda.pack"
+    path.write_bytes(make_cuda_pack(counter_pack.read_bytes(), cpu=False, version=3))
+    with pytest.warns(AotpackWarning):
+        pkg = aotpack.load(path, cache_dir=tmp_path / "cache", num_models=2)
+    entry = pkg.entries[0]
+    assert entry.state_constants and set(entry.state_constants.values()) == {"count", "history"}
+    state_a = {"count": torch.zeros(()), "history": torch.zeros(4)}
+    state_b = {"count": torch.ones(()), "history": torch.ones(4)}
+    entry.run_stateful([FakeCudaTensor(0)], state_a, ("a", 0))
+    made = list(FakeRunner.made)
+    assert [r.args[1:3] for r in made] == [(1, "cuda:0"), (1, "cuda:0")]  # num_models containers, one model each
+    for r in made:  # the weights: bound once, user-managed, leaving the state to each call
+        assert r.updates[0][1:] == (False, True) and not set(r.updates[0][0]) & set(entry.state_constants)
+    ran = [r for r in made if r.runs]
+    assert len(ran) == 1 and all(ran[0].set[c] is state_a[n] for c, n in entry.state_constants.items())
+    binds = sum(len(r.updates) for r in made)
+    entry.run_stateful([FakeCudaTensor(0)], state_a, ("a", 0))
+    entry.run_stateful([FakeCudaTensor(0)], state_a, ("a", 0))
+    assert sum(len(r.updates) for r in made) <= binds + 1  # at most the other container, once
+    entry.run_stateful([FakeCudaTensor(0)], state_b, ("b", 0))
+    assert any(all(r.set[c] is state_b[n] for c, n in entry.state_constants.items()) for r in made)
+    assert sum(r.runs for r in made) == 4
+    entry.run_stateful([FakeCudaTensor(2)], state_a, ("a", 0))  # another GPU: its own pool
+    assert [r.args[2] for r in FakeRunner.made[2:]] == ["cuda:2", "cuda:2"]

@@ -49,8 +49,9 @@ def test_example_inputs_are_stored(convnet_pack):
 
 
 def test_fresh_process_loads_without_build_side_and_matches(example_pack, session_dir):
-    """A serving process: imports the runtime, loads, calls; no Dynamo, Inductor, triton, click or signing
-    packages, and an empty extraction cache. The output is compared with eager here."""
+    """A serving process: imports the runtime, loads, calls; no Dynamo, Inductor, triton, click, signing
+    packages or the serving example's frameworks, and an empty extraction cache. The output is compared with
+    eager here."""
     out_file = session_dir / f"{example_pack.name}-fresh.pt"
     code = f"""
 import sys, json, torch
@@ -60,7 +61,8 @@ args, kwargs = pkg.example_inputs()
 out = pkg(*args, **kwargs)
 torch.save(out, {str(out_file)!r})
 heavy = [m for m in ("torch._dynamo", "torch._inductor", "triton", "click", "model_signing", "cryptography",
-                     "aotpack.pipeline", "aotpack.capture", "aotpack.compile") if m in sys.modules]
+                     "aotpack.pipeline", "aotpack.capture", "aotpack.compile", "fastapi", "starlette", "uvicorn",
+                     "ray") if m in sys.modules]
 print(json.dumps(heavy))
 """
     proc = run_python(code, env={"AOTPACK_CACHE_DIR": str(session_dir / f"fresh-cache-{example_pack.name}")})

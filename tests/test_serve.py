@@ -1,109 +1,56 @@
-"""examples/serve/server.py: a pack behind HTTP. The server runs as its own process on 127.0.0.1 (port 0:
-the OS picks a free one, the server prints it); answers are checked against eager, client mistakes must
-be 4xx with the guard's own message, never a 500."""
+"""examples/serve/app.py: a pack behind HTTP, a FastAPI app under uvicorn. The server runs as its own process
+on 127.0.0.1 (port 0: it binds a free one and prints it); answers are checked against eager, client mistakes
+must be 4xx with the guard's own message, never a 500."""
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import http.client
 import json
-import re
+import os
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 import torch
 
 import aotpack
-from conftest import ROOT
 from helpers import assert_close_to_eager
+from serve_client import (SERVE_DIR, from_json, multi_io_inputs, multi_io_payload, predict, request, start_server,
+                          stop)
 
-SERVER = ROOT / "examples" / "serve" / "server.py"
-START_TIMEOUT_S = 60
+pytest.importorskip("fastapi", reason="the serving example needs its extra: pip install -e '.[serve]'")
+pytest.importorskip("uvicorn", reason="the serving example needs its extra: pip install -e '.[serve]'")
 
-
-def request(port: int, method: str, path: str, body: bytes | str | None = None,
-            headers: dict | None = None) -> tuple[int, dict]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    try:
-        if isinstance(body, str):
-            body = body.encode()
-        conn.request(method, path, body=body, headers=dict({"Content-Type": "application/json"}, **(headers or {})))
-        resp = conn.getresponse()
-        data = resp.read()
-        assert resp.getheader("Content-Type") == "application/json"
-        return resp.status, json.loads(data)
-    finally:
-        conn.close()
+APP = SERVE_DIR / "app.py"
+MAX_BODY_MB = 0.25
+LIMIT = int(MAX_BODY_MB * 2**20)
 
 
-def predict(port: int, payload: dict) -> tuple[int, dict]:
-    return request(port, "POST", "/predict", json.dumps(payload))
+def sha256_of(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @pytest.fixture(scope="module")
 def server(multi_io_pack, session_dir):
-    """The server process on a free port; yields (port, log path); stopped (SIGTERM, then wait) at the end."""
+    """The server process (the pinned pack, 2 model copies, a 0.25 MiB body limit) on a free port; yields
+    (port, log path, process); stopped at the end."""
     log_path = session_dir / "serve.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, str(SERVER), str(multi_io_pack.path), "--host", "127.0.0.1",
-                                 "--port", "0", "--num-models", "2"],
-                                stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT))
+    proc, port = start_server([str(APP), str(multi_io_pack.path), "--host", "127.0.0.1", "--port", "0",
+                               "--num-models", "2", "--max-body-mb", str(MAX_BODY_MB),
+                               "--sha256", sha256_of(multi_io_pack.path)], log_path, timeout_s=60)
     try:
-        port = None
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while port is None and time.monotonic() < deadline:
-            assert proc.poll() is None, f"server exited early:\n{log_path.read_text()}"
-            m = re.search(r"on http://127\.0\.0\.1:(\d+)", log_path.read_text())
-            if m:
-                port = int(m.group(1))
-            else:
-                time.sleep(0.1)
-        assert port is not None, f"server did not start in {START_TIMEOUT_S} s:\n{log_path.read_text()}"
-        status, health = request(port, "GET", "/health")
-        assert status == 200 and health["status"] == "ok", health
         yield port, log_path, proc
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=20)
+        stop(proc)
 
 
-def _inputs(seed: int):
-    gen = torch.Generator().manual_seed(seed)
-    tokens = torch.randn(2, 12, 32, generator=gen)
-    mask = torch.ones(2, 12, dtype=torch.bool)
-    mask[seed % 2, 4 + seed % 8:] = False
-    return tokens, mask
-
-
-def _payload(tokens, mask, temperature=0.5, **extra) -> dict:
-    return dict({"args": [tokens.tolist()], "kwargs": {"mask": mask.tolist(), "temperature": temperature},
-                 "dtype": {"mask": "bool"}}, **extra)
-
-
-def _from_json(value, like):
-    """The JSON answer rebuilt as tensors in the structure of the eager output ``like``."""
-    if isinstance(like, torch.Tensor):
-        return torch.tensor(value, dtype=like.dtype)
-    if isinstance(like, dict):
-        assert isinstance(value, dict) and list(value) == list(like), (list(value), list(like))
-        return {k: _from_json(value[k], like[k]) for k in like}
-    if isinstance(like, (tuple, list)):
-        assert isinstance(value, list) and len(value) == len(like)
-        return type(like)(_from_json(v, x) for v, x in zip(value, like))
-    return value
-
-
-def test_health_describes_the_inputs(server):
+def test_health_describes_the_inputs(server, multi_io_pack):
     port, _, _ = server
     status, health = request(port, "GET", "/health")
     assert status == 200
-    assert health["entries"] == 1
+    assert health["status"] == "ok" and health["pack"] == str(multi_io_pack.path) and health["entries"] == 1
     assert [(i["name"], i.get("dtype"), i.get("sizes")) for i in health["inputs"]] == [
         ("tokens", "float32", [2, 12, 32]), ("mask", "bool", [2, 12]), ("temperature", None, None)]
     assert health["inputs"][2] == {"path": "kwargs['temperature']", "name": "temperature", "kind": "value",
@@ -120,8 +67,8 @@ def test_concurrent_requests_match_eager(server, multi_io_pack):
         try:
             for j in range(per_thread):
                 seed = 100 + t * per_thread + j
-                tokens, mask = _inputs(seed)
-                answers[seed] = predict(port, _payload(tokens, mask))
+                tokens, mask = multi_io_inputs(seed)
+                answers[seed] = predict(port, multi_io_payload(tokens, mask))
         except BaseException as e:  # reported below
             errors.append(e)
 
@@ -133,14 +80,13 @@ def test_concurrent_requests_match_eager(server, multi_io_pack):
     assert not any(th.is_alive() for th in threads), "a client thread hung"
     assert not errors, errors
     assert len(answers) == n_threads * per_thread
-    model = multi_io_pack.model
     logits = set()
     for seed, (status, body) in sorted(answers.items()):
         assert status == 200, body
-        tokens, mask = _inputs(seed)
+        tokens, mask = multi_io_inputs(seed)
         with torch.no_grad():
-            ref = model(tokens, mask=mask, temperature=0.5)
-        assert_close_to_eager(_from_json(body["outputs"], ref), ref)
+            ref = multi_io_pack.model(tokens, mask=mask, temperature=0.5)
+        assert_close_to_eager(from_json(body["outputs"], ref), ref)
         logits.add(json.dumps(body["outputs"]["logits"]))
     assert len(logits) == len(answers)  # distinct inputs, distinct answers
 
@@ -154,7 +100,7 @@ def _guard_message(pack_path, *args, **kwargs) -> str:
 def test_wrong_shape_is_400_with_the_guard_message(server, multi_io_pack):
     port, _, _ = server
     tokens, mask = torch.randn(2, 10, 32), torch.ones(2, 10, dtype=torch.bool)
-    status, body = predict(port, _payload(tokens, mask))
+    status, body = predict(port, multi_io_payload(tokens, mask))
     assert status == 400
     assert body["error"] == _guard_message(multi_io_pack.path, tokens, mask=mask, temperature=0.5)
     assert "input 'tokens' (args[0]) size mismatch at dim 1: expected 12, actual 10" in body["error"]
@@ -168,8 +114,8 @@ def test_wrong_shape_is_400_with_the_guard_message(server, multi_io_pack):
 ])
 def test_guard_failures_are_400_with_the_guard_message(server, change, message):
     port, _, _ = server
-    tokens, mask = _inputs(1)
-    payload = _payload(tokens, mask, temperature=change.get("temperature", 0.5))
+    tokens, mask = multi_io_inputs(1)
+    payload = multi_io_payload(tokens, mask, temperature=change.get("temperature", 0.5))
     if "dtype" in change:
         del payload["dtype"]
     if change.get("no_kwargs"):
@@ -193,6 +139,7 @@ def test_guard_failures_are_400_with_the_guard_message(server, change, message):
     ('{"args": [[1]], "dtype": {"nope": "int64"}}', 400, "'dtype' names input(s) ['nope']"),
     ('{"args": [[1]], "kwargs": {"mask": [[true]], "temperature": 0.5}, "dtype": {"tokens": "int64", "mask": "bool"}}',
      400, "input 'tokens' (args[0]) dtype mismatch: expected float32, actual int64"),
+    ("[" * 100_000, 400, "invalid JSON: nested too deeply"),
 ])
 def test_malformed_requests_are_4xx_never_500(server, body, status, message):
     port, _, _ = server
@@ -203,25 +150,132 @@ def test_malformed_requests_are_4xx_never_500(server, body, status, message):
 
 def test_http_level_mistakes(server):
     port, _, _ = server
-    assert request(port, "GET", "/nope")[0] == 404
-    assert request(port, "GET", "/predict")[0] == 405
-    assert request(port, "POST", "/health", "{}")[0] == 404
+    assert request(port, "GET", "/nope") == (404, {"error": "no such path '/nope'; use GET /health or POST /predict"})
+    assert request(port, "GET", "/predict") == (
+        405, {"error": "GET is not allowed on /predict; use GET /health or POST /predict"})
+    assert request(port, "POST", "/health", "{}") == (
+        405, {"error": "POST is not allowed on /health; use GET /health or POST /predict"})
+
+
+def test_a_pack_without_state_has_no_sessions(server):
+    port, _, _ = server
+    status, health = request(port, "GET", "/health")
+    assert status == 200 and health["stateful"] is False and "sessions" not in health
+    for method, path in (("POST", "/sessions"), ("POST", "/sessions/abc.def/predict"), ("DELETE", "/sessions/abc.def")):
+        assert request(port, method, path, "{}") == (404, {"error": (
+            f"no such path {path!r}: this pack keeps no state between calls, so this server has no sessions; send "
+            "each call to POST /predict")})
+
+
+def _padded(size: int) -> bytes:
+    """A JSON body of exactly ``size`` bytes (a request the guards refuse, padded with spaces)."""
+    body = b'{"args": [[1]]}'
+    return body + b" " * (size - len(body))
+
+
+def _chunked_post(port: int, body: bytes) -> tuple[int, dict]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        conn.request("POST", "/predict", body=(body[i:i + 65536] for i in range(0, len(body), 65536)),
+                     headers={"Content-Type": "application/json"}, encode_chunked=True)
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+def test_body_limit_is_413(server):
+    port, _, _ = server
+    status, body = request(port, "POST", "/predict", _padded(LIMIT))  # at the limit: read, then refused by a guard
+    assert status == 400 and "missing keyword argument 'mask'" in body["error"], body
+    status, body = request(port, "POST", "/predict", _padded(LIMIT + 1))
+    assert (status, body["error"]) == (413, f"the request body is {LIMIT + 1} bytes, above this server's limit of "
+                                            f"{LIMIT}; send a smaller request or raise the limit (--max-body-mb)")
     status, body = request(port, "POST", "/predict", "{}", headers={"Content-Length": "999999999999"})
-    assert status == 413 and "above this server's limit" in body["error"]
+    assert status == 413 and "the request body is 999999999999 bytes, above this server's limit" in body["error"]
+    status, body = _chunked_post(port, _padded(LIMIT))  # no Content-Length: counted while read
+    assert status == 400 and "missing keyword argument 'mask'" in body["error"], body
+    status, body = _chunked_post(port, _padded(LIMIT + 1))
+    assert (status, body["error"]) == (413, f"the request body is over {LIMIT} bytes, above this server's limit of "
+                                            f"{LIMIT}; send a smaller request or raise the limit (--max-body-mb)")
+
+
+def test_a_pack_that_is_not_the_pinned_one_is_refused_at_start(multi_io_pack):
+    wrong = "0" * 64
+    proc = subprocess.run([sys.executable, str(APP), str(multi_io_pack.path), "--port", "0", "--sha256", wrong],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: {multi_io_pack.path}: sha256 mismatch: expected {wrong}, actual {sha256_of(multi_io_pack.path)}; "
+        "refusing to load a pack that is not the pinned one")
+    assert "serving" not in proc.stdout
+
+
+@pytest.fixture
+def app_module(monkeypatch):
+    monkeypatch.syspath_prepend(str(SERVE_DIR))
+    import app
+
+    return app
+
+
+def test_create_app_takes_its_options_from_the_environment(app_module, monkeypatch, multi_io_pack):
+    monkeypatch.delenv("AOTPACK_SERVE_PACK", raising=False)
+    with pytest.raises(app_module.ConfigError, match="AOTPACK_SERVE_PACK is not set; set it to the .pack file"):
+        app_module.create_app()
+    monkeypatch.setenv("AOTPACK_SERVE_PACK", str(multi_io_pack.path))
+    monkeypatch.setenv("AOTPACK_SERVE_NUM_MODELS", "two")
+    with pytest.raises(app_module.ConfigError, match="AOTPACK_SERVE_NUM_MODELS is 'two', not an integer"):
+        app_module.create_app()
+    monkeypatch.setenv("AOTPACK_SERVE_NUM_MODELS", "2")
+    monkeypatch.setenv("AOTPACK_SERVE_SHA256", "0" * 64)
+    with pytest.raises(aotpack.ArchiveError, match="sha256 mismatch"):
+        app_module.create_app()
+    monkeypatch.setenv("AOTPACK_SERVE_SHA256", sha256_of(multi_io_pack.path))
+    monkeypatch.setenv("AOTPACK_SERVE_MAX_BODY_MB", "0.5")
+    monkeypatch.setenv("AOTPACK_SERVE_PUBLIC_KEY", "release.pub")
+    monkeypatch.setenv("AOTPACK_SERVE_SIGNATURE", "model.sig")
+    assert app_module.ServeOptions.from_env(os.environ) == app_module.ServeOptions(
+        pack=str(multi_io_pack.path), sha256=sha256_of(multi_io_pack.path), num_models=2, max_body_bytes=2**19,
+        public_key="release.pub", signature="model.sig")
+    monkeypatch.delenv("AOTPACK_SERVE_PUBLIC_KEY")
+    monkeypatch.delenv("AOTPACK_SERVE_SIGNATURE")
+    app = app_module.create_app()
+    assert sorted((r.path, tuple(r.methods)) for r in app.routes) == [("/health", ("GET",)), ("/predict", ("POST",))]
+    status, body = _asgi_post(app, "/predict", b" " * (2**19 + 1))
+    assert status == 413 and f"above this server's limit of {2**19}" in body["error"], body
+
+
+def _asgi_post(app, path: str, body: bytes) -> tuple[int, dict]:
+    """POST ``body`` to the ASGI ``app`` in this process (no server, no socket)."""
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"",
+             "headers": [(b"content-length", str(len(body)).encode())], "client": ("127.0.0.1", 1),
+             "server": ("127.0.0.1", 80)}
+    asyncio.run(app(scope, receive, send))
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    return start["status"], json.loads(b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"))
 
 
 def test_server_survives_mistakes_and_stops_cleanly(server, multi_io_pack):
     """Runs last in this file: after every mistake above the server still answers, never logged a
-    traceback, and exits 0 on SIGTERM."""
+    traceback or a 500, and exits 0 on SIGTERM."""
     port, log_path, proc = server
-    tokens, mask = _inputs(7)
-    status, body = predict(port, _payload(tokens, mask))
+    tokens, mask = multi_io_inputs(7)
+    status, body = predict(port, multi_io_payload(tokens, mask))
     assert status == 200
     with torch.no_grad():
         ref = multi_io_pack.model(tokens, mask=mask, temperature=0.5)
-    assert_close_to_eager(_from_json(body["outputs"], ref), ref)
-    proc.terminate()
-    assert proc.wait(timeout=20) == 0
+    assert_close_to_eager(from_json(body["outputs"], ref), ref)
+    assert stop(proc, timeout_s=20) == 0
     log = log_path.read_text()
     assert "Traceback" not in log and '" 500 ' not in log, log
-    assert "stopped" in log
+    assert log.rstrip().endswith("stopped"), log

@@ -271,8 +271,8 @@ def test_a_file_replaced_while_it_is_checked_is_refused(signed, keys, tmp_path, 
     pack = _copy(signed, tmp_path)
     real = rt_signature.check
 
-    def check_then_replace(*args):
-        result = real(*args)
+    def check_then_replace(*args, **kwargs):
+        result = real(*args, **kwargs)
         replacement = tmp_path / "new.pack"
         replacement.write_bytes(signed.read_bytes())
         replacement.replace(pack)  # a deploy renaming another file over the pack
@@ -529,7 +529,8 @@ def test_certificate_chain_refusals(signed, keys, tmp_path):
 
 
 def test_the_example_server_refuses_a_pack_signed_by_another_key(signed, keys):
-    server = [sys.executable, str(ROOT / "examples" / "serve" / "server.py"), str(signed), "--port", "0"]
+    pytest.importorskip("fastapi", reason="the serving example needs its extra: pip install -e '.[serve]'")
+    server = [sys.executable, str(ROOT / "examples" / "serve" / "app.py"), str(signed), "--port", "0"]
     proc = subprocess.run(server + ["--public-key", str(keys.b_pub)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert proc.stderr == (f"error: {signed}: signature {signed}.sig: made by another key: it names key "

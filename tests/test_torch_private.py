@@ -26,6 +26,40 @@ def test_export_strict_lifts_parameters_and_specialises_values():
     assert "lin.weight" in ep.state_dict
 
 
+def test_export_strict_keeps_no_copies_of_the_weights():
+    """Dynamo's export clones every tensor it meets into its real-value cache (no_real_value_copies turns
+    that off, by patching builder._clone_input): no clone of a weight is made while exporting."""
+    from torch._dynamo.variables import builder
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 4))
+    weight_bytes = {p.numel() * p.element_size() for p in model.parameters()}
+
+    class Allocations(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.copies = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten.clone.default and type(out) is torch.Tensor and \
+                    out.numel() * out.element_size() in weight_bytes:
+                self.copies += 1
+            return out
+
+    original = builder._clone_input
+    for patched in (False, True):
+        spy = Allocations()
+        with spy:
+            if patched:
+                ep = build_torch.export_strict(model, (torch.randn(2, 256),), {})
+            else:
+                ep = torch.export.export(model, (torch.randn(2, 256),), strict=True)
+        assert (spy.copies == 0) == patched, spy.copies
+    assert builder._clone_input is original
+    assert ep.state_dict["0.weight"].data_ptr() == model[0].weight.data_ptr()
+
+
 def test_graph_break_types_and_details():
     types = build_torch.graph_break_types()
     assert types and all(issubclass(t, Exception) for t in types)
@@ -47,19 +81,84 @@ def test_graph_break_types_and_details():
         raise AssertionError("no graph break")
 
 
-def test_inductor_config_keys_exist():
+def _has_config(key: str) -> bool:
     from torch._inductor import config
 
-    for key in list(build_torch.BASE_INDUCTOR_CONFIG) + [k for o in build_torch.ISA_COMPILER_OPTIONS.values()
-                                                          for k in o] \
-            + list(build_torch.CUDA_INDUCTOR_CONFIG) + list(build_torch.NO_GPU_INDUCTOR_CONFIG) \
-            + ["cuda.arch", "cpp.threads", "cpp.cxx", "post_grad_custom_pre_pass"]:
-        obj = config
-        for part in key.split("."):
-            assert hasattr(obj, part), key
-            obj = getattr(obj, part)
-    with build_torch.inductor_config({"aot_inductor.enable_line_tables": False}):
-        assert config.aot_inductor.enable_line_tables is False
+    obj = config
+    for part in key.split("."):
+        if not hasattr(obj, part):
+            return False
+        obj = getattr(obj, part)
+    return True
+
+
+def test_inductor_config_keys_exist():
+    """Every option a build sets exists in this torch, except those ADDED_IN a later minor version, which
+    must be absent here (and are then left out of the build's config)."""
+    from torch._inductor import config
+
+    keys = list(build_torch.BASE_INDUCTOR_CONFIG) + [k for o in build_torch.ISA_COMPILER_OPTIONS.values() for k in o] \
+        + list(build_torch.CUDA_INDUCTOR_CONFIG) + list(build_torch.NO_GPU_INDUCTOR_CONFIG) \
+        + list(build_torch.STATEFUL_INDUCTOR_CONFIG) + ["cuda.arch", "cpp.threads", "cpp.cxx", "cuda.cuda_cxx",
+                                                                          "post_grad_custom_pre_pass"]
+    for key in keys:
+        since = build_torch.ADDED_IN.get(key, ((0, 0), ""))[0]
+        assert _has_config(key) == (build_torch.torch_version() >= since), (key, since, torch.__version__)
+    options = build_torch.inductor_options("avx2", 16, stateful=True)
+    assert all(_has_config(k) for k in options), [k for k in options if not _has_config(k)]
+    with build_torch.inductor_config({"aot_inductor.debug_compile": False}):
+        assert config.aot_inductor.debug_compile is False
+
+
+def test_without_cpp_march_the_compiler_wrapper_sets_the_target(tmp_path):
+    """Before 2.13 Inductor compiles with -march=native (no cpp.march): the compiler wrapper replaces it with
+    the target's level, so the code neither tunes for nor uses the build host's CPU. From 2.13 Inductor
+    takes cpp.march and the wrapper leaves the flags alone."""
+    import shutil
+    import subprocess
+
+    from torch._inductor import cpp_builder
+
+    march = build_torch.compiler_march("avx2")
+    assert build_torch.compiler_march("native") is None
+    if build_torch.torch_version() >= (2, 13):
+        assert march is None and build_torch.inductor_options("avx2", 16)["cpp.march"] == "x86-64-v3"
+        return
+    assert march == "x86-64-v3" and "cpp.march" not in build_torch.inductor_options("avx2", 16)
+    flags, _ = cpp_builder._get_optimization_cflags("g++")  # the private function that adds -march=native
+    assert "march=native" in flags
+    wrapper = build_torch.compiler_wrapper(str(tmp_path / "bin"), shutil.which("g++"), march)
+    out = subprocess.run([wrapper, "-march=native", "-Q", "--help=target", "-x", "c++", "/dev/null"],
+                         capture_output=True, text=True, check=True).stdout
+    picked = {line.split()[0]: line.split()[-1] for line in out.splitlines() if line.strip().startswith(("-march=",
+                                                                                                         "-mtune="))}
+    assert picked == {"-march=": "x86-64-v3", "-mtune=": "generic"}, picked
+
+
+def test_fatbin_config_adds_sass_for_each_arch_before_2_13(tmp_path):
+    """torch 2.14 packs each kernel with SASS for every TORCH_CUDA_ARCH_LIST entry; before 2.13 Inductor runs
+    `nvcc -fatbin` (found through cuda.cuda_cxx) for one architecture, and aotpack's nvcc adds the others."""
+    fake_nvcc = tmp_path / "nvcc"
+    fake_nvcc.write_text('#!/bin/sh\necho "$@"\n')
+    fake_nvcc.chmod(0o755)
+    config = build_torch.fatbin_config(str(tmp_path / "bin"), str(fake_nvcc), (80, 86, 90))
+    assert build_torch.fatbin_config(str(tmp_path / "bin"), str(fake_nvcc), (90,)) == {}
+    assert build_torch.fatbin_config(str(tmp_path / "bin"), str(fake_nvcc), (90, 100)) == {}  # sm_90a: no others
+    if build_torch.torch_version() >= (2, 13):
+        assert config == {}
+        return
+    import subprocess
+
+    from torch._inductor.codegen.cuda import compile_utils
+
+    with build_torch.inductor_config(config):
+        nvcc = compile_utils._cuda_compiler()  # what Inductor runs as `nvcc -fatbin`
+    assert nvcc == config["cuda.cuda_cxx"]
+    fatbin = subprocess.run([nvcc, "-fatbin", "k.ptx", "-o", "k.fatbin"], capture_output=True, text=True).stdout
+    assert fatbin.split() == ["-fatbin", "k.ptx", "-o", "k.fatbin", "-gencode", "arch=compute_86,code=sm_86",
+                              "-gencode", "arch=compute_90,code=sm_90"]
+    other = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    assert other.split() == ["--version"]
 
 
 def test_move_to_cuda_pass_exists():
@@ -202,11 +301,71 @@ def test_compiler_wrapper_maps_host_paths(tmp_path):
     assert os.path.basename(wrapper) == "g++"  # Inductor recognises GCC by the name
     root = tmp_path / "scratch-folder"
     root.mkdir()
-    (root / "f.cpp").write_text('const char* where() { return __FILE__; }\n')
+    (root / "f.cpp").write_text('const char* where() { return __FILE__; }\n'
+                                f'const char* kernel() {{ return "{root}/k.fatbin"; }}\n')
     env = dict(os.environ, **{build_torch.BUILD_ROOT_ENV: str(root)})
     subprocess.run([wrapper, "-c", str(root / "f.cpp"), "-o", str(root / "f.o")], check=True, env=env)
     data = (root / "f.o").read_bytes()
-    assert b"/aotpack/build/f.cpp" in data and str(root).encode() not in data
+    assert b"/aotpack/build/f.cpp" in data and b"/aotpack/build/k.fatbin" in data  # __FILE__ and a literal
+    assert str(root).encode() not in data
+
+
+def test_graph_text_is_the_graph_without_metadata_or_weights():
+    """The build cache key reads the graph through torch.export's serializer, with node metadata dropped
+    (object ids and stack traces change with every process and folder)."""
+    import json
+
+    a = build_torch.graph_text(build_torch.export_strict(_Tiny(), (torch.randn(2, 4),), {"k": 3}))
+    b = build_torch.graph_text(build_torch.export_strict(_Tiny(), (torch.randn(2, 4),), {"k": 3}))
+    assert a == b  # another capture, other weights: the same text
+    program = json.loads(a)
+    nodes = program["graph_module"]["graph"]["nodes"]
+    assert nodes and all(n["metadata"] == {} for n in nodes)
+    assert "aten.linear" in a.decode() and "lin.weight" in a.decode()
+    c = build_torch.graph_text(build_torch.export_strict(_Tiny(), (torch.randn(3, 4),), {"k": 3}))
+    assert c != a  # the input's shape is in the graph
+
+
+def test_effective_config_sees_patches_and_the_environment_but_no_host_paths():
+    from torch._inductor import config
+
+    options = build_torch.inductor_options("avx2", 16)
+    options["cpp.cxx"] = ("/some/host/path/g++",)
+    got = build_torch.effective_config(options)
+    assert got["inductor"]["cpp.threads"] == 16 and got["inductor"]["cpp.dynamic_threads"] is True
+    assert "cpp.cxx" not in got["inductor"] and "/some/host/path" not in str(got)
+    assert "functorch" in got and config.cpp.threads == -1  # the patch is undone
+    with config.patch({"max_fusion_size": 7}):  # as a TORCHINDUCTOR_* variable would set it
+        assert build_torch.effective_config(options)["inductor"]["max_fusion_size"] == 7
+
+
+def test_object_compiles_runs_the_wrapper_beside_the_kernels(tmp_path):
+    """Inductor's CppBuilder: object_build reads a compile-only call; object_compiles starts the wrapper's
+    compile in a thread and has the next compile wait for it, and routes each call through ``around``."""
+    from torch._inductor.cpp_builder import CppBuilder, CppOptions
+
+    for name in ("model.wrapper", "model.kernel"):
+        (tmp_path / f"{name}.cpp").write_text(f"int f_{name.replace('.', '_')}() {{ return 1; }}\n")
+
+    def builder(name):
+        return CppBuilder(name=name, sources=str(tmp_path / f"{name}.cpp"), output_dir=str(tmp_path),
+                          BuildOption=CppOptions(compile_only=True))
+
+    command, sources, target = build_torch.object_build(builder("model.wrapper"))
+    assert sources == [str(tmp_path / "model.wrapper.cpp")] and target == str(tmp_path / "model.wrapper.o")
+    assert " -c " in f" {command} "
+    seen = []
+
+    def around(run, b):
+        seen.append(b._name)
+        run()
+
+    with build_torch.object_compiles(True, around):
+        builder("model.wrapper").build()  # returns at once: the compile runs in a thread
+        builder("model.kernel").build()  # waits for the wrapper's before it returns
+        assert (tmp_path / "model.wrapper.o").is_file() and (tmp_path / "model.kernel.o").is_file()
+    assert sorted(seen) == ["model.kernel", "model.wrapper"]
+    assert CppBuilder.build.__qualname__ == "CppBuilder.build"  # restored
 
 
 def test_symbol_range_and_polynomial_terms():

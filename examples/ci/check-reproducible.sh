@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Build the pack twice in separate folders and fail on any difference, printing `aotpack diff`.
+# Build the pack twice in separate folders, compiling both times (--no-cache: a build cache hit would compare
+# a pack with its own copy), and fail on any difference, printing `aotpack diff`.
 # Usage: examples/ci/check-reproducible.sh MODEL.py[:NAME] [SHIPPED.pack]
 # With SHIPPED.pack, also check that the shipped pack is the one the source produces.
 set -euo pipefail
@@ -8,8 +9,8 @@ shipped=${2:-}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 mkdir -p "$work/a" "$work/b"
-(cd "$work/a" && TMPDIR="$work/a" aotpack build "$OLDPWD/$model" -o "$work/a/model.pack" --quiet)
-(cd "$work/b" && TMPDIR="$work/b" aotpack build "$OLDPWD/$model" -o "$work/b/model.pack" --quiet)
+(cd "$work/a" && TMPDIR="$work/a" aotpack build "$OLDPWD/$model" -o "$work/a/model.pack" --no-cache --quiet)
+(cd "$work/b" && TMPDIR="$work/b" aotpack build "$OLDPWD/$model" -o "$work/b/model.pack" --no-cache --quiet)
 status=0
 aotpack diff "$work/a/model.pack" "$work/b/model.pack" || status=1
 if [ -n "$shipped" ]; then

@@ -1,0 +1,296 @@
+"""aotpack build-many: the matrix file, local worker processes, the build cache across runs, and Ray (a local
+cluster whose listeners are all on loopback, stopped with every process it started)."""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from aotpack.matrix import load_matrix
+from aotpack_cli.main import cli
+from aotpack_runtime.errors import BuildError
+from conftest import ROOT
+
+DATA = ROOT / "tests" / "data" / "many"
+GOOD = ("tiny_a.avx2", "tiny_a.avx2-t4", "tiny_b-make.avx2", "tiny_b-make.avx2-t4")
+BROKEN = ("broken.avx2", "broken.avx2-t4")
+
+MATRIX = f"""
+[[model]]
+file = "{DATA / 'tiny_a.py'}"
+[[model]]
+file = "{DATA / 'broken.py'}"
+[[model]]
+file = "{DATA / 'tiny_b.py'}:make"
+
+[[target]]
+name = "avx2"
+cpu_isa = "avx2"
+[[target]]
+cpu_isa = "avx2"
+cpu_threads = 4
+"""
+
+
+def _matrix(tmp_path: pathlib.Path, text: str) -> pathlib.Path:
+    path = tmp_path / "m.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("text,message", [
+    ('[[model]]\nfile = "nothere.py"\n', "m.toml: [[model]] 1: model file {tmp}/nothere.py does not exist "
+                                         "(paths are relative to the matrix file)"),
+    (f'[[model]]\nfile = "{DATA / "tiny_a.py"}"\n[[target]]\nisa = "avx2"\n',
+     "m.toml: [[target]] 1 has unknown key 'isa'; its keys are name, cpu_isa, devices, cuda_archs, without_gpu, "
+     "cpu_threads, dynamic"),
+    (f'[[model]]\nfile = "{DATA / "tiny_a.py"}"\n[[target]]\ncpu_isa = "sse9"\n',
+     "m.toml: [[target]] 1: cpu_isa 'sse9' is not one of x86-64, avx2, avx512, native"),
+    (f'[[model]]\nfile = "{DATA / "tiny_a.py"}"\ndynamic = ["x0=1..4"]\n',
+     "m.toml: [[model]] 1: dynamic 'x0=1..4' is not INPUT:DIM=MIN..MAX or INPUT:DIM=NAME:MIN..MAX (e.g. x:0=1..64)"),
+    (f'[[model]]\nfile = "{DATA / "tiny_a.py"}"\n[[model]]\nfile = "{DATA / "tiny_a.py"}"\n',
+     "m.toml: two models are named 'tiny_a'; give each a distinct name = \"...\""),
+    ('[[target]]\ncpu_isa = "avx2"\n', "m.toml: no models: add a [[model]] table with file = \"FILE.py\""),
+    ('models = 3\n', "m.toml: unknown top-level key 'models'; a matrix has [[model]] and [[target]] tables"),
+    ('[[model]\n', "m.toml: not valid TOML: "),
+])
+def test_matrix_errors_say_where_and_what(tmp_path, text, message):
+    with pytest.raises(BuildError) as e:
+        load_matrix(_matrix(tmp_path, text))
+    assert str(e.value).startswith(f"{tmp_path}/" + message.format(tmp=tmp_path))
+
+
+def test_matrix_tasks_and_names(tmp_path):
+    m = load_matrix(_matrix(tmp_path, MATRIX))
+    assert [t.name for t in m.tasks] == ["tiny_a.avx2", "tiny_a.avx2-t4", "broken.avx2", "broken.avx2-t4",
+                                         "tiny_b-make.avx2", "tiny_b-make.avx2-t4"]
+    assert m.tasks[1].to_json()["options"] == {"cpu_isa": "avx2", "devices": ["cpu"], "cuda_archs": [],
+                                               "without_gpu": False, "cpu_threads": 4}
+    assert load_matrix(ROOT / "examples" / "matrix.toml").tasks  # the shipped example parses
+
+
+def _run(*args) -> tuple[int, str, str]:
+    r = CliRunner().invoke(cli, ["build-many", *map(str, args)])
+    return r.exit_code, r.stdout, r.stderr
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory):
+    """The matrix built on local worker processes (2 at once, 1 thread each), then again from the cache."""
+    tmp = tmp_path_factory.mktemp("many")
+    matrix = _matrix(tmp, MATRIX)
+    cache = tmp / "cache"
+    first = _run(matrix, "-o", tmp / "out", "--jobs", "2", "--threads", "1", "--cache-dir", cache)
+    second = _run(matrix, "-o", tmp / "again", "--jobs", "2", "--threads", "1", "--cache-dir", cache, "--json")
+    return tmp, matrix, first, second
+
+
+def test_build_many_locally_reports_the_failure_and_lands_the_rest(local_run):
+    tmp, _, (code, out, err), _ = local_run
+    assert code == 1
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[1:-1]}
+    assert out.splitlines()[-1].startswith("6 tasks: 4 built, 0 cached, 2 failed, in ")
+    for name in GOOD:
+        assert rows[name][1] == "built" and rows[name][-1] == str(tmp / "out" / f"{name}.pack")
+    for name in BROKEN:
+        assert rows[name][1] == "failed"
+        assert f"{DATA / 'broken.py'}:6: graph break: Data-dependent branching" in out
+        assert f"(log: logs/{name}.log)" in out
+        assert "graph break" in (tmp / "out" / "logs" / f"{name}.log").read_text()
+    packs = sorted(p.name for p in (tmp / "out").glob("*.pack"))
+    assert packs == sorted(f"{n}.pack" for n in GOOD)
+    assert "running 2" in err and "[6/6]" in err and "failed 2" in err
+    # tasks given other threads plans are other packs; the same plan is the same pack whichever task built it
+    assert (tmp / "out" / "tiny_a.avx2.pack").read_bytes() != (tmp / "out" / "tiny_a.avx2-t4.pack").read_bytes()
+
+
+def test_second_run_comes_from_the_cache_byte_for_byte(local_run):
+    tmp, _, _, (code, out, _) = local_run
+    assert code == 1
+    result = json.loads(out)
+    status = {t["name"]: t["status"] for t in result["tasks"]}
+    assert status == {**{n: "cached" for n in GOOD}, **{n: "failed" for n in BROKEN}}
+    for name in GOOD:
+        assert (tmp / "again" / f"{name}.pack").read_bytes() == (tmp / "out" / f"{name}.pack").read_bytes()
+
+
+def test_a_cache_hit_rebuilt_without_the_cache_is_the_same_pack(local_run, tmp_path):
+    """A key that missed an input would let a changed build be served from the cache: rebuilding one task
+    with --no-cache must give the cached bytes."""
+    tmp, matrix, _, _ = local_run
+    only = _matrix(tmp_path, MATRIX.split("[[model]]\nfile = \"" + str(DATA / "broken.py"))[0]
+                   + "[[target]]\nname = \"avx2\"\ncpu_isa = \"avx2\"\n")
+    code, out, _ = _run(only, "-o", tmp_path / "fresh", "--no-cache", "--jobs", "1", "--threads", "2")
+    assert code == 0, out
+    assert (tmp_path / "fresh" / "tiny_a.avx2.pack").read_bytes() == (tmp / "out" / "tiny_a.avx2.pack").read_bytes()
+
+
+def test_a_weight_change_reuses_the_object_files_and_gives_the_same_bytes(local_run, tmp_path):
+    """A retrained model (new weights, same graph) misses the pack cache but keeps its generated code: its
+    object files come from the cache (no new ones are stored), and the pack equals a build that compiled
+    everything."""
+    import torch
+
+    import aotpack
+    from aotpack.buildcache import BuildCache
+    from aotpack.modelfile import load_model_file
+
+    tmp, _, _, _ = local_run
+    objects = BuildCache(tmp / "cache").objects()
+    before = {e.key: e.last_used for e in objects.entries()}
+    assert before  # the runs above stored the wrapper's and the kernels' objects
+    spec = load_model_file(str(DATA / "tiny_a.py"))
+    with torch.no_grad():
+        spec.model[0].weight.mul_(-1)
+    lines: list[str] = []
+    reused = aotpack.build(spec.model, spec.example_inputs, tmp_path / "reused.pack", cache=tmp / "cache",
+                           progress=lines.append)
+    assert any(line.strip().startswith("build cache: miss") for line in lines)
+    after = {e.key: e.last_used for e in objects.entries()}
+    assert set(after) == set(before), "the new weights changed the generated code"
+    assert any(after[k] > before[k] for k in before)  # used again
+    fresh = aotpack.build(spec.model, spec.example_inputs, tmp_path / "fresh.pack", cache=False)
+    assert reused.read_bytes() == fresh.read_bytes()
+    assert reused.read_bytes() != (tmp / "out" / "tiny_a.avx2.pack").read_bytes()
+
+
+def test_ray_without_ray_installed_says_how_to_install_it(tmp_path):
+    code = ("import sys; sys.modules['ray'] = None\n"
+            "from aotpack_cli.main import main\n"
+            f"sys.argv = ['aotpack', 'build-many', {str(_matrix(tmp_path, MATRIX))!r}, '-o', {str(tmp_path / 'o')!r}, "
+            "'--ray']\nmain()\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == ("error: --ray needs Ray, which is not installed: "
+                                                    "pip install 'aotpack[ray]'")
+
+
+# --- Ray ------------------------------------------------------------------------------------------------------
+
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            tree.setdefault(ppid, []).append(int(entry))
+    return tree
+
+
+def _descendants(pid: int) -> set[int]:
+    tree, out, todo = _children(), set(), [pid]
+    while todo:
+        for child in tree.get(todo.pop(), []):
+            if child not in out:
+                out.add(child)
+                todo.append(child)
+    return out
+
+
+def _listening() -> dict[str, str]:
+    """socket inode -> local address, for every listening TCP socket on this host."""
+    out = {}
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(name) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A":  # LISTEN
+                    out[fields[9]] = fields[1]
+    return out
+
+
+def _sockets(pid: int) -> set[str]:
+    inodes = set()
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    except OSError:
+        pass
+    return inodes
+
+
+def _is_loopback(address: str) -> bool:
+    host = address.split(":")[0]
+    if len(host) == 8:  # IPv4, little-endian hex
+        return host.endswith("7F")
+    return host in ("00000000000000000000000001000000",  # ::1
+                    "0000000000000000FFFF00000100007F")  # ::ffff:127.0.0.1
+
+
+def _started(pid: int) -> str | None:
+    """The process's start time (None if it is gone or a zombie): with the pid, it names one process."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] == "Z" else fields[19]
+
+
+@pytest.mark.ray
+def test_build_many_on_a_local_ray_cluster(local_run, tmp_path):
+    """--ray starts a local cluster: every listener of every process it starts is on loopback, the packs
+    (compiled on Ray workers, with an empty cache) equal the local builds byte for byte, the failure is
+    reported, and when the command ends no process it started is left."""
+    pytest.importorskip("ray")
+    tmp, matrix, _, _ = local_run
+    out = tmp_path / "ray"
+    cmd = [sys.executable, "-m", "aotpack", "build-many", str(matrix), "-o", str(out), "--threads", "1",
+           "--cache-dir", str(tmp_path / "empty-cache"), "--ray"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    seen: dict[int, str | None] = {}
+    listeners: dict[str, str] = {}  # "pid name" -> address
+    try:
+        while proc.poll() is None:
+            pids = _descendants(proc.pid)
+            seen.update({p: _started(p) for p in pids if p not in seen})
+            table = _listening()
+            for pid in pids:
+                for inode in _sockets(pid):
+                    if inode in table:
+                        try:
+                            name = open(f"/proc/{pid}/comm").read().strip()
+                        except OSError:
+                            name = "?"
+                        listeners[f"{pid} {name}"] = table[inode]
+            time.sleep(0.5)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 1, stderr[-3000:]
+    names = {k.split()[1] for k in listeners}
+    assert {"gcs_server", "raylet"} <= names, listeners  # the cluster was up while we looked
+    assert all(_is_loopback(a) for a in listeners.values()), listeners
+    assert "listeners on 127.0.0.1" in stderr
+    rows = {line.split()[0]: line.split() for line in stdout.splitlines()[1:-1]}
+    assert stdout.splitlines()[-1].startswith("6 tasks: 4 built, 0 cached, 2 failed")
+    for name in GOOD:
+        assert rows[name][1] == "built"
+        assert (out / f"{name}.pack").read_bytes() == (tmp / "out" / f"{name}.pack").read_bytes(), name
+    for name in BROKEN:
+        assert rows[name][1] == "failed" and "graph break" in (out / "logs" / f"{name}.log").read_text()
+    def left() -> list[int]:
+        return [p for p, start in seen.items() if start is not None and _started(p) == start]
+
+    deadline = time.monotonic() + 20
+    while left() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left(), "processes left behind by the Ray run"
+    assert not [p for p in out.iterdir() if p.name.startswith(".aotpack-many-")]  # the marker file is gone

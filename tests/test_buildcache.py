@@ -1,0 +1,172 @@
+"""The build cache: a key of everything that decides a pack's bytes, hits that equal fresh builds byte for
+byte, damaged entries never served, concurrent writers, ``aotpack cache list|prune``."""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import time
+import warnings
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from aotpack.buildcache import BuildCache
+from aotpack.modelfile import load_model_file
+from aotpack.options import BuildOptions
+from aotpack.pipeline import build_key
+from aotpack_cli.main import cli
+from conftest import EXAMPLES, ROOT
+
+TINY = ROOT / "tests" / "data" / "many" / "tiny_a.py"
+
+
+def _key(model, args, **options) -> str:
+    return build_key(model, args, options=BuildOptions(**options))
+
+
+def test_key_changes_with_each_input_and_only_then():
+    spec = load_model_file(str(TINY))
+    model, (x,) = spec.model, spec.example_inputs
+    base = _key(model, (x,))
+    assert re.fullmatch(r"[0-9a-f]{64}", base)
+    # the same build again (new capture, new object ids in the graph's metadata): the same key
+    assert _key(model, (x.clone(),)) == base
+    variants = {}
+    with torch.no_grad():
+        model[0].weight[0, 0] += 1.0
+        variants["a weight value"] = _key(model, (x,))
+        model[0].weight[0, 0] -= 1.0
+    assert _key(model, (x,)) == base
+    variants["an option (cpu_threads)"] = _key(model, (x,), cpu_threads=8)
+    variants["an option (cpu_isa)"] = _key(model, (x,), cpu_isa="x86-64")
+    variants["the example's values"] = _key(model, (x + 1,))
+    variants["the example's shape"] = _key(model, (torch.rand(5, 16),))
+    variants["the graph"] = _key(torch.nn.Sequential(model[0], torch.nn.GELU()).eval(), (x,))
+    variants["dynamic shapes"] = build_key(model, (x,), dynamic_shapes=({0: torch.export.Dim("b", min=1, max=8)},))
+    for what, key in variants.items():
+        assert key != base, f"changing {what} kept the key"
+    assert len(set(variants.values())) == len(variants)
+
+
+def test_key_ignores_where_the_model_file_is(tmp_path):
+    """The key holds the captured graph, not the source: the same file elsewhere (another module name in the
+    graph's metadata, other paths in its stack traces) has the same key."""
+    copy = tmp_path / "elsewhere" / "tiny_copy.py"
+    copy.parent.mkdir()
+    shutil.copy(TINY, copy)
+    a, b = load_model_file(str(TINY)), load_model_file(str(copy))
+    assert _key(a.model, a.example_inputs) == _key(b.model, b.example_inputs)
+
+
+def _cli_build(*args):
+    return CliRunner().invoke(cli, ["build", *map(str, args)])
+
+
+def test_the_cli_build_hits_what_the_api_stored(mlp_pack, tmp_path):
+    """mlp_pack was built through the Python API, which stores into the (session) build cache by default;
+    the CLI build of the same file is a hit, copied rather than compiled, with the same bytes.
+    (tests/test_build_many.py rebuilds a hit with --no-cache and compares the bytes.)"""
+    hit = tmp_path / "hit.pack"
+    r = _cli_build(EXAMPLES / "mlp.py", "-o", hit, "--json")
+    assert r.exit_code == 0, r.output
+    events = [json.loads(line) for line in r.output.splitlines() if line.startswith("{")]
+    assert any(e.get("message", "").startswith("build cache: hit ") for e in events), r.output
+    done = events[-1]
+    assert done["cached"] is True and len(done["cache_key"]) == 64 and "compile" not in done["stages_s"]
+    assert done["stages_s"]["package"] < 1.0  # the copy, not a compile
+    assert hit.read_bytes() == mlp_pack.path.read_bytes()
+
+
+def _store(store: BuildCache, key: str, data: bytes, tmp_path, source: str = "test") -> None:
+    src = tmp_path / f"src-{key[:8]}"
+    src.write_bytes(data)
+    assert store.store(key, src, {"source": source}) is not None
+
+
+def test_a_damaged_entry_is_dropped_and_never_served(tmp_path):
+    store = BuildCache(tmp_path / "cache")
+    key = "ab" * 32
+    _store(store, key, b"x" * 5000, tmp_path)
+    out = tmp_path / "out.pack"
+    assert store.fetch(key, out) is not None and out.read_bytes() == b"x" * 5000
+    pack = store.folder / key[:2] / f"{key}.pack"
+    data = bytearray(pack.read_bytes())
+    data[1234] ^= 1
+    pack.write_bytes(bytes(data))
+    out.unlink()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert store.fetch(key, out) is None
+    assert [str(w.message) for w in caught] == [
+        f"ignoring the damaged build cache entry {key[:12]}: its sha256 is "
+        f"{__import__('hashlib').sha256(bytes(data)).hexdigest()[:16]}…, its record says "
+        f"{__import__('hashlib').sha256(b'x' * 5000).hexdigest()[:16]}…; it is rebuilt"]
+    assert not out.exists() and not pack.exists() and store.entries() == []
+    assert list(tmp_path.glob(".out.pack.*")) == []  # no temporary file left beside the output
+
+
+def _writer(root: str, key: str, data: bytes, src: str, rounds: int) -> None:
+    store = BuildCache(root)
+    for _ in range(rounds):
+        store.store(key, src, {"source": "writer"})
+
+
+def test_concurrent_writers_and_readers_never_see_a_partial_pack(tmp_path):
+    data = os.urandom(3 << 20)
+    src = tmp_path / "src.pack"
+    src.write_bytes(data)
+    root = str(tmp_path / "cache")
+    key = "cd" * 32
+    ctx = multiprocessing.get_context("spawn")
+    writers = [ctx.Process(target=_writer, args=(root, key, data, str(src), 15)) for _ in range(3)]
+    for w in writers:
+        w.start()
+    store = BuildCache(root)
+    seen = 0
+    deadline = time.monotonic() + 60
+    while any(w.is_alive() for w in writers) and time.monotonic() < deadline:
+        out = tmp_path / "read.pack"
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a damaged-entry warning would fail the test
+            if store.fetch(key, out) is not None:
+                assert out.read_bytes() == data
+                seen += 1
+    for w in writers:
+        w.join(30)
+        assert w.exitcode == 0
+    assert store.fetch(key, tmp_path / "last.pack") is not None and (tmp_path / "last.pack").read_bytes() == data
+    assert [p.name for p in store.folder.rglob("*") if p.is_file()] and not list(store.folder.rglob(".*.tmp"))
+
+
+def test_cache_list_and_prune_say_what_they_do(tmp_path):
+    root = tmp_path / "cache"
+    store = BuildCache(root)
+    now = time.time()
+    for i, (age_days, size) in enumerate([(40, 1000), (2, 2000), (0, 3000)]):
+        key = f"{i:02d}" * 32
+        _store(store, key, b"p" * size, tmp_path, source=f"model{i}.py")
+        os.utime(store.folder / key[:2] / f"{key}.json", (now - age_days * 86400, now - age_days * 86400))
+    r = CliRunner().invoke(cli, ["cache", "list", "--cache-dir", str(root)])
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert lines[0].startswith(f"{store.folder}: 3 packs, 0.0 MB")
+    assert [ln.split()[0] for ln in lines[1:]] == ["02" * 6, "01" * 6, "00" * 6]  # most recently used first
+    assert re.search(r"^  0{12}     0\.00 MB  used +40 d ago  model0\.py$", r.output, re.M), r.output
+    r = CliRunner().invoke(cli, ["cache", "prune", "--cache-dir", str(root), "--older-than", "30d"])
+    assert r.exit_code == 0, r.output
+    assert r.output.splitlines() == [f"removed {'00' * 6}  0.00 MB  used 40 d ago  model0.py",
+                                     f"removed 1 pack (0.00 MB); 2 left (0.01 MB) in {store.folder}"]
+    r = CliRunner().invoke(cli, ["cache", "prune", "--cache-dir", str(root), "--max-size", "4kb"])
+    assert r.exit_code == 0, r.output
+    assert r.output.splitlines()[0] == f"removed {'01' * 6}  0.00 MB  used 2 d ago  model1.py"
+    assert [e.key for e in store.entries()] == ["02" * 32]
+    r = CliRunner().invoke(cli, ["cache", "prune", "--cache-dir", str(root)])
+    assert r.exit_code == 2 and "say what to remove" in r.output
+    r = CliRunner().invoke(cli, ["cache", "prune", "--cache-dir", str(root), "--older-than", "soon"])
+    assert r.exit_code == 2 and "'soon': give a number and one of s, min, m, h, d, w" in r.output
+    r = CliRunner().invoke(cli, ["cache", "prune", "--cache-dir", str(root), "--all"])
+    assert r.exit_code == 0 and store.entries() == []
