@@ -1,85 +1,14 @@
 """The corpus (tests/corpus.py): every model builds and matches eager in a fresh process, or is refused at build
 with a CaptureError naming the user's line. One pack holds every group of models (one entry per group, compiled
-in parallel), built once per test run (``corpus_pack`` in conftest.py)."""
+in parallel), built and run in a fresh process once per test run (``corpus_pack`` and ``corpus_run`` in
+conftest.py)."""
 from __future__ import annotations
-
-import copy
-import os
-import pathlib
 
 import pytest
 import torch
 
 import aotpack
 import corpus
-from conftest import run_python
-
-# Run in a fresh process: load the pack (the runtime only), call every group on every input set, and save what
-# came back and what the inputs hold afterwards (a pack writes into the inputs its model writes into).
-_FRESH = """
-import sys, torch
-import torch.utils._pytree as pytree
-import aotpack_runtime
-pkg = aotpack_runtime.load({pack!r})
-calls = torch.load({calls!r})
-results = []
-for group, label, inputs in calls:
-    out = pkg(group, inputs)
-    # copies: outputs may view one storage as several dtypes (view_as_real), which torch.save refuses
-    results.append(pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, (out, inputs)))
-torch.save({{"results": results,
-            "build_side": sorted(m for m in sys.modules
-                                 if m.startswith(("torch._dynamo", "torch._inductor", "aotpack.")))}},
-           {out!r})
-"""
-
-
-@pytest.fixture(scope="session")
-def corpus_run(corpus_pack, session_dir) -> dict:
-    """Per model: (max error over every input set, the input sets it was checked on); or the failure."""
-    model = corpus.Corpus().eval()
-    calls = [(g, label, inputs) for g in corpus.GROUPS for label, inputs in corpus.input_sets(g)]
-    calls_file, out_file = session_dir / "corpus-calls.pt", session_dir / "corpus-results.pt"
-    torch.save(calls, calls_file)
-    proc = run_python(_FRESH.format(pack=str(corpus_pack), calls=str(calls_file), out=str(out_file)), timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    fresh = torch.load(out_file)
-    assert fresh["build_side"] == [], f"the fresh process imported {fresh['build_side']}"
-    report: dict = {}
-    for (group, label, inputs), (out, inputs_after) in zip(calls, fresh["results"]):
-        eager_inputs = copy.deepcopy(inputs)
-        with torch.no_grad():
-            expected = model(group, eager_inputs)
-        for name in corpus.GROUPS[group]:
-            entry = report.setdefault(name, {"error": 0.0, "sets": [], "failure": None})
-            if entry["failure"]:
-                continue
-            try:
-                err = max(corpus.max_error(out[name], expected[name]),
-                          corpus.max_error(inputs_after[name], eager_inputs[name]))  # what it wrote into
-            except AssertionError as e:
-                entry["failure"] = f"{label}: {e}"
-                continue
-            entry["error"] = max(entry["error"], err)
-            entry["sets"].append(label)
-    if os.environ.get("AOTPACK_CORPUS_TABLE"):
-        _write_table(report, pathlib.Path(os.environ["AOTPACK_CORPUS_TABLE"]))
-    return report
-
-
-def _write_table(report: dict, path: pathlib.Path) -> None:
-    """The corpus table of docs/MODELS.md, from this run."""
-    rows = ["| model | pattern | outcome | max error |", "|---|---|---|---|"]
-    for c in corpus.CASES:
-        if c.refused:
-            rows.append(f"| `{c.name}` | {c.what} | refused at build (`CaptureError`) | - |")
-        else:
-            r = report[c.name]
-            outcome = "matches eager" if r["failure"] is None and r["error"] <= c.rel else f"FAILS: {r['failure']}"
-            sets = len(r["sets"])
-            rows.append(f"| `{c.name}` | {c.what} | {outcome} ({sets} input sets) | {r['error']:.0e} |")
-    path.write_text("\n".join(rows) + "\n")
-
 
 @pytest.mark.parametrize("name", [c.name for c in corpus.CASES if c.refused is None])
 def test_matches_eager_in_a_fresh_process(corpus_run, name):
@@ -122,7 +51,7 @@ def test_the_corpus_covers_the_issue(corpus_pack):
 
     assert len(corpus.CASES) >= 40
     info = describe(Archive.open(corpus_pack))
-    assert info["format_version"] == 3
+    assert info["format_version"] == 4
     assert [e["guards"][0].split(" == ")[1] for e in info["entries"]] == ["'dynamic'", "'static'"]
     static = info["entries"][1]
     assert "aten::_unique2" in static["extern_kernels"]

@@ -462,20 +462,29 @@ def test_op_name_is_the_extern_kernel_target():
     assert build_torch.op_name("output") is None
 
 
-def test_runner_finds_the_proxy_executor_description(corpus_pack, tmp_path):
+class _Unique(torch.nn.Module):
+    def forward(self, x):
+        values, inverse = torch.unique(x, return_inverse=True)  # aten::_unique2: no C shim
+        return values * 2, inverse
+
+
+def test_runner_finds_the_proxy_executor_description(tmp_path):
     """libtorch's runner creates its proxy executor from FILE.json beside FILE.so (runtime/devices.py names
     them model.so and model.json); without it, a call through the proxy executor fails."""
     import aotpack
-    import corpus
     from aotpack_runtime.archive import Archive
 
-    archive = Archive.open(corpus_pack)
-    static = archive.manifest.entries[1]
-    (tmp_path / "model.so").write_bytes(archive.read_blob(static["library"]))
-    runner = rt_torch.cpu_runner(str(tmp_path / "model.so"), 1)
-    pkg = aotpack.load(corpus_pack)
-    assert pkg.entries[1]._runner is not None  # the pack's own entry found its description
-    tensors = pkg.entries[1].guards.match(("static", corpus.group_inputs(corpus.GROUPS["static"], 0, 0)), {})
-    rt_torch.set_constants(runner, {c: pkg.weights[w] for c, w in static["constants"].items()})
+    x = torch.tensor([3, 1, 3, 2])
+    path = tmp_path / "unique.pack"
+    aotpack.build(_Unique(), (x,), path, cache=False)
+    archive = Archive.open(path)
+    entry = archive.manifest.entries[0]
+    assert "aten::_unique2" in archive.read_blob(entry["extern_kernels"]).decode()
+    pkg = aotpack.load(path)
+    values, inverse = pkg(x)  # the pack's own entry found its description
+    assert torch.equal(values, torch.tensor([2, 4, 6])) and torch.equal(inverse, torch.tensor([2, 0, 2, 1]))
+    (tmp_path / "alone").mkdir()
+    (tmp_path / "alone" / "model.so").write_bytes(archive.read_blob(entry["library"]))
+    runner = rt_torch.cpu_runner(str(tmp_path / "alone" / "model.so"), 1)
     with pytest.raises(RuntimeError, match="Unable to find a proxy executor"):
-        rt_torch.run(runner, tensors)
+        rt_torch.run(runner, [x])
