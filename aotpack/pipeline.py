@@ -273,7 +273,9 @@ def cache_key(entries: list, options: BuildOptions, example: dict, example_blobs
     records = []
     for captured, g, device in entries:
         if id(captured) not in graphs:
-            graphs[id(captured)] = buildcache.digest(_torch.graph_text(captured.exported))
+            # The graph as Inductor compiles it (torch.export's serializer cannot write a bool output); what
+            # became of each output (a number, a constant) is in the guards' record.
+            graphs[id(captured)] = buildcache.digest(_torch.graph_text(compile.for_inductor(captured.exported)))
         records.append({"graph": graphs[id(captured)], "guards": g.to_json(), "device": device})
     example_digest = buildcache.digest(buildcache.canonical(example) + b"".join(
         buildcache.digest(b.data).encode() for b in example_blobs))
