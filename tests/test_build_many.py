@@ -248,7 +248,11 @@ def test_build_many_on_a_local_ray_cluster(local_run, tmp_path):
     (compiled on Ray workers, with an empty cache) equal the local builds byte for byte, the failure is
     reported, and when the command ends no process it started is left."""
     pytest.importorskip("ray")
-    tmp, matrix, _, _ = local_run
+    tmp, _, _, _ = local_run
+    # two of the local run's tasks (one model that builds, one that fails; one target): a Ray cluster's start
+    # is what this test is about, not many compiles
+    matrix = _matrix(tmp_path, MATRIX.split(f"[[model]]\nfile = \"{DATA / 'tiny_b.py'}")[0]
+                     + "[[target]]\nname = \"avx2\"\ncpu_isa = \"avx2\"\n")
     out = tmp_path / "ray"
     cmd = [sys.executable, "-m", "aotpack", "build-many", str(matrix), "-o", str(out), "--threads", "1",
            "--cache-dir", str(tmp_path / "empty-cache"), "--ray"]
@@ -280,12 +284,10 @@ def test_build_many_on_a_local_ray_cluster(local_run, tmp_path):
     assert all(_is_loopback(a) for a in listeners.values()), listeners
     assert "listeners on 127.0.0.1" in stderr
     rows = {line.split()[0]: line.split() for line in stdout.splitlines()[1:-1]}
-    assert stdout.splitlines()[-1].startswith("6 tasks: 4 built, 0 cached, 2 failed")
-    for name in GOOD:
-        assert rows[name][1] == "built"
-        assert (out / f"{name}.pack").read_bytes() == (tmp / "out" / f"{name}.pack").read_bytes(), name
-    for name in BROKEN:
-        assert rows[name][1] == "failed" and "graph break" in (out / "logs" / f"{name}.log").read_text()
+    assert stdout.splitlines()[-1].startswith("2 tasks: 1 built, 0 cached, 1 failed")
+    assert rows["tiny_a.avx2"][1] == "built"
+    assert (out / "tiny_a.avx2.pack").read_bytes() == (tmp / "out" / "tiny_a.avx2.pack").read_bytes()
+    assert rows["broken.avx2"][1] == "failed" and "graph break" in (out / "logs" / "broken.avx2.log").read_text()
     def left() -> list[int]:
         return [p for p, start in seen.items() if start is not None and _started(p) == start]
 
