@@ -218,5 +218,6 @@ def _write_table(report: dict, path: pathlib.Path) -> None:
             r = report[c.name]
             outcome = "matches eager" if r["failure"] is None and r["error"] <= c.rel else f"FAILS: {r['failure']}"
             sets = len(r["sets"])
-            rows.append(f"| `{c.name}` | {c.what} | {outcome} ({sets} input sets) | {r['error']:.0e} |")
+            error = "0" if r["error"] == 0 else f"{r['error']:.0e}"
+            rows.append(f"| `{c.name}` | {c.what} | {outcome} ({sets} input sets) | {error} |")
     path.write_text("\n".join(rows) + "\n")
