@@ -487,10 +487,15 @@ def graph_text(exported) -> bytes:
     signature, range constraints, module call graph), without each node's metadata: stack traces name host
     paths and the model file's module, and ``nn_module_stack``/``from_node`` hold object ids that change
     with every process. None of it reaches the code Inductor generates. Weights are not included."""
+    import inspect
+
     from torch._export.serde.serialize import serialize
 
-    artifact = serialize(exported, serialize_state_dict=False, serialize_constants=False,
-                         serialize_example_inputs=False)
+    # torch 2.11's serialize() always writes the weights too (apart from the program's JSON, which is all
+    # that is read here).
+    skip = ("serialize_state_dict", "serialize_constants", "serialize_example_inputs")
+    params = inspect.signature(serialize).parameters
+    artifact = serialize(exported, **{k: False for k in skip if k in params})
     program = json.loads(artifact.exported_program)
     for node in program["graph_module"]["graph"]["nodes"]:
         node["metadata"] = {}
