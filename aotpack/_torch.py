@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -82,6 +83,41 @@ NO_GPU_INDUCTOR_CONFIG: dict[str, Any] = {
     "always_keep_tensor_constants": True,
 }
 
+def _complex_casts_to_aten(graph) -> None:
+    """Inductor's post-grad pass (``post_grad_custom_pre_pass``): a dtype conversion from or to a complex dtype
+    calls ``aten._to_copy`` instead of ``prims.convert_element_type``.
+
+    Inductor generates no code for complex tensors: it runs such ops as calls to the graph's op, and after its
+    decompositions a conversion is the prim, whose implementation is Python (a serving process would import
+    Dynamo to run it). ``aten._to_copy`` is the same conversion, implemented in libtorch."""
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not torch.ops.prims.convert_element_type.default:
+            continue
+        source, out = node.args[0].meta.get("val"), node.meta.get("val")
+        if not (isinstance(source, torch.Tensor) and isinstance(out, torch.Tensor)
+                and (source.is_complex() or out.is_complex())):
+            continue
+        with graph.inserting_before(node):
+            copy = graph.call_function(torch.ops.aten._to_copy.default, (node.args[0],), {"dtype": node.args[1]})
+        copy.meta.update(node.meta)
+        node.replace_all_uses_with(copy)
+        graph.erase_node(node)
+
+
+def _graph_pass(fn):
+    """``fn`` as an Inductor custom graph pass (with the identity Inductor's caches ask for)."""
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    class Pass(CustomGraphPass):
+        def __call__(self, graph) -> None:
+            fn(graph)
+
+        def uuid(self) -> str:
+            return f"aotpack.{fn.__name__}.1"
+
+    return Pass()
+
+
 # gcc -march level and Inductor vector width for each CPU ISA a pack can target.
 ISA_COMPILER_OPTIONS: dict[str, dict[str, Any]] = {
     "x86-64": {"cpp.march": "x86-64", "cpp.simdlen": 0},
@@ -124,6 +160,7 @@ def inductor_options(cpu_isa: str, cpu_threads: int, stateful: bool = False) -> 
     config = _available(BASE_INDUCTOR_CONFIG)
     config.update(_available(ISA_COMPILER_OPTIONS[cpu_isa]))
     config["cpp.threads"] = cpu_threads
+    config["post_grad_custom_pre_pass"] = _graph_pass(_complex_casts_to_aten)
     if stateful:
         config.update(STATEFUL_INDUCTOR_CONFIG)
     return config
@@ -450,10 +487,15 @@ def graph_text(exported) -> bytes:
     signature, range constraints, module call graph), without each node's metadata: stack traces name host
     paths and the model file's module, and ``nn_module_stack``/``from_node`` hold object ids that change
     with every process. None of it reaches the code Inductor generates. Weights are not included."""
+    import inspect
+
     from torch._export.serde.serialize import serialize
 
-    artifact = serialize(exported, serialize_state_dict=False, serialize_constants=False,
-                         serialize_example_inputs=False)
+    # torch 2.11's serialize() always writes the weights too (apart from the program's JSON, which is all
+    # that is read here).
+    skip = ("serialize_state_dict", "serialize_constants", "serialize_example_inputs")
+    params = inspect.signature(serialize).parameters
+    artifact = serialize(exported, **{k: False for k in skip if k in params})
     program = json.loads(artifact.exported_program)
     for node in program["graph_module"]["graph"]["nodes"]:
         node["metadata"] = {}
@@ -494,7 +536,14 @@ def program_copy(exported):
     buffer = io.BytesIO()
     torch.export.save(exported, buffer)
     buffer.seek(0)
-    return torch.export.load(buffer)
+    # Loading warns about each unbacked symbol (from .item()) the graph no longer names: nothing to act on.
+    serde_log = logging.getLogger("torch._export.serde.serialize")
+    level = serde_log.level
+    serde_log.setLevel(logging.ERROR)
+    try:
+        return torch.export.load(buffer)
+    finally:
+        serde_log.setLevel(level)
 
 
 def move_to_cuda(exported):
@@ -546,3 +595,140 @@ def save_exported(exported, path: str) -> None:
 
 def load_exported(path: str):
     return torch.export.load(path)
+
+
+def symbol_range(rng) -> tuple[int, int | None]:
+    """(min, max) of a shape symbol's value range in ``ExportedProgram.range_constraints``; max None when the
+    symbol has no upper bound (torch's ``int_oo``, whose ``is_finite`` is true: compare by identity)."""
+    from torch.utils._sympy.numbers import int_oo
+
+    lo = 0 if rng is None or rng.lower in (int_oo, -int_oo) else max(0, int(rng.lower))
+    hi = None if rng is None or rng.upper is int_oo or rng.upper == int_oo else int(rng.upper)
+    return lo, hi
+
+
+def polynomial_terms(expr) -> dict[tuple[str, ...], int] | None:
+    """A sympy size or stride expression as ``{sorted symbol names: integer coefficient}``, or None when it
+    is not a polynomial with integer coefficients over symbols (e.g. a floor division)."""
+    import sympy
+
+    terms: dict[tuple[str, ...], int] = {}
+    for term, coeff in sympy.expand(expr).as_coefficients_dict().items():
+        if not getattr(coeff, "is_Integer", False):
+            return None
+        names: list[str] = []
+        for factor in sympy.Mul.make_args(term):
+            if factor == 1:
+                continue
+            base, exp = factor.as_base_exp()
+            if not (getattr(base, "is_Symbol", False) and getattr(exp, "is_Integer", False) and int(exp) > 0):
+                return None
+            names += [str(base)] * int(exp)
+        key = tuple(sorted(names))
+        terms[key] = terms.get(key, 0) + int(coeff)
+    return terms
+
+
+def lift_constants_to_buffers(exported):
+    """The program with every lifted tensor constant (a plain tensor attribute of the model: a table, a view
+    of another tensor) turned into a buffer of the same name, and every parameter, buffer and constant that
+    is not dense (non-contiguous, or a view with a storage offset) replaced by a dense copy of the same
+    values. Constants that are not tensors stay constants.
+
+    Inductor names a lifted constant ``_tensor_constantN`` and forgets where it came from; a buffer keeps its
+    name, so the pack can store it as a weight. A dense copy is what the pack stores, and Inductor compiles
+    for the strides it sees, so both must be the same tensor. The original program is not changed."""
+    from torch.export.graph_signature import ExportGraphSignature, InputKind, InputSpec
+
+    sig = exported.graph_signature
+    state = dict(exported.state_dict)
+    constants = dict(exported.constants)
+    specs = []
+    for spec in sig.input_specs:
+        if spec.kind == InputKind.CONSTANT_TENSOR and isinstance(constants.get(spec.target), torch.Tensor):
+            state[spec.target] = constants.pop(spec.target)
+            spec = InputSpec(InputKind.BUFFER, spec.arg, spec.target, persistent=True)
+        specs.append(spec)
+    dense: dict[int, torch.Tensor] = {}  # tied tensors stay tied
+
+    def densify(t):
+        if not isinstance(t, torch.Tensor) or (t.is_contiguous() and t.storage_offset() == 0):
+            return t
+        if id(t) not in dense:
+            copy = t.detach().clone(memory_format=torch.contiguous_format)
+            dense[id(t)] = torch.nn.Parameter(copy, requires_grad=t.requires_grad) \
+                if isinstance(t, torch.nn.Parameter) else copy
+        return dense[id(t)]
+
+    state = {k: densify(v) for k, v in state.items()}
+    constants = {k: densify(v) for k, v in constants.items()}
+    signature = ExportGraphSignature(input_specs=specs, output_specs=list(sig.output_specs))
+    return exported._update(exported.graph_module, signature, state_dict=state, constants=constants)
+
+
+def outputs_for_inductor(exported):
+    """The program with tensor outputs only, which is what AOTInductor compiles: a user output that is a
+    constant (a number or string the model returns) is dropped, a Python number computed at run time (from a
+    size, or read with ``.item()``) is returned as a 0-d tensor, and the output structure becomes a flat
+    tuple. The compiled code then returns, in order, the user outputs that are not constants; the pack
+    rebuilds the model's structure (see guards.derive).
+
+    ``t.item()`` is returned as ``t`` (its ``.item()`` at run time is eager's number exactly); any other number
+    becomes ``aten.scalar_tensor`` of int64, float64 or bool. The program is not changed: the result has a
+    copy of its graph whose nodes share their fake values (which must stay in one fake mode). A program in
+    this form can be saved with ``torch.export.save`` (which cannot write a bool output)."""
+    from torch._guards import detect_fake_mode
+    from torch.export.graph_signature import ExportGraphSignature, OutputKind, OutputSpec, TensorArgument
+
+    dtypes = {torch.SymInt: torch.int64, torch.SymFloat: torch.float64, torch.SymBool: torch.bool}
+
+    def changes(spec, node) -> bool:
+        if spec.kind != OutputKind.USER_OUTPUT:
+            return False
+        val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+        return type(spec.arg).__name__ == "ConstantArgument" or type(val) in dtypes
+
+    if not any(changes(*pair) for pair in zip(exported.graph_signature.output_specs,
+                                               exported.graph.output_node().args[0])):
+        return exported
+    sig = exported.graph_signature
+    graph = torch.fx.Graph()
+    copies: dict = {}
+    for node in exported.graph.nodes:
+        copies[node] = graph.node_copy(node, lambda n: copies[n])
+    gm = torch.fx.GraphModule(exported.graph_module, graph)
+    gm.meta.update(exported.graph_module.meta)
+    out_node = graph.output_node()
+    values = list(out_node.args[0])
+    fake_mode = detect_fake_mode([n.meta.get("val") for n in graph.nodes if "val" in n.meta])
+    kept_values, kept_specs = [], []
+    for spec, node in zip(sig.output_specs, values):
+        if spec.kind == OutputKind.USER_OUTPUT and type(spec.arg).__name__ == "ConstantArgument":
+            continue
+        val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+        if spec.kind == OutputKind.USER_OUTPUT and type(val) in dtypes:
+            if node.target is torch.ops.aten.item.default:
+                node = node.args[0]
+            else:
+                dtype = dtypes[type(val)]
+                with graph.inserting_before(out_node):
+                    new = graph.call_function(torch.ops.aten.scalar_tensor.default, (node,), {"dtype": dtype})
+                with fake_mode:
+                    new.meta["val"] = torch.ops.aten.scalar_tensor.default(val, dtype=dtype)
+                node = new
+            spec = OutputSpec(OutputKind.USER_OUTPUT, TensorArgument(name=node.name), None)
+        kept_values.append(node)
+        kept_specs.append(spec)
+    out_node.args = (tuple(kept_values),)
+    gm.recompile()
+    signature = ExportGraphSignature(input_specs=list(sig.input_specs), output_specs=kept_specs)
+    program = exported._update(gm, signature)
+    n_user = sum(1 for spec in kept_specs if spec.kind == OutputKind.USER_OUTPUT)
+    program._module_call_graph[0].signature.out_spec = pytree.tree_flatten(tuple(range(n_user)))[1]
+    return program
+
+
+def op_name(target) -> str | None:
+    """The name an ATen op has in AOTInductor's extern-kernel description (``aten::_unique2``,
+    ``aten::median.dim``), or None for a graph node that is not an op overload."""
+    return target.name() if isinstance(target, torch._ops.OpOverload) else None

@@ -48,6 +48,8 @@ class Captured:
     dynamic_shapes: Any = None
     # Buffers the forward writes in place (names in the model): the pack's state.
     state: tuple[str, ...] = ()
+    # Positions among the flat user inputs of the tensors forward writes into (the pack writes them too).
+    mutated_inputs: tuple[int, ...] = ()
 
 
 class _FunctionModule(torch.nn.Module):
@@ -156,11 +158,13 @@ def capture(model: Any, args: tuple, kwargs: dict | None = None, *, dynamic_shap
         raise _capture_error(e) from e
     _check_no_reassigned_buffers(caught, module)
     training = bool(getattr(module, "training", False))
-    state = _check_mutation(exported, training)
+    state, mutated = _check_mutation(exported, training)
     _check_no_custom_ops(exported)
+    _check_constants_are_tensors(exported)
     return Captured(exported=exported, args=args, kwargs=kwargs,
                     param_names=_param_names(fn, len(args)), grad_mode=grad_mode,
-                    training=training, dynamic_shapes=dynamic_shapes, state=state)
+                    training=training, dynamic_shapes=dynamic_shapes, state=state,
+                    mutated_inputs=tuple(mutated))
 
 
 # Dynamo's warning that a traced forward had side effects it could not put in the graph; a source naming a
@@ -249,14 +253,29 @@ def _capture_error(e: BaseException) -> CaptureError:
 _FRAME = re.compile(r'File "([^"]+)", line (\d+), in [^\n]*\n\s*([^\n]*)')
 
 
+def user_line(stack: str) -> tuple[str | None, int | None, str | None]:
+    """(file, line, code) of the innermost frame of a graph node's ``stack_trace``: the user's call."""
+    frames = _FRAME.findall(stack or "")
+    return (frames[-1][0], int(frames[-1][1]), frames[-1][2]) if frames else (None, None, None)
+
+
 def _check_no_custom_ops(exported: Any) -> None:
     for name, stack in _torch.custom_ops(exported):
-        frames = _FRAME.findall(stack)
-        filename, lineno, code = (frames[-1][0], int(frames[-1][1]), frames[-1][2]) if frames else (None, None, None)
+        filename, lineno, code = user_line(stack)
         raise CaptureError(f"forward calls the custom operator {name}, whose implementation a pack cannot carry",
                            filename=filename, lineno=lineno, code=code,
                            hint="use torch operations instead (Hugging Face mixture-of-experts models: "
                                 "experts_implementation='batched_mm')")
+
+
+def _check_constants_are_tensors(exported: Any) -> None:
+    """A model attribute the graph reads (lifted as a constant) must be a tensor: the pack stores it as a
+    weight. (A script object, e.g. a packed quantized weight, has no bytes a pack could store.)"""
+    for name, value in exported.constants.items():
+        if not isinstance(value, torch.Tensor):
+            raise CaptureError(f"forward uses the attribute {name!r}, a {type(value).__name__} object (not a "
+                               "tensor), which a pack cannot store",
+                               hint="keep tensors, numbers and strings as the model's attributes")
 
 
 def _has_mutable_ops(exported: Any) -> bool:
@@ -270,21 +289,24 @@ def _has_mutable_ops(exported: Any) -> bool:
 _RUNNING_STATS = ("running_mean", "running_var", "num_batches_tracked")
 
 
-def _check_mutation(exported: Any, training: bool) -> tuple[str, ...]:
-    """The buffers the forward writes in place (the pack's state), in the model's names. A forward that writes
-    into its inputs, or a batch norm updating its statistics in training mode, is refused."""
+def _check_mutation(exported: Any, training: bool) -> tuple[tuple[str, ...], list[int]]:
+    """The buffers the forward writes in place (the pack's state), in the model's names, and the positions
+    (among the flat user inputs) of the inputs it writes into, which the pack writes into as eager does. A
+    batch norm updating its statistics in training mode is refused, and so is a forward that writes both."""
     # The capture graph keeps in-place ops; functionalizing it shows what they write to.
     if not _has_mutable_ops(exported):
-        return ()
+        return (), []
     sig = exported.run_decompositions({}).graph_signature
     buffers = sorted(set((getattr(sig, "buffers_to_mutate", {}) or {}).values()))
     inputs = dict(getattr(sig, "user_inputs_to_mutate", {}) or {})
-    if inputs:
-        raise CaptureError(f"forward mutates its inputs {sorted(set(inputs.values()))} in place; a pack "
-                           "returns results and never writes into its inputs",
-                           hint="use out-of-place operations (x = x + 1 instead of x += 1) and return the result")
     stats = [b for b in buffers if b.rsplit(".", 1)[-1] in _RUNNING_STATS]
     if training and stats:
         raise CaptureError(f"forward updates the batch-norm statistics {stats} (the model is in training mode); "
                            "a pack is for inference", hint="call model.eval() before building")
-    return tuple(buffers)
+    written = set(inputs.values())
+    if buffers and written:
+        raise CaptureError(f"forward writes into its inputs {sorted(written)} and into the buffers {buffers}; "
+                           "a pack writes into its inputs or carries state, not both",
+                           hint="return the new input values instead of writing them in place")
+    user = [spec.arg.name for spec in sig.input_specs if getattr(spec.kind, "name", "") == "USER_INPUT"]
+    return tuple(buffers), [i for i, name in enumerate(user) if name in written]

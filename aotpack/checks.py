@@ -109,28 +109,48 @@ def _compare(pkg, against: str, tolerance: float) -> str:
 
 
 def _worst(pkg, model, args, kwargs, tolerance: float) -> float:
+    """The max error of the pack's outputs, and of what it writes into its inputs, relative to eager's.
+
+    Each side runs on its own copy of the inputs: a model that writes into its inputs must find them as they
+    were, and what each wrote is compared too."""
+    import copy
+
     import torch
     import torch.utils._pytree as pytree
 
+    pack_inputs, eager_inputs = copy.deepcopy((args, kwargs)), copy.deepcopy((args, kwargs))
     with torch.inference_mode():
-        out = pkg(*args, **kwargs)
-        ref = model(*args, **kwargs)
-    a, a_spec = pytree.tree_flatten(out)
-    r, r_spec = pytree.tree_flatten(ref)
+        out = pkg(*pack_inputs[0], **pack_inputs[1])
+        ref = model(*eager_inputs[0], **eager_inputs[1])
+    a, a_spec = pytree.tree_flatten((out, pack_inputs))
+    r, r_spec = pytree.tree_flatten((ref, eager_inputs))
     if a_spec != r_spec:
         raise AotpackError(f"output structure differs from eager: pack {a_spec}, eager {r_spec}")
     worst = 0.0
     for x, y in zip(a, r):
         if isinstance(y, torch.Tensor):
-            if x.shape != y.shape or x.dtype != y.dtype:
-                raise AotpackError(f"output {list(x.shape)} {x.dtype} differs from eager {list(y.shape)} {y.dtype}")
-            if y.numel():
-                worst = max(worst, (x - y).abs().max().item() / max(y.abs().max().item(), 1e-6))
+            if not isinstance(x, torch.Tensor) or x.shape != y.shape or x.dtype != y.dtype:
+                raise AotpackError(f"output {_what(x)} differs from eager {_what(y)}")
+            if not (y.dtype.is_floating_point or y.dtype.is_complex):
+                if not torch.equal(x, y):
+                    raise AotpackError(f"output {_what(x)} holds other values than eager's")
+            elif y.numel():
+                wide = torch.complex128 if y.dtype.is_complex else torch.float64
+                worst = max(worst, ((x.to(wide) - y.to(wide)).abs().max() / y.to(wide).abs().max().clamp(min=1e-6))
+                            .item())
+        elif type(x) is not type(y):
+            raise AotpackError(f"output value {x!r} differs from eager {y!r} in type")
+        elif isinstance(y, float):
+            worst = max(worst, abs(x - y) / max(abs(y), 1e-6))
         elif x != y:
             raise AotpackError(f"output value {x!r} differs from eager {y!r}")
     if worst > tolerance:
         raise AotpackError(f"max error relative to the output scale is {worst:.2e}, above {tolerance:.0e}")
     return worst
+
+
+def _what(v: Any) -> str:
+    return f"{list(v.shape)} {v.dtype}" if hasattr(v, "shape") else repr(v)
 
 
 def _walk_diff(a: Any, b: Any, where: str, out: list) -> None:

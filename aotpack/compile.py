@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from aotpack_runtime import _torch as rt_torch
-from aotpack_runtime.errors import BuildError
+from aotpack_runtime.devices import EXTERN_KERNELS_FILE, LIBRARY_FILE
+from aotpack_runtime.errors import AotpackError, BuildError, CaptureError
 
 from . import _torch, buildcache
 from .capture import Captured
@@ -47,6 +48,8 @@ class CompiledEntry:
     # CUDA entries: one record per kernel (name, file, archs, ptx, shared_mem, num_warps) and its bytes.
     cuda_kernels: tuple = ()
     binaries: dict = field(default_factory=dict)  # file name -> bytes
+    # AOTInductor's description of the ATen calls its proxy executor makes (JSON), when the code makes any.
+    extern_kernels: bytes | None = None
     peak_rss: int = 0  # bytes: the peak memory of the worker process that compiled it (0: compiled in process)
 
 
@@ -187,7 +190,7 @@ def compile_entries(captured: list[Captured], options: BuildOptions,
         for i, c in enumerate(captured):
             folder = os.path.join(tmp, str(i))
             os.makedirs(folder)
-            _torch.save_exported(c.exported, os.path.join(folder, "graph.pt2"))
+            _torch.save_exported(for_inductor(c.exported), os.path.join(folder, "graph.pt2"))
             with open(os.path.join(folder, "job.json"), "w") as f:
                 json.dump({"options": options.to_json(), "device": devices[i], "parallel": parallel,
                            "stateful": stateful,
@@ -207,6 +210,7 @@ def compile_entries(captured: list[Captured], options: BuildOptions,
             if proc.returncode != 0:
                 for *_, other, _ in running:
                     other.kill()
+                _raise_worker_error(folder)
                 lines = [ln for ln in err.decode(errors="replace").splitlines() if ln.strip()]
                 raise BuildError(f"compiling entry {i} failed in its worker process: "
                                  f"{lines[-1] if lines else f'exit {proc.returncode}'}")
@@ -220,6 +224,9 @@ def compile_entries(captured: list[Captured], options: BuildOptions,
 def _write_result(entry: CompiledEntry, folder: str) -> None:
     with open(os.path.join(folder, "library.so"), "wb") as f:
         f.write(entry.library)
+    if entry.extern_kernels is not None:
+        with open(os.path.join(folder, "extern.json"), "wb") as f:
+            f.write(entry.extern_kernels)
     for prefix, files in (("source-", entry.sources), ("binary-", entry.binaries)):
         for name, data in files.items():
             with open(os.path.join(folder, prefix + name), "wb") as f:
@@ -235,6 +242,10 @@ def _read_result(folder: str) -> CompiledEntry:
         meta = json.load(f)
     with open(os.path.join(folder, "library.so"), "rb") as f:
         library = f.read()
+    extern = None
+    if os.path.exists(os.path.join(folder, "extern.json")):
+        with open(os.path.join(folder, "extern.json"), "rb") as f:
+            extern = f.read()
     files: dict[str, dict] = {"source-": {}, "binary-": {}}
     for prefix, key in (("source-", "sources"), ("binary-", "binaries")):
         for name in meta[key]:
@@ -242,7 +253,8 @@ def _read_result(folder: str) -> CompiledEntry:
                 files[prefix][name] = f.read()
     return CompiledEntry(library=library, sources=files["source-"], constants=meta["constants"],
                          kernels=tuple(meta["kernels"]), device=meta["device"], binaries=files["binary-"],
-                         cuda_kernels=tuple(meta["cuda_kernels"]), peak_rss=meta["peak_rss"])
+                         cuda_kernels=tuple(meta["cuda_kernels"]), extern_kernels=extern,
+                         peak_rss=meta["peak_rss"])
 
 
 def compile_exported(exported, options: BuildOptions, device: str = "cpu", parallel: bool = False,
@@ -256,6 +268,7 @@ def compile_exported(exported, options: BuildOptions, device: str = "cpu", paral
     1, 2, 3), so it is off for them."""
     if device == "cuda":
         return compile_cuda(exported, options, parallel, stateful)
+    exported = for_inductor(exported)
     with scratch_dir() as root, build_environment(root, options, entry_config(options, "cpu", stateful),
                                                   parallel, objects) as config:
         package = os.path.join(root, "entry.pt2")
@@ -264,17 +277,39 @@ def compile_exported(exported, options: BuildOptions, device: str = "cpu", paral
         except Exception as e:  # a compiler failure, or a lowering Inductor does not support
             raise BuildError(f"Inductor could not compile the graph: {type(e).__name__}: "
                              f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
-        library, sources, binaries = _unpack(package, root)
+        library, sources, binaries, extern = _unpack(package, root)
         if binaries:
             raise BuildError("Inductor produced GPU kernels for a CPU entry")
-        # dlopen returns an already-loaded library for a path it has seen: name the file by its content.
-        so_path = os.path.join(root, hashlib.sha256(library).hexdigest() + ".so")
+        check_extern_kernels(extern, exported)
+        # Loaded as the runtime loads it (with the proxy executor's description beside it, which libtorch
+        # checks against each op's schema); dlopen returns an already-loaded library for a path it has seen:
+        # name the folder by the content.
+        folder = os.path.join(root, hashlib.sha256(library + (extern or b"")).hexdigest())
+        os.makedirs(folder)
+        so_path = os.path.join(folder, LIBRARY_FILE)
         with open(so_path, "wb") as f:
             f.write(library)
-        constants = rt_torch.constant_fqns(rt_torch.cpu_runner(so_path, 1))
+        if extern is not None:
+            with open(os.path.join(folder, EXTERN_KERNELS_FILE), "wb") as f:
+                f.write(extern)
+        try:
+            runner = rt_torch.cpu_runner(so_path, 1)
+        except RuntimeError as e:
+            raise extern_kernel_error(str(e), extern, exported) from None
+        constants = rt_torch.constant_fqns(runner)
+    check_constant_layouts(sources.get("wrapper.cpp", b"").decode())
     kernels = tuple(sorted(set(re.findall(r'extern "C"\s+void\s+(\w+)\s*\(',
                                           sources.get("kernel.cpp", b"").decode()))))
-    return CompiledEntry(library=library, sources=sources, constants=constants, kernels=kernels)
+    return CompiledEntry(library=library, sources=sources, constants=constants, kernels=kernels,
+                         extern_kernels=extern)
+
+
+def for_inductor(exported):
+    """The captured program as AOTInductor compiles it and a pack serves it: tensor outputs only
+    (constants dropped, numbers as 0-d tensors), the model's plain tensor attributes as named buffers, and
+    every weight dense (see ``_torch.lift_constants_to_buffers`` and ``_torch.outputs_for_inductor``). The
+    captured program, which the guards and weights are read from, is not changed."""
+    return _torch.outputs_for_inductor(_torch.lift_constants_to_buffers(exported))
 
 
 def compile_cuda(exported, options: BuildOptions, parallel: bool = False, stateful: bool = False) -> CompiledEntry:
@@ -286,6 +321,7 @@ def compile_cuda(exported, options: BuildOptions, parallel: bool = False, statef
     """
     from . import cudabuild
 
+    exported = for_inductor(exported)
     archs = options.cuda_archs
     # No object reuse for CUDA entries: their objects depend on the CUDA toolkit's headers and on kernel
     # binaries their source only names.
@@ -310,7 +346,8 @@ def compile_cuda(exported, options: BuildOptions, parallel: bool = False, statef
             except Exception as e:
                 raise BuildError(f"Inductor could not compile the graph for CUDA: {type(e).__name__}: "
                                  f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
-        library, sources, binaries = _unpack(package, root)
+        library, sources, binaries, extern = _unpack(package, root)
+        check_extern_kernels(extern, exported)
         wrapper = sources.get("wrapper.cpp", b"").decode()
         records = []
         listed = cudabuild.wrapper_kernels(wrapper)
@@ -330,13 +367,14 @@ def compile_cuda(exported, options: BuildOptions, parallel: bool = False, statef
             records.append({"name": k.name, "file": k.file, "archs": sass, "ptx": ptx,
                             "shared_mem": k.shared_mem, "num_warps": k.num_warps})
     constants = _wrapper_constants(wrapper)
+    check_constant_layouts(wrapper)
     missing = sorted(set(_used_weights(exported)) - set(constants.values()))
     if missing:
         raise BuildError(f"the CUDA code does not use the weights {missing}, which the graph reads; refusing a "
                          "pack that would compute with the wrong weights")
     return CompiledEntry(library=library, sources=sources, constants=constants,
                          kernels=tuple(r["name"] for r in records), device="cuda",
-                         cuda_kernels=tuple(records), binaries=binaries)
+                         cuda_kernels=tuple(records), binaries=binaries, extern_kernels=extern)
 
 
 def _used_weights(exported) -> list[str]:
@@ -357,9 +395,10 @@ def _wrapper_constants(wrapper: str) -> dict:
     return {names[i]: fqns[i] for i in sorted(names, key=int)}
 
 
-def _unpack(package: str, root: str) -> tuple[bytes, dict, dict]:
-    """The shared object, the generated sources (paths normalized) and the kernel binaries of a package."""
-    library = None
+def _unpack(package: str, root: str) -> tuple[bytes, dict, dict, bytes | None]:
+    """The shared object, the generated sources (paths normalized), the kernel binaries and the extern-kernel
+    description (the ATen calls made through the proxy executor; None when there are none) of a package."""
+    library = extern = None
     sources = {}
     binaries = {}
     with zipfile.ZipFile(package) as z:
@@ -375,20 +414,109 @@ def _unpack(package: str, root: str) -> tuple[bytes, dict, dict]:
                 sources["wrapper.cpp"] = normalize_source(z.read(info).decode(), root).encode()
             elif name.endswith(".kernel.cpp"):
                 sources["kernel.cpp"] = normalize_source(z.read(info).decode(), root).encode()
+            elif name.endswith(".wrapper.json"):
+                extern = z.read(info)
     if library is None:
         raise BuildError("Inductor produced no shared object")
-    return library, sources, binaries
+    return library, sources, binaries, extern
+
+
+def _extern_nodes(extern: bytes | None) -> list[str]:
+    """The op of each call in an extern-kernel description (``aten::_unique2``), in order."""
+    if extern is None:
+        return []
+    try:
+        return [n["node"]["target"] for n in json.loads(extern)["nodes"]]
+    except (ValueError, KeyError, TypeError) as e:
+        raise BuildError(f"Inductor wrote an extern-kernel description this aotpack cannot read ({e}); this "
+                         "torch's AOTInductor packaging is not supported") from None
+
+
+def _op_line(op: str, exported) -> tuple[str | None, int | None, str | None]:
+    """The user's file, line and code of the first graph node that calls ``op``."""
+    from .capture import user_line
+
+    for node in exported.graph.nodes:
+        if node.op == "call_function" and _torch.op_name(node.target) == op:
+            return user_line(node.meta.get("stack_trace") or "")
+    return None, None, None
+
+
+def check_extern_kernels(extern: bytes | None, exported) -> None:
+    """Refuse code that calls, through the proxy executor, an op whose implementation is not in libtorch: the
+    runtime's proxy executor runs ATen ops (C++), never Python code (custom ops, or prims, which are Python)."""
+    for op in _extern_nodes(extern):
+        if not op.startswith("aten::"):
+            filename, lineno, code = _op_line(op, exported)
+            raise CaptureError(f"forward calls {op}, which the compiled code would run through AOTInductor's "
+                               "proxy executor; its implementation is Python, and a pack runs ATen ops only",
+                               filename=filename, lineno=lineno, code=code,
+                               hint="rewrite this call with other torch operations")
+
+
+def extern_kernel_error(message: str, extern: bytes | None, exported) -> AotpackError:
+    """The error for a library that libtorch refused to load: a CaptureError naming the op and the user's line
+    when its proxy executor cannot run one of the code's ATen calls, else a BuildError."""
+    first = message.strip().splitlines()[0] if message.strip() else "no message"
+    for op in _extern_nodes(extern):
+        if re.search(re.escape(op) + r"(?![\w.])", message):
+            filename, lineno, code = _op_line(op, exported)
+            return CaptureError(f"forward calls {op}, which has no C shim in AOTInductor and which its proxy "
+                                f"executor cannot run ({first})", filename=filename, lineno=lineno, code=code,
+                                hint="rewrite this call with other torch operations")
+    return BuildError(f"the compiled code cannot be loaded: {first}")
+
+
+def check_constant_layouts(wrapper: str) -> None:
+    """Every constant the code reads must be dense and start at its storage (the pack stores weights as dense
+    bytes and hands them to the code as they are); ``lift_constants_to_buffers`` made them so."""
+    names = dict(re.findall(r'constants_info_\[(\d+)\]\.original_fqn = "([^"]*)";', wrapper))
+    shapes = dict(re.findall(r"constants_info_\[(\d+)\]\.shape = \{([^}]*)\};", wrapper))
+    strides = dict(re.findall(r"constants_info_\[(\d+)\]\.stride = \{([^}]*)\};", wrapper))
+    offsets = dict(re.findall(r"constants_info_\[(\d+)\]\.offset = (\d+);", wrapper))
+    for i, fqn in names.items():
+        shape = [int(x) for x in shapes.get(i, "").replace(" ", "").split(",") if x]
+        stride = [int(x) for x in strides.get(i, "").replace(" ", "").split(",") if x]
+        dense, acc = [], 1
+        for n in reversed(shape):
+            dense.insert(0, acc)
+            acc *= max(n, 1)
+        if any(n > 1 and a != b for n, a, b in zip(shape, stride, dense)) or int(offsets.get(i, "0")):
+            raise BuildError(f"the compiled code reads the weight {fqn!r} with strides {stride} at offset "
+                             f"{offsets.get(i)}, but the pack stores it dense; this torch's AOTInductor is not "
+                             "supported")
 
 
 def _worker(folder: str) -> None:
-    """Worker process: compile the graph saved in ``folder`` and write the result beside it."""
+    """Worker process: compile the graph saved in ``folder`` and write the result beside it (or the aotpack
+    error it raised, for the parent to raise again)."""
     with open(os.path.join(folder, "job.json")) as f:
         job = json.load(f)
     options = BuildOptions.from_json(job["options"])
     exported = _torch.load_exported(os.path.join(folder, "graph.pt2"))
     objects = None if job["objects"] is None else buildcache.BuildCache(*job["objects"])
-    _write_result(compile_exported(exported, options, device=job["device"], parallel=job["parallel"],
-                                   stateful=job["stateful"], objects=objects), folder)
+    try:
+        _write_result(compile_exported(exported, options, device=job["device"], parallel=job["parallel"],
+                                       stateful=job["stateful"], objects=objects), folder)
+    except (CaptureError, BuildError) as e:
+        fields = {"reason": e.reason, "filename": e.filename, "lineno": e.lineno, "hint": e.hint, "code": e.code} \
+            if isinstance(e, CaptureError) else {"message": str(e)}
+        with open(os.path.join(folder, "error.json"), "w") as f:
+            json.dump({"type": type(e).__name__, **fields}, f)
+        raise
+
+
+def _raise_worker_error(folder: str) -> None:
+    """Raise the CaptureError or BuildError a worker process wrote, if it wrote one."""
+    path = os.path.join(folder, "error.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        err = json.load(f)
+    if err.pop("type") == "CaptureError":
+        reason = err.pop("reason")
+        raise CaptureError(reason, **err)
+    raise BuildError(err["message"])
 
 
 if __name__ == "__main__":

@@ -6,13 +6,16 @@ value: the exact value the graph specialised on), the symbol ranges, and the out
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from aotpack_runtime.errors import CaptureError
-from aotpack_runtime.guards import VALUE_TYPES, dtype_name, leaf_paths
+from aotpack_runtime.format import DTYPES
+from aotpack_runtime.guards import VALUE_TYPES, dtype_name, leaf_paths, stored_dtype
+from aotpack_runtime.symbolic import Poly
 
 from . import _torch
 from .capture import Captured
@@ -63,23 +66,40 @@ def spec_to_json(spec: Any, what: str) -> dict:
 
 
 def _dim_names(captured: Captured) -> dict[str, dict[int, str]]:
-    """Input path -> {dim: Dim name} from the user's ``dynamic_shapes`` (top-level inputs)."""
+    """Input path -> {dim: Dim name} from the user's ``dynamic_shapes`` (torch.export's format, nested like
+    the inputs); for a derived dim (``dx + 1``) the name of its root ``Dim``, which names the symbol inside the
+    expression. ``Dim.AUTO`` and ``Dim.DYNAMIC`` have no name: their symbols are called d0, d1, ..."""
     ds = captured.dynamic_shapes
     if ds is None:
         return {}
     paths = [f"args[{i}]" for i in range(len(captured.args))] + [f"kwargs[{k!r}]" for k in captured.kwargs]
+    values = list(captured.args) + list(captured.kwargs.values())
     names = list(captured.param_names) + list(captured.kwargs)
     if isinstance(ds, dict):
-        specs = [(p, ds.get(n)) for p, n in zip(paths, names)]
+        specs = [ds.get(n) for n in names]
     else:
-        specs = list(zip(paths, ds))
+        specs = list(ds) + [None] * (len(values) - len(ds))
     out: dict[str, dict[int, str]] = {}
-    for path, spec in specs:
-        items = spec.items() if isinstance(spec, dict) else enumerate(spec) if isinstance(spec, (list, tuple)) else ()
-        dims = {int(d): getattr(dim, "__name__") for d, dim in items
-                if isinstance(getattr(dim, "__name__", None), str)}
-        if dims:
-            out[path] = dims
+
+    def walk(value: Any, spec: Any, path: str) -> None:
+        if spec is None:
+            return
+        if isinstance(value, torch.Tensor):
+            items = spec.items() if isinstance(spec, dict) else enumerate(spec) if isinstance(spec, (list, tuple)) \
+                else ()
+            dims = {int(d): getattr(getattr(dim, "root", dim), "__name__") for d, dim in items
+                    if isinstance(getattr(getattr(dim, "root", dim), "__name__", None), str)}
+            if dims:
+                out[path] = dims
+        elif isinstance(value, (tuple, list)) and isinstance(spec, (tuple, list)):
+            for i, (v, sp) in enumerate(zip(value, spec)):
+                walk(v, sp, f"{path}[{i}]")
+        elif isinstance(value, dict) and isinstance(spec, dict):
+            for k, v in value.items():
+                walk(v, spec.get(k), f"{path}[{k!r}]")
+
+    for value, spec, path in zip(values, specs, paths):
+        walk(value, spec, path)
     return out
 
 
@@ -89,47 +109,50 @@ class _Symbols:
     def __init__(self, ranges: dict):
         self.ranges = ranges
         self.names: dict[str, str] = {}
-        self.table: dict[str, list[int]] = {}
+        self.table: dict[str, list] = {}
 
-    def name(self, expr: Any, preferred: str | None) -> str:
-        key = str(expr)
-        if key not in self.names:
+    def name(self, symbol: str, preferred: str | None) -> str:
+        if symbol not in self.names:
             name = preferred if preferred and preferred not in self.table else f"d{len(self.table)}"
-            rng = self.ranges.get(key)
-            lo = int(rng.lower) if rng is not None else 0
-            hi = int(rng.upper) if rng is not None and rng.upper.is_finite else 2**62
-            self.names[key] = name
+            lo, hi = _torch.symbol_range(self.ranges.get(symbol))
+            self.names[symbol] = name
             self.table[name] = [lo, hi]
-        return self.names[key]
+        return self.names[symbol]
 
-    def size(self, value: Any, preferred: str | None, path: str) -> int | str:
+    def _poly(self, expr: Any, preferred: str | None) -> Poly | None:
+        """A sympy expression as a polynomial over the symbols' readable names (a root ``Dim``'s name for the
+        one symbol of a derived size), or None when it is not a polynomial."""
+        terms = _torch.polynomial_terms(expr)
+        if terms is None:
+            return None
+        symbols = sorted({s for k in terms for s in k})
+        named = {sym: self.name(sym, preferred if len(symbols) == 1 else None) for sym in symbols}
+        return Poly({tuple(sorted(named[x] for x in k)): c for k, c in terms.items()})
+
+    def size(self, value: Any, preferred: str | None, who: str, d: int) -> int | str | Poly:
         if not isinstance(value, torch.SymInt):
             return int(value)
         expr = value.node.expr
         if getattr(expr, "is_number", False):
             return int(expr)
-        if getattr(expr, "is_Symbol", False):
-            return self.name(expr, preferred)
-        raise CaptureError(f"input {path} has a size that is the expression {expr}; aotpack supports sizes "
-                           "that are a number or one symbol", hint="give that dimension its own Dim")
+        poly = self._poly(expr, preferred)
+        if poly is None:
+            raise CaptureError(f"{who} dim {d} has a size that is not a polynomial of its Dims ({expr}); packs "
+                               "guard sizes that are numbers, Dims, or derived from them as torch.export defines "
+                               "(a*dim + b)", hint="give that dimension its own Dim")
+        return poly.single_symbol() or poly
 
-    def stride(self, value: Any, path: str) -> int | list:
+    def stride(self, value: Any, who: str, d: int) -> int | Poly:
         if not isinstance(value, torch.SymInt):
             return int(value)
         expr = value.node.expr
         if getattr(expr, "is_number", False):
             return int(expr)
-        coeff, factors = expr.as_coeff_mul()
-        mono: list = [int(coeff)]
-        for f in factors:
-            base, exp = f.as_base_exp()
-            if not (getattr(base, "is_Symbol", False) and getattr(exp, "is_Integer", False) and int(exp) > 0):
-                raise CaptureError(f"input {path} has the stride {expr}, which is not a product of sizes; "
-                                   "pass a dense tensor (.contiguous())")
-            mono += [self.name(base, None)] * int(exp)
-        if not getattr(coeff, "is_Integer", False):
-            raise CaptureError(f"input {path} has the stride {expr}, which is not a product of sizes")
-        return mono
+        poly = self._poly(expr, None)
+        if poly is None:
+            raise CaptureError(f"{who} has the stride {expr} at dim {d}, which is not a polynomial of its sizes; "
+                               "pass a dense tensor (.contiguous())")
+        return poly
 
 
 def derive(captured: Captured) -> Guards:
@@ -154,22 +177,32 @@ def derive(captured: Captured) -> Guards:
         else:
             val = placeholders[arg.name].meta.get("val")
         top = _top_name(path, captured.param_names)
+        who = f"input {top!r} ({path})"
         facts = _torch.fake_tensor_facts(val)
         if facts is None:
             if type(val) not in _VALUE_TYPE_NAMES:
-                raise CaptureError(f"input {path} is a {type(val).__name__}, which a pack cannot guard")
+                raise CaptureError(f"{who} is a {type(val).__name__}, which a pack cannot guard")
             leaves.append({"kind": "value", "path": path, "name": top, "type": _VALUE_TYPE_NAMES[type(val)],
                            "value": val})
             continue
+        dtype = stored_dtype(facts["dtype"])
+        if dtype is None:
+            raise CaptureError(f"{who} is a tensor of dtype {dtype_name(facts['dtype'])}, which a pack cannot "
+                               f"carry; packs take {', '.join(DTYPES)}", hint="convert the input to one of these")
         preferred = dim_names.get(path, {})
-        sizes = [symbols.size(s, preferred.get(d), path) for d, s in enumerate(facts["sizes"])]
-        strides = [None if isinstance(size, int) and size <= 1 else symbols.stride(stride, path)
-                   for size, stride in zip(sizes, facts["strides"])]  # size 0/1: any stride will do
-        leaves.append({"kind": "tensor", "path": path, "name": top, "dtype": dtype_name(facts["dtype"]),
-                       "device": str(facts["device"]), "sizes": sizes, "strides": strides,
-                       "requires_grad": False})
+        sizes = [symbols.size(s, preferred.get(d), who, d) for d, s in enumerate(facts["sizes"])]
+        strides = [None if isinstance(size, int) and size <= 1 else symbols.stride(stride, who, d)
+                   for d, (size, stride) in enumerate(zip(sizes, facts["strides"]))]  # size 0/1: any stride
+        leaf = {"kind": "tensor", "path": path, "name": top, "dtype": dtype, "device": str(facts["device"]),
+                "sizes": [x.to_json() if isinstance(x, Poly) else x for x in sizes],
+                "strides": [x.to_json_stride() if isinstance(x, Poly) else x for x in strides],
+                "requires_grad": False}
+        if len(leaves) in captured.mutated_inputs:
+            leaf["mutated"] = True
+        leaves.append(leaf)
     return Guards(inputs=inputs, leaves=tuple(leaves), symbols=symbols.table, param_names=captured.param_names,
-                  grad_mode=captured.grad_mode, outputs=outputs, output_leaves=tuple(_output_leaves(ep)))
+                  grad_mode=captured.grad_mode, outputs=outputs,
+                  output_leaves=tuple(_output_leaves(ep)))
 
 
 def _top_name(path: str, param_names: tuple[str, ...]) -> str:
@@ -180,8 +213,14 @@ def _top_name(path: str, param_names: tuple[str, ...]) -> str:
     return key[1:key.index("]") - 1]
 
 
+# Output arguments that are Python numbers computed at run time: the compiled code returns them as 0-d tensors
+# (``_torch.outputs_for_inductor``) and the runtime turns them back into numbers of this type.
+_SCALAR_ARGUMENTS = {"SymIntArgument": "int", "SymFloatArgument": "float", "SymBoolArgument": "bool"}
+
+
 def _output_leaves(ep: Any) -> list[dict]:
-    """Each output leaf: the index among the compiled code's tensor outputs, or a constant value."""
+    """Each output leaf: a constant value, or the index among the compiled code's outputs (which are the
+    user outputs that are not constants, in order) of a tensor or of a Python number."""
     out = []
     k = 0
     for spec in ep.graph_signature.output_specs:
@@ -193,7 +232,13 @@ def _output_leaves(ep: Any) -> list[dict]:
             if type(value) not in _VALUE_TYPE_NAMES:
                 raise CaptureError(f"the model returns a {type(value).__name__} constant, which a pack cannot "
                                    "store", hint="return tensors, numbers, strings or None")
+            if type(value) is float and not math.isfinite(value):
+                raise CaptureError(f"the model returns the constant {value}, which a pack cannot store (its "
+                                   "manifest is JSON)", hint="return it as a tensor: torch.tensor(value)")
             out.append({"kind": "value", "value": value})
+        elif type(arg).__name__ in _SCALAR_ARGUMENTS:
+            out.append({"kind": "scalar", "index": k, "type": _SCALAR_ARGUMENTS[type(arg).__name__]})
+            k += 1
         else:
             out.append({"kind": "tensor", "index": k})
             k += 1

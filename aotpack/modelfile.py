@@ -119,22 +119,24 @@ def load_model_file(target: str) -> ModelSpec:
                      cache_positions=extras.get("cache_positions"), source=target)
 
 
-_DYNAMIC = re.compile(r"([A-Za-z_]\w*):(\d+)=(?:([A-Za-z_]\w*):)?(\d+)\.\.(\d+)")
+_DYNAMIC = re.compile(r"([A-Za-z_]\w*):(\d+)=(?:([A-Za-z_]\w*):)?(\d+)\.\.(\d*)")
 
 
 def check_dynamic(spec: str) -> str | None:
-    """What is wrong with one ``INPUT:DIM=[NAME:]MIN..MAX`` text, or None (no torch needed)."""
+    """What is wrong with one ``INPUT:DIM=[NAME:]MIN..[MAX]`` text, or None (no torch needed)."""
     m = _DYNAMIC.fullmatch(spec)
     if not m:
-        return f"{spec!r} is not INPUT:DIM=MIN..MAX or INPUT:DIM=NAME:MIN..MAX (e.g. x:0=1..64)"
-    if int(m.group(4)) > int(m.group(5)):
+        return (f"{spec!r} is not INPUT:DIM=MIN..MAX or INPUT:DIM=NAME:MIN..MAX (e.g. x:0=1..64; x:0=2.. for no "
+                "upper bound)")
+    if m.group(5) and int(m.group(4)) > int(m.group(5)):
         return f"{spec!r}: the minimum {m.group(4)} is above the maximum {m.group(5)}"
     return None
 
 
 def parse_dynamic(specs: tuple[str, ...] | list[str]) -> dict:
-    """``x:0=1..64`` / ``x:0=batch:1..64`` texts into torch.export's dynamic_shapes dict; the same NAME on
-    several inputs is one symbol (equal sizes). Raises :class:`ModelFileError` for a malformed text."""
+    """``x:0=1..64`` / ``x:0=batch:1..64`` / ``x:0=2..`` (no upper bound) texts into torch.export's
+    dynamic_shapes dict; the same NAME on several inputs is one symbol (equal sizes). Raises
+    :class:`ModelFileError` for a malformed text."""
     from torch.export import Dim
 
     dims: dict = {}
@@ -144,10 +146,10 @@ def parse_dynamic(specs: tuple[str, ...] | list[str]) -> dict:
         if problem:
             raise ModelFileError(problem)
         name, dim, sym, lo, hi = _DYNAMIC.fullmatch(spec).groups()
-        dim, lo, hi = int(dim), int(lo), int(hi)
+        dim, lo, hi = int(dim), int(lo), int(hi) if hi else None
         sym = sym or f"{name}_{dim}"
         if sym in dims and dims[sym][1:] != (lo, hi):
             raise ModelFileError(f"{sym!r} is given two ranges")
-        dims.setdefault(sym, (Dim(sym, min=lo, max=hi), lo, hi))
+        dims.setdefault(sym, (Dim(sym, min=lo) if hi is None else Dim(sym, min=lo, max=hi), lo, hi))
         out.setdefault(name, {})[dim] = dims[sym][0]
     return out

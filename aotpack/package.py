@@ -1,7 +1,8 @@
 """Stage 4, package: write the archive. Same inputs, same bytes.
 
 The writer follows the runtime's format module (``aotpack_runtime.format``) and checks its own manifest
-with the reader's schema before writing. The file appears atomically (written beside the target, then
+with the reader's checks before writing (the schema, and every entry and the example as ``load`` checks
+them), so a pack its reader would refuse is never written. The file appears atomically (written beside the target, then
 renamed).
 
 Weights are written from the tensors' own memory: hashed in place (several at once) and then streamed to the
@@ -21,7 +22,8 @@ import torch
 import zstandard
 
 from aotpack_runtime import format as fmt
-from aotpack_runtime.errors import BuildError
+from aotpack_runtime.errors import ArchiveError, BuildError
+from aotpack_runtime.loader import check_manifest
 
 # A compressed blob is kept only when it saves at least this fraction of the raw size.
 MIN_SAVING = 0.05
@@ -110,7 +112,11 @@ def write_archive(path: str | os.PathLike, manifest: dict, blobs: list[Blob], le
         offset += records[-1]["stored_size"]
     version = fmt.version_for(manifest)
     body = dict(manifest, blobs=records, format="aotpack", format_version=version)
-    fmt.Manifest.from_json(body)  # the reader's schema is the writer's check
+    try:  # the reader's checks are the writer's
+        check_manifest(fmt.Manifest.from_json(body))
+    except ArchiveError as e:
+        raise BuildError(f"the pack's manifest fails the reader's check ({e.reason}); this is a bug in aotpack: "
+                         "please report it with the model") from None
     mbytes = fmt.canonical_json(body)
     header = fmt.HEADER.pack(fmt.MAGIC, version, 0, len(mbytes), hashlib.sha256(mbytes).digest())
     path = os.fspath(path)

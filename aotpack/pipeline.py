@@ -13,8 +13,9 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from aotpack_runtime.errors import BuildError
-from aotpack_runtime.guards import EntryGuards, dtype_name
+from aotpack_runtime.errors import BuildError, CaptureError
+from aotpack_runtime.format import DTYPES
+from aotpack_runtime.guards import EntryGuards, dtype_name, stored_dtype
 from aotpack_runtime.platform import KNOWN_FLAGS, host_cpu_flags, host_machine, torch_minor
 
 from . import __version__, _torch, buildcache, capture, compile, guards, package, state
@@ -86,6 +87,15 @@ def target(options: BuildOptions) -> dict:
     return t
 
 
+def _dtype(t: torch.Tensor, what: str) -> str:
+    """The format's name of the tensor's dtype; a CaptureError for a dtype a pack cannot carry."""
+    name = stored_dtype(t.dtype)
+    if name is None:
+        raise CaptureError(f"{what} is a tensor of dtype {dtype_name(t.dtype)}, which a pack cannot carry; packs "
+                           f"take {', '.join(DTYPES)}", hint="convert it to one of these")
+    return name
+
+
 def _example_record(captured: capture.Captured, blobs: list) -> dict:
     flat, treespec = guards._torch.tree_flatten((captured.args, captured.kwargs))
     spec = guards.spec_to_json(treespec, "inputs")
@@ -94,7 +104,8 @@ def _example_record(captured: capture.Captured, blobs: list) -> dict:
         if isinstance(v, torch.Tensor):
             name = f"example/{len(leaves)}"
             blobs.append(package.Blob(name, package.tensor_bytes(v)))
-            leaves.append({"kind": "tensor", "blob": name, "dtype": dtype_name(v.dtype), "shape": list(v.shape),
+            leaves.append({"kind": "tensor", "blob": name, "dtype": _dtype(v, "an example input"),
+                           "shape": list(v.shape),
                            "strides": list(v.contiguous().stride() if v.numel() == 0 else v.stride())})
         else:
             leaves.append({"kind": "value", "value": v})
@@ -108,6 +119,16 @@ def _as_call(spec: Any, default_kwargs: dict, i: int) -> tuple[tuple, dict]:
     if isinstance(spec, tuple):
         return spec, default_kwargs
     raise BuildError(f"specializations[{i}] must be an args tuple or (args, kwargs), got {type(spec).__name__}")
+
+
+def _check_accepts_own_example(g: guards.Guards, args: tuple, kwargs: dict, i: int) -> None:
+    """An entry's guards must accept the example it was captured from (derived sizes must be solvable)."""
+    runtime_guards = EntryGuards.from_json(g.to_json(), f"entry {i}")
+    with torch.no_grad():
+        if runtime_guards.match(args, kwargs) is None:
+            raise BuildError(f"the guards of entry {i} refuse the example input it was captured from "
+                             f"({runtime_guards.explain(args, kwargs) or 'no reason given'}); this is a bug in "
+                             "aotpack: please report it with the model")
 
 
 def _accepting_entry(entries: list, args: tuple, kwargs: dict) -> int | None:
@@ -146,7 +167,8 @@ def _weights(entries: list, compiled: list, state_names: tuple[str, ...] = ()) \
         # Weights stay uncompressed: the loader maps them from the file (shared, no copy, no decompression);
         # the writer streams them from the tensor's memory (no copy at build time either).
         blobs.append(package.Blob(f"weights/{i}", t, compressible=False))
-        records.append({"name": name, "blob": f"weights/{i}", "dtype": dtype_name(t.dtype), "shape": list(t.shape)})
+        records.append({"name": name, "blob": f"weights/{i}", "dtype": _dtype(t, f"the weight {name!r}"),
+                        "shape": list(t.shape)})
     return records, blobs, state
 
 
@@ -251,7 +273,9 @@ def cache_key(entries: list, options: BuildOptions, example: dict, example_blobs
     records = []
     for captured, g, device in entries:
         if id(captured) not in graphs:
-            graphs[id(captured)] = buildcache.digest(_torch.graph_text(captured.exported))
+            # The graph as Inductor compiles it (torch.export's serializer cannot write a bool output); what
+            # became of each output (a number, a constant) is in the guards' record.
+            graphs[id(captured)] = buildcache.digest(_torch.graph_text(compile.for_inductor(captured.exported)))
         records.append({"graph": graphs[id(captured)], "guards": g.to_json(), "device": device})
     example_digest = buildcache.digest(buildcache.canonical(example) + b"".join(
         buildcache.digest(b.data).encode() for b in example_blobs))
@@ -299,6 +323,7 @@ def _capture_and_guard(model: Any, example_inputs: tuple, example_kwargs: dict |
                 stages.say(f"      example {i}: served by entry {served_by}, no new entry")
                 continue
             entries.append((captured, guards.derive(captured)))
+            _check_accepts_own_example(entries[-1][1], args, kwargs, len(entries) - 1)
             label = EntryGuards.from_json(entries[-1][1].to_json(), f"entry {len(entries) - 1}").label()
             stages.say(f"      example {i}: entry {len(entries) - 1} ({label})")
         state_names = tuple(sorted(set().union(*(c.state for c, _ in entries))))
@@ -374,6 +399,9 @@ def _build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, exa
             blobs += [package.Blob(name, code.sources[n]) for name, n in zip(sources, sorted(code.sources))]
             entry = {"name": str(i), "device": device, "library": library, "constants": code.constants,
                      "kernels": list(code.kernels), "sources": sources, **_guards_on(g.to_json(), device)}
+            if code.extern_kernels is not None:
+                entry["extern_kernels"] = f"code/{i}.json"
+                blobs.append(package.Blob(entry["extern_kernels"], code.extern_kernels))
             if device == "cuda":
                 entry["cuda"] = _cuda_record(i, code, options, blobs)
             manifest_entries.append(entry)

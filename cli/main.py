@@ -77,9 +77,10 @@ def _plain_warnings() -> None:
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Path of the pack to write.")
 @click.option("--cpu-isa", type=click.Choice(["x86-64", "avx2", "avx512", "native"]), default=None,
               help="Instruction set of the CPU code (default: avx2 where the host has it, else x86-64).")
-@click.option("--dynamic", "dynamic", multiple=True, metavar="INPUT:DIM=[NAME:]MIN..MAX",
-              help="Make a dimension dynamic, e.g. x:0=1..64 or x:0=batch:1..64 (the same NAME on several "
-                   "inputs means equal sizes). Repeatable; replaces the file's dynamic_shapes.")
+@click.option("--dynamic", "dynamic", multiple=True, metavar="INPUT:DIM=[NAME:]MIN..[MAX]",
+              help="Make a dimension dynamic, e.g. x:0=1..64, x:0=batch:1..64, or x:0=2.. for no upper bound (the "
+                   "same NAME on several inputs means equal sizes). Repeatable; replaces the file's "
+                   "dynamic_shapes.")
 @click.option("--device", "devices", multiple=True, type=click.Choice(["cpu", "cuda"]),
               help="Kind of entries to build: cpu (default), cuda, or both (--device cpu --device cuda); "
                    "CUDA needs the CUDA build of torch.")

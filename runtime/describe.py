@@ -4,6 +4,8 @@ from __future__ import annotations
 from typing import Any
 
 from .archive import Archive
+from .errors import ArchiveError
+from .format import parse_json
 from .guards import EntryGuards, TensorGuard, ValueGuard
 from .platform import CudaMeta
 
@@ -35,12 +37,14 @@ def describe(archive: Archive) -> dict:
             elif isinstance(leaf, ValueGuard):
                 guards.append(f"{leaf.name} ({leaf.path}) == {leaf.value!r}")
         library = m.blob(meta["library"])
+        writes = [f"{leaf.name} ({leaf.path})" for leaf in g.leaves if isinstance(leaf, TensorGuard) and leaf.mutated]
         entry = {
             "index": i, "name": meta.get("name"), "device": meta.get("device"), "guards": guards,
             "symbols": {k: list(v) for k, v in g.symbols.items()}, "grad_mode_at_capture": meta.get("grad_mode"),
             "outputs": _structure(meta["outputs"]), "kernels": list(meta.get("kernels", [])),
             "library": {"blob": library.name, "size": library.size, "sha256": library.sha256},
-            "constants": len(meta.get("constants", {})),
+            "constants": len(meta.get("constants", {})), "writes": writes,
+            "extern_kernels": _extern_ops(archive, meta.get("extern_kernels")),
         }
         if meta.get("device") == "cuda":
             if blob_sizes is None:
@@ -57,6 +61,17 @@ def describe(archive: Archive) -> dict:
         "blobs": [{"name": b.name, "size": b.size, "stored_size": b.stored_size, "compression": b.compression,
                    "sha256": b.sha256} for b in m.blobs],
     }
+
+
+def _extern_ops(archive: Archive, blob: Any) -> list[str]:
+    """The ATen ops the entry's code runs through the proxy executor, in call order, each once."""
+    if not isinstance(blob, str):
+        return []
+    try:
+        nodes = parse_json(archive.read_blob(blob), "the extern-kernel description")["nodes"]
+        return list(dict.fromkeys(str(n["node"]["target"]) for n in nodes))
+    except (KeyError, TypeError):
+        raise ArchiveError(f"blob {blob!r} is not an extern-kernel description", path=archive.path) from None
 
 
 def _per_device(entries: list[dict]) -> str:
@@ -90,14 +105,18 @@ def render(info: dict[str, Any]) -> str:
             lines.extend(_cuda_lines(e["cuda"]))
         for g in e["guards"]:
             lines.append(f"    guard  {g}")
+        for w in e["writes"]:
+            lines.append(f"    writes {w}: the pack writes into this input, as the model's forward does")
         if e["grad_mode_at_capture"] is not None:
             lines.append("    guard  inputs must not require grad under grad mode (a pack computes no gradients)")
         lines.append(f"    output {e['outputs']}")
         if "cuda" in e:
             lines.extend(_kernel_table(e["cuda"], e["kernels"]))
-            continue
-        for k in e["kernels"]:
-            lines.append(f"    kernel {k}")
+        else:
+            for k in e["kernels"]:
+                lines.append(f"    kernel {k}")
+        for op in e["extern_kernels"]:
+            lines.append(f"    aten   {op} (run by libtorch through the proxy executor)")
     lines.append("blobs:")
     for b in info["blobs"]:
         stored = f"{b['stored_size']:>10,} stored ({b['compression']})" if b["compression"] != "none" \

@@ -6,6 +6,7 @@ into a folder of the extraction cache.
 """
 from __future__ import annotations
 
+import os
 import threading
 import warnings
 from typing import TYPE_CHECKING
@@ -52,7 +53,7 @@ class CudaState:
 
     def extract(self, entry: "CudaEntry") -> tuple[str, str]:
         """The entry's library and kernel folder in the extraction cache, each hash-checked."""
-        library = extract_library(self.archive, entry._library_blob, self.cache_root)
+        library = extract_code(self.archive, entry._library_blob, entry._extern_blob, self.cache_root)
         return library, extract_kernels(self.archive, entry.cuda, self.cache_root)
 
 
@@ -92,12 +93,27 @@ def warn_cuda(path: str, entries: list["Entry"], no_cuda: str | None) -> str | N
     return note
 
 
-def extract_library(archive: Archive, blob_name: str, cache_root: str) -> str:
-    rec = archive.manifest.blob(blob_name)
-    hit = cache.lookup(cache_root, rec.sha256, ".so")
-    if hit:
-        return hit
-    return cache.store(cache_root, rec.sha256, ".so", archive.read_blob(blob_name))
+# The file names libtorch's runner looks for: the library, and beside it the proxy executor's description of
+# the ATen calls the code makes through it (the library's name with ``.json``).
+LIBRARY_FILE = "model.so"
+EXTERN_KERNELS_FILE = "model.json"
+
+
+def extract_code(archive: Archive, library_blob: str, extern_blob: str | None, cache_root: str) -> str:
+    """The path of an entry's library in the extraction cache, hash-checked. A library with an extern-kernel
+    description is extracted with it into one folder (named by both hashes), as the runner expects."""
+    if extern_blob is None:
+        rec = archive.manifest.blob(library_blob)
+        hit = cache.lookup(cache_root, rec.sha256, ".so")
+        if hit:
+            return hit
+        return cache.store(cache_root, rec.sha256, ".so", archive.read_blob(library_blob))
+    blobs = {LIBRARY_FILE: library_blob, EXTERN_KERNELS_FILE: extern_blob}
+    files = {name: archive.manifest.blob(blob).sha256 for name, blob in blobs.items()}
+    folder = cache.lookup_dir(cache_root, files)
+    if folder is None:
+        folder = cache.store_dir(cache_root, files, {name: archive.read_blob(blob) for name, blob in blobs.items()})
+    return os.path.join(folder, LIBRARY_FILE)
 
 
 def extract_kernels(archive: Archive, cuda: CudaMeta, cache_root: str) -> str:

@@ -1,7 +1,13 @@
 """An entry: one compiled specialization of the model, its guards, its native code and its outputs.
 
-``entry_from_manifest`` checks an entry's record against the pack (guards, devices, outputs, constants)
-and loads its native code: a CPU entry's library now, a CUDA entry's per GPU at its first call there.
+``check_entry`` checks an entry's record against the pack (guards, devices, outputs, constants, blobs)
+without loading anything; the writer runs it on every entry before it writes a pack. ``entry_from_manifest``
+checks an entry the same way and loads its native code: a CPU entry's library now, a CUDA entry's per GPU at
+its first call there.
+
+ATen ops that have no C shim run through AOTInductor's proxy executor, which libtorch's runner creates when
+it finds the description of those calls (``extern_kernels``, JSON) beside the library under the same name
+(``model.so`` and ``model.json``); the two are extracted into one folder of the cache.
 
 An entry of a pack with state runs only for a session (``runtime/sessions.py``): its code writes the state
 buffers in place through the pointers it was given, so each call binds the calling session's state first.
@@ -12,19 +18,22 @@ from __future__ import annotations
 
 import queue
 import threading
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
 from . import _torch, platform
 from .archive import Archive
-from .devices import CudaState, extract_library
+from .devices import CudaState, extract_code
 from .errors import ArchiveError, GuardError
-from .format import field_of
-from .guards import EntryGuards, TensorGuard, check_spec, rebuild
+from .format import Manifest, field_of
+from .guards import VALUE_TYPES, EntryGuards, TensorGuard, check_spec, rebuild
 from .platform import CudaMeta
 
 RUNTIME_DEVICES = ("cpu", "cuda")
+# Output leaves that are Python numbers in eager: the compiled code returns a 0-d tensor, made a number here.
+SCALAR_TYPES = ("int", "float", "bool")
 
 
 class RunnerPool:
@@ -75,6 +84,9 @@ class Entry:
         self._output_leaves = output_leaves
         self._simple_output = all(o["kind"] == "tensor" for o in output_leaves) and \
             [o["index"] for o in output_leaves] == list(range(len(output_leaves)))
+        # Per output leaf: (compiled output index or None for a constant, number type or None, constant).
+        self._output_plan = [(o.get("index"), VALUE_TYPES[o["type"]] if o["kind"] == "scalar" else None,
+                              o.get("value")) for o in output_leaves]
 
     def label(self) -> str:
         """The entry's name and guard summary, as GuardError messages show it."""
@@ -90,7 +102,8 @@ class Entry:
     def _outputs_from(self, flat: list) -> Any:
         """The model's output structure from the native code's flat output tensors."""
         if not self._simple_output:
-            flat = [flat[o["index"]] if o["kind"] == "tensor" else o["value"] for o in self._output_leaves]
+            flat = [value if index is None else flat[index] if number is None else number(flat[index].item())
+                    for index, number, value in self._output_plan]
         if self._outputs["type"] == "leaf":
             return flat[0]
         return rebuild(self._outputs, flat, [0])
@@ -111,6 +124,7 @@ class CudaEntry(Entry):
         self.cuda = cuda
         self._state = state
         self._library_blob: str = meta["library"]
+        self._extern_blob: str | None = meta.get("extern_kernels")
         self._constants: dict[str, str] = meta["constants"]
         self._runners: dict[int, Any] = {}  # device index -> runner, or RunnerPool for a pack with state
         self._lock = threading.Lock()
@@ -188,73 +202,99 @@ class CudaEntry(Entry):
             return runner
 
 
+@dataclass(frozen=True)
+class CheckedEntry:
+    """An entry's record, checked against its pack (``check_entry``)."""
+
+    guards: EntryGuards
+    device: str
+    outputs: dict
+    output_leaves: list
+    constants: dict
+    library: str  # blob name
+    extern_kernels: str | None  # blob name of the proxy executor's description, if the code needs one
+    cuda: CudaMeta | None
+    state_constants: dict  # the code's constant name -> state buffer name (empty without state)
+
+
+def check_entry(i: int, m: Manifest, weight_names: set[str], blob_sizes: dict[str, int]) -> CheckedEntry:
+    """Check entry ``i`` of the manifest: guards, device, outputs, constants and blobs. Loads nothing;
+    raises ArchiveError (without a path) on the first problem."""
+    meta = m.entries[i]
+    where = f"manifest.entries[{i}]"
+    guards = EntryGuards.from_json(meta, where)
+    device = field_of(meta, "device", str, where)
+    if device not in RUNTIME_DEVICES:
+        raise ArchiveError(f"{where} is a {device} entry; this runtime serves {', '.join(RUNTIME_DEVICES)}")
+    for j, leaf in enumerate(guards.leaves):
+        # The native code reads its inputs on the entry's device: a guard that admits another device
+        # would hand it pointers it cannot use.
+        if isinstance(leaf, TensorGuard) and leaf.device != device:
+            raise ArchiveError(f"{where}.leaves[{j}].device is {leaf.device!r}, but the entry is a {device} "
+                               f"entry (its tensor guards must say {device!r})")
+    outputs = field_of(meta, "outputs", dict, where)
+    n_out = check_spec(outputs, f"{where}.outputs")
+    output_leaves = field_of(meta, "output_leaves", list, where)
+    if len(output_leaves) != n_out:
+        raise ArchiveError(f"{where} has {len(output_leaves)} output leaves for {n_out} in its structure")
+    n_returned = 0
+    for j, o in enumerate(output_leaves):
+        ow = f"{where}.output_leaves[{j}]"
+        kind = field_of(o, "kind", str, ow)
+        if kind in ("tensor", "scalar"):
+            # The compiled code returns its outputs in this order; anything else would pick the wrong one.
+            if field_of(o, "index", int, ow) != n_returned:
+                raise ArchiveError(f"{ow}.index is {o['index']}, expected {n_returned}")
+            if kind == "scalar" and field_of(o, "type", str, ow) not in SCALAR_TYPES:
+                raise ArchiveError(f"{ow}.type is {o['type']!r}; this reader knows {', '.join(SCALAR_TYPES)}")
+            n_returned += 1
+        elif kind != "value" or "value" not in o:
+            raise ArchiveError(f"{ow} must be a tensor or scalar index, or a value")
+    constants = field_of(meta, "constants", dict, where)
+    state_names = {r.name for r in m.state}
+    for cname, wname in constants.items():
+        if not isinstance(wname, str) or (wname not in weight_names and wname not in state_names):
+            raise ArchiveError(f"{where} constant {cname!r} refers to weight {wname!r}, which the pack lacks")
+    state_constants = {c: n for c, n in constants.items() if n in state_names}
+    library = field_of(meta, "library", str, where)
+    m.blob(library)
+    extern = field_of(meta, "extern_kernels", str, where) if "extern_kernels" in meta else None
+    if extern is not None:
+        m.blob(extern)
+    cuda = CudaMeta.from_json(field_of(meta, "cuda", dict, where), f"{where}.cuda", blob_sizes) \
+        if device == "cuda" else None
+    return CheckedEntry(guards, device, outputs, output_leaves, constants, library, extern, cuda, state_constants)
+
+
 def entry_from_manifest(i: int, archive: Archive, weights: dict[str, torch.Tensor], cache_root: str,
                         num_models: int, cuda_state: CudaState | None, blob_sizes: dict[str, int]) -> Entry:
     """Check entry ``i`` of the manifest and load it (a CUDA entry's code only where this host can run it,
     and then only at its first call on a GPU)."""
     path = archive.path
     meta = archive.manifest.entries[i]
-    m = archive.manifest
     where = f"manifest.entries[{i}]"
-    guards = EntryGuards.from_json(meta, where)
-    device = field_of(meta, "device", str, where)
-    if device not in RUNTIME_DEVICES:
-        raise ArchiveError(f"{where} is a {device} entry; this runtime serves {', '.join(RUNTIME_DEVICES)}",
-                           path=path)
-    for j, leaf in enumerate(guards.leaves):
-        # The native code reads its inputs on the entry's device: a guard that admits another device
-        # would hand it pointers it cannot use.
-        if isinstance(leaf, TensorGuard) and leaf.device != device:
-            raise ArchiveError(f"{where}.leaves[{j}].device is {leaf.device!r}, but the entry is a {device} "
-                               f"entry (its tensor guards must say {device!r})", path=path)
-    outputs = field_of(meta, "outputs", dict, where)
-    n_out = check_spec(outputs, f"{where}.outputs")
-    output_leaves = field_of(meta, "output_leaves", list, where)
-    if len(output_leaves) != n_out:
-        raise ArchiveError(f"{where} has {len(output_leaves)} output leaves for {n_out} in its structure",
-                           path=path)
-    n_tensors = 0
-    for j, o in enumerate(output_leaves):
-        kind = field_of(o, "kind", str, f"{where}.output_leaves[{j}]")
-        if kind == "tensor":
-            # The compiled code returns its tensors in this order; anything else would pick the wrong one.
-            if field_of(o, "index", int, f"{where}.output_leaves[{j}]") != n_tensors:
-                raise ArchiveError(f"{where}.output_leaves[{j}].index is {o['index']}, expected {n_tensors}",
-                                   path=path)
-            n_tensors += 1
-        elif kind != "value" or "value" not in o:
-            raise ArchiveError(f"{where}.output_leaves[{j}] must be a tensor index or a value", path=path)
-    constants = field_of(meta, "constants", dict, where)
-    state_names = {r.name for r in m.state}
-    for cname, wname in constants.items():
-        if not isinstance(wname, str) or (wname not in weights and wname not in state_names):
-            raise ArchiveError(f"{where} constant {cname!r} refers to weight {wname!r}, which the pack "
-                               "lacks", path=path)
-    state_constants = {c: n for c, n in constants.items() if n in state_names}
-    library_blob = field_of(meta, "library", str, where)
-    if device == "cuda":
-        try:
-            cuda = CudaMeta.from_json(field_of(meta, "cuda", dict, where), f"{where}.cuda", blob_sizes)
-            m.blob(library_blob)
-        except ArchiveError as e:
-            raise ArchiveError(e.reason, path=path) from None
-        entry = CudaEntry(i, meta, guards, outputs, output_leaves, cuda, cuda_state, state_constants)
+    try:
+        c = check_entry(i, archive.manifest, set(weights), blob_sizes)
+    except ArchiveError as e:
+        raise ArchiveError(e.reason, path=path) from None
+    if c.device == "cuda":
+        entry = CudaEntry(i, meta, c.guards, c.outputs, c.output_leaves, c.cuda, cuda_state, c.state_constants)
         if cuda_state.no_cuda is None:  # this host can run it: extract and hash-check its code now, fail at load
             entry._files = cuda_state.extract(entry)
         return entry
-    library = extract_library(archive, library_blob, cache_root)
+    library = extract_code(archive, c.library, c.extern_kernels, cache_root)
 
     def load_one(n: int) -> Any:
         try:
             return _torch.cpu_runner(library, n)
-        except RuntimeError as e:  # not a shared object, or not a model container
-            raise ArchiveError(f"{where}: blob {library_blob!r} is not loadable native code "
+        except RuntimeError as e:  # not a shared object, not a model container, or a proxy executor it refuses
+            raise ArchiveError(f"{where}: blob {c.library!r} is not loadable native code "
                                f"({str(e).splitlines()[0]})", path=path) from None
 
-    runner = _load_code(load_one, num_models, constants, weights, state_constants, where, path)
-    if state_constants:
-        return Entry(i, meta, guards, None, outputs, output_leaves, state_constants, pool=runner)
-    return Entry(i, meta, guards, runner, outputs, output_leaves)
+    runner = _load_code(load_one, num_models, c.constants, weights, c.state_constants, where, path)
+    if c.state_constants:
+        return Entry(i, meta, c.guards, None, c.outputs, c.output_leaves, c.state_constants, pool=runner)
+    return Entry(i, meta, c.guards, runner, c.outputs, c.output_leaves)
 
 
 def _load_code(load_one: Callable[[int], Any], num_models: int, constants: dict[str, str],

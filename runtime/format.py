@@ -10,6 +10,12 @@ Changelog of ``FORMAT_VERSION`` (readers accept ``MIN_READ_VERSION..FORMAT_VERSI
   3 (2026-12): state: buffers the model writes in place (an LLM's KV cache), recorded in ``state`` apart
                from the weights, with their initial values; entries' ``constants`` may name them. A pack
                is written as the oldest version that can describe it (``version_for``).
+  4 (2026-12): models as torch.export gives them: symbols without an upper bound (``[min, null]``); sizes
+               and strides that are polynomials over the symbols (derived dims ``2*d + 1``); tensor inputs the
+               pack writes into (``"mutated": true``); outputs that are Python numbers (output leaves of kind
+               ``scalar``); the extern-kernel description of ATen ops that run through AOTInductor's proxy
+               executor (``entry.extern_kernels``, a blob); the dtypes complex32, uint16, uint32, uint64 and
+               four float8 formats. A pack that uses none of these keeps the older version (``version_for``).
 """
 from __future__ import annotations
 
@@ -23,12 +29,14 @@ from typing import Any
 from .errors import ArchiveError
 
 MAGIC = b"AOTPACK\x00"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 MIN_READ_VERSION = 1
 # The first format version that may hold CUDA entries.
 CUDA_FORMAT_VERSION = 2
 # The first format version that may hold state.
 STATE_FORMAT_VERSION = 3
+# The first format version that may hold the features of version 4 (see the changelog and ``v4_features``).
+BREADTH_FORMAT_VERSION = 4
 # magic, format version, flags, manifest length, manifest sha256
 HEADER = struct.Struct("<8sIIQ32s")
 HEADER_SIZE = HEADER.size  # 56
@@ -44,16 +52,73 @@ COMPRESSIONS = ("none", "zstd")
 DEVICES = ("cpu", "cuda")
 CPU_ISAS = ("x86-64", "avx2", "avx512", "native")
 
-DTYPES = ("float32", "float64", "float16", "bfloat16", "int8", "int16", "int32", "int64", "uint8",
-          "bool", "complex64", "complex128")
+# The one table of element types: the format's name of each dtype (torch's name, ``torch.<name>``) and its
+# size in bytes. The reader, the writer and the build side's guards all use it; a dtype not here is refused at
+# build time. ``DTYPE_VERSIONS`` names the format version that introduced a dtype (1 when absent).
+DTYPES: dict[str, int] = {
+    "float32": 4, "float64": 8, "float16": 2, "bfloat16": 2, "int8": 1, "int16": 2, "int32": 4, "int64": 8,
+    "uint8": 1, "bool": 1, "complex64": 8, "complex128": 16,
+    "complex32": 4, "uint16": 2, "uint32": 4, "uint64": 8,
+    "float8_e4m3fn": 1, "float8_e5m2": 1, "float8_e4m3fnuz": 1, "float8_e5m2fnuz": 1,
+}
+DTYPE_VERSIONS = {name: BREADTH_FORMAT_VERSION for name in (
+    "complex32", "uint16", "uint32", "uint64", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")}
+
+
+def v4_features(manifest: dict) -> list[str]:
+    """What in ``manifest`` needs format version 4, in words (empty when nothing does). The writer picks the
+    version from it and the reader refuses a manifest that uses a feature its version lacks."""
+    found: list[str] = []
+
+    def note(what: str) -> None:
+        if what not in found:
+            found.append(what)
+
+    def dtype(d: Any) -> None:
+        if isinstance(d, str) and d in DTYPE_VERSIONS:
+            note(f"the dtype {d}")
+
+    state = manifest.get("state")
+    buffers = state.get("buffers") if isinstance(state, dict) else None
+    for w in list(manifest.get("weights") or []) + list(buffers if isinstance(buffers, list) else []):
+        if isinstance(w, dict):
+            dtype(w.get("dtype"))
+    example = manifest.get("example")
+    for leaf in (example.get("leaves") or []) if isinstance(example, dict) else []:
+        if isinstance(leaf, dict):
+            dtype(leaf.get("dtype"))
+    for e in manifest.get("entries") or []:
+        if not isinstance(e, dict):
+            continue
+        if "extern_kernels" in e:
+            note("ATen ops run through the proxy executor (extern_kernels)")
+        symbols = e.get("symbols")
+        if isinstance(symbols, dict) and any(isinstance(r, list) and len(r) == 2 and r[1] is None
+                                             for r in symbols.values()):
+            note("a symbol without an upper bound")
+        for leaf in e.get("leaves") or []:
+            if not isinstance(leaf, dict):
+                continue
+            dtype(leaf.get("dtype"))
+            if leaf.get("mutated") is not None:
+                note("an input the pack writes into (mutated)")
+            if any(isinstance(s, list) for s in leaf.get("sizes") or []) or \
+                    any(isinstance(s, list) and s and isinstance(s[0], list) for s in leaf.get("strides") or []):
+                note("a size or stride that is a polynomial over the symbols")
+        for out in e.get("output_leaves") or []:
+            if isinstance(out, dict) and out.get("kind") == "scalar":
+                note("an output that is a Python number (scalar)")
+    return found
 
 
 def version_for(manifest: dict) -> int:
     """The format version a pack with this manifest is written as: the oldest that can describe it, so a
-    CPU-only pack without state stays readable by version-1 readers."""
+    CPU-only pack without state that needs nothing newer stays readable by version-1 readers."""
+    if v4_features(manifest):
+        return BREADTH_FORMAT_VERSION
     if manifest.get("state"):
         return STATE_FORMAT_VERSION
-    if any(isinstance(e, dict) and e.get("device") == "cuda" for e in manifest.get("entries", [])):
+    if any(isinstance(e, dict) and e.get("device") == "cuda" for e in manifest.get("entries") or []):
         return CUDA_FORMAT_VERSION
     return MIN_READ_VERSION
 
@@ -206,11 +271,7 @@ class WeightRecord:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * DTYPE_SIZES[self.dtype]
-
-
-DTYPE_SIZES = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2, "int8": 1, "int16": 2, "int32": 4,
-               "int64": 8, "uint8": 1, "bool": 1, "complex64": 8, "complex128": 16}
+        return math.prod(self.shape) * DTYPES[self.dtype]
 
 
 def _shape(obj: Any, where: str) -> tuple[int, ...]:
@@ -272,7 +333,7 @@ class StateRecord:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * DTYPE_SIZES[self.dtype]
+        return math.prod(self.shape) * DTYPES[self.dtype]
 
 
 @dataclass(frozen=True)
@@ -332,6 +393,11 @@ class Manifest:
                 raise ArchiveError(f"manifest.entries[{i}] is a CUDA entry, which format version "
                                    f"{CUDA_FORMAT_VERSION} introduced, but the manifest says format version "
                                    f"{version}; the pack was written by a broken or modified writer")
+        newer = v4_features(obj)
+        if newer and version < BREADTH_FORMAT_VERSION:
+            raise ArchiveError(f"the manifest uses {newer[0]}, which format version {BREADTH_FORMAT_VERSION} "
+                               f"introduced, but it says format version {version}; the pack was written by a "
+                               "broken or modified writer")
         example = obj.get("example")
         if example is not None and not isinstance(example, dict):
             raise ArchiveError("manifest.example must be a JSON object or absent")

@@ -4,9 +4,13 @@ An entry's guards are plain JSON in the manifest (see docs/FORMAT.md, "Guards"):
 
 * ``inputs``: the structure of ``(args, kwargs)`` as a tree of ``tuple``/``list``/``dict``/``none``/``leaf``
   nodes, with the path and parameter name of each leaf;
-* ``leaves``: one guard per leaf, in flattening order: a tensor guard (dtype, device, sizes with symbols,
-  strides, requires_grad) or a value guard (the exact Python value the graph specialised on);
-* ``symbols``: the range of each symbolic size.
+* ``leaves``: one guard per leaf, in flattening order: a tensor guard (dtype, device, sizes with symbols or
+  polynomials over them, strides, requires_grad, whether the pack writes into it) or a value guard (the exact
+  Python value the graph specialised on);
+* ``symbols``: the range of each symbolic size (``[min, None]`` without an upper bound).
+
+A derived size (``2*d + 1``) binds its symbol when no plain size does: the matcher checks every tensor first,
+then solves the derived sizes.
 
 :class:`EntryGuards` turns that data into a fast matcher (``match``) that returns the flat tensors to hand to
 native code, or ``None``; ``explain`` re-walks the input slowly to say which guard failed, for the error.
@@ -20,9 +24,11 @@ import torch
 
 from .errors import ArchiveError
 from .format import DTYPES, field_of
+from .symbolic import Poly, monomial_from_json, poly_from_json
 
 _DTYPE_BY_NAME = {name: getattr(torch, name) for name in DTYPES}
 _NAME_BY_DTYPE = {v: k for k, v in _DTYPE_BY_NAME.items()}
+_INF = float("inf")
 NODE_TYPES = ("leaf", "none", "tuple", "list", "dict")
 _Tensor, _Parameter, _strided = torch.Tensor, torch.nn.Parameter, torch.strided
 VALUE_TYPES = {"int": int, "float": float, "bool": bool, "str": str, "none": type(None)}
@@ -53,8 +59,13 @@ def device_matches(guard_device: str, actual: torch.device) -> bool:
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    """The format's name of a torch dtype (``float32``)."""
+    """A torch dtype's name for people (``float32``), also for dtypes the format cannot store."""
     return _NAME_BY_DTYPE.get(dtype, str(dtype).replace("torch.", ""))
+
+
+def stored_dtype(dtype: torch.dtype) -> str | None:
+    """The format's name of a torch dtype, or None when the format cannot store it (the build refuses it)."""
+    return _NAME_BY_DTYPE.get(dtype)
 
 
 def check_spec(node: Any, where: str, depth: int = 0) -> int:
@@ -99,37 +110,44 @@ class TensorGuard:
     name: str
     dtype: str
     device: str
-    sizes: tuple  # int, or str naming a symbol
-    strides: tuple  # int; None where the dim's size is 0 or 1 (any stride is fine there); or a monomial
-    #                 [coefficient, symbol, symbol, ...] meaning coefficient * symbol * symbol ...
+    sizes: tuple  # int; str naming a symbol; or a Poly over the symbols (a derived dim: 2*d + 1)
+    strides: tuple  # int; None where the dim's size is 0 or 1 (any stride is fine there); or a Poly
     requires_grad: bool
+    mutated: bool = False  # the compiled code writes into this input, as the model's forward does
 
     def to_json(self) -> dict:
-        return {"kind": "tensor", "path": self.path, "name": self.name, "dtype": self.dtype,
-                "device": self.device, "sizes": list(self.sizes), "strides": list(self.strides),
-                "requires_grad": self.requires_grad}
+        out = {"kind": "tensor", "path": self.path, "name": self.name, "dtype": self.dtype,
+               "device": self.device, "sizes": [s.to_json() if isinstance(s, Poly) else s for s in self.sizes],
+               "strides": [s.to_json_stride() if isinstance(s, Poly) else s for s in self.strides],
+               "requires_grad": self.requires_grad}
+        if self.mutated:
+            out["mutated"] = True
+        return out
 
     def describe(self, symbols: dict) -> str:
         dims = []
         for s in self.sizes:
             if isinstance(s, str):
                 lo, hi = symbols[s]
-                dims.append(f"{s}={lo}..{hi}")
+                dims.append(f"{s}={lo}..{hi}" if hi is not None else f"{s}>={lo}")
+            elif isinstance(s, Poly):
+                dims.append(s.text())
             else:
                 dims.append(str(s))
-        return f"{self.dtype}[{', '.join(dims)}] {self.device} {self.layout()}"
+        written = ", written in place" if self.mutated else ""
+        return f"{self.dtype}[{', '.join(dims)}] {self.device} {self.layout()}{written}"
 
     def layout(self) -> str:
         """contiguous / channels_last / the strides, worked out on the symbols where sizes are symbolic."""
-        if all(isinstance(s, int) for s in self.sizes) and not any(isinstance(s, list) for s in self.strides):
+        if all(isinstance(s, int) for s in self.sizes) and not any(isinstance(s, Poly) for s in self.strides):
             return describe_layout(self.sizes, tuple(0 if s is None else s for s in self.strides))
         # Compare symbolically: a stride is contiguous if it is the product of the later sizes.
-        later: list = [1]
+        later = [Poly.of(1)]
         for size in reversed(self.sizes[1:]):
-            later.insert(0, _mono_mul(later[0], size))
-        if all(st is None or _mono(st) == _mono(want) for st, want in zip(self.strides, later)):
+            later.insert(0, later[0] * Poly.of(size))
+        if all(st is None or Poly.of(st) == want for st, want in zip(self.strides, later)):
             return "contiguous"
-        return "strides " + "(" + ", ".join(_mono_text(st) for st in self.strides) + ")"
+        return "strides (" + ", ".join("any" if st is None else Poly.of(st).text() for st in self.strides) + ")"
 
 
 @dataclass(frozen=True)
@@ -141,6 +159,35 @@ class ValueGuard:
 
     def to_json(self) -> dict:
         return {"kind": "value", "path": self.path, "name": self.name, "type": self.type, "value": self.value}
+
+
+def _size_from_json(s: Any, where: str, symbols: dict) -> int | str | Poly:
+    if isinstance(s, str):
+        if s not in symbols:
+            raise ArchiveError(f"{where}: size symbol {s!r} is not declared in the entry's symbols")
+        return s
+    if isinstance(s, list):
+        poly = poly_from_json(s, f"{where}.sizes", symbols)
+        if not poly.symbols:
+            raise ArchiveError(f"{where}.sizes: a polynomial size must name a symbol")
+        return poly
+    if not (type(s) is int and s >= 0):
+        raise ArchiveError(f"{where}.sizes must hold non-negative integers, symbol names or polynomials")
+    return s
+
+
+def _stride_from_json(s: Any, where: str, symbols: dict) -> int | None | Poly:
+    if isinstance(s, list):
+        if s and isinstance(s[0], list):
+            return poly_from_json(s, f"{where}.strides", symbols)
+        syms, coeff = monomial_from_json(s, f"{where}.strides", symbols)
+        if coeff < 0:
+            raise ArchiveError(f"{where}.strides: a symbolic stride must be [coefficient, symbol, ...] with a "
+                               "non-negative coefficient over the entry's symbols")
+        return Poly({syms: coeff})
+    if s is not None and not (type(s) is int and s >= 0):
+        raise ArchiveError(f"{where}.strides must hold non-negative integers, null, monomials or polynomials")
+    return s
 
 
 def leaf_from_json(obj: Any, where: str, symbols: dict) -> TensorGuard | ValueGuard:
@@ -157,24 +204,12 @@ def leaf_from_json(obj: Any, where: str, symbols: dict) -> TensorGuard | ValueGu
         return ValueGuard(path, name, vtype, float(value) if vtype == "float" else value)
     if kind != "tensor":
         raise ArchiveError(f"{where}.kind is {kind!r}; this reader knows tensor, value")
-    sizes = field_of(obj, "sizes", list, where)
-    strides = field_of(obj, "strides", list, where)
-    if len(sizes) != len(strides) or len(sizes) > 64:
+    sizes_json = field_of(obj, "sizes", list, where)
+    strides_json = field_of(obj, "strides", list, where)
+    if len(sizes_json) != len(strides_json) or len(sizes_json) > 64:
         raise ArchiveError(f"{where}: sizes and strides must have the same length (at most 64)")
-    for s in sizes:
-        if isinstance(s, str):
-            if s not in symbols:
-                raise ArchiveError(f"{where}: size symbol {s!r} is not declared in the entry's symbols")
-        elif not (type(s) is int and s >= 0):
-            raise ArchiveError(f"{where}.sizes must hold non-negative integers or symbol names")
-    for s in strides:
-        if isinstance(s, list):
-            if not s or type(s[0]) is not int or s[0] < 0 or len(s) > 65 or \
-                    not all(isinstance(x, str) and x in symbols for x in s[1:]):
-                raise ArchiveError(f"{where}.strides: a symbolic stride must be [coefficient, symbol, ...] "
-                                   "over the entry's symbols")
-        elif s is not None and not (type(s) is int and s >= 0):
-            raise ArchiveError(f"{where}.strides must hold non-negative integers, null or monomials")
+    sizes = tuple(_size_from_json(s, where, symbols) for s in sizes_json)
+    strides = tuple(_stride_from_json(s, where, symbols) for s in strides_json)
     device = field_of(obj, "device", str, where)
     try:
         torch.device(device)
@@ -183,9 +218,9 @@ def leaf_from_json(obj: Any, where: str, symbols: dict) -> TensorGuard | ValueGu
     dtype = field_of(obj, "dtype", str, where)
     if dtype not in _DTYPE_BY_NAME:
         raise ArchiveError(f"{where}.dtype is {dtype!r}; this reader knows {', '.join(DTYPES)}")
-    return TensorGuard(path, name, dtype, device, tuple(sizes),
-                       tuple(tuple(x) if isinstance(x, list) else x for x in strides),
-                       field_of(obj, "requires_grad", bool, where))
+    mutated = field_of(obj, "mutated", bool, where) if "mutated" in obj else False
+    return TensorGuard(path, name, dtype, device, sizes, strides, field_of(obj, "requires_grad", bool, where),
+                       mutated)
 
 
 def _spec_leaves(node: dict, path: str, out: list[str]) -> None:
@@ -211,35 +246,6 @@ def _type_word(value: Any) -> str:
         else type(value).__name__
 
 
-def _mono(x: Any) -> tuple:
-    """A stride or size as a normalized monomial (coefficient, symbols sorted)."""
-    if isinstance(x, int):
-        return (x,)
-    if isinstance(x, str):
-        return (1, x)
-    return (x[0], *sorted(x[1:]))
-
-
-def _mono_mul(a: Any, b: Any) -> tuple:
-    ma, mb = _mono(a), _mono(b)
-    return (ma[0] * mb[0], *sorted(ma[1:] + mb[1:]))
-
-
-def _mono_text(x: Any) -> str:
-    if x is None:
-        return "any"
-    m = _mono(x)
-    parts = ([str(m[0])] if m[0] != 1 or len(m) == 1 else []) + list(m[1:])
-    return "*".join(parts)
-
-
-def _mono_eval(m: tuple, bound: dict) -> int:
-    value = m[0]
-    for sym in m[1:]:
-        value *= bound[sym]
-    return value
-
-
 class _Mismatch(Exception):
     """Raised inside :meth:`EntryGuards.explain` with the first reason found."""
 
@@ -250,8 +256,9 @@ class EntryGuards:
     def __init__(self, inputs: dict, leaves: list, symbols: dict, param_names: list[str]):
         self.inputs = inputs
         self.leaves = leaves
-        self.symbols = symbols
+        self.symbols = symbols  # name -> (min, max); max None: no upper bound
         self.param_names = param_names
+        self._bounds = {k: (lo, _INF if hi is None else hi) for k, (lo, hi) in symbols.items()}
         args_node, kwargs_node = inputs["children"]
         self._n_args = len(args_node["children"])
         self._kw_keys = tuple(kwargs_node["keys"])
@@ -260,14 +267,21 @@ class EntryGuards:
         self._tensor_checks = []
         self._value_checks = []
         self._static = True
+        self._derived = False  # some size is a polynomial: solved once every tensor was seen
+        # Positions, among the tensor leaves, of the inputs the code writes into: none may share memory with
+        # another input (the code assumes its inputs do not alias; eager would see the writes through both).
+        tensor_guards = [g for g in leaves if isinstance(g, TensorGuard)]
+        self._written = tuple(k for k, g in enumerate(tensor_guards) if g.mutated)
         for i, g in enumerate(leaves):
             if isinstance(g, TensorGuard):
-                if any(isinstance(x, str) for x in g.sizes):
+                if any(not isinstance(x, int) for x in g.sizes):
                     self._static = False
+                if any(isinstance(x, Poly) for x in g.sizes):
+                    self._derived = True
                 stride_idx = tuple(d for d, st in enumerate(g.strides) if isinstance(st, int))
                 exp_strides = tuple(g.strides[d] for d in stride_idx)
                 full_strides = len(stride_idx) == len(g.strides)
-                sym_strides = tuple((d, st) for d, st in enumerate(g.strides) if isinstance(st, tuple))
+                sym_strides = tuple((d, st) for d, st in enumerate(g.strides) if isinstance(st, Poly))
                 self._tensor_checks.append((i, _DTYPE_BY_NAME[g.dtype], _device_check(g.device), len(g.sizes),
                                             tuple(g.sizes), stride_idx, exp_strides, full_strides, sym_strides))
             else:
@@ -276,7 +290,8 @@ class EntryGuards:
     def label(self) -> str:
         """A short name for people: the symbol ranges of a dynamic entry, else the first tensor's sizes."""
         if self.symbols:
-            return ", ".join(f"{k} {lo}..{hi}" for k, (lo, hi) in self.symbols.items())
+            return ", ".join(f"{k} {lo}..{hi}" if hi is not None else f"{k} >= {lo}"
+                             for k, (lo, hi) in self.symbols.items())
         for g in self.leaves:
             if isinstance(g, TensorGuard):
                 return f"{g.name} {list(g.sizes)}"
@@ -292,9 +307,10 @@ class EntryGuards:
         symbols_json = field_of(entry, "symbols", dict, where)
         symbols = {}
         for name, rng in symbols_json.items():
-            if not (isinstance(rng, list) and len(rng) == 2 and all(type(v) is int for v in rng)
-                    and 0 <= rng[0] <= rng[1]):
-                raise ArchiveError(f"{where}.symbols[{name!r}] must be [min, max] with 0 <= min <= max")
+            if not (isinstance(rng, list) and len(rng) == 2 and type(rng[0]) is int and 0 <= rng[0]
+                    and (rng[1] is None or (type(rng[1]) is int and rng[0] <= rng[1]))):
+                raise ArchiveError(f"{where}.symbols[{name!r}] must be [min, max] with 0 <= min <= max, or "
+                                   "[min, null] for no upper bound")
             symbols[name] = (rng[0], rng[1])
         leaves_json = field_of(entry, "leaves", list, where)
         if len(leaves_json) != n_leaves:
@@ -331,6 +347,7 @@ class EntryGuards:
             return None
         grad = torch.is_grad_enabled()
         bound: dict | None = None if self._static else {}
+        pending: list | None = [] if self._derived else None
         tensors = []
         for i, dtype, device, rank, sizes, stride_idx, exp_strides, full, _ in self._tensor_checks:
             t = leaves[i]
@@ -342,7 +359,7 @@ class EntryGuards:
             if bound is None:
                 if t.shape != sizes:
                     return None
-            elif not self._sizes_ok(t.shape, rank, sizes, bound):
+            elif not self._sizes_ok(t.shape, rank, sizes, bound, pending):
                 return None
             st = t.stride()
             if full:
@@ -353,10 +370,14 @@ class EntryGuards:
             if t.is_neg() or (dtype.is_complex and t.is_conj()):  # x.conj().imag is real, with the negation bit
                 return None
             tensors.append(t)
+        if pending and not self._solve(pending, bound):
+            return None
+        if self._written and _shares_memory(tensors, self._written) is not None:
+            return None
         if bound is not None:  # symbolic strides, once every size symbol is bound
             for i, *_, sym_strides in self._tensor_checks:
-                for d, mono in sym_strides:
-                    if leaves[i].stride(d) != _mono_eval(mono, bound):
+                for d, poly in sym_strides:
+                    if leaves[i].stride(d) != poly.eval(bound):
                         return None
         for i, vtype, value in self._value_checks:
             v = leaves[i]
@@ -364,22 +385,49 @@ class EntryGuards:
                 return None
         return tensors
 
-    def _sizes_ok(self, shape, rank, sizes, bound) -> bool:
+    def _sizes_ok(self, shape, rank, sizes, bound, pending) -> bool:
         if len(shape) != rank:
             return False
         for actual, want in zip(shape, sizes):
-            if type(want) is int:
+            tw = type(want)
+            if tw is int:
                 if actual != want:
                     return False
-            else:
+            elif tw is str:
                 prev = bound.get(want)
                 if prev is None:
-                    lo, hi = self.symbols[want]
+                    lo, hi = self._bounds[want]
                     if actual < lo or actual > hi:
                         return False
                     bound[want] = actual
                 elif prev != actual:
                     return False
+            else:  # a derived size: checked once every tensor was seen
+                pending.append((actual, want))
+        return True
+
+    def _solve(self, pending: list, bound: dict) -> bool:
+        """Check the derived sizes, binding each symbol that only they determine (``a*d + b = size``)."""
+        while pending:
+            rest = []
+            for actual, poly in pending:
+                free = [s for s in poly.symbols if s not in bound]
+                if not free:
+                    if poly.eval(bound) != actual:
+                        return False
+                    continue
+                ab = poly.linear(free[0], bound) if len(free) == 1 else None
+                if ab is None:
+                    rest.append((actual, poly))
+                    continue
+                value, rem = divmod(actual - ab[1], ab[0])
+                lo, hi = self._bounds[free[0]]
+                if rem or value < lo or value > hi:
+                    return False
+                bound[free[0]] = value
+            if len(rest) == len(pending):
+                return False  # no size determines the remaining symbols
+            pending = rest
         return True
 
     # -- the slow path: say why -------------------------------------------------------------------
@@ -392,8 +440,21 @@ class EntryGuards:
             if leaves is None:  # pragma: no cover - _explain_structure names every structural mismatch
                 return "input structure differs from the packaged one"
             bound: dict = {}
+            where: dict = {}
+            pending: list = []
             for g, v in zip(self.leaves, leaves):
-                self._explain_leaf(g, v, bound)
+                self._explain_leaf(g, v, bound, where, pending)
+            self._explain_derived(pending, bound, where)
+            for g, v in zip(self.leaves, leaves):
+                if isinstance(g, TensorGuard):
+                    self._explain_strides(g, v, bound)
+            tensor_leaves = [(g, v) for g, v in zip(self.leaves, leaves) if isinstance(g, TensorGuard)]
+            pair = _shares_memory([v for _, v in tensor_leaves], self._written) if self._written else None
+            if pair is not None:
+                (w, _), (o, _) = tensor_leaves[pair[0]], tensor_leaves[pair[1]]
+                raise _Mismatch(f"input {w.name!r} ({w.path}) shares memory with input {o.name!r} ({o.path}); the "
+                                f"pack writes into {w.path} and its code assumes that no other input sees those "
+                                "writes: pass tensors that do not overlap (.clone() one of them)")
         except _Mismatch as m:
             return str(m)
         return ""
@@ -445,7 +506,7 @@ class EntryGuards:
         for k, c in zip(node["keys"], node["children"]):
             self._explain_node(c, value[k], f"{path}[{k!r}]")
 
-    def _explain_leaf(self, g: TensorGuard | ValueGuard, v: Any, bound: dict) -> None:
+    def _explain_leaf(self, g: TensorGuard | ValueGuard, v: Any, bound: dict, where: dict, pending: list) -> None:
         who = f"input {g.name!r} ({g.path})"
         if isinstance(g, ValueGuard):
             if isinstance(v, torch.Tensor) or type(v) is not VALUE_TYPES[g.type]:
@@ -476,33 +537,90 @@ class EntryGuards:
                 if actual != want:
                     raise _Mismatch(f"{who} size mismatch at dim {d}: expected {want}, actual {actual}")
                 continue
-            lo, hi = self.symbols[want]
+            if isinstance(want, Poly):
+                pending.append((who, d, actual, want))
+                continue
+            lo, hi = self._bounds[want]
             if actual < lo:
                 raise _Mismatch(f"{who} dim {d} ({want}) is {actual}, below {lo}")
             if actual > hi:
                 raise _Mismatch(f"{who} dim {d} ({want}) is {actual}, above {hi}")
             if want in bound and bound[want] != actual:
-                raise _Mismatch(f"{who} dim {d} ({want}) is {actual}, but {want} is {bound[want]} in an "
-                                "earlier input (these dims must be equal)")
+                raise _Mismatch(f"{who} dim {d} ({want}) is {actual}, but {want} is {bound[want]} in "
+                                f"{where[want]} (these dims must be equal)")
             bound[want] = actual
+            where.setdefault(want, f"{who} dim {d}")
         st = v.stride()
         for d, want in enumerate(g.strides):
-            if want is None:
-                continue
-            expected = want if isinstance(want, int) else _mono_eval(want, bound) if all(
-                x in bound for x in want[1:]) else None
-            if expected is not None and st[d] != expected:
-                exp_layout = g.layout()
-                act_layout = describe_layout(tuple(v.shape), tuple(st))
-                raise _Mismatch(f"{who} stride mismatch at dim {d}: expected {expected}, actual {st[d]} "
-                                f"(expected layout {exp_layout}, actual {act_layout}; call .contiguous() "
-                                "or build the pack with this layout)")
+            if isinstance(want, int) and st[d] != want:
+                self._stride_mismatch(g, v, d, want)
         if v.is_neg() or (v.is_complex() and v.is_conj()):
             raise _Mismatch(f"{who} has a lazy conjugate or negation bit; call .resolve_conj().resolve_neg()")
         if torch.is_grad_enabled() and v.requires_grad:
             raise _Mismatch(f"{who} requires_grad mismatch: the tensor requires grad under grad mode, but a pack "
                             "computes no gradients; call it under torch.inference_mode() or torch.no_grad(), "
                             "or pass x.detach()")
+
+    def _explain_derived(self, pending: list, bound: dict, where: dict) -> None:
+        """Say which derived size (``dx + 1``) does not fit the sizes its symbols took elsewhere."""
+        while pending:
+            rest = []
+            for who, d, actual, poly in pending:
+                free = [s for s in poly.symbols if s not in bound]
+                text = poly.text()
+                if not free:
+                    expected = poly.eval(bound)
+                    if expected != actual:
+                        values = ", ".join(f"{s} is {bound[s]} in {where[s]}" for s in poly.symbols)
+                        raise _Mismatch(f"{who} dim {d} ({text}) is {actual}, expected {expected} ({values})")
+                    continue
+                ab = poly.linear(free[0], bound) if len(free) == 1 else None
+                if ab is None:
+                    rest.append((who, d, actual, poly))
+                    continue
+                sym = free[0]
+                value, rem = divmod(actual - ab[1], ab[0])
+                if rem:
+                    raise _Mismatch(f"{who} dim {d} ({text}) is {actual}, but {text} is never {actual} for an "
+                                    f"integer {sym}")
+                lo, hi = self._bounds[sym]
+                if value < lo:
+                    raise _Mismatch(f"{who} dim {d} ({text}) is {actual}, so {sym} would be {value}, below {lo}")
+                if value > hi:
+                    raise _Mismatch(f"{who} dim {d} ({text}) is {actual}, so {sym} would be {value}, above {hi}")
+                bound[sym] = value
+                where[sym] = f"{who} dim {d} ({text})"
+            if len(rest) == len(pending):
+                who, d, actual, poly = rest[0]
+                raise _Mismatch(f"{who} dim {d} ({poly.text()}) is {actual}, and no input gives "
+                                f"{', '.join(s for s in poly.symbols if s not in bound)} on its own")
+            pending = rest
+
+    def _explain_strides(self, g: TensorGuard, v: torch.Tensor, bound: dict) -> None:
+        st = v.stride()
+        for d, want in enumerate(g.strides):
+            if isinstance(want, Poly) and all(s in bound for s in want.symbols) and st[d] != want.eval(bound):
+                self._stride_mismatch(g, v, d, want.eval(bound))
+
+    @staticmethod
+    def _stride_mismatch(g: TensorGuard, v: torch.Tensor, d: int, expected: int) -> None:
+        exp_layout = g.layout()
+        act_layout = describe_layout(tuple(v.shape), tuple(v.stride()))
+        raise _Mismatch(f"input {g.name!r} ({g.path}) stride mismatch at dim {d}: expected {expected}, actual "
+                        f"{v.stride(d)} (expected layout {exp_layout}, actual {act_layout}; call .contiguous() "
+                        "or build the pack with this layout)")
+
+
+def _shares_memory(tensors: list, written: tuple) -> tuple[int, int] | None:
+    """(written input, other input) of the first written input that lies in the storage of another input, or
+    None. Empty tensors hold no memory."""
+    storages = [t.untyped_storage().data_ptr() if t.numel() else None for t in tensors]
+    for k in written:
+        if storages[k] is not None:
+            for j, other in enumerate(storages):
+                if j != k and other == storages[k]:
+                    return k, j
+    return None
 
 
 def _walk(node: dict, value: Any, out: list) -> None:

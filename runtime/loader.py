@@ -25,12 +25,15 @@ from . import cache, platform
 from . import signature as _signature
 from .archive import Archive
 from .devices import CudaState, warn_cuda
-from .entries import CudaEntry, Entry, entry_from_manifest
+from .entries import CudaEntry, Entry, check_entry, entry_from_manifest
 from .errors import ArchiveError, GuardError, SessionError
-from .format import DTYPE_SIZES, field_of
+from .format import DTYPES, Manifest, field_of
 from .guards import _DTYPE_BY_NAME, check_spec, rebuild
 from .sessions import PositionCheck, Session, StateTemplate
 from .weights import load_weights, prefetch as _prefetch, tensor_from_bytes
+
+# An integer dtype of each element width, to move elements of any dtype (complex32, float8) as bits.
+_SAME_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 __all__ = ["CudaEntry", "Entry", "Package", "Session", "load", "tensor_from_bytes"]
 
@@ -125,50 +128,32 @@ class Package:
 
     def example_inputs(self) -> tuple[tuple, dict]:
         """The example ``(args, kwargs)`` the pack was built with (stored in the pack)."""
-        ex = self.manifest.example
-        if ex is None:
-            raise ArchiveError("this pack stores no example inputs", path=self.path)
-        inputs = field_of(ex, "inputs", dict, "manifest.example")
-        n = check_spec(inputs, "manifest.example.inputs")
-        if inputs["type"] != "tuple" or [c["type"] for c in inputs["children"]] != ["tuple", "dict"]:
-            raise ArchiveError("manifest.example.inputs must be a tuple of (args tuple, kwargs dict)", path=self.path)
-        leaves_json = field_of(ex, "leaves", list, "manifest.example")
-        if len(leaves_json) != n:
-            raise ArchiveError("manifest.example has a leaf count that does not match its structure",
-                               path=self.path)
+        try:
+            inputs, checked = check_example(self.manifest)
+        except ArchiveError as e:
+            raise ArchiveError(e.reason, path=self.path) from None
         leaves = []
-        for i, leaf in enumerate(leaves_json):
-            where = f"manifest.example.leaves[{i}]"
-            if field_of(leaf, "kind", str, where) == "value":
+        for leaf in checked:
+            if leaf["kind"] == "value":
                 leaves.append(leaf.get("value"))
                 continue
-            dtype = field_of(leaf, "dtype", str, where)
-            if dtype not in _DTYPE_BY_NAME:
-                raise ArchiveError(f"{where}.dtype {dtype!r} is unknown", path=self.path)
-            shape = tuple(field_of(leaf, "shape", list, where))
-            strides = tuple(field_of(leaf, "strides", list, where))
-            if len(strides) != len(shape) or not all(type(s) is int and 0 <= s < 2**48 for s in shape + strides):
-                raise ArchiveError(f"{where}: shape and strides must be non-negative integers, one per dim",
-                                   path=self.path)
-            blob = self._archive.read_blob(field_of(leaf, "blob", str, where))
-            if len(blob) != math.prod(shape) * DTYPE_SIZES[dtype]:
-                raise ArchiveError(f"{where} is {dtype}{list(shape)} but its blob holds {len(blob)} bytes",
-                                   path=self.path)
-            t = tensor_from_bytes(blob, dtype, shape)
+            dtype, shape, strides = leaf["dtype"], tuple(leaf["shape"]), tuple(leaf["strides"])
+            t = tensor_from_bytes(self._archive.read_blob(leaf["blob"]), dtype, shape)
             span = 1 + sum((n - 1) * s for n, s in zip(shape, strides)) if t.numel() else 0
-            if span >= 2**48:
-                raise ArchiveError(f"{where}.strides {list(strides)} span {span} elements", path=self.path)
+            # Elements are placed as integers of the same width: indexing is not implemented for every dtype.
+            bits = _SAME_WIDTH.get(DTYPES[dtype], t.dtype)
             try:
-                storage = torch.empty(span, dtype=t.dtype)
+                storage = torch.empty(span, dtype=bits)
             except RuntimeError:  # more memory than this host can allocate
-                raise ArchiveError(f"{where}.strides {list(strides)} span {span} elements", path=self.path) from None
+                raise ArchiveError(f"{leaf['where']}.strides {list(strides)} span {span} elements",
+                                   path=self.path) from None
             # Each element goes to its offset through an index, not a strided copy: the strides of an expanded
             # input overlap.
             offsets = torch.zeros((), dtype=torch.int64)
             for n, s in zip(shape, strides):
                 offsets = offsets[..., None] + torch.arange(n) * s
-            storage[offsets.reshape(-1)] = t.reshape(-1)
-            leaves.append(storage.as_strided(shape, strides))
+            storage[offsets.reshape(-1)] = t.reshape(-1).view(bits)
+            leaves.append(storage.view(t.dtype).as_strided(shape, strides))
         args, kwargs = rebuild(inputs, leaves, [0])
         return tuple(args), dict(kwargs)
 
@@ -284,6 +269,53 @@ def _check_whole_file(path: str, expected_sha256: str | None, signature, public_
     if public_key is not None:
         file_sha = _signature.check(path, signature, public_key, file_sha256=file_sha).file_sha256
     return file_sha
+
+
+def check_example(m: Manifest) -> tuple[dict, list[dict]]:
+    """The example record's structure and leaves, checked against the blob table (loads nothing)."""
+    ex = m.example
+    if ex is None:
+        raise ArchiveError("this pack stores no example inputs")
+    inputs = field_of(ex, "inputs", dict, "manifest.example")
+    n = check_spec(inputs, "manifest.example.inputs")
+    if inputs["type"] != "tuple" or [c["type"] for c in inputs["children"]] != ["tuple", "dict"]:
+        raise ArchiveError("manifest.example.inputs must be a tuple of (args tuple, kwargs dict)")
+    leaves_json = field_of(ex, "leaves", list, "manifest.example")
+    if len(leaves_json) != n:
+        raise ArchiveError("manifest.example has a leaf count that does not match its structure")
+    leaves = []
+    for i, leaf in enumerate(leaves_json):
+        where = f"manifest.example.leaves[{i}]"
+        if field_of(leaf, "kind", str, where) == "value":
+            leaves.append({"kind": "value", "value": leaf.get("value")})
+            continue
+        dtype = field_of(leaf, "dtype", str, where)
+        if dtype not in _DTYPE_BY_NAME:
+            raise ArchiveError(f"{where}.dtype {dtype!r} is unknown")
+        shape = tuple(field_of(leaf, "shape", list, where))
+        strides = tuple(field_of(leaf, "strides", list, where))
+        if len(strides) != len(shape) or not all(type(s) is int and 0 <= s < 2**48 for s in shape + strides):
+            raise ArchiveError(f"{where}: shape and strides must be non-negative integers, one per dim")
+        blob = field_of(leaf, "blob", str, where)
+        if m.blob(blob).size != math.prod(shape) * DTYPES[dtype]:
+            raise ArchiveError(f"{where} is {dtype}{list(shape)} but its blob holds {m.blob(blob).size} bytes")
+        span = 1 + sum((n - 1) * s for n, s in zip(shape, strides)) if math.prod(shape) else 0
+        if span >= 2**48:
+            raise ArchiveError(f"{where}.strides {list(strides)} span {span} elements")
+        leaves.append({"kind": "tensor", "where": where, "dtype": dtype, "shape": shape, "strides": strides,
+                       "blob": blob})
+    return inputs, leaves
+
+
+def check_manifest(m: Manifest) -> None:
+    """Everything ``load`` checks about a manifest's entries and example, without loading anything. The
+    writer runs it on every pack before writing, so a pack the reader would refuse is never written."""
+    names = {w.name for w in m.weights}
+    blob_sizes = {b.name: b.size for b in m.blobs}
+    for i in range(len(m.entries)):
+        check_entry(i, m, names, blob_sizes)
+    if m.example is not None:
+        check_example(m)
 
 
 def _identity(path: str) -> tuple | None:

@@ -2,6 +2,7 @@
 shared; every cache a build or load writes goes to a session folder that is removed at the end."""
 from __future__ import annotations
 
+import copy
 import os
 import pathlib
 import shutil
@@ -129,3 +130,94 @@ def counter_pack(session_dir) -> pathlib.Path:
     if not path.exists():
         aotpack.build(Counter.make(), (torch.ones(3),), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def corpus_pack(session_dir) -> pathlib.Path:
+    """The corpus of tests/corpus.py as one pack: one entry per group of models (the dynamic group first, with
+    its dynamic shapes; the others as specializations), compiled in parallel."""
+    import aotpack
+    import corpus
+
+    model = corpus.Corpus().eval()
+    groups = list(corpus.GROUPS)
+    main = groups[-1]
+    path = session_dir / "corpus.pack"
+    aotpack.build(model, (main, corpus.group_inputs(corpus.GROUPS[main], 0, 0)), path,
+                  dynamic_shapes={"group": None, **corpus.group_dynamic_shapes(corpus.GROUPS[main])},
+                  specializations=[(g, corpus.group_inputs(corpus.GROUPS[g], 0, 0)) for g in groups if g != main])
+    return path
+
+
+# Run in a fresh process: load the pack (the runtime only), call every group on every input set, and save what
+# came back and what the inputs hold afterwards (a pack writes into the inputs its model writes into).
+_FRESH = """
+import sys, torch
+import torch.utils._pytree as pytree
+import aotpack_runtime
+pkg = aotpack_runtime.load({pack!r})
+calls = torch.load({calls!r})
+results = []
+for group, label, inputs in calls:
+    out = pkg(group, inputs)
+    # copies: outputs may view one storage as several dtypes (view_as_real), which torch.save refuses
+    results.append(pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, (out, inputs)))
+torch.save({{"results": results,
+            "build_side": sorted(m for m in sys.modules
+                                 if m.startswith(("torch._dynamo", "torch._inductor", "aotpack.")))}},
+           {out!r})
+"""
+
+
+@pytest.fixture(scope="session")
+def corpus_run(corpus_pack, session_dir) -> dict:
+    """Per model: (max error over every input set, the input sets it was checked on); or the failure."""
+    import torch
+
+    import corpus
+
+    model = corpus.Corpus().eval()
+    calls = [(g, label, inputs) for g in corpus.GROUPS for label, inputs in corpus.input_sets(g)]
+    calls_file, out_file = session_dir / "corpus-calls.pt", session_dir / "corpus-results.pt"
+    torch.save(calls, calls_file)
+    proc = run_python(_FRESH.format(pack=str(corpus_pack), calls=str(calls_file), out=str(out_file)), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fresh = torch.load(out_file)
+    assert fresh["build_side"] == [], f"the fresh process imported {fresh['build_side']}"
+    report: dict = {}
+    for (group, label, inputs), (out, inputs_after) in zip(calls, fresh["results"]):
+        eager_inputs = copy.deepcopy(inputs)
+        with torch.no_grad():
+            expected = model(group, eager_inputs)
+        for name in corpus.GROUPS[group]:
+            entry = report.setdefault(name, {"error": 0.0, "sets": [], "failure": None})
+            if entry["failure"]:
+                continue
+            try:
+                err = max(corpus.max_error(out[name], expected[name]),
+                          corpus.max_error(inputs_after[name], eager_inputs[name]))  # what it wrote into
+            except AssertionError as e:
+                entry["failure"] = f"{label}: {e}"
+                continue
+            entry["error"] = max(entry["error"], err)
+            entry["sets"].append(label)
+    if os.environ.get("AOTPACK_CORPUS_TABLE"):
+        _write_table(report, pathlib.Path(os.environ["AOTPACK_CORPUS_TABLE"]))
+    return report
+
+
+def _write_table(report: dict, path: pathlib.Path) -> None:
+    """The corpus table of docs/MODELS.md, from this run."""
+    import corpus
+
+    rows = ["| model | pattern | outcome | max error |", "|---|---|---|---|"]
+    for c in corpus.CASES:
+        if c.refused:
+            rows.append(f"| `{c.name}` | {c.what} | refused at build (`CaptureError`) | - |")
+        else:
+            r = report[c.name]
+            outcome = "matches eager" if r["failure"] is None and r["error"] <= c.rel else f"FAILS: {r['failure']}"
+            sets = len(r["sets"])
+            error = "0" if r["error"] == 0 else f"{r['error']:.0e}"
+            rows.append(f"| `{c.name}` | {c.what} | {outcome} ({sets} input sets) | {error} |")
+    path.write_text("\n".join(rows) + "\n")

@@ -124,6 +124,15 @@ def test_bad_dynamic_spec_is_a_usage_error(tmp_path, spec, message):
     assert r.exit_code == 2 and message in r.output
 
 
+def test_dynamic_spec_without_upper_bound():
+    from aotpack_cli.main import _parse_dynamic
+
+    shapes = _parse_dynamic(("x:0=n:2..", "y:0=n:2..", "x:1=1..8"))
+    n = shapes["x"][0]
+    assert shapes["y"][0] is n and n.__name__ == "n" and n.min == 2 and n.max >= 2**62
+    assert (shapes["x"][1].min, shapes["x"][1].max) == (1, 8)
+
+
 def test_model_function_may_return_a_dict(tmp_path):
     from aotpack.modelfile import load_model_file
 

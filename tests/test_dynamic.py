@@ -154,5 +154,7 @@ def test_shared_symbol_must_agree(session_dir):
     pkg = aotpack.load(path)
     a, b = torch.randn(9, 3), torch.randn(9, 3)
     assert_close_to_eager(pkg(a, b), fn(a, b))
-    with pytest.raises(aotpack.GuardError, match=r"input 'b' \(args\[1\]\) dim 0 \(n\) is 8, but n is 9 in an earlier"):
+    with pytest.raises(aotpack.GuardError) as info:
         pkg(a, torch.randn(8, 3))
+    assert str(info.value) == ("input 'b' (args[1]) dim 0 (n) is 8, but n is 9 in input 'a' (args[0]) dim 0 (these "
+                               "dims must be equal)")

@@ -29,3 +29,33 @@ def test_entry_example_is_valid():
     entry = json.loads(next(b for b in blocks if b.lstrip().startswith('{\n  "name"')))
     guards = EntryGuards.from_json(entry, "doc")
     assert guards.leaves[0].describe(guards.symbols) == "float32[4, 3, 32, 32] cpu contiguous"
+
+
+def test_version_4_example_is_valid_and_needs_version_4():
+    blocks = re.findall(r"```json\n(.*?)```", DOC, re.S)
+    entry = json.loads(next(b for b in blocks if '"extern_kernels"' in b))
+    guards = EntryGuards.from_json(entry, "doc")
+    assert [g.describe(guards.symbols) for g in guards.leaves] == [
+        "float32[n>=2, 3] cpu contiguous, written in place", "float32[n + 1, 3] cpu contiguous"]
+    features = fmt.v4_features({"entries": [entry]})
+    assert len(features) == 5 and fmt.version_for({"entries": [entry]}) == 4
+    for word in ("without an upper bound", "polynomial", "writes into", "Python number", "proxy executor"):
+        assert any(word in f for f in features), word
+    listed = DOC.split("## Version 4", 1)[1].split("```json", 1)[0]
+    assert all(d in listed for d in fmt.DTYPE_VERSIONS) and all(d in DOC for d in fmt.DTYPES)
+
+
+def test_version_for_picks_the_oldest_version_that_describes_the_pack():
+    """As the "Versions" paragraph says: 1 for CPU entries, 2 with a CUDA entry, 3 with state, 4 with any
+    version-4 feature (a version-3 reader refuses such a pack by its version number)."""
+    cpu, cuda = {"device": "cpu", "leaves": []}, {"device": "cuda", "leaves": []}
+    count = {"name": "count", "dtype": "float32", "shape": [], "init": "zeros"}
+    state = {"buffers": [count], "positions": []}
+    assert fmt.version_for({"entries": [cpu]}) == 1
+    assert fmt.version_for({"entries": [cpu, cuda]}) == 2
+    assert fmt.version_for({"entries": [cuda], "state": state}) == fmt.STATE_FORMAT_VERSION == 3
+    assert fmt.version_for({"entries": [dict(cpu, extern_kernels="code/0.json")]}) == 4
+    assert fmt.version_for({"entries": [cpu], "state": {"buffers": [dict(count, dtype="complex32")]}}) == 4
+    assert fmt.version_for({"entries": [cpu], "weights": [{"dtype": "uint16"}]}) == 4
+    assert fmt.BREADTH_FORMAT_VERSION == fmt.FORMAT_VERSION == 4
+    assert "4 for a\npack that uses any version-4 feature, else 3 for a pack with state" in DOC

@@ -416,5 +416,6 @@ def test_dynamic_sequence_length(make, session_dir):
             torch.testing.assert_close(pkg(ids, mask), wrapper(ids, mask), rtol=1e-4, atol=1e-4)
     with pytest.raises(aotpack.GuardError, match=r"dim 1 \(seq\) is 33, above 32"):
         pkg(_ids(3, 33), _mask([33, 33], 33))
-    with pytest.raises(aotpack.GuardError, match=r"dim 1 \(seq\) is 9, but seq is 10 in an earlier input"):
+    with pytest.raises(aotpack.GuardError, match=r"dim 1 \(seq\) is 9, but seq is 10 in input 'input_ids' "
+                                                 r"\(args\[0\]\) dim 1 \(these dims must be equal\)"):
         pkg(_ids(3, 10), _mask([9, 9], 9))

@@ -99,7 +99,8 @@ def test_inductor_config_keys_exist():
 
     keys = list(build_torch.BASE_INDUCTOR_CONFIG) + [k for o in build_torch.ISA_COMPILER_OPTIONS.values() for k in o] \
         + list(build_torch.CUDA_INDUCTOR_CONFIG) + list(build_torch.NO_GPU_INDUCTOR_CONFIG) \
-        + list(build_torch.STATEFUL_INDUCTOR_CONFIG) + ["cuda.arch", "cpp.threads", "cpp.cxx", "cuda.cuda_cxx"]
+        + list(build_torch.STATEFUL_INDUCTOR_CONFIG) + ["cuda.arch", "cpp.threads", "cpp.cxx", "cuda.cuda_cxx",
+                                                                          "post_grad_custom_pre_pass"]
     for key in keys:
         since = build_torch.ADDED_IN.get(key, ((0, 0), ""))[0]
         assert _has_config(key) == (build_torch.torch_version() >= since), (key, since, torch.__version__)
@@ -365,3 +366,126 @@ def test_object_compiles_runs_the_wrapper_beside_the_kernels(tmp_path):
         assert (tmp_path / "model.wrapper.o").is_file() and (tmp_path / "model.kernel.o").is_file()
     assert sorted(seen) == ["model.kernel", "model.wrapper"]
     assert CppBuilder.build.__qualname__ == "CppBuilder.build"  # restored
+
+
+def test_symbol_range_and_polynomial_terms():
+    """range_constraints hold torch's int_oo for a Dim without max (its is_finite is true: compared by
+    identity); sizes and strides are sympy expressions over the shape symbols."""
+    import sympy
+    from torch.export import Dim
+
+    class Two(torch.nn.Module):
+        def forward(self, x, y):
+            return x + y[1:]
+
+    dx = Dim("dx", min=3)
+    ep = build_torch.export_strict(Two(), (torch.randn(4, 2), torch.randn(5, 2)), {},
+                                   {"x": {0: dx}, "y": {0: dx + 1}})
+    (symbol, rng), = [(k, v) for k, v in ep.range_constraints.items() if k.is_Symbol]
+    assert build_torch.symbol_range(rng) == (3, None)
+    y = [n for n in ep.graph.nodes if n.op == "placeholder"][1].meta["val"]
+    assert build_torch.polynomial_terms(y.shape[0].node.expr) == {(str(symbol),): 1, (): 1}
+    s, t = sympy.symbols("s t", integer=True, positive=True)
+    assert build_torch.polynomial_terms((s + 1) * t * 2) == {("s", "t"): 2, ("t",): 2}
+    assert build_torch.polynomial_terms(sympy.floor(s / 2)) is None
+
+
+class _Attrs(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.table = torch.arange(12.0)[2:8].view(2, 3)  # a plain attribute: a view with a storage offset
+        self.register_buffer("t", torch.rand(3, 2).t())  # a non-contiguous buffer
+
+    def forward(self, x):
+        return x @ self.table.t() + self.t.sum(), (x.sum() * 2).item(), x.shape[0] * 3, 1.5
+
+
+def test_lift_constants_to_buffers():
+    """torch.export lifts plain tensor attributes as CONSTANT_TENSOR inputs (kept in ``constants``); the
+    program rebuilt with ExportedProgram._update has them as buffers, and every weight dense."""
+    ep = build_torch.export_strict(_Attrs(), (torch.randn(4, 3),), {})
+    kinds = {s.target: s.kind.name for s in ep.graph_signature.input_specs if s.target}
+    assert kinds == {"t": "BUFFER", "table": "CONSTANT_TENSOR"}
+    lifted = build_torch.lift_constants_to_buffers(ep)
+    assert {s.target: s.kind.name for s in lifted.graph_signature.input_specs if s.target} == \
+        {"t": "BUFFER", "table": "BUFFER"}
+    assert not lifted.constants and set(lifted.state_dict) == {"t", "table"}
+    original = {**ep.state_dict, **ep.constants}
+    for name in ("t", "table"):
+        w = lifted.state_dict[name]
+        assert w.is_contiguous() and w.storage_offset() == 0 and torch.equal(w, original[name])
+    assert ep.constants["table"].storage_offset() == 2  # the original is not changed
+    x = torch.randn(4, 3)
+    torch.testing.assert_close(lifted.module()(x)[0], ep.module()(x)[0])
+
+
+def test_outputs_for_inductor():
+    """Output specs say which outputs are constants (ConstantArgument) and numbers (Sym*Argument); the rebuilt
+    program returns tensors only and its call spec (``_module_call_graph[0].signature.out_spec``) is flat."""
+    ep = build_torch.export_strict(_Attrs(), (torch.randn(4, 3),), {})
+    kinds = [type(s.arg).__name__ for s in ep.graph_signature.output_specs]
+    assert kinds == ["TensorArgument", "SymFloatArgument", "ConstantArgument", "ConstantArgument"]
+    out = build_torch.outputs_for_inductor(ep)
+    assert [type(s.arg).__name__ for s in out.graph_signature.output_specs] == ["TensorArgument"] * 2
+    assert out.call_spec.out_spec.num_leaves == 2 and ep.call_spec.out_spec.num_leaves == 4
+    x = torch.randn(4, 3)
+    t, total = out.module()(x)
+    assert total.dim() == 0 and total.item() == pytest.approx((x.sum() * 2).item())
+    assert len(list(ep.graph.output_node().args[0])) == 4  # the original is not changed
+    assert build_torch.outputs_for_inductor(build_torch.export_strict(_Tiny(), (torch.randn(2, 4),), {})) \
+        .graph_signature.output_specs[0].kind.name == "USER_OUTPUT"
+
+
+def test_complex_casts_to_aten_pass():
+    """Inductor's post-grad graph has prims.convert_element_type for a dtype conversion; the pass gives the
+    complex ones to aten._to_copy (C++), and leaves the others to Inductor's own code."""
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    graph = torch.fx.Graph()
+    z, r = graph.placeholder("z"), graph.placeholder("r")
+    z.meta["val"], r.meta["val"] = torch.empty(2, dtype=torch.complex64), torch.empty(2)
+    a = graph.call_function(torch.ops.prims.convert_element_type.default, (z, torch.complex128))
+    b = graph.call_function(torch.ops.prims.convert_element_type.default, (r, torch.float64))
+    a.meta["val"], b.meta["val"] = torch.empty(2, dtype=torch.complex128), torch.empty(2, dtype=torch.float64)
+    graph.output((a, b))
+    config_pass = build_torch.inductor_options("avx2", 16)["post_grad_custom_pre_pass"]
+    assert isinstance(config_pass, CustomGraphPass) and config_pass.uuid()
+    config_pass(graph)
+    targets = [n.target for n in graph.nodes if n.op == "call_function"]
+    assert targets == [torch.ops.aten._to_copy.default, torch.ops.prims.convert_element_type.default]
+
+
+def test_op_name_is_the_extern_kernel_target():
+    """AOTInductor's extern-kernel description names an op as OpOverload.name() does."""
+    assert build_torch.op_name(torch.ops.aten._unique2.default) == "aten::_unique2"
+    assert build_torch.op_name(torch.ops.aten.median.dim) == "aten::median.dim"
+    assert build_torch.op_name("output") is None
+
+
+class _Unique(torch.nn.Module):
+    def forward(self, x):
+        values, inverse = torch.unique(x, return_inverse=True)  # aten::_unique2: no C shim
+        return values * 2, inverse
+
+
+def test_runner_finds_the_proxy_executor_description(tmp_path):
+    """libtorch's runner creates its proxy executor from FILE.json beside FILE.so (runtime/devices.py names
+    them model.so and model.json); without it, a call through the proxy executor fails."""
+    import aotpack
+    from aotpack_runtime.archive import Archive
+
+    x = torch.tensor([3, 1, 3, 2])
+    path = tmp_path / "unique.pack"
+    aotpack.build(_Unique(), (x,), path, cache=False)
+    archive = Archive.open(path)
+    entry = archive.manifest.entries[0]
+    assert "aten::_unique2" in archive.read_blob(entry["extern_kernels"]).decode()
+    pkg = aotpack.load(path)
+    values, inverse = pkg(x)  # the pack's own entry found its description
+    assert torch.equal(values, torch.tensor([2, 4, 6])) and torch.equal(inverse, torch.tensor([2, 0, 2, 1]))
+    (tmp_path / "alone").mkdir()
+    (tmp_path / "alone" / "model.so").write_bytes(archive.read_blob(entry["library"]))
+    runner = rt_torch.cpu_runner(str(tmp_path / "alone" / "model.so"), 1)
+    # torch 2.13 and later say why; 2.11 and 2.12 only that the call failed
+    with pytest.raises(RuntimeError, match=r"Unable to find a proxy executor|run_func_\(.*API call failed"):
+        rt_torch.run(runner, [x])

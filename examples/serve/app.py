@@ -44,7 +44,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 import aotpack
-from aotpack_runtime.format import DTYPE_SIZES
+from aotpack_runtime.format import DTYPES
 from jsonio import BadRequest, InputConverter, parse_json, to_json
 from session_store import (DEFAULT_IDLE_TIMEOUT_S, DEFAULT_MAX_SESSIONS, SessionBusy, SessionNotFound, SessionStore,
                            StoreFull, new_holder_id, shown)
@@ -179,7 +179,7 @@ async def _expire_idle(store: SessionStore) -> None:
 
 def state_bytes(pkg: aotpack.Package) -> int:
     """The most memory one session's state takes (it grows as its cache is written)."""
-    return sum(math.prod(r.shape) * DTYPE_SIZES[r.dtype] for r in pkg.manifest.state)
+    return sum(math.prod(r.shape) * DTYPES[r.dtype] for r in pkg.manifest.state)
 
 
 def build_app(pkg: aotpack.Package, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
