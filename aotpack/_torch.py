@@ -161,6 +161,10 @@ def inductor_options(cpu_isa: str, cpu_threads: int, stateful: bool = False) -> 
     config.update(_available(ISA_COMPILER_OPTIONS[cpu_isa]))
     config["cpp.threads"] = cpu_threads
     config["post_grad_custom_pre_pass"] = _graph_pass(_complex_casts_to_aten)
+    # Inductor writes its AOTI_* entries (device key, CPU ISA, platform) into this dict in place at every
+    # compile: a fresh one per build keeps them out of the global config, where they would change the next
+    # build's effective config (and so its build cache key).
+    config["aot_inductor.metadata"] = {}
     if stateful:
         config.update(STATEFUL_INDUCTOR_CONFIG)
     return config

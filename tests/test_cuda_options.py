@@ -59,7 +59,8 @@ def test_version_gate_names_the_tested_versions(monkeypatch):
     monkeypatch.setattr(torch.version, "cuda", "13.0")
     with pytest.raises(BuildError) as e:
         _cuda_offline.check_versions()
-    assert str(e.value) == ("--without-gpu is experimental and tested only with torch 2.14.1 with triton 3.8.0; "
+    assert str(e.value) == ("--without-gpu is experimental and tested only with torch 2.11.0 with triton 3.6.0, "
+                            "torch 2.14.1 with triton 3.8.0; "
                             "this is torch 2.99.0 with triton 9.9.9. Install one of those, or build on a machine "
                             "with the GPU")
 

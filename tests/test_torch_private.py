@@ -326,6 +326,19 @@ def test_graph_text_is_the_graph_without_metadata_or_weights():
     assert c != a  # the input's shape is in the graph
 
 
+def test_each_build_gets_its_own_aoti_metadata_dict():
+    """Inductor fills config.aot_inductor.metadata in place when it compiles: each build's options carry a
+    fresh dict, so nothing a compile writes there reaches the global config (or the next build's key)."""
+    from torch._inductor import config
+
+    a = build_torch.inductor_options("avx2", 16)["aot_inductor.metadata"]
+    b = build_torch.inductor_options("avx2", 16)["aot_inductor.metadata"]
+    assert a == {} and a is not b and a is not config.aot_inductor.metadata
+    with config.patch({"aot_inductor.metadata": a}):
+        config.aot_inductor.metadata["AOTI_DEVICE_KEY"] = "cpu"  # as codecache.AotCodeCompiler.compile does
+    assert "AOTI_DEVICE_KEY" not in config.aot_inductor.metadata and a == {"AOTI_DEVICE_KEY": "cpu"}
+
+
 def test_effective_config_sees_patches_and_the_environment_but_no_host_paths():
     from torch._inductor import config
 
