@@ -39,3 +39,14 @@ def blob_range(data: bytes, name: str) -> tuple[int, int]:
         if b["name"] == name:
             return region + b["offset"], region + b["offset"] + b["stored_size"]
     raise KeyError(name)
+
+
+def smallest_manifest(library: str) -> dict:
+    """The smallest manifest the writer (which runs the reader's checks) takes: one CPU entry of no inputs
+    and no outputs whose library is the blob ``library``; for tests of the archive layer alone."""
+    entry = {"name": "0", "device": "cpu", "library": library, "constants": {}, "param_names": [], "symbols": {},
+             "inputs": {"type": "tuple", "children": [{"type": "tuple", "children": []},
+                                                      {"type": "dict", "keys": [], "children": []}]},
+             "leaves": [], "outputs": {"type": "none"}, "output_leaves": []}
+    return {"producer": {"aotpack": "0"}, "target": {}, "options": {}, "weights": [], "entries": [entry],
+            "example": None}

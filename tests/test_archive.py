@@ -8,7 +8,7 @@ import pytest
 import aotpack
 from aotpack_runtime import format as fmt
 from aotpack_runtime.archive import Archive
-from archive_tools import blob_range, join, split, with_manifest
+from archive_tools import blob_range, join, smallest_manifest, split, with_manifest
 
 
 @pytest.fixture(scope="module")
@@ -138,12 +138,7 @@ def test_golden_bytes_of_a_tiny_archive(tmp_path):
     """The writer is deterministic and its layout is the one docs/FORMAT.md describes."""
     from aotpack.package import Blob, write_archive
 
-    entry = {"name": "0", "device": "cpu", "library": "a", "constants": {}, "param_names": [], "symbols": {},
-             "inputs": {"type": "tuple", "children": [{"type": "tuple", "children": []},
-                                                      {"type": "dict", "keys": [], "children": []}]},
-             "leaves": [], "outputs": {"type": "none"}, "output_leaves": []}
-    manifest = {"producer": {"aotpack": "0"}, "target": {}, "options": {}, "weights": [],
-                "entries": [entry], "example": None}
+    manifest = smallest_manifest("a")
     out = tmp_path / "tiny.pack"
     size = write_archive(out, manifest, [Blob("a", b"hello"), Blob("b/c", b"x" * 1000)], level=3)
     data = out.read_bytes()

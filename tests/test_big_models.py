@@ -18,6 +18,7 @@ from aotpack.memory import peak_rss, reset_peak_rss
 from aotpack.package import Blob, tensor_bytes, write_archive
 from aotpack_runtime import cache
 from aotpack_runtime.archive import Archive
+from archive_tools import smallest_manifest
 from conftest import ROOT
 
 MB = 1 << 20
@@ -232,7 +233,7 @@ def test_packs_and_blobs_past_4_gib_are_written_read_checked_and_served(tmp_path
 
 def test_the_writer_holds_no_copy_of_a_weight(tmp_path):
     t = torch.rand(128 * MB // 4)
-    manifest = {"producer": {}, "target": {}, "options": {}, "weights": [], "entries": [{"name": "0"}]}
+    manifest = smallest_manifest("w")
     with open("/proc/self/status") as f:
         rss = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
     reset_peak_rss()

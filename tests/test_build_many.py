@@ -55,7 +55,8 @@ def _matrix(tmp_path: pathlib.Path, text: str) -> pathlib.Path:
     (f'[[model]]\nfile = "{DATA / "tiny_a.py"}"\n[[target]]\ncpu_isa = "sse9"\n',
      "m.toml: [[target]] 1: cpu_isa 'sse9' is not one of x86-64, avx2, avx512, native"),
     (f'[[model]]\nfile = "{DATA / "tiny_a.py"}"\ndynamic = ["x0=1..4"]\n',
-     "m.toml: [[model]] 1: dynamic 'x0=1..4' is not INPUT:DIM=MIN..MAX or INPUT:DIM=NAME:MIN..MAX (e.g. x:0=1..64)"),
+     "m.toml: [[model]] 1: dynamic 'x0=1..4' is not INPUT:DIM=MIN..MAX or INPUT:DIM=NAME:MIN..MAX (e.g. x:0=1..64; "
+     "x:0=2.. for no upper bound)"),
     (f'[[model]]\nfile = "{DATA / "tiny_a.py"}"\n[[model]]\nfile = "{DATA / "tiny_a.py"}"\n',
      "m.toml: two models are named 'tiny_a'; give each a distinct name = \"...\""),
     ('[[target]]\ncpu_isa = "avx2"\n', "m.toml: no models: add a [[model]] table with file = \"FILE.py\""),

@@ -17,7 +17,7 @@ import aotpack
 from aotpack.checks import verify as run_verify
 from aotpack_runtime import cache
 from aotpack_runtime.archive import Archive
-from archive_tools import blob_range
+from archive_tools import blob_range, smallest_manifest
 
 
 @pytest.fixture
@@ -243,7 +243,7 @@ def test_holes_of_a_sparse_file_hash_as_zeros(tmp_path):
 
     t = torch.zeros(3 * WRITE_CHUNK + 100, dtype=torch.uint8)
     t[WRITE_CHUNK + 5] = 7
-    manifest = {"producer": {}, "target": {}, "options": {}, "weights": [], "entries": [{"name": "0"}]}
+    manifest = smallest_manifest("w")
     sparse = tmp_path / "sparse.pack"
     dense = tmp_path / "dense.pack"
     write_archive(sparse, manifest, [Blob("w", t, compressible=False), Blob("z", torch.zeros(10))], level=3)
