@@ -65,6 +65,17 @@ DTYPE_VERSIONS = {name: BREADTH_FORMAT_VERSION for name in (
     "complex32", "uint16", "uint32", "uint64", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")}
 
 
+def _items(value: Any) -> list:
+    """``value`` when it is a JSON list, else no items: the version scan runs before the fields' own checks,
+    so it reads what it finds without trusting its shape."""
+    return value if isinstance(value, list) else []
+
+
+def _field(obj: Any, key: str) -> Any:
+    """``obj[key]`` when ``obj`` is a JSON object, else None."""
+    return obj.get(key) if isinstance(obj, dict) else None
+
+
 def v4_features(manifest: dict) -> list[str]:
     """What in ``manifest`` needs format version 4, in words (empty when nothing does). The writer picks the
     version from it and the reader refuses a manifest that uses a feature its version lacks."""
@@ -78,16 +89,11 @@ def v4_features(manifest: dict) -> list[str]:
         if isinstance(d, str) and d in DTYPE_VERSIONS:
             note(f"the dtype {d}")
 
-    state = manifest.get("state")
-    buffers = state.get("buffers") if isinstance(state, dict) else None
-    for w in list(manifest.get("weights") or []) + list(buffers if isinstance(buffers, list) else []):
-        if isinstance(w, dict):
-            dtype(w.get("dtype"))
-    example = manifest.get("example")
-    for leaf in (example.get("leaves") or []) if isinstance(example, dict) else []:
-        if isinstance(leaf, dict):
-            dtype(leaf.get("dtype"))
-    for e in manifest.get("entries") or []:
+    for w in _items(manifest.get("weights")) + _items(_field(manifest.get("state"), "buffers")):
+        dtype(_field(w, "dtype"))
+    for leaf in _items(_field(manifest.get("example"), "leaves")):
+        dtype(_field(leaf, "dtype"))
+    for e in _items(manifest.get("entries")):
         if not isinstance(e, dict):
             continue
         if "extern_kernels" in e:
@@ -96,17 +102,17 @@ def v4_features(manifest: dict) -> list[str]:
         if isinstance(symbols, dict) and any(isinstance(r, list) and len(r) == 2 and r[1] is None
                                              for r in symbols.values()):
             note("a symbol without an upper bound")
-        for leaf in e.get("leaves") or []:
+        for leaf in _items(e.get("leaves")):
             if not isinstance(leaf, dict):
                 continue
             dtype(leaf.get("dtype"))
             if leaf.get("mutated") is not None:
                 note("an input the pack writes into (mutated)")
-            if any(isinstance(s, list) for s in leaf.get("sizes") or []) or \
-                    any(isinstance(s, list) and s and isinstance(s[0], list) for s in leaf.get("strides") or []):
+            if any(isinstance(s, list) for s in _items(leaf.get("sizes"))) or \
+                    any(isinstance(s, list) and s and isinstance(s[0], list) for s in _items(leaf.get("strides"))):
                 note("a size or stride that is a polynomial over the symbols")
-        for out in e.get("output_leaves") or []:
-            if isinstance(out, dict) and out.get("kind") == "scalar":
+        for out in _items(e.get("output_leaves")):
+            if _field(out, "kind") == "scalar":
                 note("an output that is a Python number (scalar)")
     return found
 
@@ -118,7 +124,7 @@ def version_for(manifest: dict) -> int:
         return BREADTH_FORMAT_VERSION
     if manifest.get("state"):
         return STATE_FORMAT_VERSION
-    if any(isinstance(e, dict) and e.get("device") == "cuda" for e in manifest.get("entries") or []):
+    if any(_field(e, "device") == "cuda" for e in _items(manifest.get("entries"))):
         return CUDA_FORMAT_VERSION
     return MIN_READ_VERSION
 
