@@ -23,11 +23,11 @@ from typing import Any
 import torch
 
 from .errors import ArchiveError
-from .format import DTYPES, field_of
+from .format import DTYPES, field_of, one_of
 from .symbolic import Poly, monomial_from_json, poly_from_json
 
-_DTYPE_BY_NAME = {name: getattr(torch, name) for name in DTYPES}
-_NAME_BY_DTYPE = {v: k for k, v in _DTYPE_BY_NAME.items()}
+DTYPE_BY_NAME = {name: getattr(torch, name) for name in DTYPES}
+_NAME_BY_DTYPE = {v: k for k, v in DTYPE_BY_NAME.items()}
 _INF = float("inf")
 NODE_TYPES = ("leaf", "none", "tuple", "list", "dict")
 _Tensor, _Parameter, _strided = torch.Tensor, torch.nn.Parameter, torch.strided
@@ -215,9 +215,7 @@ def leaf_from_json(obj: Any, where: str, symbols: dict) -> TensorGuard | ValueGu
         torch.device(device)
     except RuntimeError:
         raise ArchiveError(f"{where}.device {device!r} is not a device name") from None
-    dtype = field_of(obj, "dtype", str, where)
-    if dtype not in _DTYPE_BY_NAME:
-        raise ArchiveError(f"{where}.dtype is {dtype!r}; this reader knows {', '.join(DTYPES)}")
+    dtype = one_of(obj, "dtype", tuple(DTYPES), where)
     mutated = field_of(obj, "mutated", bool, where) if "mutated" in obj else False
     return TensorGuard(path, name, dtype, device, sizes, strides, field_of(obj, "requires_grad", bool, where),
                        mutated)
@@ -282,7 +280,7 @@ class EntryGuards:
                 exp_strides = tuple(g.strides[d] for d in stride_idx)
                 full_strides = len(stride_idx) == len(g.strides)
                 sym_strides = tuple((d, st) for d, st in enumerate(g.strides) if isinstance(st, Poly))
-                self._tensor_checks.append((i, _DTYPE_BY_NAME[g.dtype], _device_check(g.device), len(g.sizes),
+                self._tensor_checks.append((i, DTYPE_BY_NAME[g.dtype], _device_check(g.device), len(g.sizes),
                                             tuple(g.sizes), stride_idx, exp_strides, full_strides, sym_strides))
             else:
                 self._value_checks.append((i, VALUE_TYPES[g.type], g.value))

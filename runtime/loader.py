@@ -27,8 +27,8 @@ from .archive import Archive
 from .devices import CudaState, warn_cuda
 from .entries import CudaEntry, Entry, check_entry, entry_from_manifest
 from .errors import ArchiveError, GuardError, SessionError
-from .format import DTYPES, Manifest, field_of
-from .guards import _DTYPE_BY_NAME, check_spec, rebuild
+from .format import DTYPES, Manifest, field_of, one_of
+from .guards import check_spec, rebuild
 from .sessions import PositionCheck, Session, StateTemplate
 from .weights import load_weights, prefetch as _prefetch, tensor_from_bytes
 
@@ -289,9 +289,7 @@ def check_example(m: Manifest) -> tuple[dict, list[dict]]:
         if field_of(leaf, "kind", str, where) == "value":
             leaves.append({"kind": "value", "value": leaf.get("value")})
             continue
-        dtype = field_of(leaf, "dtype", str, where)
-        if dtype not in _DTYPE_BY_NAME:
-            raise ArchiveError(f"{where}.dtype {dtype!r} is unknown")
+        dtype = one_of(leaf, "dtype", tuple(DTYPES), where)
         shape = tuple(field_of(leaf, "shape", list, where))
         strides = tuple(field_of(leaf, "strides", list, where))
         if len(strides) != len(shape) or not all(type(s) is int and 0 <= s < 2**48 for s in shape + strides):

@@ -27,7 +27,7 @@ import torch
 
 from .errors import ArchiveError, GuardError, SessionError
 from .format import PositionRule, StateRecord
-from .guards import TensorGuard, _DTYPE_BY_NAME
+from .guards import TensorGuard, DTYPE_BY_NAME
 from .weights import tensor_from_bytes
 
 if TYPE_CHECKING:
@@ -73,7 +73,7 @@ class StateTemplate:
         out = {}
         for r in self.records:
             init = self._initial[r.name]
-            dtype = _DTYPE_BY_NAME[r.dtype]
+            dtype = DTYPE_BY_NAME[r.dtype]
             if device.type == "cpu":
                 out[r.name] = _anonymous_zeros(dtype, r.shape) if init is None else init.clone()
             else:
@@ -219,7 +219,7 @@ class Session:
             raise SessionError(f"a state must hold exactly the pack's state buffers {sorted(records)}; got {got}")
         for name, t in state.items():
             r = records[name]
-            if not isinstance(t, torch.Tensor) or t.dtype != _DTYPE_BY_NAME[r.dtype] or tuple(t.shape) != r.shape:
+            if not isinstance(t, torch.Tensor) or t.dtype != DTYPE_BY_NAME[r.dtype] or tuple(t.shape) != r.shape:
                 got = f"{t.dtype}{list(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
                 raise SessionError(f"state buffer {name!r} must be {r.dtype}{list(r.shape)}, got {got}")
         with self._busy:

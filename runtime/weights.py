@@ -19,7 +19,7 @@ import weakref
 import torch
 
 from .archive import Archive
-from .guards import _DTYPE_BY_NAME
+from .guards import DTYPE_BY_NAME
 
 # madvise advice values (Linux): MADV_POPULATE_READ (5.14+) reads the pages and maps them into this process;
 # MADV_WILLNEED, the fallback, starts reading them into the page cache.
@@ -32,7 +32,7 @@ PREFETCH_CHUNK = 32 << 20
 
 def tensor_from_bytes(data: bytes | bytearray | memoryview, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
     """A tensor over ``data`` (little-endian, contiguous); no copy for a bytearray or writable view."""
-    tdtype = _DTYPE_BY_NAME[dtype]
+    tdtype = DTYPE_BY_NAME[dtype]
     if math.prod(shape) == 0:
         return torch.empty(shape, dtype=tdtype)
     buf = data if isinstance(data, (bytearray, memoryview)) else bytearray(data)

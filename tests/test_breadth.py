@@ -18,7 +18,7 @@ from aotpack_runtime import format as fmt
 from aotpack_runtime.archive import Archive
 from aotpack_runtime.describe import describe, render
 from aotpack_runtime.errors import ArchiveError, BuildError
-from aotpack_runtime.guards import _DTYPE_BY_NAME, EntryGuards, dtype_name, stored_dtype
+from aotpack_runtime.guards import DTYPE_BY_NAME, EntryGuards, dtype_name, stored_dtype
 
 
 def _entry(leaves: list, symbols: dict, names: list) -> EntryGuards:
@@ -117,7 +117,7 @@ def test_every_torch_dtype_is_stored_exactly_or_refused():
     assert set(fmt.DTYPES) == {n for n in stored.values() if n is not None}
     for d, name in stored.items():
         if name is not None:
-            assert _DTYPE_BY_NAME[name] is d and fmt.DTYPES[name] == torch.empty((), dtype=d).element_size()
+            assert DTYPE_BY_NAME[name] is d and fmt.DTYPES[name] == torch.empty((), dtype=d).element_size()
             assert dtype_name(d) == name
     assert stored[torch.complex32] == "complex32" and stored[torch.float8_e8m0fnu] is None
 
