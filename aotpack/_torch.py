@@ -289,6 +289,44 @@ def serial_small_kernels() -> Iterator[None]:
         CppKernel.decide_parallel_depth = original
 
 
+# The first torch series whose C++ wrapper keys its int-array cache by the writer's owner (see
+# ``stable_int_arrays``).
+INT_ARRAY_KEY_FIXED_IN = (2, 13)
+
+
+@contextlib.contextmanager
+def stable_int_arrays() -> Iterator[None]:
+    """Make the C++ wrapper's reuse of size and stride arrays independent of memory addresses (torch < 2.13).
+
+    The wrapper declares each size or stride list once (``static constexpr int64_t int_array_N[]``) and reuses
+    the declaration through a cache keyed by ``id(writeline)``. Before torch 2.13 every caller passes
+    ``self.wrapper_call.writeline``, a new bound method on each access, whose id is an address the previous
+    one may or may not have freed: whether a declaration is reused, and so the generated C++ and the .so,
+    followed the allocator, which the hash seed moves (``PYTHONHASHSEED`` 4 gave another pack than 1, 2 and 3
+    under torch 2.11). Torch 2.13 keys by the bound method's owner instead; this is the same key for the
+    older series."""
+    if torch_version() >= INT_ARRAY_KEY_FIXED_IN:
+        yield
+        return
+    from torch._inductor.codegen.cpp_wrapper_cpu import CppWrapperCpu
+
+    original = CppWrapperCpu.codegen_int_array_var
+
+    def codegen_int_array_var(self, int_array, writeline, known_statically=False, graph=None):
+        owner = getattr(writeline, "__self__", writeline)
+        key = (int_array, id(owner), known_statically, id(graph) if graph else None)
+        cache = self.codegen_int_array_var_cache
+        if key not in cache:
+            cache[key] = self._codegen_int_array_var_impl(int_array, writeline, known_statically)
+        return cache[key]
+
+    CppWrapperCpu.codegen_int_array_var = codegen_int_array_var
+    try:
+        yield
+    finally:
+        CppWrapperCpu.codegen_int_array_var = original
+
+
 def build_prefixes(root: str) -> list[tuple[str, str]]:
     """(host folder, fixed name) pairs that the compiler writes into code in place of host paths (through
     ``__FILE__`` in torch's headers and the generated sources): the Python installation, torch's folder and

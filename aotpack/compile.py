@@ -83,7 +83,7 @@ def build_environment(root: str, options: BuildOptions, config: dict, parallel: 
     config["cpp.cxx"] = (_torch.compiler_wrapper(os.path.join(toolchain, "bin"), compiler,
                                                  _torch.compiler_march(options.cpu_isa)),)
     with _torch.private_build_dirs(root), _torch.precompiled_header_dir(os.path.join(toolchain, "pch")), \
-            _torch.pinned_vec_isa(options.cpu_isa), _torch.serial_small_kernels(), \
+            _torch.pinned_vec_isa(options.cpu_isa), _torch.serial_small_kernels(), _torch.stable_int_arrays(), \
             _torch.object_compiles(parallel, None if objects is None else _reuse_objects(objects, root)):
         yield config
 

@@ -502,3 +502,32 @@ def test_runner_finds_the_proxy_executor_description(tmp_path):
     # torch 2.13 and later say why; 2.11 and 2.12 only that the call failed
     with pytest.raises(RuntimeError, match=r"Unable to find a proxy executor|run_func_\(.*API call failed"):
         rt_torch.run(runner, [x])
+
+
+def test_stable_int_arrays_keys_the_cache_by_the_writer():
+    """The C++ wrapper reuses an int array's declaration through ``codegen_int_array_var``'s cache: with the
+    patch (or torch 2.13's own key) two bound methods of one buffer are one writer, whatever their
+    addresses. The bound methods are kept alive so that each has another address."""
+    import itertools
+
+    from torch._inductor.codegen.cpp_wrapper_cpu import CppWrapperCpu
+    from torch._inductor.utils import IndentedBuffer
+
+    class Wrapper:  # the two attributes the method reads, as the real wrapper has them
+        def __init__(self):
+            self.codegen_int_array_var_cache = {}
+            self.ids = itertools.count()
+
+        def _codegen_int_array_var_impl(self, int_array, writeline, known_statically):
+            var = f"int_array_{next(self.ids)}"
+            writeline(f"static constexpr int64_t {var}[] = {int_array};")
+            return var
+
+    wrapper, buf, writers = Wrapper(), IndentedBuffer(), []
+    with build_torch.stable_int_arrays():
+        for _ in range(20):
+            writers.append(buf.writeline)
+            assert CppWrapperCpu.codegen_int_array_var(wrapper, "{2L, 12L, 1L}", writers[-1]) == "int_array_0"
+    assert buf.getvalue().count("int_array_") == 1
+    if build_torch.torch_version() < build_torch.INT_ARRAY_KEY_FIXED_IN:
+        assert CppWrapperCpu.codegen_int_array_var.__module__ == CppWrapperCpu.__module__  # restored
