@@ -15,7 +15,7 @@ sha256 of those inputs, computed after capture and before compile:
 
 A hit copies the cached pack to the output (hashing it on the way: a damaged entry is dropped and the build
 compiles instead). The cache is a folder (``$AOTPACK_BUILD_CACHE/packs``, beside the toolchain folder of
-``compile.toolchain_dir``): every file is written under a temporary name and renamed into place, so several
+``toolchain.toolchain_dir``): every file is written under a temporary name and renamed into place, so several
 builds, on one host or on many sharing the folder, may write the same entry at once.
 """
 from __future__ import annotations

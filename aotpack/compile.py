@@ -31,7 +31,7 @@ from aotpack_runtime import _torch as rt_torch
 from aotpack_runtime.devices import EXTERN_KERNELS_FILE, LIBRARY_FILE
 from aotpack_runtime.errors import AotpackError, BuildError, CaptureError
 
-from . import _torch, buildcache
+from . import _torch, buildcache, toolchain
 from .capture import Captured
 from .memory import peak_rss
 from .options import BuildOptions
@@ -78,11 +78,11 @@ def build_environment(root: str, options: BuildOptions, config: dict, parallel: 
     if compiler is None:
         raise BuildError(f"no C++ compiler: {os.environ.get('CXX', 'g++')!r} is not on PATH; install g++ "
                          "(Debian/Ubuntu: apt-get install g++) or set CXX")
-    toolchain = toolchain_dir()
+    toolchain_folder = toolchain.toolchain_dir()
     config = dict(config)
-    config["cpp.cxx"] = (_torch.compiler_wrapper(os.path.join(toolchain, "bin"), compiler,
-                                                 _torch.compiler_march(options.cpu_isa)),)
-    with _torch.private_build_dirs(root), _torch.precompiled_header_dir(os.path.join(toolchain, "pch")), \
+    config["cpp.cxx"] = (toolchain.compiler_wrapper(os.path.join(toolchain_folder, "bin"), compiler,
+                                                    _torch.compiler_march(options.cpu_isa)),)
+    with toolchain.private_build_dirs(root), _torch.precompiled_header_dir(os.path.join(toolchain_folder, "pch")), \
             _torch.pinned_vec_isa(options.cpu_isa), _torch.serial_small_kernels(), _torch.stable_int_arrays(), \
             _torch.object_compiles(parallel, None if objects is None else _reuse_objects(objects, root)):
         yield config
@@ -109,8 +109,8 @@ def _reuse_objects(cache: buildcache.BuildCache, root: str) -> Callable:
         texts = []
         for source in sources:
             with open(source, encoding="utf-8", errors="surrogateescape") as f:
-                texts.append(normalize_source(f.read(), root))
-        key = buildcache.key_of({"object": {"command": normalize_source(command, root), "sources": texts},
+                texts.append(toolchain.normalize_source(f.read(), root))
+        key = buildcache.key_of({"object": {"command": toolchain.normalize_source(command, root), "sources": texts},
                                  "toolchain": toolchain})
         if cache.fetch(key, target) is not None:
             return None
@@ -119,12 +119,6 @@ def _reuse_objects(cache: buildcache.BuildCache, root: str) -> Callable:
         return None
 
     return around
-
-
-def toolchain_dir() -> str:
-    """Where builds keep what they share on this host: the compiler wrapper and precompiled headers
-    (``$AOTPACK_BUILD_CACHE/toolchain``, beside the build cache's ``packs``; see ``buildcache``)."""
-    return os.path.join(buildcache.default_root(), "toolchain")
 
 
 def entry_config(options: BuildOptions, device: str, stateful: bool = False) -> dict:
@@ -137,31 +131,6 @@ def entry_config(options: BuildOptions, device: str, stateful: bool = False) -> 
         if options.without_gpu:
             config.update(_torch.NO_GPU_INDUCTOR_CONFIG)
     return config
-
-
-def compiler_version() -> str:
-    """The C++ compiler Inductor will call, as ``g++ 12.2.0`` (recorded in the manifest)."""
-    cxx = os.environ.get("CXX", "g++")
-    try:
-        out = subprocess.run([cxx, "-dumpfullversion", "-dumpversion"], capture_output=True, text=True,
-                             timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        raise BuildError(f"no C++ compiler: {cxx!r} cannot be run; install g++ (Debian/Ubuntu: "
-                         "apt-get install g++) or set CXX") from None
-    return f"{os.path.basename(cxx)} {out.stdout.strip()}"
-
-
-def normalize_source(text: str, root: str) -> str:
-    """Replace build-host paths in generated source (the compile commands Inductor appends as comments)
-    with placeholders: the scratch folder, torch's and Python's folders, and the toolchain folder's compiler
-    wrapper and precompiled headers (whose names hash host paths)."""
-    toolchain = toolchain_dir()
-    text = re.sub(re.escape(toolchain) + r"/bin/[0-9a-f]+/g\+\+", "g++", text)
-    text = re.sub(re.escape(toolchain) + r"/pch/[a-z0-9]+\.h", "<precompiled header>", text)
-    placeholders = {"/aotpack/build": "<build>", "/aotpack/torch": "<torch>", "/aotpack/python": "<python>"}
-    for host, fixed in reversed(_torch.build_prefixes(root)):  # most specific first
-        text = text.replace(host, placeholders[fixed])
-    return text.replace("/aotpack/build", "<build>")  # what the compiler wrapper already replaced
 
 
 def compile_entries(captured: list[Captured], options: BuildOptions,
@@ -329,7 +298,7 @@ def compile_cuda(exported, options: BuildOptions, parallel: bool = False, statef
                                                   parallel) as config:
         home = cudabuild.cuda_home()
         if home:
-            config.update(_torch.fatbin_config(os.path.join(toolchain_dir(), "bin"), os.path.join(home, "bin", "nvcc"),
+            config.update(toolchain.fatbin_config(os.path.join(toolchain.toolchain_dir(), "bin"), os.path.join(home, "bin", "nvcc"),
                                                archs))
         stub = cudabuild.libcuda_stub(os.path.join(root, "libcuda-stub"), home) if options.without_gpu else None
         package = os.path.join(root, "entry.pt2")
@@ -411,9 +380,9 @@ def _unpack(package: str, root: str) -> tuple[bytes, dict, dict, bytes | None]:
                     raise BuildError("Inductor produced more than one shared object for one graph")
                 library = z.read(info)
             elif name.endswith(".wrapper.cpp"):
-                sources["wrapper.cpp"] = normalize_source(z.read(info).decode(), root).encode()
+                sources["wrapper.cpp"] = toolchain.normalize_source(z.read(info).decode(), root).encode()
             elif name.endswith(".kernel.cpp"):
-                sources["kernel.cpp"] = normalize_source(z.read(info).decode(), root).encode()
+                sources["kernel.cpp"] = toolchain.normalize_source(z.read(info).decode(), root).encode()
             elif name.endswith(".wrapper.json"):
                 extern = z.read(info)
     if library is None:

@@ -18,7 +18,7 @@ from aotpack_runtime.format import DTYPES
 from aotpack_runtime.guards import EntryGuards, dtype_name, stored_dtype
 from aotpack_runtime.platform import KNOWN_FLAGS, host_cpu_flags, host_machine, torch_minor
 
-from . import __version__, _torch, buildcache, capture, compile, guards, package, state
+from . import __version__, _torch, buildcache, capture, compile, guards, package, state, toolchain
 from .memory import peak_rss, reset_peak_rss
 from .options import BuildOptions
 
@@ -350,7 +350,7 @@ def build_key(model: Any, example_inputs: tuple, *, example_kwargs: dict | None 
                                                          specializations, options, stages, cache_positions)
     example_blobs: list[package.Blob] = []
     example = _example_record(entries[0][0], example_blobs)
-    return cache_key(entries, options, example, example_blobs, compile.compiler_version(), state_names, positions)
+    return cache_key(entries, options, example, example_blobs, toolchain.compiler_version(), state_names, positions)
 
 
 def _build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, example_kwargs: dict | None,
@@ -362,7 +362,7 @@ def _build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, exa
     example_kwargs = dict(example_kwargs or {})
     report = BuildReport(output=pathlib.Path(output))
     stages = _Stages(progress, report)
-    compiler = compile.compiler_version()
+    compiler = toolchain.compiler_version()
     entries, state_names, positions = _capture_and_guard(model, example_inputs, example_kwargs, dynamic_shapes,
                                                          specializations, options, stages, cache_positions)
     example_blobs: list[package.Blob] = []

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from aotpack import _torch as build_torch
+from aotpack import toolchain
 from aotpack_runtime import _torch as rt_torch
 
 
@@ -127,7 +128,7 @@ def test_without_cpp_march_the_compiler_wrapper_sets_the_target(tmp_path):
     assert march == "x86-64-v3" and "cpp.march" not in build_torch.inductor_options("avx2", 16)
     flags, _ = cpp_builder._get_optimization_cflags("g++")  # the private function that adds -march=native
     assert "march=native" in flags
-    wrapper = build_torch.compiler_wrapper(str(tmp_path / "bin"), shutil.which("g++"), march)
+    wrapper = toolchain.compiler_wrapper(str(tmp_path / "bin"), shutil.which("g++"), march)
     out = subprocess.run([wrapper, "-march=native", "-Q", "--help=target", "-x", "c++", "/dev/null"],
                          capture_output=True, text=True, check=True).stdout
     picked = {line.split()[0]: line.split()[-1] for line in out.splitlines() if line.strip().startswith(("-march=",
@@ -141,9 +142,9 @@ def test_fatbin_config_adds_sass_for_each_arch_before_2_13(tmp_path):
     fake_nvcc = tmp_path / "nvcc"
     fake_nvcc.write_text('#!/bin/sh\necho "$@"\n')
     fake_nvcc.chmod(0o755)
-    config = build_torch.fatbin_config(str(tmp_path / "bin"), str(fake_nvcc), (80, 86, 90))
-    assert build_torch.fatbin_config(str(tmp_path / "bin"), str(fake_nvcc), (90,)) == {}
-    assert build_torch.fatbin_config(str(tmp_path / "bin"), str(fake_nvcc), (90, 100)) == {}  # sm_90a: no others
+    config = toolchain.fatbin_config(str(tmp_path / "bin"), str(fake_nvcc), (80, 86, 90))
+    assert toolchain.fatbin_config(str(tmp_path / "bin"), str(fake_nvcc), (90,)) == {}
+    assert toolchain.fatbin_config(str(tmp_path / "bin"), str(fake_nvcc), (90, 100)) == {}  # sm_90a: no others
     if build_torch.torch_version() >= (2, 13):
         assert config == {}
         return
@@ -177,17 +178,6 @@ def test_program_copy_is_independent_and_keeps_names():
     c.state_dict["0.weight"].data.zero_()
     assert ep.state_dict["0.weight"].abs().sum() > 0
     assert c.graph is not ep.graph and c.state_dict is not ep.state_dict
-
-
-def test_private_build_dirs_restores_environment(tmp_path, monkeypatch):
-    import os
-    import tempfile
-
-    monkeypatch.setenv("TMPDIR", "/somewhere")
-    with build_torch.private_build_dirs(str(tmp_path)):
-        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "inductor")
-        assert tempfile.gettempdir() == str(tmp_path / "tmp")
-    assert os.environ["TMPDIR"] == "/somewhere"
 
 
 def test_save_and_load_exported(tmp_path):
@@ -287,27 +277,6 @@ def test_precompiled_header_dir_is_a_module_global(tmp_path):
         assert codecache._HEADER_DIR == str(tmp_path)
         assert codecache._HEADER_LOCK_DIR == str(tmp_path / "locks")
     assert (codecache._HEADER_DIR, codecache._HEADER_LOCK_DIR) == before
-
-
-def test_compiler_wrapper_maps_host_paths(tmp_path):
-    """The wrapper Inductor calls as its compiler adds -ffile-prefix-map for Python, torch and the build
-    folder (from the environment), so __FILE__ names no host path; its path is the same for every build."""
-    import os
-    import shutil
-    import subprocess
-
-    wrapper = build_torch.compiler_wrapper(str(tmp_path / "bin"), shutil.which("g++"))
-    assert wrapper == build_torch.compiler_wrapper(str(tmp_path / "bin"), shutil.which("g++"))
-    assert os.path.basename(wrapper) == "g++"  # Inductor recognises GCC by the name
-    root = tmp_path / "scratch-folder"
-    root.mkdir()
-    (root / "f.cpp").write_text('const char* where() { return __FILE__; }\n'
-                                f'const char* kernel() {{ return "{root}/k.fatbin"; }}\n')
-    env = dict(os.environ, **{build_torch.BUILD_ROOT_ENV: str(root)})
-    subprocess.run([wrapper, "-c", str(root / "f.cpp"), "-o", str(root / "f.o")], check=True, env=env)
-    data = (root / "f.o").read_bytes()
-    assert b"/aotpack/build/f.cpp" in data and b"/aotpack/build/k.fatbin" in data  # __FILE__ and a literal
-    assert str(root).encode() not in data
 
 
 def test_graph_text_is_the_graph_without_metadata_or_weights():
