@@ -99,7 +99,7 @@ def _reuse_objects(cache: buildcache.BuildCache, root: str) -> Callable:
     does not hold them), aotpack's own files (the wrapper's flags) and the toolchain's versions (torch's
     headers, the compiler, the C library). A model whose weights change keeps its generated code, so only
     Inductor's code generation runs again."""
-    toolchain = buildcache.toolchain(("cpu",))
+    versions = buildcache.toolchain(("cpu",))
 
     def around(run: Callable[[], None], builder) -> None:
         found = _torch.object_build(builder)
@@ -111,7 +111,7 @@ def _reuse_objects(cache: buildcache.BuildCache, root: str) -> Callable:
             with open(source, encoding="utf-8", errors="surrogateescape") as f:
                 texts.append(toolchain.normalize_source(f.read(), root))
         key = buildcache.key_of({"object": {"command": toolchain.normalize_source(command, root), "sources": texts},
-                                 "toolchain": toolchain})
+                                 "toolchain": versions})
         if cache.fetch(key, target) is not None:
             return None
         run()

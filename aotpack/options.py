@@ -4,10 +4,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from aotpack_runtime.errors import BuildError
+from aotpack_runtime.format import CPU_ISAS, DEVICES
 from aotpack_runtime.platform import ISA_FLAGS, host_cpu_flags, host_machine
 
-CPU_ISAS = ("x86-64", "avx2", "avx512", "native")
-DEVICES = ("cpu", "cuda")
 DEFAULT_CPU_THREADS = 16
 MAX_CPU_THREADS = 1024
 

@@ -21,6 +21,7 @@ import aotpack_runtime as rt
 from aotpack_runtime.archive import Archive
 from aotpack_runtime.describe import describe, render
 from aotpack_runtime.errors import ModelFileError
+from aotpack_runtime.format import CPU_ISAS, DEVICES
 
 
 def _version_text() -> str:
@@ -75,13 +76,13 @@ def _plain_warnings() -> None:
 @cli.command()
 @click.argument("target", metavar="FILE.py[:NAME]")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Path of the pack to write.")
-@click.option("--cpu-isa", type=click.Choice(["x86-64", "avx2", "avx512", "native"]), default=None,
+@click.option("--cpu-isa", type=click.Choice(CPU_ISAS), default=None,
               help="Instruction set of the CPU code (default: avx2 where the host has it, else x86-64).")
 @click.option("--dynamic", "dynamic", multiple=True, metavar="INPUT:DIM=[NAME:]MIN..[MAX]",
               help="Make a dimension dynamic, e.g. x:0=1..64, x:0=batch:1..64, or x:0=2.. for no upper bound (the "
                    "same NAME on several inputs means equal sizes). Repeatable; replaces the file's "
                    "dynamic_shapes.")
-@click.option("--device", "devices", multiple=True, type=click.Choice(["cpu", "cuda"]),
+@click.option("--device", "devices", multiple=True, type=click.Choice(DEVICES),
               help="Kind of entries to build: cpu (default), cuda, or both (--device cpu --device cuda); "
                    "CUDA needs the CUDA build of torch.")
 @click.option("--cuda-arch", "cuda_archs", multiple=True, metavar="ARCHS",
