@@ -36,6 +36,7 @@ from importlib import metadata
 from typing import Any
 
 from aotpack_runtime.errors import AotpackWarning, BuildError
+from aotpack_runtime.format import canonical_json
 
 # Bumped when the key's recipe changes, so that entries made by another recipe are never found.
 KEY_VERSION = 1
@@ -46,10 +47,6 @@ def default_root() -> str:
     """``$AOTPACK_BUILD_CACHE``, else ``$XDG_CACHE_HOME/aotpack/build``, else ``~/.cache/aotpack/build``."""
     return os.environ.get("AOTPACK_BUILD_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "aotpack", "build")
-
-
-def canonical(obj: Any) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
 
 
 def digest(data: bytes) -> str:
@@ -133,7 +130,7 @@ def tensor_record(t, sha256: str) -> dict:
 
 def key_of(material: dict) -> str:
     """The key: sha256 of the canonical JSON of the key material."""
-    return digest(canonical({"key_version": KEY_VERSION, **material}))
+    return digest(canonical_json({"key_version": KEY_VERSION, **material}))
 
 
 @dataclass(frozen=True)
@@ -250,7 +247,7 @@ class BuildCache:
             os.replace(tmp, path)
             record = dict(meta, key=key, sha256=h.hexdigest(), size=size, created=time.time())
             meta_tmp = path.parent / f".{key[:16]}.{token}.json.tmp"
-            meta_tmp.write_bytes(canonical(record))
+            meta_tmp.write_bytes(canonical_json(record))
             os.replace(meta_tmp, meta_path)
         except OSError as e:
             for leftover in path.parent.glob(f".{key[:16]}.{token}*"):

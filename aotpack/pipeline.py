@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from aotpack_runtime.errors import BuildError, CaptureError
-from aotpack_runtime.format import DTYPES
+from aotpack_runtime.format import DTYPES, canonical_json
 from aotpack_runtime.guards import EntryGuards, dtype_name, stored_dtype
 from aotpack_runtime.platform import KNOWN_FLAGS, host_cpu_flags, host_machine, torch_minor
 
@@ -277,9 +277,9 @@ def cache_key(entries: list, options: BuildOptions, example: dict, example_blobs
             # became of each output (a number, a constant) is in the guards' record.
             graphs[id(captured)] = buildcache.digest(_torch.graph_text(compile.for_inductor(captured.exported)))
         records.append({"graph": graphs[id(captured)], "guards": g.to_json(), "device": device})
-    example_digest = buildcache.digest(buildcache.canonical(example) + b"".join(
+    example_digest = buildcache.digest(canonical_json(example) + b"".join(
         buildcache.digest(b.data).encode() for b in example_blobs))
-    configs = {d: buildcache.digest(buildcache.canonical(_torch.effective_config(
+    configs = {d: buildcache.digest(canonical_json(_torch.effective_config(
         compile.entry_config(options, d, bool(state_names))))) for d in options.devices}
     material = {"entries": records, "weights": _tensor_records(entries), "example": example_digest,
                 "frozen": {"training": entries[0][0].training}, "options": options.to_json(),
