@@ -531,3 +531,62 @@ def test_stable_int_arrays_keys_the_cache_by_the_writer():
     assert buf.getvalue().count("int_array_") == 1
     if build_torch.torch_version() < build_torch.INT_ARRAY_KEY_FIXED_IN:
         assert CppWrapperCpu.codegen_int_array_var.__module__ == CppWrapperCpu.__module__  # restored
+
+
+def _export_error(model, args, dynamic_shapes) -> str:
+    with build_torch.quiet_capture_logs():
+        try:
+            build_torch.export_strict(model, args, {}, dynamic_shapes)
+        except Exception as e:  # torch.export's own error, whose text aotpack reads
+            return str(e)
+    raise AssertionError("the export did not fail")
+
+
+class _FixesRows(torch.nn.Module):
+    def forward(self, x):
+        return x.reshape(32, -1)  # fixes the rows
+
+
+def test_constraint_violation_text_gives_symbol_reason_and_user_stack():
+    from torch.export import Dim
+
+    text = _export_error(_FixesRows(), (torch.randn(32, 4),), {"x": {0: Dim("rows", min=2, max=64)}})
+    v = build_torch.constraint_violation(text)
+    assert v.symbols == ("rows",)
+    assert v.reasons == ("You marked rows as dynamic but your code specialized it to be a constant (32)",)
+    assert v.stack[-1] == (__file__, next(i for i, line in enumerate(open(__file__), 1) if "# fixes the rows" in line),
+                           "return x.reshape(32, -1)  # fixes the rows")
+    assert build_torch.constraint_violation("64 not in range [2, 8]") is None
+
+
+def test_range_violation_text():
+    from torch.export import Dim
+
+    text = _export_error(torch.nn.Linear(4, 3), (torch.randn(64, 4),), {"input": {0: Dim("b", min=1, max=8)}})
+    assert build_torch.range_violation(text) == (64, 2, 8)  # torch reports 2 where the Dim says 1
+    text = _export_error(torch.nn.Linear(4, 3), (torch.randn(3, 4),), {"input": {0: Dim("b", min=4)}})
+    assert build_torch.range_violation(text) == (3, 4, None)
+
+
+def test_quiet_capture_logs_silences_the_capture_loggers_and_restores_them(capfd):
+    import logging
+
+    from torch.export import Dim
+
+    assert all(not logging.getLogger(n).disabled for n in build_torch.CAPTURE_LOGGERS)
+    _export_error(_FixesRows(), (torch.randn(32, 4),), {"x": {0: Dim("rows", min=2, max=64)}})
+    assert capfd.readouterr().err == ""
+    assert all(not logging.getLogger(n).disabled for n in build_torch.CAPTURE_LOGGERS)
+
+
+def test_dim_spec_reads_every_kind_of_dim():
+    from torch.export import Dim
+
+    dx = Dim("dx", min=2, max=32)
+    assert build_torch.dim_spec(dx) == build_torch.DimSpec("dim", name="dx", low=2, high=32, text="dx")
+    derived = build_torch.dim_spec(dx + 1)
+    assert (derived.kind, derived.name, derived.low, derived.high, derived.fn(4), derived.text) == \
+        ("derived", "dx", 3, 33, 5, "dx + 1")
+    assert build_torch.dim_spec(Dim("n")).high is None
+    assert [build_torch.dim_spec(d).kind for d in (Dim.AUTO, Dim.DYNAMIC, Dim.STATIC, None, 8)] == \
+        ["auto", "dynamic", "static", "static", "size"]
