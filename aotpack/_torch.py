@@ -19,6 +19,8 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.utils._pytree as pytree
 
+from .buildcache import PRECOMPILED_SUFFIX
+
 # The name Inductor gives its generated files instead of a hash of their content and compile command (the
 # command names the torch install folder, and the file name ends up in the code through __FILE__).
 GENERATED_NAME = "model"
@@ -540,15 +542,27 @@ def fatbin_config(folder: str, nvcc: str, archs: tuple[int, ...]) -> dict[str, A
 def precompiled_header_dir(folder: str) -> Iterator[None]:
     """Keep Inductor's precompiled headers in ``folder`` (its default is a fixed folder in /tmp, chosen at
     import and ignoring TORCHINDUCTOR_CACHE_DIR). Their names are hashes of the header's preprocessed text,
-    the compile command and the compiler version, so builds with the same toolchain share them."""
+    the compile command and the compiler version, so builds with the same toolchain share them. Each header
+    a compile uses gets its modification time set to now (``codecache._precompile_header`` returns its
+    path), so that ``aotpack cache prune`` can tell the headers in use from the stale ones."""
     from torch._inductor import codecache
 
-    saved = codecache._HEADER_DIR, codecache._HEADER_LOCK_DIR
+    saved = codecache._HEADER_DIR, codecache._HEADER_LOCK_DIR, codecache._precompile_header
+    original = codecache._precompile_header
+
+    def precompile_and_record(*args, **kwargs):
+        path = original(*args, **kwargs)
+        for used in (path + PRECOMPILED_SUFFIX, path):
+            with contextlib.suppress(OSError):
+                os.utime(used)
+        return path
+
     codecache._HEADER_DIR, codecache._HEADER_LOCK_DIR = folder, os.path.join(folder, "locks")
+    codecache._precompile_header = precompile_and_record
     try:
         yield
     finally:
-        codecache._HEADER_DIR, codecache._HEADER_LOCK_DIR = saved
+        codecache._HEADER_DIR, codecache._HEADER_LOCK_DIR, codecache._precompile_header = saved
 
 
 @contextlib.contextmanager

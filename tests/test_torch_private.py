@@ -280,13 +280,34 @@ def test_serial_small_kernels_patches_the_depth_decision():
 
 
 def test_precompiled_header_dir_is_a_module_global(tmp_path):
+    """The folder is codecache's module global, and codecache._precompile_header (a module global its callers
+    look up at each call) returns the header's path, whose precompiled file is the path plus ".gch": each
+    use sets the header's modification time (its last use, for cache prune)."""
+    import inspect
+    import os
+
     from torch._inductor import codecache
 
-    before = codecache._HEADER_DIR, codecache._HEADER_LOCK_DIR
-    with build_torch.precompiled_header_dir(str(tmp_path)):
-        assert codecache._HEADER_DIR == str(tmp_path)
-        assert codecache._HEADER_LOCK_DIR == str(tmp_path / "locks")
-    assert (codecache._HEADER_DIR, codecache._HEADER_LOCK_DIR) == before
+    from aotpack.buildcache import PRECOMPILED_SUFFIX
+
+    before = codecache._HEADER_DIR, codecache._HEADER_LOCK_DIR, codecache._precompile_header
+    assert list(inspect.signature(codecache._precompile_header).parameters)[:2] == ["header", "hashable_cmd_line"]
+    header = tmp_path / "c0ffee.h"
+    header.write_text("#include <x.h>\n")
+    (tmp_path / f"c0ffee.h{PRECOMPILED_SUFFIX}").write_bytes(b"precompiled")
+    for p in tmp_path.iterdir():
+        os.utime(p, (1000, 1000))
+    codecache._precompile_header = lambda header, hashable_cmd_line, **kw: str(tmp_path / "c0ffee.h")
+    try:
+        with build_torch.precompiled_header_dir(str(tmp_path)):
+            assert codecache._HEADER_DIR == str(tmp_path)
+            assert codecache._HEADER_LOCK_DIR == str(tmp_path / "locks")
+            assert codecache._precompile_header("x.h", "cmd") == str(header)
+        assert all(p.stat().st_mtime > 1000 for p in tmp_path.iterdir())
+        assert codecache._precompile_header("x.h", "cmd") == str(header)
+    finally:
+        codecache._precompile_header = before[2]
+    assert (codecache._HEADER_DIR, codecache._HEADER_LOCK_DIR, codecache._precompile_header) == before
 
 
 def test_compiler_wrapper_maps_host_paths(tmp_path):
