@@ -265,6 +265,11 @@ def dim_spec(d: Any) -> DimSpec:
 #   User stack:
 #     File "model.py", line 6, in forward
 #       return y.reshape(32, -1) * 2
+#   Suggested fixes:
+#     b = 32
+# (the user stack only where a line fixed the size; other reasons: "Not all values of b ... satisfy the
+# generated guard 17 <= L['x'].size()[0] ...", fixed by "b = Dim('b', min=17, max=64)"; "The values of c ...
+# and b ... must always be equal", fixed by "c = b")
 _VIOLATED = re.compile(r"Constraints violated \(([^)]*)\)!")
 _BULLET = re.compile(r"^\s+- (.+)$", re.M)
 _STACK_FRAME = re.compile(r'^\s+File "([^"]+)", line (\d+), in [^\n]*\n\s+([^\n]*)', re.M)
@@ -275,12 +280,13 @@ _NOT_IN_RANGE = re.compile(r"^(-?\d+) not in range \[(-?\d+), (-?\d+|int_oo|inf)
 @dataclass(frozen=True)
 class ConstraintViolation:
     """The useful part of torch's constraint violation text: the Dim names it is about, each reason (its
-    first sentence: "You marked b as dynamic but your code specialized it to be a constant (32)") and the
-    user stack, innermost frame last, as (file, line, code)."""
+    first sentence: "You marked b as dynamic but your code specialized it to be a constant (32)"), the user
+    stack, innermost frame last, as (file, line, code), and torch's suggested fixes ("b = 32")."""
 
     symbols: tuple[str, ...]
     reasons: tuple[str, ...]
     stack: tuple[tuple[str, int, str], ...]
+    fixes: tuple[str, ...] = ()
 
 
 def constraint_violation(text: str) -> ConstraintViolation | None:
@@ -293,7 +299,13 @@ def constraint_violation(text: str) -> ConstraintViolation | None:
                     for b in _BULLET.findall(text))
     stack_text = text.split("User stack:", 1)[1] if "User stack:" in text else ""
     stack = tuple((f, int(n), code.strip()) for f, n, code in _STACK_FRAME.findall(stack_text))
-    return ConstraintViolation(symbols=symbols, reasons=reasons, stack=stack)
+    fixes: list[str] = []
+    if "Suggested fixes:" in text:
+        for line in text.split("Suggested fixes:", 1)[1].splitlines()[1:]:
+            if not line.strip():
+                break
+            fixes.append(line.strip())
+    return ConstraintViolation(symbols=symbols, reasons=reasons, stack=stack, fixes=tuple(fixes))
 
 
 def range_violation(text: str) -> tuple[int, int, int | None] | None:

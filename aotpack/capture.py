@@ -269,10 +269,15 @@ def _violation_error(violation: "_torch.ConstraintViolation", dims: tuple[dynami
     frames = [traceback.FrameSummary(f, n, "", lookup_line=False, line=code) for f, n, code in violation.stack]
     frame = _user_frame(frames)
     where = (frame.filename, frame.lineno, frame.line) if frame is not None else (None, None, None)
-    return CaptureError(f"{'; '.join(subjects) or 'a dynamic dim'} is dynamic, but the model does not keep it so: "
-                        f"{'; '.join(violation.reasons)}", filename=where[0], lineno=where[1], code=where[2],
-                        hint="make that dim static (leave it out of dynamic_shapes / --dynamic), or change the "
-                             "line so it does not fix the size (e.g. reshape(-1, ...) instead of a literal size)")
+    if not violation.fixes or any(re.fullmatch(r"\w+ = \d+", f) for f in violation.fixes):
+        hint = ("make that dim static (leave it out of dynamic_shapes / --dynamic), or change the line so it does "
+                "not fix the size (e.g. reshape(-1, ...) instead of a literal size)")
+    else:
+        hint = (f"change dynamic_shapes as torch suggests: {'; '.join(violation.fixes)} (with --dynamic: the range "
+                "that Dim names, or one NAME: for dims that must be equal)")
+    return CaptureError(f"{'; '.join(subjects) or 'a dynamic dim'}: the model does not take it as dynamic_shapes "
+                        f"gives it: {'; '.join(violation.reasons)}", filename=where[0], lineno=where[1],
+                        code=where[2], hint=hint)
 
 
 _FRAME = re.compile(r'File "([^"]+)", line (\d+), in [^\n]*\n\s*([^\n]*)')

@@ -113,7 +113,8 @@ def test_a_dim_the_model_fixes_is_one_error_with_the_reason_and_the_line(capfd):
         capture(FixesBatch(), (torch.randn(32, 4),), dynamic_shapes=parse_dynamic(["x:0=batch:2..64"]))
     e = info.value
     assert e.filename == __file__ and e.lineno == _line_of("# fixes dim 0")
-    assert e.reason.startswith("input 'x' (args[0]) dim 0 (batch, 2..64) is dynamic")
+    assert e.reason.startswith("input 'x' (args[0]) dim 0 (batch, 2..64): the model does not take it as "
+                               "dynamic_shapes gives it")
     assert "specialized it to be a constant (32)" in e.reason
     assert "reshape(32, -1)" in str(e)
     out, err = capfd.readouterr()
@@ -121,3 +122,23 @@ def test_a_dim_the_model_fixes_is_one_error_with_the_reason_and_the_line(capfd):
     import logging
 
     assert not logging.getLogger("torch._guards").disabled  # silenced for the capture only
+
+
+class Branches(nn.Module):
+    def forward(self, x):
+        if x.shape[0] > 16:
+            return x * 2
+        return x
+
+
+def test_a_range_the_model_narrows_or_dims_it_makes_equal_carry_torchs_suggested_fix():
+    with pytest.raises(aotpack.CaptureError) as info:
+        capture(Branches(), (torch.randn(32, 4),), dynamic_shapes=parse_dynamic(["x:0=2..64"]))
+    assert info.value.reason.startswith("input 'x' (args[0]) dim 0 (x_0, 2..64): the model does not take it")
+    assert "x_0 = Dim('x_0', min=17, max=64)" in info.value.hint
+    with pytest.raises(aotpack.CaptureError) as info:
+        capture(lambda x, y: x + y, (torch.randn(4, 3), torch.randn(4, 3)),
+                dynamic_shapes=parse_dynamic(["x:0=2..64", "y:0=2..64"]))
+    assert info.value.reason.startswith("input 'y' (args[1]) dim 0 (y_0, 2..64)") and "must always be equal" in \
+        info.value.reason
+    assert "y_0 = x_0" in info.value.hint

@@ -577,6 +577,7 @@ def test_constraint_violation_text_gives_symbol_reason_and_user_stack():
     assert v.reasons == ("You marked rows as dynamic but your code specialized it to be a constant (32)",)
     assert v.stack[-1] == (__file__, next(i for i, line in enumerate(open(__file__), 1) if "# fixes the rows" in line),
                            "return x.reshape(32, -1)  # fixes the rows")
+    assert v.fixes == ("rows = 32",)
     assert build_torch.constraint_violation("64 not in range [2, 8]") is None
 
 
