@@ -147,8 +147,8 @@ def _tensor(name: str, t: torch.Tensor, spec: Any, path: str, found: list[Dynami
         parsed = _torch.dim_spec(d)
         if type(dim) is not int or not 0 <= dim < rank:
             dims = f"dims 0 to {rank - 1}" if rank > 1 else "dim 0" if rank == 1 else "no dims (a 0-d tensor)"
-            raise CaptureError(f"dynamic_shapes makes dim {dim!r} of input {name!r} ({path}) dynamic ({given(parsed)}), "
-                               f"but the example is {_shape(t)}: it has {dims}",
+            raise CaptureError(f"dynamic_shapes makes dim {dim!r} of input {name!r} ({path}) dynamic "
+                               f"({given(parsed)}), but the example is {_shape(t)}: it has {dims}",
                                hint="name a dim the input has, counting from 0 (a dim past the rank would be "
                                     "ignored and the pack built static)")
         if parsed.kind == "static" or parsed.kind == "unknown":

@@ -71,8 +71,8 @@ def test_matrix_errors_say_where_and_what(tmp_path, text, message):
 
 
 def test_every_mistake_in_a_matrix_is_reported_in_one_run(tmp_path):
-    text = (f'top = 1\n[[model]]\nfile = "nothere.py"\ndynamic = ["x0=1..4"]\n[[model]]\nfile = "{DATA / "tiny_a.py"}"\n'
-            f'name = "a b"\n[[model]]\nfile = "{DATA / "tiny_a.py"}"\n[[model]]\nfile = "{DATA / "tiny_a.py"}"\n'
+    text = (f'top = 1\n[[model]]\nfile = "nothere.py"\ndynamic = ["x0=1..4"]\n'
+            f'[[model]]\nfile = "{DATA / "tiny_a.py"}"\nname = "a b"\n[[model]]\nfile = "{DATA / "tiny_a.py"}"\n[[model]]\nfile = "{DATA / "tiny_a.py"}"\n'
             '[[target]]\ncpu_isa = "sse9"\ncpu_threads = 0\ndevices = ["tpu"]\n[[target]]\nisa = "avx2"\n')
     with pytest.raises(MatrixError) as e:
         load_matrix(_matrix(tmp_path, text))
