@@ -48,7 +48,7 @@ def parse_json(raw: bytes) -> Any:
 
 def _tensor(value: Any, dtype: str, where: str) -> torch.Tensor:
     try:
-        return torch.tensor(value, dtype=DTYPES.get(dtype) or DTYPE_BY_NAME[dtype])
+        return torch.tensor(value, dtype=DTYPE_BY_NAME[dtype])  # a request names one of DTYPES; a guard, any
     except (TypeError, ValueError, RuntimeError, OverflowError) as e:
         raise BadRequest(f"{where}: cannot make a {dtype} tensor from this value: {e}") from None
 
