@@ -8,7 +8,8 @@ when ``sign`` is.
 from __future__ import annotations
 
 import pathlib
-from typing import Any
+import sys
+from typing import Any, Callable
 
 __version__ = "0.1.0"
 
@@ -45,7 +46,9 @@ def build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, exam
     ``~/.cache/aotpack/build``, a path picks another folder, ``False`` always compiles. A pack is reused only
     when everything that decides its bytes is the same (graph, weights, example inputs, options, toolchain),
     so the cache changes how long a build takes, never what it writes.
-    ``progress`` is called with one line of text per build event (default: silent).
+    ``progress`` says where the build's progress goes, one line per stage and event as the CLI prints them:
+    ``None`` (default) to stderr when stderr is a terminal, else nowhere; ``True`` to stderr always; ``False``
+    nowhere; a function is called with each line.
     Returns the path of the written pack.
     """
     from .buildcache import BuildCache
@@ -56,10 +59,25 @@ def build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, exam
     options = BuildOptions(cpu_isa=cpu_isa, devices=tuple(devices), cuda_archs=archs, without_gpu=without_gpu,
                            cpu_threads=DEFAULT_CPU_THREADS if cpu_threads is None else cpu_threads)
     report = _build(model, example_inputs, output, example_kwargs=example_kwargs, dynamic_shapes=dynamic_shapes,
-                    specializations=specializations, options=options, progress=progress,
+                    specializations=specializations, options=options, progress=_progress(progress),
                     cache_positions=cache_positions, cache=BuildCache.open(cache),
                     source=f"aotpack.build({type(model).__name__})")
     return report.output
+
+
+def _progress(progress: Any) -> Callable[[str], None] | None:
+    """``build``'s ``progress`` argument as the pipeline's callback (None: silent)."""
+    if progress is None:
+        isatty = getattr(sys.stderr, "isatty", None)
+        progress = bool(isatty and isatty())
+    if progress is True:
+        return lambda line: print(line, file=sys.stderr, flush=True)
+    if progress is False:
+        return None
+    if callable(progress):
+        return progress
+    raise BuildError(f"progress must be None, True, False or a function of one line of text, got "
+                     f"{type(progress).__name__}")
 
 
 def sign(pack: str | pathlib.Path, key: str | pathlib.Path, output: str | pathlib.Path | None = None, *,

@@ -10,11 +10,15 @@ import io
 import json
 import logging
 import os
+import re
 import sys
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
 import torch.utils._pytree as pytree
+
+from .buildcache import PRECOMPILED_SUFFIX
 
 # The name Inductor gives its generated files instead of a hash of their content and compile command (the
 # command names the torch install folder, and the file name ends up in the code through __FILE__).
@@ -189,6 +193,130 @@ def export_strict(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic_sh
         sys.stderr.write(buffer.getvalue())
 
 
+# The loggers torch.export writes its own account of a failed capture to (a constraint violation is about 60
+# lines of "Error while creating guard" and stacks on stderr, before the exception says it again).
+CAPTURE_LOGGERS = ("torch._dynamo", "torch._guards", "torch._export", "torch.export",
+                   "torch.fx.experimental.symbolic_shapes")
+
+
+@contextlib.contextmanager
+def quiet_capture_logs() -> Iterator[None]:
+    """Silence torch's capture loggers (``CAPTURE_LOGGERS`` and the loggers below them) for the duration:
+    what they say of a failure is in the exception, which aotpack turns into one error."""
+    names = [n for n in list(logging.root.manager.loggerDict)
+             if any(n == p or n.startswith(p + ".") for p in CAPTURE_LOGGERS)]
+    loggers = [logging.getLogger(n) for n in sorted(set(names) | set(CAPTURE_LOGGERS))]
+    saved = [lg.disabled for lg in loggers]
+    for lg in loggers:
+        lg.disabled = True
+    try:
+        yield
+    finally:
+        for lg, was in zip(loggers, saved):
+            lg.disabled = was
+
+
+@dataclass(frozen=True)
+class DimSpec:
+    """What one entry of a ``dynamic_shapes`` spec says about a dimension. ``kind``: ``"static"`` (None, or
+    ``Dim.STATIC``), ``"size"`` (an int: exactly that size), ``"dim"`` (a named ``Dim``), ``"derived"`` (``dx +
+    1``: ``name`` is the root's, ``fn`` maps the root's size to this one), ``"auto"`` (``Dim.AUTO``: dynamic
+    where the model allows), ``"dynamic"`` (``Dim.DYNAMIC``: must be dynamic), or ``"unknown"``."""
+
+    kind: str
+    name: str | None = None
+    low: int | None = None
+    high: int | None = None  # None: no upper bound
+    fn: Callable[[int], Any] | None = None
+    text: str = ""
+
+
+def dim_spec(d: Any) -> DimSpec:
+    """Classify one value of a ``dynamic_shapes`` dimension mapping (torch.export's ``Dim`` objects, whose
+    derived and hint classes are private)."""
+    from torch.export import Dim
+    from torch.utils._sympy.numbers import int_oo
+
+    def bound(v: Any) -> int | None:
+        return None if v is None or v is int_oo or v == int_oo or v == -int_oo else int(v)
+
+    if d is None:
+        return DimSpec("static")
+    if isinstance(d, int) and not isinstance(d, bool):
+        return DimSpec("size", low=d, high=d, text=str(d))
+    hint = getattr(d, "type", None)
+    if hint is not None and hint in (Dim.AUTO.type, Dim.DYNAMIC.type, Dim.STATIC.type):
+        kind = "auto" if hint == Dim.AUTO.type else "dynamic" if hint == Dim.DYNAMIC.type else "static"
+        return DimSpec(kind, low=bound(getattr(d, "min", None)), high=bound(getattr(d, "max", None)),
+                       text=f"Dim.{kind.upper()}")
+    if isinstance(d, Dim):
+        root = getattr(d, "root", None)
+        if root is not None and callable(getattr(d, "fn", None)):
+            return DimSpec("derived", name=getattr(root, "__name__", None), low=bound(d.min), high=bound(d.max),
+                           fn=d.fn, text=str(getattr(d, "__name__", d)))
+        return DimSpec("dim", name=d.__name__, low=bound(d.min), high=bound(d.max), text=d.__name__)
+    return DimSpec("unknown", text=repr(d))
+
+
+# torch.export's text for a constraint violation (torch.fx.experimental.symbolic_shapes), as of 2.11 to 2.14:
+#   Constraints violated (b)! For more information, run with TORCH_LOGS="+dynamic".
+#     - You marked b as dynamic but your code specialized it to be a constant (32). If you're using ...
+#   User stack:
+#     File "model.py", line 6, in forward
+#       return y.reshape(32, -1) * 2
+#   Suggested fixes:
+#     b = 32
+# (the user stack only where a line fixed the size; other reasons: "Not all values of b ... satisfy the
+# generated guard 17 <= L['x'].size()[0] ...", fixed by "b = Dim('b', min=17, max=64)"; "The values of c ...
+# and b ... must always be equal", fixed by "c = b")
+_VIOLATED = re.compile(r"Constraints violated \(([^)]*)\)!")
+_BULLET = re.compile(r"^\s+- (.+)$", re.M)
+_STACK_FRAME = re.compile(r'^\s+File "([^"]+)", line (\d+), in [^\n]*\n\s+([^\n]*)', re.M)
+# An example size outside a Dim's range: "64 not in range [2, 8]".
+_NOT_IN_RANGE = re.compile(r"^(-?\d+) not in range \[(-?\d+), (-?\d+|int_oo|inf)\]", re.M)
+
+
+@dataclass(frozen=True)
+class ConstraintViolation:
+    """The useful part of torch's constraint violation text: the Dim names it is about, each reason (its
+    first sentence: "You marked b as dynamic but your code specialized it to be a constant (32)"), the user
+    stack, innermost frame last, as (file, line, code), and torch's suggested fixes ("b = 32")."""
+
+    symbols: tuple[str, ...]
+    reasons: tuple[str, ...]
+    stack: tuple[tuple[str, int, str], ...]
+    fixes: tuple[str, ...] = ()
+
+
+def constraint_violation(text: str) -> ConstraintViolation | None:
+    """Parse torch.export's constraint violation message, or None when ``text`` is not one."""
+    m = _VIOLATED.search(text)
+    if not m:
+        return None
+    symbols = tuple(s.strip() for s in m.group(1).split(",") if s.strip())
+    reasons = tuple(re.split(r"(?<=[).])\s+If you're using", b.strip())[0].strip().rstrip(".")
+                    for b in _BULLET.findall(text))
+    stack_text = text.split("User stack:", 1)[1] if "User stack:" in text else ""
+    stack = tuple((f, int(n), code.strip()) for f, n, code in _STACK_FRAME.findall(stack_text))
+    fixes: list[str] = []
+    if "Suggested fixes:" in text:
+        for line in text.split("Suggested fixes:", 1)[1].splitlines()[1:]:
+            if not line.strip():
+                break
+            fixes.append(line.strip())
+    return ConstraintViolation(symbols=symbols, reasons=reasons, stack=stack, fixes=tuple(fixes))
+
+
+def range_violation(text: str) -> tuple[int, int, int | None] | None:
+    """(size, low, high) from torch.export's "64 not in range [2, 8]" (an example size outside a Dim's range,
+    where the low end is the range torch traces with: 2 where the Dim says 0 or 1), or None."""
+    m = _NOT_IN_RANGE.search(text)
+    if not m:
+        return None
+    high = None if m.group(3) in ("int_oo", "inf") else int(m.group(3))
+    return int(m.group(1)), int(m.group(2)), high
+
+
 @contextlib.contextmanager
 def no_real_value_copies() -> Iterator[None]:
     """Dynamo without its copies of every weight while it exports.
@@ -330,15 +458,27 @@ def stable_int_arrays() -> Iterator[None]:
 def precompiled_header_dir(folder: str) -> Iterator[None]:
     """Keep Inductor's precompiled headers in ``folder`` (its default is a fixed folder in /tmp, chosen at
     import and ignoring TORCHINDUCTOR_CACHE_DIR). Their names are hashes of the header's preprocessed text,
-    the compile command and the compiler version, so builds with the same toolchain share them."""
+    the compile command and the compiler version, so builds with the same toolchain share them. Each header
+    a compile uses gets its modification time set to now (``codecache._precompile_header`` returns its
+    path), so that ``aotpack cache prune`` can tell the headers in use from the stale ones."""
     from torch._inductor import codecache
 
-    saved = codecache._HEADER_DIR, codecache._HEADER_LOCK_DIR
+    saved = codecache._HEADER_DIR, codecache._HEADER_LOCK_DIR, codecache._precompile_header
+    original = codecache._precompile_header
+
+    def precompile_and_record(*args, **kwargs):
+        path = original(*args, **kwargs)
+        for used in (path + PRECOMPILED_SUFFIX, path):
+            with contextlib.suppress(OSError):
+                os.utime(used)
+        return path
+
     codecache._HEADER_DIR, codecache._HEADER_LOCK_DIR = folder, os.path.join(folder, "locks")
+    codecache._precompile_header = precompile_and_record
     try:
         yield
     finally:
-        codecache._HEADER_DIR, codecache._HEADER_LOCK_DIR = saved
+        codecache._HEADER_DIR, codecache._HEADER_LOCK_DIR, codecache._precompile_header = saved
 
 
 def object_build(builder) -> tuple[str, list[str], str] | None:

@@ -38,6 +38,9 @@ from typing import Any
 from aotpack_runtime.errors import AotpackWarning, BuildError
 from aotpack_runtime.format import canonical_json
 
+# g++'s suffix of a precompiled header: Inductor's header NAME.h is precompiled to NAME.h.gch (in the toolchain
+# folder, see toolchain.toolchain_dir).
+PRECOMPILED_SUFFIX = ".gch"
 # Bumped when the key's recipe changes, so that entries made by another recipe are never found.
 KEY_VERSION = 1
 CHUNK = 1 << 20
@@ -310,6 +313,57 @@ class BuildCache:
     def toolchain_bytes(self) -> int:
         """Size of the toolchain folder beside the packs (compiler wrapper, precompiled headers)."""
         return _tree_size(self.root / "toolchain")
+
+    def headers(self) -> list[Header]:
+        """The precompiled headers in the toolchain folder (``toolchain/pch``), most recently used first."""
+        folder = self.root / "toolchain" / "pch"
+        out = []
+        if not folder.is_dir():
+            return out
+        for gch in folder.glob(f"*.h{PRECOMPILED_SUFFIX}"):
+            source = gch.with_suffix("")
+            try:
+                st = gch.stat()
+                size = st.st_size + (source.stat().st_size if source.exists() else 0)
+            except OSError:
+                continue
+            out.append(Header(path=gch, size=size, last_used=st.st_mtime))
+        return sorted(out, key=lambda h: (-h.last_used, h.path.name))
+
+    def prune_headers(self, *, older_than: float | None = None, max_bytes: int | None = None,
+                      everything: bool = False, now: float | None = None) -> list[Header]:
+        """Remove precompiled headers by the rules of ``prune`` (last use: the last compile that used one).
+        A build remakes a header it misses (about 7 s for each of the two a CPU entry uses)."""
+        now = time.time() if now is None else now
+        kept, removed = [], []
+        for h in self.headers():
+            if everything or (older_than is not None and now - h.last_used > older_than):
+                removed.append(h)
+            else:
+                kept.append(h)
+        if max_bytes is not None:
+            total = sum(h.size for h in kept)
+            while kept and total > max_bytes:
+                h = kept.pop()
+                total -= h.size
+                removed.append(h)
+        for h in removed:
+            source = h.path.with_suffix("")
+            lock = h.path.parent / "locks" / f"{source.stem}.lock"
+            for path in (h.path, source, lock):  # the precompiled file first: never a header alone
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+        return removed
+
+
+@dataclass(frozen=True)
+class Header:
+    """One precompiled header of the toolchain folder: the ``.gch`` file, its size with its source, its last
+    use."""
+
+    path: pathlib.Path
+    size: int
+    last_used: float
 
 
 def _tree_size(folder: pathlib.Path) -> int:

@@ -11,6 +11,7 @@ import inspect
 import linecache
 import os
 import re
+import traceback
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -19,7 +20,7 @@ import torch
 
 from aotpack_runtime.errors import CaptureError
 
-from . import _torch
+from . import _torch, dynamic
 
 # Hints keyed by Dynamo's graph-break type (``gb_type``) or a phrase of its message.
 HINTS: tuple[tuple[str, str], ...] = (
@@ -145,17 +146,18 @@ def capture(model: Any, args: tuple, kwargs: dict | None = None, *, dynamic_shap
         module, fn = _FunctionModule(model), model
     else:
         raise CaptureError(f"model must be a torch.nn.Module or a function, got {type(model).__name__}")
+    dims = dynamic.check(fn, args, kwargs, dynamic_shapes)
     grad_mode = torch.is_grad_enabled()
     try:
-        with warnings.catch_warnings(record=True) as caught:
+        with warnings.catch_warnings(record=True) as caught, _torch.quiet_capture_logs():
             warnings.simplefilter("always")
             exported = _torch.export_strict(module, args, kwargs, dynamic_shapes)
     except _torch.graph_break_types() as e:
-        raise _capture_error(e) from e
+        raise _capture_error(e, dims) from e
     except CaptureError:
         raise
     except Exception as e:  # anything else the tracer or the model raised
-        raise _capture_error(e) from e
+        raise _capture_error(e, dims) from e
     _check_no_reassigned_buffers(caught, module)
     training = bool(getattr(module, "training", False))
     state, mutated = _check_mutation(exported, training)
@@ -219,9 +221,19 @@ def _assignment_site(owner: torch.nn.Module) -> tuple[str | None, int | None, st
     return filename, None, None, None
 
 
-def _capture_error(e: BaseException) -> CaptureError:
+def _capture_error(e: BaseException, dims: tuple[dynamic.DynamicDim, ...] = ()) -> CaptureError:
     gb_type, stack = _torch.unsupported_details(e)
     message = str(e)
+    violation = _torch.constraint_violation(message)
+    if violation is not None and violation.reasons:
+        return _violation_error(violation, dims)
+    out_of_range = _torch.range_violation(message)
+    if out_of_range is not None:
+        size, low, high = out_of_range
+        span = f"{low}..{high}" if high is not None else f">= {low}"
+        return CaptureError(f"capture failed: an example size {size} is outside the range {span} of a dynamic dim "
+                            f"(a range given from 0 or 1 shows here from 2: {dynamic.SPECIALIZED_SIZES})",
+                            hint="give example inputs whose dynamic sizes lie in their Dims' ranges")
     unknown_output = re.search(r"Encountered unrecognized type \w+\((\w+)\) at output (\d+)", message)
     if unknown_output:
         kind, index = unknown_output.groups()
@@ -229,8 +241,6 @@ def _capture_error(e: BaseException) -> CaptureError:
                             "strings and None in tuples, lists and dicts",
                             hint="return the tensors it holds; for Hugging Face models pass use_cache=False")
     if not stack and e.__traceback__ is not None:
-        import traceback
-
         stack = traceback.extract_tb(e.__traceback__)
     frame = _user_frame(stack)
     filename = lineno = code = None
@@ -248,6 +258,26 @@ def _capture_error(e: BaseException) -> CaptureError:
                                  "a Dim per dynamic dimension, and the model must not specialise those sizes")
     return CaptureError(f"capture failed: {type(e).__name__}: {first}", filename=filename, lineno=lineno,
                         code=code, hint=_hint_for(None, message))
+
+
+def _violation_error(violation: "_torch.ConstraintViolation", dims: tuple[dynamic.DynamicDim, ...]) -> CaptureError:
+    """A dynamic dim the model does not keep dynamic (it fixes the size, or allows only part of the range):
+    which input and dim, torch's reason, and the model line that decided it."""
+    named = dynamic.by_symbol(dims)
+    subjects = [", ".join(f"{d.where()} ({d.given()})" for d in named.get(s, ())) or f"the dynamic dim {s}"
+                for s in violation.symbols]
+    frames = [traceback.FrameSummary(f, n, "", lookup_line=False, line=code) for f, n, code in violation.stack]
+    frame = _user_frame(frames)
+    where = (frame.filename, frame.lineno, frame.line) if frame is not None else (None, None, None)
+    if not violation.fixes or any(re.fullmatch(r"\w+ = \d+", f) for f in violation.fixes):
+        hint = ("make that dim static (leave it out of dynamic_shapes / --dynamic), or change the line so it does "
+                "not fix the size (e.g. reshape(-1, ...) instead of a literal size)")
+    else:
+        hint = (f"change dynamic_shapes as torch suggests: {'; '.join(violation.fixes)} (with --dynamic: the range "
+                "that Dim names, or one NAME: for dims that must be equal)")
+    return CaptureError(f"{'; '.join(subjects) or 'a dynamic dim'}: the model does not take it as dynamic_shapes "
+                        f"gives it: {'; '.join(violation.reasons)}", filename=where[0], lineno=where[1],
+                        code=where[2], hint=hint)
 
 
 _FRAME = re.compile(r'File "([^"]+)", line (\d+), in [^\n]*\n\s*([^\n]*)')

@@ -15,14 +15,16 @@ cpu_isa = "avx2"                     # as --cpu-isa; also devices, cuda_archs, w
 ```
 
 Task ``MODEL.TARGET`` writes ``MODEL.TARGET.pack``: the name depends only on the matrix, never on the order
-or the host. The file is checked whole before any build starts; what only a build host can tell (does it
-have AVX-512, a CUDA toolkit) fails that task alone.
+or the host. The file is checked whole before any build starts, and every mistake in it is reported in one
+error; what only a build host can tell (does it have AVX-512, a CUDA toolkit) fails that task alone.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from dataclasses import dataclass, field
+from typing import Iterator
 
 from aotpack_runtime.errors import BuildError
 
@@ -83,6 +85,39 @@ class Matrix:
     tasks: tuple[Task, ...] = field(default=())
 
 
+class MatrixError(BuildError):
+    """Every mistake found in a matrix file, in one error: ``path`` and ``problems`` (each says where in the
+    file, ``[[target]] 2: ...``, and what is wrong)."""
+
+    def __init__(self, path: str, problems: list[str]):
+        self.path = path
+        self.problems = list(problems)
+        if len(self.problems) == 1:
+            text = f"{path}: {self.problems[0]}"
+        else:
+            text = f"{path}: {len(self.problems)} mistakes, fix each and run again:\n" + \
+                "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(text)
+
+
+class _Problem(Exception):
+    """One mistake in a table's value (where and what), collected by ``_Problems``."""
+
+
+class _Problems:
+    """Collects every mistake of a matrix file so that one run reports them all."""
+
+    def __init__(self):
+        self.found: list[str] = []
+
+    @contextlib.contextmanager
+    def collect(self) -> Iterator[None]:
+        try:
+            yield
+        except _Problem as e:
+            self.found.append(str(e))
+
+
 def _load_toml(path: str) -> dict:
     try:
         import tomllib
@@ -96,16 +131,16 @@ def _load_toml(path: str) -> dict:
     except OSError as e:
         raise BuildError(f"cannot read the matrix file {path}: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
-        raise BuildError(f"{path}: not valid TOML: {e}") from None
+        raise MatrixError(path, [f"not valid TOML: {e}"]) from None
 
 
 def _check_keys(item: object, allowed: tuple[str, ...], where: str) -> dict:
     if not isinstance(item, dict):
-        raise BuildError(f"{where} is a {type(item).__name__}, expected a table")
+        raise _Problem(f"{where} is a {type(item).__name__}, expected a table")
     unknown = sorted(set(item) - set(allowed))
     if unknown:
-        raise BuildError(f"{where} has unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
-                         f"its keys are {', '.join(allowed)}")
+        raise _Problem(f"{where} has unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+                       f"its keys are {', '.join(allowed)}")
     return item
 
 
@@ -113,67 +148,95 @@ def _strings(value: object, where: str, key: str) -> tuple[str, ...]:
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise BuildError(f"{where}: {key} must be a string or a list of strings, got {value!r}")
+        raise _Problem(f"{where}: {key} must be a string or a list of strings, got {value!r}")
     return tuple(value)
 
 
-def _dynamic(value: object, where: str) -> tuple[str, ...]:
-    specs = _strings(value, where, "dynamic")
+def _dynamic(value: object, where: str, problems: _Problems) -> tuple[str, ...]:
+    specs: tuple[str, ...] = ()
+    with problems.collect():
+        specs = _strings(value, where, "dynamic")
     for spec in specs:
         problem = check_dynamic(spec)
         if problem:
-            raise BuildError(f"{where}: dynamic {problem}")
+            problems.found.append(f"{where}: dynamic {problem}")
     return specs
 
 
 def _name(value: object, where: str) -> str:
     if not isinstance(value, str) or not _NAME.fullmatch(value):
-        raise BuildError(f"{where}: name {value!r} must be letters, digits, '-' and '_' (it names the pack file)")
+        raise _Problem(f"{where}: name {value!r} must be letters, digits, '-' and '_' (it names the pack file)")
     return value
 
 
-def _model(item: object, i: int, folder: str, path: str) -> Model:
-    where = f"{path}: [[model]] {i + 1}"
-    item = _check_keys(item, MODEL_KEYS, where)
+def _model(item: object, i: int, folder: str, problems: _Problems) -> Model | None:
+    where = f"[[model]] {i + 1}"
+    with problems.collect():
+        item = _check_keys(item, MODEL_KEYS, where)
+    if not isinstance(item, dict):
+        return None
+    count = len(problems.found)
+    file, func, full = "", "", ""
     if "file" not in item or not isinstance(item["file"], str) or not item["file"]:
-        raise BuildError(f"{where} needs file = \"FILE.py\" or \"FILE.py:NAME\" (relative to the matrix file)")
-    file, _, func = item["file"].partition(":")
-    full = os.path.normpath(os.path.join(folder, file))
-    if not os.path.isfile(full):
-        raise BuildError(f"{where}: model file {full} does not exist (paths are relative to the matrix file)")
+        problems.found.append(f"{where} needs file = \"FILE.py\" or \"FILE.py:NAME\" (relative to the matrix file)")
+    else:
+        file, _, func = item["file"].partition(":")
+        full = os.path.normpath(os.path.join(folder, file))
+        if not os.path.isfile(full):
+            problems.found.append(f"{where}: model file {full} does not exist (paths are relative to the matrix file)")
     stem = os.path.splitext(os.path.basename(file))[0]
     default = f"{stem}-{func}" if func else stem
-    name = _name(item.get("name", default.replace(".", "-")), where)
-    return Model(name=name, target=f"{full}:{func}" if func else full, dynamic=_dynamic(item.get("dynamic", []), where))
+    name = ""
+    with problems.collect():
+        name = _name(item.get("name", default.replace(".", "-") or "model"), where)
+    dynamic = _dynamic(item.get("dynamic", []), where, problems)
+    if len(problems.found) > count:
+        return None
+    return Model(name=name, target=f"{full}:{func}" if func else full, dynamic=dynamic)
 
 
-def _target(item: object, i: int, path: str) -> Target:
-    where = f"{path}: [[target]] {i + 1}"
-    item = _check_keys(item, TARGET_KEYS, where)
+def _target(item: object, i: int, problems: _Problems) -> Target | None:
+    where = f"[[target]] {i + 1}"
+    with problems.collect():
+        item = _check_keys(item, TARGET_KEYS, where)
+    if not isinstance(item, dict):
+        return None
+    count = len(problems.found)
     isa = item.get("cpu_isa")
     if isa is not None and isa not in CPU_ISAS:
-        raise BuildError(f"{where}: cpu_isa {isa!r} is not one of {', '.join(CPU_ISAS)}")
-    devices = _strings(item.get("devices", ["cpu"]), where, "devices")
-    if not devices or any(d not in DEVICES for d in devices):
-        raise BuildError(f"{where}: devices {list(devices)} must name {' and/or '.join(DEVICES)}")
+        problems.found.append(f"{where}: cpu_isa {isa!r} is not one of {', '.join(CPU_ISAS)}")
+    devices: tuple[str, ...] = ("cpu",)
+    with problems.collect():
+        devices = _strings(item.get("devices", ["cpu"]), where, "devices")
+        if not devices or any(d not in DEVICES for d in devices):
+            raise _Problem(f"{where}: devices {list(devices)} must name {' and/or '.join(DEVICES)}")
     archs = item.get("cuda_archs", [])
     if isinstance(archs, (int, str)):
         archs = [archs]
     if not isinstance(archs, list):
-        raise BuildError(f"{where}: cuda_archs must be a list such as [80, 90], got {archs!r}")
-    if archs:
+        problems.found.append(f"{where}: cuda_archs must be a list such as [80, 90], got {archs!r}")
+        archs = []
+    elif archs:
         from .cudabuild import parse_archs
 
-        archs = parse_archs([str(a) for a in archs])
+        try:
+            archs = parse_archs([str(a) for a in archs])
+        except BuildError as e:
+            problems.found.append(f"{where}: {e}")
     without_gpu = item.get("without_gpu", False)
     if not isinstance(without_gpu, bool):
-        raise BuildError(f"{where}: without_gpu must be true or false, got {without_gpu!r}")
+        problems.found.append(f"{where}: without_gpu must be true or false, got {without_gpu!r}")
     threads = item.get("cpu_threads", DEFAULT_CPU_THREADS)
     if type(threads) is not int or not 1 <= threads <= MAX_CPU_THREADS:
-        raise BuildError(f"{where}: cpu_threads must be an integer from 1 to {MAX_CPU_THREADS}, got {threads!r}")
+        problems.found.append(f"{where}: cpu_threads must be an integer from 1 to {MAX_CPU_THREADS}, got {threads!r}")
+    name = ""
     if "name" in item:
-        name = _name(item["name"], where)
-    else:
+        with problems.collect():
+            name = _name(item["name"], where)
+    dynamic = _dynamic(item.get("dynamic", []), where, problems)
+    if len(problems.found) > count:
+        return None
+    if not name:
         parts = [isa or "default"]
         if "cuda" in devices:
             parts.append("cuda" + "-".join(str(a) for a in archs))
@@ -183,35 +246,41 @@ def _target(item: object, i: int, path: str) -> Target:
             parts.append(f"t{threads}")
         name = "-".join(parts)
     return Target(name=name, cpu_isa=isa, devices=devices, cuda_archs=tuple(archs), without_gpu=without_gpu,
-                  cpu_threads=threads, dynamic=_dynamic(item.get("dynamic", []), where))
+                  cpu_threads=threads, dynamic=dynamic)
 
 
-def _unique(names: list[str], kind: str, path: str) -> None:
+def _unique(names: list[str], kind: str, problems: _Problems) -> None:
     seen = set()
     for n in names:
         if n in seen:
-            raise BuildError(f"{path}: two {kind}s are named {n!r}; give each a distinct name = \"...\"")
+            problems.found.append(f"two {kind}s are named {n!r}; give each a distinct name = \"...\"")
         seen.add(n)
 
 
 def load_matrix(path: str | os.PathLike) -> Matrix:
-    """Read and check a matrix file; every (model, target) pair becomes a task, models first."""
+    """Read and check a matrix file; every (model, target) pair becomes a task, models first. Every mistake in
+    the file is reported at once, in one :class:`MatrixError`."""
     path = os.fspath(path)
     data = _load_toml(path)
+    problems = _Problems()
     unknown = sorted(set(data) - {"model", "target"})
     if unknown:
-        raise BuildError(f"{path}: unknown top-level key{'s' if len(unknown) > 1 else ''} "
-                         f"{', '.join(map(repr, unknown))}; a matrix has [[model]] and [[target]] tables")
+        problems.found.append(f"unknown top-level key{'s' if len(unknown) > 1 else ''} "
+                              f"{', '.join(map(repr, unknown))}; a matrix has [[model]] and [[target]] tables")
     folder = os.path.dirname(os.path.abspath(path))
     models_raw = data.get("model", [])
     targets_raw = data.get("target", [{}])
     if not isinstance(models_raw, list) or not models_raw:
-        raise BuildError(f"{path}: no models: add a [[model]] table with file = \"FILE.py\"")
+        problems.found.append("no models: add a [[model]] table with file = \"FILE.py\"")
+        models_raw = []
     if not isinstance(targets_raw, list) or not targets_raw:
-        raise BuildError(f"{path}: [[target]] must be a list of tables (or left out for the default target)")
-    models = tuple(_model(m, i, folder, path) for i, m in enumerate(models_raw))
-    targets = tuple(_target(t, i, path) for i, t in enumerate(targets_raw))
-    _unique([m.name for m in models], "model", path)
-    _unique([t.name for t in targets], "target", path)
+        problems.found.append("[[target]] must be a list of tables (or left out for the default target)")
+        targets_raw = []
+    models = [_model(m, i, folder, problems) for i, m in enumerate(models_raw)]
+    targets = [_target(t, i, problems) for i, t in enumerate(targets_raw)]
+    _unique([m.name for m in models if m is not None], "model", problems)
+    _unique([t.name for t in targets if t is not None], "target", problems)
+    if problems.found:
+        raise MatrixError(path, problems.found)
     tasks = tuple(Task(m, t) for m in models for t in targets)
-    return Matrix(path=path, models=models, targets=targets, tasks=tasks)
+    return Matrix(path=path, models=tuple(models), targets=tuple(targets), tasks=tasks)

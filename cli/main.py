@@ -197,8 +197,8 @@ def build_many(ctx: click.Context, matrix: str, out_dir: str, ray: str | None, j
 
 @cli.group()
 def cache() -> None:
-    """List or prune the build cache: packs kept by a key of everything that decides their bytes, and the
-    object files of their generated code."""
+    """List or prune the build cache: packs kept by a key of everything that decides their bytes, the
+    object files of their generated code, and the toolchain's precompiled headers."""
 
 
 def _cache_option(f):
@@ -256,13 +256,17 @@ def _parse_amount(text: str, units: dict, param: str) -> float:
 
 @cache.command("prune")
 @_cache_option
-@click.option("--older-than", default=None, metavar="AGE", help="Remove packs not used for AGE (e.g. 30d, 12h).")
+@click.option("--older-than", default=None, metavar="AGE",
+              help="Remove packs, object files and precompiled headers not used for AGE (e.g. 30d, 12h).")
 @click.option("--max-size", default=None, metavar="SIZE",
-              help="Then remove the least recently used packs until the rest fit in SIZE (e.g. 10GB, 500MB).")
-@click.option("--all", "everything", is_flag=True, help="Remove every cached pack.")
+              help="Then remove the least recently used until the rest fit in SIZE (e.g. 10GB, 500MB).")
+@click.option("--all", "everything", is_flag=True,
+              help="Remove every cached pack, object file and precompiled header.")
 def cache_prune(cache_dir: str | None, older_than: str | None, max_size: str | None, everything: bool) -> None:
-    """Remove cached packs (and object files) by age or total size, and say what was removed. The size
-    limit applies to the packs and to the object files separately."""
+    """Remove cached packs, object files and precompiled headers by age or total size, and say what was
+    removed. The size limit applies to the packs, to the object files and to the precompiled headers
+    separately. A build remakes a precompiled header it misses (a few seconds each); do not prune headers
+    while a build runs on this cache."""
     from aotpack.buildcache import BuildCache
 
     if not (older_than or max_size or everything):
@@ -272,6 +276,7 @@ def cache_prune(cache_dir: str | None, older_than: str | None, max_size: str | N
     store = BuildCache(cache_dir) if cache_dir else BuildCache.open(True)
     removed = store.prune(older_than=age, max_bytes=size, everything=everything)
     objects = store.objects().prune(older_than=age, max_bytes=size, everything=everything)
+    headers = store.prune_headers(older_than=age, max_bytes=size, everything=everything)
     now = time.time()
     for e in removed:
         click.echo(f"removed {e.key[:12]}  {e.size / 1e6:.2f} MB  used {_ago(now - e.last_used)}  "
@@ -283,6 +288,9 @@ def cache_prune(cache_dir: str | None, older_than: str | None, max_size: str | N
     if objects:
         click.echo(f"removed {len(objects)} object file{'s' if len(objects) != 1 else ''} "
                    f"({sum(e.size for e in objects) / 1e6:.2f} MB) from {store.objects().folder}")
+    if headers:
+        click.echo(f"removed {len(headers)} precompiled header{'s' if len(headers) != 1 else ''} "
+                   f"({sum(h.size for h in headers) / 1e6:.2f} MB) from {headers[0].path.parent}")
 
 
 def _parse_dynamic(specs: tuple[str, ...]) -> dict:

@@ -72,8 +72,9 @@ NEW_TOKENS = 4
 
 
 def llm_payload(ids: list[list[int]], position: int) -> str:
-    """A request body for one call of the Llama pack: token ids, and the cache position of the first."""
-    return json.dumps({"kwargs": {"input_ids": ids, "cache_position": [position]}, "dtype": "int64"})
+    """A request body for one call of the Llama pack: token ids, and the cache position of the first (no
+    "dtype": both are int64 because the pack's guards say so)."""
+    return json.dumps({"kwargs": {"input_ids": ids, "cache_position": [position]}})
 
 
 class Conversation:

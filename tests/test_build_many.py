@@ -13,7 +13,7 @@ import time
 import pytest
 from click.testing import CliRunner
 
-from aotpack.matrix import load_matrix
+from aotpack.matrix import MatrixError, load_matrix
 from aotpack_cli.main import cli
 from aotpack_runtime.errors import BuildError
 from conftest import ROOT
@@ -60,13 +60,38 @@ def _matrix(tmp_path: pathlib.Path, text: str) -> pathlib.Path:
     (f'[[model]]\nfile = "{DATA / "tiny_a.py"}"\n[[model]]\nfile = "{DATA / "tiny_a.py"}"\n',
      "m.toml: two models are named 'tiny_a'; give each a distinct name = \"...\""),
     ('[[target]]\ncpu_isa = "avx2"\n', "m.toml: no models: add a [[model]] table with file = \"FILE.py\""),
-    ('models = 3\n', "m.toml: unknown top-level key 'models'; a matrix has [[model]] and [[target]] tables"),
+    (f'models = 3\n[[model]]\nfile = "{DATA / "tiny_a.py"}"\n',
+     "m.toml: unknown top-level key 'models'; a matrix has [[model]] and [[target]] tables"),
     ('[[model]\n', "m.toml: not valid TOML: "),
 ])
 def test_matrix_errors_say_where_and_what(tmp_path, text, message):
     with pytest.raises(BuildError) as e:
         load_matrix(_matrix(tmp_path, text))
     assert str(e.value).startswith(f"{tmp_path}/" + message.format(tmp=tmp_path))
+
+
+def test_every_mistake_in_a_matrix_is_reported_in_one_run(tmp_path):
+    text = (f'top = 1\n[[model]]\nfile = "nothere.py"\ndynamic = ["x0=1..4"]\n'
+            f'[[model]]\nfile = "{DATA / "tiny_a.py"}"\nname = "a b"\n[[model]]\nfile = "{DATA / "tiny_a.py"}"\n[[model]]\nfile = "{DATA / "tiny_a.py"}"\n'
+            '[[target]]\ncpu_isa = "sse9"\ncpu_threads = 0\ndevices = ["tpu"]\n[[target]]\nisa = "avx2"\n')
+    with pytest.raises(MatrixError) as e:
+        load_matrix(_matrix(tmp_path, text))
+    assert e.value.problems == [
+        "unknown top-level key 'top'; a matrix has [[model]] and [[target]] tables",
+        f"[[model]] 1: model file {tmp_path}/nothere.py does not exist (paths are relative to the matrix file)",
+        "[[model]] 1: dynamic 'x0=1..4' is not INPUT:DIM=MIN..MAX or INPUT:DIM=NAME:MIN..MAX (e.g. x:0=1..64; x:0=2.. "
+        "for no upper bound)",
+        "[[model]] 2: name 'a b' must be letters, digits, '-' and '_' (it names the pack file)",
+        "[[target]] 1: cpu_isa 'sse9' is not one of x86-64, avx2, avx512, native",
+        "[[target]] 1: devices ['tpu'] must name cpu and/or cuda",
+        "[[target]] 1: cpu_threads must be an integer from 1 to 1024, got 0",
+        "[[target]] 2 has unknown key 'isa'; its keys are name, cpu_isa, devices, cuda_archs, without_gpu, "
+        "cpu_threads, dynamic",
+        "two models are named 'tiny_a'; give each a distinct name = \"...\"",
+    ]
+    assert str(e.value).startswith(f"{tmp_path}/m.toml: 9 mistakes, fix each and run again:\n  - unknown top-level")
+    code, _, err = _run(_matrix(tmp_path, text), "-o", tmp_path / "out")
+    assert code == 1 and err.count("\n  - ") == 9
 
 
 def test_matrix_tasks_and_names(tmp_path):

@@ -170,3 +170,33 @@ def test_cache_list_and_prune_say_what_they_do(tmp_path):
     assert r.exit_code == 2 and "'soon': give a number and one of s, min, m, h, d, w" in r.output
     r = CliRunner().invoke(cli, ["cache", "prune", "--cache-dir", str(root), "--all"])
     assert r.exit_code == 0 and store.entries() == []
+
+
+def test_prune_removes_precompiled_headers_by_last_use_and_all(tmp_path):
+    """The toolchain's precompiled headers (two of 120-150 MB per CPU ISA) were left by every prune, --all
+    included; now they are pruned by the same rules, by the last compile that used each."""
+    root = tmp_path / "cache"
+    pch = root / "toolchain" / "pch"
+    (pch / "locks").mkdir(parents=True)
+    (root / "toolchain" / "bin" / "0123").mkdir(parents=True)
+    (root / "toolchain" / "bin" / "0123" / "g++").write_text("#!/bin/sh\n")
+    now = time.time()
+    for name, age_days, size in (("cold", 40, 3000), ("warm", 2, 2000), ("hot", 0, 1000)):
+        (pch / f"{name}.h").write_text("#include <x.h>\n")
+        (pch / f"{name}.h.gch").write_bytes(b"g" * size)
+        (pch / "locks" / f"{name}.lock").write_bytes(b"")
+        for p in (pch / f"{name}.h", pch / f"{name}.h.gch"):
+            os.utime(p, (now - age_days * 86400, now - age_days * 86400))
+    store = BuildCache(root)
+    assert [h.path.name for h in store.headers()] == ["hot.h.gch", "warm.h.gch", "cold.h.gch"]
+    r = CliRunner().invoke(cli, ["cache", "prune", "--cache-dir", str(root), "--older-than", "30d"])
+    assert r.exit_code == 0, r.output
+    assert r.output.splitlines()[-1] == f"removed 1 precompiled header (0.00 MB) from {pch}"
+    assert sorted(p.name for p in pch.rglob("*") if p.is_file()) == \
+        ["hot.h", "hot.h.gch", "hot.lock", "warm.h", "warm.h.gch", "warm.lock"]
+    assert [h.path.name for h in store.prune_headers(max_bytes=1100)] == ["warm.h.gch"]
+    r = CliRunner().invoke(cli, ["cache", "prune", "--cache-dir", str(root), "--all"])
+    assert r.exit_code == 0, r.output
+    assert r.output.splitlines()[-1] == f"removed 1 precompiled header (0.00 MB) from {pch}"
+    assert store.headers() == [] and not [p for p in pch.rglob("*") if p.is_file()]
+    assert (root / "toolchain" / "bin" / "0123" / "g++").exists()  # the compiler wrapper stays (bytes, not MB)

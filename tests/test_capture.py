@@ -76,3 +76,44 @@ def test_example_inputs_must_be_a_tuple():
 def test_not_a_model():
     with pytest.raises(aotpack.CaptureError, match="model must be a torch.nn.Module or a function, got int"):
         capture(3, (torch.randn(2),))
+
+
+class _Terminal:
+    """A stderr that says it is a terminal, and keeps what is written to it."""
+
+    def __init__(self):
+        self.text = ""
+
+    def isatty(self) -> bool:
+        return True
+
+    def write(self, s: str) -> int:
+        self.text += s
+        return len(s)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_python_build_shows_progress_on_a_terminal_unless_told_not_to(session_dir, monkeypatch):
+    """aotpack.build printed nothing for the tens of seconds a build takes, where the CLI shows each stage.
+    (The capture fails here, after the first stage line: nothing is compiled.)"""
+    import sys
+
+    for progress, shown in ((None, True), (False, False), (True, True)):
+        terminal = _Terminal()
+        monkeypatch.setattr(sys, "stderr", terminal)
+        with pytest.raises(aotpack.CaptureError):
+            aotpack.build(DataDependentIf(), (torch.randn(3),), session_dir / "never.pack", progress=progress,
+                          cache=False)
+        assert ("[1/4] capture: Dynamo, fullgraph; 1 example input(s) ..." in terminal.text) is shown, progress
+    monkeypatch.setattr(sys, "stderr", type("Pipe", (_Terminal,), {"isatty": lambda self: False})())
+    with pytest.raises(aotpack.CaptureError):
+        aotpack.build(DataDependentIf(), (torch.randn(3),), session_dir / "never.pack", cache=False)
+    assert sys.stderr.text == ""  # not a terminal: silent by default
+    lines = []
+    with pytest.raises(aotpack.CaptureError):
+        aotpack.build(DataDependentIf(), (torch.randn(3),), session_dir / "never.pack", progress=lines.append)
+    assert lines == ["[1/4] capture: Dynamo, fullgraph; 1 example input(s) ..."]
+    with pytest.raises(aotpack.BuildError, match="progress must be None, True, False or a function .* got str"):
+        aotpack.build(DataDependentIf(), (torch.randn(3),), session_dir / "never.pack", progress="yes")

@@ -39,12 +39,14 @@ def _key(folder: pathlib.Path, name: str) -> tuple[str, pathlib.Path]:
 def _shim(folder: pathlib.Path, build_from: dict[str, pathlib.Path] | None = None) -> dict:
     """An environment whose `aotpack` is this interpreter's aotpack. With ``build_from``, `aotpack build ... -o
     OUT` copies a prebuilt pack instead of compiling: the one for the first key of ``build_from`` found in OUT's
-    path."""
+    path, once it has checked that the model file it was given exists."""
     folder.mkdir(exist_ok=True)
     build = ""
     if build_from:
         cases = "\n".join(f'    *{k}*) cp "{v}" "$out" ;;' for k, v in build_from.items())
         build = f"""if [ "$1" = build ]; then
+  model=${{2%%:*}}
+  [ -f "$model" ] || {{ echo "error: model file $model does not exist" >&2; exit 1; }}
   out=""; prev=""
   for a in "$@"; do [ "$prev" = "-o" ] && out=$a; prev=$a; done
   case "$out" in
@@ -128,9 +130,10 @@ def test_check_reproducible_passes_identical_builds_and_names_the_cause_of_a_dif
     model = tmp_path / "src" / "model.py"
     model.write_text("# builds are replaced by copies in this test\n")
     env = _shim(tmp_path / "same", {"/a/": pack, "/b/": pack})
-    r = _bash("check-reproducible.sh", "src/model.py", pack, env=env, cwd=tmp_path)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.count("are identical") == 2 and f"{pack}: OK" in r.stdout
+    for given in ("src/model.py", str(model), "src/model.py:make", f"{model}:make"):  # relative or absolute
+        r = _bash("check-reproducible.sh", given, pack, env=env, cwd=tmp_path)
+        assert r.returncode == 0, (given, r.stdout + r.stderr)
+        assert r.stdout.count("are identical") == 2 and f"{pack}: OK" in r.stdout
 
     compiler = Archive.open(pack).manifest.producer["compiler"]  # "g++ 12.2.0" on the CI image
     other = tmp_path / "other.pack"

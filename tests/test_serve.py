@@ -91,6 +91,44 @@ def test_concurrent_requests_match_eager(server, multi_io_pack):
     assert len(logits) == len(answers)  # distinct inputs, distinct answers
 
 
+def test_tensors_without_a_dtype_take_the_dtype_the_pack_expects(server, multi_io_pack):
+    """A request without "dtype" was read as float32 everywhere, and the bool mask made it a 400."""
+    port, _, _ = server
+    tokens, mask = multi_io_inputs(7)
+    payload = multi_io_payload(tokens, mask)
+    del payload["dtype"]
+    status, body = predict(port, payload)
+    assert status == 200, body
+    with torch.no_grad():
+        ref = multi_io_pack.model(tokens, mask=mask, temperature=0.5)
+    assert_close_to_eager(from_json(body["outputs"], ref), ref)
+
+
+def test_the_converter_takes_each_tensors_dtype_from_the_guards(monkeypatch):
+    """int64 token ids and a bool mask from plain JSON lists, as the pack's guards say (no compile: the guards
+    of a captured graph); a dtype the request names still wins."""
+    import types
+
+    from aotpack import guards
+    from aotpack.capture import capture
+    from aotpack_runtime.guards import EntryGuards
+
+    monkeypatch.syspath_prepend(str(SERVE_DIR))
+    from jsonio import InputConverter
+
+    def lookup(ids, mask, scale):
+        return torch.nn.functional.embedding(ids, torch.ones(10, 3)) * mask.unsqueeze(-1) * scale
+
+    captured = capture(lookup, (torch.tensor([[1, 2]]), torch.tensor([[True, False]]), torch.tensor(2.0)))
+    g = EntryGuards.from_json(guards.derive(captured).to_json(), "entry 0")
+    converter = InputConverter(types.SimpleNamespace(entries=[types.SimpleNamespace(guards=g)]))
+    args, _ = converter.convert({"args": [[[3, 4]], [[1, 0]], 3]})
+    assert [a.dtype for a in args] == [torch.int64, torch.bool, torch.float32]
+    args, _ = converter.convert({"args": [[[3, 4]], [[1, 0]], 3], "dtype": {"ids": "int32"}})
+    assert [a.dtype for a in args] == [torch.int32, torch.bool, torch.float32]
+    assert g.match(*converter.convert({"args": [[[3, 4]], [[1, 0]], 3]})) is not None
+
+
 def _guard_message(pack_path, *args, **kwargs) -> str:
     with pytest.raises(aotpack.GuardError) as info:
         aotpack.load(pack_path)(*args, **kwargs)
@@ -107,7 +145,7 @@ def test_wrong_shape_is_400_with_the_guard_message(server, multi_io_pack):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"dtype": None}, "input 'mask' (kwargs['mask']) dtype mismatch: expected bool, actual float32"),
+    ({"dtype": {"mask": "float32"}}, "input 'mask' (kwargs['mask']) dtype mismatch: expected bool, actual float32"),
     ({"temperature": 1.0}, "input 'temperature' (kwargs['temperature']) value mismatch: expected 0.5, actual 1.0"),
     ({"temperature": 1}, "input 'temperature' (kwargs['temperature']) type mismatch: expected float 0.5, actual int 1"),
     ({"no_kwargs": True}, "missing keyword argument 'mask'"),
@@ -117,7 +155,7 @@ def test_guard_failures_are_400_with_the_guard_message(server, change, message):
     tokens, mask = multi_io_inputs(1)
     payload = multi_io_payload(tokens, mask, temperature=change.get("temperature", 0.5))
     if "dtype" in change:
-        del payload["dtype"]
+        payload["dtype"] = change["dtype"]
     if change.get("no_kwargs"):
         payload["kwargs"] = {}
     status, body = predict(port, payload)

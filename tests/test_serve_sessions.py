@@ -4,6 +4,7 @@ busy and failure tests serve an app made in this process (uvicorn in a thread) s
 in the model or make one fail. Answers are checked against sessions of the same pack used directly."""
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -155,7 +156,7 @@ def test_mistakes_in_a_session_request_are_4xx_and_leave_it_usable(llm_server, r
     port, _, _ = llm_server
     sid = open_session(port)
     assert request(port, "POST", f"/sessions/{sid}/predict", "{not json")[0] == 400
-    int32 = llm_payload([PROMPTS[0]], 0).replace("int64", "int32")
+    int32 = json.dumps(dict(json.loads(llm_payload([PROMPTS[0]], 0)), dtype="int32"))
     status, body = request(port, "POST", f"/sessions/{sid}/predict", int32)
     assert status == 400 and "input 'input_ids' (kwargs['input_ids']) dtype mismatch: expected int64, actual int32" \
         in body["error"], body

@@ -270,13 +270,34 @@ def test_serial_small_kernels_patches_the_depth_decision():
 
 
 def test_precompiled_header_dir_is_a_module_global(tmp_path):
+    """The folder is codecache's module global, and codecache._precompile_header (a module global its callers
+    look up at each call) returns the header's path, whose precompiled file is the path plus ".gch": each
+    use sets the header's modification time (its last use, for cache prune)."""
+    import inspect
+    import os
+
     from torch._inductor import codecache
 
-    before = codecache._HEADER_DIR, codecache._HEADER_LOCK_DIR
-    with build_torch.precompiled_header_dir(str(tmp_path)):
-        assert codecache._HEADER_DIR == str(tmp_path)
-        assert codecache._HEADER_LOCK_DIR == str(tmp_path / "locks")
-    assert (codecache._HEADER_DIR, codecache._HEADER_LOCK_DIR) == before
+    from aotpack.buildcache import PRECOMPILED_SUFFIX
+
+    before = codecache._HEADER_DIR, codecache._HEADER_LOCK_DIR, codecache._precompile_header
+    assert list(inspect.signature(codecache._precompile_header).parameters)[:2] == ["header", "hashable_cmd_line"]
+    header = tmp_path / "c0ffee.h"
+    header.write_text("#include <x.h>\n")
+    (tmp_path / f"c0ffee.h{PRECOMPILED_SUFFIX}").write_bytes(b"precompiled")
+    for p in tmp_path.iterdir():
+        os.utime(p, (1000, 1000))
+    codecache._precompile_header = lambda header, hashable_cmd_line, **kw: str(tmp_path / "c0ffee.h")
+    try:
+        with build_torch.precompiled_header_dir(str(tmp_path)):
+            assert codecache._HEADER_DIR == str(tmp_path)
+            assert codecache._HEADER_LOCK_DIR == str(tmp_path / "locks")
+            assert codecache._precompile_header("x.h", "cmd") == str(header)
+        assert all(p.stat().st_mtime > 1000 for p in tmp_path.iterdir())
+        assert codecache._precompile_header("x.h", "cmd") == str(header)
+    finally:
+        codecache._precompile_header = before[2]
+    assert (codecache._HEADER_DIR, codecache._HEADER_LOCK_DIR, codecache._precompile_header) == before
 
 
 def test_graph_text_is_the_graph_without_metadata_or_weights():
@@ -500,3 +521,63 @@ def test_stable_int_arrays_keys_the_cache_by_the_writer():
     assert buf.getvalue().count("int_array_") == 1
     if build_torch.torch_version() < build_torch.INT_ARRAY_KEY_FIXED_IN:
         assert CppWrapperCpu.codegen_int_array_var.__module__ == CppWrapperCpu.__module__  # restored
+
+
+def _export_error(model, args, dynamic_shapes) -> str:
+    with build_torch.quiet_capture_logs():
+        try:
+            build_torch.export_strict(model, args, {}, dynamic_shapes)
+        except Exception as e:  # torch.export's own error, whose text aotpack reads
+            return str(e)
+    raise AssertionError("the export did not fail")
+
+
+class _FixesRows(torch.nn.Module):
+    def forward(self, x):
+        return x.reshape(32, -1)  # fixes the rows
+
+
+def test_constraint_violation_text_gives_symbol_reason_and_user_stack():
+    from torch.export import Dim
+
+    text = _export_error(_FixesRows(), (torch.randn(32, 4),), {"x": {0: Dim("rows", min=2, max=64)}})
+    v = build_torch.constraint_violation(text)
+    assert v.symbols == ("rows",)
+    assert v.reasons == ("You marked rows as dynamic but your code specialized it to be a constant (32)",)
+    assert v.stack[-1] == (__file__, next(i for i, line in enumerate(open(__file__), 1) if "# fixes the rows" in line),
+                           "return x.reshape(32, -1)  # fixes the rows")
+    assert v.fixes == ("rows = 32",)
+    assert build_torch.constraint_violation("64 not in range [2, 8]") is None
+
+
+def test_range_violation_text():
+    from torch.export import Dim
+
+    text = _export_error(torch.nn.Linear(4, 3), (torch.randn(64, 4),), {"input": {0: Dim("b", min=1, max=8)}})
+    assert build_torch.range_violation(text) == (64, 2, 8)  # torch reports 2 where the Dim says 1
+    text = _export_error(torch.nn.Linear(4, 3), (torch.randn(3, 4),), {"input": {0: Dim("b", min=4)}})
+    assert build_torch.range_violation(text) == (3, 4, None)
+
+
+def test_quiet_capture_logs_silences_the_capture_loggers_and_restores_them(capfd):
+    import logging
+
+    from torch.export import Dim
+
+    assert all(not logging.getLogger(n).disabled for n in build_torch.CAPTURE_LOGGERS)
+    _export_error(_FixesRows(), (torch.randn(32, 4),), {"x": {0: Dim("rows", min=2, max=64)}})
+    assert capfd.readouterr().err == ""
+    assert all(not logging.getLogger(n).disabled for n in build_torch.CAPTURE_LOGGERS)
+
+
+def test_dim_spec_reads_every_kind_of_dim():
+    from torch.export import Dim
+
+    dx = Dim("dx", min=2, max=32)
+    assert build_torch.dim_spec(dx) == build_torch.DimSpec("dim", name="dx", low=2, high=32, text="dx")
+    derived = build_torch.dim_spec(dx + 1)
+    assert (derived.kind, derived.name, derived.low, derived.high, derived.fn(4), derived.text) == \
+        ("derived", "dx", 3, 33, 5, "dx + 1")
+    assert build_torch.dim_spec(Dim("n")).high is None
+    assert [build_torch.dim_spec(d).kind for d in (Dim.AUTO, Dim.DYNAMIC, Dim.STATIC, None, 8)] == \
+        ["auto", "dynamic", "static", "static", "size"]

@@ -1,7 +1,8 @@
 """JSON requests to model inputs and model outputs to JSON, for serving one pack over HTTP.
 
 A /predict body is ``{"args": [...], "kwargs": {...}, "dtype": "float32" | {"input name": "int64", ...}}``.
-Nested JSON lists become tensors (float32 unless "dtype" says otherwise); numbers, strings, booleans and
+Nested JSON lists become tensors of the dtype the pack's guards expect for that input (unless "dtype" says
+otherwise; float32 where the pack expects no tensor there); numbers, strings, booleans and
 null where the pack expects a Python value stay Python values; tuples, lists and dicts of the pack's input
 structure are rebuilt as such. A request that cannot be converted raises :class:`BadRequest`, which the
 server answers with its status (400 unless it says otherwise) and ``{"error": message}``.
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 
 import aotpack
-from aotpack_runtime.guards import TensorGuard
+from aotpack_runtime.guards import DTYPE_BY_NAME, TensorGuard
 
 DTYPES = {name: getattr(torch, name) for name in (
     "float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool")}
@@ -47,33 +48,35 @@ def parse_json(raw: bytes) -> Any:
 
 def _tensor(value: Any, dtype: str, where: str) -> torch.Tensor:
     try:
-        return torch.tensor(value, dtype=DTYPES[dtype])
+        return torch.tensor(value, dtype=DTYPE_BY_NAME[dtype])  # a request names one of DTYPES; a guard, any
     except (TypeError, ValueError, RuntimeError, OverflowError) as e:
         raise BadRequest(f"{where}: cannot make a {dtype} tensor from this value: {e}") from None
 
 
-def _generic(value: Any, dtype: str, where: str, depth: int = 0) -> Any:
-    """Without the pack's structure to follow: lists are tensors, objects are dicts, the rest stays."""
+def _generic(value: Any, dtype: str | None, where: str, depth: int = 0) -> Any:
+    """Without the pack's structure to follow: lists are tensors (float32 unless ``dtype`` says), objects are
+    dicts, the rest stays."""
     if depth > MAX_DEPTH:
         raise BadRequest(f"{where} is nested deeper than {MAX_DEPTH} levels")
     if isinstance(value, list):
-        return _tensor(value, dtype, where)
+        return _tensor(value, dtype or DEFAULT_DTYPE, where)
     if isinstance(value, dict):
         return {k: _generic(v, dtype, f"{where}[{k!r}]", depth + 1) for k, v in value.items()}
     return value
 
 
-def _follow(node: dict, value: Any, path: str, dtype: str, guards: dict, depth: int = 0) -> Any:
+def _follow(node: dict, value: Any, path: str, dtype: str | None, guards: dict, depth: int = 0) -> Any:
     """Convert ``value`` along the pack's input structure ``node``: a tensor where the pack expects a
-    tensor, the right container type (tuple/list/dict) where it expects one. Where the request does not fit
-    the structure, convert generically and let the pack's guards say what is wrong."""
+    tensor (of ``dtype``, else the dtype the pack's guard expects), the right container type
+    (tuple/list/dict) where it expects one. Where the request does not fit the structure, convert
+    generically and let the pack's guards say what is wrong."""
     if depth > MAX_DEPTH:
         raise BadRequest(f"{path} is nested deeper than {MAX_DEPTH} levels")
     kind = node["type"]
     if kind == "leaf":
         guard = guards.get(path)
         if isinstance(guard, TensorGuard) and isinstance(value, (list, int, float)):
-            return _tensor(value, dtype, path)  # a bare number for a 0-d tensor input
+            return _tensor(value, dtype or guard.dtype, path)  # a bare number for a 0-d tensor input
         return _generic(value, dtype, path, depth)
     if kind in ("tuple", "list") and isinstance(value, list) and len(value) == len(node["children"]):
         items = [_follow(c, v, f"{path}[{i}]", dtype, guards, depth + 1)
@@ -96,15 +99,14 @@ class InputConverter:
         self.leaves = g.leaves
         self.symbols = g.symbols
 
-    def _dtype_for(self, dtype: Any, top: str, name: str | None) -> str:
-        if dtype is None:
-            return DEFAULT_DTYPE
-        if isinstance(dtype, str):
+    def _dtype_for(self, dtype: Any, top: str, name: str | None) -> str | None:
+        """The dtype the request gives this input, or None: then the pack's guards decide."""
+        if dtype is None or isinstance(dtype, str):
             return dtype
         for key in (top, name):
             if key is not None and key in dtype:
                 return dtype[key]
-        return DEFAULT_DTYPE
+        return None
 
     def convert(self, body: Any) -> tuple[tuple, dict]:
         if not isinstance(body, dict):
