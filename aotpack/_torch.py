@@ -430,8 +430,8 @@ def stable_int_arrays() -> Iterator[None]:
     ``self.wrapper_call.writeline``, a new bound method on each access, whose id is an address the previous
     one may or may not have freed: whether a declaration is reused, and so the generated C++ and the .so,
     followed the allocator, which the hash seed moves (``PYTHONHASHSEED`` 4 gave another pack than 1, 2 and 3
-    under torch 2.11). Torch 2.13 keys by the bound method's owner instead; this is the same key for the
-    older series."""
+    under torch 2.11). Torch 2.13 keys by the bound method's owner instead, and 2.15 also keeps each owner
+    alive; this does both for the older series."""
     if torch_version() >= INT_ARRAY_KEY_FIXED_IN:
         yield
         return
@@ -444,6 +444,9 @@ def stable_int_arrays() -> Iterator[None]:
         key = (int_array, id(owner), known_statically, id(graph) if graph else None)
         cache = self.codegen_int_array_var_cache
         if key not in cache:
+            # The owner is kept alive with the cache, so that its id cannot pass to another writer (torch 2.15
+            # does the same).
+            self.__dict__.setdefault("_aotpack_int_array_owners", []).append(owner)
             cache[key] = self._codegen_int_array_var_impl(int_array, writeline, known_statically)
         return cache[key]
 

@@ -503,9 +503,10 @@ def test_stable_int_arrays_keys_the_cache_by_the_writer():
     from torch._inductor.codegen.cpp_wrapper_cpu import CppWrapperCpu
     from torch._inductor.utils import IndentedBuffer
 
-    class Wrapper:  # the two attributes the method reads, as the real wrapper has them
+    class Wrapper:  # the attributes the method reads, as the real wrapper has them
         def __init__(self):
             self.codegen_int_array_var_cache = {}
+            self._int_array_writeline_targets = []  # torch 2.15 keeps each writer's owner alive here
             self.ids = itertools.count()
 
         def _codegen_int_array_var_impl(self, int_array, writeline, known_statically):
