@@ -800,3 +800,91 @@ def op_name(target) -> str | None:
     """The name an ATen op has in AOTInductor's extern-kernel description (``aten::_unique2``,
     ``aten::median.dim``), or None for a graph node that is not an op overload."""
     return target.name() if isinstance(target, torch._ops.OpOverload) else None
+
+
+# --- reading Inductor's generated code and Dynamo's messages ------------------------------------------------
+# Each reader below parses text whose format torch owns; a torch release that changes it breaks here, and its
+# test in tests/test_torch_private.py names the reader.
+
+def kernel_symbols(kernel_source: str) -> tuple[str, ...]:
+    """The kernels a generated CPU kernel file defines (its ``extern "C" void NAME(`` functions), sorted."""
+    return tuple(sorted(set(re.findall(r'extern "C"\s+void\s+(\w+)\s*\(', kernel_source))))
+
+
+@dataclass(frozen=True)
+class ConstantInfo:
+    """One row of the constants table an AOTInductor wrapper compiles in (``constants_info_[i]``)."""
+
+    name: str  # the code's constant name
+    fqn: str  # the model's parameter or buffer name
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int
+
+
+def wrapper_constants(wrapper_source: str) -> list[ConstantInfo]:
+    """The constants table of a generated AOTInductor wrapper, in the wrapper's order. Fields the wrapper does
+    not set take their defaults (no shape, offset 0); a constant without its parameter name is an error."""
+    def table(pattern: str) -> dict[str, str]:
+        return dict(re.findall(r"constants_info_\[(\d+)\]\." + pattern, wrapper_source))
+
+    names, fqns = table(r'name = "([^"]*)";'), table(r'original_fqn = "([^"]*)";')
+    shapes, strides = table(r"shape = \{([^}]*)\};"), table(r"stride = \{([^}]*)\};")
+    offsets = table(r"offset = (\d+);")
+    if set(names) != set(fqns):
+        from aotpack_runtime.errors import BuildError
+
+        raise BuildError("the generated wrapper lists constants without their parameter names")
+
+    def ints(text: str) -> tuple[int, ...]:
+        return tuple(int(x) for x in text.replace(" ", "").split(",") if x)
+
+    return [ConstantInfo(name=names[i], fqn=fqns[i], shape=ints(shapes.get(i, "")), stride=ints(strides.get(i, "")),
+                         offset=int(offsets.get(i, "0"))) for i in sorted(names, key=int)]
+
+
+@dataclass(frozen=True)
+class CudaKernel:
+    """A kernel a generated CUDA wrapper loads: its name, binary file name, shared memory and warps."""
+
+    name: str
+    file: str
+    shared_mem: int
+    num_warps: int | None
+
+
+_LOAD_KERNEL = re.compile(r'kernels_\.(\w+)\s*=\s*loadKernel\("([^"]+)",\s*"(\w+)",\s*(\d+)')
+_LAUNCH_KERNEL = re.compile(r"launchKernel\(kernels_\.(\w+),\s*[^,]+,\s*[^,]+,\s*[^,]+,\s*(\d+),\s*(\d+),")
+
+
+def wrapper_kernels(wrapper_source: str) -> list[CudaKernel]:
+    """Each kernel the generated CUDA wrapper loads (``loadKernel``), with the warps of its first launch."""
+    warps: dict[str, int] = {}
+    for field, w, _ in _LAUNCH_KERNEL.findall(wrapper_source):
+        warps.setdefault(field, int(w))
+    out = {}
+    for field, path, func, shmem in _LOAD_KERNEL.findall(wrapper_source):
+        out[func] = CudaKernel(name=func, file=os.path.basename(path), shared_mem=int(shmem),
+                               num_warps=warps.get(field))
+    return [out[k] for k in sorted(out)]
+
+
+# Dynamo's warning that a traced forward had side effects it could not put in the graph; a source naming a
+# module's ``_buffers`` means an assignment to a buffer attribute, which the graph silently drops.
+_SIDE_EFFECTS = "we found certain side effects happened in the model.forward"
+_BUFFER_SOURCE = re.compile(r"L\['self'\]((?:\._modules\['[^']+'\])*)\._buffers")
+
+
+def reassigned_buffer_owner(warning_text: str) -> list[str] | None:
+    """The submodule path (``["layers", "0"]``; ``[]`` for the model itself) whose buffer a traced forward
+    assigned, from Dynamo's side-effects warning; None for any other warning."""
+    sources = _BUFFER_SOURCE.findall(warning_text) if _SIDE_EFFECTS in warning_text else []
+    if not sources:
+        return None
+    return [p for p in re.findall(r"\['([^']+)'\]", sources[0]) if p != "_export_root"]
+
+
+def unrecognized_output(message: str) -> tuple[str, int] | None:
+    """(type name, output index) from torch.export's error for an output of a type it cannot flatten."""
+    found = re.search(r"Encountered unrecognized type \w+\((\w+)\) at output (\d+)", message)
+    return None if found is None else (found.group(1), int(found.group(2)))

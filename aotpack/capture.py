@@ -169,23 +169,15 @@ def capture(model: Any, args: tuple, kwargs: dict | None = None, *, dynamic_shap
                     mutated_inputs=tuple(mutated))
 
 
-# Dynamo's warning that a traced forward had side effects it could not put in the graph; a source naming a
-# module's ``_buffers`` means an assignment to a buffer attribute, which the graph silently drops.
-_SIDE_EFFECTS = "we found certain side effects happened in the model.forward"
-_BUFFER_SOURCE = re.compile(r"L\['self'\]((?:\._modules\['[^']+'\])*)\._buffers")
-
-
 def _check_no_reassigned_buffers(caught: list, module: torch.nn.Module) -> None:
     """Refuse ``self.buf = self.buf + 1`` in forward: torch.export drops the assignment (the graph and the
     pack would compute with the build-time value forever), and says so only in a warning. Other warnings
     are passed on as they were."""
     for w in caught:
-        text = str(w.message)
-        sources = _BUFFER_SOURCE.findall(text) if _SIDE_EFFECTS in text else []
-        if not sources:
+        path = _torch.reassigned_buffer_owner(str(w.message))
+        if path is None:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
             continue
-        path = [p for p in re.findall(r"\['([^']+)'\]", sources[0]) if p != "_export_root"]
         owner = module
         for name in path:
             owner = getattr(owner, name, owner)
@@ -234,9 +226,9 @@ def _capture_error(e: BaseException, dims: tuple[dynamic.DynamicDim, ...] = ()) 
         return CaptureError(f"capture failed: an example size {size} is outside the range {span} of a dynamic dim "
                             f"(a range given from 0 or 1 shows here from 2: {dynamic.SPECIALIZED_SIZES})",
                             hint="give example inputs whose dynamic sizes lie in their Dims' ranges")
-    unknown_output = re.search(r"Encountered unrecognized type \w+\((\w+)\) at output (\d+)", message)
+    unknown_output = _torch.unrecognized_output(message)
     if unknown_output:
-        kind, index = unknown_output.groups()
+        kind, index = unknown_output
         return CaptureError(f"the model's output {index} is a {kind} object; packs return tensors, scalars, "
                             "strings and None in tuples, lists and dicts",
                             hint="return the tensors it holds; for Hugging Face models pass use_cache=False")

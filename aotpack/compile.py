@@ -267,8 +267,7 @@ def compile_exported(exported, options: BuildOptions, device: str = "cpu", paral
             raise extern_kernel_error(str(e), extern, exported) from None
         constants = rt_torch.constant_fqns(runner)
     check_constant_layouts(sources.get("wrapper.cpp", b"").decode())
-    kernels = tuple(sorted(set(re.findall(r'extern "C"\s+void\s+(\w+)\s*\(',
-                                          sources.get("kernel.cpp", b"").decode()))))
+    kernels = _torch.kernel_symbols(sources.get("kernel.cpp", b"").decode())
     return CompiledEntry(library=library, sources=sources, constants=constants, kernels=kernels,
                          extern_kernels=extern)
 
@@ -319,7 +318,7 @@ def compile_cuda(exported, options: BuildOptions, parallel: bool = False, statef
         check_extern_kernels(extern, exported)
         wrapper = sources.get("wrapper.cpp", b"").decode()
         records = []
-        listed = cudabuild.wrapper_kernels(wrapper)
+        listed = _torch.wrapper_kernels(wrapper)
         if sorted(k.file for k in listed) != sorted(binaries):
             raise BuildError(f"the generated code loads kernels {sorted(k.file for k in listed)} but Inductor wrote "
                              f"{sorted(binaries)}; this torch's CUDA packaging is not supported")
@@ -335,7 +334,7 @@ def compile_cuda(exported, options: BuildOptions, parallel: bool = False, statef
                                  "for an architecture other than the build GPU's: build on that GPU")
             records.append({"name": k.name, "file": k.file, "archs": sass, "ptx": ptx,
                             "shared_mem": k.shared_mem, "num_warps": k.num_warps})
-    constants = _wrapper_constants(wrapper)
+    constants = {c.name: c.fqn for c in _torch.wrapper_constants(wrapper)}
     check_constant_layouts(wrapper)
     missing = sorted(set(_used_weights(exported)) - set(constants.values()))
     if missing:
@@ -352,16 +351,6 @@ def _used_weights(exported) -> list[str]:
     by_input = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
     return [by_input[n.name] for n in exported.graph.nodes
             if n.op == "placeholder" and n.name in by_input and n.users]
-
-
-def _wrapper_constants(wrapper: str) -> dict:
-    """The constant name -> original parameter/buffer name table the generated wrapper compiles in (the
-    CPU path asks the loaded library; a CUDA library cannot be loaded without a driver)."""
-    names = dict(re.findall(r'constants_info_\[(\d+)\]\.name = "([^"]*)";', wrapper))
-    fqns = dict(re.findall(r'constants_info_\[(\d+)\]\.original_fqn = "([^"]*)";', wrapper))
-    if set(names) != set(fqns):
-        raise BuildError("the generated CUDA wrapper lists constants without their parameter names")
-    return {names[i]: fqns[i] for i in sorted(names, key=int)}
 
 
 def _unpack(package: str, root: str) -> tuple[bytes, dict, dict, bytes | None]:
@@ -439,21 +428,14 @@ def extern_kernel_error(message: str, extern: bytes | None, exported) -> Aotpack
 def check_constant_layouts(wrapper: str) -> None:
     """Every constant the code reads must be dense and start at its storage (the pack stores weights as dense
     bytes and hands them to the code as they are); ``lift_constants_to_buffers`` made them so."""
-    names = dict(re.findall(r'constants_info_\[(\d+)\]\.original_fqn = "([^"]*)";', wrapper))
-    shapes = dict(re.findall(r"constants_info_\[(\d+)\]\.shape = \{([^}]*)\};", wrapper))
-    strides = dict(re.findall(r"constants_info_\[(\d+)\]\.stride = \{([^}]*)\};", wrapper))
-    offsets = dict(re.findall(r"constants_info_\[(\d+)\]\.offset = (\d+);", wrapper))
-    for i, fqn in names.items():
-        shape = [int(x) for x in shapes.get(i, "").replace(" ", "").split(",") if x]
-        stride = [int(x) for x in strides.get(i, "").replace(" ", "").split(",") if x]
+    for c in _torch.wrapper_constants(wrapper):
         dense, acc = [], 1
-        for n in reversed(shape):
+        for n in reversed(c.shape):
             dense.insert(0, acc)
             acc *= max(n, 1)
-        if any(n > 1 and a != b for n, a, b in zip(shape, stride, dense)) or int(offsets.get(i, "0")):
-            raise BuildError(f"the compiled code reads the weight {fqn!r} with strides {stride} at offset "
-                             f"{offsets.get(i)}, but the pack stores it dense; this torch's AOTInductor is not "
-                             "supported")
+        if any(n > 1 and a != b for n, a, b in zip(c.shape, c.stride, dense)) or c.offset:
+            raise BuildError(f"the compiled code reads the weight {c.fqn!r} with strides {list(c.stride)} at offset "
+                             f"{c.offset}, but the pack stores it dense; this torch's AOTInductor is not supported")
 
 
 def _worker(folder: str) -> None:

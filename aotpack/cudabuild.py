@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import subprocess
-from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -207,30 +206,6 @@ def disassembles(path: str) -> bool:
     """Whether ``cuobjdump -sass`` reads every SASS image of the binary (a malformed one fails)."""
     out = subprocess.run([cuobjdump(), "-sass", path], capture_output=True, text=True, timeout=300)
     return out.returncode == 0 and "Function :" in out.stdout
-
-
-_LOAD = re.compile(r'kernels_\.(\w+)\s*=\s*loadKernel\("([^"]+)",\s*"(\w+)",\s*(\d+)')
-_LAUNCH = re.compile(r"launchKernel\(kernels_\.(\w+),\s*[^,]+,\s*[^,]+,\s*[^,]+,\s*(\d+),\s*(\d+),")
-
-
-@dataclass(frozen=True)
-class Kernel:
-    name: str
-    file: str
-    shared_mem: int
-    num_warps: int | None
-
-
-def wrapper_kernels(wrapper_source: str) -> list[Kernel]:
-    """Each kernel the generated wrapper loads: its name, binary file name, shared memory and warps."""
-    warps: dict[str, int] = {}
-    for name, w, _ in _LAUNCH.findall(wrapper_source):
-        warps.setdefault(name, int(w))
-    out = {}
-    for field, path, func, shmem in _LOAD.findall(wrapper_source):
-        out[func] = Kernel(name=func, file=os.path.basename(path), shared_mem=int(shmem),
-                           num_warps=warps.get(field))
-    return [out[k] for k in sorted(out)]
 
 
 def missing_archs(sass: list[str], archs: tuple[int, ...]) -> list[str]:

@@ -89,16 +89,6 @@ def test_gpu_build_without_a_gpu_points_at_without_gpu(monkeypatch):
     assert "this host has no usable GPU" in str(e.value) and "--without-gpu --cuda-arch" in str(e.value)
 
 
-def test_wrapper_kernels_parses_loads_and_launches():
-    src = ('    kernels_.triton_poi_0 = loadKernel("/x/y/abc.fatbin", "triton_poi_0", 1024, cubin_dir_, &m);\n'
-           '    launchKernel(kernels_.triton_poi_0, grid_0, grid_1, grid_2, 8, 1024, kernel_args_, stream_);\n'
-           '    kernels_.triton_red_1 = loadKernel("/x/y/def.fatbin", "triton_red_1", 0, cubin_dir_, &m);\n'
-           '    launchKernel(kernels_.triton_red_1, grid_0, 1, 1, 4, 0, kernel_args_, stream_);\n')
-    ks = cudabuild.wrapper_kernels(src)
-    assert [(k.name, k.file, k.shared_mem, k.num_warps) for k in ks] == [
-        ("triton_poi_0", "abc.fatbin", 1024, 8), ("triton_red_1", "def.fatbin", 0, 4)]
-
-
 def test_missing_archs_counts_arch_specific_sass():
     assert cudabuild.missing_archs(["sm_90a"], (90,)) == []
     assert cudabuild.missing_archs(["sm_80"], (80, 90)) == ["sm_90"]

@@ -582,3 +582,76 @@ def test_dim_spec_reads_every_kind_of_dim():
     assert build_torch.dim_spec(Dim("n")).high is None
     assert [build_torch.dim_spec(d).kind for d in (Dim.AUTO, Dim.DYNAMIC, Dim.STATIC, None, 8)] == \
         ["auto", "dynamic", "static", "static", "size"]
+
+
+def test_wrapper_kernels_parses_loads_and_launches():
+    src = ('    kernels_.triton_poi_0 = loadKernel("/x/y/abc.fatbin", "triton_poi_0", 1024, cubin_dir_, &m);\n'
+           '    launchKernel(kernels_.triton_poi_0, grid_0, grid_1, grid_2, 8, 1024, kernel_args_, stream_);\n'
+           '    kernels_.triton_red_1 = loadKernel("/x/y/def.fatbin", "triton_red_1", 0, cubin_dir_, &m);\n'
+           '    launchKernel(kernels_.triton_red_1, grid_0, 1, 1, 4, 0, kernel_args_, stream_);\n')
+    ks = build_torch.wrapper_kernels(src)
+    assert [(k.name, k.file, k.shared_mem, k.num_warps) for k in ks] == [
+        ("triton_poi_0", "abc.fatbin", 1024, 8), ("triton_red_1", "def.fatbin", 0, 4)]
+
+
+def test_generated_cpu_code_readers(convnet_pack):
+    """The kernel names and the constants table read from the C++ a real build generated (stored in the pack)
+    are what the pack recorded from the loaded library."""
+    from aotpack_runtime.archive import Archive
+
+    a = Archive.open(convnet_pack.path)
+    try:
+        wrapper = bytes(a.read_blob("source/0/wrapper.cpp")).decode()
+        kernel = bytes(a.read_blob("source/0/kernel.cpp")).decode()
+        entry = a.manifest.entries[0]
+        weights = {w.name: w for w in a.manifest.weights}
+    finally:
+        a.close()
+    assert build_torch.kernel_symbols(kernel) == tuple(entry["kernels"]) and entry["kernels"]
+    table = build_torch.wrapper_constants(wrapper)
+    assert {c.name: c.fqn for c in table} == entry["constants"] and table
+    for c in table:
+        assert c.offset == 0 and list(c.shape) == list(weights[c.fqn].shape), c
+
+
+def test_dynamo_message_readers():
+    """A buffer assigned in forward, named in Dynamo's side-effects warning; an output type torch.export
+    cannot flatten, named in its error. Both read from what this torch really says."""
+    import warnings
+
+    class Inner(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("count", torch.zeros(()))
+
+        def forward(self, x):
+            self.count = self.count + 1
+            return x + self.count
+
+    class Outer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = Inner()
+
+        def forward(self, x):
+            return self.inner(x)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        build_torch.export_strict(Outer(), (torch.randn(2),), {})
+    owners = [build_torch.reassigned_buffer_owner(str(w.message)) for w in caught]
+    assert ["inner"] in owners, [str(w.message)[:200] for w in caught]
+    assert build_torch.reassigned_buffer_owner("some other warning") is None
+
+    class Odd:
+        pass
+
+    class Returns(torch.nn.Module):
+        def forward(self, x):
+            return x + 1, Odd()
+
+    with pytest.raises(Exception) as e:
+        build_torch.export_strict(Returns(), (torch.randn(2),), {})
+    found = build_torch.unrecognized_output(str(e.value))
+    assert found is not None and found[0] == "Odd", str(e.value)[:500]
+    assert build_torch.unrecognized_output("another error") is None
