@@ -20,7 +20,7 @@ import torch
 
 from aotpack_runtime.errors import CaptureError
 
-from . import _torch, dynamic
+from . import _torch, _torch_text, dynamic
 
 # Hints keyed by Dynamo's graph-break type (``gb_type``) or a phrase of its message.
 HINTS: tuple[tuple[str, str], ...] = (
@@ -174,7 +174,7 @@ def _check_no_reassigned_buffers(caught: list, module: torch.nn.Module) -> None:
     pack would compute with the build-time value forever), and says so only in a warning. Other warnings
     are passed on as they were."""
     for w in caught:
-        path = _torch.reassigned_buffer_owner(str(w.message))
+        path = _torch_text.reassigned_buffer_owner(str(w.message))
         if path is None:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
             continue
@@ -216,17 +216,17 @@ def _assignment_site(owner: torch.nn.Module) -> tuple[str | None, int | None, st
 def _capture_error(e: BaseException, dims: tuple[dynamic.DynamicDim, ...] = ()) -> CaptureError:
     gb_type, stack = _torch.unsupported_details(e)
     message = str(e)
-    violation = _torch.constraint_violation(message)
+    violation = _torch_text.constraint_violation(message)
     if violation is not None and violation.reasons:
         return _violation_error(violation, dims)
-    out_of_range = _torch.range_violation(message)
+    out_of_range = _torch_text.range_violation(message)
     if out_of_range is not None:
         size, low, high = out_of_range
         span = f"{low}..{high}" if high is not None else f">= {low}"
         return CaptureError(f"capture failed: an example size {size} is outside the range {span} of a dynamic dim "
                             f"(a range given from 0 or 1 shows here from 2: {dynamic.SPECIALIZED_SIZES})",
                             hint="give example inputs whose dynamic sizes lie in their Dims' ranges")
-    unknown_output = _torch.unrecognized_output(message)
+    unknown_output = _torch_text.unrecognized_output(message)
     if unknown_output:
         kind, index = unknown_output
         return CaptureError(f"the model's output {index} is a {kind} object; packs return tensors, scalars, "
@@ -252,7 +252,8 @@ def _capture_error(e: BaseException, dims: tuple[dynamic.DynamicDim, ...] = ()) 
                         code=code, hint=_hint_for(None, message))
 
 
-def _violation_error(violation: "_torch.ConstraintViolation", dims: tuple[dynamic.DynamicDim, ...]) -> CaptureError:
+def _violation_error(violation: _torch_text.ConstraintViolation,
+                     dims: tuple[dynamic.DynamicDim, ...]) -> CaptureError:
     """A dynamic dim the model does not keep dynamic (it fixes the size, or allows only part of the range):
     which input and dim, torch's reason, and the model line that decided it."""
     named = dynamic.by_symbol(dims)

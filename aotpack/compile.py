@@ -31,7 +31,7 @@ from aotpack_runtime import _torch as rt_torch
 from aotpack_runtime.devices import EXTERN_KERNELS_FILE, LIBRARY_FILE
 from aotpack_runtime.errors import AotpackError, BuildError, CaptureError
 
-from . import _torch, buildcache, toolchain
+from . import _torch, _torch_text, buildcache, toolchain
 from .capture import Captured
 from .memory import peak_rss
 from .options import BuildOptions
@@ -267,7 +267,7 @@ def compile_exported(exported, options: BuildOptions, device: str = "cpu", paral
             raise extern_kernel_error(str(e), extern, exported) from None
         constants = rt_torch.constant_fqns(runner)
     check_constant_layouts(sources.get("wrapper.cpp", b"").decode())
-    kernels = _torch.kernel_symbols(sources.get("kernel.cpp", b"").decode())
+    kernels = _torch_text.kernel_symbols(sources.get("kernel.cpp", b"").decode())
     return CompiledEntry(library=library, sources=sources, constants=constants, kernels=kernels,
                          extern_kernels=extern)
 
@@ -318,7 +318,7 @@ def compile_cuda(exported, options: BuildOptions, parallel: bool = False, statef
         check_extern_kernels(extern, exported)
         wrapper = sources.get("wrapper.cpp", b"").decode()
         records = []
-        listed = _torch.wrapper_kernels(wrapper)
+        listed = _torch_text.wrapper_kernels(wrapper)
         if sorted(k.file for k in listed) != sorted(binaries):
             raise BuildError(f"the generated code loads kernels {sorted(k.file for k in listed)} but Inductor wrote "
                              f"{sorted(binaries)}; this torch's CUDA packaging is not supported")
@@ -334,7 +334,7 @@ def compile_cuda(exported, options: BuildOptions, parallel: bool = False, statef
                                  "for an architecture other than the build GPU's: build on that GPU")
             records.append({"name": k.name, "file": k.file, "archs": sass, "ptx": ptx,
                             "shared_mem": k.shared_mem, "num_warps": k.num_warps})
-    constants = {c.name: c.fqn for c in _torch.wrapper_constants(wrapper)}
+    constants = {c.name: c.fqn for c in _torch_text.wrapper_constants(wrapper)}
     check_constant_layouts(wrapper)
     missing = sorted(set(_used_weights(exported)) - set(constants.values()))
     if missing:
@@ -428,7 +428,7 @@ def extern_kernel_error(message: str, extern: bytes | None, exported) -> Aotpack
 def check_constant_layouts(wrapper: str) -> None:
     """Every constant the code reads must be dense and start at its storage (the pack stores weights as dense
     bytes and hands them to the code as they are); ``lift_constants_to_buffers`` made them so."""
-    for c in _torch.wrapper_constants(wrapper):
+    for c in _torch_text.wrapper_constants(wrapper):
         dense, acc = [], 1
         for n in reversed(c.shape):
             dense.insert(0, acc)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from aotpack import _torch as build_torch
+from aotpack import _torch_text as torch_text
 from aotpack import toolchain
 from aotpack_runtime import _torch as rt_torch
 
@@ -542,22 +543,22 @@ def test_constraint_violation_text_gives_symbol_reason_and_user_stack():
     from torch.export import Dim
 
     text = _export_error(_FixesRows(), (torch.randn(32, 4),), {"x": {0: Dim("rows", min=2, max=64)}})
-    v = build_torch.constraint_violation(text)
+    v = torch_text.constraint_violation(text)
     assert v.symbols == ("rows",)
     assert v.reasons == ("You marked rows as dynamic but your code specialized it to be a constant (32)",)
     assert v.stack[-1] == (__file__, next(i for i, line in enumerate(open(__file__), 1) if "# fixes the rows" in line),
                            "return x.reshape(32, -1)  # fixes the rows")
     assert v.fixes == ("rows = 32",)
-    assert build_torch.constraint_violation("64 not in range [2, 8]") is None
+    assert torch_text.constraint_violation("64 not in range [2, 8]") is None
 
 
 def test_range_violation_text():
     from torch.export import Dim
 
     text = _export_error(torch.nn.Linear(4, 3), (torch.randn(64, 4),), {"input": {0: Dim("b", min=1, max=8)}})
-    assert build_torch.range_violation(text) == (64, 2, 8)  # torch reports 2 where the Dim says 1
+    assert torch_text.range_violation(text) == (64, 2, 8)  # torch reports 2 where the Dim says 1
     text = _export_error(torch.nn.Linear(4, 3), (torch.randn(3, 4),), {"input": {0: Dim("b", min=4)}})
-    assert build_torch.range_violation(text) == (3, 4, None)
+    assert torch_text.range_violation(text) == (3, 4, None)
 
 
 def test_quiet_capture_logs_silences_the_capture_loggers_and_restores_them(capfd):
@@ -589,7 +590,7 @@ def test_wrapper_kernels_parses_loads_and_launches():
            '    launchKernel(kernels_.triton_poi_0, grid_0, grid_1, grid_2, 8, 1024, kernel_args_, stream_);\n'
            '    kernels_.triton_red_1 = loadKernel("/x/y/def.fatbin", "triton_red_1", 0, cubin_dir_, &m);\n'
            '    launchKernel(kernels_.triton_red_1, grid_0, 1, 1, 4, 0, kernel_args_, stream_);\n')
-    ks = build_torch.wrapper_kernels(src)
+    ks = torch_text.wrapper_kernels(src)
     assert [(k.name, k.file, k.shared_mem, k.num_warps) for k in ks] == [
         ("triton_poi_0", "abc.fatbin", 1024, 8), ("triton_red_1", "def.fatbin", 0, 4)]
 
@@ -607,8 +608,8 @@ def test_generated_cpu_code_readers(convnet_pack):
         weights = {w.name: w for w in a.manifest.weights}
     finally:
         a.close()
-    assert build_torch.kernel_symbols(kernel) == tuple(entry["kernels"]) and entry["kernels"]
-    table = build_torch.wrapper_constants(wrapper)
+    assert torch_text.kernel_symbols(kernel) == tuple(entry["kernels"]) and entry["kernels"]
+    table = torch_text.wrapper_constants(wrapper)
     assert {c.name: c.fqn for c in table} == entry["constants"] and table
     for c in table:
         assert c.offset == 0 and list(c.shape) == list(weights[c.fqn].shape), c
@@ -639,9 +640,9 @@ def test_dynamo_message_readers():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         build_torch.export_strict(Outer(), (torch.randn(2),), {})
-    owners = [build_torch.reassigned_buffer_owner(str(w.message)) for w in caught]
+    owners = [torch_text.reassigned_buffer_owner(str(w.message)) for w in caught]
     assert ["inner"] in owners, [str(w.message)[:200] for w in caught]
-    assert build_torch.reassigned_buffer_owner("some other warning") is None
+    assert torch_text.reassigned_buffer_owner("some other warning") is None
 
     class Odd:
         pass
@@ -652,6 +653,6 @@ def test_dynamo_message_readers():
 
     with pytest.raises(Exception) as e:
         build_torch.export_strict(Returns(), (torch.randn(2),), {})
-    found = build_torch.unrecognized_output(str(e.value))
+    found = torch_text.unrecognized_output(str(e.value))
     assert found is not None and found[0] == "Odd", str(e.value)[:500]
-    assert build_torch.unrecognized_output("another error") is None
+    assert torch_text.unrecognized_output("another error") is None
