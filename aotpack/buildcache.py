@@ -289,18 +289,8 @@ class BuildCache:
         in ``max_bytes`` (or all with ``everything``), and temporary files left by builds that died over an
         hour ago. Return the entries removed."""
         now = time.time() if now is None else now
-        kept, removed = [], []
-        for entry in self.entries():
-            if everything or (older_than is not None and now - entry.last_used > older_than):
-                removed.append(entry)
-            else:
-                kept.append(entry)
-        if max_bytes is not None:
-            total = sum(e.size for e in kept)
-            while kept and total > max_bytes:
-                entry = kept.pop()  # least recently used
-                total -= entry.size
-                removed.append(entry)
+        removed = _to_remove(self.entries(), older_than=older_than, max_bytes=max_bytes, everything=everything,
+                             now=now)
         for entry in removed:
             self.remove(entry)
         if self.folder.is_dir():
@@ -334,19 +324,8 @@ class BuildCache:
                       everything: bool = False, now: float | None = None) -> list[Header]:
         """Remove precompiled headers by the rules of ``prune`` (last use: the last compile that used one).
         A build remakes a header it misses (about 7 s for each of the two a CPU entry uses)."""
-        now = time.time() if now is None else now
-        kept, removed = [], []
-        for h in self.headers():
-            if everything or (older_than is not None and now - h.last_used > older_than):
-                removed.append(h)
-            else:
-                kept.append(h)
-        if max_bytes is not None:
-            total = sum(h.size for h in kept)
-            while kept and total > max_bytes:
-                h = kept.pop()
-                total -= h.size
-                removed.append(h)
+        removed = _to_remove(self.headers(), older_than=older_than, max_bytes=max_bytes, everything=everything,
+                             now=time.time() if now is None else now)
         for h in removed:
             source = h.path.with_suffix("")
             lock = h.path.parent / "locks" / f"{source.stem}.lock"
@@ -354,6 +333,26 @@ class BuildCache:
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
         return removed
+
+
+def _to_remove(items: list, *, older_than: float | None, max_bytes: int | None, everything: bool,
+               now: float) -> list:
+    """What a prune removes of ``items`` (each with ``last_used`` and ``size``, most recently used first): all
+    with ``everything``; else those unused for ``older_than`` seconds, then the least recently used until the
+    rest fit in ``max_bytes``."""
+    kept, removed = [], []
+    for item in items:
+        if everything or (older_than is not None and now - item.last_used > older_than):
+            removed.append(item)
+        else:
+            kept.append(item)
+    if max_bytes is not None:
+        total = sum(item.size for item in kept)
+        while kept and total > max_bytes:
+            item = kept.pop()  # least recently used
+            total -= item.size
+            removed.append(item)
+    return removed
 
 
 @dataclass(frozen=True)
