@@ -31,14 +31,15 @@ def session_dir() -> pathlib.Path:
 
 
 class Built:
-    """A pack built from an example file, with the model and inputs it came from."""
+    """A pack built once per session, with the model and example inputs it came from: what every pack fixture
+    returns."""
 
-    def __init__(self, name: str, path: pathlib.Path, spec):
+    def __init__(self, name: str, path: pathlib.Path, model, args: tuple, kwargs: dict | None = None):
         self.name = name
         self.path = path
-        self.model = spec.model
-        self.args = spec.example_inputs
-        self.kwargs = spec.example_kwargs
+        self.model = model
+        self.args = args
+        self.kwargs = kwargs or {}
 
 
 _built: dict[str, Built] = {}
@@ -54,7 +55,7 @@ def build_example(name: str, session_dir: pathlib.Path) -> Built:
         out = session_dir / f"{name.replace('/', '-')}.pack"
         aotpack.build(spec.model, spec.example_inputs, out, example_kwargs=spec.example_kwargs,
                       dynamic_shapes=spec.dynamic_shapes)
-        _built[name] = Built(name, out, spec)
+        _built[name] = Built(name, out, spec.model, spec.example_inputs, spec.example_kwargs)
     return _built[name]
 
 
@@ -120,20 +121,21 @@ class Counter:
 
 
 @pytest.fixture(scope="session")
-def counter_pack(session_dir) -> pathlib.Path:
+def counter_pack(session_dir) -> Built:
     """A small pack with state (Counter), built once per session."""
     import torch
 
     import aotpack
 
     path = session_dir / "counter.pack"
+    model, args = Counter.make(), (torch.ones(3),)
     if not path.exists():
-        aotpack.build(Counter.make(), (torch.ones(3),), path)
-    return path
+        aotpack.build(model, args, path)
+    return Built("counter", path, model, args)
 
 
 @pytest.fixture(scope="session")
-def corpus_pack(session_dir) -> pathlib.Path:
+def corpus_pack(session_dir) -> Built:
     """The corpus of tests/corpus.py as one pack: one entry per group of models (the dynamic group first, with
     its dynamic shapes; the others as specializations), compiled in parallel."""
     import aotpack
@@ -143,10 +145,11 @@ def corpus_pack(session_dir) -> pathlib.Path:
     groups = list(corpus.GROUPS)
     main = groups[-1]
     path = session_dir / "corpus.pack"
-    aotpack.build(model, (main, corpus.group_inputs(corpus.GROUPS[main], 0, 0)), path,
+    args = (main, corpus.group_inputs(corpus.GROUPS[main], 0, 0))
+    aotpack.build(model, args, path,
                   dynamic_shapes={"group": None, **corpus.group_dynamic_shapes(corpus.GROUPS[main])},
                   specializations=[(g, corpus.group_inputs(corpus.GROUPS[g], 0, 0)) for g in groups if g != main])
-    return path
+    return Built("corpus", path, model, args)
 
 
 # Run in a fresh process: load the pack (the runtime only), call every group on every input set, and save what
@@ -180,7 +183,7 @@ def corpus_run(corpus_pack, session_dir) -> dict:
     calls = [(g, label, inputs) for g in corpus.GROUPS for label, inputs in corpus.input_sets(g)]
     calls_file, out_file = session_dir / "corpus-calls.pt", session_dir / "corpus-results.pt"
     torch.save(calls, calls_file)
-    proc = run_python(_FRESH.format(pack=str(corpus_pack), calls=str(calls_file), out=str(out_file)), timeout=600)
+    proc = run_python(_FRESH.format(pack=str(corpus_pack.path), calls=str(calls_file), out=str(out_file)), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     fresh = torch.load(out_file)
     assert fresh["build_side"] == [], f"the fresh process imported {fresh['build_side']}"

@@ -177,7 +177,7 @@ def test_version_4_features_decide_the_version(change, feature):
 # -- the corpus pack: records and messages of a real build ----------------------------------------------------
 
 def test_inspect_shows_written_inputs_ranges_and_aten_ops(corpus_pack):
-    info = describe(Archive.open(corpus_pack))
+    info = describe(Archive.open(corpus_pack.path))
     dynamic, static = info["entries"]
     guards = {g.split(" (")[1].split(")")[0]: g.split(": ", 1)[1] for g in dynamic["guards"] if "==" not in g}
     assert guards["args[1]['dyn_unbounded'][0]"] == "float32[n>=0, 6] cpu contiguous"
@@ -192,13 +192,13 @@ def test_inspect_shows_written_inputs_ranges_and_aten_ops(corpus_pack):
 
 
 def test_plain_attributes_are_weights_under_their_names(corpus_pack):
-    names = {w.name for w in Archive.open(corpus_pack).manifest.weights}
+    names = {w.name for w in Archive.open(corpus_pack.path).manifest.weights}
     for attr in ("table", "offset_view", "transposed", "strided", "buffer_t"):
         assert any(n.endswith(f".{attr}") for n in names), attr
 
 
 def test_guard_errors_name_the_users_dims(corpus_pack):
-    pkg = aotpack.load(corpus_pack)
+    pkg = aotpack.load(corpus_pack.path)
     inputs = corpus.group_inputs(corpus.GROUPS["dynamic"], 0, 0)
     x, y, z = inputs["dyn_derived"]
     inputs["dyn_derived"] = (x, torch.rand(x.shape[0] + 2, 3), z)
@@ -210,7 +210,7 @@ def test_guard_errors_name_the_users_dims(corpus_pack):
 
 
 def test_a_refused_call_writes_nothing(corpus_pack):
-    pkg = aotpack.load(corpus_pack)
+    pkg = aotpack.load(corpus_pack.path)
     inputs = corpus.group_inputs(corpus.GROUPS["static"], 0, 0)
     x, out, v = inputs["inplace_inputs"]
     inputs["inplace_inputs"] = (x, out, v.double())  # v's dtype is wrong: no entry accepts the call
@@ -228,7 +228,7 @@ def test_an_aten_call_the_proxy_executor_refuses_is_a_capture_error(corpus_pack,
     from aotpack_runtime import _torch as rt_torch
     from aotpack.capture import capture
 
-    archive = Archive.open(corpus_pack)
+    archive = Archive.open(corpus_pack.path)
     static = archive.manifest.entries[1]
     description = json.loads(archive.read_blob(static["extern_kernels"]))
     node = next(n["node"] for n in description["nodes"] if n["node"]["target"] == "aten::_unique2")
@@ -255,7 +255,7 @@ def test_verify_compares_outputs_and_written_inputs(corpus_pack):
     came back (bool and int tensors exactly, Python numbers by type and value) and what each wrote."""
     from aotpack.checks import _worst
 
-    pkg = aotpack.load(corpus_pack)
+    pkg = aotpack.load(corpus_pack.path)
     model = corpus.Corpus().eval()
     for group, names in corpus.GROUPS.items():
         assert _worst(pkg, model, (group, corpus.group_inputs(names, 1, 0)), {}, 1e-4) < 1e-4
@@ -291,7 +291,7 @@ def test_each_class_is_served_or_refused_at_build(cls, corpus_run):
 
 def test_python_numbers_keep_eagers_types(corpus_pack):
     """Class 4: .item() of a float tensor is a float, a size an int, a comparison a bool, constants as they were."""
-    pkg = aotpack.load(corpus_pack)
+    pkg = aotpack.load(corpus_pack.path)
     inputs = corpus.group_inputs(corpus.GROUPS["static"], 0, 0)
     out = pkg("static", inputs)["python_numbers"]
     with torch.no_grad():
@@ -303,7 +303,7 @@ def test_python_numbers_keep_eagers_types(corpus_pack):
 
 def test_inputs_written_in_place_reach_the_callers_tensors(corpus_pack):
     """Class 7: the pack writes into the very tensors the caller passed (same storage), as eager does."""
-    pkg = aotpack.load(corpus_pack)
+    pkg = aotpack.load(corpus_pack.path)
     inputs = corpus.group_inputs(corpus.GROUPS["static"], 0, 0)
     eager_inputs = copy.deepcopy(inputs)
     pointers = [t.data_ptr() for t in inputs["inplace_inputs"]]

@@ -50,7 +50,7 @@ def test_the_corpus_covers_the_issue(corpus_pack):
     from aotpack_runtime.describe import describe
 
     assert len(corpus.CASES) >= 40
-    info = describe(Archive.open(corpus_pack))
+    info = describe(Archive.open(corpus_pack.path))
     assert info["format_version"] == 4
     assert [e["guards"][0].split(" == ")[1] for e in info["entries"]] == ["'dynamic'", "'static'"]
     static = info["entries"][1]

@@ -310,11 +310,11 @@ def test_stateful_cuda_entry_binds_each_sessions_state_per_device(counter_pack, 
     """A CUDA entry of a pack with state keeps a pool of num_models containers per GPU (one model each), binds
     a session's state (user-managed, no copy) just before the call that needs it, and does not rebind a
     container still bound to the calling session."""
-    _, manifest, _ = split(counter_pack.read_bytes())
+    _, manifest, _ = split(counter_pack.path.read_bytes())
     fake_gpu_host.constants = manifest["entries"][0]["constants"]
     FakeRunner.outputs = 2  # (x * count * scale, history.sum())
     path = tmp_path / "stateful-cuda.pack"
-    path.write_bytes(make_cuda_pack(counter_pack.read_bytes(), cpu=False, version=3))
+    path.write_bytes(make_cuda_pack(counter_pack.path.read_bytes(), cpu=False, version=3))
     with pytest.warns(AotpackWarning):
         pkg = aotpack.load(path, cache_dir=tmp_path / "cache", num_models=2)
     entry = pkg.entries[0]

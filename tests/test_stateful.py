@@ -30,7 +30,7 @@ from decoders import greedy, wrapped  # noqa: E402
 
 
 def test_a_counter_counts_from_the_initial_state(counter_pack):
-    s = aotpack.load(counter_pack).session()
+    s = aotpack.load(counter_pack.path).session()
     with torch.no_grad():
         outs = [s(torch.ones(3)) for _ in range(3)]
     assert [o[0].tolist() for o in outs] == [[2.0] * 3, [4.0] * 3, [6.0] * 3]
@@ -41,7 +41,7 @@ def test_a_counter_counts_from_the_initial_state(counter_pack):
 def test_a_pack_with_state_is_written_as_format_3_and_says_what_its_state_is(counter_pack):
     from aotpack_runtime.archive import Archive
 
-    m = Archive.open(counter_pack).manifest
+    m = Archive.open(counter_pack.path).manifest
     assert m.format_version == fmt.STATE_FORMAT_VERSION == 3
     assert [(r.name, r.dtype, r.shape, r.init) for r in m.state] == [("count", "float32", (), "zeros"),
                                                                     ("history", "float32", (4,), "zeros")]
@@ -50,7 +50,7 @@ def test_a_pack_with_state_is_written_as_format_3_and_says_what_its_state_is(cou
 
 
 def test_calling_the_package_itself_says_to_open_a_session(counter_pack):
-    pkg = aotpack.load(counter_pack)
+    pkg = aotpack.load(counter_pack.path)
     with pytest.raises(SessionError, match=re.escape("this pack carries state that its calls write (2 state buffers "
                                                      "(count, history)): open a session, which holds its own copy "
                                                      "of it: s = pkg.session(); s(...)")):
@@ -58,7 +58,7 @@ def test_calling_the_package_itself_says_to_open_a_session(counter_pack):
 
 
 def test_sessions_are_independent_and_reset(counter_pack):
-    pkg = aotpack.load(counter_pack)
+    pkg = aotpack.load(counter_pack.path)
     a, b = pkg.session(), pkg.session()
     with torch.no_grad():
         a(torch.ones(3))
@@ -71,7 +71,7 @@ def test_sessions_are_independent_and_reset(counter_pack):
 
 
 def test_state_is_saved_restored_and_forked(counter_pack):
-    s = aotpack.load(counter_pack).session()
+    s = aotpack.load(counter_pack.path).session()
     with torch.no_grad():
         s(torch.ones(3))
         saved = s.state_dict()
@@ -93,11 +93,11 @@ def test_state_is_saved_restored_and_forked(counter_pack):
 ])
 def test_a_wrong_state_is_refused(counter_pack, state, message):
     with pytest.raises(SessionError, match=re.escape(message)):
-        aotpack.load(counter_pack).session().load_state_dict(state)
+        aotpack.load(counter_pack.path).session().load_state_dict(state)
 
 
 def test_a_failed_call_marks_the_session_until_reset(counter_pack, monkeypatch):
-    s = aotpack.load(counter_pack).session()
+    s = aotpack.load(counter_pack.path).session()
     original = rt_torch.run
 
     def fail(runner, tensors):
@@ -117,7 +117,7 @@ def test_a_failed_call_marks_the_session_until_reset(counter_pack, monkeypatch):
 
 
 def test_one_session_runs_one_call_at_a_time(counter_pack, monkeypatch):
-    s = aotpack.load(counter_pack).session()
+    s = aotpack.load(counter_pack.path).session()
     entered, release = threading.Event(), threading.Event()
     original = rt_torch.run
 
@@ -138,8 +138,8 @@ def test_one_session_runs_one_call_at_a_time(counter_pack, monkeypatch):
 
 
 def test_state_is_not_shared_between_two_loads(counter_pack):
-    a = aotpack.load(counter_pack).session()
-    b = aotpack.load(counter_pack).session()
+    a = aotpack.load(counter_pack.path).session()
+    b = aotpack.load(counter_pack.path).session()
     with torch.no_grad():
         for _ in range(3):
             a(torch.ones(3))
@@ -326,7 +326,7 @@ def test_inspect_and_run_show_the_state(llama_pack):
 
 def _manifest_with(counter_pack, tmp_path, edit, version=None):
     """The pack with ``edit(manifest)`` applied (and the format version set, in both places)."""
-    header_version, manifest, region = split(counter_pack.read_bytes())
+    header_version, manifest, region = split(counter_pack.path.read_bytes())
     edit(manifest)
     if version is not None:
         manifest["format_version"] = header_version = version
@@ -360,7 +360,7 @@ def test_older_readers_are_told_to_upgrade(counter_pack, tmp_path, monkeypatch):
     monkeypatch.setattr(fmt, "FORMAT_VERSION", 2)
     with pytest.raises(ArchiveError, match=re.escape("unsupported format version 3 (this reader: 1..2); upgrade "
                                                      "aotpack to load it")):
-        Archive.open(counter_pack)
+        Archive.open(counter_pack.path)
 
 
 def test_position_rules_are_checked_at_build():
