@@ -74,7 +74,7 @@ class Entry:
                  output_leaves: list, state_constants: dict[str, str] | None = None,
                  pool: RunnerPool | None = None):
         self.index = index
-        self.name = str(meta.get("name", index))
+        self.name = meta["name"]
         self.meta = meta
         self.guards = guards
         self.state_constants = dict(state_constants or {})
@@ -222,7 +222,13 @@ def check_entry(i: int, m: Manifest, weight_names: set[str], blob_sizes: dict[st
     raises ArchiveError (without a path) on the first problem."""
     meta = m.entries[i]
     where = f"manifest.entries[{i}]"
+    field_of(meta, "name", str, where)
     guards = EntryGuards.from_json(meta, where)
+    if "grad_mode" in meta:
+        field_of(meta, "grad_mode", bool, where)
+    for key in ("sources", "kernels"):
+        if key in meta and not all(isinstance(v, str) for v in field_of(meta, key, list, where)):
+            raise ArchiveError(f"{where}.{key} must be a list of strings")
     device = field_of(meta, "device", str, where)
     if device not in RUNTIME_DEVICES:
         raise ArchiveError(f"{where} is a {device} entry; this runtime serves {', '.join(RUNTIME_DEVICES)}")

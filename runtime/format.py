@@ -458,4 +458,8 @@ def _target(target: dict) -> dict:
     if "cpu_flags" in target and not all(isinstance(f, str) for f in field_of(target, "cpu_flags", list,
                                                                              "manifest.target")):
         raise ArchiveError("manifest.target.cpu_flags must be a list of strings")
+    if target.get("cpu_isa") == "native" and "cpu_flags" not in target:
+        # Without the build host's flags no CPU could be checked: the code might use any instruction.
+        raise ArchiveError("manifest.target.cpu_isa is 'native' but manifest.target.cpu_flags is absent; a native "
+                           "build records the CPU flags of its build host (rebuild the pack)")
     return target

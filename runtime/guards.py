@@ -199,9 +199,16 @@ def leaf_from_json(obj: Any, where: str, symbols: dict) -> TensorGuard | ValueGu
         if vtype not in VALUE_TYPES:
             raise ArchiveError(f"{where}.type is {vtype!r}; this reader knows {', '.join(VALUE_TYPES)}")
         value = obj.get("value")
-        if not isinstance(value, VALUE_TYPES[vtype]) and not (vtype == "float" and type(value) is int):
+        if isinstance(value, bool) and vtype in ("int", "float") or \
+                not isinstance(value, VALUE_TYPES[vtype]) and not (vtype == "float" and type(value) is int):
             raise ArchiveError(f"{where}.value does not match its type {vtype}")
-        return ValueGuard(path, name, vtype, float(value) if vtype == "float" else value)
+        if vtype == "float":
+            try:
+                value = float(value)
+            except OverflowError:  # an integer literal beyond the range of a float (10**600)
+                raise ArchiveError(f"{where}.value is an integer of {len(str(abs(value)))} digits, out of the "
+                                   "range of a float") from None
+        return ValueGuard(path, name, vtype, value)
     if kind != "tensor":
         raise ArchiveError(f"{where}.kind is {kind!r}; this reader knows tensor, value")
     sizes_json = field_of(obj, "sizes", list, where)
@@ -210,6 +217,12 @@ def leaf_from_json(obj: Any, where: str, symbols: dict) -> TensorGuard | ValueGu
         raise ArchiveError(f"{where}: sizes and strides must have the same length (at most 64)")
     sizes = tuple(_size_from_json(s, where, symbols) for s in sizes_json)
     strides = tuple(_stride_from_json(s, where, symbols) for s in strides_json)
+    for d, (size, stride) in enumerate(zip(sizes, strides)):
+        # Any stride addresses the same elements only along a dim of size 0 or 1; elsewhere a null stride
+        # would turn the layout guard off.
+        if stride is None and not (type(size) is int and size <= 1):
+            raise ArchiveError(f"{where}.strides[{d}] is null, but dim {d} has size {size!r}; null is allowed only "
+                               "for a static dim of size 0 or 1")
     device = field_of(obj, "device", str, where)
     try:
         torch.device(device)
@@ -217,8 +230,11 @@ def leaf_from_json(obj: Any, where: str, symbols: dict) -> TensorGuard | ValueGu
         raise ArchiveError(f"{where}.device {device!r} is not a device name") from None
     dtype = one_of(obj, "dtype", tuple(DTYPES), where)
     mutated = field_of(obj, "mutated", bool, where) if "mutated" in obj else False
-    return TensorGuard(path, name, dtype, device, sizes, strides, field_of(obj, "requires_grad", bool, where),
-                       mutated)
+    if "mutated" in obj and not mutated:
+        raise ArchiveError(f"{where}.mutated is false; the field is written only as true")
+    if field_of(obj, "requires_grad", bool, where):
+        raise ArchiveError(f"{where}.requires_grad is true; a pack computes no gradients, so it is always false")
+    return TensorGuard(path, name, dtype, device, sizes, strides, False, mutated)
 
 
 def _spec_leaves(node: dict, path: str, out: list[str]) -> None:
@@ -315,7 +331,9 @@ class EntryGuards:
             raise ArchiveError(f"{where} has {len(leaves_json)} leaf guards for {n_leaves} input leaves")
         leaves = [leaf_from_json(g, f"{where}.leaves[{i}]", symbols) for i, g in enumerate(leaves_json)]
         params = field_of(entry, "param_names", list, where)
-        return cls(inputs, leaves, symbols, [str(p) for p in params])
+        if not all(isinstance(p, str) for p in params) or len(set(params)) != len(params):
+            raise ArchiveError(f"{where}.param_names must be distinct strings, found {params!r:.120}")
+        return cls(inputs, leaves, symbols, list(params))
 
     # -- the hot path -------------------------------------------------------------------------------
 

@@ -278,7 +278,8 @@ def name_swap_cases(pack: Pack) -> list[Case]:
 # Cases Hypothesis draws
 
 
-INTERESTING_INTS = [0, 1, -1, 63, 64, 65, 2**31 - 1, 2**32, 2**40, 2**40 + 1, 2**48, 2**63 - 1, 2**64, -2**63]
+INTERESTING_INTS = [0, 1, -1, 63, 64, 65, 2**31 - 1, 2**32, 2**40, 2**40 + 1, 2**48, 2**63 - 1, 2**64, -2**63, 10**600,
+                    -10**600]
 
 
 def json_values() -> st.SearchStrategy:
