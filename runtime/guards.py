@@ -296,8 +296,13 @@ class EntryGuards:
                 exp_strides = tuple(g.strides[d] for d in stride_idx)
                 full_strides = len(stride_idx) == len(g.strides)
                 sym_strides = tuple((d, st) for d, st in enumerate(g.strides) if isinstance(st, Poly))
+                # The elements a static tensor addresses past its storage offset (its strides are known on every
+                # dim longer than 1); None: worked out from each call's sizes and strides.
+                span = _span(g.sizes, g.strides) if all(type(n) is int for n in g.sizes) and \
+                    all(type(st) is int or n <= 1 for n, st in zip(g.sizes, g.strides)) else None
                 self._tensor_checks.append((i, DTYPE_BY_NAME[g.dtype], _device_check(g.device), len(g.sizes),
-                                            tuple(g.sizes), stride_idx, exp_strides, full_strides, sym_strides))
+                                            tuple(g.sizes), stride_idx, exp_strides, full_strides, span,
+                                            DTYPES[g.dtype], sym_strides))
             else:
                 self._value_checks.append((i, VALUE_TYPES[g.type], g.value))
 
@@ -337,10 +342,25 @@ class EntryGuards:
 
     # -- the hot path -------------------------------------------------------------------------------
 
+    def bind(self, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        """``(args, kwargs)`` with the positional parameters the call passed by name moved to their positions,
+        as Python binds them (``pkg(x=t)`` for ``forward(self, x)``); None when that does not give the packaged
+        structure's number of positional arguments."""
+        start = len(args)
+        names = self.param_names[start:self._n_args]
+        if start >= self._n_args or len(names) != self._n_args - start or any(k not in kwargs for k in names):
+            return None
+        return (*args, *[kwargs[k] for k in names]), {k: v for k, v in kwargs.items() if k not in names}
+
     def flatten(self, args: tuple, kwargs: dict) -> list | None:
         """The input's leaves in spec order, or None when its structure differs from the spec."""
         if len(args) != self._n_args or len(kwargs) != len(self._kw_keys):
-            return None
+            bound = self.bind(args, kwargs) if kwargs else None
+            if bound is None:
+                return None
+            args, kwargs = bound
+            if len(kwargs) != len(self._kw_keys):
+                return None
         if self._flat:
             if not kwargs:
                 return list(args)
@@ -365,7 +385,7 @@ class EntryGuards:
         bound: dict | None = None if self._static else {}
         pending: list | None = [] if self._derived else None
         tensors = []
-        for i, dtype, device, rank, sizes, stride_idx, exp_strides, full, _ in self._tensor_checks:
+        for i, dtype, device, rank, sizes, stride_idx, exp_strides, full, span, itemsize, _ in self._tensor_checks:
             t = leaves[i]
             tp = type(t)
             if (tp is not _Tensor and tp is not _Parameter) or t.dtype is not dtype \
@@ -385,6 +405,18 @@ class EntryGuards:
                 return None
             if t.is_neg() or (dtype.is_complex and t.is_conj()):  # x.conj().imag is real, with the negation bit
                 return None
+            # The code reads every element the sizes and strides address: the storage must hold them all (a
+            # storage resized to zero, or a ZeroTensor, which has none, would make it read unmapped memory).
+            if span is None:
+                span = _span(t.shape, st)
+            if span:
+                if t._is_zerotensor():
+                    return None
+                try:
+                    if t.untyped_storage().nbytes() < (t.storage_offset() + span) * itemsize:
+                        return None
+                except RuntimeError:  # a wrapper tensor without a storage of its own (functorch)
+                    return None
             tensors.append(t)
         if pending and not self._solve(pending, bound):
             return None
@@ -451,6 +483,9 @@ class EntryGuards:
     def explain(self, args: tuple, kwargs: dict) -> str:
         """The first guard this input fails, as a sentence for people ("" if it passes)."""
         try:
+            bound_call = self.bind(args, kwargs) if kwargs and len(args) < self._n_args else None
+            if bound_call is not None:
+                args, kwargs = bound_call
             self._explain_structure(args, kwargs)
             leaves = self.flatten(args, kwargs)
             if leaves is None:  # pragma: no cover - _explain_structure names every structural mismatch
@@ -475,21 +510,31 @@ class EntryGuards:
             return str(m)
         return ""
 
+    def call_form(self) -> str:
+        """How to call the pack, for people: ``pkg(x, mask=..., temperature=...)``."""
+        names = [self.param_names[i] if i < len(self.param_names) else f"arg{i}" for i in range(self._n_args)]
+        return f"pkg({', '.join(names + [f'{k}=...' for k in self._kw_keys])})"
+
     def _explain_structure(self, args: tuple, kwargs: dict) -> None:
         names = self.param_names
+        how = f"; call it as {self.call_form()}"
+        twice = [i for i, k in enumerate(names[:len(args)]) if k in kwargs]
+        if twice:
+            raise _Mismatch(f"positional argument {names[twice[0]]!r} (args[{twice[0]}]) is also given as a keyword "
+                            f"argument{how}")
         if len(args) != self._n_args:
             listed = ", ".join(names[: self._n_args])
             raise _Mismatch(f"expected {self._n_args} positional argument{'s' if self._n_args != 1 else ''}"
-                            f"{f' ({listed})' if listed else ''}, actual {len(args)}")
+                            f"{f' ({listed})' if listed else ''}, actual {len(args)}{how}")
         missing = [k for k in self._kw_keys if k not in kwargs]
         if missing:
             raise _Mismatch(f"missing keyword argument {missing[0]!r} (the pack was built with "
-                            f"keyword arguments {list(self._kw_keys)})")
+                            f"keyword arguments {list(self._kw_keys)}){how}")
         extra = [k for k in kwargs if k not in self._kw_keys]
         if extra:
             raise _Mismatch(f"unexpected keyword argument {extra[0]!r}: the pack was built with "
                             f"{'keyword arguments ' + str(list(self._kw_keys)) if self._kw_keys else 'no keyword arguments'}"
-                            " (a default value left out at build time is frozen into the pack)")
+                            f" (a default value left out at build time is frozen into the pack){how}")
         self._explain_node(self.inputs["children"][0], args, "args")
         self._explain_node(self.inputs["children"][1], kwargs, "kwargs")
 
@@ -551,7 +596,9 @@ class EntryGuards:
         for d, (actual, want) in enumerate(zip(v.shape, g.sizes)):
             if isinstance(want, int):
                 if actual != want:
-                    raise _Mismatch(f"{who} size mismatch at dim {d}: expected {want}, actual {actual}")
+                    raise _Mismatch(f"{who} size mismatch at dim {d}: expected {want}, actual {actual} (the pack "
+                                    f"was built for size {want} only; to accept other sizes, rebuild it with "
+                                    f"--dynamic {g.name}:{d}=MIN..MAX, or dynamic_shapes= in aotpack.build)")
                 continue
             if isinstance(want, Poly):
                 pending.append((who, d, actual, want))
@@ -572,10 +619,31 @@ class EntryGuards:
                 self._stride_mismatch(g, v, d, want)
         if v.is_neg() or (v.is_complex() and v.is_conj()):
             raise _Mismatch(f"{who} has a lazy conjugate or negation bit; call .resolve_conj().resolve_neg()")
+        self._explain_memory(who, v)
         if torch.is_grad_enabled() and v.requires_grad:
             raise _Mismatch(f"{who} requires_grad mismatch: the tensor requires grad under grad mode, but a pack "
                             "computes no gradients; call it under torch.inference_mode() or torch.no_grad(), "
                             "or pass x.detach()")
+
+    @staticmethod
+    def _explain_memory(who: str, v: torch.Tensor) -> None:
+        """Say why a tensor's storage cannot hold the elements its sizes, strides and offset address."""
+        span = _span(v.shape, v.stride())
+        if not span:
+            return
+        if v._is_zerotensor():
+            raise _Mismatch(f"{who} is a ZeroTensor, which has no memory for the code to read; pass a tensor "
+                            "that holds its zeros (torch.zeros(...))")
+        try:
+            have = v.untyped_storage().nbytes()
+        except RuntimeError:
+            raise _Mismatch(f"{who} has no storage of its own (a functorch or functionalization wrapper?); pass a "
+                            "plain tensor") from None
+        need = (v.storage_offset() + span) * v.element_size()
+        if have < need:
+            raise _Mismatch(f"{who} addresses {need} bytes of its storage (offset {v.storage_offset()}, sizes "
+                            f"{list(v.shape)}, strides {list(v.stride())}), but its storage holds {have} bytes "
+                            "(was it resized or freed?); pass a tensor whose storage holds its elements")
 
     def _explain_derived(self, pending: list, bound: dict, where: dict) -> None:
         """Say which derived size (``dx + 1``) does not fit the sizes its symbols took elsewhere."""
@@ -627,14 +695,28 @@ class EntryGuards:
                         "or build the pack with this layout)")
 
 
+def _span(shape, strides) -> int:
+    """How many elements from its first one a tensor of these sizes and strides spans (0 when empty)."""
+    if 0 in shape:
+        return 0
+    return 1 + sum((n - 1) * s for n, s in zip(shape, strides) if n > 1)
+
+
 def _shares_memory(tensors: list, written: tuple) -> tuple[int, int] | None:
-    """(written input, other input) of the first written input that lies in the storage of another input, or
-    None. Empty tensors hold no memory."""
-    storages = [t.untyped_storage().data_ptr() if t.numel() else None for t in tensors]
+    """(written input, other input) of the first written input whose memory overlaps another input's, or None.
+    A tensor's memory is the range of bytes from its first element to its last; empty tensors hold none. Two
+    tensors over different storages may overlap (two views of one numpy array), and two over one storage may
+    not (``x[0]`` and ``x[1]``)."""
+    ranges = []
+    for t in tensors:
+        span = _span(t.shape, t.stride())
+        start = t.data_ptr()
+        ranges.append((start, start + span * t.element_size()) if span else None)
     for k in written:
-        if storages[k] is not None:
-            for j, other in enumerate(storages):
-                if j != k and other == storages[k]:
+        if ranges[k] is not None:
+            lo, hi = ranges[k]
+            for j, other in enumerate(ranges):
+                if j != k and other is not None and other[0] < hi and lo < other[1]:
                     return k, j
     return None
 
