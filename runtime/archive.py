@@ -8,7 +8,10 @@ bytes are hashed before they are used: when it is read (``read_blob``), or for t
 
 The archive keeps the file it opened: every read and the mapping come from that file, so a pack renamed over
 while it is loaded is read consistently, and ``identity`` (device, inode, size, modification and change
-time, from the open file) names exactly the bytes that were checked.
+time, from the open file) names exactly the bytes that were checked. A load opens the pack once
+(``open_regular``) and hashes it for a pin or a signature through the same descriptor it then reads and maps
+(``whole_file_sha256``, ``Archive.from_fd``): a path opened twice would be two files to whoever can rename
+or re-link it in between. Only a regular file is opened: a FIFO or a device would block a reader or never end.
 """
 from __future__ import annotations
 
@@ -55,6 +58,45 @@ def _sniff(head: bytes) -> str:
     return "not an aotpack archive (no AOTPACK magic at byte 0)"
 
 
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def file_kind(mode: int) -> str:
+    """What a file of this mode is, in words ("a regular file", "a FIFO (named pipe)", ...)."""
+    if stat.S_ISREG(mode):
+        return "a regular file"
+    return next((word for test, word in _KINDS if test(mode)), "not a regular file")
+
+
+def open_regular(path: str) -> tuple[int, os.stat_result]:
+    """Open ``path`` for reading and return ``(descriptor, its stat)``; refuse at once anything but a regular
+    file with an ArchiveError (without a path; the caller names the file).
+
+    The open does not block: a FIFO opened for reading would wait for a writer, so the file is opened with
+    O_NONBLOCK (which regular files ignore) and checked with fstat, the descriptor's own stat. OSErrors of
+    the open (no such file, permission denied) propagate for the caller to word."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ArchiveError(f"is {file_kind(st.st_mode)}, not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
+def identity_of(st: os.stat_result) -> tuple:
+    """What tells a file from a replacement or a rewrite: device, inode, size, modification and change time."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def whole_file_sha256(fd: int, size: int, path: str) -> str:
+    """sha256 of the first ``size`` bytes of the open file (the whole pack), read in chunks through ``fd``."""
+    return _hash_range(fd, 0, size, path, "the file")
+
+
 class Archive:
     """An opened, checked archive. Blobs are read on demand with :meth:`read_blob`.
 
@@ -86,13 +128,16 @@ class Archive:
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> "Archive":
+        """Open and check the pack at ``path`` (a regular file)."""
         path = os.fspath(path)
-        fd = None
+        fd, st = open_pack(path)
+        return cls.from_fd(path, fd, st)
+
+    @classmethod
+    def from_fd(cls, path: str, fd: int, st: os.stat_result) -> "Archive":
+        """Check the pack open at ``fd`` (``st``: its fstat) and return it; the archive owns the descriptor
+        from now on (it is closed here if the pack is refused)."""
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            st = os.fstat(fd)
-            if stat.S_ISDIR(st.st_mode):
-                raise IsADirectoryError
             head = _pread(fd, 0, fmt.HEADER_SIZE)
             archive = cls._open(path, fd, st, head)
             fd = None  # the archive owns it now
@@ -101,12 +146,6 @@ class Archive:
             if e.path is None:
                 raise ArchiveError(e.reason, path=path) from None
             raise
-        except FileNotFoundError:
-            raise ArchiveError("no such file", path=path) from None
-        except IsADirectoryError:
-            raise ArchiveError("is a directory, not a pack file", path=path) from None
-        except PermissionError:
-            raise ArchiveError("permission denied reading the pack", path=path) from None
         finally:
             if fd is not None:
                 os.close(fd)
@@ -153,8 +192,7 @@ class Archive:
                                f"says {version}")
         region = fmt.align(fmt.HEADER_SIZE + mlen)
         cls._check_layout(manifest, region, size)
-        identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-        return cls(path, manifest, mbytes, region, size, version, fd, identity)
+        return cls(path, manifest, mbytes, region, size, version, fd, identity_of(st))
 
     @staticmethod
     def _check_layout(manifest: fmt.Manifest, region: int, size: int) -> None:
@@ -176,8 +214,7 @@ class Archive:
         """Whether the opened file still has the identity it had when it was opened (not written since)."""
         if self._fd is None:
             return False
-        st = os.fstat(self._fd)
-        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) == self.identity
+        return identity_of(os.fstat(self._fd)) == self.identity
 
     def _file(self) -> int:
         if self._fd is None:
@@ -254,7 +291,8 @@ class Archive:
             try:
                 if b.compression != "none":
                     self.read_blob(b.name)
-                elif _hash_range(self._file(), self.region_start + b.offset, b.size, self.path, b.name) != b.sha256:
+                elif _hash_range(self._file(), self.region_start + b.offset, b.size, self.path,
+                                 f"blob {b.name!r}") != b.sha256:
                     raise ArchiveError(_mismatch(b.name), path=self.path)
             except ArchiveError as e:
                 failed[b.name] = e
@@ -286,6 +324,20 @@ class Archive:
         end = fmt.HEADER_SIZE + len(self.manifest_bytes)
         if bytes(_pread(fd, end, self.region_start - end)).strip(b"\x00"):
             raise ArchiveError("non-zero padding after the manifest", path=self.path)
+
+
+def open_pack(path: str) -> tuple[int, os.stat_result]:
+    """``open_regular`` for a pack: every failure is an ArchiveError naming the pack."""
+    try:
+        return open_regular(path)
+    except ArchiveError as e:
+        raise ArchiveError(e.reason, path=path) from None
+    except FileNotFoundError:
+        raise ArchiveError("no such file", path=path) from None
+    except PermissionError:
+        raise ArchiveError("permission denied reading the pack", path=path) from None
+    except OSError as e:
+        raise ArchiveError(f"cannot open the pack: {e.strerror}", path=path) from None
 
 
 def _mismatch(name: str) -> str:
@@ -334,7 +386,7 @@ def _extent(fd: int, pos: int, end: int) -> tuple[int, int]:
     return start, min(stop, end)
 
 
-def _hash_range(fd: int, offset: int, size: int, path: str, name: str) -> str:
+def _hash_range(fd: int, offset: int, size: int, path: str, what: str) -> str:
     """sha256 of ``size`` bytes of the file at ``offset``, read in chunks; holes are hashed as zeros."""
     global _ZEROS
     if size == 0:
@@ -342,8 +394,7 @@ def _hash_range(fd: int, offset: int, size: int, path: str, name: str) -> str:
     if size < PARALLEL_MIN_BYTES:  # one read
         data = _pread(fd, offset, size)
         if len(data) != size:
-            raise ArchiveError(f"truncated: blob {name!r} ends early (the file changed while it was read?)",
-                               path=path)
+            raise ArchiveError(f"truncated: {what} ends early (the file changed while it was read?)", path=path)
         return hashlib.sha256(data).hexdigest()
     h = hashlib.sha256()
     view = memoryview(bytearray(min(size, HASH_CHUNK)))
@@ -359,7 +410,7 @@ def _hash_range(fd: int, offset: int, size: int, path: str, name: str) -> str:
         while pos < stop:
             got = os.preadv(fd, [view[:min(stop - pos, HASH_CHUNK)]], pos)
             if got == 0:
-                raise ArchiveError(f"truncated: blob {name!r} ends early (the file changed while it was read?)",
+                raise ArchiveError(f"truncated: {what} ends early (the file changed while it was read?)",
                                    path=path)
             h.update(view[:got])
             pos += got

@@ -4,10 +4,12 @@ weights; any change to the file means a full check again; ``verify="full"`` and 
 hash everything; native code is hashed before it is loaded whatever the record says."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import threading
 import time
 
 import pytest
@@ -15,9 +17,10 @@ import torch
 
 import aotpack
 from aotpack.checks import verify as run_verify
+from aotpack_runtime import archive as archive_module
 from aotpack_runtime import cache
 from aotpack_runtime.archive import Archive
-from archive_tools import blob_range, smallest_manifest
+from archive_tools import blob_range, smallest_manifest, with_manifest
 
 
 @pytest.fixture
@@ -168,13 +171,12 @@ def test_a_pin_and_a_signature_use_the_recorded_file_hash(mlp_pack, tmp_path, se
     [name] = _record_files(c)
     assert json.loads((c / "checked" / name).read_text())["file_sha256"] == sha
 
-    real = cache.file_sha256
+    real = archive_module.whole_file_sha256
 
-    def no_hashing(path):  # the extracted code is still hashed; the pack is not
-        assert path != str(pack), "the whole pack was hashed again"
-        return real(path)
+    def no_hashing(fd, size, path):
+        raise AssertionError("the whole pack was hashed again")
 
-    monkeypatch.setattr(cache, "file_sha256", no_hashing)
+    monkeypatch.setattr(archive_module, "whole_file_sha256", no_hashing)
     assert aotpack.load(pack, cache_dir=c, expected_sha256=sha).checked == "record"
     with pytest.raises(aotpack.ArchiveError) as info:
         aotpack.load(pack, cache_dir=c, expected_sha256="0" * 64)
@@ -184,7 +186,7 @@ def test_a_pin_and_a_signature_use_the_recorded_file_hash(mlp_pack, tmp_path, se
     monkeypatch.setattr(cache, "SETTLE_SECONDS", 0.0)
     os.utime(pack)  # the same bytes, but another identity: the file is hashed again
     hashed = []
-    monkeypatch.setattr(cache, "file_sha256", lambda p: hashed.append(p) or real(p))
+    monkeypatch.setattr(archive_module, "whole_file_sha256", lambda fd, size, p: hashed.append(p) or real(fd, size, p))
     assert aotpack.load(pack, cache_dir=c, expected_sha256=sha).checked == "full" and str(pack) in hashed
 
 
@@ -254,3 +256,75 @@ def test_holes_of_a_sparse_file_hash_as_zeros(tmp_path):
     a = Archive.open(sparse)
     a.verify()
     assert bytes(a.map_blob("w", checked=True)) == bytes(t.tolist())
+
+
+# -- one open, regular files only ------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def fifo(path):
+    """A FIFO at ``path`` with a writer that opens it and closes it at once: a reader that opens the FIFO
+    without O_NONBLOCK meets that writer and reads an empty file, never hangs; one that does not wait for a
+    writer is refused before it reads. The writer is released at the end either way."""
+    os.mkfifo(path)
+
+    def writer():
+        os.close(os.open(path, os.O_WRONLY))
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    try:
+        yield path
+    finally:
+        release = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a writer still waiting for a reader goes on
+        thread.join()
+        os.close(release)
+
+
+def test_only_a_regular_file_is_a_pack(tmp_path):
+    """A FIFO would block a reader until a writer comes, a device may never end, a directory is no file:
+    each is refused at once, by what it is, by load and by `aotpack verify`."""
+    with fifo(tmp_path / "pipe.pack") as pipe:
+        with pytest.raises(aotpack.ArchiveError) as info:
+            aotpack.load(pipe, cache_dir=tmp_path / "cache")
+        assert info.value.reason == "is a FIFO (named pipe), not a regular file"
+        result = run_verify(str(pipe))
+        assert not result["ok"] and result["checks"][0]["check"] == "format"
+        assert "is a FIFO (named pipe), not a regular file" in result["checks"][0]["detail"]
+    with pytest.raises(aotpack.ArchiveError) as info:
+        aotpack.load(os.devnull, cache_dir=tmp_path / "cache")
+    assert info.value.reason == "is a character device, not a regular file"
+    with pytest.raises(aotpack.ArchiveError) as info:
+        aotpack.load(tmp_path, cache_dir=tmp_path / "cache", expected_sha256="0" * 64)
+    assert info.value.reason == "is a directory, not a regular file"
+
+
+def test_a_pin_checks_the_file_the_load_reads(mlp_pack, tmp_path, settle_now, monkeypatch):
+    """The path names a modified pack and is swapped to the pinned pack while the pin is checked (a symlink an
+    attacker controls, swapped deterministically inside the check): the pin is compared with the hash of the
+    file the load reads, so the load is refused and nothing vouches for the modified file afterwards."""
+    from aotpack_runtime import loader
+
+    good = _copy(mlp_pack.path, tmp_path)
+    bad = tmp_path / "bad.pack"
+    bad.write_bytes(with_manifest(good.read_bytes(), lambda m: m["producer"].update(aotpack="modified")))
+    link = tmp_path / "link.pack"
+    link.symlink_to(bad)
+    real = loader._check_pin
+
+    def swap_during_check(*args, **kwargs):
+        link.unlink()
+        link.symlink_to(good)
+        try:
+            return real(*args, **kwargs)
+        finally:
+            link.unlink()
+            link.symlink_to(bad)
+
+    monkeypatch.setattr(loader, "_check_pin", swap_during_check)
+    pin = hashlib.sha256(good.read_bytes()).hexdigest()
+    c = tmp_path / "cache"
+    with pytest.raises(aotpack.ArchiveError) as info:
+        aotpack.load(link, cache_dir=c, expected_sha256=pin)
+    assert info.value.reason.startswith(f"sha256 mismatch: expected {pin}, actual "
+                                        f"{hashlib.sha256(bad.read_bytes()).hexdigest()}")
+    assert _record_files(c) == []
