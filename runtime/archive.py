@@ -23,6 +23,7 @@ import os
 import stat
 
 import zstandard
+from zstandard import backend_cffi as _zstd  # zstd's streaming API, for decompression through fixed buffers
 
 from . import format as fmt
 from .errors import ArchiveError
@@ -34,6 +35,10 @@ HASH_CHUNK = 8 << 20
 MAX_HASH_THREADS = 16
 PARALLEL_MIN_BYTES = 1 << 20
 _EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+# A compressed blob is decompressed into a buffer of this many bytes at a time, with a window of at most
+# 2**ZSTD_WINDOW_LOG_MAX bytes (zstd's default limit; the writer's levels use far less).
+DECOMPRESS_CHUNK = 1 << 20
+ZSTD_WINDOW_LOG_MAX = 27
 _ZEROS: bytes | None = None  # zeros to hash a hole with, made at first use
 
 
@@ -232,12 +237,34 @@ class Archive:
                                "(the file changed while it was read?)", path=self.path)
         return data
 
-    def read_blob(self, name: str) -> bytes | bytearray:
-        """The blob's content, decompressed and checked against its sha256."""
+    def chunks(self, name: str):
+        """The blob's content in chunks (views valid until the next one), checked against its sha256 at the end:
+        the last chunk is followed by an ArchiveError instead of the end when the blob does not match. A
+        compressed blob is decompressed as it is read, through fixed buffers (``zstd_chunks``)."""
         b = self.manifest.blob(name)
-        data = self.read_stored(name)
+        h = hashlib.sha256()
         if b.compression == "zstd":
-            data = decompress(data, b.size, name, self.path)
+            for chunk in zstd_chunks(self._file(), self.region_start + b.offset, b.stored_size, b.size, name,
+                                     self.path):
+                h.update(chunk)
+                yield chunk
+        else:
+            data = self.read_stored(name)
+            h.update(data)
+            yield data
+        if h.hexdigest() != b.sha256:
+            raise ArchiveError(_mismatch(name), path=self.path)
+
+    def read_blob(self, name: str) -> bytes | bytearray:
+        """The blob's content, decompressed and checked against its sha256. A compressed blob's memory grows
+        with what its frame holds, checked as it is read, not with what it declares."""
+        b = self.manifest.blob(name)
+        if b.compression == "zstd":
+            data = bytearray()
+            for chunk in self.chunks(name):
+                data += chunk
+            return data
+        data = self.read_stored(name)
         if len(data) != b.size:
             raise ArchiveError(f"blob {name!r} is {len(data)} bytes, the manifest says {b.size}", path=self.path)
         if hashlib.sha256(data).hexdigest() != b.sha256:
@@ -274,7 +301,8 @@ class Archive:
 
         Uncompressed blobs are read in chunks through a buffer per thread (the file's pages go to the page
         cache, not into this process's mapping), holes of a sparse file are hashed as the zeros they read
-        as without reading them, and compressed blobs are decompressed first. ``threads`` defaults to the
+        as without reading them, and compressed blobs are decompressed as they are read, through fixed
+        buffers: memory stays bounded whatever a blob declares. ``threads`` defaults to the
         cores this process may use (at most ``MAX_HASH_THREADS``). The first mismatch in table order is
         the error.
         """
@@ -290,7 +318,8 @@ class Archive:
         def one(b: fmt.BlobRecord) -> None:
             try:
                 if b.compression != "none":
-                    self.read_blob(b.name)
+                    for _ in self.chunks(b.name):
+                        pass
                 elif _hash_range(self._file(), self.region_start + b.offset, b.size, self.path,
                                  f"blob {b.name!r}") != b.sha256:
                     raise ArchiveError(_mismatch(b.name), path=self.path)
@@ -417,21 +446,65 @@ def _hash_range(fd: int, offset: int, size: int, path: str, what: str) -> str:
     return h.hexdigest()
 
 
-def decompress(data: bytes, size: int, name: str, path: str | None = None) -> bytes:
-    """Decompress one zstd frame of known size; anything else is an ArchiveError."""
+def zstd_chunks(fd: int, offset: int, stored_size: int, size: int, name: str, path: str | None = None):
+    """The content of the zstd blob ``name`` stored at ``offset`` of the open file, decompressed in chunks of
+    at most ``DECOMPRESS_CHUNK`` bytes (each a view of one reused buffer: use it before asking for the next).
+
+    The blob must be exactly one frame that declares ``size`` bytes and holds them; anything else is an
+    ArchiveError, raised as soon as it shows (a frame that holds more than it declares stops there). Memory
+    is bounded whatever the frame declares: a read buffer, this output buffer, and zstd's window, at most
+    ``2**ZSTD_WINDOW_LOG_MAX`` bytes (and no more than ``size``)."""
+    where = f"blob {name!r}"
+    head = bytes(_pread(fd, offset, min(stored_size, 18)))  # 18: the longest frame header
     try:
-        params = zstandard.get_frame_parameters(data)
+        params = zstandard.get_frame_parameters(head)
     except zstandard.ZstdError as e:
-        raise ArchiveError(f"blob {name!r} is not valid zstd data ({e})", path=path) from None
+        raise ArchiveError(f"{where} is not valid zstd data ({e})", path=path) from None
     if params.content_size != size:
-        raise ArchiveError(f"blob {name!r}: zstd frame declares {params.content_size} bytes, the manifest "
-                           f"says {size}", path=path)
+        raise ArchiveError(f"{where}: zstd frame declares {params.content_size} bytes, the manifest says {size}",
+                           path=path)
+    lib, ffi = _zstd.lib, _zstd.ffi
+    dctx = lib.ZSTD_createDCtx()
+    if dctx == ffi.NULL:
+        raise ArchiveError(f"{where}: cannot allocate a zstd decompressor", path=path)
     try:
-        # Bytes after the frame would be covered by no hash: the format allows exactly one frame.
-        out = zstandard.ZstdDecompressor().decompress(data, max_output_size=size, allow_extra_data=False)
-    except zstandard.ZstdError as e:
-        raise ArchiveError(f"blob {name!r}: zstd data is corrupt ({e})", path=path) from None
-    except MemoryError:  # the frame, like the manifest, declares the size; this host cannot hold it
-        raise ArchiveError(f"blob {name!r} declares {size} bytes, more than this process can allocate",
-                           path=path) from None
-    return out
+        lib.ZSTD_DCtx_setParameter(dctx, lib.ZSTD_d_windowLogMax, ZSTD_WINDOW_LOG_MAX)
+        out = ffi.new("char[]", DECOMPRESS_CHUNK)
+        out_buf, in_buf = ffi.new("ZSTD_outBuffer *"), ffi.new("ZSTD_inBuffer *")
+        out_buf.dst, out_buf.size = out, DECOMPRESS_CHUNK
+        pos, end, produced, ended = offset, offset + stored_size, 0, False
+        while pos < end and not ended:
+            data = _pread(fd, pos, min(HASH_CHUNK, end - pos))
+            if not data:
+                raise ArchiveError(f"truncated: {where} ends early (the file changed while it was read?)", path=path)
+            pos += len(data)
+            source = ffi.from_buffer(data)
+            in_buf.src, in_buf.size, in_buf.pos = source, len(data), 0
+            while True:
+                out_buf.pos = 0
+                ret = lib.ZSTD_decompressStream(dctx, out_buf, in_buf)
+                if lib.ZSTD_isError(ret):
+                    reason = ffi.string(lib.ZSTD_getErrorName(ret)).decode("ascii", "replace")
+                    raise ArchiveError(f"{where}: zstd data is corrupt ({reason})", path=path)
+                if out_buf.pos:
+                    produced += out_buf.pos
+                    if produced > size:
+                        raise ArchiveError(f"{where}: zstd data holds more than the {size} bytes its frame declares",
+                                           path=path)
+                    yield ffi.buffer(out, out_buf.pos)
+                if ret == 0:  # the frame ended
+                    ended = True
+                    # Bytes after the frame would be covered by no hash: the format allows exactly one frame.
+                    if in_buf.pos != in_buf.size or pos != end:
+                        raise ArchiveError(f"{where}: {end - pos + in_buf.size - in_buf.pos} bytes follow its zstd "
+                                           "frame; a blob is exactly one frame", path=path)
+                    break
+                if in_buf.pos == in_buf.size and out_buf.pos < out_buf.size:
+                    break  # all input used and no output pending: read more
+        if not ended:
+            raise ArchiveError(f"{where}: zstd data is corrupt (its frame ends after {produced} of {size} bytes)",
+                               path=path)
+        if produced != size:
+            raise ArchiveError(f"{where} is {produced} bytes, the manifest says {size}", path=path)
+    finally:
+        lib.ZSTD_freeDCtx(dctx)

@@ -3,13 +3,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
 import aotpack
 from aotpack_runtime import format as fmt
 from aotpack_runtime.archive import Archive
-from archive_tools import blob_range, join, smallest_manifest, split, with_manifest
+from archive_tools import blob_range, join, smallest_manifest, split, with_manifest, zstd_frame
 
 
 @pytest.fixture(scope="module")
@@ -275,3 +278,79 @@ def test_any_json_in_an_entry_is_checked_or_refused():
             pass
 
     check()
+
+
+# -- bounded memory while checking ------------------------------------------------------------------------------
+
+_CHECK_MEMORY = """
+import resource, sys
+from aotpack_runtime.archive import Archive
+from aotpack_runtime.errors import ArchiveError
+archive = Archive.open(sys.argv[1])
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    archive.check_blobs()
+    print("checked")
+except ArchiveError as e:
+    print(e.reason)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+
+
+def _pack_with_blob(path, stored: bytes, size: int, sha: str) -> None:
+    from aotpack.package import Blob, write_archive
+
+    write_archive(path, smallest_manifest("code/0.so"), [Blob("code/0.so", b"x" * 64, compressible=False),
+                                                         Blob("z", b"\x00" * 1024, compressible=False)], level=3)
+    version, manifest, region = split(path.read_bytes())
+    offset = manifest["blobs"][1]["offset"]
+    manifest["blobs"][1].update(stored_size=len(stored), size=size, sha256=sha, compression="zstd")
+    path.write_bytes(join(version, fmt.canonical_json(manifest), region[:offset] + stored))
+
+
+def test_a_blob_that_declares_1_gib_is_checked_in_bounded_memory(tmp_path):
+    """A 1 MiB zstd blob that expands to 1 GiB (random bytes, then RLE blocks of zeros: within the 1024-fold
+    limit) with a wrong hash: the check streams it through fixed buffers and reports the mismatch, and the
+    process's peak memory grows by far less than the blob declares. Run in a fresh process, whose peak is its
+    own."""
+    frame = zstd_frame(1 << 30, os.urandom(1 << 20))
+    size = (1 << 30) + (1 << 20)
+    assert size <= fmt.zstd_limit(len(frame))
+    pack = tmp_path / "bomb.pack"
+    _pack_with_blob(pack, frame, size, "0" * 64)
+    (tmp_path / "check.py").write_text(_CHECK_MEMORY)
+    proc = subprocess.run([sys.executable, str(tmp_path / "check.py"), str(pack)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    reason, grown_mib = proc.stdout.strip().splitlines()
+    assert reason == "hash mismatch in blob 'z': the file is corrupt or was modified"
+    assert int(grown_mib) < 128, f"checking the blob grew the peak memory by {grown_mib} MiB"
+
+
+@pytest.mark.parametrize("case", ["declares more than it holds", "holds more than it declares", "trailing bytes",
+                                  "over the expansion limit", "window over the limit"])
+def test_malformed_zstd_blobs(tmp_path, case):
+    raw = os.urandom(4096)
+    frame, size = zstd_frame(1 << 20, raw), (1 << 20) + 4096
+    if case == "declares more than it holds":
+        frame = frame[:5] + frame[5:6] + (size + 10).to_bytes(8, "little") + frame[14:]
+        size += 10
+        expected = "zstd data is corrupt"
+    elif case == "holds more than it declares":
+        frame = frame[:6] + (size - 10).to_bytes(8, "little") + frame[14:]
+        size -= 10
+        expected = "zstd data"
+    elif case == "trailing bytes":
+        frame += b"\x00" * 7
+        expected = "7 bytes follow its zstd frame"
+    elif case == "over the expansion limit":
+        frame, size = zstd_frame(1 << 30), 1 << 30
+        expected = "a blob may expand at most 1024-fold"
+    else:
+        frame = zstd_frame(1 << 20, raw, window_log=31)
+        expected = "zstd data is corrupt"
+    pack = tmp_path / "z.pack"
+    _pack_with_blob(pack, frame, size, "0" * 64)
+    with pytest.raises(aotpack.ArchiveError) as info:
+        Archive.open(pack).check_blobs()
+    assert expected in info.value.reason

@@ -31,7 +31,7 @@ from hypothesis import HealthCheck, Phase, assume, given, settings
 from hypothesis import strategies as st
 
 from aotpack_runtime import format as fmt
-from archive_tools import join, split
+from archive_tools import join, split, zstd_frame
 from conftest import ROOT
 
 EXAMPLES = int(os.environ.get("AOTPACK_FUZZ_EXAMPLES", "200"))
@@ -256,6 +256,12 @@ def hostile_files(pack: Pack) -> list[Case]:
                               "size": 64 << 30, "compression": "zstd", "sha256": "0" * 64})
     manifest["example"]["leaves"][0]["blob"] = "example/bomb"
     cases.append(Case("zstd bomb: a 2 MiB blob that declares 64 GiB", join(
+        pack.version, fmt.canonical_json(manifest), region + b"\x00" * (offset - len(region)) + bomb), CLEAN))
+    # Within the expansion limit: 1 MiB of random bytes and RLE blocks that expand to 1 GiB, checked (and
+    # found wrong) through fixed buffers.
+    bomb = zstd_frame(1 << 30, random.Random(7).randbytes(1 << 20))
+    manifest["blobs"][-1].update(stored_size=len(bomb), size=(1 << 30) + (1 << 20))
+    cases.append(Case("zstd bomb: a 1 MiB blob that expands 1000-fold to 1 GiB", join(
         pack.version, fmt.canonical_json(manifest), region + b"\x00" * (offset - len(region)) + bomb), CLEAN))
     return cases
 
