@@ -25,7 +25,7 @@ import torch
 
 from . import _torch, platform
 from .archive import Archive
-from .devices import CudaState, extract_code
+from .devices import Code, CudaState, extract_code
 from .errors import ArchiveError, GuardError
 from .format import Manifest, field_of
 from .guards import VALUE_TYPES, EntryGuards, TensorGuard, check_spec, rebuild
@@ -128,7 +128,7 @@ class CudaEntry(Entry):
         self._constants: dict[str, str] = meta["constants"]
         self._runners: dict[int, Any] = {}  # device index -> runner, or RunnerPool for a pack with state
         self._lock = threading.Lock()
-        self._files: tuple[str, str] | None = None  # (library path, kernel folder) once extracted
+        self._files: tuple[Code, str] | None = None  # (library, kernel folder) once extracted
         self._tensor_names = [f"input {g.name!r} ({g.path})" for g in guards.leaves if isinstance(g, TensorGuard)]
 
     def device_index(self, tensors: list[torch.Tensor]) -> int:
@@ -189,7 +189,7 @@ class CudaEntry(Entry):
 
             def load_one(num_models: int) -> Any:
                 try:
-                    return _torch.cuda_runner(library, num_models, f"cuda:{index}", kernel_dir)
+                    return _torch.cuda_runner(library.path, num_models, f"cuda:{index}", kernel_dir)
                 except RuntimeError as e:  # not a shared object, not a model container, or a CUDA error
                     raise ArchiveError(f"{where}: blob {self._library_blob!r} cannot be loaded on cuda:{index} "
                                        f"({str(e).splitlines()[0] if str(e) else type(e).__name__})",
@@ -292,12 +292,15 @@ def entry_from_manifest(i: int, archive: Archive, weights: dict[str, torch.Tenso
 
     def load_one(n: int) -> Any:
         try:
-            return _torch.cpu_runner(library, n)
+            return _torch.cpu_runner(library.path, n)
         except RuntimeError as e:  # not a shared object, not a model container, or a proxy executor it refuses
             raise ArchiveError(f"{where}: blob {c.library!r} is not loadable native code "
                                f"({str(e).splitlines()[0]})", path=path) from None
 
-    runner = _load_code(load_one, num_models, c.constants, weights, c.state_constants, where, path)
+    try:
+        runner = _load_code(load_one, num_models, c.constants, weights, c.state_constants, where, path)
+    finally:
+        library.close()  # loaded (the runner read the extern-kernel description at its construction)
     if c.state_constants:
         return Entry(i, meta, c.guards, None, c.outputs, c.output_leaves, c.state_constants, pool=runner)
     return Entry(i, meta, c.guards, runner, c.outputs, c.output_leaves)

@@ -69,3 +69,18 @@ def zstd_frame(zeros: int, raw: bytes = b"", window_log: int = 20) -> bytes:
         left -= n
         frame += (int(left == 0) | (1 << 1) | (n << 3)).to_bytes(3, "little") + b"\x00"
     return bytes(frame)
+
+
+def with_blob(data: bytes, name: str, content: bytes) -> bytes:
+    """The archive with blob ``name`` holding ``content`` (stored uncompressed, its sizes and sha256 fixed)."""
+    version, manifest, region = split(data)
+    out = bytearray()
+    for b in manifest["blobs"]:
+        stored = content if b["name"] == name else region[b["offset"]:b["offset"] + b["stored_size"]]
+        if b["name"] == name:
+            b.update(stored_size=len(content), size=len(content), sha256=hashlib.sha256(content).hexdigest(),
+                     compression="none")
+        out += b"\x00" * (fmt.align(len(out)) - len(out))
+        b["offset"] = len(out)
+        out += stored
+    return join(version, fmt.canonical_json(manifest), bytes(out))
