@@ -284,7 +284,8 @@ class Archive:
         """
         b = self.manifest.blob(name)
         if b.compression != "none" or b.size == 0:
-            return bytearray(self.read_blob(name))
+            data = self.read_blob(name)
+            return data if isinstance(data, bytearray) else bytearray(data)
         if self._map is None:
             fd = self._file()
             if os.fstat(fd).st_size != self.file_size:
