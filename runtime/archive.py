@@ -464,6 +464,16 @@ def zstd_chunks(fd: int, offset: int, stored_size: int, size: int, name: str, pa
     if params.content_size != size:
         raise ArchiveError(f"{where}: zstd frame declares {params.content_size} bytes, the manifest says {size}",
                            path=path)
+    if size <= DECOMPRESS_CHUNK and stored_size <= DECOMPRESS_CHUNK:  # small: in one go, within the same bound
+        data = _pread(fd, offset, stored_size)
+        if len(data) != stored_size:
+            raise ArchiveError(f"truncated: {where} ends early (the file changed while it was read?)", path=path)
+        try:
+            # Bytes after the frame would be covered by no hash: the format allows exactly one frame.
+            yield zstandard.ZstdDecompressor().decompress(data, max_output_size=size, allow_extra_data=False)
+        except zstandard.ZstdError as e:
+            raise ArchiveError(f"{where}: zstd data is corrupt ({e})", path=path) from None
+        return
     lib, ffi = _zstd.lib, _zstd.ffi
     dctx = lib.ZSTD_createDCtx()
     if dctx == ffi.NULL:

@@ -328,12 +328,18 @@ def test_a_blob_that_declares_1_gib_is_checked_in_bounded_memory(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["declares more than it holds", "holds more than it declares", "trailing bytes",
-                                  "over the expansion limit", "window over the limit"])
+                                  "over the expansion limit", "window over the limit", "small, trailing bytes",
+                                  "small, declares more than it holds"])
 def test_malformed_zstd_blobs(tmp_path, case):
+    """Streamed (a blob over 1 MiB) or decompressed in one go (a small one), a frame that is not exactly what
+    the manifest says is an ArchiveError."""
     raw = os.urandom(4096)
     frame, size = zstd_frame(1 << 20, raw), (1 << 20) + 4096
+    if case.startswith("small"):
+        frame, size = zstd_frame(1000, raw), 5096
+        case = case.split(", ", 1)[1]
     if case == "declares more than it holds":
-        frame = frame[:5] + frame[5:6] + (size + 10).to_bytes(8, "little") + frame[14:]
+        frame = frame[:6] + (size + 10).to_bytes(8, "little") + frame[14:]
         size += 10
         expected = "zstd data is corrupt"
     elif case == "holds more than it declares":
@@ -342,7 +348,7 @@ def test_malformed_zstd_blobs(tmp_path, case):
         expected = "zstd data"
     elif case == "trailing bytes":
         frame += b"\x00" * 7
-        expected = "7 bytes follow its zstd frame"
+        expected = "7 bytes" if size < (1 << 20) else "7 bytes follow its zstd frame"
     elif case == "over the expansion limit":
         frame, size = zstd_frame(1 << 30), 1 << 30
         expected = "a blob may expand at most 1024-fold"
