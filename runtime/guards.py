@@ -297,9 +297,13 @@ class EntryGuards:
                 full_strides = len(stride_idx) == len(g.strides)
                 sym_strides = tuple((d, st) for d, st in enumerate(g.strides) if isinstance(st, Poly))
                 # The elements a static tensor addresses past its storage offset (its strides are known on every
-                # dim longer than 1); None: worked out from each call's sizes and strides.
-                span = _span(g.sizes, g.strides) if all(type(n) is int for n in g.sizes) and \
-                    all(type(st) is int or n <= 1 for n, st in zip(g.sizes, g.strides)) else None
+                # dim longer than 1); for a symbolic one, _DENSE when its layout is contiguous (the span is then its
+                # element count, once its strides are checked), else None (worked out from the call's strides).
+                if all(type(n) is int for n in g.sizes) and \
+                        all(type(st) is int or n <= 1 for n, st in zip(g.sizes, g.strides)):
+                    span = _span(g.sizes, g.strides)
+                else:
+                    span = _DENSE if g.layout() == "contiguous" else None
                 self._tensor_checks.append((i, DTYPE_BY_NAME[g.dtype], _device_check(g.device), len(g.sizes),
                                             tuple(g.sizes), stride_idx, exp_strides, full_strides, span,
                                             DTYPES[g.dtype], sym_strides))
@@ -385,6 +389,7 @@ class EntryGuards:
         bound: dict | None = None if self._static else {}
         pending: list | None = [] if self._derived else None
         tensors = []
+        deferred = []
         for i, dtype, device, rank, sizes, stride_idx, exp_strides, full, span, itemsize, _ in self._tensor_checks:
             t = leaves[i]
             tp = type(t)
@@ -406,17 +411,12 @@ class EntryGuards:
             if t.is_neg() or (dtype.is_complex and t.is_conj()):  # x.conj().imag is real, with the negation bit
                 return None
             # The code reads every element the sizes and strides address: the storage must hold them all (a
-            # storage resized to zero, or a ZeroTensor, which has none, would make it read unmapped memory).
-            if span is None:
-                span = _span(t.shape, st)
-            if span:
-                if t._is_zerotensor():
-                    return None
-                try:
-                    if t.untyped_storage().nbytes() < (t.storage_offset() + span) * itemsize:
-                        return None
-                except RuntimeError:  # a wrapper tensor without a storage of its own (functorch)
-                    return None
+            # storage resized to zero, or a ZeroTensor, which has none, would make it read unmapped memory). A
+            # symbolic tensor is checked once its strides are.
+            if span is None or span is _DENSE:
+                deferred.append((t, span, itemsize))
+            elif span and not _holds(t, span, itemsize):
+                return None
             tensors.append(t)
         if pending and not self._solve(pending, bound):
             return None
@@ -427,6 +427,10 @@ class EntryGuards:
                 for d, poly in sym_strides:
                     if leaves[i].stride(d) != poly.eval(bound):
                         return None
+        for t, span, itemsize in deferred:
+            span = t.numel() if span is _DENSE else _span(t.shape, t.stride())
+            if span and not _holds(t, span, itemsize):
+                return None
         for i, vtype, value in self._value_checks:
             v = leaves[i]
             if type(v) is not vtype or v != value:
@@ -693,6 +697,20 @@ class EntryGuards:
         raise _Mismatch(f"input {g.name!r} ({g.path}) stride mismatch at dim {d}: expected {expected}, actual "
                         f"{v.stride(d)} (expected layout {exp_layout}, actual {act_layout}; call .contiguous() "
                         "or build the pack with this layout)")
+
+
+_DENSE = object()  # a guard whose layout is contiguous: a tensor that passed it spans its element count
+
+
+def _holds(t: torch.Tensor, span: int, itemsize: int) -> bool:
+    """Whether ``t``'s storage holds the ``span`` elements from its storage offset on (never for a ZeroTensor,
+    which has no memory, or a wrapper without a storage of its own)."""
+    if t._is_zerotensor():
+        return False
+    try:
+        return t.untyped_storage().nbytes() >= (t.storage_offset() + span) * itemsize
+    except RuntimeError:  # a functorch wrapper
+        return False
 
 
 def _span(shape, strides) -> int:
