@@ -6,9 +6,10 @@ Hypothesis (derandomized: every run draws the same inputs) starts from each exam
 inputs and changes up to three of them: a tensor's values, dtype, a dim, its rank, its strides (transposed,
 sliced, expanded, overlapping), its storage offset, its memory format, its device, requires_grad, its kind
 (subclass, Parameter, sparse, nested, inference tensor, lazy conjugate or negation, ZeroTensor, a storage
-resized below what its sizes address, a Python value or None in its place), or the value of a specialised keyword argument; and sometimes the arguments' structure
-(positional arguments added or left out, keyword arguments added, left out or passed positionally). Then
-it calls the pack under grad mode, no_grad or inference_mode.
+resized below what its sizes address, a Python value or None in its place), or the value of a specialised
+keyword argument; and sometimes the arguments' structure (positional arguments added or left out, keyword
+arguments added, left out or passed positionally, positional ones passed by name). Then it calls the pack
+under grad mode, no_grad or inference_mode.
 
 ``AOTPACK_FUZZ_EXAMPLES=N`` draws N inputs per pack instead of the CI budget.
 """
