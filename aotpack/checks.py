@@ -6,9 +6,9 @@ import os
 import tempfile
 from typing import Any
 
-from aotpack_runtime import platform
+from aotpack_runtime import loader, platform
 from aotpack_runtime import signature as rt_signature
-from aotpack_runtime.archive import Archive
+from aotpack_runtime.archive import Archive, open_pack, whole_file_sha256
 from aotpack_runtime.errors import AotpackError
 
 
@@ -28,38 +28,62 @@ def verify(path: str, against: str | None = None, tolerance: float = 1e-4, *, si
            public_key: str | None = None, roots: tuple[str, ...] = ()) -> dict:
     """Check a pack: its signature (with ``public_key``, or ``roots`` for a certificate signature; the
     signature file defaults to ``PATH.sig``), format and version, every hash, whether this host can run it,
-    and (``against``, a model file) its outputs against eager on the model file's example inputs."""
+    and (``against``, a model file) its outputs against eager on the model file's example inputs.
+
+    The pack is opened once: the signature is checked against the sha256 of that open file, and the format,
+    the hashes and the load read the same file. A failed check stops every check that would use what it
+    vouches for: after a failed signature nothing else is read, and the native code is loaded only from a
+    pack whose hashes matched on a host that can run it."""
     checks: list[dict] = []
+    try:
+        fd, st = open_pack(path)
+    except AotpackError as e:
+        checks.append({"check": "format", "ok": False, "detail": str(e)})
+        return {"path": path, "ok": False, "checks": checks}
     if public_key is not None or roots:
-        _check(checks, "signature", lambda: _check_signature(path, signature, public_key, roots),
-               lambda s: s.describe())
-    archive = _check(checks, "format", lambda: Archive.open(path),
+        try:
+            file_sha = whole_file_sha256(fd, st.st_size, path)
+        except AotpackError:
+            file_sha = None
+        signed = _check(checks, "signature", lambda: _check_signature(path, signature, public_key, roots, file_sha),
+                        lambda s: s.describe())
+        if signed is None:
+            os.close(fd)
+            return {"path": path, "ok": False, "checks": checks}
+    archive = _check(checks, "format", lambda: Archive.from_fd(path, fd, os.fstat(fd)),
                      lambda a: f"format version {a.manifest.format_version}, {len(a.manifest.blobs)} blobs")
     if archive is None:
         return {"path": path, "ok": False, "checks": checks}
-    _check(checks, "hashes", lambda: archive.verify() or "every blob matches its sha256")
-    _check(checks, "host", lambda: _check_host(archive.manifest))
-    pkg = _check(checks, "load", lambda: _load_fresh(path),
-                 lambda p: f"loaded {len(p.entries)} entr{'y' if len(p.entries) == 1 else 'ies'} without a compiler")
+    hashed = _check(checks, "hashes", lambda: archive.verify() or "every blob matches its sha256")
+    host = _check(checks, "host", lambda: _check_host(archive))
+    pkg = None
+    if hashed is not None and host is not None:
+        pkg = _check(checks, "load", lambda: _load_checked(archive),
+                     lambda p: f"loaded {len(p.entries)} entr{'y' if len(p.entries) == 1 else 'ies'} without a "
+                               "compiler")
     if against is not None and pkg is not None:
         _check(checks, "numerics", lambda: _compare(pkg, against, tolerance))
     return {"path": path, "ok": all(c["ok"] for c in checks), "checks": checks}
 
 
-def _check_signature(path: str, signature: str | None, public_key: str | None, roots: tuple[str, ...]):
+def _check_signature(path: str, signature: str | None, public_key: str | None, roots: tuple[str, ...],
+                     file_sha256: str | None):
+    """The signature's check against ``file_sha256``, the hash of the file this verify reads."""
+    if file_sha256 is None:
+        raise AotpackError("cannot read the pack to hash it")
     if roots:
         from .signing import check_certificate
 
-        signed = check_certificate(path, signature, roots)
+        signed = check_certificate(path, signature, roots, file_sha256=file_sha256)
         if public_key is not None:  # both: the certified key must also be the one named
-            signed = rt_signature.check(path, signature, public_key)
+            signed = rt_signature.check(path, signature, public_key, file_sha256=file_sha256)
         return signed
-    return rt_signature.check(path, signature, public_key)
+    return rt_signature.check(path, signature, public_key, file_sha256=file_sha256)
 
 
-def _check_host(manifest) -> str:
-    platform.check_torch(manifest.producer.get("torch", "?"))
-    platform.check_target(manifest.target)
+def _check_host(archive) -> str:
+    loader.check_host(archive)
+    manifest = archive.manifest
     cuda = [e for e in manifest.entries if e.get("device") == "cuda"]
     n_cpu = len(manifest.entries) - len(cuda)
     if not cuda:
@@ -81,11 +105,11 @@ def _check_host(manifest) -> str:
     return f"this host's CPU, torch and {', '.join(gpus)} can run the pack"
 
 
-def _load_fresh(path: str):
-    import aotpack_runtime
-
+def _load_checked(archive):
+    """The package of the archive this verify checked (its file, its checked hashes), loaded through a fresh
+    extraction cache."""
     with tempfile.TemporaryDirectory(prefix="aotpack-verify-") as cache:
-        return aotpack_runtime.load(path, cache_dir=os.path.join(cache, "c"), verify="full")
+        return loader.serve(archive, os.path.join(cache, "c"))
 
 
 def _compare(pkg, against: str, tolerance: float) -> str:

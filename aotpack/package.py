@@ -80,7 +80,7 @@ def _stored(blob: Blob, level: int) -> tuple[bytes | None, str, str]:
     if blob.compressible and len(blob.data) >= 256:
         packed = zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=False) \
             .compress(blob.data)
-        if len(packed) <= len(blob.data) * (1 - MIN_SAVING):
+        if len(packed) <= len(blob.data) * (1 - MIN_SAVING) and len(blob.data) <= fmt.zstd_limit(len(packed)):
             return packed, "zstd", sha
     return blob.data, "none", sha
 

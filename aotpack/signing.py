@@ -111,10 +111,13 @@ def _public_pem(key: str) -> bytes:
 
 
 def check_certificate(pack: str | os.PathLike, signature: str | os.PathLike | None,
-                      roots: Iterable[str | os.PathLike]) -> rt_signature.Signed:
+                      roots: Iterable[str | os.PathLike], *, file_sha256: str | None = None) -> rt_signature.Signed:
     """Check a certificate signature of ``pack``: the signing certificate's chain up to one of ``roots``
     (PEM files) with model-signing, then the signature and statement with the runtime's verifier, using
-    the key in the signing certificate. Raises ``ArchiveError`` when it does not check out."""
+    the key in the signing certificate. Raises ``ArchiveError`` when it does not check out.
+
+    ``file_sha256`` is the sha256 of the pack as the caller reads it (through its one descriptor): the
+    statement must cover that, whatever file model-signing's own check read at the path."""
     pack = os.fspath(pack)
     sig = rt_signature.default_signature_path(pack) if signature is None else os.fspath(signature)
     roots = [os.fspath(r) for r in roots]
@@ -132,4 +135,4 @@ def check_certificate(pack: str | os.PathLike, signature: str | os.PathLike | No
                            f"{', '.join(roots)} ({e}); check it with the root that issued it", path=pack) from None
     except ValueError as e:
         raise ArchiveError(f"signature {sig}: {e}", path=pack) from None
-    return rt_signature.check(pack, sig, leaf)
+    return rt_signature.check(pack, sig, leaf, file_sha256=file_sha256)

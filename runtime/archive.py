@@ -8,7 +8,10 @@ bytes are hashed before they are used: when it is read (``read_blob``), or for t
 
 The archive keeps the file it opened: every read and the mapping come from that file, so a pack renamed over
 while it is loaded is read consistently, and ``identity`` (device, inode, size, modification and change
-time, from the open file) names exactly the bytes that were checked.
+time, from the open file) names exactly the bytes that were checked. A load opens the pack once
+(``open_regular``) and hashes it for a pin or a signature through the same descriptor it then reads and maps
+(``whole_file_sha256``, ``Archive.from_fd``): a path opened twice would be two files to whoever can rename
+or re-link it in between. Only a regular file is opened: a FIFO or a device would block a reader or never end.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import os
 import stat
 
 import zstandard
+from zstandard import backend_cffi as _zstd  # zstd's streaming API, for decompression through fixed buffers
 
 from . import format as fmt
 from .errors import ArchiveError
@@ -31,6 +35,10 @@ HASH_CHUNK = 8 << 20
 MAX_HASH_THREADS = 16
 PARALLEL_MIN_BYTES = 1 << 20
 _EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+# A compressed blob is decompressed into a buffer of this many bytes at a time, with a window of at most
+# 2**ZSTD_WINDOW_LOG_MAX bytes (zstd's default limit; the writer's levels use far less).
+DECOMPRESS_CHUNK = 1 << 20
+ZSTD_WINDOW_LOG_MAX = 27
 _ZEROS: bytes | None = None  # zeros to hash a hole with, made at first use
 
 
@@ -53,6 +61,45 @@ def _sniff(head: bytes) -> str:
     if len(head) == 0:
         return "an empty file"
     return "not an aotpack archive (no AOTPACK magic at byte 0)"
+
+
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def file_kind(mode: int) -> str:
+    """What a file of this mode is, in words ("a regular file", "a FIFO (named pipe)", ...)."""
+    if stat.S_ISREG(mode):
+        return "a regular file"
+    return next((word for test, word in _KINDS if test(mode)), "not a regular file")
+
+
+def open_regular(path: str) -> tuple[int, os.stat_result]:
+    """Open ``path`` for reading and return ``(descriptor, its stat)``; refuse at once anything but a regular
+    file with an ArchiveError (without a path; the caller names the file).
+
+    The open does not block: a FIFO opened for reading would wait for a writer, so the file is opened with
+    O_NONBLOCK (which regular files ignore) and checked with fstat, the descriptor's own stat. OSErrors of
+    the open (no such file, permission denied) propagate for the caller to word."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ArchiveError(f"is {file_kind(st.st_mode)}, not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
+def identity_of(st: os.stat_result) -> tuple:
+    """What tells a file from a replacement or a rewrite: device, inode, size, modification and change time."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def whole_file_sha256(fd: int, size: int, path: str) -> str:
+    """sha256 of the first ``size`` bytes of the open file (the whole pack), read in chunks through ``fd``."""
+    return _hash_range(fd, 0, size, path, "the file")
 
 
 class Archive:
@@ -86,13 +133,16 @@ class Archive:
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> "Archive":
+        """Open and check the pack at ``path`` (a regular file)."""
         path = os.fspath(path)
-        fd = None
+        fd, st = open_pack(path)
+        return cls.from_fd(path, fd, st)
+
+    @classmethod
+    def from_fd(cls, path: str, fd: int, st: os.stat_result) -> "Archive":
+        """Check the pack open at ``fd`` (``st``: its fstat) and return it; the archive owns the descriptor
+        from now on (it is closed here if the pack is refused)."""
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            st = os.fstat(fd)
-            if stat.S_ISDIR(st.st_mode):
-                raise IsADirectoryError
             head = _pread(fd, 0, fmt.HEADER_SIZE)
             archive = cls._open(path, fd, st, head)
             fd = None  # the archive owns it now
@@ -101,12 +151,6 @@ class Archive:
             if e.path is None:
                 raise ArchiveError(e.reason, path=path) from None
             raise
-        except FileNotFoundError:
-            raise ArchiveError("no such file", path=path) from None
-        except IsADirectoryError:
-            raise ArchiveError("is a directory, not a pack file", path=path) from None
-        except PermissionError:
-            raise ArchiveError("permission denied reading the pack", path=path) from None
         finally:
             if fd is not None:
                 os.close(fd)
@@ -153,8 +197,7 @@ class Archive:
                                f"says {version}")
         region = fmt.align(fmt.HEADER_SIZE + mlen)
         cls._check_layout(manifest, region, size)
-        identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-        return cls(path, manifest, mbytes, region, size, version, fd, identity)
+        return cls(path, manifest, mbytes, region, size, version, fd, identity_of(st))
 
     @staticmethod
     def _check_layout(manifest: fmt.Manifest, region: int, size: int) -> None:
@@ -176,8 +219,7 @@ class Archive:
         """Whether the opened file still has the identity it had when it was opened (not written since)."""
         if self._fd is None:
             return False
-        st = os.fstat(self._fd)
-        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) == self.identity
+        return identity_of(os.fstat(self._fd)) == self.identity
 
     def _file(self) -> int:
         if self._fd is None:
@@ -195,12 +237,34 @@ class Archive:
                                "(the file changed while it was read?)", path=self.path)
         return data
 
-    def read_blob(self, name: str) -> bytes | bytearray:
-        """The blob's content, decompressed and checked against its sha256."""
+    def chunks(self, name: str):
+        """The blob's content in chunks (views valid until the next one), checked against its sha256 at the end:
+        the last chunk is followed by an ArchiveError instead of the end when the blob does not match. A
+        compressed blob is decompressed as it is read, through fixed buffers (``zstd_chunks``)."""
         b = self.manifest.blob(name)
-        data = self.read_stored(name)
+        h = hashlib.sha256()
         if b.compression == "zstd":
-            data = decompress(data, b.size, name, self.path)
+            for chunk in zstd_chunks(self._file(), self.region_start + b.offset, b.stored_size, b.size, name,
+                                     self.path):
+                h.update(chunk)
+                yield chunk
+        else:
+            data = self.read_stored(name)
+            h.update(data)
+            yield data
+        if h.hexdigest() != b.sha256:
+            raise ArchiveError(_mismatch(name), path=self.path)
+
+    def read_blob(self, name: str) -> bytes | bytearray:
+        """The blob's content, decompressed and checked against its sha256. A compressed blob's memory grows
+        with what its frame holds, checked as it is read, not with what it declares."""
+        b = self.manifest.blob(name)
+        if b.compression == "zstd":
+            data = bytearray()
+            for chunk in self.chunks(name):
+                data += chunk
+            return data
+        data = self.read_stored(name)
         if len(data) != b.size:
             raise ArchiveError(f"blob {name!r} is {len(data)} bytes, the manifest says {b.size}", path=self.path)
         if hashlib.sha256(data).hexdigest() != b.sha256:
@@ -220,7 +284,8 @@ class Archive:
         """
         b = self.manifest.blob(name)
         if b.compression != "none" or b.size == 0:
-            return bytearray(self.read_blob(name))
+            data = self.read_blob(name)
+            return data if isinstance(data, bytearray) else bytearray(data)
         if self._map is None:
             fd = self._file()
             if os.fstat(fd).st_size != self.file_size:
@@ -237,7 +302,8 @@ class Archive:
 
         Uncompressed blobs are read in chunks through a buffer per thread (the file's pages go to the page
         cache, not into this process's mapping), holes of a sparse file are hashed as the zeros they read
-        as without reading them, and compressed blobs are decompressed first. ``threads`` defaults to the
+        as without reading them, and compressed blobs are decompressed as they are read, through fixed
+        buffers: memory stays bounded whatever a blob declares. ``threads`` defaults to the
         cores this process may use (at most ``MAX_HASH_THREADS``). The first mismatch in table order is
         the error.
         """
@@ -253,8 +319,10 @@ class Archive:
         def one(b: fmt.BlobRecord) -> None:
             try:
                 if b.compression != "none":
-                    self.read_blob(b.name)
-                elif _hash_range(self._file(), self.region_start + b.offset, b.size, self.path, b.name) != b.sha256:
+                    for _ in self.chunks(b.name):
+                        pass
+                elif _hash_range(self._file(), self.region_start + b.offset, b.size, self.path,
+                                 f"blob {b.name!r}") != b.sha256:
                     raise ArchiveError(_mismatch(b.name), path=self.path)
             except ArchiveError as e:
                 failed[b.name] = e
@@ -286,6 +354,20 @@ class Archive:
         end = fmt.HEADER_SIZE + len(self.manifest_bytes)
         if bytes(_pread(fd, end, self.region_start - end)).strip(b"\x00"):
             raise ArchiveError("non-zero padding after the manifest", path=self.path)
+
+
+def open_pack(path: str) -> tuple[int, os.stat_result]:
+    """``open_regular`` for a pack: every failure is an ArchiveError naming the pack."""
+    try:
+        return open_regular(path)
+    except ArchiveError as e:
+        raise ArchiveError(e.reason, path=path) from None
+    except FileNotFoundError:
+        raise ArchiveError("no such file", path=path) from None
+    except PermissionError:
+        raise ArchiveError("permission denied reading the pack", path=path) from None
+    except OSError as e:
+        raise ArchiveError(f"cannot open the pack: {e.strerror}", path=path) from None
 
 
 def _mismatch(name: str) -> str:
@@ -334,7 +416,7 @@ def _extent(fd: int, pos: int, end: int) -> tuple[int, int]:
     return start, min(stop, end)
 
 
-def _hash_range(fd: int, offset: int, size: int, path: str, name: str) -> str:
+def _hash_range(fd: int, offset: int, size: int, path: str, what: str) -> str:
     """sha256 of ``size`` bytes of the file at ``offset``, read in chunks; holes are hashed as zeros."""
     global _ZEROS
     if size == 0:
@@ -342,8 +424,7 @@ def _hash_range(fd: int, offset: int, size: int, path: str, name: str) -> str:
     if size < PARALLEL_MIN_BYTES:  # one read
         data = _pread(fd, offset, size)
         if len(data) != size:
-            raise ArchiveError(f"truncated: blob {name!r} ends early (the file changed while it was read?)",
-                               path=path)
+            raise ArchiveError(f"truncated: {what} ends early (the file changed while it was read?)", path=path)
         return hashlib.sha256(data).hexdigest()
     h = hashlib.sha256()
     view = memoryview(bytearray(min(size, HASH_CHUNK)))
@@ -359,28 +440,82 @@ def _hash_range(fd: int, offset: int, size: int, path: str, name: str) -> str:
         while pos < stop:
             got = os.preadv(fd, [view[:min(stop - pos, HASH_CHUNK)]], pos)
             if got == 0:
-                raise ArchiveError(f"truncated: blob {name!r} ends early (the file changed while it was read?)",
+                raise ArchiveError(f"truncated: {what} ends early (the file changed while it was read?)",
                                    path=path)
             h.update(view[:got])
             pos += got
     return h.hexdigest()
 
 
-def decompress(data: bytes, size: int, name: str, path: str | None = None) -> bytes:
-    """Decompress one zstd frame of known size; anything else is an ArchiveError."""
+def zstd_chunks(fd: int, offset: int, stored_size: int, size: int, name: str, path: str | None = None):
+    """The content of the zstd blob ``name`` stored at ``offset`` of the open file, decompressed in chunks of
+    at most ``DECOMPRESS_CHUNK`` bytes (each a view of one reused buffer: use it before asking for the next).
+
+    The blob must be exactly one frame that declares ``size`` bytes and holds them; anything else is an
+    ArchiveError, raised as soon as it shows (a frame that holds more than it declares stops there). Memory
+    is bounded whatever the frame declares: a read buffer, this output buffer, and zstd's window, at most
+    ``2**ZSTD_WINDOW_LOG_MAX`` bytes (and no more than ``size``)."""
+    where = f"blob {name!r}"
+    head = bytes(_pread(fd, offset, min(stored_size, 18)))  # 18: the longest frame header
     try:
-        params = zstandard.get_frame_parameters(data)
+        params = zstandard.get_frame_parameters(head)
     except zstandard.ZstdError as e:
-        raise ArchiveError(f"blob {name!r} is not valid zstd data ({e})", path=path) from None
+        raise ArchiveError(f"{where} is not valid zstd data ({e})", path=path) from None
     if params.content_size != size:
-        raise ArchiveError(f"blob {name!r}: zstd frame declares {params.content_size} bytes, the manifest "
-                           f"says {size}", path=path)
+        raise ArchiveError(f"{where}: zstd frame declares {params.content_size} bytes, the manifest says {size}",
+                           path=path)
+    if size <= DECOMPRESS_CHUNK and stored_size <= DECOMPRESS_CHUNK:  # small: in one go, within the same bound
+        data = _pread(fd, offset, stored_size)
+        if len(data) != stored_size:
+            raise ArchiveError(f"truncated: {where} ends early (the file changed while it was read?)", path=path)
+        try:
+            # Bytes after the frame would be covered by no hash: the format allows exactly one frame.
+            yield zstandard.ZstdDecompressor().decompress(data, max_output_size=size, allow_extra_data=False)
+        except zstandard.ZstdError as e:
+            raise ArchiveError(f"{where}: zstd data is corrupt ({e})", path=path) from None
+        return
+    lib, ffi = _zstd.lib, _zstd.ffi
+    dctx = lib.ZSTD_createDCtx()
+    if dctx == ffi.NULL:
+        raise ArchiveError(f"{where}: cannot allocate a zstd decompressor", path=path)
     try:
-        # Bytes after the frame would be covered by no hash: the format allows exactly one frame.
-        out = zstandard.ZstdDecompressor().decompress(data, max_output_size=size, allow_extra_data=False)
-    except zstandard.ZstdError as e:
-        raise ArchiveError(f"blob {name!r}: zstd data is corrupt ({e})", path=path) from None
-    except MemoryError:  # the frame, like the manifest, declares the size; this host cannot hold it
-        raise ArchiveError(f"blob {name!r} declares {size} bytes, more than this process can allocate",
-                           path=path) from None
-    return out
+        lib.ZSTD_DCtx_setParameter(dctx, lib.ZSTD_d_windowLogMax, ZSTD_WINDOW_LOG_MAX)
+        out = ffi.new("char[]", DECOMPRESS_CHUNK)
+        out_buf, in_buf = ffi.new("ZSTD_outBuffer *"), ffi.new("ZSTD_inBuffer *")
+        out_buf.dst, out_buf.size = out, DECOMPRESS_CHUNK
+        pos, end, produced, ended = offset, offset + stored_size, 0, False
+        while pos < end and not ended:
+            data = _pread(fd, pos, min(HASH_CHUNK, end - pos))
+            if not data:
+                raise ArchiveError(f"truncated: {where} ends early (the file changed while it was read?)", path=path)
+            pos += len(data)
+            source = ffi.from_buffer(data)
+            in_buf.src, in_buf.size, in_buf.pos = source, len(data), 0
+            while True:
+                out_buf.pos = 0
+                ret = lib.ZSTD_decompressStream(dctx, out_buf, in_buf)
+                if lib.ZSTD_isError(ret):
+                    reason = ffi.string(lib.ZSTD_getErrorName(ret)).decode("ascii", "replace")
+                    raise ArchiveError(f"{where}: zstd data is corrupt ({reason})", path=path)
+                if out_buf.pos:
+                    produced += out_buf.pos
+                    if produced > size:
+                        raise ArchiveError(f"{where}: zstd data holds more than the {size} bytes its frame declares",
+                                           path=path)
+                    yield ffi.buffer(out, out_buf.pos)
+                if ret == 0:  # the frame ended
+                    ended = True
+                    # Bytes after the frame would be covered by no hash: the format allows exactly one frame.
+                    if in_buf.pos != in_buf.size or pos != end:
+                        raise ArchiveError(f"{where}: {end - pos + in_buf.size - in_buf.pos} bytes follow its zstd "
+                                           "frame; a blob is exactly one frame", path=path)
+                    break
+                if in_buf.pos == in_buf.size and out_buf.pos < out_buf.size:
+                    break  # all input used and no output pending: read more
+        if not ended:
+            raise ArchiveError(f"{where}: zstd data is corrupt (its frame ends after {produced} of {size} bytes)",
+                               path=path)
+        if produced != size:
+            raise ArchiveError(f"{where} is {produced} bytes, the manifest says {size}", path=path)
+    finally:
+        lib.ZSTD_freeDCtx(dctx)

@@ -5,6 +5,14 @@ temporary name in the same folder and renamed into place (atomic on POSIX), so a
 half-written file, even when several load the same pack at the same moment. A file found in the cache is
 hashed again before it is loaded: a cache folder is never trusted more than the archive.
 
+Whoever can write a folder the native code is loaded from runs code in this process, so every folder of the
+cache (the root, ``lib/``, ``kernels/`` and each kernel folder) is created private (mode 0700) and checked
+before use: a folder, not a symbolic link (the root may be one: its target is checked), owned by this user,
+writable by no other (``private_folder``; a folder that fails is an ArchiveError naming it). Only regular
+files are read from it, opened without following links. A library is hashed through a descriptor and loaded
+through the same one (``CachedFile.loadable``: ``/proc/self/fd/N``), so the bytes that are loaded are the
+bytes that were hashed, whatever happens to the name in between.
+
 The GPU kernels of a CUDA entry are loaded by its compiled code from one folder, by file name, so they are
 cached as a folder (``kernels/<sha256 of the file names and hashes>/``), written whole into a temporary
 folder and renamed into place, and every file in it is hashed again when it is found.
@@ -46,13 +54,93 @@ def default_cache_dir() -> str:
     return os.path.join(base, "aotpack")
 
 
-def file_sha256(path: str) -> str | None:
+_HASH_CHUNK = 1 << 20
+
+
+def private_folder(folder: str, *, root: bool = False) -> str:
+    """``folder``, created (mode 0700) if absent, after checking that it is a folder (not a symbolic link,
+    unless ``root``: then its target is checked) that this user owns and no other user can write. Anything
+    else is an ArchiveError naming the folder and what to do."""
     try:
-        with open(path, "rb") as f:
-            return hashlib.file_digest(f, "sha256").hexdigest() if hasattr(hashlib, "file_digest") \
-                else hashlib.sha256(f.read()).hexdigest()
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        st = os.stat(folder) if root else os.lstat(folder)
+    except OSError as e:
+        raise ArchiveError(f"cannot create the extraction cache folder {folder}: {e.strerror}; set "
+                           "AOTPACK_CACHE_DIR or pass cache_dir= to a writable folder") from None
+    problem = None
+    if stat.S_ISLNK(st.st_mode):
+        problem = "a symbolic link"
+    elif not stat.S_ISDIR(st.st_mode):
+        problem = "not a folder"
+    elif st.st_uid != os.geteuid():
+        problem = f"owned by user {st.st_uid}, not by this user ({os.geteuid()})"
+    elif st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        problem = f"writable by other users (mode {stat.S_IMODE(st.st_mode):04o})"
+    if problem is not None:
+        raise ArchiveError(f"the extraction cache folder {folder} is {problem}: native code is loaded from it, so "
+                           "it must be a folder of this user's that no other user can write; fix it (chmod 700) or "
+                           "set AOTPACK_CACHE_DIR or pass cache_dir= to another folder")
+    return folder
+
+
+def code_folder(cache_dir: str, name: str) -> str:
+    """The checked private folder ``name`` (``lib``, ``kernels``) of the cache, its root checked first."""
+    private_folder(cache_dir, root=True)
+    return private_folder(os.path.join(cache_dir, name))
+
+
+def open_file(path: str) -> int | None:
+    """A descriptor of the regular file at ``path`` (not followed if it is a link), or None."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW)
     except OSError:
         return None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return None
+    return fd
+
+
+def fd_sha256(fd: int) -> str:
+    """sha256 of the whole file open at ``fd``, read through it from the start."""
+    h = hashlib.sha256()
+    pos = 0
+    while True:
+        chunk = os.pread(fd, _HASH_CHUNK, pos)
+        if not chunk:
+            return h.hexdigest()
+        h.update(chunk)
+        pos += len(chunk)
+
+
+def file_sha256(path: str) -> str | None:
+    """sha256 of the regular file at ``path`` (not a link), or None."""
+    fd = open_file(path)
+    if fd is None:
+        return None
+    try:
+        return fd_sha256(fd)
+    finally:
+        os.close(fd)
+
+
+class CachedFile:
+    """A file of the cache, open: ``fd`` is the descriptor its content was hashed (or written) through, and
+    ``loadable`` the name that opens that very file (``/proc/self/fd/N``, or the path where there is no
+    /proc). ``close()`` once it is loaded."""
+
+    def __init__(self, path: str, fd: int):
+        self.path = path
+        self.fd = fd
+        self.loadable = f"/proc/self/fd/{fd}" if os.path.isdir("/proc/self/fd") else path
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def __del__(self) -> None:
+        self.close()
 
 
 def cached_path(cache_dir: str, sha256: str, suffix: str) -> str:
@@ -61,29 +149,57 @@ def cached_path(cache_dir: str, sha256: str, suffix: str) -> str:
     return os.path.join(cache_dir, "lib", f"{sha256}{suffix}")
 
 
-def lookup(cache_dir: str, sha256: str, suffix: str) -> str | None:
-    """The cached file with this content, if present and intact."""
+def lookup(cache_dir: str, sha256: str, suffix: str) -> CachedFile | None:
+    """The cached file with this content, open, if present, a regular file and intact."""
     path = cached_path(cache_dir, sha256, suffix)
-    return path if file_sha256(path) == sha256 else None
+    code_folder(cache_dir, "lib")
+    fd = open_file(path)
+    if fd is None:
+        return None
+    if fd_sha256(fd) != sha256:
+        os.close(fd)
+        return None
+    return CachedFile(path, fd)
 
 
-def store(cache_dir: str, sha256: str, suffix: str, data: bytes) -> str:
-    """Write ``data`` (already checked against ``sha256``) into the cache atomically; return its path."""
+def store(cache_dir: str, sha256: str, suffix: str, data) -> CachedFile:
+    """Write ``data`` (bytes, or chunks of them that end in an ArchiveError if they do not match) into the
+    cache atomically, hashing what is written; return the file, open through the descriptor it was written
+    with. A content other than ``sha256`` is an ArchiveError and leaves nothing behind."""
     path = cached_path(cache_dir, sha256, suffix)
-    folder = os.path.dirname(path)
+    folder = code_folder(cache_dir, "lib")
+    tmp = os.path.join(folder, f".{sha256[:16]}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = None
     try:
-        os.makedirs(folder, exist_ok=True)
-        tmp = os.path.join(folder, f".{sha256[:16]}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o555)
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        h = hashlib.sha256()
+        for chunk in ([data] if isinstance(data, (bytes, bytearray, memoryview)) else data):
+            h.update(chunk)
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(fd, view):]
+        if h.hexdigest() != sha256:
+            raise ArchiveError(f"refusing to cache content whose sha256 is {h.hexdigest()}, not {sha256}")
+        os.fsync(fd)
+        os.fchmod(fd, 0o555)
         os.replace(tmp, path)
     except OSError as e:
+        _discard(fd, tmp)
         raise ArchiveError(f"cannot write the extraction cache at {folder}: {e.strerror}; set "
                            "AOTPACK_CACHE_DIR or pass cache_dir= to a writable folder") from None
-    return path
+    except BaseException:
+        _discard(fd, tmp)
+        raise
+    return CachedFile(path, fd)
+
+
+def _discard(fd: int | None, tmp: str) -> None:
+    if fd is not None:
+        os.close(fd)
+    try:
+        os.unlink(tmp)
+    except OSError:
+        pass
 
 
 def bundle_digest(files: dict[str, str]) -> str:
@@ -101,9 +217,19 @@ def bundle_path(cache_dir: str, files: dict[str, str]) -> str:
 
 
 def lookup_dir(cache_dir: str, files: dict[str, str]) -> str | None:
-    """The cached folder holding these files, if present and every file in it intact."""
+    """The cached folder holding these files, if present, private, and every file in it a regular file and
+    intact. (GPU kernels are loaded by name from it, at their first launch: the folder's privacy, checked
+    here, is what keeps them the files that were hashed.)"""
     path = bundle_path(cache_dir, files)
-    if all(file_sha256(os.path.join(path, name)) == sha for name, sha in files.items()) and os.path.isdir(path):
+    code_folder(cache_dir, "kernels")
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    if not stat.S_ISDIR(st.st_mode):
+        return None
+    private_folder(path)
+    if all(file_sha256(os.path.join(path, name)) == sha for name, sha in files.items()):
         return path
     return None
 
@@ -116,19 +242,19 @@ def store_dir(cache_dir: str, files: dict[str, str], contents: dict[str, bytes])
     and removed, then replaced.
     """
     path = bundle_path(cache_dir, files)
-    parent = os.path.dirname(path)
+    parent = code_folder(cache_dir, "kernels")
     token = f"{os.getpid()}.{secrets.token_hex(4)}"
     tmp = os.path.join(parent, f".{os.path.basename(path)[:16]}.{token}.tmp")
     try:
-        os.makedirs(parent, exist_ok=True)
-        os.mkdir(tmp)
+        os.mkdir(tmp, 0o700)
         for name in sorted(files):
             target = os.path.join(tmp, name)
-            with open(target, "wb") as f:
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "wb") as f:
                 f.write(contents[name])
                 f.flush()
                 os.fsync(f.fileno())
-            os.chmod(target, 0o444)
+                os.fchmod(f.fileno(), 0o444)
         for attempt in range(3):
             try:
                 os.rename(tmp, path)

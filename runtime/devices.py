@@ -7,15 +7,17 @@ into a folder of the extraction cache.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import threading
 import warnings
 from typing import TYPE_CHECKING
 
 import torch
 
-from . import cache
+from . import cache, elf, platform
 from .archive import Archive
-from .errors import AotpackWarning
+from .errors import AotpackWarning, ArchiveError
 from .platform import CudaMeta, _union
 
 if TYPE_CHECKING:
@@ -51,8 +53,9 @@ class CudaState:
                 self._by_device[index] = on_device
             return on_device
 
-    def extract(self, entry: "CudaEntry") -> tuple[str, str]:
-        """The entry's library and kernel folder in the extraction cache, each hash-checked."""
+    def extract(self, entry: "CudaEntry") -> tuple["Code", str]:
+        """The entry's library (kept open for the loads of its code on each GPU) and kernel folder in the
+        extraction cache, each hash-checked."""
         library = extract_code(self.archive, entry._library_blob, entry._extern_blob, self.cache_root)
         return library, extract_kernels(self.archive, entry.cuda, self.cache_root)
 
@@ -99,21 +102,82 @@ LIBRARY_FILE = "model.so"
 EXTERN_KERNELS_FILE = "model.json"
 
 
-def extract_code(archive: Archive, library_blob: str, extern_blob: str | None, cache_root: str) -> str:
-    """The path of an entry's library in the extraction cache, hash-checked. A library with an extern-kernel
-    description is extracted with it into one folder (named by both hashes), as the runner expects."""
+# Libraries of the extraction cache this process loaded, by sha256, each open for the life of the process: it is
+# loaded as /proc/self/fd/N, and the dynamic loader knows a library by the name it was opened by, so N must keep
+# naming that library (a closed descriptor's number would be reused for another file, which the loader would
+# then take for the library it already has).
+_open_libraries: dict[str, cache.CachedFile] = {}
+_open_lock = threading.Lock()
+
+
+class Code:
+    """An entry's native code, ready for the loader: ``path`` names the very file whose content was checked
+    (the hashed descriptor as ``/proc/self/fd/N``, or a private copy written from checked bytes). ``close()``
+    removes a private copy once the code is loaded; a cached library's descriptor stays open."""
+
+    def __init__(self, path: str, file: cache.CachedFile | None = None, folder: str | None = None):
+        self.path = path
+        self._file = file
+        self._folder = folder
+
+    def close(self) -> None:
+        folder, self._folder = self._folder, None
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def extract_code(archive: Archive, library_blob: str, extern_blob: str | None, cache_root: str) -> Code:
+    """An entry's library, hash-checked and its ELF headers checked, ready to load.
+
+    A library alone goes to the extraction cache under its sha256 (a copy there is hashed again) and is
+    loaded through the descriptor it was hashed or written through. A library with an extern-kernel
+    description is loaded from a private folder of this process (mode 0700), written from the checked
+    blobs, as ``model.so`` beside ``model.json``: the runner reads the description by that name."""
+    where = f"blob {library_blob!r}"
     if extern_blob is None:
-        rec = archive.manifest.blob(library_blob)
-        hit = cache.lookup(cache_root, rec.sha256, ".so")
-        if hit:
-            return hit
-        return cache.store(cache_root, rec.sha256, ".so", archive.read_blob(library_blob))
-    blobs = {LIBRARY_FILE: library_blob, EXTERN_KERNELS_FILE: extern_blob}
-    files = {name: archive.manifest.blob(blob).sha256 for name, blob in blobs.items()}
-    folder = cache.lookup_dir(cache_root, files)
-    if folder is None:
-        folder = cache.store_dir(cache_root, files, {name: archive.read_blob(blob) for name, blob in blobs.items()})
-    return os.path.join(folder, LIBRARY_FILE)
+        sha = archive.manifest.blob(library_blob).sha256
+        cache.code_folder(cache_root, "lib")
+        with _open_lock:
+            file = _open_libraries.get(sha)
+            if file is not None:
+                if cache.fd_sha256(file.fd) != sha:
+                    raise ArchiveError(f"the library {file.path} of {where} changed in the extraction cache since "
+                                       "this process loaded it; clear the cache folder", path=archive.path)
+                return Code(file.loadable, file=file)
+            file = cache.lookup(cache_root, sha, ".so")
+            if file is None:
+                file = cache.store(cache_root, sha, ".so", archive.chunks(library_blob))
+            _check_elf(archive, file.fd, where)
+            _open_libraries[sha] = file
+        return Code(file.loadable, file=file)
+    folder = tempfile.mkdtemp(prefix="aotpack-code-")
+    try:
+        for name, blob in ((LIBRARY_FILE, library_blob), (EXTERN_KERNELS_FILE, extern_blob)):
+            fd = os.open(os.path.join(folder, name), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o500)
+            try:
+                for chunk in archive.chunks(blob):
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(fd, view):]
+                if name == LIBRARY_FILE:
+                    _check_elf(archive, fd, where)
+            finally:
+                os.close(fd)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return Code(os.path.join(folder, LIBRARY_FILE), folder=folder)
+
+
+def _check_elf(archive: Archive, fd: int, where: str) -> None:
+    try:
+        elf.check_shared_object(fd, os.fstat(fd).st_size, platform.host_machine(), where)
+    except ArchiveError as e:
+        raise ArchiveError(e.reason, path=archive.path) from None
 
 
 def extract_kernels(archive: Archive, cuda: CudaMeta, cache_root: str) -> str:

@@ -25,7 +25,7 @@ import torch
 
 from . import _torch, platform
 from .archive import Archive
-from .devices import CudaState, extract_code
+from .devices import Code, CudaState, extract_code
 from .errors import ArchiveError, GuardError
 from .format import Manifest, field_of
 from .guards import VALUE_TYPES, EntryGuards, TensorGuard, check_spec, rebuild
@@ -74,7 +74,7 @@ class Entry:
                  output_leaves: list, state_constants: dict[str, str] | None = None,
                  pool: RunnerPool | None = None):
         self.index = index
-        self.name = str(meta.get("name", index))
+        self.name = meta["name"]
         self.meta = meta
         self.guards = guards
         self.state_constants = dict(state_constants or {})
@@ -128,7 +128,7 @@ class CudaEntry(Entry):
         self._constants: dict[str, str] = meta["constants"]
         self._runners: dict[int, Any] = {}  # device index -> runner, or RunnerPool for a pack with state
         self._lock = threading.Lock()
-        self._files: tuple[str, str] | None = None  # (library path, kernel folder) once extracted
+        self._files: tuple[Code, str] | None = None  # (library, kernel folder) once extracted
         self._tensor_names = [f"input {g.name!r} ({g.path})" for g in guards.leaves if isinstance(g, TensorGuard)]
 
     def device_index(self, tensors: list[torch.Tensor]) -> int:
@@ -189,7 +189,7 @@ class CudaEntry(Entry):
 
             def load_one(num_models: int) -> Any:
                 try:
-                    return _torch.cuda_runner(library, num_models, f"cuda:{index}", kernel_dir)
+                    return _torch.cuda_runner(library.path, num_models, f"cuda:{index}", kernel_dir)
                 except RuntimeError as e:  # not a shared object, not a model container, or a CUDA error
                     raise ArchiveError(f"{where}: blob {self._library_blob!r} cannot be loaded on cuda:{index} "
                                        f"({str(e).splitlines()[0] if str(e) else type(e).__name__})",
@@ -222,7 +222,13 @@ def check_entry(i: int, m: Manifest, weight_names: set[str], blob_sizes: dict[st
     raises ArchiveError (without a path) on the first problem."""
     meta = m.entries[i]
     where = f"manifest.entries[{i}]"
+    field_of(meta, "name", str, where)
     guards = EntryGuards.from_json(meta, where)
+    if "grad_mode" in meta:
+        field_of(meta, "grad_mode", bool, where)
+    for key in ("sources", "kernels"):
+        if key in meta and not all(isinstance(v, str) for v in field_of(meta, key, list, where)):
+            raise ArchiveError(f"{where}.{key} must be a list of strings")
     device = field_of(meta, "device", str, where)
     if device not in RUNTIME_DEVICES:
         raise ArchiveError(f"{where} is a {device} entry; this runtime serves {', '.join(RUNTIME_DEVICES)}")
@@ -286,12 +292,15 @@ def entry_from_manifest(i: int, archive: Archive, weights: dict[str, torch.Tenso
 
     def load_one(n: int) -> Any:
         try:
-            return _torch.cpu_runner(library, n)
+            return _torch.cpu_runner(library.path, n)
         except RuntimeError as e:  # not a shared object, not a model container, or a proxy executor it refuses
             raise ArchiveError(f"{where}: blob {c.library!r} is not loadable native code "
                                f"({str(e).splitlines()[0]})", path=path) from None
 
-    runner = _load_code(load_one, num_models, c.constants, weights, c.state_constants, where, path)
+    try:
+        runner = _load_code(load_one, num_models, c.constants, weights, c.state_constants, where, path)
+    finally:
+        library.close()  # loaded (the runner read the extern-kernel description at its construction)
     if c.state_constants:
         return Entry(i, meta, c.guards, None, c.outputs, c.output_leaves, c.state_constants, pool=runner)
     return Entry(i, meta, c.guards, runner, c.outputs, c.output_leaves)

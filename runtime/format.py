@@ -44,6 +44,10 @@ ALIGN = 64
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024
 MAX_BLOBS = 100_000
 MAX_BLOB_BYTES = 1 << 40
+# A zstd blob may expand to at most MAX_ZSTD_RATIO times its stored size (or to MAX_ZSTD_FLOOR bytes, if more):
+# checking a blob costs time in proportion to what it declares, so a small file must not declare terabytes.
+MAX_ZSTD_RATIO = 1024
+MAX_ZSTD_FLOOR = 64 << 20
 # Longest integer literal a manifest may hold: 640 is the lowest limit Python lets a process set on
 # int/str conversion (sys.set_int_max_str_digits), so reading one never trips the interpreter's own limit.
 MAX_INT_DIGITS = 640
@@ -223,6 +227,11 @@ def one_of(obj: Any, key: str, allowed: tuple[str, ...], where: str) -> str:
 # ---------------------------------------------------------------------------------------------------
 # Manifest records
 
+def zstd_limit(stored_size: int) -> int:
+    """The most bytes a zstd blob of ``stored_size`` stored bytes may declare."""
+    return max(MAX_ZSTD_FLOOR, stored_size * MAX_ZSTD_RATIO)
+
+
 @dataclass(frozen=True)
 class BlobRecord:
     """One blob: where it lies (``offset`` from the start of the blob region), how it is stored, its hash."""
@@ -253,6 +262,9 @@ class BlobRecord:
         if rec.compression == "none" and rec.stored_size != rec.size:
             raise ArchiveError(f"{where}: uncompressed blob {name!r} has stored_size {rec.stored_size} "
                                f"but size {rec.size}")
+        if rec.compression == "zstd" and rec.size > zstd_limit(rec.stored_size):
+            raise ArchiveError(f"{where}: zstd blob {name!r} declares {rec.size} bytes from {rec.stored_size} stored; "
+                               f"a blob may expand at most {MAX_ZSTD_RATIO}-fold (or to {MAX_ZSTD_FLOOR} bytes)")
         if rec.offset % ALIGN:
             raise ArchiveError(f"{where}: blob {name!r} offset {rec.offset} is not {ALIGN}-byte aligned")
         return rec
@@ -458,4 +470,8 @@ def _target(target: dict) -> dict:
     if "cpu_flags" in target and not all(isinstance(f, str) for f in field_of(target, "cpu_flags", list,
                                                                              "manifest.target")):
         raise ArchiveError("manifest.target.cpu_flags must be a list of strings")
+    if target.get("cpu_isa") == "native" and "cpu_flags" not in target:
+        # Without the build host's flags no CPU could be checked: the code might use any instruction.
+        raise ArchiveError("manifest.target.cpu_isa is 'native' but manifest.target.cpu_flags is absent; a native "
+                           "build records the CPU flags of its build host (rebuild the pack)")
     return target

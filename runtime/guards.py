@@ -199,9 +199,16 @@ def leaf_from_json(obj: Any, where: str, symbols: dict) -> TensorGuard | ValueGu
         if vtype not in VALUE_TYPES:
             raise ArchiveError(f"{where}.type is {vtype!r}; this reader knows {', '.join(VALUE_TYPES)}")
         value = obj.get("value")
-        if not isinstance(value, VALUE_TYPES[vtype]) and not (vtype == "float" and type(value) is int):
+        if isinstance(value, bool) and vtype in ("int", "float") or \
+                not isinstance(value, VALUE_TYPES[vtype]) and not (vtype == "float" and type(value) is int):
             raise ArchiveError(f"{where}.value does not match its type {vtype}")
-        return ValueGuard(path, name, vtype, float(value) if vtype == "float" else value)
+        if vtype == "float":
+            try:
+                value = float(value)
+            except OverflowError:  # an integer literal beyond the range of a float (10**600)
+                raise ArchiveError(f"{where}.value is an integer of {len(str(abs(value)))} digits, out of the "
+                                   "range of a float") from None
+        return ValueGuard(path, name, vtype, value)
     if kind != "tensor":
         raise ArchiveError(f"{where}.kind is {kind!r}; this reader knows tensor, value")
     sizes_json = field_of(obj, "sizes", list, where)
@@ -210,6 +217,12 @@ def leaf_from_json(obj: Any, where: str, symbols: dict) -> TensorGuard | ValueGu
         raise ArchiveError(f"{where}: sizes and strides must have the same length (at most 64)")
     sizes = tuple(_size_from_json(s, where, symbols) for s in sizes_json)
     strides = tuple(_stride_from_json(s, where, symbols) for s in strides_json)
+    for d, (size, stride) in enumerate(zip(sizes, strides)):
+        # Any stride addresses the same elements only along a dim of size 0 or 1; elsewhere a null stride
+        # would turn the layout guard off.
+        if stride is None and not (type(size) is int and size <= 1):
+            raise ArchiveError(f"{where}.strides[{d}] is null, but dim {d} has size {size!r}; null is allowed only "
+                               "for a static dim of size 0 or 1")
     device = field_of(obj, "device", str, where)
     try:
         torch.device(device)
@@ -217,8 +230,11 @@ def leaf_from_json(obj: Any, where: str, symbols: dict) -> TensorGuard | ValueGu
         raise ArchiveError(f"{where}.device {device!r} is not a device name") from None
     dtype = one_of(obj, "dtype", tuple(DTYPES), where)
     mutated = field_of(obj, "mutated", bool, where) if "mutated" in obj else False
-    return TensorGuard(path, name, dtype, device, sizes, strides, field_of(obj, "requires_grad", bool, where),
-                       mutated)
+    if "mutated" in obj and not mutated:
+        raise ArchiveError(f"{where}.mutated is false; the field is written only as true")
+    if field_of(obj, "requires_grad", bool, where):
+        raise ArchiveError(f"{where}.requires_grad is true; a pack computes no gradients, so it is always false")
+    return TensorGuard(path, name, dtype, device, sizes, strides, False, mutated)
 
 
 def _spec_leaves(node: dict, path: str, out: list[str]) -> None:
@@ -280,8 +296,17 @@ class EntryGuards:
                 exp_strides = tuple(g.strides[d] for d in stride_idx)
                 full_strides = len(stride_idx) == len(g.strides)
                 sym_strides = tuple((d, st) for d, st in enumerate(g.strides) if isinstance(st, Poly))
+                # The elements a static tensor addresses past its storage offset (its strides are known on every
+                # dim longer than 1); for a symbolic one, _DENSE when its layout is contiguous (the span is then its
+                # element count, once its strides are checked), else None (worked out from the call's strides).
+                if all(type(n) is int for n in g.sizes) and \
+                        all(type(st) is int or n <= 1 for n, st in zip(g.sizes, g.strides)):
+                    span = _span(g.sizes, g.strides)
+                else:
+                    span = _DENSE if g.layout() == "contiguous" else None
                 self._tensor_checks.append((i, DTYPE_BY_NAME[g.dtype], _device_check(g.device), len(g.sizes),
-                                            tuple(g.sizes), stride_idx, exp_strides, full_strides, sym_strides))
+                                            tuple(g.sizes), stride_idx, exp_strides, full_strides, span,
+                                            DTYPES[g.dtype], sym_strides))
             else:
                 self._value_checks.append((i, VALUE_TYPES[g.type], g.value))
 
@@ -315,14 +340,31 @@ class EntryGuards:
             raise ArchiveError(f"{where} has {len(leaves_json)} leaf guards for {n_leaves} input leaves")
         leaves = [leaf_from_json(g, f"{where}.leaves[{i}]", symbols) for i, g in enumerate(leaves_json)]
         params = field_of(entry, "param_names", list, where)
-        return cls(inputs, leaves, symbols, [str(p) for p in params])
+        if not all(isinstance(p, str) for p in params) or len(set(params)) != len(params):
+            raise ArchiveError(f"{where}.param_names must be distinct strings, found {params!r:.120}")
+        return cls(inputs, leaves, symbols, list(params))
 
     # -- the hot path -------------------------------------------------------------------------------
+
+    def bind(self, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        """``(args, kwargs)`` with the positional parameters the call passed by name moved to their positions,
+        as Python binds them (``pkg(x=t)`` for ``forward(self, x)``); None when that does not give the packaged
+        structure's number of positional arguments."""
+        start = len(args)
+        names = self.param_names[start:self._n_args]
+        if start >= self._n_args or len(names) != self._n_args - start or any(k not in kwargs for k in names):
+            return None
+        return (*args, *[kwargs[k] for k in names]), {k: v for k, v in kwargs.items() if k not in names}
 
     def flatten(self, args: tuple, kwargs: dict) -> list | None:
         """The input's leaves in spec order, or None when its structure differs from the spec."""
         if len(args) != self._n_args or len(kwargs) != len(self._kw_keys):
-            return None
+            bound = self.bind(args, kwargs) if kwargs else None
+            if bound is None:
+                return None
+            args, kwargs = bound
+            if len(kwargs) != len(self._kw_keys):
+                return None
         if self._flat:
             if not kwargs:
                 return list(args)
@@ -347,7 +389,8 @@ class EntryGuards:
         bound: dict | None = None if self._static else {}
         pending: list | None = [] if self._derived else None
         tensors = []
-        for i, dtype, device, rank, sizes, stride_idx, exp_strides, full, _ in self._tensor_checks:
+        deferred = []
+        for i, dtype, device, rank, sizes, stride_idx, exp_strides, full, span, itemsize, _ in self._tensor_checks:
             t = leaves[i]
             tp = type(t)
             if (tp is not _Tensor and tp is not _Parameter) or t.dtype is not dtype \
@@ -367,6 +410,13 @@ class EntryGuards:
                 return None
             if t.is_neg() or (dtype.is_complex and t.is_conj()):  # x.conj().imag is real, with the negation bit
                 return None
+            # The code reads every element the sizes and strides address: the storage must hold them all (a
+            # storage resized to zero, or a ZeroTensor, which has none, would make it read unmapped memory). A
+            # symbolic tensor is checked once its strides are.
+            if span is None or span is _DENSE:
+                deferred.append((t, span, itemsize))
+            elif span and not _holds(t, span, itemsize):
+                return None
             tensors.append(t)
         if pending and not self._solve(pending, bound):
             return None
@@ -377,6 +427,10 @@ class EntryGuards:
                 for d, poly in sym_strides:
                     if leaves[i].stride(d) != poly.eval(bound):
                         return None
+        for t, span, itemsize in deferred:
+            span = t.numel() if span is _DENSE else _span(t.shape, t.stride())
+            if span and not _holds(t, span, itemsize):
+                return None
         for i, vtype, value in self._value_checks:
             v = leaves[i]
             if type(v) is not vtype or v != value:
@@ -433,6 +487,9 @@ class EntryGuards:
     def explain(self, args: tuple, kwargs: dict) -> str:
         """The first guard this input fails, as a sentence for people ("" if it passes)."""
         try:
+            bound_call = self.bind(args, kwargs) if kwargs and len(args) < self._n_args else None
+            if bound_call is not None:
+                args, kwargs = bound_call
             self._explain_structure(args, kwargs)
             leaves = self.flatten(args, kwargs)
             if leaves is None:  # pragma: no cover - _explain_structure names every structural mismatch
@@ -457,21 +514,31 @@ class EntryGuards:
             return str(m)
         return ""
 
+    def call_form(self) -> str:
+        """How to call the pack, for people: ``pkg(x, mask=..., temperature=...)``."""
+        names = [self.param_names[i] if i < len(self.param_names) else f"arg{i}" for i in range(self._n_args)]
+        return f"pkg({', '.join(names + [f'{k}=...' for k in self._kw_keys])})"
+
     def _explain_structure(self, args: tuple, kwargs: dict) -> None:
         names = self.param_names
+        how = f"; call it as {self.call_form()}"
+        twice = [i for i, k in enumerate(names[:len(args)]) if k in kwargs]
+        if twice:
+            raise _Mismatch(f"positional argument {names[twice[0]]!r} (args[{twice[0]}]) is also given as a keyword "
+                            f"argument{how}")
         if len(args) != self._n_args:
             listed = ", ".join(names[: self._n_args])
             raise _Mismatch(f"expected {self._n_args} positional argument{'s' if self._n_args != 1 else ''}"
-                            f"{f' ({listed})' if listed else ''}, actual {len(args)}")
+                            f"{f' ({listed})' if listed else ''}, actual {len(args)}{how}")
         missing = [k for k in self._kw_keys if k not in kwargs]
         if missing:
             raise _Mismatch(f"missing keyword argument {missing[0]!r} (the pack was built with "
-                            f"keyword arguments {list(self._kw_keys)})")
+                            f"keyword arguments {list(self._kw_keys)}){how}")
         extra = [k for k in kwargs if k not in self._kw_keys]
         if extra:
             raise _Mismatch(f"unexpected keyword argument {extra[0]!r}: the pack was built with "
                             f"{'keyword arguments ' + str(list(self._kw_keys)) if self._kw_keys else 'no keyword arguments'}"
-                            " (a default value left out at build time is frozen into the pack)")
+                            f" (a default value left out at build time is frozen into the pack){how}")
         self._explain_node(self.inputs["children"][0], args, "args")
         self._explain_node(self.inputs["children"][1], kwargs, "kwargs")
 
@@ -533,7 +600,9 @@ class EntryGuards:
         for d, (actual, want) in enumerate(zip(v.shape, g.sizes)):
             if isinstance(want, int):
                 if actual != want:
-                    raise _Mismatch(f"{who} size mismatch at dim {d}: expected {want}, actual {actual}")
+                    raise _Mismatch(f"{who} size mismatch at dim {d}: expected {want}, actual {actual} (the pack "
+                                    f"was built for size {want} only; to accept other sizes, rebuild it with "
+                                    f"--dynamic {g.name}:{d}=MIN..MAX, or dynamic_shapes= in aotpack.build)")
                 continue
             if isinstance(want, Poly):
                 pending.append((who, d, actual, want))
@@ -554,10 +623,31 @@ class EntryGuards:
                 self._stride_mismatch(g, v, d, want)
         if v.is_neg() or (v.is_complex() and v.is_conj()):
             raise _Mismatch(f"{who} has a lazy conjugate or negation bit; call .resolve_conj().resolve_neg()")
+        self._explain_memory(who, v)
         if torch.is_grad_enabled() and v.requires_grad:
             raise _Mismatch(f"{who} requires_grad mismatch: the tensor requires grad under grad mode, but a pack "
                             "computes no gradients; call it under torch.inference_mode() or torch.no_grad(), "
                             "or pass x.detach()")
+
+    @staticmethod
+    def _explain_memory(who: str, v: torch.Tensor) -> None:
+        """Say why a tensor's storage cannot hold the elements its sizes, strides and offset address."""
+        span = _span(v.shape, v.stride())
+        if not span:
+            return
+        if v._is_zerotensor():
+            raise _Mismatch(f"{who} is a ZeroTensor, which has no memory for the code to read; pass a tensor "
+                            "that holds its zeros (torch.zeros(...))")
+        try:
+            have = v.untyped_storage().nbytes()
+        except RuntimeError:
+            raise _Mismatch(f"{who} has no storage of its own (a functorch or functionalization wrapper?); pass a "
+                            "plain tensor") from None
+        need = (v.storage_offset() + span) * v.element_size()
+        if have < need:
+            raise _Mismatch(f"{who} addresses {need} bytes of its storage (offset {v.storage_offset()}, sizes "
+                            f"{list(v.shape)}, strides {list(v.stride())}), but its storage holds {have} bytes "
+                            "(was it resized or freed?); pass a tensor whose storage holds its elements")
 
     def _explain_derived(self, pending: list, bound: dict, where: dict) -> None:
         """Say which derived size (``dx + 1``) does not fit the sizes its symbols took elsewhere."""
@@ -609,14 +699,42 @@ class EntryGuards:
                         "or build the pack with this layout)")
 
 
+_DENSE = object()  # a guard whose layout is contiguous: a tensor that passed it spans its element count
+
+
+def _holds(t: torch.Tensor, span: int, itemsize: int) -> bool:
+    """Whether ``t``'s storage holds the ``span`` elements from its storage offset on (never for a ZeroTensor,
+    which has no memory, or a wrapper without a storage of its own)."""
+    if t._is_zerotensor():
+        return False
+    try:
+        return t.untyped_storage().nbytes() >= (t.storage_offset() + span) * itemsize
+    except RuntimeError:  # a functorch wrapper
+        return False
+
+
+def _span(shape, strides) -> int:
+    """How many elements from its first one a tensor of these sizes and strides spans (0 when empty)."""
+    if 0 in shape:
+        return 0
+    return 1 + sum((n - 1) * s for n, s in zip(shape, strides) if n > 1)
+
+
 def _shares_memory(tensors: list, written: tuple) -> tuple[int, int] | None:
-    """(written input, other input) of the first written input that lies in the storage of another input, or
-    None. Empty tensors hold no memory."""
-    storages = [t.untyped_storage().data_ptr() if t.numel() else None for t in tensors]
+    """(written input, other input) of the first written input whose memory overlaps another input's, or None.
+    A tensor's memory is the range of bytes from its first element to its last; empty tensors hold none. Two
+    tensors over different storages may overlap (two views of one numpy array), and two over one storage may
+    not (``x[0]`` and ``x[1]``)."""
+    ranges = []
+    for t in tensors:
+        span = _span(t.shape, t.stride())
+        start = t.data_ptr()
+        ranges.append((start, start + span * t.element_size()) if span else None)
     for k in written:
-        if storages[k] is not None:
-            for j, other in enumerate(storages):
-                if j != k and other == storages[k]:
+        if ranges[k] is not None:
+            lo, hi = ranges[k]
+            for j, other in enumerate(ranges):
+                if j != k and other is not None and other[0] < hi and lo < other[1]:
                     return k, j
     return None
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from . import archive as _archive
 from . import cache, platform
 from . import signature as _signature
 from .archive import Archive
@@ -182,9 +183,13 @@ def load(path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
     ``public_key`` (a PEM file or PEM bytes: the signer's EC public key, or a certificate holding it)
     requires the pack to be signed by that key: ``signature`` is the detached signature ``aotpack sign``
     wrote (default ``PATH.sig``). A missing, malformed, altered or foreign signature, or a pack that is not
-    the signed file, is an ``ArchiveError`` before anything in the pack is read. This check needs the
-    ``cryptography`` package. A pin or a signature is checked against the whole file's sha256, which a
+    the signed file, is an ``ArchiveError`` before anything in the pack is parsed or used. This check needs
+    the ``cryptography`` package. A pin or a signature is checked against the whole file's sha256, which a
     recorded check of the same unchanged file supplies when it has one (``verify="full"`` hashes it again).
+
+    The pack is opened once, and only a regular file (a FIFO, a device or a directory is an ``ArchiveError``
+    at once): the pin, the signature, the blob checks, every read and the mapping use that one descriptor,
+    so a check vouches for exactly the bytes that are used, and a record of it names that file.
 
     A pack with CUDA entries loads on a host without CUDA (its CPU entries serve), with an
     ``AotpackWarning``; so does a pack whose CUDA code was built without a GPU (never run, not autotuned).
@@ -200,28 +205,28 @@ def load(path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
     cache_root = os.fspath(cache_dir) if cache_dir is not None else cache.default_cache_dir()
     began = time.time()
     pinned = expected_sha256 is not None or public_key is not None
-    before = _identity(path) if pinned else None
-    recorded = cache.find_check(cache_root, before) if before is not None and verify == "auto" else None
-    file_sha = _check_whole_file(path, expected_sha256, signature, public_key, recorded) if pinned else None
-    archive = Archive.open(path)
-    if pinned and archive.identity != before:
-        raise ArchiveError("the file was replaced or changed while its hash was being checked; load it again "
-                           "once it is in place", path=path)
+    # The pack is opened once: the pin, the signature, the checks of every blob, the reads and the mapping all
+    # go through this one descriptor, and a record of the check names the file it describes (its fstat).
+    fd, st = _archive.open_pack(path)
+    try:
+        identity = _archive.identity_of(st)
+        recorded = cache.find_check(cache_root, identity) if pinned and verify == "auto" else None
+        file_sha = None
+        if pinned:
+            file_sha = _check_whole_file(path, fd, st, expected_sha256, signature, public_key, recorded)
+            st = os.fstat(fd)
+            if _archive.identity_of(st) != identity:
+                raise ArchiveError("the file was changed while its hash was being checked; load it again once it "
+                                   "is in place", path=path)
+    except BaseException:
+        os.close(fd)
+        raise
+    archive = Archive.from_fd(path, fd, st)
     if recorded is not None and recorded["manifest_sha256"] != archive.manifest_sha256:
         # A record for this identity but another manifest: trust neither, hash the file itself.
-        file_sha = _check_whole_file(path, expected_sha256, signature, public_key, None)
+        file_sha = _check_whole_file(path, fd, st, expected_sha256, signature, public_key, None)
         recorded = None
-    m = archive.manifest
-    platform.check_byteorder()
-    producer_torch = m.producer.get("torch")
-    if not isinstance(producer_torch, str):
-        raise ArchiveError("manifest.producer lacks the torch version", path=path)
-    platform.check_torch(producer_torch)
-    try:
-        platform.check_target(m.target)
-    except ArchiveError as e:
-        raise ArchiveError(e.reason, path=path) from None
-
+    check_host(archive)
     if verify == "auto" and recorded is None:
         recorded = cache.find_check(cache_root, archive.identity, archive.manifest_sha256)
     checked = "record"
@@ -232,6 +237,30 @@ def load(path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
         checked = "full"
     if (recorded is None or (file_sha and not recorded.get("file_sha256"))) and archive.still_same_file():
         cache.save_check(cache_root, archive.identity, archive.manifest_sha256, began, path, file_sha)
+    return serve(archive, cache_root, num_models=num_models, checked=checked, prefetch=prefetch, started=start)
+
+
+def check_host(archive: Archive) -> None:
+    """Refuse a pack this host cannot run: byte order, torch series, machine and CPU instruction set."""
+    m, path = archive.manifest, archive.path
+    platform.check_byteorder()
+    producer_torch = m.producer.get("torch")
+    if not isinstance(producer_torch, str):
+        raise ArchiveError("manifest.producer lacks the torch version", path=path)
+    platform.check_torch(producer_torch)
+    try:
+        platform.check_target(m.target)
+    except ArchiveError as e:
+        raise ArchiveError(e.reason, path=path) from None
+
+
+def serve(archive: Archive, cache_root: str, *, num_models: int = 1, checked: str = "full", prefetch: bool = False,
+          started: float | None = None) -> Package:
+    """A package of an archive whose every blob was checked (``check_blobs``, ``verify``, or a record of that
+    check, which ``checked`` names) on a host ``check_host`` accepted: its weights mapped from the archive's
+    file, its entries' code extracted and loaded. ``aotpack verify`` loads the archive it checked this way."""
+    start = time.perf_counter() if started is None else started
+    path, m = archive.path, archive.manifest
     weights = load_weights(archive, checked=True)
     prefetching = None
     if prefetch:
@@ -259,11 +288,13 @@ def load(path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
                    cuda_state=cuda_state, checked=checked, prefetching=prefetching)
 
 
-def _check_whole_file(path: str, expected_sha256: str | None, signature, public_key,
+def _check_whole_file(path: str, fd: int, st: os.stat_result, expected_sha256: str | None, signature, public_key,
                       recorded: dict | None) -> str:
-    """Check the pin and the signature against the file's sha256 (the recorded one when a record of this
-    unchanged file has it); return that sha256."""
+    """Check the pin and the signature against the sha256 of the file open at ``fd`` (the recorded one when a
+    record of this unchanged file has it); return that sha256."""
     file_sha = recorded.get("file_sha256") if recorded is not None else None
+    if file_sha is None:
+        file_sha = _archive.whole_file_sha256(fd, st.st_size, path)
     if expected_sha256 is not None:
         file_sha = _check_pin(path, expected_sha256, file_sha)
     if public_key is not None:
@@ -316,21 +347,9 @@ def check_manifest(m: Manifest) -> None:
         check_example(m)
 
 
-def _identity(path: str) -> tuple | None:
-    """What tells this file from a replacement (a rename over it) or a rewrite, or None if it is unreadable."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
-def _check_pin(path: str, expected: str, known: str | None = None) -> str:
-    """Check the file's sha256 (``known``: recorded for this unchanged file) against the pin; return it."""
+def _check_pin(path: str, expected: str, got: str) -> str:
+    """Check the file's sha256 against the pin; return it."""
     want = expected.lower().strip()
-    got = known or cache.file_sha256(path)
-    if got is None:
-        raise ArchiveError("cannot read the file to check its pinned sha256", path=path)
     if got != want:
         raise ArchiveError(f"sha256 mismatch: expected {want}, actual {got}; refusing to load a pack that is "
                            "not the pinned one", path=path)

@@ -57,13 +57,21 @@ def required_flags(target: dict) -> tuple[str, ...]:
     return ISA_FLAGS.get(isa, ())
 
 
-def check_target(target: dict, *, flags: frozenset[str] | None = None, machine: str | None = None) -> None:
-    """Refuse a pack whose CPU code this host cannot run (instead of dying of an illegal instruction)."""
+def check_target(target: dict, *, flags: frozenset[str] | None = None, machine: str | None = None,
+                 running: str | None = None) -> None:
+    """Refuse a pack whose CPU code this host cannot run (instead of dying of an illegal instruction), or
+    whose code links another torch series than this process's (``running``, default ``torch.__version__``)."""
     machine = machine or host_machine()
     want_machine = target.get("machine")
     if want_machine and want_machine != machine:
         raise ArchiveError(f"the pack's native code is for {want_machine}, this host is {machine}; "
                            f"build the pack on (or for) {machine}")
+    series = target.get("torch_series")
+    running = running or torch.__version__
+    if series is not None and series != torch_minor(running):
+        raise ArchiveError(f"manifest.target.torch_series is {series!r}: the pack's native code links torch "
+                           f"{series}, and this process runs torch {running}; install torch=={series}.* or "
+                           "rebuild the pack with this torch")
     isa = target.get("cpu_isa")
     if isa is None:
         return

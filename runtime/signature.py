@@ -20,7 +20,7 @@ import json
 import os
 from dataclasses import dataclass
 
-from . import cache
+from .archive import open_pack, open_regular, whole_file_sha256
 from .errors import ArchiveError
 
 BUNDLE_MEDIA_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
@@ -65,12 +65,17 @@ def check(path: str | os.PathLike, signature: str | os.PathLike | None,
     file at ``path`` by ``public_key`` (a PEM file, or PEM bytes, of an EC public key or of a certificate
     holding one). Raises ``ArchiveError`` saying what failed and what to do; returns what was proved.
 
-    ``file_sha256`` is the file's sha256 when the caller already knows it for this unchanged file (a
-    recorded check); otherwise the whole file is hashed."""
+    ``file_sha256`` is the sha256 of the file the caller will use, hashed through the descriptor it reads
+    the pack from (``load`` does so), or recorded for that unchanged file; otherwise the file at ``path`` is
+    opened once and hashed here."""
     path = os.fspath(path)
     sig_path = default_signature_path(path) if signature is None else os.fspath(signature)
-    if not os.path.isfile(path):
-        raise ArchiveError("no such file" if not os.path.exists(path) else "is not a pack file", path=path)
+    if file_sha256 is None:
+        fd, st = open_pack(path)
+        try:
+            file_sha256 = whole_file_sha256(fd, st.st_size, path)
+        finally:
+            os.close(fd)
     try:
         from cryptography import exceptions, x509
         from cryptography.hazmat.primitives import hashes, serialization
@@ -106,9 +111,7 @@ def check(path: str | os.PathLike, signature: str | os.PathLike | None,
                    "was made by another key; get the signature and public key from the release again") from None
 
     signed_sha = _statement_digest(path, sig_path, envelope["payload"])
-    actual = file_sha256 or cache.file_sha256(path)
-    if actual is None:
-        raise ArchiveError("cannot read the pack to check its signature", path=path)
+    actual = file_sha256
     if actual != signed_sha:
         raise fail(f"is not for this file: it covers sha256 {signed_sha}, this file is {actual}; the pack was "
                    "modified after it was signed, or the signature belongs to another pack")
@@ -140,9 +143,8 @@ def _public_key(path: str, public_key, serialization, x509, ec):
         key_path = os.fspath(public_key)
         what = f"in {key_path}"
         try:
-            with open(key_path, "rb") as f:
-                pem = f.read(MAX_SIGNATURE_BYTES + 1)
-        except OSError as e:
+            pem = _read_small(key_path, f"the public key {key_path}", path)
+        except FileNotFoundError as e:
             raise ArchiveError(f"cannot read the public key {key_path}: {e.strerror}", path=path) from None
     if b"PRIVATE KEY-----" in pem:
         raise ArchiveError(f"the public key {what} is a private key: pass the signer's public key (key.pub), and "
@@ -180,16 +182,39 @@ def _strict_json(data: bytes, what: str, path: str):
         raise ArchiveError(f"{what} is not JSON ({str(e)[:80]})", path=path) from None
 
 
+def _read_small(file: str, what: str, path: str) -> bytes:
+    """Up to ``MAX_SIGNATURE_BYTES + 1`` bytes of a regular file (a FIFO or a device is refused at once, never
+    waited on); FileNotFoundError propagates."""
+    try:
+        fd, _ = open_regular(file)
+    except ArchiveError as e:
+        raise ArchiveError(f"{what} {e.reason}; pass the file itself", path=path) from None
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise ArchiveError(f"cannot read {what}: {e.strerror}", path=path) from None
+    try:
+        chunks, got = [], 0
+        while got <= MAX_SIGNATURE_BYTES:
+            chunk = os.read(fd, MAX_SIGNATURE_BYTES + 1 - got)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+        return b"".join(chunks)
+    except OSError as e:
+        raise ArchiveError(f"cannot read {what}: {e.strerror}", path=path) from None
+    finally:
+        os.close(fd)
+
+
 def _read_bundle(path: str, sig_path: str) -> dict:
     try:
-        with open(sig_path, "rb") as f:
-            data = f.read(MAX_SIGNATURE_BYTES + 1)
+        data = _read_small(sig_path, f"the signature {sig_path}", path)
     except FileNotFoundError:
         raise ArchiveError(f"unsigned: no signature at {sig_path}, and a public key was given, so one is "
                            "required; ship the signature `aotpack sign` wrote beside the pack, or name it "
                            "(signature= / --signature)", path=path) from None
-    except OSError as e:
-        raise ArchiveError(f"cannot read the signature {sig_path}: {e.strerror}", path=path) from None
     if len(data) > MAX_SIGNATURE_BYTES:
         raise ArchiveError(f"signature {sig_path} is over {MAX_SIGNATURE_BYTES} bytes; a signature bundle is a "
                            "few KB: this is not one", path=path)

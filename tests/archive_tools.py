@@ -50,3 +50,37 @@ def smallest_manifest(library: str) -> dict:
              "leaves": [], "outputs": {"type": "none"}, "output_leaves": []}
     return {"producer": {"aotpack": "0"}, "target": {}, "options": {}, "weights": [], "entries": [entry],
             "example": None}
+
+
+def zstd_frame(zeros: int, raw: bytes = b"", window_log: int = 20) -> bytes:
+    """A valid zstd frame (not single-segment, window 2**window_log) holding ``raw`` as raw blocks, then
+    ``zeros`` zero bytes as 128 KiB RLE blocks: a few bytes per 128 KiB it declares."""
+    content = len(raw) + zeros
+    frame = bytearray(b"\x28\xb5\x2f\xfd\xc0")  # magic; 8-byte content size, a window descriptor, no checksum
+    frame += bytes([(window_log - 10) << 3]) + content.to_bytes(8, "little")
+    block = 128 << 10
+    for start in range(0, len(raw), block):
+        piece = raw[start:start + block]
+        last = not zeros and start + block >= len(raw)
+        frame += (int(last) | (0 << 1) | (len(piece) << 3)).to_bytes(3, "little") + piece
+    left = zeros
+    while left:
+        n = min(block, left)
+        left -= n
+        frame += (int(left == 0) | (1 << 1) | (n << 3)).to_bytes(3, "little") + b"\x00"
+    return bytes(frame)
+
+
+def with_blob(data: bytes, name: str, content: bytes) -> bytes:
+    """The archive with blob ``name`` holding ``content`` (stored uncompressed, its sizes and sha256 fixed)."""
+    version, manifest, region = split(data)
+    out = bytearray()
+    for b in manifest["blobs"]:
+        stored = content if b["name"] == name else region[b["offset"]:b["offset"] + b["stored_size"]]
+        if b["name"] == name:
+            b.update(stored_size=len(content), size=len(content), sha256=hashlib.sha256(content).hexdigest(),
+                     compression="none")
+        out += b"\x00" * (fmt.align(len(out)) - len(out))
+        b["offset"] = len(out)
+        out += stored
+    return join(version, fmt.canonical_json(manifest), bytes(out))

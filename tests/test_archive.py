@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 
 import aotpack
 from aotpack_runtime import format as fmt
 from aotpack_runtime.archive import Archive
-from archive_tools import blob_range, join, smallest_manifest, split, with_manifest
+from archive_tools import blob_range, join, smallest_manifest, split, with_manifest, zstd_frame
 
 
 @pytest.fixture(scope="module")
@@ -153,3 +157,206 @@ def test_golden_bytes_of_a_tiny_archive(tmp_path):
 
 
 GOLDEN_TINY = "5fd7ae569bb8e7d45675110f7c698ea4a1f9850455335fcecc9f4566091bee6a"
+
+
+# -- every field the spec defines is checked ----------------------------------------------------------------
+
+def _entry_manifest() -> dict:
+    """A manifest of one entry with a tensor input ``x`` and a specialised float ``t``, for schema tests."""
+    import torch
+
+    from aotpack_runtime import platform
+
+    manifest = smallest_manifest("code/0.so")
+    manifest.update(format="aotpack", format_version=fmt.FORMAT_VERSION, blobs=[
+        {"name": "code/0.so", "offset": 0, "stored_size": 64, "size": 64, "sha256": "0" * 64, "compression": "none"}])
+    manifest["producer"]["torch"] = torch.__version__
+    manifest["target"] = {"machine": platform.host_machine(), "cpu_isa": "x86-64",
+                          "torch_series": platform.torch_minor(torch.__version__)}
+    entry = manifest["entries"][0]
+    entry.update(
+        param_names=["x", "t"], grad_mode=False, sources=[], kernels=[],
+        inputs={"type": "tuple", "children": [{"type": "tuple", "children": [{"type": "leaf"}, {"type": "leaf"}]},
+                                             {"type": "dict", "keys": [], "children": []}]},
+        leaves=[{"kind": "tensor", "path": "args[0]", "name": "x", "dtype": "float32", "device": "cpu",
+                 "sizes": [8, 1], "strides": [1, None], "requires_grad": False},
+                {"kind": "value", "path": "args[1]", "name": "t", "type": "float", "value": 0.5}])
+    return manifest
+
+
+def _checked(manifest: dict) -> None:
+    """What a load checks of a manifest before it loads any code."""
+    from aotpack_runtime import platform
+    from aotpack_runtime.loader import check_manifest
+
+    m = fmt.Manifest.from_json(manifest)
+    platform.check_torch(m.producer["torch"])
+    platform.check_target(m.target)
+    check_manifest(m)
+
+
+def _set(path: list, value):
+    def edit(m):
+        node = m
+        for key in path[:-1]:
+            node = node[key]
+        if value is _DELETE:
+            del node[path[-1]]
+        else:
+            node[path[-1]] = value
+    return edit
+
+
+_DELETE = object()
+_E = ["entries", 0]
+FIELD_CASES = {
+    "float value out of range": (_E + ["leaves", 1, "value"], 10**600, "value is an integer of 601 digits"),
+    "other torch series": (["target", "torch_series"], "2.99", "manifest.target.torch_series is '2.99'"),
+    "native without flags": (["target", "cpu_isa"], "native", "cpu_isa is 'native' but manifest.target.cpu_flags "
+                                                              "is absent"),
+    "null stride on a long dim": (_E + ["leaves", 0, "strides"], [None, None], "strides[0] is null, but dim 0 has "
+                                                                               "size 8"),
+    "requires_grad not a boolean": (_E + ["leaves", 0, "requires_grad"], "no", "requires_grad must be a boolean"),
+    "requires_grad true": (_E + ["leaves", 0, "requires_grad"], True, "requires_grad is true"),
+    "grad_mode not a boolean": (_E + ["grad_mode"], "no", "grad_mode must be a boolean"),
+    "entry name not a string": (_E + ["name"], 0, "manifest.entries[0].name must be a string"),
+    "entry name absent": (_E + ["name"], _DELETE, "manifest.entries[0] lacks the field 'name'"),
+    "parameter name not a string": (_E + ["param_names"], ["x", 1], "param_names must be distinct strings"),
+    "leaf name not a string": (_E + ["leaves", 0, "name"], ["x"], "leaves[0].name must be a string"),
+    "sources not strings": (_E + ["sources"], [1], "sources must be a list of strings"),
+    "mutated false": (_E + ["leaves", 0, "mutated"], False, "mutated is false"),
+}
+
+
+def test_a_good_entry_manifest_passes():
+    _checked(_entry_manifest())
+
+
+@pytest.mark.parametrize("case", list(FIELD_CASES))
+def test_every_field_the_spec_defines_is_checked(case):
+    path, value, reason = FIELD_CASES[case]
+    manifest = _entry_manifest()
+    _set(path, value)(manifest)
+    with pytest.raises(aotpack.ArchiveError) as info:
+        _checked(manifest)
+    assert reason in info.value.reason
+
+
+def test_field_errors_reach_load_as_archive_errors(tmp_path):
+    """Through the whole load (header, manifest, host, entries): an ArchiveError naming the field."""
+    from aotpack.package import Blob, write_archive
+
+    good = tmp_path / "good.pack"
+    manifest = _entry_manifest()
+    for key in ("format", "format_version", "blobs"):
+        del manifest[key]
+    write_archive(good, manifest, [Blob("code/0.so", b"\x7fELF" + bytes(60))], level=3)
+    for case in ("float value out of range", "other torch series", "native without flags"):
+        path, value, reason = FIELD_CASES[case]
+        assert reason in _load_error(tmp_path, with_manifest(good.read_bytes(), _set(path, value)))
+
+
+def test_any_json_in_an_entry_is_checked_or_refused():
+    """Property: any JSON value anywhere in an entry (or the target) is accepted or refused with an
+    ArchiveError by the reader's checks; never another exception."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from test_fuzz_archive import _places, json_values
+
+    base = _entry_manifest()
+    places = [p for p, _ in _places(base) if p and p[0] in ("entries", "target")]
+
+    @settings(max_examples=300, derandomize=True, database=None, deadline=None)
+    @given(where=st.sampled_from(places), value=json_values() | st.sampled_from([10**600, "native", None]))
+    def check(where, value):
+        manifest = json.loads(json.dumps(base))
+        _set(list(where), value)(manifest)
+        try:
+            _checked(manifest)
+        except aotpack.ArchiveError:
+            pass
+
+    check()
+
+
+# -- bounded memory while checking ------------------------------------------------------------------------------
+
+_CHECK_MEMORY = """
+import resource, sys
+from aotpack_runtime.archive import Archive
+from aotpack_runtime.errors import ArchiveError
+archive = Archive.open(sys.argv[1])
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    archive.check_blobs()
+    print("checked")
+except ArchiveError as e:
+    print(e.reason)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+
+
+def _pack_with_blob(path, stored: bytes, size: int, sha: str) -> None:
+    from aotpack.package import Blob, write_archive
+
+    write_archive(path, smallest_manifest("code/0.so"), [Blob("code/0.so", b"x" * 64, compressible=False),
+                                                         Blob("z", b"\x00" * 1024, compressible=False)], level=3)
+    version, manifest, region = split(path.read_bytes())
+    offset = manifest["blobs"][1]["offset"]
+    manifest["blobs"][1].update(stored_size=len(stored), size=size, sha256=sha, compression="zstd")
+    path.write_bytes(join(version, fmt.canonical_json(manifest), region[:offset] + stored))
+
+
+def test_a_blob_that_declares_1_gib_is_checked_in_bounded_memory(tmp_path):
+    """A 1 MiB zstd blob that expands to 1 GiB (random bytes, then RLE blocks of zeros: within the 1024-fold
+    limit) with a wrong hash: the check streams it through fixed buffers and reports the mismatch, and the
+    process's peak memory grows by far less than the blob declares. Run in a fresh process, whose peak is its
+    own."""
+    frame = zstd_frame(1 << 30, os.urandom(1 << 20))
+    size = (1 << 30) + (1 << 20)
+    assert size <= fmt.zstd_limit(len(frame))
+    pack = tmp_path / "bomb.pack"
+    _pack_with_blob(pack, frame, size, "0" * 64)
+    (tmp_path / "check.py").write_text(_CHECK_MEMORY)
+    proc = subprocess.run([sys.executable, str(tmp_path / "check.py"), str(pack)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    reason, grown_mib = proc.stdout.strip().splitlines()
+    assert reason == "hash mismatch in blob 'z': the file is corrupt or was modified"
+    assert int(grown_mib) < 128, f"checking the blob grew the peak memory by {grown_mib} MiB"
+
+
+@pytest.mark.parametrize("case", ["declares more than it holds", "holds more than it declares", "trailing bytes",
+                                  "over the expansion limit", "window over the limit", "small, trailing bytes",
+                                  "small, declares more than it holds"])
+def test_malformed_zstd_blobs(tmp_path, case):
+    """Streamed (a blob over 1 MiB) or decompressed in one go (a small one), a frame that is not exactly what
+    the manifest says is an ArchiveError."""
+    raw = os.urandom(4096)
+    frame, size = zstd_frame(1 << 20, raw), (1 << 20) + 4096
+    if case.startswith("small"):
+        frame, size = zstd_frame(1000, raw), 5096
+        case = case.split(", ", 1)[1]
+    if case == "declares more than it holds":
+        frame = frame[:6] + (size + 10).to_bytes(8, "little") + frame[14:]
+        size += 10
+        expected = "zstd data is corrupt"
+    elif case == "holds more than it declares":
+        frame = frame[:6] + (size - 10).to_bytes(8, "little") + frame[14:]
+        size -= 10
+        expected = "zstd data"
+    elif case == "trailing bytes":
+        frame += b"\x00" * 7
+        expected = "7 bytes" if size < (1 << 20) else "7 bytes follow its zstd frame"
+    elif case == "over the expansion limit":
+        frame, size = zstd_frame(1 << 30), 1 << 30
+        expected = "a blob may expand at most 1024-fold"
+    else:
+        frame = zstd_frame(1 << 20, raw, window_log=31)
+        expected = "zstd data is corrupt"
+    pack = tmp_path / "z.pack"
+    _pack_with_blob(pack, frame, size, "0" * 64)
+    with pytest.raises(aotpack.ArchiveError) as info:
+        Archive.open(pack).check_blobs()
+    assert expected in info.value.reason

@@ -27,11 +27,12 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import pytest
+import zstandard
 from hypothesis import HealthCheck, Phase, assume, given, settings
 from hypothesis import strategies as st
 
 from aotpack_runtime import format as fmt
-from archive_tools import join, split
+from archive_tools import join, split, with_blob, zstd_frame
 from conftest import ROOT
 
 EXAMPLES = int(os.environ.get("AOTPACK_FUZZ_EXAMPLES", "200"))
@@ -257,6 +258,27 @@ def hostile_files(pack: Pack) -> list[Case]:
     manifest["example"]["leaves"][0]["blob"] = "example/bomb"
     cases.append(Case("zstd bomb: a 2 MiB blob that declares 64 GiB", join(
         pack.version, fmt.canonical_json(manifest), region + b"\x00" * (offset - len(region)) + bomb), CLEAN))
+    # Within the expansion limit: 1 MiB of random bytes and RLE blocks that expand to 1 GiB, checked (and
+    # found wrong) through fixed buffers.
+    bomb = zstd_frame(1 << 30, random.Random(7).randbytes(1 << 20))
+    manifest["blobs"][-1].update(stored_size=len(bomb), size=(1 << 30) + (1 << 20))
+    cases.append(Case("zstd bomb: a 1 MiB blob that expands 1000-fold to 1 GiB", join(
+        pack.version, fmt.canonical_json(manifest), region + b"\x00" * (offset - len(region)) + bomb), CLEAN))
+
+    # Native code cut short, or with its program headers pointing past its end, its hashes fixed: the dynamic
+    # loader would map pages past the end of the file and die of SIGBUS reading them (the archive itself is
+    # consistent, so only the load refuses it; test_load_checks asserts the refusal).
+    rec = next(b for b in pack.manifest["blobs"] if b["name"] == "code/0.so")
+    stored = region[rec["offset"]:rec["offset"] + rec["stored_size"]]
+    library = zstandard.ZstdDecompressor().decompress(stored) if rec["compression"] == "zstd" else stored
+    for cut in (64, len(library) // 2, len(library) - 1):
+        cases.append(Case(f"code/0.so cut to {cut} of {len(library)} bytes, hashes fixed",
+                          with_blob(pack.data, "code/0.so", library[:cut]), CLEAN))
+    phoff = int.from_bytes(library[32:40], "little")
+    grown = bytearray(library)
+    grown[phoff + 32:phoff + 40] = (len(library) * 2).to_bytes(8, "little")  # the first segment's p_filesz
+    cases.append(Case("code/0.so whose first segment reaches past its end, hashes fixed",
+                      with_blob(pack.data, "code/0.so", bytes(grown)), CLEAN))
     return cases
 
 
@@ -278,7 +300,8 @@ def name_swap_cases(pack: Pack) -> list[Case]:
 # Cases Hypothesis draws
 
 
-INTERESTING_INTS = [0, 1, -1, 63, 64, 65, 2**31 - 1, 2**32, 2**40, 2**40 + 1, 2**48, 2**63 - 1, 2**64, -2**63]
+INTERESTING_INTS = [0, 1, -1, 63, 64, 65, 2**31 - 1, 2**32, 2**40, 2**40 + 1, 2**48, 2**63 - 1, 2**64, -2**63, 10**600,
+                    -10**600]
 
 
 def json_values() -> st.SearchStrategy:

@@ -5,10 +5,11 @@ never another exception.
 Hypothesis (derandomized: every run draws the same inputs) starts from each example pack's own example
 inputs and changes up to three of them: a tensor's values, dtype, a dim, its rank, its strides (transposed,
 sliced, expanded, overlapping), its storage offset, its memory format, its device, requires_grad, its kind
-(subclass, Parameter, sparse, nested, inference tensor, lazy conjugate or negation, a Python value or None
-in its place), or the value of a specialised keyword argument; and sometimes the arguments' structure
-(positional arguments added or left out, keyword arguments added, left out or passed positionally). Then
-it calls the pack under grad mode, no_grad or inference_mode.
+(subclass, Parameter, sparse, nested, inference tensor, lazy conjugate or negation, ZeroTensor, a storage
+resized below what its sizes address, a Python value or None in its place), or the value of a specialised
+keyword argument; and sometimes the arguments' structure (positional arguments added or left out, keyword
+arguments added, left out or passed positionally, positional ones passed by name). Then it calls the pack
+under grad mode, no_grad or inference_mode.
 
 ``AOTPACK_FUZZ_EXAMPLES=N`` draws N inputs per pack instead of the CI budget.
 """
@@ -72,7 +73,7 @@ def _contiguous_strides(shape) -> tuple:
 def _tensor_changes(t: torch.Tensor) -> list[str]:
     """The changes that apply to this tensor."""
     kinds = ["fresh values", "dtype", "size", "rank up", "storage offset", "meta device", "subclass",
-             "inference tensor", "not a tensor", "as_strided"]
+             "inference tensor", "not a tensor", "as_strided", "storage resized", "zero tensor"]
     if t.dim() > 0:
         kinds += ["rank down", "sliced", "sparse", "nested tensor"]
     if t.dim() >= 2:
@@ -110,6 +111,13 @@ def change_tensor(draw, t: torch.Tensor, gen: torch.Generator) -> tuple[str, obj
     if kind == "storage offset":
         k = draw(st.integers(1, 100))
         return f"storage offset {k}", torch.cat([_values((k,), t.dtype, gen), t.reshape(-1)])[k:].view(shape)
+    if kind == "storage resized":  # the sizes and strides still say where the elements were
+        keep = draw(st.integers(0, max(t.numel() * t.element_size() - 1, 0)))
+        out = t.clone()
+        out.untyped_storage().resize_(keep)
+        return f"storage resized to {keep} bytes", out
+    if kind == "zero tensor":
+        return "ZeroTensor", torch._efficientzerotensor(shape, dtype=t.dtype)
     if kind == "meta device":
         return "on meta", torch.empty_like(t, device="meta")
     if kind == "subclass":

@@ -31,10 +31,11 @@ def test_dtype(conv):
 
 def test_shape(conv):
     pkg, x = conv
-    assert _error(pkg, torch.randn(4, 3, 32, 31)) == \
-        "input 'x' (args[0]) size mismatch at dim 3: expected 32, actual 31"
-    assert _error(pkg, torch.randn(5, 3, 32, 32)) == \
-        "input 'x' (args[0]) size mismatch at dim 0: expected 4, actual 5"
+    assert _error(pkg, torch.randn(4, 3, 32, 31)).startswith(
+        "input 'x' (args[0]) size mismatch at dim 3: expected 32, actual 31")
+    msg = _error(pkg, torch.randn(5, 3, 32, 32))
+    assert msg.startswith("input 'x' (args[0]) size mismatch at dim 0: expected 4, actual 5")
+    assert "--dynamic x:0=MIN..MAX" in msg and "dynamic_shapes=" in msg
 
 
 def test_rank(conv):
@@ -73,16 +74,35 @@ def test_device(conv):
 
 def test_number_of_arguments(conv):
     pkg, x = conv
-    assert _error(pkg, x, x) == "expected 1 positional argument (x), actual 2"
-    assert _error(pkg) == "expected 1 positional argument (x), actual 0"
+    assert _error(pkg, x, x) == "expected 1 positional argument (x), actual 2; call it as pkg(x)"
+    assert _error(pkg) == "expected 1 positional argument (x), actual 0; call it as pkg(x)"
+    assert _error(pkg, x, x=x) == \
+        "positional argument 'x' (args[0]) is also given as a keyword argument; call it as pkg(x)"
+    assert _error(pkg, y=x).startswith("expected 1 positional argument (x), actual 0; call it as pkg(x)")
+
+
+def test_positional_parameters_bind_by_name(conv, multi):
+    """Arguments bind to the captured parameters as Python binds them: forward(self, x) takes pkg(x=t)."""
+    pkg, x = conv
+    with torch.no_grad():
+        assert torch.equal(pkg(x=x), pkg(x))
+    assert pkg.select(x=x) is pkg.entries[0]
+    pkg, b = multi
+    with torch.no_grad():
+        by_name = pkg(tokens=b.args[0], **b.kwargs)
+        torch.testing.assert_close(by_name, pkg(*b.args, **b.kwargs))
+    msg = _error(pkg, tokens=b.args[0].double(), **b.kwargs)  # bound, then checked like any input
+    assert msg.startswith("input 'tokens' (args[0]) dtype mismatch")
 
 
 def test_missing_and_extra_keyword(multi):
     pkg, b = multi
     assert _error(pkg, *b.args, mask=b.kwargs["mask"]) == \
-        "missing keyword argument 'temperature' (the pack was built with keyword arguments ['mask', 'temperature'])"
+        "missing keyword argument 'temperature' (the pack was built with keyword arguments ['mask', 'temperature']); " \
+        "call it as pkg(tokens, mask=..., temperature=...)"
     msg = _error(pkg, *b.args, **b.kwargs, bias=1.0)
     assert msg.startswith("unexpected keyword argument 'bias': the pack was built with keyword arguments")
+    assert msg.endswith("call it as pkg(tokens, mask=..., temperature=...)")
 
 
 def test_specialised_value(multi):
@@ -143,3 +163,92 @@ def test_select_says_which_entry(conv):
     pkg, x = conv
     assert pkg.select(x) is pkg.entries[0]
     assert pkg.select(x.double()) is None
+
+
+# -- inputs whose data is not where their sizes and strides say ---------------------------------------------
+
+_UNREADABLE = """
+import sys, torch, aotpack_runtime
+pkg = aotpack_runtime.load({pack!r})
+x = torch.rand(8, 64)
+def freed():
+    t = x.clone()
+    t.untyped_storage().resize_(0)
+    return t
+def short():
+    t = x.clone()
+    t.untyped_storage().resize_(t.untyped_storage().nbytes() - 4)
+    return t
+for what, make in [("freed", freed), ("zero-tensor", lambda: torch._efficientzerotensor((8, 64))),
+                   ("short", short)]:
+    try:
+        with torch.no_grad():
+            pkg(make())
+        print(what, "RAN")
+    except aotpack_runtime.GuardError as e:
+        print(what, "GuardError", e)
+    except Exception as e:
+        print(what, "OTHER", type(e).__name__, e)
+"""
+
+
+def test_tensors_whose_storage_cannot_hold_them_are_refused(mlp_pack):
+    """A storage resized to zero (or short of the last element) and a ZeroTensor (no memory at all) pass every
+    size and stride guard; the code would read unmapped memory. Each is a GuardError naming the input; the
+    check runs in a fresh process so that a crash shows as a failure, not a dead test run."""
+    from conftest import run_python
+
+    proc = run_python(_UNREADABLE.format(pack=str(mlp_pack.path)))
+    assert proc.returncode == 0, f"the process died ({proc.returncode}): {proc.stderr[-2000:]}"
+    lines = dict(line.split(" ", 1) for line in proc.stdout.strip().splitlines())
+    assert lines["freed"].startswith("GuardError input 'x' (args[0]) addresses 2048 bytes of its storage")
+    assert "its storage holds 0 bytes" in lines["freed"]
+    assert lines["short"].startswith("GuardError input 'x' (args[0]) addresses 2048 bytes")
+    assert "holds 2044 bytes" in lines["short"]
+    assert lines["zero-tensor"].startswith("GuardError input 'x' (args[0]) is a ZeroTensor")
+
+
+def _guards(*leaves: dict, kwargs: tuple = ()) -> "EntryGuards":
+    from aotpack_runtime.guards import EntryGuards
+
+    entry = {"inputs": {"type": "tuple", "children": [
+        {"type": "tuple", "children": [{"type": "leaf"} for _ in leaves[:len(leaves) - len(kwargs)]]},
+        {"type": "dict", "keys": list(kwargs), "children": [{"type": "leaf"} for _ in kwargs]}]},
+        "leaves": list(leaves), "symbols": {"n": [1, None]},
+        "param_names": [f"p{i}" for i in range(len(leaves) - len(kwargs))]}
+    return EntryGuards.from_json(entry, "entry")
+
+
+def _leaf(i: int, sizes: list, strides: list, mutated: bool = False) -> dict:
+    leaf = {"kind": "tensor", "path": f"args[{i}]", "name": f"p{i}", "dtype": "float32", "device": "cpu",
+            "sizes": sizes, "strides": strides, "requires_grad": False}
+    return dict(leaf, mutated=True) if mutated else leaf
+
+
+def test_a_written_input_must_not_overlap_another_in_memory():
+    """The overlap check compares memory ranges: two views of one numpy array at different offsets are two
+    storages over the same bytes, and two halves of one tensor are one storage over different bytes."""
+    np = pytest.importorskip("numpy")
+    g = _guards(_leaf(0, [4], [1], mutated=True), _leaf(1, [4], [1]))
+    base = np.arange(8, dtype=np.float32)
+    a, b = torch.from_numpy(base[0:4]), torch.from_numpy(base[2:6])
+    assert a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()
+    assert g.match((a, b), {}) is None
+    assert g.explain((a, b), {}).startswith("input 'p0' (args[0]) shares memory with input 'p1' (args[1])")
+    whole = torch.arange(8.0)
+    assert g.match((whole[:4], whole[4:]), {}) is not None  # same storage, separate bytes
+    assert g.match((whole[:4], whole[3:7]), {}) is None
+    assert g.match((torch.from_numpy(base[4:8]), a), {}) is not None
+
+
+def test_storage_checks_on_symbolic_sizes():
+    g = _guards(_leaf(0, ["n", 3], [3, 1]))
+    t = torch.rand(5, 3)
+    assert g.match((t,), {}) is not None
+    t.untyped_storage().resize_(40)
+    assert g.match((t,), {}) is None
+    assert "addresses 60 bytes" in g.explain((t,), {}) and "holds 40 bytes" in g.explain((t,), {})
+    assert g.match((torch._efficientzerotensor((5, 3)),), {}) is None
+    assert g.match((torch.rand(0, 3),), {}) is None  # below the symbol's minimum, not a storage problem
+    empty = _guards(_leaf(0, ["n", 0], [1, None]))
+    assert empty.match((torch._efficientzerotensor((4, 0)),), {}) is not None  # no element to read

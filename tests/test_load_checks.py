@@ -4,10 +4,12 @@ weights; any change to the file means a full check again; ``verify="full"`` and 
 hash everything; native code is hashed before it is loaded whatever the record says."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import threading
 import time
 
 import pytest
@@ -15,9 +17,10 @@ import torch
 
 import aotpack
 from aotpack.checks import verify as run_verify
+from aotpack_runtime import archive as archive_module
 from aotpack_runtime import cache
 from aotpack_runtime.archive import Archive
-from archive_tools import blob_range, smallest_manifest
+from archive_tools import blob_range, smallest_manifest, with_blob, with_manifest
 
 
 @pytest.fixture
@@ -168,13 +171,12 @@ def test_a_pin_and_a_signature_use_the_recorded_file_hash(mlp_pack, tmp_path, se
     [name] = _record_files(c)
     assert json.loads((c / "checked" / name).read_text())["file_sha256"] == sha
 
-    real = cache.file_sha256
+    real = archive_module.whole_file_sha256
 
-    def no_hashing(path):  # the extracted code is still hashed; the pack is not
-        assert path != str(pack), "the whole pack was hashed again"
-        return real(path)
+    def no_hashing(fd, size, path):
+        raise AssertionError("the whole pack was hashed again")
 
-    monkeypatch.setattr(cache, "file_sha256", no_hashing)
+    monkeypatch.setattr(archive_module, "whole_file_sha256", no_hashing)
     assert aotpack.load(pack, cache_dir=c, expected_sha256=sha).checked == "record"
     with pytest.raises(aotpack.ArchiveError) as info:
         aotpack.load(pack, cache_dir=c, expected_sha256="0" * 64)
@@ -184,7 +186,7 @@ def test_a_pin_and_a_signature_use_the_recorded_file_hash(mlp_pack, tmp_path, se
     monkeypatch.setattr(cache, "SETTLE_SECONDS", 0.0)
     os.utime(pack)  # the same bytes, but another identity: the file is hashed again
     hashed = []
-    monkeypatch.setattr(cache, "file_sha256", lambda p: hashed.append(p) or real(p))
+    monkeypatch.setattr(archive_module, "whole_file_sha256", lambda fd, size, p: hashed.append(p) or real(fd, size, p))
     assert aotpack.load(pack, cache_dir=c, expected_sha256=sha).checked == "full" and str(pack) in hashed
 
 
@@ -254,3 +256,176 @@ def test_holes_of_a_sparse_file_hash_as_zeros(tmp_path):
     a = Archive.open(sparse)
     a.verify()
     assert bytes(a.map_blob("w", checked=True)) == bytes(t.tolist())
+
+
+# -- one open, regular files only ------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def fifo(path):
+    """A FIFO at ``path`` with a writer that opens it and closes it at once: a reader that opens the FIFO
+    without O_NONBLOCK meets that writer and reads an empty file, never hangs; one that does not wait for a
+    writer is refused before it reads. The writer is released at the end either way."""
+    os.mkfifo(path)
+
+    def writer():
+        os.close(os.open(path, os.O_WRONLY))
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    try:
+        yield path
+    finally:
+        release = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a writer still waiting for a reader goes on
+        thread.join()
+        os.close(release)
+
+
+def test_only_a_regular_file_is_a_pack(tmp_path):
+    """A FIFO would block a reader until a writer comes, a device may never end, a directory is no file:
+    each is refused at once, by what it is, by load and by `aotpack verify`."""
+    with fifo(tmp_path / "pipe.pack") as pipe:
+        with pytest.raises(aotpack.ArchiveError) as info:
+            aotpack.load(pipe, cache_dir=tmp_path / "cache")
+        assert info.value.reason == "is a FIFO (named pipe), not a regular file"
+        result = run_verify(str(pipe))
+        assert not result["ok"] and result["checks"][0]["check"] == "format"
+        assert "is a FIFO (named pipe), not a regular file" in result["checks"][0]["detail"]
+    with pytest.raises(aotpack.ArchiveError) as info:
+        aotpack.load(os.devnull, cache_dir=tmp_path / "cache")
+    assert info.value.reason == "is a character device, not a regular file"
+    with pytest.raises(aotpack.ArchiveError) as info:
+        aotpack.load(tmp_path, cache_dir=tmp_path / "cache", expected_sha256="0" * 64)
+    assert info.value.reason == "is a directory, not a regular file"
+
+
+def test_a_pin_checks_the_file_the_load_reads(mlp_pack, tmp_path, settle_now, monkeypatch):
+    """The path names a modified pack and is swapped to the pinned pack while the pin is checked (a symlink an
+    attacker controls, swapped deterministically inside the check): the pin is compared with the hash of the
+    file the load reads, so the load is refused and nothing vouches for the modified file afterwards."""
+    from aotpack_runtime import loader
+
+    good = _copy(mlp_pack.path, tmp_path)
+    bad = tmp_path / "bad.pack"
+    bad.write_bytes(with_manifest(good.read_bytes(), lambda m: m["producer"].update(aotpack="modified")))
+    link = tmp_path / "link.pack"
+    link.symlink_to(bad)
+    real = loader._check_pin
+
+    def swap_during_check(*args, **kwargs):
+        link.unlink()
+        link.symlink_to(good)
+        try:
+            return real(*args, **kwargs)
+        finally:
+            link.unlink()
+            link.symlink_to(bad)
+
+    monkeypatch.setattr(loader, "_check_pin", swap_during_check)
+    pin = hashlib.sha256(good.read_bytes()).hexdigest()
+    c = tmp_path / "cache"
+    with pytest.raises(aotpack.ArchiveError) as info:
+        aotpack.load(link, cache_dir=c, expected_sha256=pin)
+    assert info.value.reason.startswith(f"sha256 mismatch: expected {pin}, actual "
+                                        f"{hashlib.sha256(bad.read_bytes()).hexdigest()}")
+    assert _record_files(c) == []
+
+
+# -- the extraction cache ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("damage", ["lib writable by others", "lib a symbolic link", "root writable by others",
+                                    "lib a file"])
+def test_a_cache_folder_others_could_write_is_refused(mlp_pack, tmp_path, damage):
+    """Whoever can write the folder native code is loaded from runs code in this process: a cache folder that
+    is not this user's private folder is an ArchiveError naming it, before any code is loaded from it."""
+    c = tmp_path / "cache"
+    aotpack.load(mlp_pack.path, cache_dir=c)
+    lib = c / "lib"
+    if damage == "lib writable by others":
+        os.chmod(lib, 0o777)
+        folder, problem = lib, "writable by other users (mode 0777)"
+    elif damage == "lib a symbolic link":
+        lib.rename(tmp_path / "elsewhere")
+        lib.symlink_to(tmp_path / "elsewhere")
+        folder, problem = lib, "a symbolic link"
+    elif damage == "root writable by others":
+        os.chmod(c, 0o777)
+        folder, problem = c, "writable by other users (mode 0777)"
+    else:
+        shutil.rmtree(lib)
+        lib.write_bytes(b"")
+        with pytest.raises(aotpack.ArchiveError) as info:
+            aotpack.load(mlp_pack.path, cache_dir=c)
+        assert info.value.reason.startswith(f"cannot create the extraction cache folder {lib}")
+        return
+    with pytest.raises(aotpack.ArchiveError) as info:
+        aotpack.load(mlp_pack.path, cache_dir=c)
+    assert str(info.value).startswith(f"the extraction cache folder {folder} is {problem}")
+    assert "chmod 700" in str(info.value)
+
+
+_SWAP = """
+import os, sys, torch, aotpack_runtime
+from aotpack_runtime import _torch as rt
+pack, cache_dir, sha, mode = sys.argv[1:]
+lib = os.path.join(cache_dir, "lib", sha + ".so")
+if mode == "fifo":  # a FIFO where the library would be: never opened for reading as a library
+    os.makedirs(os.path.dirname(lib), mode=0o700, exist_ok=True)
+    os.mkfifo(lib)
+real = rt.cpu_runner
+
+def swap_then_load(path, n):  # another file renamed over the cached library between its check and its load
+    if mode == "swap":
+        with open(lib + ".new", "wb") as f:
+            f.write(open(sys.executable, "rb").read(4096))
+        os.replace(lib + ".new", lib)
+    return real(path, n)
+
+rt.cpu_runner = swap_then_load
+pkg = aotpack_runtime.load(pack, cache_dir=cache_dir)
+args, kwargs = pkg.example_inputs()
+with torch.no_grad():
+    print(pkg(*args, **kwargs).shape)
+"""
+
+
+@pytest.mark.parametrize("mode", ["swap", "fifo"])
+def test_the_library_loaded_is_the_one_hashed(mlp_pack, tmp_path, mode):
+    """The cached library is hashed through a descriptor and loaded through it: a file renamed over its name
+    after the check (here inside the load, deterministically) is not what runs; a FIFO at its name is no
+    cached library. In fresh processes, first with an empty cache, then with the library cached."""
+    import subprocess
+    import sys
+
+    sha = Archive.open(mlp_pack.path).manifest.blob("code/0.so").sha256
+    script = tmp_path / "swap.py"
+    script.write_text(_SWAP)
+    for run in range(2):
+        c = tmp_path / f"cache-{mode}-{run}" if mode == "fifo" else tmp_path / "cache"
+        proc = subprocess.run([sys.executable, str(script), str(mlp_pack.path), str(c), sha, mode],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert proc.stdout.strip() == "torch.Size([8, 10])"
+
+
+@pytest.mark.parametrize("cut", [0.3, 0.6, 0.95, 100])
+def test_a_truncated_library_with_its_hashes_fixed_is_refused(mlp_pack, tmp_path, cut):
+    """The dynamic loader maps what the program headers say: segments past the end of a truncated library
+    are a SIGBUS inside it. The ELF headers are checked first. In a fresh process, so that a crash is a
+    failed test."""
+    from conftest import run_python
+
+    data = mlp_pack.path.read_bytes()
+    library = Archive.open(mlp_pack.path).read_blob("code/0.so")
+    keep = int(len(library) * cut) if cut < 1 else cut
+    pack = tmp_path / "cut.pack"
+    pack.write_bytes(with_blob(data, "code/0.so", bytes(library[:keep])))
+    proc = run_python(f"""
+import aotpack_runtime
+try:
+    aotpack_runtime.load({str(pack)!r}, cache_dir={str(tmp_path / 'cache')!r})
+    print("LOADED")
+except aotpack_runtime.ArchiveError as e:
+    print(e.reason)
+""")
+    assert proc.returncode == 0, f"the process died ({proc.returncode}): {proc.stderr[-2000:]}"
+    assert proc.stdout.startswith("blob 'code/0.so' is not a loadable shared object: "), proc.stdout

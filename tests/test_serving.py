@@ -93,8 +93,13 @@ def test_cache_store_is_atomic_and_verified(tmp_path):
 
     data = b"x" * 100_000
     sha = hashlib.sha256(data).hexdigest()
-    path = cache.store(str(tmp_path), sha, ".so", data)
-    assert cache.lookup(str(tmp_path), sha, ".so") == path
+    stored = cache.store(str(tmp_path), sha, ".so", data)
+    path = stored.path
+    assert os.pread(stored.fd, 10, 0) == data[:10]
+    stored.close()
+    found = cache.lookup(str(tmp_path), sha, ".so")
+    assert found.path == path and found.loadable == f"/proc/self/fd/{found.fd}"
+    found.close()
     os.chmod(path, 0o644)
     with open(path, "r+b") as f:  # a cache file changed behind our back is not trusted
         f.write(b"y")

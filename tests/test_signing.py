@@ -9,6 +9,7 @@ import contextlib
 import datetime
 import hashlib
 import json
+import os
 import pathlib
 import shutil
 import subprocess
@@ -26,7 +27,7 @@ from cryptography.x509.oid import NameOID
 import aotpack
 from aotpack.signing import check_certificate, sign
 from aotpack_cli.main import cli
-from aotpack_runtime import _torch as rt_torch, loader
+from aotpack_runtime import _torch as rt_torch, cache, loader
 from aotpack_runtime import signature as rt_signature
 from aotpack_runtime.errors import ArchiveError, SigningError
 from archive_tools import blob_range, with_manifest
@@ -116,15 +117,15 @@ def _copy(signed: pathlib.Path, tmp_path: pathlib.Path, data: bytes | None = Non
 
 
 def _refuse(*args, **kwargs):
-    raise AssertionError("the pack was read before its signature was checked")
+    raise AssertionError("the pack was parsed before its signature was checked")
 
 
 def refused(pack: pathlib.Path, reason: str, untouched: bool = True, **kwargs) -> None:
-    """``load(pack, **kwargs)`` raises exactly this ArchiveError; with ``untouched``, it neither opened the
-    archive nor loaded native code first."""
+    """``load(pack, **kwargs)`` raises exactly this ArchiveError; with ``untouched``, it neither parsed the
+    archive (it only hashed the file) nor loaded native code first."""
     with contextlib.ExitStack() as stack:
         if untouched:
-            stack.enter_context(mock.patch.object(loader.Archive, "open", _refuse))
+            stack.enter_context(mock.patch.object(loader.Archive, "from_fd", _refuse))
             stack.enter_context(mock.patch.object(rt_torch, "cpu_runner", _refuse))
         with pytest.raises(ArchiveError) as e:
             aotpack.load(pack, **kwargs)
@@ -180,6 +181,65 @@ def test_cli_refusals_exit_1_with_the_reason(signed, keys, tmp_path):
     assert r.output.splitlines()[:2] == [f"{pack}: FAILED", f"  [FAIL] signature: {pack}: {reason}"]
     r = CliRunner().invoke(cli, ["run", str(pack), "--public-key", str(keys.b_pub)])
     assert r.exit_code == 1 and r.output == f"error: {pack}: {reason}\n"
+
+
+def test_verify_stops_at_a_failed_signature(signed, keys, tmp_path, monkeypatch):
+    """`aotpack verify` with a signature that does not check out reports it and reads nothing more: no format,
+    hash or host check, and no native code loaded."""
+    from aotpack.checks import verify as run_verify
+
+    pack = _copy(signed, tmp_path)
+    monkeypatch.setattr(rt_torch, "cpu_runner", _refuse)
+    monkeypatch.setattr(loader.Archive, "from_fd", _refuse)
+    result = run_verify(str(pack), public_key=str(keys.b_pub))
+    assert not result["ok"] and [c["check"] for c in result["checks"]] == ["signature"]
+    assert "made by another key" in result["checks"][0]["detail"]
+
+
+def test_verify_checks_the_signature_of_the_file_it_reads(signed, keys, tmp_path, monkeypatch):
+    """`aotpack verify` hashes the pack through the descriptor it then reads, checks and loads: a path swapped
+    to the signed pack only while the signature is checked (deterministically, inside the check) fails the
+    signature instead of passing it and loading the modified pack."""
+    from aotpack import checks
+
+    good = _copy(signed, tmp_path)
+    bad = tmp_path / "bad.pack"
+    bad.write_bytes(_tampered(signed))
+    link = tmp_path / "link.pack"
+    pathlib.Path(f"{link}.sig").write_bytes(pathlib.Path(f"{signed}.sig").read_bytes())
+    link.symlink_to(bad)
+    real = rt_signature.check
+
+    def swap_during_check(*args, **kwargs):
+        link.unlink()
+        link.symlink_to(good)
+        try:
+            return real(*args, **kwargs)
+        finally:
+            link.unlink()
+            link.symlink_to(bad)
+
+    monkeypatch.setattr(checks.rt_signature, "check", swap_during_check)
+    monkeypatch.setattr(rt_torch, "cpu_runner", _refuse)
+    result = checks.verify(str(link), public_key=str(keys.a_pub))
+    assert not result["ok"] and [c["check"] for c in result["checks"]] == ["signature"]
+    assert f"this file is {sha(bad)}" in result["checks"][0]["detail"]
+
+
+def test_a_signature_or_key_that_is_not_a_regular_file_is_refused_at_once(signed, keys, tmp_path):
+    """A FIFO given as the signature or the public key would block its reader until a writer comes: it is
+    refused at once, as a directory is."""
+    from test_load_checks import fifo
+
+    pack = _copy(signed, tmp_path)
+    with fifo(tmp_path / "sig.pipe") as pipe:
+        refused(pack, f"the signature {pipe} is a FIFO (named pipe), not a regular file; pass the file itself",
+                untouched=False, signature=pipe, public_key=keys.a_pub)
+    with fifo(tmp_path / "key.pipe") as pipe:
+        refused(pack, f"the public key {pipe} is a FIFO (named pipe), not a regular file; pass the file itself",
+                untouched=False, public_key=pipe)
+    refused(pack, f"the signature {tmp_path} is a directory, not a regular file; pass the file itself",
+            untouched=False, signature=tmp_path, public_key=keys.a_pub)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -267,20 +327,66 @@ def test_a_signature_of_another_pack(signed, keys, tmp_path):
             public_key=keys.a_pub)
 
 
+def _tampered(signed: pathlib.Path) -> bytes:
+    """The signed pack with its manifest changed and its hash fixed: a valid pack, not the signed one."""
+    return with_manifest(signed.read_bytes(), lambda m: m["producer"].update(aotpack="tampered"))
+
+
+def test_a_file_swapped_between_the_checks_is_never_the_one_loaded(signed, keys, tmp_path, monkeypatch):
+    """The path names a tampered pack, and is swapped to the signed pack while the signature is checked and
+    back afterwards (a symlink an attacker controls; made deterministic here by swapping inside the check).
+    The check hashes the file the load reads, through its one descriptor: the load is refused, and no record
+    vouches for the tampered file, so a later load without the attacker is refused too."""
+    good = _copy(signed, tmp_path)
+    bad = tmp_path / "bad.pack"
+    bad.write_bytes(_tampered(signed))
+    link = tmp_path / "link.pack"
+    pathlib.Path(f"{link}.sig").write_bytes(pathlib.Path(f"{signed}.sig").read_bytes())
+    link.symlink_to(bad)
+    real = rt_signature.check
+
+    def swap_during_check(*args, **kwargs):
+        link.unlink()
+        link.symlink_to(good)
+        try:
+            return real(*args, **kwargs)
+        finally:
+            link.unlink()
+            link.symlink_to(bad)
+
+    monkeypatch.setattr(loader._signature, "check", swap_during_check)
+    monkeypatch.setattr(cache, "SETTLE_SECONDS", 0.0)
+    c = tmp_path / "cache"
+    with pytest.raises(ArchiveError, match=f"is not for this file: it covers sha256 {sha(good)}, this file is "
+                                           f"{sha(bad)}"):
+        aotpack.load(link, cache_dir=c, public_key=keys.a_pub)
+    monkeypatch.undo()
+    with pytest.raises(ArchiveError, match="is not for this file"):
+        aotpack.load(link, cache_dir=c, public_key=keys.a_pub)
+
+
 def test_a_file_replaced_while_it_is_checked_is_refused(signed, keys, tmp_path, monkeypatch):
+    """A file renamed over the pack while its signature is checked is never read (the load keeps the file it
+    hashed), and the file it hashed changed meanwhile (its link count, so its change time): the load is
+    refused, and nothing is recorded for either file."""
     pack = _copy(signed, tmp_path)
     real = rt_signature.check
 
     def check_then_replace(*args, **kwargs):
         result = real(*args, **kwargs)
         replacement = tmp_path / "new.pack"
-        replacement.write_bytes(signed.read_bytes())
-        replacement.replace(pack)  # a deploy renaming another file over the pack
+        replacement.write_bytes(_tampered(signed))
+        replacement.replace(pack)  # a deploy renaming another file over the pack, or an attacker
         return result
 
     monkeypatch.setattr(loader._signature, "check", check_then_replace)
-    refused(pack, "the file was replaced or changed while its hash was being checked; load it again once it is in "
-                  "place", untouched=False, public_key=keys.a_pub)
+    monkeypatch.setattr(cache, "SETTLE_SECONDS", 0.0)
+    refused(pack, "the file was changed while its hash was being checked; load it again once it is in place",
+            untouched=False, public_key=keys.a_pub, cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "cache" / "checked").exists()
+    monkeypatch.undo()
+    with pytest.raises(ArchiveError, match="is not for this file"):
+        aotpack.load(pack, cache_dir=tmp_path / "cache", public_key=keys.a_pub)
 
 
 # -- malformed signatures and keys ----------------------------------------------------------------------
