@@ -308,8 +308,18 @@ def _pack_with_blob(path, stored: bytes, size: int, sha: str) -> None:
     path.write_bytes(join(version, fmt.canonical_json(manifest), region[:offset] + stored))
 
 
+def test_the_expansion_limit_refuses_no_blob_a_writer_makes():
+    """zstd's best case, a blob of zeros at the pack's level and above, stays within the expansion limit: a
+    pack an earlier aotpack compressed that way still loads."""
+    import zstandard
+
+    for n in (1 << 20, 1 << 26):
+        for level in (9, 22):
+            assert n <= fmt.zstd_limit(len(zstandard.ZstdCompressor(level=level).compress(bytes(n)))), (n, level)
+
+
 def test_a_blob_that_declares_1_gib_is_checked_in_bounded_memory(tmp_path):
-    """A 1 MiB zstd blob that expands to 1 GiB (random bytes, then RLE blocks of zeros: within the 1024-fold
+    """A 1 MiB zstd blob that expands to 1 GiB (random bytes, then RLE blocks of zeros: within the expansion
     limit) with a wrong hash: the check streams it through fixed buffers and reports the mismatch, and the
     process's peak memory grows by far less than the blob declares. Run in a fresh process, whose peak is its
     own."""
@@ -349,9 +359,9 @@ def test_malformed_zstd_blobs(tmp_path, case):
     elif case == "trailing bytes":
         frame += b"\x00" * 7
         expected = "7 bytes" if size < (1 << 20) else "7 bytes follow its zstd frame"
-    elif case == "over the expansion limit":
-        frame, size = zstd_frame(1 << 30), 1 << 30
-        expected = "a blob may expand at most 1024-fold"
+    elif case == "over the expansion limit":  # 49 stored bytes that claim 16 GiB
+        frame, size = zstd_frame(1 << 20), 1 << 34
+        expected = "a blob may expand at most 65536-fold"
     else:
         frame = zstd_frame(1 << 20, raw, window_log=31)
         expected = "zstd data is corrupt"
