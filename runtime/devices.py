@@ -11,7 +11,6 @@ import shutil
 import tempfile
 import threading
 import warnings
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,9 +18,6 @@ from . import cache, elf, platform
 from .archive import Archive
 from .errors import AotpackWarning, ArchiveError
 from .platform import CudaMeta, _union
-
-if TYPE_CHECKING:
-    from .entries import CudaEntry, Entry
 
 
 def _copy_to_cuda(t: torch.Tensor, index: int) -> torch.Tensor:
@@ -53,21 +49,22 @@ class CudaState:
                 self._by_device[index] = on_device
             return on_device
 
-    def extract(self, entry: "CudaEntry") -> tuple["Code", str]:
-        """The entry's library (kept open for the loads of its code on each GPU) and kernel folder in the
-        extraction cache, each hash-checked."""
-        library = extract_code(self.archive, entry._library_blob, entry._extern_blob, self.cache_root)
-        return library, extract_kernels(self.archive, entry.cuda, self.cache_root)
+    def extract(self, library_blob: str, extern_blob: str | None, cuda: CudaMeta) -> tuple["Code", str]:
+        """A CUDA entry's library (kept open for the loads of its code on each GPU) and kernel folder in the
+        extraction cache, each hash-checked: the blobs its manifest record names, and its ``cuda`` record."""
+        library = extract_code(self.archive, library_blob, extern_blob, self.cache_root)
+        return library, extract_kernels(self.archive, cuda, self.cache_root)
 
 
-def _entry_list(entries: list["Entry"], kind: str) -> str:
+def _entry_list(entries: list, kind: str) -> str:
     names = ", ".join(e.name for e in entries)
     return f"{kind} entr{'y' if len(entries) == 1 else 'ies'} {names}"
 
 
-def warn_cuda(path: str, entries: list["Entry"], no_cuda: str | None) -> str | None:
+def warn_cuda(path: str, entries: list, no_cuda: str | None) -> str | None:
     """Warn about CUDA entries this host cannot run, and about CUDA code built without a GPU; return the
-    sentence a GuardError of this package ends with on a host without CUDA (else None)."""
+    sentence a GuardError of this package ends with on a host without CUDA (else None). ``entries``: the
+    package's entries (each with ``name``, ``device`` and, for CUDA, its ``cuda`` record)."""
     cuda = [e for e in entries if e.device == "cuda"]
     cpu = [e for e in entries if e.device != "cuda"]
     note = None

@@ -131,6 +131,13 @@ class CudaEntry(Entry):
         self._files: tuple[Code, str] | None = None  # (library, kernel folder) once extracted
         self._tensor_names = [f"input {g.name!r} ({g.path})" for g in guards.leaves if isinstance(g, TensorGuard)]
 
+    def extract(self) -> tuple[Code, str]:
+        """This entry's library and kernel folder in the extraction cache, extracted and hash-checked once (at
+        load where this host can run CUDA, else at its first call on a GPU)."""
+        if self._files is None:
+            self._files = self._state.extract(self._library_blob, self._extern_blob, self.cuda)
+        return self._files
+
     def device_index(self, tensors: list[torch.Tensor]) -> int:
         """The GPU this call runs on: its inputs' (all on one), else the current one."""
         if tensors:
@@ -182,9 +189,7 @@ class CudaEntry(Entry):
                                            getattr(props, "shared_memory_per_block_optin", None))
             except ArchiveError as e:
                 raise ArchiveError(e.reason, path=st.path) from None
-            if self._files is None:
-                self._files = st.extract(self)
-            library, kernel_dir = self._files
+            library, kernel_dir = self.extract()
             where = f"manifest.entries[{self.index}]"
 
             def load_one(num_models: int) -> Any:
@@ -286,7 +291,7 @@ def entry_from_manifest(i: int, archive: Archive, weights: dict[str, torch.Tenso
     if c.device == "cuda":
         entry = CudaEntry(i, meta, c.guards, c.outputs, c.output_leaves, c.cuda, cuda_state, c.state_constants)
         if cuda_state.no_cuda is None:  # this host can run it: extract and hash-check its code now, fail at load
-            entry._files = cuda_state.extract(entry)
+            entry.extract()
         return entry
     library = extract_code(archive, c.library, c.extern_kernels, cache_root)
 

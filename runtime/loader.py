@@ -30,7 +30,7 @@ from .entries import CudaEntry, Entry, check_entry, entry_from_manifest
 from .errors import ArchiveError, GuardError, SessionError
 from .format import DTYPES, Manifest, field_of, one_of
 from .guards import check_spec, rebuild
-from .sessions import PositionCheck, Session, StateTemplate
+from .sessions import PositionCheck, Session, SessionSource, StateTemplate
 from .weights import load_weights, prefetch as _prefetch, tensor_from_bytes
 
 # An integer dtype of each element width, to move elements of any dtype (complex32, float8) as bits.
@@ -75,9 +75,10 @@ class Package:
         self._cuda_state = cuda_state
         self.stateful = bool(archive.manifest.state)
         self._state_template = StateTemplate.from_archive(archive) if self.stateful else None
-        self._position_checks = [
-            [PositionCheck.bind(rule, e, archive.path, f"manifest.state.positions[{k}]")
-             for k, rule in enumerate(archive.manifest.positions)] for e in entries]
+        self._sessions = None if not self.stateful else SessionSource(
+            path=archive.path, template=self._state_template, dispatch=self._dispatch,
+            position_checks=[[PositionCheck.bind(rule, e, archive.path, f"manifest.state.positions[{k}]")
+                              for k, rule in enumerate(archive.manifest.positions)] for e in entries])
         self._prefetching = prefetching
 
     def wait_prefetch(self, timeout: float | None = None) -> bool:
@@ -114,7 +115,7 @@ class Package:
             reason = self._cuda_state.no_cuda if self._cuda_state is not None else "the pack has no CUDA entry"
             if reason is not None:
                 raise SessionError(f"cannot keep this session's state on {device}: {reason}")
-        return Session(self, device)
+        return Session(self._sessions, device)
 
     def select(self, *args: Any, **kwargs: Any) -> Entry | None:
         """The entry that would run for this input, or None (runs nothing)."""

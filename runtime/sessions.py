@@ -21,7 +21,7 @@ import itertools
 import mmap
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -32,7 +32,6 @@ from .weights import tensor_from_bytes
 
 if TYPE_CHECKING:
     from .entries import Entry
-    from .loader import Package
 
 _ids = itertools.count(1)
 
@@ -138,6 +137,18 @@ class PositionCheck:
         return None
 
 
+@dataclass(frozen=True)
+class SessionSource:
+    """What a session needs of its package: the pack's path (for messages), its state template, the dispatch
+    that picks an entry for a call (entry and the tensors to hand it, or GuardError), and each entry's
+    position checks (by entry index)."""
+
+    path: str
+    template: "StateTemplate"
+    dispatch: Callable[[tuple, dict], tuple["Entry", list[torch.Tensor]]]
+    position_checks: list[list["PositionCheck"]]
+
+
 class Session:
     """One conversation on a stateful pack: its own state, fresh from the pack's initial values.
 
@@ -147,9 +158,9 @@ class Session:
     once as the package's ``num_models``); one session runs one call at a time.
     """
 
-    def __init__(self, package: "Package", device: torch.device | str | None = None):
-        self._package = package
-        self._template: StateTemplate = package._state_template
+    def __init__(self, source: SessionSource, device: torch.device | str | None = None):
+        self._source = source
+        self._template = source.template
         self._device = torch.device(device) if device is not None else None
         self._state: dict[str, torch.Tensor] | None = None
         self._uid = next(_ids)
@@ -172,8 +183,8 @@ class Session:
             if self._failed is not None:
                 raise SessionError(f"an earlier call of this session failed ({self._failed}), so its state is "
                                    "undefined; call reset() to start it again")
-            entry, tensors = self._package._dispatch(args, kwargs)
-            for check in self._package._position_checks[entry.index]:
+            entry, tensors = self._source.dispatch(args, kwargs)
+            for check in self._source.position_checks[entry.index]:
                 why = check.check(tensors)
                 if why is not None:
                     raise GuardError([(entry.label(), why)])
@@ -233,11 +244,11 @@ class Session:
 
     def fork(self) -> "Session":
         """A new session whose state is a copy of this one's (e.g. to continue one prompt several ways)."""
-        other = Session(self._package, self._device)
+        other = Session(self._source, self._device)
         if self._state is not None:
             other.load_state_dict(self.state_dict())
         return other
 
     def __repr__(self) -> str:
         where = self._device or "no device yet"
-        return f"<aotpack.Session of {self._package.path!r}: {self._template.describe()} on {where}>"
+        return f"<aotpack.Session of {self._source.path!r}: {self._template.describe()} on {where}>"
