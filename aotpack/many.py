@@ -45,6 +45,8 @@ class Result:
     size: int = 0
     sha256: str = ""
     key: str = ""
+    source_key: str = ""  # see aotpack.sourcekey
+    cache_hit: str = ""  # which key found the pack in the build cache: source (no capture), graph, or "" (none)
     error: str = ""
     log: str = ""
     via: str = "local"  # local | shared storage | object store
@@ -66,8 +68,9 @@ def _worker(task_path: str, result_path: str) -> int:
 
         from aotpack_runtime.errors import AotpackError
 
+        from . import sourcekey
         from .buildcache import BuildCache
-        from .modelfile import load_model_file, parse_dynamic
+        from .modelfile import parse_dynamic
         from .options import BuildOptions
         from .pipeline import build
 
@@ -76,19 +79,20 @@ def _worker(task_path: str, result_path: str) -> int:
             options = BuildOptions(**{k: tuple(v) if isinstance(v, list) else v
                                       for k, v in task["options"].items()}).resolved()
             print(f"loading {task['model']}", flush=True)
-            spec = load_model_file(task["model"])
+            spec, model_file = sourcekey.load(task["model"])
             dynamic = parse_dynamic(task["dynamic"]) if task["dynamic"] else spec.dynamic_shapes
             cache = None if task["no_cache"] else BuildCache.open(task["cache_dir"] or True)
             report = build(spec.model, spec.example_inputs, task["output_path"], example_kwargs=spec.example_kwargs,
                            dynamic_shapes=dynamic, specializations=spec.specializations, options=options,
                            cache_positions=spec.cache_positions,
                            progress=lambda line: print(line, flush=True), cache=cache, source=task["model"],
-                           threads=task["threads"])
+                           threads=task["threads"], model_file=model_file)
         except AotpackError as e:
             result["error"] = str(e)
             print(f"error: {e}", flush=True)
         else:
-            result.update(status="cached" if report.cached else "built", key=report.key, size=report.size,
+            result.update(status="cached" if report.cached else "built", key=report.key, cache_hit=report.hit,
+                          source_key=report.source_key, size=report.size,
                           sha256=_file_sha256(task["output_path"]))
     except Exception as e:  # anything else a model file or the toolchain raised: this task fails alone
         import traceback
@@ -184,6 +188,7 @@ def _write_log(out_dir: pathlib.Path, result: Result) -> None:
 def _result(raw: dict, out_dir: pathlib.Path, task: Task, via: str) -> Result:
     r = Result(name=raw["name"], status=raw.get("status", "failed"), seconds=float(raw.get("seconds", 0.0)),
                size=int(raw.get("size", 0)), sha256=raw.get("sha256", ""), key=raw.get("key", ""),
+               source_key=raw.get("source_key", ""), cache_hit=raw.get("cache_hit", ""),
                error=raw.get("error", ""), log=raw.get("log", ""), via=via)
     if r.status != "failed":
         r.output = str(out_dir / task.output)

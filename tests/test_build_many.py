@@ -144,6 +144,10 @@ def test_second_run_comes_from_the_cache_byte_for_byte(local_run):
     result = json.loads(out)
     status = {t["name"]: t["status"] for t in result["tasks"]}
     assert status == {**{n: "cached" for n in GOOD}, **{n: "failed" for n in BROKEN}}
+    # found by the source key: no task captured its model
+    assert {t["name"]: t["cache_hit"] for t in result["tasks"] if t["name"] in GOOD} == dict.fromkeys(GOOD, "source")
+    for name in GOOD:
+        assert "capture:" not in (tmp / "again" / "logs" / f"{name}.log").read_text()
     for name in GOOD:
         assert (tmp / "again" / f"{name}.pack").read_bytes() == (tmp / "out" / f"{name}.pack").read_bytes()
 
