@@ -277,7 +277,9 @@ class BuildCache:
             found = json.loads(self._source_path(source_key).read_text()).get("key")
         except (OSError, ValueError, AttributeError):
             return None
-        return found if isinstance(found, str) and len(found) == 64 else None
+        if isinstance(found, str) and len(found) == 64 and all(c in "0123456789abcdef" for c in found):
+            return found
+        return None
 
     def remember(self, source_key: str, key: str) -> None:
         """Record that the build with ``source_key`` made the pack cached under ``key``."""

@@ -11,8 +11,9 @@ file while ``load`` watches which modules the import loads or asks for. Before c
 - every tensor the model holds (parameters, buffers, tensor attributes) or its code reaches through globals
   and closures, as the graph key records weights; the example inputs, specializations, dynamic shapes and
   cache positions;
-- the target string (``FILE.py:NAME``), the resolved options, and what the graph key takes from outside the
-  graph (``pipeline.context_material``: producer, target, Inductor config, toolchain).
+- the target string (``FILE.py:NAME``), the resolved options, what the graph key takes from outside the
+  graph (``pipeline.context_material``: producer, target, toolchain) and the Inductor config's inputs
+  (``pipeline.source_key`` says which).
 
 The build cache maps a source key to the graph key of the pack its build made (``BuildCache.remember``);
 a source key found there whose pack is intact is a hit with no capture. Any other case is a miss, and the
@@ -237,6 +238,14 @@ def _tensors(root: Any) -> dict:
             todo += [(f"{where}[{i}]", v) for i, v in enumerate(obj)]
         elif isinstance(obj, dict):
             todo += [(f"{where}[{k!r}]", v) for k, v in obj.items()]
+        elif isinstance(obj, functools.partial):
+            todo += [(f"{where}.func", obj.func), (f"{where}.args", obj.args), (f"{where}.keywords", obj.keywords)]
+        elif where == "model" and hasattr(obj, "__dict__") and not isinstance(obj, type):  # a callable object
+            todo += [(f"{where}.{k}", v) for k, v in vars(obj).items()
+                     if isinstance(v, (torch.Tensor, torch.nn.Module, types.FunctionType))]
+            call = getattr(type(obj), "__call__", None)
+            if isinstance(call, types.FunctionType):
+                todo.append((f"{where}.__call__", call))
     return out
 
 

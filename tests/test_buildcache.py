@@ -289,14 +289,19 @@ def _source_key(target: str, cache: BuildCache, **options):
                       toolchain.compiler_version(), cache), model_file
 
 
-def test_the_source_key_sees_weights_the_model_file_reads(tmp_path):
-    """Weights loaded from a file at import are not Python sources: the source key hashes the model's
-    tensors, so new weights in the file are a new key."""
+@pytest.mark.parametrize("holder", [
+    "model = torch.nn.Linear(16, 8, bias=False).eval()\nmodel.weight.data = torch.load(WEIGHTS)\n",
+    "W = torch.load(WEIGHTS)\n\n\ndef model(x):\n    return x @ W.T\n",
+    "class Scorer:\n    def __init__(self):\n        self.w = torch.load(WEIGHTS)\n\n"
+    "    def __call__(self, x):\n        return x @ self.w.T\n\n\nmodel = Scorer()\n",
+], ids=["module parameter", "function global", "callable object"])
+def test_the_source_key_sees_weights_the_model_file_reads(tmp_path, holder):
+    """Weights loaded from a file at import are not Python sources: the source key hashes the tensors the
+    model holds or its code reaches, so new weights in the file are a new key."""
     weights = tmp_path / "w.pt"
     torch.save(torch.ones(8, 16), weights)
     model = tmp_path / "loads.py"
-    model.write_text("import torch\n\nmodel = torch.nn.Linear(16, 8, bias=False).eval()\n"
-                     f"model.weight.data = torch.load({str(weights)!r})\nexample_inputs = (torch.ones(4, 16),)\n")
+    model.write_text(f"import torch\n\nWEIGHTS = {str(weights)!r}\n{holder}example_inputs = (torch.ones(4, 16),)\n")
     cache = BuildCache(tmp_path / "cache")
     first, _ = _source_key(str(model), cache)
     assert first is not None and _source_key(str(model), cache)[0] == first
