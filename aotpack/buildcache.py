@@ -295,7 +295,10 @@ class BuildCache:
                   "captures it again to find its pack")
 
     def _forget_sources(self, keys: set[str], everything: bool) -> None:
-        """Remove the source keys that lead to the given pack keys (all with ``everything``)."""
+        """Remove the source keys that lead to the given pack keys (all, and the file index, with
+        ``everything``)."""
+        if everything:
+            self.file_index().unlink(missing_ok=True)
         for path in (self.root / "sources").glob("??/*.json"):
             with contextlib.suppress(OSError, ValueError, AttributeError):
                 if everything or json.loads(path.read_text()).get("key") in keys:
@@ -343,7 +346,7 @@ class BuildCache:
                 removed.append(entry)
         for entry in removed:
             self.remove(entry)
-        if removed or everything:
+        if self.folder.name == "packs" and (removed or everything):
             self._forget_sources({e.key for e in removed}, everything)
         if self.folder.is_dir():
             for tmp in self.folder.glob("??/.*.tmp"):

@@ -150,6 +150,8 @@ def test_cache_list_and_prune_say_what_they_do(tmp_path):
         key = f"{i:02d}" * 32
         _store(store, key, b"p" * size, tmp_path, source=f"model{i}.py")
         os.utime(store.folder / key[:2] / f"{key}.json", (now - age_days * 86400, now - age_days * 86400))
+        store.remember(f"{i + 5:02d}" * 32, key)  # a source key that leads to this pack
+    store.file_index().write_text("{}")
     r = CliRunner().invoke(cli, ["cache", "list", "--cache-dir", str(root)])
     assert r.exit_code == 0, r.output
     lines = r.output.splitlines()
@@ -160,6 +162,7 @@ def test_cache_list_and_prune_say_what_they_do(tmp_path):
     assert r.exit_code == 0, r.output
     assert r.output.splitlines() == [f"removed {'00' * 6}  0.00 MB  used 40 d ago  model0.py",
                                      f"removed 1 pack (0.00 MB); 2 left (0.01 MB) in {store.folder}"]
+    assert store.recall("05" * 32) is None and store.recall("06" * 32) == "01" * 32  # its source key went with it
     r = CliRunner().invoke(cli, ["cache", "prune", "--cache-dir", str(root), "--max-size", "4kb"])
     assert r.exit_code == 0, r.output
     assert r.output.splitlines()[0] == f"removed {'01' * 6}  0.00 MB  used 2 d ago  model1.py"
@@ -170,6 +173,7 @@ def test_cache_list_and_prune_say_what_they_do(tmp_path):
     assert r.exit_code == 2 and "'soon': give a number and one of s, min, m, h, d, w" in r.output
     r = CliRunner().invoke(cli, ["cache", "prune", "--cache-dir", str(root), "--all"])
     assert r.exit_code == 0 and store.entries() == []
+    assert not [p for p in (root / "sources").rglob("*") if p.is_file()]  # source keys and the file index
 
 
 def test_prune_removes_precompiled_headers_by_last_use_and_all(tmp_path):
