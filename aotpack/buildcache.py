@@ -89,7 +89,8 @@ def _compiler_identity(cxx: str) -> dict:
             "ld": _first_line([ld, "--version"]) if ld and ld != "not found" else "not found"}
 
 
-def _version(dist: str) -> str:
+def installed_version(dist: str) -> str:
+    """The installed version of a distribution (``not installed`` when it is not)."""
     try:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:
@@ -103,7 +104,7 @@ def toolchain(devices: tuple[str, ...]) -> dict:
     from . import __version__
 
     out = {"aotpack": __version__, "aotpack_source": source_digest(), "torch": torch.__version__,
-           "torch_git": getattr(torch.version, "git_version", ""), "triton": _version("triton"),
+           "torch_git": getattr(torch.version, "git_version", ""), "triton": installed_version("triton"),
            "python": f"{platform.python_implementation()} {platform.python_version()}",
            "libc": " ".join(platform.libc_ver()), **_compiler_identity(os.environ.get("CXX", "g++"))}
     if "cuda" in devices:
@@ -261,6 +262,48 @@ class BuildCache:
             return None
         return CacheEntry(key=key, pack=path, meta=record, size=size, last_used=time.time())
 
+    def _source_path(self, source_key: str) -> pathlib.Path:
+        if len(source_key) != 64 or any(c not in "0123456789abcdef" for c in source_key):
+            raise BuildError(f"not a source key: {source_key!r}")
+        return self.root / "sources" / source_key[:2] / f"{source_key}.json"
+
+    def file_index(self) -> pathlib.Path:
+        """The index of source files' digests the source keys use (``sourcekey.FileDigests``)."""
+        return self.root / "sources" / "files.json"
+
+    def recall(self, source_key: str) -> str | None:
+        """The key of the pack a build with this source key made (``sourcekey``), or None."""
+        try:
+            found = json.loads(self._source_path(source_key).read_text()).get("key")
+        except (OSError, ValueError, AttributeError):
+            return None
+        if isinstance(found, str) and len(found) == 64 and all(c in "0123456789abcdef" for c in found):
+            return found
+        return None
+
+    def remember(self, source_key: str, key: str) -> None:
+        """Record that the build with ``source_key`` made the pack cached under ``key``."""
+        path = self._source_path(source_key)
+        tmp = path.with_name(f".{source_key[:16]}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_bytes(canonical_json({"source_key": source_key, "key": key, "created": time.time()}))
+            os.replace(tmp, path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            _warn(f"cannot write the build cache at {path.parent}: {e.strerror}; the next build of this model "
+                  "captures it again to find its pack")
+
+    def _forget_sources(self, keys: set[str], everything: bool) -> None:
+        """Remove the source keys that lead to the given pack keys (all, and the file index, with
+        ``everything``)."""
+        if everything:
+            self.file_index().unlink(missing_ok=True)
+        for path in (self.root / "sources").glob("??/*.json"):
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                if everything or json.loads(path.read_text()).get("key") in keys:
+                    path.unlink()
+
     def entries(self) -> list[CacheEntry]:
         """Every complete entry, most recently used first."""
         out = []
@@ -293,6 +336,8 @@ class BuildCache:
                              now=now)
         for entry in removed:
             self.remove(entry)
+        if self.folder.name == "packs" and (removed or everything):
+            self._forget_sources({e.key for e in removed}, everything)
         if self.folder.is_dir():
             for tmp in self.folder.glob("??/.*.tmp"):
                 with contextlib.suppress(OSError):

@@ -1,9 +1,11 @@
 """``aotpack build-many``: every task of a matrix (``matrix.py``), on local worker processes or on Ray.
 
-Each build runs in a process of its own, ``python -m aotpack.many worker TASK RESULT``, with the threads it
-was given (``OMP_NUM_THREADS`` and the compile's process count): the same code builds a task locally and on
-a Ray worker, so a pack built on Ray is byte-identical to one built here. A failed build is reported and the
-others go on.
+Each build runs in a process of its own with the threads it was given (``OMP_NUM_THREADS`` and the compile's
+process count), and the same code (``_worker``) builds a task locally and on a Ray worker, so a pack built on
+Ray is byte-identical to one built here. On Ray that process is ``python -m aotpack.many worker TASK RESULT``;
+locally it is forked from one server process that imported torch and the build side once (``Forks``), so
+that a task whose pack is in the build cache does not pay Python's start and ``import torch`` again. A failed
+build is reported and the others go on.
 
 With Ray, packs come back through the output folder when the workers can see it (a marker file tells), else
 through the object store, in chunks pulled one at a time by the driver from the node that built the pack,
@@ -21,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterator
@@ -45,6 +48,8 @@ class Result:
     size: int = 0
     sha256: str = ""
     key: str = ""
+    source_key: str = ""  # see aotpack.sourcekey
+    cache_hit: str = ""  # which key found the pack in the build cache: source (no capture), graph, or "" (none)
     error: str = ""
     log: str = ""
     via: str = "local"  # local | shared storage | object store
@@ -66,8 +71,9 @@ def _worker(task_path: str, result_path: str) -> int:
 
         from aotpack_runtime.errors import AotpackError
 
+        from . import sourcekey
         from .buildcache import BuildCache
-        from .modelfile import load_model_file, parse_dynamic
+        from .modelfile import parse_dynamic
         from .options import BuildOptions
         from .pipeline import build
 
@@ -76,19 +82,20 @@ def _worker(task_path: str, result_path: str) -> int:
             options = BuildOptions(**{k: tuple(v) if isinstance(v, list) else v
                                       for k, v in task["options"].items()}).resolved()
             print(f"loading {task['model']}", flush=True)
-            spec = load_model_file(task["model"])
+            spec, model_file = sourcekey.load(task["model"])
             dynamic = parse_dynamic(task["dynamic"]) if task["dynamic"] else spec.dynamic_shapes
             cache = None if task["no_cache"] else BuildCache.open(task["cache_dir"] or True)
             report = build(spec.model, spec.example_inputs, task["output_path"], example_kwargs=spec.example_kwargs,
                            dynamic_shapes=dynamic, specializations=spec.specializations, options=options,
                            cache_positions=spec.cache_positions,
                            progress=lambda line: print(line, flush=True), cache=cache, source=task["model"],
-                           threads=task["threads"])
+                           threads=task["threads"], model_file=model_file)
         except AotpackError as e:
             result["error"] = str(e)
             print(f"error: {e}", flush=True)
         else:
-            result.update(status="cached" if report.cached else "built", key=report.key, size=report.size,
+            result.update(status="cached" if report.cached else "built", key=report.key, cache_hit=report.hit,
+                          source_key=report.source_key, size=report.size,
                           sha256=_file_sha256(task["output_path"]))
     except Exception as e:  # anything else a model file or the toolchain raised: this task fails alone
         import traceback
@@ -119,24 +126,36 @@ def _tail(text: str) -> str:
     return "\n".join(text.splitlines()[-LOG_TAIL:])
 
 
+def _worker_env(threads: int) -> dict:
+    return dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+
+
 def run_task_process(task: dict, folder: str) -> dict:
     """Run the worker for ``task`` in a subprocess with ``task['threads']`` threads; return its result with
-    the end of its output as ``log``. Used both here and on Ray workers."""
+    the end of its output as ``log``. Used on Ray workers (locally, ``Forks`` runs it)."""
+    task_path, result_path = _write_task(task, folder)
+    proc = subprocess.run([sys.executable, "-m", "aotpack.many", "worker", task_path, result_path],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                          env=_worker_env(task["threads"]))
+    return _collected(task, result_path, proc.stdout.decode(errors="replace"), proc.returncode)
+
+
+def _write_task(task: dict, folder: str) -> tuple[str, str]:
     task_path = os.path.join(folder, "task.json")
-    result_path = os.path.join(folder, "result.json")
     with open(task_path, "w") as f:
         json.dump(task, f)
-    threads = str(task["threads"])
-    env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, "-m", "aotpack.many", "worker", task_path, result_path],
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
-    log = proc.stdout.decode(errors="replace")
+    return task_path, os.path.join(folder, "result.json")
+
+
+def _collected(task: dict, result_path: str, log: str, returncode: int | None) -> dict:
+    """The result the worker wrote, or a failure that says how its process ended."""
     try:
         with open(result_path) as f:
             result = json.load(f)
     except (OSError, ValueError):
         lines = [ln for ln in log.splitlines() if ln.strip()]
-        how = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit {proc.returncode}"
+        how = ("no exit status" if returncode is None else
+               f"signal {-returncode}" if returncode < 0 else f"exit {returncode}")
         result = {"name": task["name"], "status": "failed",
                   "error": f"the build process ended ({how}) without a result: {lines[-1] if lines else 'no output'}"}
     result["log"] = _tail(log)
@@ -144,6 +163,109 @@ def run_task_process(task: dict, folder: str) -> dict:
 
 
 # --- local worker processes ----------------------------------------------------------------------------------
+
+class Forks:
+    """Local worker processes forked from one server process (``python -m aotpack.many forks``) that imported
+    torch and aotpack's build side once: each task still builds in a process of its own, as ``worker`` would
+    (the same code, environment and thread settings), without paying Python's start and ``import torch``
+    again, which is most of the time of a task whose pack is in the build cache."""
+
+    def __init__(self, threads: int):
+        self.proc = subprocess.Popen([sys.executable, "-m", "aotpack.many", "forks"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=_worker_env(threads),
+                                     text=True, bufsize=1)
+        self.lock = threading.Lock()
+        self.done: dict[str, tuple[threading.Event, list]] = {}
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            folder, _, code = line.rstrip("\n").rpartition(" ")
+            with self.lock:
+                event, box = self.done.pop(folder, (None, None))
+            if event is not None:
+                box.append(int(code))
+                event.set()
+        with self.lock:  # the server is gone: every task still waiting has no exit status
+            for event, _ in self.done.values():
+                event.set()
+            self.done.clear()
+
+    def run(self, task: dict, folder: str) -> dict:
+        """Build ``task`` in a forked process; its result, as ``run_task_process`` returns it."""
+        task_path, result_path = _write_task(task, folder)
+        event, box = threading.Event(), []
+        with self.lock:
+            self.done[folder] = (event, box)
+            try:
+                self.proc.stdin.write(f"{folder}\n")
+                self.proc.stdin.flush()
+            except OSError:
+                event.set()
+        event.wait()
+        try:
+            with open(os.path.join(folder, "log"), errors="replace") as f:
+                log = f.read()
+        except OSError:
+            log = ""
+        return _collected(task, result_path, log, box[0] if box else None)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.proc.stdin.close()
+        self.proc.wait()
+        self.reader.join(10)
+
+
+def _forks() -> int:
+    """The server of ``Forks``: import the build side, then for each task folder read from stdin fork a
+    process that builds it (its output to FOLDER/log), and write ``FOLDER EXIT`` when it ends."""
+    import select
+
+    import torch  # noqa: F401  imported once, before any fork
+
+    from . import pipeline, sourcekey  # noqa: F401
+
+    children: dict[int, str] = {}
+    pending: list[str] = []
+    buffer = b""
+    open_input = True
+    while open_input or children or pending:
+        if open_input and not pending and select.select([0], [], [], 0.05)[0]:
+            chunk = os.read(0, 1 << 16)
+            open_input = bool(chunk)
+            buffer += chunk
+            *lines, buffer = buffer.split(b"\n")
+            pending += [ln.decode() for ln in lines if ln]
+        elif not pending:
+            time.sleep(0.05)
+        if pending:
+            folder = pending.pop(0)
+            sys.stdout.flush()
+            pid = os.fork()
+            if pid == 0:
+                code = 1
+                try:
+                    log = os.open(os.path.join(folder, "log"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                    null = os.open(os.devnull, os.O_RDONLY)
+                    os.dup2(null, 0)
+                    os.dup2(log, 1)
+                    os.dup2(log, 2)
+                    code = _worker(os.path.join(folder, "task.json"), os.path.join(folder, "result.json"))
+                finally:
+                    with contextlib.suppress(Exception):
+                        sys.stdout.flush()
+                        sys.stderr.flush()
+                    os._exit(code)
+            children[pid] = folder
+        while children:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                break
+            print(f"{children.pop(pid)} {os.waitstatus_to_exitcode(status)}", flush=True)
+    return 0
+
 
 class _Board:
     """Counts and prints progress: tasks done, running, cached and failed."""
@@ -184,6 +306,7 @@ def _write_log(out_dir: pathlib.Path, result: Result) -> None:
 def _result(raw: dict, out_dir: pathlib.Path, task: Task, via: str) -> Result:
     r = Result(name=raw["name"], status=raw.get("status", "failed"), seconds=float(raw.get("seconds", 0.0)),
                size=int(raw.get("size", 0)), sha256=raw.get("sha256", ""), key=raw.get("key", ""),
+               source_key=raw.get("source_key", ""), cache_hit=raw.get("cache_hit", ""),
                error=raw.get("error", ""), log=raw.get("log", ""), via=via)
     if r.status != "failed":
         r.output = str(out_dir / task.output)
@@ -197,7 +320,8 @@ def run_local(tasks: list[Task], out_dir: pathlib.Path, *, jobs: int, threads: i
     results: dict[str, Result] = {}
     pending = list(tasks)
     running: dict = {}
-    with tempfile.TemporaryDirectory(prefix="aotpack-many-") as tmp:
+    forks = Forks(threads)
+    with tempfile.TemporaryDirectory(prefix="aotpack-many-") as tmp, contextlib.closing(forks):
         from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
         with ThreadPoolExecutor(max_workers=jobs) as pool:
@@ -208,7 +332,7 @@ def run_local(tasks: list[Task], out_dir: pathlib.Path, *, jobs: int, threads: i
                     os.mkdir(folder)
                     spec = _task_json(task, str(out_dir / task.output), threads, cache_dir, no_cache)
                     board.started(task.name, threads)
-                    running[pool.submit(run_task_process, spec, folder)] = task
+                    running[pool.submit(forks.run, spec, folder)] = task
                 finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
                 for future in finished:
                     task = running.pop(future)
@@ -417,6 +541,8 @@ def summary_table(results: list[Result], seconds: float) -> str:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:] == ["forks"]:
+        sys.exit(_forks())
     if len(sys.argv) != 4 or sys.argv[1] != "worker":
-        sys.exit("usage: python -m aotpack.many worker TASK.json RESULT.json")
+        sys.exit("usage: python -m aotpack.many worker TASK.json RESULT.json | python -m aotpack.many forks")
     sys.exit(_worker(sys.argv[2], sys.argv[3]))

@@ -18,7 +18,7 @@ from aotpack_runtime.format import DTYPES, canonical_json
 from aotpack_runtime.guards import EntryGuards, dtype_name, stored_dtype
 from aotpack_runtime.platform import KNOWN_FLAGS, host_cpu_flags, host_machine, torch_minor
 
-from . import __version__, _torch, buildcache, capture, compile, guards, package, state, toolchain
+from . import __version__, _torch, buildcache, capture, compile, guards, package, sourcekey, state, toolchain
 from .memory import peak_rss, reset_peak_rss
 from .options import BuildOptions
 
@@ -38,6 +38,8 @@ class BuildReport:
     kernels: int = 0
     key: str = ""  # the build cache key (empty when the build ran without a cache)
     cached: bool = False  # True when the pack was copied from the build cache instead of compiled
+    source_key: str = ""  # the build's source key (empty when it has none: see ``sourcekey``)
+    hit: str = ""  # which key found the pack in the build cache: "source" (no capture), "graph" or "" (a miss)
     peak_rss: int = 0  # bytes: this process's peak resident memory during the build
     worker_peak_rss: int = 0  # bytes: the largest peak of a compile worker process (0 when none ran)
 
@@ -232,7 +234,8 @@ def _cuda_summary(entries: list[dict], options: BuildOptions) -> str:
 def build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, example_kwargs: dict | None = None,
           dynamic_shapes: Any = None, specializations: Sequence = (), options: BuildOptions | None = None,
           progress: ProgressFn | None = None, cache_positions: Any = None,
-          cache: buildcache.BuildCache | None = None, source: str = "", threads: int | None = None) -> BuildReport:
+          cache: buildcache.BuildCache | None = None, source: str = "", threads: int | None = None,
+          model_file: sourcekey.ModelFile | None = None) -> BuildReport:
     """Run the whole pipeline; return a :class:`BuildReport`. ``progress`` receives one line per event.
 
     The first entry is captured from ``example_inputs`` (with ``dynamic_shapes``, torch.export's format);
@@ -242,13 +245,16 @@ def build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, exam
     With a ``cache``, a pack with the same key is copied from it instead of compiled, and a compiled pack
     is stored in it (``source`` names the model in the cache's records). ``threads`` caps the compiler
     processes the build runs at once (default: the cores this process may use); it never changes the pack.
+    ``model_file`` (from ``sourcekey.load``) says the model came from a model file: with a cache, its source
+    key is looked up first, and a hit copies the pack without capturing the model.
     """
     with warnings.catch_warnings():
         # torch's own deep copies of pytree specs warn about a deprecation inside torch; not the user's to fix
         warnings.filterwarnings("ignore", message=r".*LeafSpec.* is deprecated", category=FutureWarning)
         return _build(model, example_inputs, output, example_kwargs=example_kwargs, dynamic_shapes=dynamic_shapes,
                       specializations=specializations, options=options, progress=progress,
-                      cache_positions=cache_positions, cache=cache, source=source, threads=threads)
+                      cache_positions=cache_positions, cache=cache, source=source, threads=threads,
+                      model_file=model_file)
 
 
 def _tensor_records(entries: list) -> dict:
@@ -279,18 +285,46 @@ def cache_key(entries: list, options: BuildOptions, example: dict, example_blobs
         records.append({"graph": graphs[id(captured)], "guards": g.to_json(), "device": device})
     example_digest = buildcache.digest(canonical_json(example) + b"".join(
         buildcache.digest(b.data).encode() for b in example_blobs))
-    configs = {d: buildcache.digest(canonical_json(_torch.effective_config(
-        compile.entry_config(options, d, bool(state_names))))) for d in options.devices}
     material = {"entries": records, "weights": _tensor_records(entries), "example": example_digest,
                 "frozen": {"training": entries[0][0].training}, "options": options.to_json(),
-                "producer": producer(compiler), "target": target(options), "inductor": configs,
-                "toolchain": buildcache.toolchain(options.devices),
+                "inductor": _inductor_configs(options, bool(state_names)), **context_material(options, compiler),
                 "state": {"buffers": list(state_names), "positions": positions or []}}
+    return buildcache.key_of(material)
+
+
+def _inductor_configs(options: BuildOptions, stateful: bool) -> dict:
+    """A digest of the whole Inductor config each device's compile sees."""
+    return {d: buildcache.digest(canonical_json(_torch.effective_config(compile.entry_config(options, d, stateful))))
+            for d in options.devices}
+
+
+def context_material(options: BuildOptions, compiler: str) -> dict:
+    """What a build cache key takes from outside the model: the pack's producer and target, the toolchain,
+    and the build GPU of CUDA entries (both keys use it: ``cache_key`` and the source key)."""
+    material = {"producer": producer(compiler), "target": target(options),
+                "toolchain": buildcache.toolchain(options.devices)}
     if "cuda" in options.devices and not options.without_gpu:
         from . import cudabuild
 
         material["build_gpu"] = cudabuild.gpu_description()
-    return buildcache.key_of(material)
+    return material
+
+
+def source_key(model_file: sourcekey.ModelFile, model: Any, calls: dict, options: BuildOptions, compiler: str,
+               cache: buildcache.BuildCache) -> str | None:
+    """The source key of a build from a model file (see ``sourcekey``); None when it has none.
+
+    The Inductor config a compile would see is made of torch's defaults (torch's version and commit are in
+    the toolchain record), aotpack's settings (its source digest), the options, the environment torch's
+    config modules read, and whatever code changed after import. Its value needs ``torch._inductor``, whose
+    import alone takes longer than the rest of the key; so it is in the key only when the model file
+    imported that package (and could have changed the config), and the environment always is."""
+    inductor: dict = {"environment": sourcekey.config_environment()}
+    if "torch._inductor.config" in sys.modules:
+        inductor.update(stateless=_inductor_configs(options, False), stateful=_inductor_configs(options, True))
+    context = dict(context_material(options, compiler), inductor=inductor)
+    return sourcekey.key(model_file, model, calls, options.to_json(), context,
+                         sourcekey.FileDigests(cache.file_index()))
 
 
 def _cached_report(report: BuildReport, entry: buildcache.CacheEntry) -> None:
@@ -303,6 +337,18 @@ def _cached_report(report: BuildReport, entry: buildcache.CacheEntry) -> None:
     report.weights = len(manifest.weights)
     report.weight_bytes = sum(manifest.blob(w.blob).size for w in manifest.weights)
     report.kernels = sum(len(e.get("kernels", ())) for e in manifest.entries)
+
+
+def _copied(report: BuildReport, hit: buildcache.CacheEntry, stages: _Stages,
+            progress: ProgressFn | None) -> BuildReport:
+    """The last stage of a build whose pack the build cache held: the report of the copy."""
+    with stages.stage("package", "copied from the build cache"):
+        report.cached = True
+        _cached_report(report, hit)
+        report.peak_rss = peak_rss()
+    if progress:
+        progress(report.summary())
+    return report
 
 
 def _capture_and_guard(model: Any, example_inputs: tuple, example_kwargs: dict | None, dynamic_shapes: Any,
@@ -356,13 +402,35 @@ def build_key(model: Any, example_inputs: tuple, *, example_kwargs: dict | None 
 def _build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, example_kwargs: dict | None,
            dynamic_shapes: Any, specializations: Sequence, options: BuildOptions | None,
            progress: ProgressFn | None, cache_positions: Any, cache: buildcache.BuildCache | None, source: str,
-           threads: int | None) -> BuildReport:
+           threads: int | None, model_file: sourcekey.ModelFile | None) -> BuildReport:
     reset_peak_rss()
     options = (options or BuildOptions()).resolved()
     example_kwargs = dict(example_kwargs or {})
     report = BuildReport(output=pathlib.Path(output))
     stages = _Stages(progress, report)
     compiler = toolchain.compiler_version()
+    if cache is not None and model_file is not None:
+        calls = {"example_inputs": example_inputs, "example_kwargs": example_kwargs, "dynamic_shapes": dynamic_shapes,
+                 "specializations": list(specializations), "cache_positions": cache_positions}
+        start = time.perf_counter()
+        report.source_key = source_key(model_file, model, calls, options, compiler, cache) or ""
+        known = cache.recall(report.source_key) if report.source_key else None
+        hit = cache.fetch(known, output) if known else None
+        took = time.perf_counter() - start
+        report.stages["source key"] = took
+        if hit is not None:
+            report.key, report.hit = known, "source"
+            stages.say(f"      build cache: hit {known[:12]} by the source key {report.source_key[:12]} "
+                       f"(key in {took:.2f} s, the model not captured), in {cache.folder}")
+            stages.n = 3
+            stages.say(f"[1-3/{stages.total}] capture, guards, compile: skipped, the build cache holds this pack")
+            return _copied(report, hit, stages, progress)
+        if report.source_key:
+            stages.say(f"      build cache: source key {report.source_key[:12]} not found (key in {took:.2f} s); "
+                       "capturing for the graph key")
+        else:
+            stages.say(f"      build cache: no source key ({', '.join(sourcekey.unseen(model_file)[:3])} loaded "
+                       "before the model file by this process: its imports are unseen); capturing for the graph key")
     entries, state_names, positions = _capture_and_guard(model, example_inputs, example_kwargs, dynamic_shapes,
                                                          specializations, options, stages, cache_positions)
     example_blobs: list[package.Blob] = []
@@ -373,16 +441,13 @@ def _build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, exa
         took = time.perf_counter() - start
         hit = cache.fetch(report.key, output)
         if hit is not None:
+            report.hit = "graph"
             stages.say(f"      build cache: hit {report.key[:12]} (key in {took:.2f} s), in {cache.folder}")
+            if report.source_key:
+                cache.remember(report.source_key, report.key)
             stages.n += 1
             stages.say(f"[{stages.n}/{stages.total}] compile: skipped, the build cache holds this pack")
-            with stages.stage("package", "copied from the build cache"):
-                report.cached = True
-                _cached_report(report, hit)
-                report.peak_rss = peak_rss()
-            if progress:
-                progress(report.summary())
-            return report
+            return _copied(report, hit, stages, progress)
         stages.say(f"      build cache: miss {report.key[:12]} (key in {took:.2f} s)")
     with stages.stage("compile", _compile_detail(options, len(entries))):
         compiled = compile.compile_entries([c for c, _, _ in entries], options, progress=stages.say,
@@ -437,6 +502,8 @@ def _build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, exa
     if cache is not None and cache.store(report.key, output, {"source": source, "options": options.to_json(),
                                                               "producer": producer(compiler)}) is not None:
         stages.say(f"      build cache: stored {report.key[:12]} in {cache.folder}")
+        if report.source_key:
+            cache.remember(report.source_key, report.key)
     if options.without_gpu and progress:
         progress("note: CUDA entries built without a GPU are not autotuned and were never run; smoke-test the "
                  "pack on the target GPU before trusting it")

@@ -114,10 +114,12 @@ def build(target: str, output: str, cpu_isa: str | None, dynamic: tuple[str, ...
     dict with those keys and optionally dynamic_shapes, specializations and cache_positions.
 
     A pack whose inputs (captured graph, weights, example inputs, options, toolchain) match one in the
-    build cache is copied from there instead of compiled; the bytes are the same either way.
+    build cache is copied from there instead of compiled; the bytes are the same either way. When the model
+    file, the sources it imports, the library versions, the weights, the examples and the options are those of
+    an earlier build, the pack is found without capturing the model (see the README, "Build cache").
     """
+    from aotpack import sourcekey
     from aotpack.buildcache import BuildCache
-    from aotpack.modelfile import load_model_file
     from aotpack.options import BuildOptions
     from aotpack.pipeline import build as run_build
 
@@ -134,15 +136,16 @@ def build(target: str, output: str, cpu_isa: str | None, dynamic: tuple[str, ...
             click.echo(line, err=True)
 
     say(f"loading {target}")
-    spec = load_model_file(target)
+    spec, model_file = sourcekey.load(target)
     cache = None if no_cache else BuildCache.open(cache_dir or True)
     report = run_build(spec.model, spec.example_inputs, output, example_kwargs=spec.example_kwargs,
                        dynamic_shapes=dynamic_shapes if dynamic_shapes is not None else spec.dynamic_shapes,
                        specializations=spec.specializations, options=options, progress=say,
-                       cache_positions=spec.cache_positions, cache=cache, source=target)
+                       cache_positions=spec.cache_positions, cache=cache, source=target, model_file=model_file)
     if as_json:
         click.echo(json.dumps({"event": "done", "output": str(report.output), "size": report.size,
-                               "cached": report.cached, "cache_key": report.key,
+                               "cached": report.cached, "cache_key": report.key, "source_key": report.source_key,
+                               "cache_hit": report.hit or None,
                                "devices": list(options.devices), "cuda_archs": list(options.cuda_archs),
                                "entries": report.entries, "weights": report.weights,
                                "weight_bytes": report.weight_bytes, "kernels": report.kernels,

@@ -144,6 +144,10 @@ def test_second_run_comes_from_the_cache_byte_for_byte(local_run):
     result = json.loads(out)
     status = {t["name"]: t["status"] for t in result["tasks"]}
     assert status == {**{n: "cached" for n in GOOD}, **{n: "failed" for n in BROKEN}}
+    # found by the source key: no task captured its model
+    assert {t["name"]: t["cache_hit"] for t in result["tasks"] if t["name"] in GOOD} == dict.fromkeys(GOOD, "source")
+    for name in GOOD:
+        assert "capture:" not in (tmp / "again" / "logs" / f"{name}.log").read_text()
     for name in GOOD:
         assert (tmp / "again" / f"{name}.pack").read_bytes() == (tmp / "out" / f"{name}.pack").read_bytes()
 
@@ -255,3 +259,16 @@ def test_build_many_on_a_local_ray_cluster(local_run, tmp_path):
         time.sleep(0.5)
     assert not left(), "processes left behind by the Ray run"
     assert not [p for p in out.iterdir() if p.name.startswith(".aotpack-many-")]  # the marker file is gone
+
+
+def test_a_worker_process_that_dies_fails_its_task_alone(tmp_path):
+    """Local tasks run in processes forked from one server: one killed by a signal is reported as such, and
+    the server goes on with the others."""
+    (tmp_path / "dies.py").write_text("import os\nimport signal\n\nos.kill(os.getpid(), signal.SIGKILL)\n")
+    matrix = _matrix(tmp_path, f'[[model]]\nfile = "{tmp_path / "dies.py"}"\n[[model]]\nfile = "{DATA / "broken.py"}"\n'
+                               '[[target]]\nname = "avx2"\ncpu_isa = "avx2"\n')
+    code, out, _ = _run(matrix, "-o", tmp_path / "out", "--jobs", "2", "--threads", "1", "--json")
+    assert code == 1
+    errors = {t["name"]: t["error"] for t in json.loads(out)["tasks"]}
+    assert errors["dies.avx2"] == f"the build process ended (signal 9) without a result: loading {tmp_path / 'dies.py'}"
+    assert "graph break" in errors["broken.avx2"]
