@@ -3,7 +3,9 @@
 
 Two neighbours hold the rest: ``_torch_text.py`` reads the text torch writes (generated code, Dynamo's and
 torch.export's messages), and the experimental GPU-less CUDA build's patches of torch and Triton internals live
-in ``_cuda_offline.py``, gated on exact versions and tested by tests/test_cuda_build.py."""
+in ``_cuda_offline.py``, gated on exact versions and tested by tests/test_cuda_build.py.
+
+May not: be bypassed: no other build module calls a private torch API (except ``_cuda_offline``)."""
 from __future__ import annotations
 
 import contextlib

@@ -4,6 +4,8 @@ turns into its own errors (constraint violations, ranges, a buffer assigned in f
 cannot flatten). A torch release that changes one of these formats breaks here first; each reader has a test
 on what the torch under test really writes (tests/test_torch_private.py). Imports no torch module: the
 readers take text.
+
+May not: import torch: every reader takes text.
 """
 from __future__ import annotations
 

@@ -17,6 +17,8 @@ A hit copies the cached pack to the output (hashing it on the way: a damaged ent
 compiles instead). The cache is a folder (``$AOTPACK_BUILD_CACHE/packs``, beside the toolchain folder of
 ``toolchain.toolchain_dir``): every file is written under a temporary name and renamed into place, so several
 builds, on one host or on many sharing the folder, may write the same entry at once.
+
+May not: capture or compile: it keys, stores and finds finished packs.
 """
 from __future__ import annotations
 

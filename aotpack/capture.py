@@ -3,6 +3,8 @@
 A graph break is a :class:`CaptureError` that names the user's file and line, the reason, and what to
 change. Module state (parameters, buffers, attributes, the training flag) is read at capture time and frozen
 into the graph.
+
+May not: compile or write anything: its output is the captured graph and what it assumed.
 """
 from __future__ import annotations
 

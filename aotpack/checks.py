@@ -1,4 +1,6 @@
-"""``verify`` and ``diff``: the checks CI runs on packs. Neither imports the build side's compiler stack."""
+"""``verify`` and ``diff``: the checks CI runs on packs. Neither imports the build side's compiler stack.
+
+May not: import the compiler stack (Dynamo, Inductor): verify and diff run on hosts without it."""
 from __future__ import annotations
 
 import difflib

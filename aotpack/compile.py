@@ -10,6 +10,8 @@ vector ISA comes from the build options, and the code is planned for a fixed thr
 OpenMP regions (see ``_torch.inductor_options``). A pack with several entries compiles them in parallel
 worker processes (as many as there are cores), each from the entry's graph saved with
 ``torch.export.save``; the output does not depend on how many workers ran.
+
+May not: decide the manifest: it returns native code and what it needs, and ``pipeline`` records it.
 """
 from __future__ import annotations
 

@@ -4,6 +4,8 @@ The pack's manifest, not Inductor's metadata, is the record of a CUDA entry's ar
 compile, every kernel binary is read with ``cuobjdump`` (shipped in Triton's wheel) and the SASS and PTX
 architectures it really carries are written down. A kernel that lacks an architecture the user asked for
 fails the build.
+
+May not: patch torch: the GPU-less build's patches are in ``_cuda_offline``.
 """
 from __future__ import annotations
 

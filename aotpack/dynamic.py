@@ -7,6 +7,8 @@ and no input. So each dynamic dimension is looked up in the example inputs first
 does not have, an example size outside its range (or 0 or 1, which torch treats as constants), two inputs
 that share a ``Dim`` with different sizes, a name that is no input: each a :class:`CaptureError` naming the
 input, the dimension and the range.
+
+May not: capture: it checks specs against the example inputs before capture runs.
 """
 from __future__ import annotations
 

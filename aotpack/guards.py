@@ -3,6 +3,8 @@
 Per entry: the input structure, one guard per input leaf (tensor: dtype, device, sizes or symbols, strides;
 value: the exact value the graph specialised on), the symbol ranges, and the output structure. The runtime's
 ``aotpack_runtime.guards`` reads the same data back; ``docs/FORMAT.md`` documents it.
+
+May not: check a call: the runtime's ``guards`` does, from the data written here.
 """
 from __future__ import annotations
 

@@ -10,6 +10,8 @@ build is reported and the others go on.
 With Ray, packs come back through the output folder when the workers can see it (a marker file tells), else
 through the object store, in chunks pulled one at a time by the driver from the node that built the pack,
 so that neither the driver's memory nor the object store ever holds all the packs at once.
+
+May not: build in its own process: each task builds in a process of its own.
 """
 from __future__ import annotations
 

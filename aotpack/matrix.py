@@ -17,6 +17,8 @@ cpu_isa = "avx2"                     # as --cpu-isa; also devices, cuda_archs, w
 Task ``MODEL.TARGET`` writes ``MODEL.TARGET.pack``: the name depends only on the matrix, never on the order
 or the host. The file is checked whole before any build starts, and every mistake in it is reported in one
 error; what only a build host can tell (does it have AVX-512, a CUDA toolkit) fails that task alone.
+
+May not: build anything: it reads and checks the matrix file.
 """
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
 """The build's peak memory, for the build summary: this process's peak resident set, measured afresh for
-each build where Linux allows it (``/proc/self/clear_refs``), and each compile worker's own."""
+each build where Linux allows it (``/proc/self/clear_refs``), and each compile worker's own.
+
+May not: change anything: it measures."""
 from __future__ import annotations
 
 import resource

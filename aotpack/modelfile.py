@@ -5,6 +5,8 @@
 function ``NAME``, which returns ``(model, example_inputs)``, ``(model, example_inputs, example_kwargs)``, or
 a dict with the keys ``model`` and ``example_inputs`` and optionally ``example_kwargs``, ``dynamic_shapes``,
 ``specializations``, ``cache_positions``.
+
+May not: capture: it imports the user's file and returns what it names.
 """
 from __future__ import annotations
 

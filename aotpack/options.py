@@ -1,4 +1,6 @@
-"""Build options: one frozen value that travels through the pipeline (never a global)."""
+"""Build options: one frozen value that travels through the pipeline (never a global).
+
+May not: read the environment: options travel as this value, set at the edge (the CLI)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass

@@ -8,6 +8,8 @@ renamed).
 Weights are written from the tensors' own memory: hashed in place (several at once) and then streamed to the
 file, so packaging holds no copy of them. Runs of zero bytes inside a weight are left as holes (the file is
 sparse where the file system allows; the bytes read back are the same zeros).
+
+May not: decide what is valid: the runtime's ``format`` checks the manifest before it is written.
 """
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""The build pipeline: capture → guards → compile → package, each stage timed and reported."""
+"""The build pipeline: capture → guards → compile → package, each stage timed and reported.
+
+May not: do a stage's work itself: each stage is its module, tied here."""
 from __future__ import annotations
 
 import contextlib

@@ -5,6 +5,8 @@ envelope holding an in-toto statement of the file's sha256) next to the pack, an
 Checking a signature against a public key needs only the runtime (``aotpack_runtime.signature``);
 checking a signing certificate's chain up to a root needs model-signing, like signing does. model-signing
 is imported only inside the functions that need it (``pip install aotpack[sign]``).
+
+May not: be imported by the runtime: checking a signature needs only ``aotpack_runtime.signature``.
 """
 from __future__ import annotations
 

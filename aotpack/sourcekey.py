@@ -20,6 +20,8 @@ a source key found there whose pack is intact is a hit with no capture. Any othe
 graph key decides as before. A module asked for but loaded before the model file's import (by an earlier
 build in the same process) leaves its own imports unseen: when it is not part of an installed
 distribution, the build has no source key.
+
+May not: capture: it keys a build by what it can see before capture.
 """
 from __future__ import annotations
 

@@ -4,6 +4,8 @@ Capture finds them (``Captured.state``); here they become the pack's state recor
 weights, with their initial values; the rules that say which input holds cache positions (so a call that
 would write outside the cache is refused before any native code runs) are resolved; and the built pack is
 run against eager for three successive calls from the initial state before it is written in place.
+
+May not: capture or compile: it turns what capture found into state records.
 """
 from __future__ import annotations
 

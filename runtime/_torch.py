@@ -3,6 +3,8 @@
 A torch upgrade that moves one of these breaks here, with a message that names the API, and nowhere else.
 The runtime uses only torch core: ``torch._C._aoti`` is part of libtorch's Python bindings and needs neither
 a compiler nor ``torch._inductor``.
+
+No other runtime module calls a private torch API; this one calls nothing else of the runtime.
 """
 from __future__ import annotations
 

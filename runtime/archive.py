@@ -12,6 +12,9 @@ time, from the open file) names exactly the bytes that were checked. A load open
 (``open_regular``) and hashes it for a pin or a signature through the same descriptor it then reads and maps
 (``whole_file_sha256``, ``Archive.from_fd``): a path opened twice would be two files to whoever can rename
 or re-link it in between. Only a regular file is opened: a FIFO or a device would block a reader or never end.
+
+May not: give meaning to entries, guards or state (``entries``, ``guards``, ``sessions`` do), or load native code
+(``devices``, ``entries``).
 """
 from __future__ import annotations
 

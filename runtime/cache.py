@@ -24,6 +24,8 @@ later load of the same, unchanged file can skip hashing its weights; any write t
 over it, changes the identity and means a full check again. Records are written only for a file whose last
 change is ``SETTLE_SECONDS`` older than the check (a write in the same clock tick as the last one would not
 change the identity) and are trusted only in a folder that no other user can write.
+
+May not: decide what a blob means or load it: it stores and checks bytes by their hash.
 """
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""What is inside a pack, as data (for ``aotpack inspect`` and ``--json``) and as text."""
+"""What is inside a pack, as data (for ``aotpack inspect`` and ``--json``) and as text.
+
+May not: load native code or run anything: it reads the manifest and the archive's records."""
 from __future__ import annotations
 
 from typing import Any

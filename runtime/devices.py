@@ -3,6 +3,8 @@
 CUDA code needs libcuda.so.1 and a GPU it has kernels for, so it is loaded per device index at the first
 call there (``CudaEntry.runner``); the weights are copied once per GPU, and the kernels are extracted once
 into a folder of the extraction cache.
+
+May not: read an entry's private fields: ``entries`` passes in the blob names and records it needs.
 """
 from __future__ import annotations
 

@@ -6,6 +6,8 @@ do not exist, and the first read of them is a SIGBUS inside the loader, which no
 ``check_shared_object`` reads the ELF header and the program headers and refuses, with an ArchiveError, a file
 that is not a shared object for this host (class, byte order, machine) or whose headers or segments do not
 lie within the file.
+
+May not: load or run anything: it reads the file's headers through the descriptor it is given.
 """
 from __future__ import annotations
 

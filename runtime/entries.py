@@ -13,6 +13,8 @@ An entry of a pack with state runs only for a session (``runtime/sessions.py``):
 buffers in place through the pointers it was given, so each call binds the calling session's state first.
 Such an entry keeps ``num_models`` containers of its code (a ``RunnerPool``, per device), each one call at
 a time; a container still bound to the calling session from its last call there is not rebound.
+
+May not: open files (``archive`` does) or decide which entry runs (``loader`` dispatches).
 """
 from __future__ import annotations
 

@@ -2,6 +2,8 @@
 
 Every error a user can cause derives from :class:`AotpackError`. The data travels on the exception as
 fields, so callers (the CLI, a server) can report it without parsing the message.
+
+May not: import any other module of aotpack: every module imports it.
 """
 from __future__ import annotations
 

@@ -14,6 +14,8 @@ then solves the derived sizes.
 
 :class:`EntryGuards` turns that data into a fast matcher (``match``) that returns the flat tensors to hand to
 native code, or ``None``; ``explain`` re-walks the input slowly to say which guard failed, for the error.
+
+May not: run native code or read the archive: it checks a call's inputs against plain data.
 """
 from __future__ import annotations
 

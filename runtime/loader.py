@@ -10,6 +10,8 @@ CUDA entries are checked at load like CPU entries, but their native code needs l
 loaded only when a call first selects the entry on a given GPU: after the GPU's architecture is checked
 against the entry's kernels, with the kernels extracted into one cache folder and the weights copied once
 to that GPU. On a host without CUDA their code is never loaded, and the CPU entries serve as usual.
+
+May not: reach into a session's, an entry's or the cache's internals: each gets what it needs as data.
 """
 from __future__ import annotations
 

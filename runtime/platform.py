@@ -5,6 +5,8 @@ Each check returns a sentence naming both sides and what to do, or raises ``Arch
 The CUDA part is pure functions of the manifest and of what torch says about a GPU (its name and compute
 capability), so that every rule can be tested on a host without a GPU: which compiled code (SASS for an
 ``sm_`` architecture, PTX for a ``compute_`` one) a GPU can run, and the checked ``cuda`` object of an entry.
+
+May not: load or run anything: it compares records with the host.
 """
 from __future__ import annotations
 

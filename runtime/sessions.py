@@ -14,6 +14,8 @@ A session's state lives on one device: the CPU, or the GPU of its first call (or
 ``Package.session``); a call with inputs elsewhere is refused. Positions: where the pack says which input
 holds cache positions, a call that would write before the start or past the end of the cache is a
 ``GuardError`` before any native code runs.
+
+May not: reach into the package: it gets a ``SessionSource`` (template, dispatch, position checks).
 """
 from __future__ import annotations
 

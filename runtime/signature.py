@@ -10,6 +10,8 @@ per-blob hashes in the manifest then prove every byte the loader uses.
 
 The signer's certificate chain (certificate signing) is not checked here: the key is. ``aotpack verify
 --certificate-chain`` checks the chain on a host with the signing package.
+
+May not: open the pack: the caller hands in the hash of the bytes it read; ``cryptography`` is imported only here.
 """
 from __future__ import annotations
 

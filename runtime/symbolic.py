@@ -5,6 +5,8 @@ the strides of a dense tensor are products and sums of sizes (``(d + 1)*w``). Bo
 manifest a polynomial is a list of monomials, each ``[coefficient, symbol, ...]`` (``[[2, "d"], [1]]`` is
 ``2*d + 1``); a stride that is a single monomial may also be written flat, ``[3, "w"]`` (format versions 1
 and 2). docs/FORMAT.md, "Entries", is the spec.
+
+May not: import torch: it computes with integers.
 """
 from __future__ import annotations
 

@@ -6,6 +6,8 @@ read from the file only when the compiled code first uses it. A second load of t
 one process reuses the tensors of the first.
 
 ``prefetch`` reads the weights' pages in the background instead (opt-in: ``load(..., prefetch=True)``).
+
+May not: copy a weight at load: a tensor is a view of the mapped blob.
 """
 from __future__ import annotations
 
