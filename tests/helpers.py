@@ -19,3 +19,17 @@ def assert_close_to_eager(actual, expected, rel: float = 1e-4) -> None:
             assert err <= rel * scale, f"max abs error {err} above {rel} x scale {scale}"
         else:
             assert a == e
+
+
+def swap_link_during(link, during, after, fn):
+    """``fn`` wrapped so that the symlink ``link`` points at ``during`` while ``fn`` runs and at ``after``
+    before and after: a path an attacker swaps between two checks, made deterministic."""
+    def wrapped(*args, **kwargs):
+        link.unlink()
+        link.symlink_to(during)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            link.unlink()
+            link.symlink_to(after)
+    return wrapped

@@ -21,6 +21,7 @@ from aotpack_runtime import archive as archive_module
 from aotpack_runtime import cache
 from aotpack_runtime.archive import Archive
 from archive_tools import blob_range, smallest_manifest, with_blob, with_manifest
+from helpers import swap_link_during
 
 
 @pytest.fixture
@@ -309,18 +310,7 @@ def test_a_pin_checks_the_file_the_load_reads(mlp_pack, tmp_path, settle_now, mo
     bad.write_bytes(with_manifest(good.read_bytes(), lambda m: m["producer"].update(aotpack="modified")))
     link = tmp_path / "link.pack"
     link.symlink_to(bad)
-    real = loader._check_pin
-
-    def swap_during_check(*args, **kwargs):
-        link.unlink()
-        link.symlink_to(good)
-        try:
-            return real(*args, **kwargs)
-        finally:
-            link.unlink()
-            link.symlink_to(bad)
-
-    monkeypatch.setattr(loader, "_check_pin", swap_during_check)
+    monkeypatch.setattr(loader, "_check_pin", swap_link_during(link, good, bad, loader._check_pin))
     pin = hashlib.sha256(good.read_bytes()).hexdigest()
     c = tmp_path / "cache"
     with pytest.raises(aotpack.ArchiveError) as info:

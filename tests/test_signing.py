@@ -9,7 +9,6 @@ import contextlib
 import datetime
 import hashlib
 import json
-import os
 import pathlib
 import shutil
 import subprocess
@@ -32,6 +31,7 @@ from aotpack_runtime import signature as rt_signature
 from aotpack_runtime.errors import ArchiveError, SigningError
 from archive_tools import blob_range, with_manifest
 from conftest import ROOT, run_python
+from helpers import swap_link_during
 
 
 def _write_key(folder: pathlib.Path, name: str, key) -> tuple[pathlib.Path, pathlib.Path]:
@@ -208,18 +208,7 @@ def test_verify_checks_the_signature_of_the_file_it_reads(signed, keys, tmp_path
     link = tmp_path / "link.pack"
     pathlib.Path(f"{link}.sig").write_bytes(pathlib.Path(f"{signed}.sig").read_bytes())
     link.symlink_to(bad)
-    real = rt_signature.check
-
-    def swap_during_check(*args, **kwargs):
-        link.unlink()
-        link.symlink_to(good)
-        try:
-            return real(*args, **kwargs)
-        finally:
-            link.unlink()
-            link.symlink_to(bad)
-
-    monkeypatch.setattr(checks.rt_signature, "check", swap_during_check)
+    monkeypatch.setattr(checks.rt_signature, "check", swap_link_during(link, good, bad, rt_signature.check))
     monkeypatch.setattr(rt_torch, "cpu_runner", _refuse)
     result = checks.verify(str(link), public_key=str(keys.a_pub))
     assert not result["ok"] and [c["check"] for c in result["checks"]] == ["signature"]
@@ -343,18 +332,7 @@ def test_a_file_swapped_between_the_checks_is_never_the_one_loaded(signed, keys,
     link = tmp_path / "link.pack"
     pathlib.Path(f"{link}.sig").write_bytes(pathlib.Path(f"{signed}.sig").read_bytes())
     link.symlink_to(bad)
-    real = rt_signature.check
-
-    def swap_during_check(*args, **kwargs):
-        link.unlink()
-        link.symlink_to(good)
-        try:
-            return real(*args, **kwargs)
-        finally:
-            link.unlink()
-            link.symlink_to(bad)
-
-    monkeypatch.setattr(loader._signature, "check", swap_during_check)
+    monkeypatch.setattr(loader._signature, "check", swap_link_during(link, good, bad, rt_signature.check))
     monkeypatch.setattr(cache, "SETTLE_SECONDS", 0.0)
     c = tmp_path / "cache"
     with pytest.raises(ArchiveError, match=f"is not for this file: it covers sha256 {sha(good)}, this file is "
