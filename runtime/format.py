@@ -148,42 +148,40 @@ def canonical_json(obj: Any) -> bytes:
                       ensure_ascii=False).encode("utf-8")
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
-    out: dict = {}
-    for key, value in pairs:
-        if key in out:
-            raise ArchiveError(f"manifest has a duplicate key {key!r}")
-        out[key] = value
-    return out
-
-
-def _no_constants(name: str) -> Any:
-    raise ArchiveError(f"manifest holds the non-JSON number {name}")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):  # 1e999 parses to inf, which no JSON writer can write back
-        raise ArchiveError(f"manifest holds the number {text[:40]}, which is out of range")
-    return value
-
-
-def _bounded_int(text: str) -> int:
-    digits = len(text.lstrip("-"))
-    if digits > MAX_INT_DIGITS:
-        raise ArchiveError(f"manifest holds an integer of {digits} digits (at most {MAX_INT_DIGITS})")
-    return int(text)
-
-
 def parse_json(data: bytes, what: str = "manifest") -> Any:
-    """Parse strict JSON: UTF-8, no duplicate keys, no NaN, Infinity or out-of-range numbers."""
+    """Parse strict JSON: UTF-8, no duplicate keys, no NaN, Infinity or out-of-range numbers, integers of at
+    most ``MAX_INT_DIGITS`` digits. Every failure is an ArchiveError naming ``what`` (the manifest, a
+    signature)."""
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
+        out: dict = {}
+        for key, value in pairs:
+            if key in out:
+                raise ArchiveError(f"{what} has a duplicate key {key!r}")
+            out[key] = value
+        return out
+
+    def no_constants(name: str) -> Any:
+        raise ArchiveError(f"{what} holds the non-JSON number {name}")
+
+    def finite_float(text: str) -> float:
+        value = float(text)
+        if not math.isfinite(value):  # 1e999 parses to inf, which no JSON writer can write back
+            raise ArchiveError(f"{what} holds the number {text[:40]}, which is out of range")
+        return value
+
+    def bounded_int(text: str) -> int:
+        digits = len(text.lstrip("-"))
+        if digits > MAX_INT_DIGITS:
+            raise ArchiveError(f"{what} holds an integer of {digits} digits (at most {MAX_INT_DIGITS})")
+        return int(text)
+
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ArchiveError(f"{what} is not UTF-8 (byte {e.start})") from None
     try:
-        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants,
-                          parse_float=_finite_float, parse_int=_bounded_int)
+        return json.loads(text, object_pairs_hook=no_duplicates, parse_constant=no_constants,
+                          parse_float=finite_float, parse_int=bounded_int)
     except json.JSONDecodeError as e:
         raise ArchiveError(f"{what} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
     except RecursionError:

@@ -18,12 +18,12 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 
 from .archive import open_pack, open_regular, whole_file_sha256
 from .errors import ArchiveError
+from .format import parse_json
 
 BUNDLE_MEDIA_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
 DSSE_PAYLOAD_TYPE = "application/vnd.in-toto+json"
@@ -167,21 +167,11 @@ def _public_key(path: str, public_key, serialization, x509, ec):
 
 
 def _strict_json(data: bytes, what: str, path: str):
-    def pairs(items):
-        out = {}
-        for k, v in items:
-            if k in out:
-                raise ArchiveError(f"{what} has a duplicate key {k!r}", path=path)
-            out[k] = v
-        return out
-
-    def constant(name):
-        raise ArchiveError(f"{what} holds the non-JSON number {name}", path=path)
-
+    """``data`` parsed by the format's one strict JSON parser; its errors name ``what`` and the pack."""
     try:
-        return json.loads(data.decode("utf-8"), object_pairs_hook=pairs, parse_constant=constant)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise ArchiveError(f"{what} is not JSON ({str(e)[:80]})", path=path) from None
+        return parse_json(data, what)
+    except ArchiveError as e:
+        raise ArchiveError(e.reason, path=path) from None
 
 
 def _read_small(file: str, what: str, path: str) -> bytes:

@@ -27,6 +27,7 @@ import aotpack
 from aotpack.signing import check_certificate, sign
 from aotpack_cli.main import cli
 from aotpack_runtime import _torch as rt_torch, cache, loader
+from aotpack_runtime import format as fmt
 from aotpack_runtime import signature as rt_signature
 from aotpack_runtime.errors import ArchiveError, SigningError
 from archive_tools import blob_range, with_manifest
@@ -409,9 +410,10 @@ def _edit_statement(fn):
 
 SIG = "signature {sig}"
 MALFORMED = {
-    "garbage": (lambda b, k: b"\x00\xffnot json",
-                SIG + " is not JSON ('utf-8' codec can't decode byte 0xff in position 1: invalid start byte)"),
-    "empty": (lambda b, k: b"", SIG + " is not JSON (Expecting value: line 1 column 1 (char 0))"),
+    "garbage": (lambda b, k: b"\x00\xffnot json", SIG + " is not UTF-8 (byte 1)"),
+    "empty": (lambda b, k: b"", SIG + " is not valid JSON: Expecting value at line 1 column 1"),
+    "a huge number": (lambda b, k: b'{"n": ' + b"9" * 1000 + b"}",
+                      SIG + f" holds an integer of 1000 digits (at most {fmt.MAX_INT_DIGITS})"),
     "a JSON list": (lambda b, k: b"[]", SIG + " is not a Sigstore bundle (a JSON object); expected the file "
                                               "`aotpack sign` writes"),
     "duplicate keys": (lambda b, k: b'{"mediaType": "x", "mediaType": "y"}', SIG + " has a duplicate key 'mediaType'"),
