@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from aotpack_runtime.errors import BuildError, CaptureError
+from aotpack_runtime import format as fmt
 from aotpack_runtime.format import DTYPES, canonical_json
 from aotpack_runtime.guards import EntryGuards, dtype_name, stored_dtype
 from aotpack_runtime.platform import KNOWN_FLAGS, host_cpu_flags, host_machine, torch_minor
@@ -106,7 +107,7 @@ def _example_record(captured: capture.Captured, blobs: list) -> dict:
     leaves = []
     for v in flat:
         if isinstance(v, torch.Tensor):
-            name = f"example/{len(leaves)}"
+            name = fmt.example_blob(len(leaves))
             blobs.append(package.Blob(name, package.tensor_bytes(v)))
             leaves.append({"kind": "tensor", "blob": name, "dtype": _dtype(v, "an example input"),
                            "shape": list(v.shape),
@@ -170,8 +171,8 @@ def _weights(entries: list, compiled: list, state_names: tuple[str, ...] = ()) \
         t = tensors[name]
         # Weights stay uncompressed: the loader maps them from the file (shared, no copy, no decompression);
         # the writer streams them from the tensor's memory (no copy at build time either).
-        blobs.append(package.Blob(f"weights/{i}", t, compressible=False))
-        records.append({"name": name, "blob": f"weights/{i}", "dtype": _dtype(t, f"the weight {name!r}"),
+        blobs.append(package.Blob(fmt.weight_blob(i), t, compressible=False))
+        records.append({"name": name, "blob": fmt.weight_blob(i), "dtype": _dtype(t, f"the weight {name!r}"),
                         "shape": list(t.shape)})
     return records, blobs, state
 
@@ -209,7 +210,7 @@ def _cuda_record(i: int, code: Any, options: BuildOptions, blobs: list) -> dict:
 
     kernels = []
     for k in code.cuda_kernels:
-        blob = f"kernels/{i}/{k['file']}"
+        blob = fmt.kernel_blob(i, k["file"])
         data = code.binaries[k["file"]]
         blobs.append(package.Blob(blob, data))
         kernels.append({"name": k["name"], "blob": blob, "file": k["file"], "archs": k["archs"], "ptx": k["ptx"],
@@ -460,14 +461,14 @@ def _build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, exa
         weights, blobs, state_values = _weights([(c, g) for c, g, _ in entries], compiled, state_names)
         manifest_entries = []
         for i, ((_, g, device), code) in enumerate(zip(entries, compiled)):
-            library = f"code/{i}.so"
+            library = fmt.library_blob(i)
             blobs.append(package.Blob(library, code.library))
-            sources = [f"source/{i}/{n}" for n in sorted(code.sources)]
+            sources = [fmt.source_blob(i, n) for n in sorted(code.sources)]
             blobs += [package.Blob(name, code.sources[n]) for name, n in zip(sources, sorted(code.sources))]
             entry = {"name": str(i), "device": device, "library": library, "constants": code.constants,
                      "kernels": list(code.kernels), "sources": sources, **_guards_on(g.to_json(), device)}
             if code.extern_kernels is not None:
-                entry["extern_kernels"] = f"code/{i}.json"
+                entry["extern_kernels"] = fmt.extern_kernels_blob(i)
                 blobs.append(package.Blob(entry["extern_kernels"], code.extern_kernels))
             if device == "cuda":
                 entry["cuda"] = _cuda_record(i, code, options, blobs)

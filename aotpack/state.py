@@ -18,6 +18,7 @@ from typing import Any, Callable
 import torch
 import torch.utils._pytree as pytree
 
+from aotpack_runtime import format as fmt
 from aotpack_runtime.errors import AotpackError, BuildError
 from aotpack_runtime.guards import dtype_name
 
@@ -34,7 +35,7 @@ def state_records(tensors: dict[str, torch.Tensor]) -> tuple[list[dict], list[pa
         t = tensors[name].detach()
         init = "zeros"
         if t.numel() and bool(torch.any(t != 0)):
-            init = f"state/{i}"
+            init = fmt.state_blob(i)
             blobs.append(package.Blob(init, package.tensor_bytes(t)))
         records.append({"name": name, "dtype": dtype_name(t.dtype), "shape": list(t.shape), "init": init})
     return records, blobs

@@ -234,6 +234,41 @@ def zstd_limit(stored_size: int) -> int:
     return max(MAX_ZSTD_FLOOR, stored_size * MAX_ZSTD_RATIO)
 
 
+# Blob names (docs/FORMAT.md, "Blobs"): the writer names every blob through these; a reader takes any name
+# BLOB_NAME allows and finds blobs through the manifest's records, never by building a name.
+def weight_blob(i: int) -> str:
+    return f"weights/{i}"
+
+
+def state_blob(i: int) -> str:
+    """The initial value of state buffer ``i`` (where it is not all zeros)."""
+    return f"state/{i}"
+
+
+def example_blob(i: int) -> str:
+    return f"example/{i}"
+
+
+def library_blob(entry: int) -> str:
+    """Entry ``entry``'s shared object."""
+    return f"code/{entry}.so"
+
+
+def extern_kernels_blob(entry: int) -> str:
+    """Entry ``entry``'s description of the ATen calls its proxy executor makes (JSON)."""
+    return f"code/{entry}.json"
+
+
+def source_blob(entry: int, name: str) -> str:
+    """A generated source file of entry ``entry`` (``wrapper.cpp``, ``kernel.cpp``)."""
+    return f"source/{entry}/{name}"
+
+
+def kernel_blob(entry: int, file: str) -> str:
+    """One Triton kernel binary of CUDA entry ``entry``."""
+    return f"kernels/{entry}/{file}"
+
+
 @dataclass(frozen=True)
 class BlobRecord:
     """One blob: where it lies (``offset`` from the start of the blob region), how it is stored, its hash."""
