@@ -12,6 +12,7 @@ from aotpack_runtime import loader, platform
 from aotpack_runtime import signature as rt_signature
 from aotpack_runtime.archive import Archive, open_pack, whole_file_sha256
 from aotpack_runtime.errors import AotpackError
+from aotpack_runtime.format import DEVICES
 
 
 def _check(checks: list, name: str, fn, describe=None) -> Any:
@@ -122,7 +123,7 @@ def _compare(pkg, against: str, tolerance: float) -> str:
 
     spec = load_model_file(against)
     kinds = {e.meta.get("device", "cpu") for e in pkg.entries}
-    devices = [d for d in ("cpu", "cuda") if d in kinds and (d == "cpu" or torch.cuda.is_available())]
+    devices = [d for d in DEVICES if d in kinds and (d == "cpu" or torch.cuda.is_available())]
     if not devices:
         raise AotpackError("no entry of the pack can run on this host, so its outputs cannot be compared")
     texts = []

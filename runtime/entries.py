@@ -29,11 +29,10 @@ from . import _torch, platform
 from .archive import Archive
 from .devices import Code, CudaState, extract_code
 from .errors import ArchiveError, GuardError
-from .format import Manifest, field_of
+from .format import DEVICES, Manifest, field_of
 from .guards import VALUE_TYPES, EntryGuards, TensorGuard, check_spec, rebuild
 from .platform import CudaMeta
 
-RUNTIME_DEVICES = ("cpu", "cuda")
 # Output leaves that are Python numbers in eager: the compiled code returns a 0-d tensor, made a number here.
 SCALAR_TYPES = ("int", "float", "bool")
 
@@ -237,8 +236,8 @@ def check_entry(i: int, m: Manifest, weight_names: set[str], blob_sizes: dict[st
         if key in meta and not all(isinstance(v, str) for v in field_of(meta, key, list, where)):
             raise ArchiveError(f"{where}.{key} must be a list of strings")
     device = field_of(meta, "device", str, where)
-    if device not in RUNTIME_DEVICES:
-        raise ArchiveError(f"{where} is a {device} entry; this runtime serves {', '.join(RUNTIME_DEVICES)}")
+    if device not in DEVICES:
+        raise ArchiveError(f"{where} is a {device} entry; this runtime serves {', '.join(DEVICES)}")
     for j, leaf in enumerate(guards.leaves):
         # The native code reads its inputs on the entry's device: a guard that admits another device
         # would hand it pointers it cannot use.
