@@ -44,6 +44,10 @@ BASE_INDUCTOR_CONFIG: dict[str, Any] = {
     "compile_threads": 1,
     "cpp.dynamic_threads": True,
     "cpp.vec_isa_ok": True,
+    # Every weight stays a constant the loader binds, however small: Inductor would otherwise copy the value of
+    # a weight of a few elements (a bias of one, a scale buffer) into the code, so the code would depend on
+    # the weights' values and new weights (load_weights, reweight) would not reach it.
+    "always_keep_tensor_constants": True,
 }
 
 # Options that older torch releases lack, with the first minor version that has each and why leaving it out
@@ -79,13 +83,12 @@ CUDA_INDUCTOR_CONFIG: dict[str, Any] = {
 
 # Added when there is no GPU: nothing may benchmark on one (pad_mm does), nothing may run a real op on one
 # (the joint-graph constant folding evaluates pointwise ops, e.g. a masked_fill's -inf, on the graph's
-# device; the kernels compute those values instead), and nothing may read a weight's value (Inductor inlines
-# small weights, e.g. a bias of one element, into the code; the weights are fake here: they stay weights).
+# device; the kernels compute those values instead). Nothing reads a weight's value either: the weights are
+# fake here, and BASE_INDUCTOR_CONFIG keeps every weight a constant.
 NO_GPU_INDUCTOR_CONFIG: dict[str, Any] = {
     "shape_padding": False,
     "benchmark_kernel": False,
     "joint_graph_constant_folding": False,
-    "always_keep_tensor_constants": True,
 }
 
 def _complex_casts_to_aten(graph) -> None:
