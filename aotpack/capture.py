@@ -57,17 +57,55 @@ class Captured:
 
 class _FunctionModule(torch.nn.Module):
     """Wraps a plain function so it can be captured like a module. ``forward`` carries the function's
-    signature, so ``dynamic_shapes`` can name the function's own parameters."""
+    signature, so ``dynamic_shapes`` can name the function's own parameters. The modules the function reads
+    from its globals or its closure become this module's submodules, under the name the function uses, so
+    their parameters and buffers are the model's weights (``linear.weight``), as a module's own would be."""
 
     def __init__(self, fn: Callable):
         super().__init__()
-        self.fn = fn
+        self._aotpack_function = fn
+        for name, module in sorted(_modules_used(fn).items()):
+            self.add_module(name, module)
 
         @functools.wraps(fn)
         def forward(*args, **kwargs):
-            return self.fn(*args, **kwargs)
+            return self._aotpack_function(*args, **kwargs)
 
         self.forward = forward
+
+
+def _modules_used(fn: Callable) -> dict[str, torch.nn.Module]:
+    """The ``nn.Module`` objects a function reads by name: globals named in its code (and in the code of the
+    functions and lambdas it defines, and of the plain functions it calls by a global name), and the variables
+    of its closure. A name is the one the function that reads it uses; the first one found wins."""
+    found: dict[str, torch.nn.Module] = {}
+    seen: set[int] = set()
+    todo: list[Callable] = [fn]
+    while todo:
+        f = todo.pop(0)
+        code = getattr(f, "__code__", None)
+        if code is None or id(code) in seen:
+            continue
+        seen.add(id(code))
+        names: list[str] = []
+        codes = [code]
+        while codes:
+            c = codes.pop()
+            names += c.co_names
+            codes += [k for k in c.co_consts if hasattr(k, "co_names")]
+        scope = getattr(f, "__globals__", {})
+        values = [(n, scope.get(n)) for n in names]
+        for n, cell in zip(code.co_freevars, getattr(f, "__closure__", None) or ()):
+            try:
+                values.append((n, cell.cell_contents))
+            except ValueError:  # an empty cell
+                pass
+        for n, v in values:
+            if isinstance(v, torch.nn.Module):
+                found.setdefault(n, v)
+            elif inspect.isfunction(v):
+                todo.append(v)
+    return found
 
 
 def _param_names(fn: Callable, n_args: int) -> tuple[str, ...]:

@@ -117,3 +117,24 @@ def test_python_build_shows_progress_on_a_terminal_unless_told_not_to(session_di
     assert lines == ["[1/4] capture: Dynamo, fullgraph; 1 example input(s) ..."]
     with pytest.raises(aotpack.BuildError, match="progress must be None, True, False or a function .* got str"):
         aotpack.build(DataDependentIf(), (torch.randn(3),), session_dir / "never.pack", progress="yes")
+
+
+_GLOBAL_LINEAR = nn.Linear(4, 3)
+
+
+def _uses_a_global_module(x):
+    return torch.relu(_GLOBAL_LINEAR(x)) * 2
+
+
+def test_a_function_reading_modules_from_globals_helpers_and_its_closure_captures_their_weights():
+    scale = nn.Linear(3, 3, bias=False)
+
+    def model(x):
+        return scale(_uses_a_global_module(x)) + (lambda y: scale(y))(x[:, :3])
+
+    x = torch.randn(2, 4)
+    captured = capture(model, (x,))
+    names = set(captured.exported.state_dict)
+    assert {"_GLOBAL_LINEAR.weight", "_GLOBAL_LINEAR.bias", "scale.weight"} <= names
+    with torch.no_grad():
+        torch.testing.assert_close(captured.exported.module()(x), model(x))
