@@ -65,6 +65,10 @@ class _FunctionModule(torch.nn.Module):
         super().__init__()
         self._aotpack_function = fn
         for name, module in sorted(_modules_used(fn).items()):
+            if name == "forward" or hasattr(torch.nn.Module, name):
+                raise CaptureError(f"the model function {fn.__name__!r} reads a module through the name {name!r}, "
+                                   "which nn.Module itself uses: its weights cannot be named after it",
+                                   hint=f"rename the variable {name!r}")
             self.add_module(name, module)
 
         @functools.wraps(fn)

@@ -138,3 +138,14 @@ def test_a_function_reading_modules_from_globals_helpers_and_its_closure_capture
     assert {"_GLOBAL_LINEAR.weight", "_GLOBAL_LINEAR.bias", "scale.weight"} <= names
     with torch.no_grad():
         torch.testing.assert_close(captured.exported.module()(x), model(x))
+
+
+def test_a_module_under_a_name_nn_module_uses_is_a_capture_error():
+    train = nn.Linear(2, 2)
+
+    def model(x):
+        return train(x)
+
+    with pytest.raises(aotpack.CaptureError) as e:
+        capture(model, (torch.randn(1, 2),))
+    assert "'train'" in str(e.value) and "rename" in str(e.value)
