@@ -118,15 +118,12 @@ def build(target: str, output: str, cpu_isa: str | None, dynamic: tuple[str, ...
     file, the sources it imports, the library versions, the weights, the examples and the options are those of
     an earlier build, the pack is found without capturing the model (see the README, "Build cache").
     """
-    from aotpack import sourcekey
-    from aotpack.buildcache import BuildCache
-    from aotpack.options import BuildOptions
-    from aotpack.pipeline import build as run_build
+    from aotpack import front
 
     dynamic_shapes = _parse_dynamic(dynamic) if dynamic else None
     start = time.perf_counter()
-    options = BuildOptions(cpu_isa=cpu_isa, devices=devices or ("cpu",), cuda_archs=cuda_archs,
-                           without_gpu=without_gpu, cpu_threads=cpu_threads).resolved()  # errors before the model runs
+    options = front.options(cpu_isa=cpu_isa, devices=devices or ("cpu",), cuda_archs=cuda_archs,
+                            without_gpu=without_gpu, cpu_threads=cpu_threads)  # errors before the model runs
 
     def say(line: str) -> None:
         if as_json:
@@ -135,13 +132,8 @@ def build(target: str, output: str, cpu_isa: str | None, dynamic: tuple[str, ...
         elif not quiet:
             click.echo(line, err=True)
 
-    say(f"loading {target}")
-    spec, model_file = sourcekey.load(target)
-    cache = None if no_cache else BuildCache.open(cache_dir or True)
-    report = run_build(spec.model, spec.example_inputs, output, example_kwargs=spec.example_kwargs,
-                       dynamic_shapes=dynamic_shapes if dynamic_shapes is not None else spec.dynamic_shapes,
-                       specializations=spec.specializations, options=options, progress=say,
-                       cache_positions=spec.cache_positions, cache=cache, source=target, model_file=model_file)
+    report = front.build_file(target, output, options=options, cache=front.cache_setting(no_cache, cache_dir),
+                              progress=say, dynamic_shapes=dynamic_shapes)
     if as_json:
         click.echo(json.dumps({"event": "done", "output": str(report.output), "size": report.size,
                                "cached": report.cached, "cache_key": report.key, "source_key": report.source_key,
