@@ -4,6 +4,8 @@
 ``aotpack.load(path)`` loads it for serving; ``aotpack.sign(path, key)`` signs it. ``import aotpack`` stays
 light: the build side (Dynamo, Inductor) is imported only when ``build`` is called, the signing package only
 when ``sign`` is.
+
+May not: build itself: ``build`` goes through ``front`` (as the CLI and ``build-many`` do).
 """
 from __future__ import annotations
 

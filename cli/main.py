@@ -4,6 +4,9 @@ Exit codes: 0 success, 1 an aotpack error (the message says what and how to fix 
 traceback), 2 a usage error. The build side's compiler stack is imported only by ``build``, and the
 signing package only by ``sign`` (and ``verify --certificate-chain``): ``inspect`` and ``run`` use the runtime
 alone.
+
+May not: build or check packs itself: ``build`` goes through ``aotpack.front`` (as ``aotpack.build`` does), the
+other commands through the runtime and the build side's modules; this is where errors become exit codes.
 """
 from __future__ import annotations
 
@@ -393,11 +396,12 @@ def _summary(value, depth: int = 0) -> str:
 @click.argument("pack", type=click.Path(dir_okay=False))
 @click.option("--repeat", default=50, show_default=True, type=click.IntRange(1, 100000),
               help="Calls to time after the first.")
-@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
-              help="Extraction cache for native code and records of completed checks (default: "
-                   "$AOTPACK_CACHE_DIR or ~/.cache/aotpack).")
+@click.option("--code-cache", "cache_dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
+              help="Code cache: the folder native code is extracted to and completed checks are recorded in "
+                   "(default: $AOTPACK_CACHE_DIR or ~/.cache/aotpack).")
+@click.option("--cache-dir", "old_cache_dir", type=click.Path(file_okay=False), default=None, hidden=True)  # old name
 @click.option("--verify", "verify_mode", type=click.Choice(["auto", "full"]), default="auto", show_default=True,
-              help="auto: hash every blob unless the cache records a check of this same, unchanged file; "
+              help="auto: hash every blob unless the code cache records a check of this same, unchanged file; "
                    "full: always hash every blob.")
 @click.option("--prefetch", is_flag=True, help="Read the weights into memory in the background while loading.")
 @click.option("--device", default=None, metavar="DEVICE",
@@ -407,8 +411,8 @@ def _summary(value, depth: int = 0) -> str:
               help="The pack's detached signature (default with --public-key: PACK.sig).")
 @click.option("--public-key", type=click.Path(dir_okay=False), default=None,
               help="Refuse to load the pack unless it is signed by this key (EC public key or certificate, PEM).")
-def run(pack: str, repeat: int, cache_dir: str | None, verify_mode: str, prefetch: bool, device: str | None,
-        signature: str | None, public_key: str | None) -> None:
+def run(pack: str, repeat: int, cache_dir: str | None, old_cache_dir: str | None, verify_mode: str, prefetch: bool,
+        device: str | None, signature: str | None, public_key: str | None) -> None:
     """Load a pack and run it on the example inputs stored inside it; print the result and timings.
 
     A pack with state runs in one session: the first call starts from the initial state, and each timed
@@ -419,8 +423,8 @@ def run(pack: str, repeat: int, cache_dir: str | None, verify_mode: str, prefetc
     if signature is not None and public_key is None:
         raise click.UsageError("--signature needs --public-key to check it with")
     t0 = time.perf_counter()
-    pkg = rt.load(pack, cache_dir=cache_dir, signature=signature, public_key=public_key, verify=verify_mode,
-                  prefetch=prefetch)
+    pkg = rt.load(pack, cache_dir=cache_dir or old_cache_dir, signature=signature, public_key=public_key,
+                  verify=verify_mode, prefetch=prefetch)
     t1 = time.perf_counter()
     args, kwargs = pkg.example_inputs()
     if device is None:

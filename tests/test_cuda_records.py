@@ -1,4 +1,4 @@
-"""An entry's `cuda` record and its kernels, checked on a host without a GPU: the kernel folder in the extraction
+"""An entry's `cuda` record and its kernels, checked on a host without a GPU: the kernel folder in the code
 cache, and damaged `cuda` sections, each an ArchiveError that names the field, never another exception."""
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from cuda_packs import add_blobs, kernel0, make_cuda_pack
 
 
 # ---------------------------------------------------------------------------------------------------
-# The kernel folder in the extraction cache
+# The kernel folder in the code cache
 
 
 def _files(contents: dict[str, bytes]) -> dict[str, str]:

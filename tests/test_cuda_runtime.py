@@ -1,7 +1,7 @@
 """The runtime's CUDA side, tested on a host without a GPU (the plain CPU venv).
 
 What runs here: the architecture rules (which SASS / PTX runs on which compute capability), device guards,
-the checks of an entry's ``cuda`` object, the kernel folder in the extraction cache, and a real pack with a
+the checks of an entry's ``cuda`` object, the kernel folder in the code cache, and a real pack with a
 CUDA entry added (a copy of its CPU entry with device "cuda" and made-up kernel blobs): on this host it loads
 with warnings, its CPU entry serves, its CUDA entries never load native code, and a CUDA-only pack refuses
 CPU inputs saying the host has no CUDA device. The GPU path itself (arch check, kernel extraction, runner per

@@ -1,5 +1,5 @@
 """What a load checks, and when: the first load of a pack file hashes every blob (in parallel threads) and
-records the check in the extraction cache; later loads of the same, unchanged file skip hashing the
+records the check in the code cache; later loads of the same, unchanged file skip hashing the
 weights; any change to the file means a full check again; ``verify="full"`` and ``aotpack verify`` always
 hash everything; native code is hashed before it is loaded whatever the record says."""
 from __future__ import annotations
@@ -318,7 +318,7 @@ def test_a_pin_checks_the_file_the_load_reads(mlp_pack, tmp_path, settle_now, mo
     assert _record_files(c) == []
 
 
-# -- the extraction cache ------------------------------------------------------------------------------------
+# -- the code cache ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("damage", ["lib writable by others", "lib a symbolic link", "root writable by others",
                                     "lib a file"])
@@ -343,11 +343,11 @@ def test_a_cache_folder_others_could_write_is_refused(mlp_pack, tmp_path, damage
         lib.write_bytes(b"")
         with pytest.raises(aotpack.ArchiveError) as info:
             aotpack.load(mlp_pack.path, cache_dir=c)
-        assert info.value.reason.startswith(f"cannot create the extraction cache folder {lib}")
+        assert info.value.reason.startswith(f"cannot create the code cache folder {lib}")
         return
     with pytest.raises(aotpack.ArchiveError) as info:
         aotpack.load(mlp_pack.path, cache_dir=c)
-    assert str(info.value).startswith(f"the extraction cache folder {folder} is {problem}")
+    assert str(info.value).startswith(f"the code cache folder {folder} is {problem}")
     assert "chmod 700" in str(info.value)
 
 
