@@ -35,7 +35,7 @@ def test_cuda_guard_refuses_cpu_tensor():
     g = _guards("cuda")
     x = torch.randn(2, 3)
     assert g.match((x,), {}) is None
-    assert g.explain((x,), {}) == "input 'x' (args[0]) device mismatch: expected cuda, actual cpu"
+    assert_facts(g.explain((x,), {}), "input 'x' (args[0])", "device", "expected cuda", "actual cpu")
     assert g.leaves[0].describe(g.symbols) == "float32[2, 3] cuda contiguous"
 
 
