@@ -4,6 +4,8 @@
 ``aotpack.load(path)`` loads it for serving; ``aotpack.sign(path, key)`` signs it. ``import aotpack`` stays
 light: the build side (Dynamo, Inductor) is imported only when ``build`` is called, the signing package only
 when ``sign`` is.
+
+May not: build itself: ``build`` goes through ``front`` (as the CLI and ``build-many`` do).
 """
 from __future__ import annotations
 
@@ -51,17 +53,14 @@ def build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, exam
     nowhere; a function is called with each line.
     Returns the path of the written pack.
     """
-    from .buildcache import BuildCache
-    from .options import DEFAULT_CPU_THREADS, BuildOptions
-    from .pipeline import build as _build
+    from . import front
 
-    archs = tuple(cuda_archs) if isinstance(cuda_archs, (list, tuple)) else (cuda_archs,)
-    options = BuildOptions(cpu_isa=cpu_isa, devices=tuple(devices), cuda_archs=archs, without_gpu=without_gpu,
-                           cpu_threads=DEFAULT_CPU_THREADS if cpu_threads is None else cpu_threads)
-    report = _build(model, example_inputs, output, example_kwargs=example_kwargs, dynamic_shapes=dynamic_shapes,
-                    specializations=specializations, options=options, progress=_progress(progress),
-                    cache_positions=cache_positions, cache=BuildCache.open(cache),
-                    source=f"aotpack.build({type(model).__name__})")
+    options = front.options(cpu_isa=cpu_isa, devices=devices, cuda_archs=cuda_archs, without_gpu=without_gpu,
+                            cpu_threads=cpu_threads)
+    report = front.build(model, example_inputs, output, options=options, cache=cache, progress=_progress(progress),
+                         source=f"aotpack.build({type(model).__name__})", example_kwargs=example_kwargs,
+                         dynamic_shapes=dynamic_shapes, specializations=specializations,
+                         cache_positions=cache_positions)
     return report.output
 
 

@@ -6,6 +6,8 @@ steps, inside one ``offline_cuda(...)`` context, with a fixed description of the
 driver that compiles but never loads or launches. Every name it patches is private to torch or Triton and
 changed between releases, so the whole mode is gated on the exact versions in ``SUPPORTED``; tests in
 ``tests/test_cuda_build.py`` cover each of them.
+
+May not: act outside ``offline_cuda(...)`` or on a torch/triton pair not in ``SUPPORTED``.
 """
 from __future__ import annotations
 

@@ -110,7 +110,7 @@ def _check_host(archive) -> str:
 
 def _load_checked(archive):
     """The package of the archive this verify checked (its file, its checked hashes), loaded through a fresh
-    extraction cache."""
+    code cache."""
     with tempfile.TemporaryDirectory(prefix="aotpack-verify-") as cache:
         return loader.serve(archive, os.path.join(cache, "c"))
 

@@ -73,25 +73,17 @@ def _worker(task_path: str, result_path: str) -> int:
 
         from aotpack_runtime.errors import AotpackError
 
-        from . import sourcekey
-        from .buildcache import BuildCache
+        from . import front
         from .modelfile import parse_dynamic
-        from .options import BuildOptions
-        from .pipeline import build
 
         torch.set_num_threads(task["threads"])
         try:
-            options = BuildOptions(**{k: tuple(v) if isinstance(v, list) else v
-                                      for k, v in task["options"].items()}).resolved()
-            print(f"loading {task['model']}", flush=True)
-            spec, model_file = sourcekey.load(task["model"])
-            dynamic = parse_dynamic(task["dynamic"]) if task["dynamic"] else spec.dynamic_shapes
-            cache = None if task["no_cache"] else BuildCache.open(task["cache_dir"] or True)
-            report = build(spec.model, spec.example_inputs, task["output_path"], example_kwargs=spec.example_kwargs,
-                           dynamic_shapes=dynamic, specializations=spec.specializations, options=options,
-                           cache_positions=spec.cache_positions,
-                           progress=lambda line: print(line, flush=True), cache=cache, source=task["model"],
-                           threads=task["threads"], model_file=model_file)
+            options = front.options(**task["options"])
+            report = front.build_file(task["model"], task["output_path"], options=options,
+                                      cache=front.cache_setting(task["no_cache"], task["cache_dir"]),
+                                      progress=lambda line: print(line, flush=True),
+                                      dynamic_shapes=parse_dynamic(task["dynamic"]) if task["dynamic"] else None,
+                                      threads=task["threads"])
         except AotpackError as e:
             result["error"] = str(e)
             print(f"error: {e}", flush=True)
@@ -227,7 +219,7 @@ def _forks() -> int:
 
     import torch  # noqa: F401  imported once, before any fork
 
-    from . import pipeline, sourcekey  # noqa: F401
+    from . import front, pipeline, sourcekey  # noqa: F401
 
     children: dict[int, str] = {}
     pending: list[str] = []

@@ -6,7 +6,9 @@ private build folders, the compiler's version, and the placeholders that stand f
 a pack stores.
 
 Owns no torch internals: Inductor's private hooks (its precompiled-header folder, its compiler calls) are in
-``_torch.py``. Used by ``compile`` only.
+``_torch.py``. Used by ``compile``, and by ``pipeline`` for the compiler's version.
+
+May not: touch a private torch API (those are ``_torch.py``'s) or decide what a pack holds.
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ builds a pack and an AOTInductor package (``aoti_compile_and_package`` with its 
 fresh process, and measures, each figure in fresh processes (medians of ``--repeats``):
 
 1. build time and the build process's peak RSS (the model itself included), and the file sizes;
-2. load time: the first load on a host (an empty extraction cache: every blob hashed, code extracted) and
+2. load time: the first load on a host (an empty code cache: every blob hashed, code extracted) and
    later loads (a recorded check), next to ``aoti_load_package``;
 3. hashing throughput of the first check, on one thread and on every core, per core;
 4. time to first output in a fresh process, minus ``import torch``: with the page cache warm, with and

@@ -7,7 +7,7 @@ Run from the repository root, with the serving extras installed (``pip install -
 It builds the example into a pack and into an AOTInductor package (``aoti_compile_and_package``, in a
 subprocess, as ``bench.py`` does), starts one local Ray cluster (every listener on 127.0.0.1, ``--num-cpus``
 CPUs, no usage statistics) and Serve's HTTP proxy on a free port, loads each model once in this process (so
-aotpack's extraction cache and Inductor's cache are warm, as on a serving host after its first start), then
+aotpack's code cache and Inductor's cache are warm, as on a serving host after its first start), then
 in each repetition, for each variant in turn (the order alternates):
 
 1. *start*: ``serve.run`` of a 1-replica deployment whose constructor loads the model, until the first

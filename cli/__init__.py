@@ -1,1 +1,3 @@
-"""The ``aotpack`` command line."""
+"""The ``aotpack`` command line.
+
+May not: hold logic: the commands are in ``main``."""

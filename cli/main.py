@@ -4,6 +4,9 @@ Exit codes: 0 success, 1 an aotpack error (the message says what and how to fix 
 traceback), 2 a usage error. The build side's compiler stack is imported only by ``build``, and the
 signing package only by ``sign`` (and ``verify --certificate-chain``): ``inspect`` and ``run`` use the runtime
 alone.
+
+May not: build or check packs itself: ``build`` goes through ``aotpack.front`` (as ``aotpack.build`` does), the
+other commands through the runtime and the build side's modules; this is where errors become exit codes.
 """
 from __future__ import annotations
 
@@ -118,15 +121,12 @@ def build(target: str, output: str, cpu_isa: str | None, dynamic: tuple[str, ...
     file, the sources it imports, the library versions, the weights, the examples and the options are those of
     an earlier build, the pack is found without capturing the model (see the README, "Build cache").
     """
-    from aotpack import sourcekey
-    from aotpack.buildcache import BuildCache
-    from aotpack.options import BuildOptions
-    from aotpack.pipeline import build as run_build
+    from aotpack import front
 
     dynamic_shapes = _parse_dynamic(dynamic) if dynamic else None
     start = time.perf_counter()
-    options = BuildOptions(cpu_isa=cpu_isa, devices=devices or ("cpu",), cuda_archs=cuda_archs,
-                           without_gpu=without_gpu, cpu_threads=cpu_threads).resolved()  # errors before the model runs
+    options = front.options(cpu_isa=cpu_isa, devices=devices or ("cpu",), cuda_archs=cuda_archs,
+                            without_gpu=without_gpu, cpu_threads=cpu_threads)  # errors before the model runs
 
     def say(line: str) -> None:
         if as_json:
@@ -135,13 +135,8 @@ def build(target: str, output: str, cpu_isa: str | None, dynamic: tuple[str, ...
         elif not quiet:
             click.echo(line, err=True)
 
-    say(f"loading {target}")
-    spec, model_file = sourcekey.load(target)
-    cache = None if no_cache else BuildCache.open(cache_dir or True)
-    report = run_build(spec.model, spec.example_inputs, output, example_kwargs=spec.example_kwargs,
-                       dynamic_shapes=dynamic_shapes if dynamic_shapes is not None else spec.dynamic_shapes,
-                       specializations=spec.specializations, options=options, progress=say,
-                       cache_positions=spec.cache_positions, cache=cache, source=target, model_file=model_file)
+    report = front.build_file(target, output, options=options, cache=front.cache_setting(no_cache, cache_dir),
+                              progress=say, dynamic_shapes=dynamic_shapes)
     if as_json:
         click.echo(json.dumps({"event": "done", "output": str(report.output), "size": report.size,
                                "cached": report.cached, "cache_key": report.key, "source_key": report.source_key,
@@ -401,11 +396,12 @@ def _summary(value, depth: int = 0) -> str:
 @click.argument("pack", type=click.Path(dir_okay=False))
 @click.option("--repeat", default=50, show_default=True, type=click.IntRange(1, 100000),
               help="Calls to time after the first.")
-@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
-              help="Extraction cache for native code and records of completed checks (default: "
-                   "$AOTPACK_CACHE_DIR or ~/.cache/aotpack).")
+@click.option("--code-cache", "cache_dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
+              help="Code cache: the folder native code is extracted to and completed checks are recorded in "
+                   "(default: $AOTPACK_CACHE_DIR or ~/.cache/aotpack).")
+@click.option("--cache-dir", "old_cache_dir", type=click.Path(file_okay=False), default=None, hidden=True)  # old name
 @click.option("--verify", "verify_mode", type=click.Choice(["auto", "full"]), default="auto", show_default=True,
-              help="auto: hash every blob unless the cache records a check of this same, unchanged file; "
+              help="auto: hash every blob unless the code cache records a check of this same, unchanged file; "
                    "full: always hash every blob.")
 @click.option("--prefetch", is_flag=True, help="Read the weights into memory in the background while loading.")
 @click.option("--device", default=None, metavar="DEVICE",
@@ -415,8 +411,8 @@ def _summary(value, depth: int = 0) -> str:
               help="The pack's detached signature (default with --public-key: PACK.sig).")
 @click.option("--public-key", type=click.Path(dir_okay=False), default=None,
               help="Refuse to load the pack unless it is signed by this key (EC public key or certificate, PEM).")
-def run(pack: str, repeat: int, cache_dir: str | None, verify_mode: str, prefetch: bool, device: str | None,
-        signature: str | None, public_key: str | None) -> None:
+def run(pack: str, repeat: int, cache_dir: str | None, old_cache_dir: str | None, verify_mode: str, prefetch: bool,
+        device: str | None, signature: str | None, public_key: str | None) -> None:
     """Load a pack and run it on the example inputs stored inside it; print the result and timings.
 
     A pack with state runs in one session: the first call starts from the initial state, and each timed
@@ -427,8 +423,8 @@ def run(pack: str, repeat: int, cache_dir: str | None, verify_mode: str, prefetc
     if signature is not None and public_key is None:
         raise click.UsageError("--signature needs --public-key to check it with")
     t0 = time.perf_counter()
-    pkg = rt.load(pack, cache_dir=cache_dir, signature=signature, public_key=public_key, verify=verify_mode,
-                  prefetch=prefetch)
+    pkg = rt.load(pack, cache_dir=cache_dir or old_cache_dir, signature=signature, public_key=public_key,
+                  verify=verify_mode, prefetch=prefetch)
     t1 = time.perf_counter()
     args, kwargs = pkg.example_inputs()
     if device is None:

@@ -1,6 +1,8 @@
 """aotpack's runtime: load a pack and call it. Imports only the standard library, torch core, zstandard
 and cffi (and cryptography, when a signature is checked); never the build side, the signing package, click,
-triton, torch._dynamo or torch._inductor, and never runs a compiler."""
+triton, torch._dynamo or torch._inductor, and never runs a compiler.
+
+May not: hold logic: it names what the runtime's modules export."""
 from .errors import AotpackError, AotpackWarning, ArchiveError, CaptureError, GuardError, SessionError
 from .format import FORMAT_VERSION, MIN_READ_VERSION
 from .loader import CudaEntry, Entry, Package, load

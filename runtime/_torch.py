@@ -4,7 +4,9 @@ A torch upgrade that moves one of these breaks here, with a message that names t
 The runtime uses only torch core: ``torch._C._aoti`` is part of libtorch's Python bindings and needs neither
 a compiler nor ``torch._inductor``.
 
-No other runtime module calls a private torch API; this one calls nothing else of the runtime.
+No other runtime module calls a private torch API.
+
+May not: import any runtime module but ``errors``.
 """
 from __future__ import annotations
 

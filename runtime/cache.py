@@ -1,8 +1,8 @@
-"""The content-addressed extraction cache: native code must be a file on disk to be loaded.
+"""The content-addressed code cache: native code must be a file on disk to be loaded.
 
 A file's name is its sha256, so two packs that share code share the file. Files are written to a unique
 temporary name in the same folder and renamed into place (atomic on POSIX), so a process never sees a
-half-written file, even when several load the same pack at the same moment. A file found in the cache is
+half-written file, even when several load the same pack at the same moment. A file found in the code cache is
 hashed again before it is loaded: a cache folder is never trusted more than the archive.
 
 Whoever can write a folder the native code is loaded from runs code in this process, so every folder of the
@@ -67,7 +67,7 @@ def private_folder(folder: str, *, root: bool = False) -> str:
         os.makedirs(folder, mode=0o700, exist_ok=True)
         st = os.stat(folder) if root else os.lstat(folder)
     except OSError as e:
-        raise ArchiveError(f"cannot create the extraction cache folder {folder}: {e.strerror}; set "
+        raise ArchiveError(f"cannot create the code cache folder {folder}: {e.strerror}; set "
                            "AOTPACK_CACHE_DIR or pass cache_dir= to a writable folder") from None
     problem = None
     if stat.S_ISLNK(st.st_mode):
@@ -79,7 +79,7 @@ def private_folder(folder: str, *, root: bool = False) -> str:
     elif st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         problem = f"writable by other users (mode {stat.S_IMODE(st.st_mode):04o})"
     if problem is not None:
-        raise ArchiveError(f"the extraction cache folder {folder} is {problem}: native code is loaded from it, so "
+        raise ArchiveError(f"the code cache folder {folder} is {problem}: native code is loaded from it, so "
                            "it must be a folder of this user's that no other user can write; fix it (chmod 700) or "
                            "set AOTPACK_CACHE_DIR or pass cache_dir= to another folder")
     return folder
@@ -187,7 +187,7 @@ def store(cache_dir: str, sha256: str, suffix: str, data) -> CachedFile:
         os.replace(tmp, path)
     except OSError as e:
         _discard(fd, tmp)
-        raise ArchiveError(f"cannot write the extraction cache at {folder}: {e.strerror}; set "
+        raise ArchiveError(f"cannot write the code cache at {folder}: {e.strerror}; set "
                            "AOTPACK_CACHE_DIR or pass cache_dir= to a writable folder") from None
     except BaseException:
         _discard(fd, tmp)
@@ -275,11 +275,11 @@ def store_dir(cache_dir: str, files: dict[str, str], contents: dict[str, bytes])
             shutil.rmtree(aside, ignore_errors=True)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise ArchiveError(f"cannot write the extraction cache at {parent}: {e.strerror}; set "
+        raise ArchiveError(f"cannot write the code cache at {parent}: {e.strerror}; set "
                            "AOTPACK_CACHE_DIR or pass cache_dir= to a writable folder") from None
     shutil.rmtree(tmp, ignore_errors=True)
-    raise ArchiveError(f"cannot put the kernel folder {path} into the extraction cache: another process keeps "
-                       "replacing it with different content; clear the cache folder")
+    raise ArchiveError(f"cannot put the kernel folder {path} into the code cache: another process keeps "
+                       "replacing it with different content; clear the code cache folder")
 
 
 # -- records of completed checks -------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 CUDA code needs libcuda.so.1 and a GPU it has kernels for, so it is loaded per device index at the first
 call there (``CudaEntry.runner``); the weights are copied once per GPU, and the kernels are extracted once
-into a folder of the extraction cache.
+into a folder of the code cache.
 
 May not: read an entry's private fields: ``entries`` passes in the blob names and records it needs.
 """
@@ -53,7 +53,7 @@ class CudaState:
 
     def extract(self, library_blob: str, extern_blob: str | None, cuda: CudaMeta) -> tuple["Code", str]:
         """A CUDA entry's library (kept open for the loads of its code on each GPU) and kernel folder in the
-        extraction cache, each hash-checked: the blobs its manifest record names, and its ``cuda`` record."""
+        code cache, each hash-checked: the blobs its manifest record names, and its ``cuda`` record."""
         library = extract_code(self.archive, library_blob, extern_blob, self.cache_root)
         return library, extract_kernels(self.archive, cuda, self.cache_root)
 
@@ -101,7 +101,7 @@ LIBRARY_FILE = "model.so"
 EXTERN_KERNELS_FILE = "model.json"
 
 
-# Libraries of the extraction cache this process loaded, by sha256, each open for the life of the process: it is
+# Libraries of the code cache this process loaded, by sha256, each open for the life of the process: it is
 # loaded as /proc/self/fd/N, and the dynamic loader knows a library by the name it was opened by, so N must keep
 # naming that library (a closed descriptor's number would be reused for another file, which the loader would
 # then take for the library it already has).
@@ -131,7 +131,7 @@ class Code:
 def extract_code(archive: Archive, library_blob: str, extern_blob: str | None, cache_root: str) -> Code:
     """An entry's library, hash-checked and its ELF headers checked, ready to load.
 
-    A library alone goes to the extraction cache under its sha256 (a copy there is hashed again) and is
+    A library alone goes to the code cache under its sha256 (a copy there is hashed again) and is
     loaded through the descriptor it was hashed or written through. A library with an extern-kernel
     description is loaded from a private folder of this process (mode 0700), written from the checked
     blobs, as ``model.so`` beside ``model.json``: the runner reads the description by that name."""
@@ -143,8 +143,8 @@ def extract_code(archive: Archive, library_blob: str, extern_blob: str | None, c
             file = _open_libraries.get(sha)
             if file is not None:
                 if cache.fd_sha256(file.fd) != sha:
-                    raise ArchiveError(f"the library {file.path} of {where} changed in the extraction cache since "
-                                       "this process loaded it; clear the cache folder", path=archive.path)
+                    raise ArchiveError(f"the library {file.path} of {where} changed in the code cache since "
+                                       "this process loaded it; clear the code cache folder", path=archive.path)
                 return Code(file.loadable, file=file)
             file = cache.lookup(cache_root, sha, ".so")
             if file is None:

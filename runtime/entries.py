@@ -7,7 +7,7 @@ its first call there.
 
 ATen ops that have no C shim run through AOTInductor's proxy executor, which libtorch's runner creates when
 it finds the description of those calls (``extern_kernels``, JSON) beside the library under the same name
-(``model.so`` and ``model.json``); the two are extracted into one folder of the cache.
+(``model.so`` and ``model.json``); the two are extracted into one folder of the code cache.
 
 An entry of a pack with state runs only for a session (``runtime/sessions.py``): its code writes the state
 buffers in place through the pointers it was given, so each call binds the calling session's state first.
@@ -120,10 +120,10 @@ class CudaEntry(Entry):
     device = "cuda"
 
     def __init__(self, index: int, meta: dict, guards: EntryGuards, outputs: dict, output_leaves: list,
-                 cuda: CudaMeta, state: CudaState, state_constants: dict[str, str] | None = None):
+                 cuda: CudaMeta, cuda_state: CudaState, state_constants: dict[str, str] | None = None):
         super().__init__(index, meta, guards, None, outputs, output_leaves, state_constants)
         self.cuda = cuda
-        self._state = state
+        self._cuda_state = cuda_state  # shared by the package's CUDA entries; not a session's state
         self._library_blob: str = meta["library"]
         self._extern_blob: str | None = meta.get("extern_kernels")
         self._constants: dict[str, str] = meta["constants"]
@@ -133,10 +133,10 @@ class CudaEntry(Entry):
         self._tensor_names = [f"input {g.name!r} ({g.path})" for g in guards.leaves if isinstance(g, TensorGuard)]
 
     def extract(self) -> tuple[Code, str]:
-        """This entry's library and kernel folder in the extraction cache, extracted and hash-checked once (at
+        """This entry's library and kernel folder in the code cache, extracted and hash-checked once (at
         load where this host can run CUDA, else at its first call on a GPU)."""
         if self._files is None:
-            self._files = self._state.extract(self._library_blob, self._extern_blob, self.cuda)
+            self._files = self._cuda_state.extract(self._library_blob, self._extern_blob, self.cuda)
         return self._files
 
     def device_index(self, tensors: list[torch.Tensor]) -> int:
@@ -147,9 +147,9 @@ class CudaEntry(Entry):
                 if t.get_device() != index:
                     self._refuse_mixed(tensors)
             return index
-        if self._state.no_cuda is not None:
+        if self._cuda_state.no_cuda is not None:
             raise GuardError([(self.label(), "a CUDA entry without tensor inputs runs on the current CUDA device, "
-                               f"and this host has no usable CUDA device ({self._state.no_cuda})")])
+                               f"and this host has no usable CUDA device ({self._cuda_state.no_cuda})")])
         return torch.cuda.current_device()  # no tensor inputs: as an eager op creating tensors would
 
     def run(self, tensors: list[torch.Tensor]) -> Any:
@@ -182,7 +182,7 @@ class CudaEntry(Entry):
             runner = self._runners.get(index)
             if runner is not None:
                 return runner
-            st = self._state
+            st = self._cuda_state
             try:
                 props = torch.cuda.get_device_properties(index)
                 platform.check_cuda_device(self.cuda, index, props.name, (props.major, props.minor),

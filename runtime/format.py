@@ -17,7 +17,7 @@ Changelog of ``FORMAT_VERSION`` (readers accept ``MIN_READ_VERSION..FORMAT_VERSI
                executor (``entry.extern_kernels``, a blob); the dtypes complex32, uint16, uint32, uint64 and
                four float8 formats. A pack that uses none of these keeps the older version (``version_for``).
 
-May not: import torch or any other aotpack module: the writer and the reader both import it.
+May not: import torch or any aotpack module but ``errors``: the writer and the reader both import it.
 """
 from __future__ import annotations
 

@@ -1,17 +1,17 @@
 """``load(path) -> Package``: check the archive, map its code, and call it behind its guards.
 
 Loading runs no compiler and no tracer: the archive is checked (header, manifest, layout), the host is
-checked (CPU instruction set, torch series), every blob is hashed (in parallel threads) unless the extraction
-cache records a completed check of this very file, the native code is hash-checked and put in the extraction
+checked (CPU instruction set, torch series), every blob is hashed (in parallel threads) unless the code
+cache records a completed check of this very file, the native code is hash-checked and put in the code
 cache, ``dlopen``-ed through libtorch's model-container runner, and pointed at the pack's weights, which are
 views of the mapped file: no page of them is read until the code uses it.
 
 CUDA entries are checked at load like CPU entries, but their native code needs libcuda.so.1, so it is
 loaded only when a call first selects the entry on a given GPU: after the GPU's architecture is checked
-against the entry's kernels, with the kernels extracted into one cache folder and the weights copied once
+against the entry's kernels, with the kernels extracted into one code cache folder and the weights copied once
 to that GPU. On a host without CUDA their code is never loaded, and the CPU entries serve as usual.
 
-May not: reach into a session's, an entry's or the cache's internals: each gets what it needs as data.
+May not: reach into a session's, an entry's or the code cache's internals: each gets what it needs as data.
 """
 from __future__ import annotations
 
@@ -175,7 +175,7 @@ def load(path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
     code is extracted and checks are recorded (default: ``$AOTPACK_CACHE_DIR`` or ``~/.cache/aotpack``);
     ``num_models`` is how many calls of one entry may run at the same time (per GPU, for a CUDA entry).
 
-    ``verify``: ``"auto"`` hashes every blob of the pack (in parallel threads) unless the cache records a
+    ``verify``: ``"auto"`` hashes every blob of the pack (in parallel threads) unless the code cache records a
     completed check of this same, unchanged file (same device, inode, size, modification and change time,
     same manifest), and records the check it makes; ``"full"`` always hashes every blob. Native code is
     hashed before it is loaded either way.

@@ -15,19 +15,37 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 
-_session_tmp = tempfile.mkdtemp(prefix="aotpack-tests-")
-os.environ["AOTPACK_CACHE_DIR"] = os.path.join(_session_tmp, "cache")
-os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(_session_tmp, "inductor")
-os.environ["AOTPACK_BUILD_CACHE"] = os.path.join(_session_tmp, "build-cache")
+# Each cache a build or a load writes, as the variable that points it at a folder of the session's: the code
+# cache, Inductor's own cache and the build cache.
+SESSION_CACHES = {"AOTPACK_CACHE_DIR": "cache", "TORCHINDUCTOR_CACHE_DIR": "inductor",
+                  "AOTPACK_BUILD_CACHE": "build-cache"}
+_session: dict = {}  # "dir": the session folder; "saved": the variables' values before pytest_configure
 
 
-def pytest_sessionfinish(session, exitstatus):
-    shutil.rmtree(_session_tmp, ignore_errors=True)
+def pytest_configure(config):
+    """Make the session folder and point every cache at it through the environment, before any test module
+    is imported: this process and every process a test starts read and write there, never the user's caches."""
+    folder = tempfile.mkdtemp(prefix="aotpack-tests-")
+    _session.update(dir=folder, saved={name: os.environ.get(name) for name in SESSION_CACHES})
+    for name, sub in SESSION_CACHES.items():
+        os.environ[name] = os.path.join(folder, sub)
+
+
+def pytest_unconfigure(config):
+    """Remove the session folder and give the variables back their values."""
+    if "dir" not in _session:
+        return
+    for name, value in _session.pop("saved").items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    shutil.rmtree(_session.pop("dir"), ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
 def session_dir() -> pathlib.Path:
-    return pathlib.Path(_session_tmp)
+    return pathlib.Path(_session["dir"])
 
 
 class Built:

@@ -33,3 +33,10 @@ def swap_link_during(link, during, after, fn):
             link.unlink()
             link.symlink_to(after)
     return wrapped
+
+
+def assert_facts(message: str, *facts: str) -> None:
+    """Every one of ``facts`` (what, where, expected, actual, what to do) appears in ``message``: a test of an
+    error's content that survives rewording and fails when a fact goes missing."""
+    missing = [f for f in facts if f not in message]
+    assert not missing, f"missing {missing} in: {message}"

@@ -53,10 +53,18 @@ def test_run_in_a_fresh_process(convnet_pack, session_dir):
 
 
 def test_run_says_what_its_load_checked(convnet_pack, tmp_path):
-    r = _run("run", convnet_pack.path, "--repeat", "1", "--cache-dir", tmp_path / "c", "--verify", "full",
+    r = _run("run", convnet_pack.path, "--repeat", "1", "--code-cache", tmp_path / "c", "--verify", "full",
              "--prefetch")
     assert r.exit_code == 0, r.output
     assert "ms (every blob hashed), first call" in r.output
+    assert any((tmp_path / "c").iterdir())  # the native code went to the code cache named
+
+
+def test_run_takes_the_old_name_of_the_code_cache_flag(convnet_pack, tmp_path):
+    r = _run("run", convnet_pack.path, "--repeat", "1", "--cache-dir", tmp_path / "old")
+    assert r.exit_code == 0, r.output
+    assert any((tmp_path / "old").iterdir())
+    assert "--code-cache" in _run("run", "--help").output and "--cache-dir" not in _run("run", "--help").output
 
 
 def test_python_dash_m(convnet_pack):

@@ -15,6 +15,7 @@ from aotpack_runtime.guards import EntryGuards, device_matches
 from aotpack_runtime.loader import CudaEntry
 
 from cuda_packs import FakeCudaTensor, cuda_meta
+from helpers import assert_facts
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -34,7 +35,7 @@ def test_cuda_guard_refuses_cpu_tensor():
     g = _guards("cuda")
     x = torch.randn(2, 3)
     assert g.match((x,), {}) is None
-    assert g.explain((x,), {}) == "input 'x' (args[0]) device mismatch: expected cuda, actual cpu"
+    assert_facts(g.explain((x,), {}), "input 'x' (args[0])", "device", "expected cuda", "actual cpu")
     assert g.leaves[0].describe(g.symbols) == "float32[2, 3] cuda contiguous"
 
 
@@ -62,9 +63,8 @@ def test_inputs_on_different_gpus_are_refused_before_anything_runs():
     entry = CudaEntry(1, meta, g, {"type": "leaf"}, [{"kind": "tensor", "index": 0}], cuda_meta([]), None)
     with pytest.raises(aotpack.GuardError) as info:
         entry.run([FakeCudaTensor(0), FakeCudaTensor(1)])
-    assert str(info.value) == ("the CUDA inputs are on different devices: input 'x' (args[0]) on cuda:0, input "
-                               "'y' (args[1]) on cuda:1; a CUDA entry runs on one device: move them to one "
-                               "(t.to('cuda:N'))")
+    assert_facts(str(info.value), "different devices", "input 'x' (args[0]) on cuda:0", "input 'y' (args[1]) on cuda:1",
+                 "t.to('cuda:N')")
     assert entry._runners == {}
 
 
@@ -80,8 +80,7 @@ def test_cuda_entry_without_tensor_inputs_on_a_host_without_cuda():
     assert g.match((3,), {}) == []
     with pytest.raises(aotpack.GuardError) as info:
         entry.run([])
-    assert str(info.value) == ("a CUDA entry without tensor inputs runs on the current CUDA device, and this host "
-                               "has no usable CUDA device (torch 9.9 is a CPU build)")
+    assert_facts(str(info.value), "without tensor inputs", "no usable CUDA device", "torch 9.9 is a CPU build")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -143,8 +142,8 @@ def test_cuda_runner_keeps_the_callers_current_device(monkeypatch):
 def test_cpu_torch_has_no_cuda_runner():
     with pytest.raises(aotpack.ArchiveError) as info:
         rt_torch.cuda_runner("/nonexistent.so", 1, "cuda:0", "/nonexistent")
-    assert str(info.value) == (f"this torch ({torch.__version__}) is a CPU build, and the pack's CUDA entries need "
-                               "the CUDA build of torch (the same major.minor series); install it to run them")
+    assert_facts(str(info.value), f"({torch.__version__}) is a CPU build", "CUDA entries", "CUDA build of torch",
+                 "major.minor series")
 
 
 def test_unavailable_reasons(monkeypatch):
@@ -152,8 +151,8 @@ def test_unavailable_reasons(monkeypatch):
     assert platform.cuda_unavailable_reason() == f"torch {torch.__version__} is a CPU build"
     monkeypatch.setattr(torch.version, "cuda", "13.0")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert platform.cuda_unavailable_reason() == (f"torch {torch.__version__} sees no CUDA device: no NVIDIA GPU "
-                                                  "or driver, or CUDA_VISIBLE_DEVICES hides them")
+    assert_facts(platform.cuda_unavailable_reason(), f"torch {torch.__version__} sees no CUDA device", "driver",
+                 "CUDA_VISIBLE_DEVICES")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert platform.cuda_unavailable_reason() is None
 

@@ -1,4 +1,4 @@
-"""An entry's `cuda` record and its kernels, checked on a host without a GPU: the kernel folder in the extraction
+"""An entry's `cuda` record and its kernels, checked on a host without a GPU: the kernel folder in the code
 cache, and damaged `cuda` sections, each an ArchiveError that names the field, never another exception."""
 from __future__ import annotations
 
@@ -14,11 +14,12 @@ from aotpack_runtime import cache
 from aotpack_runtime import format as fmt
 from aotpack_runtime.errors import AotpackWarning
 from archive_tools import join, split
+from helpers import assert_facts
 from cuda_packs import add_blobs, kernel0, make_cuda_pack
 
 
 # ---------------------------------------------------------------------------------------------------
-# The kernel folder in the extraction cache
+# The kernel folder in the code cache
 
 
 def _files(contents: dict[str, bytes]) -> dict[str, str]:
@@ -152,9 +153,8 @@ def test_two_kernels_with_one_file_name(mlp_pack, tmp_path):
     p.write_bytes(join(2, fmt.canonical_json(manifest), region))
     with pytest.raises(aotpack.ArchiveError) as info:
         aotpack.load(p, cache_dir=tmp_path / "cache")
-    assert info.value.reason == ("manifest.entries[1].cuda.kernels[1].file 'czr733aa11.fatbin' is also the file of "
-                                 "blob 'kernels/1/czr733aa11.fatbin'; the kernels of an entry share one folder, so "
-                                 "their file names must differ")
+    assert_facts(info.value.reason, "manifest.entries[1].cuda.kernels[1].file 'czr733aa11.fatbin'",
+                 "blob 'kernels/1/czr733aa11.fatbin'", "must differ")
 
 
 # Wrong values of every JSON type for a field.

@@ -1,7 +1,7 @@
 """The runtime's CUDA side, tested on a host without a GPU (the plain CPU venv).
 
 What runs here: the architecture rules (which SASS / PTX runs on which compute capability), device guards,
-the checks of an entry's ``cuda`` object, the kernel folder in the extraction cache, and a real pack with a
+the checks of an entry's ``cuda`` object, the kernel folder in the code cache, and a real pack with a
 CUDA entry added (a copy of its CPU entry with device "cuda" and made-up kernel blobs): on this host it loads
 with warnings, its CPU entry serves, its CUDA entries never load native code, and a CUDA-only pack refuses
 CPU inputs saying the host has no CUDA device. The GPU path itself (arch check, kernel extraction, runner per
@@ -28,6 +28,7 @@ from aotpack_runtime.loader import CudaEntry
 from archive_tools import split
 
 from cuda_packs import FakeCudaTensor, kernel0, kernel_blobs, make_cuda_pack
+from helpers import assert_facts
 
 NO_CUDA = platform.cuda_unavailable_reason()
 needs_no_cuda = pytest.mark.skipif(NO_CUDA is None, reason="this host has a usable CUDA device; these tests "
@@ -82,10 +83,12 @@ def test_mixed_pack_serves_cpu_inputs_on_a_host_without_cuda(packs, mlp_pack, tm
     assert not (tmp_path / "cache" / "kernels").exists()
     with pytest.raises(aotpack.GuardError) as info:
         pkg(x.double())
-    assert str(info.value) == (
-        "no entry accepts this input: entry 0 (x [8, 64]): input 'x' (args[0]) dtype mismatch: expected float32, "
-        "actual float64; entry 1 (x [8, 64]): input 'x' (args[0]) dtype mismatch: expected float32, actual float64; "
-        f"this host has no usable CUDA device ({NO_CUDA}), so only the pack's CPU entries can run here")
+    text = str(info.value)
+    assert text.startswith("no entry accepts this input")
+    for entry in (0, 1):
+        assert_facts(text, f"entry {entry} (x [8, 64]): input 'x' (args[0]) dtype mismatch: expected float32, "
+                           "actual float64")
+    assert_facts(text, "no usable CUDA device", f"({NO_CUDA})", "only the pack's CPU entries")
 
 
 @needs_no_cuda
@@ -111,10 +114,9 @@ def test_cuda_only_pack_refuses_cpu_inputs_clearly(packs, mlp_pack, tmp_path):
     ]
     with pytest.raises(aotpack.GuardError) as info:
         pkg(mlp_pack.args[0])
-    assert str(info.value) == (
-        f"input 'x' (args[0]) device mismatch: expected cuda, actual cpu; this host has no usable CUDA device "
-        f"({NO_CUDA}), and every entry of this pack is a CUDA entry: run it on a host with an NVIDIA GPU and the "
-        "CUDA build of torch")
+    assert_facts(str(info.value), "input 'x' (args[0]) device mismatch: expected cuda, actual cpu",
+                 "no usable CUDA device", f"({NO_CUDA})", "every entry of this pack is a CUDA entry", "NVIDIA GPU",
+                 "CUDA build of torch")
     assert info.value.note.startswith("this host has no usable CUDA device")
     assert pkg.select(mlp_pack.args[0]) is None
 
@@ -265,9 +267,8 @@ def test_gpu_path_with_stand_ins(packs, fake_gpu_host, tmp_path):
     # A GPU no kernel has code for: refused before anything is loaded for it.
     with pytest.raises(aotpack.ArchiveError) as info:
         e1.run([FakeCudaTensor(1)])
-    assert str(info.value) == (f"{path}: GPU 1 (Tesla T4, compute capability 7.5) cannot run CUDA entry 1 of this "
-                               "pack: its kernels carry SASS for sm_80, sm_90, sm_100 and PTX for compute_80, none "
-                               "of which runs on sm_75; rebuild with --cuda-arch 75")
+    assert_facts(str(info.value), str(path), "GPU 1 (Tesla T4, compute capability 7.5)", "cannot run CUDA entry 1",
+                 "SASS for sm_80, sm_90, sm_100", "PTX for compute_80", "sm_75", "--cuda-arch 75")
     assert len(FakeRunner.made) == 1 and 1 not in e1._runners
 
     # cuda:2 (8.6 runs sm_80 SASS): its own runner, made current for the call, weights copied once for it

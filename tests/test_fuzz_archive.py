@@ -162,7 +162,7 @@ def blob_table_cases(pack: Pack) -> list[Case]:
         other = blobs[(i + 1) % len(blobs)]
         case(i, "offset + 64", REFUSED, offset=b["offset"] + 64)
         case(i, "offset 2**40", REFUSED, offset=1 << 40)
-        # A zstd frame is read only where its content is needed (code found in the extraction cache is not).
+        # A zstd frame is read only where its content is needed (code found in the code cache is not).
         case(i, "stored_size + 1", REFUSED if b["compression"] == "none" else DETECTED,
              stored_size=b["stored_size"] + 1)
         case(i, "stored_size 2**40", REFUSED, stored_size=1 << 40)

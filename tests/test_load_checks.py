@@ -1,5 +1,5 @@
 """What a load checks, and when: the first load of a pack file hashes every blob (in parallel threads) and
-records the check in the extraction cache; later loads of the same, unchanged file skip hashing the
+records the check in the code cache; later loads of the same, unchanged file skip hashing the
 weights; any change to the file means a full check again; ``verify="full"`` and ``aotpack verify`` always
 hash everything; native code is hashed before it is loaded whatever the record says."""
 from __future__ import annotations
@@ -21,7 +21,7 @@ from aotpack_runtime import archive as archive_module
 from aotpack_runtime import cache
 from aotpack_runtime.archive import Archive
 from archive_tools import blob_range, smallest_manifest, with_blob, with_manifest
-from helpers import swap_link_during
+from helpers import assert_facts, swap_link_during
 
 
 @pytest.fixture
@@ -112,7 +112,7 @@ def test_any_change_to_the_file_means_a_full_check(mlp_pack, tmp_path, settle_no
         with pytest.raises(aotpack.ArchiveError) as info:
             aotpack.load(pack, cache_dir=c)
         blob = "weights/0" if change.startswith("weight") else "code/0.so"
-        assert info.value.reason == f"hash mismatch in blob {blob!r}: the file is corrupt or was modified"
+        assert_facts(info.value.reason, "hash mismatch", f"blob {blob!r}", "corrupt or was modified")
     else:
         assert aotpack.load(pack, cache_dir=c).checked == "full"
         assert aotpack.load(pack, cache_dir=c).checked == "record"
@@ -137,7 +137,7 @@ def test_what_a_record_vouches_for_and_what_is_checked_anyway(mlp_pack, tmp_path
     _forge_record(c, code)
     with pytest.raises(aotpack.ArchiveError) as info:  # nothing extracted yet: the blob is read and hashed
         aotpack.load(code, cache_dir=tmp_path / "empty-cache")
-    assert info.value.reason == "hash mismatch in blob 'code/0.so': the file is corrupt or was modified"
+    assert_facts(info.value.reason, "hash mismatch", "blob 'code/0.so'", "corrupt or was modified")
 
 
 def test_records_are_trusted_only_in_a_folder_no_one_else_can_write(mlp_pack, tmp_path, settle_now):
@@ -181,8 +181,7 @@ def test_a_pin_and_a_signature_use_the_recorded_file_hash(mlp_pack, tmp_path, se
     assert aotpack.load(pack, cache_dir=c, expected_sha256=sha).checked == "record"
     with pytest.raises(aotpack.ArchiveError) as info:
         aotpack.load(pack, cache_dir=c, expected_sha256="0" * 64)
-    assert info.value.reason == (f"sha256 mismatch: expected {'0' * 64}, actual {sha}; refusing to load a pack "
-                                 "that is not the pinned one")
+    assert_facts(info.value.reason, "sha256 mismatch", f"expected {'0' * 64}", f"actual {sha}", "pinned")
     monkeypatch.undo()
     monkeypatch.setattr(cache, "SETTLE_SECONDS", 0.0)
     os.utime(pack)  # the same bytes, but another identity: the file is hashed again
@@ -212,16 +211,15 @@ def test_signature_check_takes_a_known_file_hash(mlp_pack, tmp_path):
     sign(str(pack), str(tmp_path / "k.priv"))
     sha = hashlib.sha256(pack.read_bytes()).hexdigest()
     assert rt_signature.check(pack, None, tmp_path / "k.pub", file_sha256=sha).file_sha256 == sha
-    with pytest.raises(aotpack.ArchiveError, match=f"is not for this file: it covers sha256 {sha}, this file is "
-                                                   f"{'1' * 64}"):
+    with pytest.raises(aotpack.ArchiveError) as info:
         rt_signature.check(pack, None, tmp_path / "k.pub", file_sha256="1" * 64)
+    assert_facts(str(info.value), "not for this file", f"sha256 {sha}", "1" * 64)
 
 
 def test_verify_mode_is_checked(mlp_pack):
     with pytest.raises(aotpack.ArchiveError) as info:
         aotpack.load(mlp_pack.path, verify="none")
-    assert info.value.reason == ("verify='none' is not a verify mode: use 'auto' (skip hashing a file whose check "
-                                 "is recorded) or 'full' (hash every blob)")
+    assert_facts(info.value.reason, "verify='none'", "not a verify mode", "'auto'", "'full'")
 
 
 def test_parallel_check_reports_the_first_bad_blob_in_table_order(mlp_pack, tmp_path):
@@ -287,16 +285,16 @@ def test_only_a_regular_file_is_a_pack(tmp_path):
     with fifo(tmp_path / "pipe.pack") as pipe:
         with pytest.raises(aotpack.ArchiveError) as info:
             aotpack.load(pipe, cache_dir=tmp_path / "cache")
-        assert info.value.reason == "is a FIFO (named pipe), not a regular file"
+        assert_facts(info.value.reason, "FIFO", "not a regular file")
         result = run_verify(str(pipe))
         assert not result["ok"] and result["checks"][0]["check"] == "format"
-        assert "is a FIFO (named pipe), not a regular file" in result["checks"][0]["detail"]
+        assert_facts(result["checks"][0]["detail"], "FIFO", "not a regular file")
     with pytest.raises(aotpack.ArchiveError) as info:
         aotpack.load(os.devnull, cache_dir=tmp_path / "cache")
-    assert info.value.reason == "is a character device, not a regular file"
+    assert_facts(info.value.reason, "character device", "not a regular file")
     with pytest.raises(aotpack.ArchiveError) as info:
         aotpack.load(tmp_path, cache_dir=tmp_path / "cache", expected_sha256="0" * 64)
-    assert info.value.reason == "is a directory, not a regular file"
+    assert_facts(info.value.reason, "directory", "not a regular file")
 
 
 def test_a_pin_checks_the_file_the_load_reads(mlp_pack, tmp_path, settle_now, monkeypatch):
@@ -320,7 +318,7 @@ def test_a_pin_checks_the_file_the_load_reads(mlp_pack, tmp_path, settle_now, mo
     assert _record_files(c) == []
 
 
-# -- the extraction cache ------------------------------------------------------------------------------------
+# -- the code cache ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("damage", ["lib writable by others", "lib a symbolic link", "root writable by others",
                                     "lib a file"])
@@ -345,11 +343,11 @@ def test_a_cache_folder_others_could_write_is_refused(mlp_pack, tmp_path, damage
         lib.write_bytes(b"")
         with pytest.raises(aotpack.ArchiveError) as info:
             aotpack.load(mlp_pack.path, cache_dir=c)
-        assert info.value.reason.startswith(f"cannot create the extraction cache folder {lib}")
+        assert info.value.reason.startswith(f"cannot create the code cache folder {lib}")
         return
     with pytest.raises(aotpack.ArchiveError) as info:
         aotpack.load(mlp_pack.path, cache_dir=c)
-    assert str(info.value).startswith(f"the extraction cache folder {folder} is {problem}")
+    assert str(info.value).startswith(f"the code cache folder {folder} is {problem}")
     assert "chmod 700" in str(info.value)
 
 

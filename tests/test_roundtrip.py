@@ -50,7 +50,7 @@ def test_example_inputs_are_stored(convnet_pack):
 
 def test_fresh_process_loads_without_build_side_and_matches(example_pack, session_dir):
     """A serving process: imports the runtime, loads, calls; no Dynamo, Inductor, triton, click, signing
-    packages or the serving example's frameworks, and an empty extraction cache. The output is compared with
+    packages or the serving example's frameworks, and an empty code cache. The output is compared with
     eager here."""
     out_file = session_dir / f"{example_pack.name}-fresh.pt"
     code = f"""
@@ -75,7 +75,7 @@ print(json.dumps(heavy))
 
 
 def test_loads_after_every_build_cache_is_deleted(convnet_pack, session_dir):
-    """Nothing outside the pack is needed: a load with new Inductor and extraction caches (both empty) works
+    """Nothing outside the pack is needed: a load with new Inductor and code caches (both empty) works
     in a fresh process. (tests/test_reproducible.py checks that a build leaves nothing in TMPDIR.)"""
     empty = session_dir / "no-caches"
     code = f"""
