@@ -207,7 +207,7 @@ def test_tensors_whose_storage_cannot_hold_them_are_refused(mlp_pack):
     assert lines["zero-tensor"].startswith("GuardError input 'x' (args[0]) is a ZeroTensor")
 
 
-def _guards(*leaves: dict, kwargs: tuple = ()) -> "EntryGuards":
+def _guards(*leaves: dict, kwargs: tuple = ()):
     from aotpack_runtime.guards import EntryGuards
 
     entry = {"inputs": {"type": "tuple", "children": [

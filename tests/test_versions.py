@@ -5,7 +5,6 @@ The packs in benchmarks/gpu_check/packs were built without a GPU by torch 2.11 (
 every version lane loads them: the 2.11 lane runs them, every other lane must refuse them."""
 from __future__ import annotations
 
-import pathlib
 import re
 import warnings
 
