@@ -1,0 +1,204 @@
+"""Packs of several methods: one model's functions in one pack, sharing its weights (stored once) and its
+state (one copy per session for all methods), each method dispatching by its own guards.
+
+Shown on real small models, each built once per session: an encoder-decoder whose ``encode`` writes the
+cross-attention cache that ``decode`` reads; a tiny Llama with ``prefill`` and ``decode`` sharing the KV
+cache; two encoders sharing a projection.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import sys
+
+import pytest
+import torch
+
+import aotpack
+import programs
+from aotpack_runtime import format as fmt
+from aotpack_runtime.archive import Archive
+from aotpack_runtime.errors import ArchiveError, BuildError, GuardError, MethodError, SessionError
+from archive_tools import join, split
+from conftest import EXAMPLES
+
+sys.path.insert(0, str(EXAMPLES / "llm"))
+from decoders import wrapped  # noqa: E402
+
+
+def test_encode_then_decode_gives_eager_tokens(seq2seq_pack):
+    """``encode`` fills the cross-attention cache once; ``decode`` reads it token after token, in one session."""
+    s = aotpack.load(seq2seq_pack.path).session()
+    src = torch.tensor([[1, 5, 7, 2, 9, 4]])
+    eager = copy.deepcopy(programs.TinySeq2Seq().eval())
+    with torch.no_grad():
+        want = programs.greedy_seq2seq(eager.encode, eager.decode, src, programs.MAX_LEN)
+    assert programs.greedy_seq2seq(s.encode, s.decode, src, programs.MAX_LEN) == want
+    state = s.state_dict()
+    for name in ("cross_k_cache", "cross_v_cache", "self_k_cache", "self_v_cache"):
+        torch.testing.assert_close(state[name], getattr(eager, name), rtol=1e-5, atol=1e-5)
+    # decode alone in a fresh session reads the initial (zero) cross-attention cache, not the first session's
+    s2 = aotpack.load(seq2seq_pack.path).session()
+    fresh = copy.deepcopy(programs.TinySeq2Seq().eval())
+    with torch.no_grad():
+        torch.testing.assert_close(s2.decode(torch.tensor([[2]]), torch.tensor([0])),
+                                   fresh.decode(torch.tensor([[2]]), torch.tensor([0])), rtol=1e-5, atol=1e-5)
+
+
+def test_the_manifest_records_methods_shared_weights_and_state(seq2seq_pack):
+    m = Archive.open(seq2seq_pack.path).manifest
+    assert m.format_version == fmt.V5_FORMAT_VERSION == 5 and m.example is None and m.positions == ()
+    assert [(r.name, r.entries, r.writes) for r in m.methods] == [
+        ("encode", (0,), ("cross_k_cache", "cross_v_cache")), ("decode", (1,), ("self_k_cache", "self_v_cache"))]
+    assert m.methods[1].positions == (fmt.PositionRule("pos", programs.MAX_LEN, 1),)
+    # every parameter once, though both methods read the embedding; the caches are state, not weights
+    params = dict(programs.TinySeq2Seq().named_parameters())
+    assert sorted(w.name for w in m.weights) == sorted(params)
+    assert len({w.blob for w in m.weights}) == len(params)
+    assert sorted(r.name for r in m.state) == ["cross_k_cache", "cross_v_cache", "self_k_cache", "self_v_cache"]
+    read = [set(e["constants"].values()) for e in m.entries]
+    assert "embed.weight" in read[0] and "embed.weight" in read[1]
+    assert {"cross_k_cache", "cross_v_cache"} <= read[1]  # decode reads what encode wrote
+
+
+def test_methods_are_attributes_and_an_unknown_one_lists_those_that_exist(seq2seq_pack):
+    pkg = aotpack.load(seq2seq_pack.path)
+    assert list(pkg.methods) == ["encode", "decode"]
+    assert [e.index for e in pkg.methods["decode"].entries] == [1]
+    assert hasattr(pkg, "encode") and not hasattr(pkg, "translate")
+    s = pkg.session()
+    for call in (lambda: pkg.translate, lambda: s.translate, lambda: pkg(torch.zeros(1, 6, dtype=torch.long))):
+        with pytest.raises(MethodError) as e:
+            call()
+        assert isinstance(e.value, AttributeError) and e.value.methods == ["encode", "decode"]
+        assert "encode, decode" in str(e.value)
+    with pytest.raises(SessionError, match=r"s\.encode\(\.\.\.\)"):
+        pkg.encode(torch.zeros(1, 6, dtype=torch.long))
+    args, kwargs = pkg.example_inputs("decode")
+    assert [a.tolist() for a in args] == [[[3]], [0]] and kwargs == {}
+
+
+def test_each_method_has_its_own_guards_and_positions(seq2seq_pack):
+    s = aotpack.load(seq2seq_pack.path).session()
+    with pytest.raises(GuardError, match=r"src"):
+        s.encode(torch.zeros(1, 5, dtype=torch.long))  # encode is built for 6 source tokens
+    with pytest.raises(GuardError, match=r"'pos'.*past the end of the cache \(8 positions"):
+        s.decode(torch.tensor([[1]]), torch.tensor([programs.MAX_LEN]))
+
+
+def test_a_pack_of_two_encoders_stores_the_shared_projection_once(two_tower_pack):
+    pkg = aotpack.load(two_tower_pack.path)
+    model = programs.TwoTower().eval()
+    m = pkg.manifest
+    assert [w.name for w in m.weights].count("projection.weight") == 1
+    assert len({w.blob for w in m.weights}) == len(list(model.parameters())) == len(m.weights)
+    assert not pkg.stateful and list(pkg.methods) == ["encode_text", "encode_image"]
+    ids, patches = torch.tensor([[4, 8, 15, 16, 23, 30, 2]]), torch.randn(2, 4, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(pkg.encode_text(ids), model.encode_text(ids), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(pkg.encode_image(patches), model.encode_image(patches), rtol=1e-5, atol=1e-5)
+
+
+def test_prefill_and_decode_share_the_kv_cache_and_give_eager_tokens(llama_methods_pack):
+    """A prompt through ``prefill``, then one token per call through ``decode``, against eager generation
+    through the same wrapper."""
+    pkg = aotpack.load(llama_methods_pack.path)
+    m = pkg.manifest
+    assert [r.name for r in m.methods] == ["prefill", "decode"]
+    decode = pkg.methods["decode"].entries
+    assert len(decode) == 1 and decode[0].guards.label().count("[1, 1]") == 1
+    assert all(r.positions and r.positions[0].input == "cache_position" for r in m.methods)
+    prompt, steps = [5, 17, 42, 8], 12
+    s = pkg.session()
+    _, eager = wrapped("llama")
+    with torch.inference_mode():
+        logits = s.prefill(input_ids=torch.tensor([prompt]), cache_position=torch.tensor([0]))
+        want = eager(input_ids=torch.tensor([prompt]), cache_position=torch.tensor([0]))
+        got_tokens, want_tokens = [int(logits[0, -1].argmax())], [int(want[0, -1].argmax())]
+        for i in range(steps):
+            pos = torch.tensor([len(prompt) + i])
+            got = s.decode(input_ids=torch.tensor([[got_tokens[-1]]]), cache_position=pos)
+            want = eager(input_ids=torch.tensor([[want_tokens[-1]]]), cache_position=pos)
+            got_tokens.append(int(got[0, -1].argmax()))
+            want_tokens.append(int(want[0, -1].argmax()))
+    assert got_tokens == want_tokens
+    with pytest.raises(GuardError):
+        s.decode(input_ids=torch.tensor([[1, 2]]), cache_position=torch.tensor([20]))  # decode is one token
+
+
+def test_inspect_shows_methods_weights_and_state(seq2seq_pack, two_tower_pack):
+    from click.testing import CliRunner
+
+    from cli.main import cli
+
+    text = CliRunner().invoke(cli, ["inspect", str(seq2seq_pack.path)]).output
+    assert "methods:  2 (encode, decode)" in text
+    assert "method decode: entries 1" in text and "writes state self_k_cache, self_v_cache" in text
+    assert "reads 13 weights (1 shared: embed.weight)" in text
+    info = json.loads(CliRunner().invoke(cli, ["inspect", str(two_tower_pack.path), "--json"]).output)
+    image = info["methods"][1]
+    assert image["name"] == "encode_image" and image["shared_weights"] == ["projection.weight"]
+    result = CliRunner().invoke(cli, ["run", str(seq2seq_pack.path), "--method", "encode", "--repeat", "2"])
+    assert result.exit_code == 0, result.output
+    assert "method encode" in result.output
+    result = CliRunner().invoke(cli, ["run", str(two_tower_pack.path), "--method", "nope"])
+    assert result.exit_code != 0 and "encode_text, encode_image" in result.output
+
+
+def test_a_manifest_with_bad_methods_is_refused(two_tower_pack, tmp_path):
+    """Each field of ``methods`` is checked by the reader: what, where, expected, actual."""
+    version, manifest, rest = split(two_tower_pack.path.read_bytes())
+    cases = [
+        (lambda m: m["methods"][0].update(name="1st"), r"manifest.methods\[0\].name is '1st'; expected a Python"),
+        (lambda m: m["methods"][1].update(entries=[0]), r"methods\[1\] \('encode_image'\) lists entry 0, which method "
+                                                        r"'encode_text' also lists"),
+        (lambda m: m["methods"][1].update(entries=[7]), r"methods\[1\].entries\[0\] is 7; expected an index into "
+                                                        r"manifest.entries \(0..1\)"),
+        (lambda m: m["methods"][1].update(entries=[]), r"methods\[1\].entries is empty"),
+        (lambda m: m["methods"].pop(), r"manifest.entries \[1\] belong to no method"),
+        (lambda m: m["methods"][1].update(name="encode_text"), r"'encode_text' is also the name of an earlier"),
+        (lambda m: m["methods"][0].update(writes=["kv"]), r"methods\[0\].writes names 'kv', which is not a state"),
+        (lambda m: m["methods"][0].update(positions=[{"input": "ids", "limit": 4, "span": 1}]),
+         r"methods\[0\].positions is not empty in a pack without state"),
+        (lambda m: m.update(format_version=4), r"manifest.methods is several methods, which format version 5 "
+                                               r"introduced, but the manifest says format version 4"),
+        (lambda m: m.update(example=m["methods"][0]["example"]), r"manifest.example is present in a pack with methods"),
+        (lambda m: m.update(methods=[]), r"manifest.methods is empty"),
+    ]
+    for i, (change, message) in enumerate(cases):
+        bad = copy.deepcopy(manifest)
+        change(bad)
+        path = tmp_path / f"bad{i}.pack"
+        path.write_bytes(join(bad["format_version"], fmt.canonical_json(bad), rest))
+        with pytest.raises(ArchiveError, match=message):
+            aotpack.load(path)
+
+
+def test_forward_alone_through_methods_is_todays_pack(tmp_path):
+    """``methods={"forward": ...}`` builds the very pack that the plain arguments build: same bytes, no
+    ``methods`` field, its older format version."""
+    sys.path.insert(0, str(EXAMPLES))
+    import mlp
+
+    plain, through = tmp_path / "plain.pack", tmp_path / "through.pack"
+    aotpack.build(mlp.model, mlp.example_inputs, plain, cache=False)
+    aotpack.build(mlp.model, None, through, methods={"forward": aotpack.Method(example_inputs=mlp.example_inputs)},
+                  cache=False)
+    assert plain.read_bytes() == through.read_bytes()
+    m = Archive.open(plain).manifest
+    assert "methods" not in m.raw and m.format_version < 5
+    assert [r.name for r in m.method_table()] == ["forward"]
+
+
+@pytest.mark.parametrize("methods, message", [
+    ({}, r"non-empty dict"),
+    ({"session": aotpack.Method("encode_text", (torch.zeros(1, 3, dtype=torch.long),))},
+     r"'session' is an attribute of a loaded package or session"),
+    ({"encode": aotpack.Method(example_inputs=(torch.zeros(1, 3, dtype=torch.long),))},
+     r"has no method 'encode'; give fn="),
+    ({"encode_text": {"fn": None, "inputs": ()}}, r"unknown keys \['inputs'\]"),
+    ({"encode_text": aotpack.Method(example_inputs=[1])}, r"example_inputs must be a tuple"),
+])
+def test_bad_methods_are_build_errors(methods, message, tmp_path):
+    with pytest.raises(BuildError, match=message):
+        aotpack.build(programs.TwoTower(), None, tmp_path / "x.pack", methods=methods, cache=False)
