@@ -67,11 +67,6 @@ def build(model: Any, example_inputs: tuple | None = None, output: str | pathlib
 
     if output is None:
         raise BuildError("build needs output, the path of the pack to write")
-    if methods is not None and (example_inputs is not None or example_kwargs or dynamic_shapes is not None
-                                or specializations or cache_positions is not None):
-        raise BuildError("with methods=, each method gives its own example inputs, example_kwargs, dynamic_shapes, "
-                         "specializations and cache_positions (aotpack.Method); pass example_inputs=None and none "
-                         "of the others")
     if methods is None and example_inputs is None:
         raise BuildError("build needs example_inputs (a tuple), or methods= (name -> aotpack.Method)")
 

@@ -91,7 +91,7 @@ def _worker(task_path: str, result_path: str) -> int:
                            dynamic_shapes=dynamic, specializations=spec.specializations, options=options,
                            cache_positions=spec.cache_positions,
                            progress=lambda line: print(line, flush=True), cache=cache, source=task["model"],
-                           threads=task["threads"], model_file=model_file)
+                           threads=task["threads"], model_file=model_file, methods=spec.methods)
         except AotpackError as e:
             result["error"] = str(e)
             print(f"error: {e}", flush=True)

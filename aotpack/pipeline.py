@@ -505,6 +505,11 @@ def _build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, exa
     reset_peak_rss()
     options = (options or BuildOptions()).resolved()
     resolved = methods_mod.resolve(model, methods) if methods is not None else None
+    if resolved is not None and (example_inputs is not None or example_kwargs or dynamic_shapes is not None
+                                 or specializations or cache_positions is not None):
+        raise BuildError("with methods, each method gives its own example inputs, example_kwargs, dynamic_shapes "
+                         "(--dynamic), specializations and cache_positions (aotpack.Method); none may be given "
+                         "for the whole build")
     if resolved is not None and len(resolved) == 1 and resolved[0].name == fmt.DEFAULT_METHOD \
             and resolved[0].is_forward:
         # forward alone: the pack of one forward, as if built without methods

@@ -256,13 +256,14 @@ def two_tower_pack(session_dir) -> Built:
 @pytest.fixture(scope="session")
 def llama_methods_pack(session_dir) -> Built:
     """The tiny Llama of examples/llm behind the static-cache wrapper, as two methods of its forward sharing
-    one KV cache: ``prefill`` (1 to 63 tokens) and ``decode`` (exactly one token)."""
-    import aotpack
+    one KV cache: ``prefill`` (1 to 63 tokens) and ``decode`` (exactly one token). Built by ``aotpack build``
+    from the model file (its module-level ``methods``)."""
+    from click.testing import CliRunner
 
-    sys.path.insert(0, str(EXAMPLES / "llm"))
-    import llama_methods
+    from cli.main import cli
 
     path = session_dir / "llama-methods.pack"
     if not path.exists():
-        aotpack.build(llama_methods.model, None, path, methods=llama_methods.methods)
-    return Built("llama-methods", path, llama_methods.model, ())
+        result = CliRunner().invoke(cli, ["build", str(EXAMPLES / "llm" / "llama_methods.py"), "-o", str(path)])
+        assert result.exit_code == 0, result.output
+    return Built("llama-methods", path, None, ())

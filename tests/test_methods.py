@@ -132,9 +132,10 @@ def test_inspect_shows_methods_weights_and_state(seq2seq_pack, two_tower_pack):
     from cli.main import cli
 
     text = CliRunner().invoke(cli, ["inspect", str(seq2seq_pack.path)]).output
-    assert "methods:  2 (encode, decode)" in text
-    assert "method decode: entries 1" in text and "writes state self_k_cache, self_v_cache" in text
-    assert "reads 13 weights (1 shared: embed.weight)" in text
+    assert "methods:  2 (encode, decode;" in text and "entry 1 [cpu] of decode" in text
+    assert ("method decode: entries 1; reads 9 weights (1 shared: embed.weight); reads state cross_k_cache, "
+            "cross_v_cache; writes state self_k_cache, self_v_cache") in text
+    assert "method encode: entries 0; reads 7 weights (1 shared: embed.weight); writes state cross_k_cache" in text
     info = json.loads(CliRunner().invoke(cli, ["inspect", str(two_tower_pack.path), "--json"]).output)
     image = info["methods"][1]
     assert image["name"] == "encode_image" and image["shared_weights"] == ["projection.weight"]
@@ -202,3 +203,85 @@ def test_forward_alone_through_methods_is_todays_pack(tmp_path):
 def test_bad_methods_are_build_errors(methods, message, tmp_path):
     with pytest.raises(BuildError, match=message):
         aotpack.build(programs.TwoTower(), None, tmp_path / "x.pack", methods=methods, cache=False)
+
+
+def test_a_model_file_defines_methods(tmp_path):
+    """The model file convention: module-level ``model`` and ``methods``; ``example_inputs`` then belongs to
+    each method, and giving both is an error."""
+    from aotpack.modelfile import load_model_file
+    from aotpack_runtime.errors import ModelFileError
+
+    spec = load_model_file(str(EXAMPLES / "llm" / "llama_methods.py"))
+    assert list(spec.methods) == ["prefill", "decode"] and spec.example_inputs is None
+    both = tmp_path / "both.py"
+    both.write_text("import torch, aotpack\nmodel = torch.nn.Linear(2, 2)\nexample_inputs = (torch.ones(2),)\n"
+                    "methods = {'forward': aotpack.Method(example_inputs=(torch.ones(2),))}\n")
+    with pytest.raises(ModelFileError, match=r"defines methods and also example_inputs"):
+        load_model_file(str(both))
+    empty = tmp_path / "empty.py"
+    empty.write_text("import torch\nmodel = torch.nn.Linear(2, 2)\nmethods = {}\n")
+    with pytest.raises(ModelFileError, match=r"methods in .* must be a non-empty dict"):
+        load_model_file(str(empty))
+
+
+def _asgi(app, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
+    """One request to the ASGI ``app`` in this process (no server, no socket)."""
+    import asyncio
+
+    raw = json.dumps(body).encode() if body is not None else b""
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": raw, "more_body": False}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
+             "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"",
+             "headers": [(b"content-length", str(len(raw)).encode())], "client": ("127.0.0.1", 1),
+             "server": ("127.0.0.1", 80)}
+    asyncio.run(app(scope, receive, send))
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    return start["status"], json.loads(b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"))
+
+
+def test_the_serving_example_serves_a_method_by_name(seq2seq_pack, two_tower_pack, monkeypatch):
+    """``POST /predict/{method}``, and in a session ``POST /sessions/{id}/predict/{method}``: encode, then
+    decode token by token over HTTP gives eager's tokens; an unknown method is a 404 naming those there are."""
+    pytest.importorskip("fastapi", reason="the serving example needs its extra: pip install -e '.[serve]'")
+    monkeypatch.syspath_prepend(str(EXAMPLES / "serve"))
+    import app as serve
+
+    towers = serve.build_app(aotpack.load(two_tower_pack.path))
+    ids = [[4, 8, 15, 16, 23]]
+    status, body = _asgi(towers, "POST", "/predict/encode_text", {"args": [ids]})
+    with torch.no_grad():
+        want = programs.TwoTower().eval().encode_text(torch.tensor(ids))
+    assert status == 200 and torch.allclose(torch.tensor(body["outputs"]), want, atol=1e-5)
+    status, body = _asgi(towers, "POST", "/predict/nope", {"args": [ids]})
+    assert status == 404 and "no method 'nope'; its methods: encode_text, encode_image" in body["error"]
+    assert _asgi(towers, "POST", "/predict", {"args": [ids]})[0] == 404  # no forward in this pack
+    status, health = _asgi(towers, "GET", "/health")
+    assert sorted(health["methods"]) == ["encode_image", "encode_text"]
+
+    seq = serve.build_app(aotpack.load(seq2seq_pack.path))
+    status, opened = _asgi(seq, "POST", "/sessions")
+    sid = opened["session"]
+    src = [[1, 5, 7, 2, 9, 4]]
+
+    def encode(x):
+        status, body = _asgi(seq, "POST", f"/sessions/{sid}/predict/encode", {"args": [x.tolist()]})
+        assert status == 200, body
+
+    def decode(token, pos):
+        status, body = _asgi(seq, "POST", f"/sessions/{sid}/predict/decode", {"args": [token.tolist(), pos.tolist()]})
+        assert status == 200, body
+        return torch.tensor(body["outputs"])
+
+    eager = programs.TinySeq2Seq().eval()
+    with torch.no_grad():
+        want_tokens = programs.greedy_seq2seq(eager.encode, eager.decode, torch.tensor(src), 5)
+    assert programs.greedy_seq2seq(encode, decode, torch.tensor(src), 5) == want_tokens
+    status, body = _asgi(seq, "POST", "/predict/encode", {"args": [src]})
+    assert status == 409 and f"/sessions/{{id}}/predict/encode" in body["error"]
