@@ -175,16 +175,15 @@ def test_a_manifest_with_bad_methods_is_refused(two_tower_pack, tmp_path):
             aotpack.load(path)
 
 
-def test_forward_alone_through_methods_is_todays_pack(tmp_path):
+def test_forward_alone_through_methods_is_todays_pack(mlp_pack, tmp_path):
     """``methods={"forward": ...}`` builds the very pack that the plain arguments build: same bytes, no
     ``methods`` field, its older format version."""
-    sys.path.insert(0, str(EXAMPLES))
-    import mlp
+    from aotpack.modelfile import load_model_file
 
-    plain, through = tmp_path / "plain.pack", tmp_path / "through.pack"
-    aotpack.build(mlp.model, mlp.example_inputs, plain, cache=False)
-    aotpack.build(mlp.model, None, through, methods={"forward": aotpack.Method(example_inputs=mlp.example_inputs)},
-                  cache=False)
+    spec = load_model_file(str(EXAMPLES / "mlp.py"))
+    plain, through = mlp_pack.path, tmp_path / "through.pack"
+    aotpack.build(spec.model, None, through, cache=False, methods={"forward": aotpack.Method(
+        example_inputs=spec.example_inputs, example_kwargs=spec.example_kwargs, dynamic_shapes=spec.dynamic_shapes)})
     assert plain.read_bytes() == through.read_bytes()
     m = Archive.open(plain).manifest
     assert "methods" not in m.raw and m.format_version < 5
