@@ -24,23 +24,29 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples" / "llm"))
 
 
-def _decode_rate(step, steps: int, start: int) -> float:
-    """Tokens per second of ``step(ids, pos)`` for one token at a time, median of 5 runs of ``steps``."""
-    rates = []
+def _decode_rates(steps: dict, calls: dict, start: int, rounds: int = 7) -> dict:
+    """Tokens per second of each ``step(ids, pos)`` (name -> function) for one token at a time: the median of
+    ``rounds`` runs of ``calls[name]`` tokens, the contenders taking turns in each round (so that a busy
+    moment of the host does not fall on one of them only)."""
+    rates: dict = {name: [] for name in steps}
     with torch.inference_mode():
-        for _ in range(5):
-            t0 = time.perf_counter()
-            for i in range(steps):
-                step(torch.tensor([[7]]), torch.tensor([start + i % (60 - start)]))
-            rates.append(steps / (time.perf_counter() - t0))
-    return statistics.median(rates)
+        for _ in range(rounds):
+            for name, step in steps.items():
+                t0 = time.perf_counter()
+                for i in range(calls[name]):
+                    step(torch.tensor([[7]]), torch.tensor([start + i % (60 - start)]))
+                rates[name].append(calls[name] / (time.perf_counter() - t0))
+    return {name: statistics.median(r) for name, r in rates.items()}
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--json", default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     import aotpack
     import llama_methods
     from decoders import model_file, wrapped
@@ -59,18 +65,19 @@ def main() -> int:
         aotpack.build(llama_methods.model, None, packs[name], methods={name: llama_methods.methods[name]},
                       cache=False)
     prompt = torch.tensor([[5, 17, 42, 8]])
-    rates = {}
     pkg = aotpack.load(packs["methods"])
     s = pkg.session()
-    s.prefill(input_ids=prompt, cache_position=torch.tensor([0]))
-    rates["pack, decode method"] = _decode_rate(lambda i, c: s.decode(input_ids=i, cache_position=c), args.steps, 4)
     single = aotpack.load(packs["single"]).session()
-    single(input_ids=prompt, cache_position=torch.tensor([0]))
-    rates["pack, one dynamic entry"] = _decode_rate(lambda i, c: single(input_ids=i, cache_position=c), args.steps, 4)
     _, eager = wrapped("llama")
     with torch.inference_mode():
+        s.prefill(input_ids=prompt, cache_position=torch.tensor([0]))
+        single(input_ids=prompt, cache_position=torch.tensor([0]))
         eager(input_ids=prompt, cache_position=torch.tensor([0]))
-    rates["eager"] = _decode_rate(lambda i, c: eager(input_ids=i, cache_position=c), max(20, args.steps // 10), 4)
+    rates = _decode_rates({"pack, decode method": lambda i, c: s.decode(input_ids=i, cache_position=c),
+                           "pack, one dynamic entry": lambda i, c: single(input_ids=i, cache_position=c),
+                           "eager": lambda i, c: eager(input_ids=i, cache_position=c)},
+                          {"pack, decode method": args.steps, "pack, one dynamic entry": args.steps,
+                           "eager": max(20, args.steps // 10)}, 4)
     sizes = {name: os.path.getsize(path) for name, path in packs.items()}
     result = {"host": {"cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                        "load_average": os.getloadavg()},
