@@ -267,3 +267,16 @@ def llama_methods_pack(session_dir) -> Built:
         result = CliRunner().invoke(cli, ["build", str(EXAMPLES / "llm" / "llama_methods.py"), "-o", str(path)])
         assert result.exit_code == 0, result.output
     return Built("llama-methods", path, None, ())
+
+
+@pytest.fixture(scope="session")
+def t5_pack(session_dir) -> Built:
+    """A tiny T5 through transformers' seq2seq export wrappers, as a pack of ``encode`` and ``decode``."""
+    import aotpack
+    import programs
+
+    path = session_dir / "t5.pack"
+    program = programs.t5_program()
+    if not path.exists():
+        aotpack.build(program, None, path, methods=programs.t5_methods(program))
+    return Built("t5", path, program, ())

@@ -91,3 +91,60 @@ def two_tower_methods(model: TwoTower) -> dict:
     return {"encode_text": aotpack.Method(model.encode_text, (torch.arange(5).reshape(1, 5),),
                                           dynamic_shapes={"ids": {1: Dim("tokens", min=2, max=32)}}),
             "encode_image": aotpack.Method(model.encode_image, (torch.randn(2, 4, 12),))}
+
+
+def t5_program(cache_len: int = 32):
+    """A tiny ``T5ForConditionalGeneration`` (random weights) behind transformers' own seq2seq export
+    wrappers, as one module of two methods: ``encode(input_ids)`` and ``decode(decoder_input_ids,
+    encoder_hidden_states, cache_position)`` with a static self-attention cache (the wrappers pass the encoder
+    output to every decode step). The embedding is shared by the encoder, the decoder and the LM head."""
+    from transformers import T5Config, T5ForConditionalGeneration
+    from transformers.integrations.executorch import (Seq2SeqLMDecoderExportableModuleWithStaticCache,
+                                                      Seq2SeqLMEncoderExportableModule)
+
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+                      decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    t5 = T5ForConditionalGeneration(config).eval()
+    t5.generation_config.use_cache = True
+    t5.generation_config.cache_implementation = "static"
+
+    class T5Program(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = Seq2SeqLMEncoderExportableModule(t5.get_encoder())
+            self.dec = Seq2SeqLMDecoderExportableModuleWithStaticCache(t5, cache_len, 1)
+
+        def encode(self, input_ids):
+            return self.enc(input_ids)
+
+        def decode(self, decoder_input_ids, encoder_hidden_states, cache_position):
+            return self.dec(decoder_input_ids, encoder_hidden_states, cache_position)
+
+    return T5Program().eval()
+
+
+T5_SOURCE = torch.tensor([[5, 17, 42, 8, 9, 3]])
+
+
+def t5_methods(program) -> dict:
+    import aotpack
+
+    with torch.no_grad():
+        hidden = program.encode(T5_SOURCE)
+    return {"encode": aotpack.Method(program.encode, (T5_SOURCE,)),
+            "decode": aotpack.Method(program.decode, (torch.tensor([[0]]), hidden, torch.tensor([0])),
+                                     cache_positions={"input": "cache_position", "limit": 32,
+                                                      "span": ["decoder_input_ids", 1]})}
+
+
+def greedy_t5(encode, decode, steps: int) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy decoding of ``T5_SOURCE``: the tokens and each step's logits."""
+    hidden = encode(T5_SOURCE)
+    token, tokens, logits = 0, [], []
+    for pos in range(steps):
+        out = decode(torch.tensor([[token]]), hidden, torch.tensor([pos]))
+        token = int(out[0, -1].argmax())
+        tokens.append(token)
+        logits.append(out)
+    return tokens, logits

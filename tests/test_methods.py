@@ -284,3 +284,23 @@ def test_the_serving_example_serves_a_method_by_name(seq2seq_pack, two_tower_pac
     assert programs.greedy_seq2seq(encode, decode, torch.tensor(src), 5) == want_tokens
     status, body = _asgi(seq, "POST", "/predict/encode", {"args": [src]})
     assert status == 409 and f"/sessions/{{id}}/predict/encode" in body["error"]
+
+
+def test_t5_through_transformers_export_wrappers_gives_eager_tokens(t5_pack):
+    """T5's encoder and its static-cache decoder wrapper as two methods of one pack: greedy tokens and every
+    step's logits equal eager's; the embedding that encoder, decoder and LM head share is one weight, which
+    both methods read; ``encode`` touches no state and still runs in the session."""
+    pkg = aotpack.load(t5_pack.path)
+    names = [w.name for w in pkg.manifest.weights]
+    assert len(names) == len({w.blob for w in pkg.manifest.weights}) and \
+        sum("embed_tokens" in n or "shared" in n or "lm_head" in n for n in names) == 1
+    encode, decode = pkg.manifest.methods
+    assert encode.writes == () and len(decode.writes) == 6
+    s = pkg.session()
+    eager = programs.t5_program()
+    with torch.no_grad():
+        got_tokens, got = programs.greedy_t5(s.encode, s.decode, 10)
+        want_tokens, want = programs.greedy_t5(eager.encode, eager.decode, 10)
+    assert got_tokens == want_tokens
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
