@@ -93,8 +93,8 @@ def resolve(model: Any, methods: Any) -> list[Resolved]:
             raise BuildError(f"{where}: a method's name must be a Python identifier of at most 128 characters "
                              "(it is called as pkg.NAME(...))")
         if name in reserved or name.startswith("_"):
-            raise BuildError(f"{where}: {name!r} is {'private' if name.startswith('_') else 'an attribute of a loaded package or session'}"
-                             "; give the method another name")
+            what = "private" if name.startswith("_") else "an attribute of a loaded package or session"
+            raise BuildError(f"{where}: {name!r} is {what}; give the method another name")
         if isinstance(spec, dict):
             unknown = sorted(set(spec) - set(FIELDS))
             if unknown:

@@ -442,7 +442,8 @@ def _capture_methods(model: Any, resolved: list, options: BuildOptions, stages: 
         captures = []
         for r, calls in zip(resolved, calls_per_method):
             with methods_mod.as_forward(model, r):
-                captures.append([capture.capture(model, args, kwargs, dynamic_shapes=dyn) for args, kwargs, dyn in calls])
+                captures.append([capture.capture(model, args, kwargs, dynamic_shapes=dyn)
+                                 for args, kwargs, dyn in calls])
     per_method: list[list] = []
     with stages.stage("guards"):
         for r, calls, caps in zip(resolved, calls_per_method, captures):

@@ -84,8 +84,9 @@ def main() -> int:
               "decode_tokens_per_s": {k: round(v, 1) for k, v in rates.items()},
               "pack_bytes": sizes, "build_s": {k: round(v, 1) for k, v in build_s.items()}}
     print(json.dumps(result, indent=2))
-    print(f"prefill+decode pack {sizes['methods']:,} bytes; prefill-only + decode-only {sizes['prefill'] + sizes['decode']:,} "
-          f"bytes ({sizes['methods'] / (sizes['prefill'] + sizes['decode']):.2f}x)")
+    apart = sizes["prefill"] + sizes["decode"]
+    print(f"prefill+decode pack {sizes['methods']:,} bytes; prefill-only + decode-only {apart:,} bytes "
+          f"({sizes['methods'] / apart:.2f}x)")
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     for path in packs.values():

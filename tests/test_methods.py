@@ -304,3 +304,18 @@ def test_t5_through_transformers_export_wrappers_gives_eager_tokens(t5_pack):
     assert got_tokens == want_tokens
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_a_pack_of_methods_is_reproducible_and_found_in_the_build_cache(two_tower_pack, tmp_path):
+    """Built again without the cache, in another folder: the same bytes. Built again with the cache (which the
+    fixture's build filled): a hit by the graph key, the same bytes."""
+    from aotpack.buildcache import BuildCache
+    from aotpack.pipeline import build as pipeline_build
+
+    model = programs.TwoTower().eval()
+    again = tmp_path / "again.pack"
+    aotpack.build(model, None, again, methods=programs.two_tower_methods(model), cache=False)
+    assert again.read_bytes() == two_tower_pack.path.read_bytes()
+    cached = tmp_path / "cached.pack"
+    report = pipeline_build(model, None, cached, methods=programs.two_tower_methods(model), cache=BuildCache.open(True))
+    assert report.hit == "graph" and cached.read_bytes() == two_tower_pack.path.read_bytes()
