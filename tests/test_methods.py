@@ -283,7 +283,7 @@ def test_the_serving_example_serves_a_method_by_name(seq2seq_pack, two_tower_pac
         want_tokens = programs.greedy_seq2seq(eager.encode, eager.decode, torch.tensor(src), 5)
     assert programs.greedy_seq2seq(encode, decode, torch.tensor(src), 5) == want_tokens
     status, body = _asgi(seq, "POST", "/predict/encode", {"args": [src]})
-    assert status == 409 and f"/sessions/{{id}}/predict/encode" in body["error"]
+    assert status == 409 and "/sessions/{id}/predict/encode" in body["error"]
 
 
 def test_t5_through_transformers_export_wrappers_gives_eager_tokens(t5_pack):
