@@ -319,3 +319,21 @@ def test_a_pack_of_methods_is_reproducible_and_found_in_the_build_cache(two_towe
     cached = tmp_path / "cached.pack"
     report = pipeline_build(model, None, cached, methods=programs.two_tower_methods(model), cache=BuildCache.open(True))
     assert report.hit == "graph" and cached.read_bytes() == two_tower_pack.path.read_bytes()
+
+
+def test_verify_compares_each_method_and_build_refuses_dynamic_with_methods(two_tower_pack, tmp_path):
+    """``aotpack verify --against`` a model file with ``methods`` runs every method against eager;
+    ``aotpack build --dynamic`` on such a file is a usage error (each method gives its own shapes)."""
+    from click.testing import CliRunner
+
+    from cli.main import cli
+
+    model_file = tmp_path / "towers.py"
+    model_file.write_text("import programs\nmodel = programs.TwoTower().eval()\n"
+                          "methods = programs.two_tower_methods(model)\n")
+    result = CliRunner().invoke(cli, ["verify", str(two_tower_pack.path), "--against", str(model_file)])
+    assert result.exit_code == 0, result.output
+    assert "cpu, encode_text: max relative error" in result.output and "cpu, encode_image" in result.output
+    result = CliRunner().invoke(cli, ["build", str(model_file), "-o", str(tmp_path / "x.pack"), "--dynamic",
+                                      "ids:1=2..8"])
+    assert result.exit_code == 2 and "--dynamic does not apply to" in result.output
