@@ -1,6 +1,7 @@
 """aotpack: ahead-of-time export and packaging for PyTorch models.
 
-``aotpack.build(model, example_inputs, output)`` compiles a model into one archive;
+``aotpack.build(model, example_inputs, output)`` compiles a model into one archive (``methods=`` several of
+its methods, ``aotpack.Method``, into one archive sharing weights and state);
 ``aotpack.load(path)`` loads it for serving; ``aotpack.sign(path, key)`` signs it. ``import aotpack`` stays
 light: the build side (Dynamo, Inductor) is imported only when ``build`` is called, the signing package only
 when ``sign`` is.
@@ -17,14 +18,17 @@ __version__ = "0.1.0"
 
 from aotpack_runtime import (AotpackError, ArchiveError, CaptureError, Entry, GuardError, Package,  # noqa: E402
                              Session, SessionError, load)
-from aotpack_runtime.errors import BuildError, ModelFileError, SigningError  # noqa: E402
+from aotpack_runtime.errors import BuildError, MethodError, ModelFileError, SigningError  # noqa: E402
+
+from .methods import Method  # noqa: E402
 
 
-def build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, example_kwargs: dict | None = None,
+def build(model: Any, example_inputs: tuple | None = None, output: str | pathlib.Path | None = None, *,
+          example_kwargs: dict | None = None,
           dynamic_shapes: Any = None, specializations: Any = (), cpu_isa: str | None = None,
           devices: tuple[str, ...] = ("cpu",), cuda_archs: Any = (), without_gpu: bool = False,
           cpu_threads: int | None = None, cache_positions: Any = None, cache: Any = True,
-          progress: Any = None) -> pathlib.Path:
+          progress: Any = None, methods: dict | None = None) -> pathlib.Path:
     """Capture, guard, compile and package ``model(*example_inputs, **example_kwargs)`` into ``output``.
 
     ``model`` is an ``nn.Module`` or a plain function of tensors; ``example_inputs`` a tuple. Module state
@@ -48,6 +52,12 @@ def build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, exam
     ``~/.cache/aotpack/build``, a path picks another folder, ``False`` always compiles. A pack is reused only
     when everything that decides its bytes is the same (graph, weights, example inputs, options, toolchain),
     so the cache changes how long a build takes, never what it writes.
+    ``methods`` builds several methods of one module into one pack: ``{"encode": aotpack.Method(model.encode,
+    (x,)), "decode": aotpack.Method(model.decode, (t,), dynamic_shapes=...)}``; each method has its own example
+    inputs and kwargs, ``dynamic_shapes``, ``specializations`` and ``cache_positions`` (``example_inputs`` and
+    the arguments above for them are then not given). Weights read by several methods are stored once; the
+    buffers any method writes in place are one state that a session shares between methods
+    (``s = pkg.session(); s.encode(x); s.decode(t)``). ``forward`` alone builds the pack of one forward.
     ``progress`` says where the build's progress goes, one line per stage and event as the CLI prints them:
     ``None`` (default) to stderr when stderr is a terminal, else nowhere; ``True`` to stderr always; ``False``
     nowhere; a function is called with each line.
@@ -55,12 +65,16 @@ def build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, exam
     """
     from . import front
 
+    if output is None:
+        raise BuildError("build needs output, the path of the pack to write")
+    if methods is None and example_inputs is None:
+        raise BuildError("build needs example_inputs (a tuple), or methods= (name -> aotpack.Method)")
     options = front.options(cpu_isa=cpu_isa, devices=devices, cuda_archs=cuda_archs, without_gpu=without_gpu,
                             cpu_threads=cpu_threads)
     report = front.build(model, example_inputs, output, options=options, cache=cache, progress=_progress(progress),
                          source=f"aotpack.build({type(model).__name__})", example_kwargs=example_kwargs,
                          dynamic_shapes=dynamic_shapes, specializations=specializations,
-                         cache_positions=cache_positions)
+                         cache_positions=cache_positions, methods=methods)
     return report.output
 
 
@@ -94,5 +108,6 @@ def sign(pack: str | pathlib.Path, key: str | pathlib.Path, output: str | pathli
     return pathlib.Path(written)
 
 
-__all__ = ["build", "load", "sign", "Package", "Session", "Entry", "AotpackError", "ArchiveError", "CaptureError",
-           "GuardError", "SessionError", "BuildError", "ModelFileError", "SigningError", "__version__"]
+__all__ = ["build", "load", "sign", "Method", "Package", "Session", "Entry", "AotpackError", "ArchiveError",
+           "CaptureError", "GuardError", "MethodError", "SessionError", "BuildError", "ModelFileError", "SigningError",
+           "__version__"]

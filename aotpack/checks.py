@@ -129,8 +129,17 @@ def _compare(pkg, against: str, tolerance: float) -> str:
     texts = []
     for device in devices:
         move = (lambda v: v.to(device) if isinstance(v, torch.Tensor) else v)
-        args, kwargs = pytree.tree_map(move, (spec.example_inputs, spec.example_kwargs))
         model = spec.model.to(device) if isinstance(spec.model, torch.nn.Module) else spec.model
+        if spec.methods is not None:
+            # each method on its own example inputs, against the model's method
+            from .methods import resolve
+
+            for r in resolve(model, spec.methods):
+                args, kwargs = pytree.tree_map(move, (r.example_inputs, r.example_kwargs))
+                worst = _worst(getattr(pkg, r.name), r.call, args, kwargs, tolerance)
+                texts.append(f"{device}, {r.name}: max relative error {worst:.2e}")
+            continue
+        args, kwargs = pytree.tree_map(move, (spec.example_inputs, spec.example_kwargs))
         texts.append(f"{device}: max relative error {_worst(pkg, model, args, kwargs, tolerance):.2e}")
     return f"matches eager on {against}'s example inputs ({'; '.join(texts)})"
 

@@ -35,28 +35,35 @@ def cache_setting(no_cache: bool, cache_dir: str | os.PathLike | None) -> Any:
 def build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, options: BuildOptions, cache: Any,
           progress: ProgressFn | None, source: str, example_kwargs: dict | None = None, dynamic_shapes: Any = None,
           specializations: Sequence = (), cache_positions: Any = None, threads: int | None = None,
-          model_file: Any = None):
+          model_file: Any = None, methods: Any = None):
     """Run the pipeline (``pipeline.build``) with the build cache ``cache`` names (``True``: the default
-    folder, a path: that folder, ``False``/``None``: none); return its ``BuildReport``."""
+    folder, a path: that folder, ``False``/``None``: none); return its ``BuildReport``. ``methods``: the
+    program's methods (name -> ``aotpack.Method``), see ``pipeline.build``."""
     from .pipeline import build as run
 
     return run(model, example_inputs, output, example_kwargs=example_kwargs, dynamic_shapes=dynamic_shapes,
                specializations=specializations, options=options, progress=progress,
                cache_positions=cache_positions, cache=BuildCache.open(cache), source=source, threads=threads,
-               model_file=model_file)
+               model_file=model_file, methods=methods)
 
 
 def build_file(target: str, output: str | pathlib.Path, *, options: BuildOptions, cache: Any,
                progress: ProgressFn | None, dynamic_shapes: Any = None, threads: int | None = None):
     """Load the model file ``target`` (``FILE.py`` or ``FILE.py:NAME``, see ``modelfile``) and :func:`build`
-    it; ``dynamic_shapes``, when given, replaces the file's."""
+    it (its ``methods`` too, where it defines them); ``dynamic_shapes``, when given, replaces the file's (a
+    ``BuildError`` for a file that defines methods: each method has its own)."""
+    from aotpack_runtime.errors import BuildError
+
     from . import sourcekey
 
     if progress is not None:
         progress(f"loading {target}")
     spec, model_file = sourcekey.load(target)
+    if spec.methods is not None and dynamic_shapes is not None:
+        raise BuildError(f"--dynamic does not apply to {target}, which defines methods: give each method's "
+                         "dynamic_shapes in its aotpack.Method")
     return build(spec.model, spec.example_inputs, output, options=options, cache=cache, progress=progress,
                  source=target, example_kwargs=spec.example_kwargs,
                  dynamic_shapes=dynamic_shapes if dynamic_shapes is not None else spec.dynamic_shapes,
                  specializations=spec.specializations, cache_positions=spec.cache_positions, threads=threads,
-                 model_file=model_file)
+                 model_file=model_file, methods=spec.methods)

@@ -1,10 +1,11 @@
 """The model file convention of the CLI.
 
 ``FILE.py`` is imported and its module-level ``model`` and ``example_inputs`` (and ``example_kwargs``,
-``dynamic_shapes``, ``specializations``, ``cache_positions`` if present) are used; ``FILE.py:NAME`` calls the zero-argument
+``dynamic_shapes``, ``specializations``, ``cache_positions`` if present) are used, or ``model`` and
+``methods`` (name -> ``aotpack.Method``: a pack of several methods); ``FILE.py:NAME`` calls the zero-argument
 function ``NAME``, which returns ``(model, example_inputs)``, ``(model, example_inputs, example_kwargs)``, or
-a dict with the keys ``model`` and ``example_inputs`` and optionally ``example_kwargs``, ``dynamic_shapes``,
-``specializations``, ``cache_positions``.
+a dict with the keys ``model`` and ``example_inputs`` (or ``methods``) and optionally ``example_kwargs``,
+``dynamic_shapes``, ``specializations``, ``cache_positions``.
 
 May not: capture: it imports the user's file and returns what it names.
 """
@@ -22,7 +23,8 @@ from typing import Any
 from aotpack_runtime.errors import ModelFileError
 
 
-_FIELDS = ("model", "example_inputs", "example_kwargs", "dynamic_shapes", "specializations", "cache_positions")
+_FIELDS = ("model", "example_inputs", "example_kwargs", "dynamic_shapes", "specializations", "cache_positions",
+           "methods")
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,7 @@ class ModelSpec:
     specializations: tuple = ()
     cache_positions: Any = None
     source: str = ""
+    methods: dict | None = None  # name -> aotpack.Method: a pack of several methods (example_inputs is then None)
 
 
 def _import(path: str) -> Any:
@@ -84,7 +87,8 @@ def load_model_file(target: str) -> ModelSpec:
             raise ModelFileError(f"calling {path}:{func}() failed: {type(e).__name__}: {e}") from e
         if isinstance(result, dict):
             unknown = sorted(set(result) - set(_FIELDS))
-            missing = [k for k in ("model", "example_inputs") if k not in result]
+            missing = [k for k in ("model", "example_inputs" if "methods" not in result else "methods")
+                       if k not in result]
             if unknown or missing:
                 raise ModelFileError(f"{path}:{func}() returned a dict "
                                      f"{'with unknown keys ' + str(unknown) if unknown else 'without ' + str(missing)}; "
@@ -96,16 +100,20 @@ def load_model_file(target: str) -> ModelSpec:
                                  f"{type(result).__name__ if not isinstance(result, tuple) else f'a tuple of {len(result)}'}")
         else:
             extras = dict(zip(_FIELDS, result))
-        model, inputs, kwargs = extras["model"], extras["example_inputs"], extras.get("example_kwargs") or {}
+        model, inputs, kwargs = extras["model"], extras.get("example_inputs"), extras.get("example_kwargs") or {}
     else:
-        missing = [n for n in ("model", "example_inputs") if not hasattr(module, n)]
+        missing = [n for n in ("model", "example_inputs" if not hasattr(module, "methods") else "methods")
+                   if not hasattr(module, n)]
         if missing:
             raise ModelFileError(f"{path} defines no {' and no '.join(repr(m) for m in missing)}: a model file "
                                  "sets module-level `model` and `example_inputs` (a tuple), or use "
                                  f"'{path}:NAME' to name a function that returns (model, example_inputs)")
         extras = {k: getattr(module, k) for k in _FIELDS if hasattr(module, k)}
-        model, inputs = module.model, module.example_inputs
+        model, inputs = module.model, getattr(module, "example_inputs", None)
         kwargs = getattr(module, "example_kwargs", {}) or {}
+    methods = extras.get("methods")
+    if methods is not None:
+        return _with_methods(target, model, methods, extras)
     if not isinstance(inputs, tuple):
         raise ModelFileError(f"example_inputs in {target} must be a tuple, got {type(inputs).__name__}; "
                              "write example_inputs = (x,) for one input")
@@ -119,6 +127,21 @@ def load_model_file(target: str) -> ModelSpec:
     return ModelSpec(model=model, example_inputs=inputs, example_kwargs=kwargs,
                      dynamic_shapes=extras.get("dynamic_shapes"), specializations=tuple(specializations),
                      cache_positions=extras.get("cache_positions"), source=target)
+
+
+def _with_methods(target: str, model: Any, methods: Any, extras: dict) -> ModelSpec:
+    """The spec of a model file that defines ``methods``: each method carries its own example inputs."""
+    if not isinstance(methods, dict) or not methods:
+        raise ModelFileError(f"methods in {target} must be a non-empty dict of name -> aotpack.Method, got "
+                             f"{type(methods).__name__ if not isinstance(methods, dict) else 'an empty dict'}")
+    given = [k for k in ("example_inputs", "example_kwargs", "dynamic_shapes", "specializations", "cache_positions")
+             if extras.get(k) not in (None, {}, (), [])]
+    if given:
+        raise ModelFileError(f"{target} defines methods and also {', '.join(given)}; with methods, each method gives "
+                             "its own (aotpack.Method(fn, example_inputs, ...))")
+    if not callable(model):
+        raise ModelFileError(f"model in {target} is a {type(model).__name__}, not a module")
+    return ModelSpec(model=model, example_inputs=None, source=target, methods=dict(methods))  # type: ignore[arg-type]
 
 
 _DYNAMIC = re.compile(r"([A-Za-z_]\w*):(\d+)=(?:([A-Za-z_]\w*):)?(\d+)\.\.(\d*)")

@@ -22,6 +22,7 @@ from aotpack_runtime.guards import EntryGuards, dtype_name, stored_dtype
 from aotpack_runtime.platform import KNOWN_FLAGS, host_cpu_flags, host_machine, torch_minor
 
 from . import __version__, _torch, buildcache, capture, compile, guards, package, sourcekey, state, toolchain
+from . import methods as methods_mod
 from .memory import peak_rss, reset_peak_rss
 from .options import BuildOptions
 
@@ -101,13 +102,13 @@ def _dtype(t: torch.Tensor, what: str) -> str:
     return name
 
 
-def _example_record(captured: capture.Captured, blobs: list) -> dict:
+def _example_record(captured: capture.Captured, blobs: list, method: str | None = None) -> dict:
     flat, treespec = guards._torch.tree_flatten((captured.args, captured.kwargs))
     spec = guards.spec_to_json(treespec, "inputs")
     leaves = []
     for v in flat:
         if isinstance(v, torch.Tensor):
-            name = fmt.example_blob(len(leaves))
+            name = fmt.example_blob(len(leaves), method)
             blobs.append(package.Blob(name, package.tensor_bytes(v)))
             leaves.append({"kind": "tensor", "blob": name, "dtype": _dtype(v, "an example input"),
                            "shape": list(v.shape),
@@ -146,10 +147,11 @@ def _accepting_entry(entries: list, args: tuple, kwargs: dict) -> int | None:
     return None
 
 
-def _weights(entries: list, compiled: list, state_names: tuple[str, ...] = ()) \
+def _weights(entries: list, compiled: list, state_names: tuple[str, ...] = (), by_identity: bool = False) \
         -> tuple[list[dict], list[package.Blob], dict[str, torch.Tensor]]:
     """Every constant any entry needs, stored once, by its name in the model; the state buffers among them
-    are returned apart (name -> initial value)."""
+    are returned apart (name -> initial value). ``by_identity`` (packs of several methods): weights of two
+    names that are the same tensor (tied weights) share one blob."""
     tensors: dict[str, torch.Tensor] = {}
     for (captured, _), code in zip(entries, compiled):
         ep = captured.exported
@@ -167,14 +169,33 @@ def _weights(entries: list, compiled: list, state_names: tuple[str, ...] = ()) \
                          "would serve their build-time values. Report it with the model")
     state = {n: tensors.pop(n) for n in state_names}
     records, blobs = [], []
-    for i, name in enumerate(sorted(tensors)):
+    seen: dict[tuple, str] = {}
+    for name in sorted(tensors):
         t = tensors[name]
-        # Weights stay uncompressed: the loader maps them from the file (shared, no copy, no decompression);
-        # the writer streams them from the tensor's memory (no copy at build time either).
-        blobs.append(package.Blob(fmt.weight_blob(i), t, compressible=False))
-        records.append({"name": name, "blob": fmt.weight_blob(i), "dtype": _dtype(t, f"the weight {name!r}"),
+        identity = _identity(t) if by_identity else None
+        blob = seen.get(identity) if identity is not None else None
+        if blob is None:
+            blob = fmt.weight_blob(len(blobs))
+            # Weights stay uncompressed: the loader maps them from the file (shared, no copy, no decompression);
+            # the writer streams them from the tensor's memory (no copy at build time either).
+            blobs.append(package.Blob(blob, t, compressible=False))
+            if identity is not None:
+                seen[identity] = blob
+        records.append({"name": name, "blob": blob, "dtype": _dtype(t, f"the weight {name!r}"),
                         "shape": list(t.shape)})
     return records, blobs, state
+
+
+def _identity(t: torch.Tensor) -> tuple | None:
+    """What makes two tensors the same tensor: the memory they view and how (None for a tensor without
+    storage, which shares nothing)."""
+    try:
+        ptr = t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return None
+    if not ptr:
+        return None
+    return (t.device.type, ptr, t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
 
 
 def _compile_detail(options: BuildOptions, n: int) -> str:
@@ -238,7 +259,7 @@ def build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, exam
           dynamic_shapes: Any = None, specializations: Sequence = (), options: BuildOptions | None = None,
           progress: ProgressFn | None = None, cache_positions: Any = None,
           cache: buildcache.BuildCache | None = None, source: str = "", threads: int | None = None,
-          model_file: sourcekey.ModelFile | None = None) -> BuildReport:
+          model_file: sourcekey.ModelFile | None = None, methods: Any = None) -> BuildReport:
     """Run the whole pipeline; return a :class:`BuildReport`. ``progress`` receives one line per event.
 
     The first entry is captured from ``example_inputs`` (with ``dynamic_shapes``, torch.export's format);
@@ -250,6 +271,9 @@ def build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, exam
     processes the build runs at once (default: the cores this process may use); it never changes the pack.
     ``model_file`` (from ``sourcekey.load``) says the model came from a model file: with a cache, its source
     key is looked up first, and a hit copies the pack without capturing the model.
+    ``methods`` (name -> ``methods.Method``) builds several methods of the model into one pack, each with its
+    own example inputs, dynamic shapes, specializations and cache positions (the arguments above are then
+    unused); ``forward`` alone is built exactly as without ``methods``.
     """
     with warnings.catch_warnings():
         # torch's own deep copies of pytree specs warn about a deprecation inside torch; not the user's to fix
@@ -257,7 +281,7 @@ def build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, exam
         return _build(model, example_inputs, output, example_kwargs=example_kwargs, dynamic_shapes=dynamic_shapes,
                       specializations=specializations, options=options, progress=progress,
                       cache_positions=cache_positions, cache=cache, source=source, threads=threads,
-                      model_file=model_file)
+                      model_file=model_file, methods=methods)
 
 
 def _tensor_records(entries: list) -> dict:
@@ -276,7 +300,7 @@ def _tensor_records(entries: list) -> dict:
 
 
 def cache_key(entries: list, options: BuildOptions, example: dict, example_blobs: list, compiler: str,
-              state_names: tuple[str, ...] = (), positions: list | None = None) -> str:
+              state_names: tuple[str, ...] = (), positions: list | None = None, methods: list | None = None) -> str:
     """The build cache key of a build whose graphs are captured and guarded: see ``buildcache``."""
     graphs: dict[int, str] = {}
     records = []
@@ -292,6 +316,8 @@ def cache_key(entries: list, options: BuildOptions, example: dict, example_blobs
                 "frozen": {"training": entries[0][0].training}, "options": options.to_json(),
                 "inductor": _inductor_configs(options, bool(state_names)), **context_material(options, compiler),
                 "state": {"buffers": list(state_names), "positions": positions or []}}
+    if methods is not None:
+        material["methods"] = methods
     return buildcache.key_of(material)
 
 
@@ -390,6 +416,77 @@ def _capture_and_guard(model: Any, example_inputs: tuple, example_kwargs: dict |
     return [(c, g, d) for c, g in entries for d in options.devices], state_names, positions
 
 
+@dataclass
+class _Plan:
+    """What stages 1 and 2 found: one (captured, guards, device) per entry, the state buffers, and for a pack
+    of several methods each method's record (its entries, cache-position rules, the state it writes) and
+    its first capture (for its example record); ``methods`` is None for a pack of one forward."""
+
+    entries: list
+    state_names: tuple[str, ...]
+    positions: list
+    methods: list | None = None  # [(Resolved, {"entries": [...], "positions": [...], "writes": [...]}, Captured)]
+
+
+def _capture_methods(model: Any, resolved: list, options: BuildOptions, stages: _Stages) -> _Plan:
+    """Stages 1 and 2 for several methods: each method's example calls captured as the model's forward (names
+    stay the model's), entries kept per method as for one forward; the state is every buffer any method
+    writes, shared by all."""
+    calls_per_method = []
+    for r in resolved:
+        calls = [(r.example_inputs, r.example_kwargs, r.dynamic_shapes)]
+        calls += [(*_as_call(sp, r.example_kwargs, i), None) for i, sp in enumerate(r.specializations)]
+        calls_per_method.append(calls)
+    n_calls = sum(len(c) for c in calls_per_method)
+    with stages.stage("capture", f"Dynamo, fullgraph; {len(resolved)} methods, {n_calls} example input(s)"):
+        captures = []
+        for r, calls in zip(resolved, calls_per_method):
+            with methods_mod.as_forward(model, r):
+                captures.append([capture.capture(model, args, kwargs, dynamic_shapes=dyn)
+                                 for args, kwargs, dyn in calls])
+    per_method: list[list] = []
+    with stages.stage("guards"):
+        for r, calls, caps in zip(resolved, calls_per_method, captures):
+            entries: list[tuple[capture.Captured, guards.Guards]] = []
+            for i, ((args, kwargs, _), captured) in enumerate(zip(calls, caps)):
+                served_by = _accepting_entry(entries, args, kwargs)
+                if served_by is not None:
+                    stages.say(f"      {r.name} example {i}: served by its entry {served_by}, no new entry")
+                    continue
+                entries.append((captured, guards.derive(captured)))
+                _check_accepts_own_example(entries[-1][1], args, kwargs, len(entries) - 1)
+                label = EntryGuards.from_json(entries[-1][1].to_json(), f"entry {len(entries) - 1}").label()
+                stages.say(f"      {r.name} example {i}: its entry {len(entries) - 1} ({label})")
+            per_method.append(entries)
+        state_names = tuple(sorted(set().union(*(c.state for entries in per_method for c, _ in entries))))
+        flat: list = []
+        records = []
+        for r, entries, caps in zip(resolved, per_method, captures):
+            indices = []
+            for c, g in entries:
+                for d in options.devices:
+                    indices.append(len(flat))
+                    flat.append((c, g, d))
+            positions = []
+            if state_names:
+                with methods_mod.as_forward(model, r):
+                    positions = state.position_rules(model, r.cache_positions, r.example_kwargs, r.example_inputs,
+                                                     caps[0].param_names)
+            elif r.cache_positions is not None:
+                raise BuildError(f"methods[{r.name!r}].cache_positions was given, but no method writes a buffer in "
+                                 "place: a pack without state has no cache")
+            writes = sorted(set().union(*(c.state for c, _ in entries)))
+            records.append((r, {"name": r.name, "entries": indices, "positions": positions, "writes": writes},
+                            caps[0]))
+            stages.say(f"      method {r.name}: entries {', '.join(map(str, indices))}"
+                       + (f"; writes {len(writes)} state buffer(s)" if writes else "")
+                       + (f"; cache positions in {', '.join(repr(p['input']) for p in positions)}" if positions
+                          else ""))
+        if state_names:
+            stages.say(f"      state: {len(state_names)} buffer(s) written in place, one copy shared by every method")
+    return _Plan(flat, state_names, [], records)
+
+
 def build_key(model: Any, example_inputs: tuple, *, example_kwargs: dict | None = None, dynamic_shapes: Any = None,
               specializations: Sequence = (), options: BuildOptions | None = None, cache_positions: Any = None) -> str:
     """The build cache key a build with these arguments would have (capture and guards only, no compile)."""
@@ -405,9 +502,21 @@ def build_key(model: Any, example_inputs: tuple, *, example_kwargs: dict | None 
 def _build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, example_kwargs: dict | None,
            dynamic_shapes: Any, specializations: Sequence, options: BuildOptions | None,
            progress: ProgressFn | None, cache_positions: Any, cache: buildcache.BuildCache | None, source: str,
-           threads: int | None, model_file: sourcekey.ModelFile | None) -> BuildReport:
+           threads: int | None, model_file: sourcekey.ModelFile | None, methods: Any = None) -> BuildReport:
     reset_peak_rss()
     options = (options or BuildOptions()).resolved()
+    resolved = methods_mod.resolve(model, methods) if methods is not None else None
+    if resolved is not None and (example_inputs is not None or example_kwargs or dynamic_shapes is not None
+                                 or specializations or cache_positions is not None):
+        raise BuildError("with methods, each method gives its own example inputs, example_kwargs, dynamic_shapes "
+                         "(--dynamic), specializations and cache_positions (aotpack.Method); none may be given "
+                         "for the whole build")
+    if resolved is not None and len(resolved) == 1 and resolved[0].name == fmt.DEFAULT_METHOD \
+            and resolved[0].is_forward:
+        # forward alone: the pack of one forward, as if built without methods
+        r = resolved[0]
+        example_inputs, example_kwargs, dynamic_shapes = r.example_inputs, r.example_kwargs, r.dynamic_shapes
+        specializations, cache_positions, resolved = r.specializations, r.cache_positions, None
     example_kwargs = dict(example_kwargs or {})
     report = BuildReport(output=pathlib.Path(output))
     stages = _Stages(progress, report)
@@ -415,6 +524,8 @@ def _build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, exa
     if cache is not None and model_file is not None:
         calls = {"example_inputs": example_inputs, "example_kwargs": example_kwargs, "dynamic_shapes": dynamic_shapes,
                  "specializations": list(specializations), "cache_positions": cache_positions}
+        if resolved is not None:
+            calls = {"methods": [r.describe() for r in resolved]}
         start = time.perf_counter()
         report.source_key = source_key(model_file, model, calls, options, compiler, cache) or ""
         known = cache.recall(report.source_key) if report.source_key else None
@@ -434,13 +545,24 @@ def _build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, exa
         else:
             stages.say(f"      build cache: no source key ({', '.join(sourcekey.unseen(model_file)[:3])} loaded "
                        "before the model file by this process: its imports are unseen); capturing for the graph key")
-    entries, state_names, positions = _capture_and_guard(model, example_inputs, example_kwargs, dynamic_shapes,
-                                                         specializations, options, stages, cache_positions)
+    if resolved is None:
+        plan = _Plan(*_capture_and_guard(model, example_inputs, example_kwargs, dynamic_shapes, specializations,
+                                         options, stages, cache_positions))
+    else:
+        plan = _capture_methods(model, resolved, options, stages)
+    entries, state_names, positions = plan.entries, plan.state_names, plan.positions
     example_blobs: list[package.Blob] = []
-    example = _example_record(entries[0][0], example_blobs)
+    method_records = None
+    if plan.methods is None:
+        example = _example_record(entries[0][0], example_blobs)
+    else:
+        method_records = [dict(record, example=_example_record(first, example_blobs, r.name))
+                          for r, record, first in plan.methods]
+        example = {"methods": method_records}
     if cache is not None:
         start = time.perf_counter()
-        report.key = cache_key(entries, options, example, example_blobs, compiler, state_names, positions)
+        report.key = cache_key(entries, options, example, example_blobs, compiler, state_names, positions,
+                               methods=method_records)
         took = time.perf_counter() - start
         hit = cache.fetch(report.key, output)
         if hit is not None:
@@ -458,7 +580,8 @@ def _build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, exa
                                            stateful=bool(state_names),
                                            objects=None if cache is None else cache.objects())
     with stages.stage("package"):
-        weights, blobs, state_values = _weights([(c, g) for c, g, _ in entries], compiled, state_names)
+        weights, blobs, state_values = _weights([(c, g) for c, g, _ in entries], compiled, state_names,
+                                                by_identity=method_records is not None)
         manifest_entries = []
         for i, ((_, g, device), code) in enumerate(zip(entries, compiled)):
             library = fmt.library_blob(i)
@@ -479,6 +602,10 @@ def _build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, exa
         manifest = {"producer": producer(compiler), "target": target(options), "options": options.to_json(),
                     "weights": weights, "entries": manifest_entries, "example": example,
                     "frozen": {"training": entries[0][0].training}}
+        if method_records is not None:
+            # each method's example and cache positions are its own; none at the top level
+            del manifest["example"]
+            manifest["methods"] = method_records
         if state_names:
             buffers, state_blobs = state.state_records(state_values)
             blobs += state_blobs
@@ -487,8 +614,12 @@ def _build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, exa
         try:
             report.size = package.write_archive(staging, manifest, blobs, options.compression_level)
             if state_names and "cpu" in options.devices:
+                sequence = None
+                if plan.methods is not None:
+                    sequence = state.crossing_sequence([(r.name, r.call, r.example_inputs, r.example_kwargs)
+                                                        for r, _, _ in plan.methods])
                 state.check_against_eager(model, str(staging), example_inputs, example_kwargs, state_names,
-                                          stages.say)
+                                          stages.say, sequence=sequence)
             elif state_names:
                 stages.say("      state: not checked against eager here (the pack has no CPU entry); run it "
                            "against eager on its GPU before serving it")

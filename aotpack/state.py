@@ -3,7 +3,8 @@
 Capture finds them (``Captured.state``); here they become the pack's state records, apart from the
 weights, with their initial values; the rules that say which input holds cache positions (so a call that
 would write outside the cache is refused before any native code runs) are resolved; and the built pack is
-run against eager for three successive calls from the initial state before it is written in place.
+run against eager for three successive calls from the initial state before it is written in place (for a
+pack of several methods, a sequence that crosses them: each method once, in order, then the last again).
 
 May not: capture or compile: it turns what capture found into state records.
 """
@@ -142,10 +143,18 @@ def _describe(v: Any) -> str:
     return f"a tensor {dtype_name(v.dtype)}{list(v.shape)}" if isinstance(v, torch.Tensor) else repr(v)
 
 
+def crossing_sequence(methods: list[tuple[str, Callable, tuple, dict]]) -> list[tuple[str, Callable, tuple, dict]]:
+    """The calls the check makes on a pack of several methods: each method once, in the order given (e.g.
+    encode, decode), then the last one again, ``CHECKED_CALLS`` calls at least (encode, decode, decode)."""
+    return list(methods) + [methods[-1]] * max(1, CHECKED_CALLS - len(methods))
+
+
 def check_against_eager(model: Any, path: str, args: tuple, kwargs: dict, names: tuple[str, ...],
-                        say: Callable[[str], None]) -> None:
+                        say: Callable[[str], None], sequence: list | None = None) -> None:
     """Run the built pack and eager side by side for ``CHECKED_CALLS`` calls from the initial state on the
     example inputs, comparing every output and the final state; raise BuildError at the first difference.
+    ``sequence`` (a pack of several methods): the calls instead, each ``(method, eager callable, args,
+    kwargs)``, all in one session.
 
     Eager runs on the model itself; its state buffers are restored afterwards."""
     import aotpack_runtime
@@ -162,14 +171,17 @@ def check_against_eager(model: Any, path: str, args: tuple, kwargs: dict, names:
             session = pkg.session()
         except AotpackError as e:
             raise BuildError(f"the built pack cannot be loaded to check it against eager: {e}") from None
+        calls = sequence or [(None, model, args, kwargs)] * CHECKED_CALLS
+        total = len(calls)
         with torch.no_grad():
-            for call in range(1, CHECKED_CALLS + 1):
+            for call, (method, eager, c_args, c_kwargs) in enumerate(calls, 1):
+                what = f"call {call} of {total}" + (f" ({method})" if method else "")
                 try:
-                    got = session(*args, **kwargs)
+                    got = session(*c_args, **c_kwargs) if method is None else getattr(session, method)(*c_args,
+                                                                                                      **c_kwargs)
                 except AotpackError as e:
-                    raise BuildError(f"the built pack fails call {call} of {CHECKED_CALLS} on the example inputs: {e}")\
-                        from None
-                want = model(*args, **kwargs)
+                    raise BuildError(f"the built pack fails {what} on the example inputs: {e}") from None
+                want = eager(*c_args, **c_kwargs)
                 why = _differs(got, want)
                 if why is None:
                     state = session.state_dict()
@@ -182,8 +194,12 @@ def check_against_eager(model: Any, path: str, args: tuple, kwargs: dict, names:
                     why = f"output {why}"
                 if why is not None:
                     raise BuildError(
-                        f"the compiled code does not match eager on call {call} of {CHECKED_CALLS} from the initial "
+                        f"the compiled code does not match eager on {what} from the initial "
                         f"state: {why}. Inductor may have folded a state value into the code or lost an in-place "
                         "write; report it with the model, and keep serving the model in eager meanwhile")
-    say(f"      state: compiled code matches eager on {CHECKED_CALLS} successive calls (outputs and {len(names)} "
-        "state buffers)")
+    if sequence:
+        say(f"      state: compiled code matches eager on {total} successive calls ({', '.join(m for m, *_ in calls)}; "
+            f"outputs and {len(names)} state buffers, one session)")
+    else:
+        say(f"      state: compiled code matches eager on {CHECKED_CALLS} successive calls (outputs and {len(names)} "
+            "state buffers)")

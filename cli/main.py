@@ -108,7 +108,8 @@ def build(target: str, output: str, cpu_isa: str | None, dynamic: tuple[str, ...
           quiet: bool, as_json: bool) -> None:
     """Build a pack from a model file.
 
-    FILE.py must define `model` and `example_inputs` (a tuple), and may define `example_kwargs`,
+    FILE.py must define `model` and `example_inputs` (a tuple), or `model` and `methods` (name ->
+    aotpack.Method: one pack of several methods sharing weights and state), and may define `example_kwargs`,
     `dynamic_shapes` (torch.export's format), `specializations` (a list of further example input
     tuples, each compiled as its own entry unless an earlier entry accepts it) and `cache_positions` (for a
     model with state: which input holds cache positions, e.g. {"input": "cache_position", "limit": 64,
@@ -411,12 +412,14 @@ def _summary(value, depth: int = 0) -> str:
               help="The pack's detached signature (default with --public-key: PACK.sig).")
 @click.option("--public-key", type=click.Path(dir_okay=False), default=None,
               help="Refuse to load the pack unless it is signed by this key (EC public key or certificate, PEM).")
+@click.option("--method", default=None, metavar="NAME",
+              help="The method to run, on its own example inputs (default: forward, or a pack's first method).")
 def run(pack: str, repeat: int, cache_dir: str | None, old_cache_dir: str | None, verify_mode: str, prefetch: bool,
-        device: str | None, signature: str | None, public_key: str | None) -> None:
+        device: str | None, signature: str | None, public_key: str | None, method: str | None) -> None:
     """Load a pack and run it on the example inputs stored inside it; print the result and timings.
 
     A pack with state runs in one session: the first call starts from the initial state, and each timed
-    call continues it (with the same example inputs)."""
+    call continues it (with the same example inputs). A pack of several methods runs one, --method NAME."""
     import torch
     import torch.utils._pytree as pytree
 
@@ -426,7 +429,13 @@ def run(pack: str, repeat: int, cache_dir: str | None, old_cache_dir: str | None
     pkg = rt.load(pack, cache_dir=cache_dir or old_cache_dir, signature=signature, public_key=public_key,
                   verify=verify_mode, prefetch=prefetch)
     t1 = time.perf_counter()
-    args, kwargs = pkg.example_inputs()
+    names = list(pkg.methods)
+    if method is None:
+        method = "forward" if "forward" in names else names[0]
+    elif method not in names:
+        raise click.BadParameter(f"{pack} has no method {method!r}; its methods: {', '.join(names)}",
+                                 param_hint="--method")
+    args, kwargs = pkg.example_inputs(method)
     if device is None:
         device = "cpu" if any(e.meta.get("device", "cpu") == "cpu" for e in pkg.entries) else "cuda"
     try:
@@ -437,7 +446,8 @@ def run(pack: str, repeat: int, cache_dir: str | None, old_cache_dir: str | None
         raise rt.ArchiveError(f"--device {device}: this host has no usable CUDA device", path=pack)
     args, kwargs = pytree.tree_map(lambda v: v.to(target) if isinstance(v, torch.Tensor) else v, (args, kwargs))
     sync = torch.cuda.synchronize if target.type == "cuda" else (lambda: None)
-    call = pkg.session(device=target) if pkg.stateful else pkg
+    session = pkg.session(device=target) if pkg.stateful else None
+    call = getattr(session, method) if session is not None else pkg.methods[method]
     with torch.inference_mode():
         t2 = time.perf_counter()
         out = call(*args, **kwargs)
@@ -449,8 +459,10 @@ def run(pack: str, repeat: int, cache_dir: str | None, old_cache_dir: str | None
             call(*args, **kwargs)
             sync()
             times.append(time.perf_counter() - s)
+    if len(names) > 1:
+        click.echo(f"method {method} (of {', '.join(names)})")
     if pkg.stateful:
-        click.echo(f"session: {call!r}")
+        click.echo(f"session: {session!r}")
     click.echo(f"output: {_summary(out)}")
     checked = "every blob hashed" if pkg.checked == "full" else "the check recorded earlier"
     click.echo(f"load {1e3 * (t1 - t0):.1f} ms ({checked}), first call {1e3 * (t3 - t2):.2f} ms, "

@@ -3,10 +3,10 @@ and cffi (and cryptography, when a signature is checked); never the build side, 
 triton, torch._dynamo or torch._inductor, and never runs a compiler.
 
 May not: hold logic: it names what the runtime's modules export."""
-from .errors import AotpackError, AotpackWarning, ArchiveError, CaptureError, GuardError, SessionError
+from .errors import AotpackError, AotpackWarning, ArchiveError, CaptureError, GuardError, MethodError, SessionError
 from .format import FORMAT_VERSION, MIN_READ_VERSION
-from .loader import CudaEntry, Entry, Package, load
+from .loader import CudaEntry, Entry, Method, Package, load
 from .sessions import Session
 
-__all__ = ["AotpackError", "AotpackWarning", "ArchiveError", "CaptureError", "GuardError", "SessionError", "Package",
-           "Session", "Entry", "CudaEntry", "load", "FORMAT_VERSION", "MIN_READ_VERSION"]
+__all__ = ["AotpackError", "AotpackWarning", "ArchiveError", "CaptureError", "GuardError", "MethodError", "SessionError",
+           "Package", "Method", "Session", "Entry", "CudaEntry", "load", "FORMAT_VERSION", "MIN_READ_VERSION"]

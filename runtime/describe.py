@@ -53,7 +53,7 @@ def describe(archive: Archive) -> dict:
                 blob_sizes = {b.name: b.size for b in m.blobs}
             entry["cuda"] = CudaMeta.from_json(meta.get("cuda"), f"manifest.entries[{i}].cuda", blob_sizes).to_json()
         entries.append(entry)
-    return {
+    info = {
         "path": archive.path, "file_size": archive.file_size, "format_version": m.format_version,
         "producer": m.producer, "target": m.target, "options": m.options, "frozen": m.raw.get("frozen", {}),
         "weights": {"count": len(m.weights), "bytes": sum(w.nbytes for w in m.weights)},
@@ -63,6 +63,35 @@ def describe(archive: Archive) -> dict:
         "blobs": [{"name": b.name, "size": b.size, "stored_size": b.stored_size, "compression": b.compression,
                    "sha256": b.sha256} for b in m.blobs],
     }
+    if m.methods:
+        info["methods"] = _methods(m)
+        for method in info["methods"]:
+            for i in method["entries"]:
+                entries[i]["method"] = method["name"]
+    return info
+
+
+def _methods(m) -> list[dict]:
+    """Per method: its entries, the weights its code reads (and which of them another method reads too), the
+    state it writes and the state it only reads, its cache-position rules."""
+    weight_names = {w.name for w in m.weights}
+    state_names = {r.name for r in m.state}
+    reads: list[set] = []
+    for r in m.methods:
+        names: set = set()
+        for i in r.entries:
+            constants = m.entries[i].get("constants", {})
+            names |= {n for n in constants.values() if isinstance(n, str)} if isinstance(constants, dict) else set()
+        reads.append(names)
+    out = []
+    for k, r in enumerate(m.methods):
+        others = set().union(*(reads[j] for j in range(len(reads)) if j != k))
+        weights = sorted(reads[k] & weight_names)
+        out.append({"name": r.name, "entries": list(r.entries), "weights": weights,
+                    "shared_weights": [w for w in weights if w in others], "writes": list(r.writes),
+                    "reads_state": sorted((reads[k] & state_names) - set(r.writes)),
+                    "positions": [p.to_json() for p in r.positions], "example": r.example is not None})
+    return out
 
 
 def _extern_ops(archive: Archive, blob: Any) -> list[str]:
@@ -98,10 +127,13 @@ def render(info: dict[str, Any]) -> str:
     ]
     if info.get("state"):
         lines.extend(_state_lines(info["state"]))
+    if info.get("methods"):
+        lines.extend(_method_lines(info["methods"]))
     lines.append(f"entries:  {len(info['entries'])}{_per_device(info['entries'])} (tried in this order; the first whose "
                  "guards pass runs)")
     for e in info["entries"]:
-        lines.append(f"  entry {e['name']} [{e['device']}]: library {e['library']['size']:,} bytes, "
+        of = f" of {e['method']}" if "method" in e else ""
+        lines.append(f"  entry {e['name']} [{e['device']}]{of}: library {e['library']['size']:,} bytes, "
                      f"{len(e['kernels'])} kernels, {e['constants']} constants")
         if "cuda" in e:
             lines.extend(_cuda_lines(e["cuda"]))
@@ -138,6 +170,29 @@ def _state_lines(state: dict) -> list[str]:
         span = p["span"] if isinstance(p["span"], int) else f"dim {p['span']['dim']} of {p['span']['input']!r}"
         lines.append(f"  cache positions in {p['input']!r}: each in 0..{p['limit'] - 1}, and the first + {span} "
                      f"<= {p['limit']} (checked before every call)")
+    return lines
+
+
+def _method_lines(methods: list[dict]) -> list[str]:
+    """Each method: its entries, the weights it reads (those another method reads too are stored once and
+    shared), the state it writes and reads, its cache-position checks."""
+    lines = [f"methods:  {len(methods)} ({', '.join(m['name'] for m in methods)}; pkg.NAME(...), or s.NAME(...) "
+             "in a session; all share the weights and the state)"]
+    for m in methods:
+        shared = m["shared_weights"]
+        parts = [f"entries {', '.join(map(str, m['entries']))}",
+                 f"reads {len(m['weights'])} weights"
+                 + (f" ({len(shared)} shared: {', '.join(shared[:6])}{' ...' if len(shared) > 6 else ''})"
+                    if shared else "")]
+        if m["reads_state"]:
+            parts.append(f"reads state {', '.join(m['reads_state'])}")
+        if m["writes"]:
+            parts.append(f"writes state {', '.join(m['writes'])}")
+        lines.append(f"  method {m['name']}: {'; '.join(parts)}")
+        for p in m["positions"]:
+            span = p["span"] if isinstance(p["span"], int) else f"dim {p['span']['dim']} of {p['span']['input']!r}"
+            lines.append(f"    cache positions in {p['input']!r}: each in 0..{p['limit'] - 1}, and the first + "
+                         f"{span} <= {p['limit']} (checked before every call)")
     return lines
 
 

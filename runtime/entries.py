@@ -97,7 +97,10 @@ class Entry:
         return self._outputs_from(_torch.run(self._runner, tensors))
 
     def run_stateful(self, tensors: list[torch.Tensor], state: dict[str, torch.Tensor], token: Any) -> Any:
-        """Run with ``state`` (state buffer name -> the session's tensor on the inputs' device) bound."""
+        """Run with ``state`` (state buffer name -> the session's tensor on the inputs' device) bound. An entry
+        whose code uses no state (a method of a stateful pack that neither reads nor writes it) just runs."""
+        if not self.state_constants:
+            return self.run(tensors)
         return self._outputs_from(self._pool.run(lambda runner: _torch.run(runner, tensors), state, token))
 
     def _outputs_from(self, flat: list) -> Any:
@@ -160,6 +163,8 @@ class CudaEntry(Entry):
         return self._outputs_from(_torch.cuda_run(runner, tensors, index))
 
     def run_stateful(self, tensors: list[torch.Tensor], state: dict[str, torch.Tensor], token: Any) -> Any:
+        if not self.state_constants:
+            return self.run(tensors)
         index = self.device_index(tensors)
         pool = self._runners.get(index)
         if pool is None:

@@ -52,6 +52,20 @@ class SessionError(AotpackError):
     is then undefined until ``reset()``)."""
 
 
+class MethodError(AotpackError, AttributeError):
+    """A pack was asked for a method it does not have (``pkg.decode`` on a pack without ``decode``, or
+    ``pkg(...)`` on a pack without ``forward``). An ``AttributeError`` too, so ``hasattr(pkg, "decode")`` is
+    False. ``name`` is the method asked for and ``methods`` those the pack has."""
+
+    def __init__(self, name: str, methods: list[str], *, path: str | None = None):
+        self.name = name
+        self.methods = list(methods)
+        self.path = path
+        text = (f"this pack has no method {name!r}; its methods: {', '.join(self.methods)}"
+                + (f" (call them as pkg.{self.methods[0]}(...))" if self.methods else ""))
+        super().__init__(f"{path}: {text}" if path else text)
+
+
 class CaptureError(AotpackError):
     """The model could not be captured as one graph (a graph break, or an untraceable construct).
 

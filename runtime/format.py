@@ -16,6 +16,9 @@ Changelog of ``FORMAT_VERSION`` (readers accept ``MIN_READ_VERSION..FORMAT_VERSI
                ``scalar``); the extern-kernel description of ATen ops that run through AOTInductor's proxy
                executor (``entry.extern_kernels``, a blob); the dtypes complex32, uint16, uint32, uint64 and
                four float8 formats. A pack that uses none of these keeps the older version (``version_for``).
+  5 (2026-12): several methods in one pack (``methods``: each names its entries of the one entry table, with
+               its own example and cache-position rules; weights and state stay shared). A pack of one
+               ``forward`` has no ``methods`` and keeps its older version.
 
 May not: import torch or any aotpack module but ``errors``: the writer and the reader both import it.
 """
@@ -31,7 +34,7 @@ from typing import Any
 from .errors import ArchiveError
 
 MAGIC = b"AOTPACK\x00"
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 MIN_READ_VERSION = 1
 # The first format version that may hold CUDA entries.
 CUDA_FORMAT_VERSION = 2
@@ -39,6 +42,12 @@ CUDA_FORMAT_VERSION = 2
 STATE_FORMAT_VERSION = 3
 # The first format version that may hold the features of version 4 (see the changelog and ``v4_features``).
 BREADTH_FORMAT_VERSION = 4
+# The first format version that may hold the features of version 5 (see the changelog and ``v5_features``).
+V5_FORMAT_VERSION = 5
+# A method's name: a Python identifier (``pkg.NAME(...)``), at most 128 characters.
+METHOD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+# The method a pack without ``methods`` has: all its entries.
+DEFAULT_METHOD = "forward"
 # magic, format version, flags, manifest length, manifest sha256
 HEADER = struct.Struct("<8sIIQ32s")
 HEADER_SIZE = HEADER.size  # 56
@@ -125,9 +134,19 @@ def v4_features(manifest: dict) -> list[str]:
     return found
 
 
+def v5_features(manifest: dict) -> list[str]:
+    """What in ``manifest`` needs format version 5, in words (empty when nothing does), as ``v4_features``."""
+    found: list[str] = []
+    if "methods" in manifest:
+        found.append("several methods (methods)")
+    return found
+
+
 def version_for(manifest: dict) -> int:
     """The format version a pack with this manifest is written as: the oldest that can describe it, so a
     CPU-only pack without state that needs nothing newer stays readable by version-1 readers."""
+    if v5_features(manifest):
+        return V5_FORMAT_VERSION
     if v4_features(manifest):
         return BREADTH_FORMAT_VERSION
     if manifest.get("state"):
@@ -245,8 +264,9 @@ def state_blob(i: int) -> str:
     return f"state/{i}"
 
 
-def example_blob(i: int) -> str:
-    return f"example/{i}"
+def example_blob(i: int, method: str | None = None) -> str:
+    """Example input ``i`` (of ``method``, in a pack of several methods)."""
+    return f"example/{i}" if method is None else f"example/{method}/{i}"
 
 
 def library_blob(entry: int) -> str:
@@ -392,6 +412,101 @@ class StateRecord:
 
 
 @dataclass(frozen=True)
+class MethodRecord:
+    """One method of a pack (``pkg.NAME(...)``): the entries of the one entry table that serve it, tried in
+    this order, its example inputs and its cache-position rules. Weights and state are the pack's, shared by
+    every method; ``writes`` names the state buffers the method's code writes (the others it may read). A
+    pack without ``methods`` has one method, ``forward``: every entry, the manifest's ``example`` and
+    ``state.positions``, writing every state buffer."""
+
+    name: str
+    entries: tuple[int, ...]
+    example: dict | None = None
+    positions: tuple[PositionRule, ...] = ()
+    writes: tuple[str, ...] = ()
+
+    def to_json(self) -> dict:
+        out: dict = {"name": self.name, "entries": list(self.entries),
+                     "positions": [p.to_json() for p in self.positions], "writes": list(self.writes)}
+        if self.example is not None:
+            out["example"] = self.example
+        return out
+
+    @classmethod
+    def from_json(cls, obj: Any, where: str, n_entries: int) -> "MethodRecord":
+        name = field_of(obj, "name", str, where)
+        if not METHOD_NAME.match(name):
+            raise ArchiveError(f"{where}.name is {name!r}; expected a Python identifier of at most 128 characters")
+        entries = field_of(obj, "entries", list, where)
+        if not entries:
+            raise ArchiveError(f"{where}.entries is empty; expected the indices of at least one entry")
+        for k, i in enumerate(entries):
+            if type(i) is not int or not 0 <= i < n_entries:
+                raise ArchiveError(f"{where}.entries[{k}] is {i!r}; expected an index into manifest.entries "
+                                   f"(0..{n_entries - 1})")
+        example = obj.get("example")
+        if example is not None and not isinstance(example, dict):
+            raise ArchiveError(f"{where}.example must be a JSON object or absent, found {type(example).__name__}")
+        positions = tuple(PositionRule.from_json(r, f"{where}.positions[{k}]")
+                          for k, r in enumerate(field_of(obj, "positions", list, where)))
+        writes = field_of(obj, "writes", list, where)
+        for k, w in enumerate(writes):
+            if not isinstance(w, str):
+                raise ArchiveError(f"{where}.writes[{k}] must be a string (a state buffer's name), found "
+                                   f"{type(w).__name__}")
+        return cls(name=name, entries=tuple(entries), example=example, positions=positions, writes=tuple(writes))
+
+
+def _methods(obj: dict, version: int, n_entries: int) -> tuple[MethodRecord, ...]:
+    """The manifest's ``methods``, checked: a version-5 feature; each entry serves exactly one method; the
+    example and cache-position rules live in the methods, not at the top level."""
+    if "methods" not in obj:
+        return ()
+    if version < V5_FORMAT_VERSION:
+        raise ArchiveError(f"manifest.methods is several methods, which format version {V5_FORMAT_VERSION} "
+                           f"introduced, but the manifest says format version {version}; the pack was written by "
+                           "a broken or modified writer")
+    methods_json = field_of(obj, "methods", list, "manifest")
+    if not methods_json:
+        raise ArchiveError("manifest.methods is empty; a pack of one forward has no methods field")
+    methods = tuple(MethodRecord.from_json(r, f"manifest.methods[{k}]", n_entries) for k, r in enumerate(methods_json))
+    owner: dict[int, str] = {}
+    names: set[str] = set()
+    for k, m in enumerate(methods):
+        if m.name in names:
+            raise ArchiveError(f"manifest.methods[{k}].name {m.name!r} is also the name of an earlier method; "
+                               "method names must be unique")
+        names.add(m.name)
+        for i in m.entries:
+            if i in owner:
+                raise ArchiveError(f"manifest.methods[{k}] ({m.name!r}) lists entry {i}, which method {owner[i]!r} "
+                                   "also lists; each entry serves exactly one method")
+            owner[i] = m.name
+    unused = [i for i in range(n_entries) if i not in owner]
+    if unused:
+        raise ArchiveError(f"manifest.entries {unused} belong to no method; expected every entry in exactly one of "
+                           f"manifest.methods ({', '.join(m.name for m in methods)})")
+    if obj.get("example") is not None:
+        raise ArchiveError("manifest.example is present in a pack with methods; expected each method's example in "
+                           "manifest.methods[k].example, none at the top level")
+    state = obj.get("state")
+    if isinstance(state, dict) and state.get("positions"):
+        raise ArchiveError("manifest.state.positions is not empty in a pack with methods; expected each method's "
+                           "cache-position rules in manifest.methods[k].positions")
+    buffers = state.get("buffers") if isinstance(state, dict) else None
+    state_names = {_field(b, "name") for b in _items(buffers)}
+    for k, m in enumerate(methods):
+        if m.positions and "state" not in obj:
+            raise ArchiveError(f"manifest.methods[{k}].positions is not empty in a pack without state; "
+                               "expected no cache-position rules where there is no cache")
+        unknown = [w for w in m.writes if w not in state_names]
+        if unknown:
+            raise ArchiveError(f"manifest.methods[{k}].writes names {unknown[0]!r}, which is not a state buffer; "
+                               f"expected names from manifest.state.buffers ({len(state_names)} buffers)")
+    return methods
+
+
+@dataclass(frozen=True)
 class Manifest:
     """The parsed, checked manifest. ``entries`` and ``example`` are kept as checked JSON: the guards
     module parses them into its own records."""
@@ -406,12 +521,21 @@ class Manifest:
     blobs: tuple[BlobRecord, ...]
     state: tuple[StateRecord, ...] = ()
     positions: tuple[PositionRule, ...] = ()
+    # The manifest's ``methods`` (empty for a pack without them: see ``method_table``).
+    methods: tuple[MethodRecord, ...] = ()
     raw: dict = field(repr=False, compare=False, default_factory=dict)
     # name -> record: a table may list up to MAX_BLOBS blobs, and every weight looks its blob up.
     _by_name: dict = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_by_name", {b.name: b for b in self.blobs})
+
+    def method_table(self) -> tuple[MethodRecord, ...]:
+        """The pack's methods: those it records, or the one ``forward`` of a pack without ``methods``."""
+        if self.methods:
+            return self.methods
+        return (MethodRecord(name=DEFAULT_METHOD, entries=tuple(range(len(self.entries))), example=self.example,
+                             positions=self.positions, writes=tuple(r.name for r in self.state)),)
 
     def blob(self, name: str) -> BlobRecord:
         try:
@@ -453,6 +577,7 @@ class Manifest:
             raise ArchiveError(f"the manifest uses {newer[0]}, which format version {BREADTH_FORMAT_VERSION} "
                                f"introduced, but it says format version {version}; the pack was written by a "
                                "broken or modified writer")
+        methods = _methods(obj, version, len(entries))
         example = obj.get("example")
         if example is not None and not isinstance(example, dict):
             raise ArchiveError("manifest.example must be a JSON object or absent")
@@ -472,7 +597,7 @@ class Manifest:
         m = cls(format_version=version, producer=field_of(obj, "producer", dict, where),
                 target=_target(field_of(obj, "target", dict, where)), options=field_of(obj, "options", dict, where),
                 weights=weights, entries=tuple(entries), example=example, blobs=blobs, state=state,
-                positions=positions, raw=obj)
+                positions=positions, methods=methods, raw=obj)
         for w in weights:
             if w.blob not in names:
                 raise ArchiveError(f"weight {w.name!r} refers to blob {w.blob!r}, which the blob table lacks")
@@ -496,7 +621,8 @@ class Manifest:
                 "weights": [w.to_json() for w in self.weights], "entries": list(self.entries),
                 "example": self.example, "blobs": [b.to_json() for b in self.blobs],
                 **({"state": {"buffers": [r.to_json() for r in self.state],
-                              "positions": [p.to_json() for p in self.positions]}} if self.state else {})}
+                              "positions": [p.to_json() for p in self.positions]}} if self.state else {}),
+                **({"methods": [m.to_json() for m in self.methods]} if self.methods else {})}
 
 
 def _target(target: dict) -> dict:

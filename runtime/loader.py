@@ -29,8 +29,8 @@ from . import signature as _signature
 from .archive import Archive
 from .devices import CudaState, warn_cuda
 from .entries import CudaEntry, Entry, check_entry, entry_from_manifest
-from .errors import ArchiveError, GuardError, SessionError
-from .format import DTYPES, Manifest, field_of, one_of
+from .errors import ArchiveError, GuardError, MethodError, SessionError
+from .format import DEFAULT_METHOD, DTYPES, Manifest, MethodRecord, field_of, one_of
 from .guards import check_spec, rebuild
 from .sessions import PositionCheck, Session, SessionSource, StateTemplate
 from .weights import load_weights, prefetch as _prefetch, tensor_from_bytes
@@ -38,13 +38,45 @@ from .weights import load_weights, prefetch as _prefetch, tensor_from_bytes
 # An integer dtype of each element width, to move elements of any dtype (complex32, float8) as bits.
 _SAME_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
-__all__ = ["CudaEntry", "Entry", "Package", "Session", "load", "tensor_from_bytes"]
+__all__ = ["CudaEntry", "Entry", "Method", "Package", "Session", "load", "tensor_from_bytes"]
 
 VERIFY_MODES = ("auto", "full")
 
 
+class Method:
+    """One method of a loaded pack (``pkg.encode``, ``pkg.methods["encode"]``): call it like the model's
+    method. ``entries`` are the entries that serve it, in the order their guards are tried."""
+
+    def __init__(self, package: "Package", record: MethodRecord, entries: list[Entry]):
+        self.name = record.name
+        self.record = record
+        self.entries = entries
+        self._package = package
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._package._call(self.name, args, kwargs)
+
+    def select(self, *args: Any, **kwargs: Any) -> Entry | None:
+        """The entry that would run for this input, or None (runs nothing)."""
+        for entry in self.entries:
+            if entry.guards.match(args, kwargs) is not None:
+                return entry
+        return None
+
+    def example_inputs(self) -> tuple[tuple, dict]:
+        """The example ``(args, kwargs)`` this method was built with."""
+        return self._package.example_inputs(self.name)
+
+    def __repr__(self) -> str:
+        n = len(self.entries)
+        return f"<aotpack.Method {self.name!r} of {self._package.path!r}: {n} entr{'y' if n == 1 else 'ies'}>"
+
+
 class Package:
     """A loaded pack. Call it like the model: ``pkg(x)``, ``pkg(x, mask=m)``.
+
+    A pack of several methods (``methods``: name -> ``Method``) is called by method: ``pkg.encode(x)``;
+    ``pkg(...)`` calls its ``forward``, where it has one. Each method dispatches among its own entries.
 
     Before every call the entries' guards are checked in order (the order ``aotpack inspect`` shows);
     the first entry that accepts the input runs. If none does, :class:`GuardError` says, per entry, the
@@ -77,10 +109,19 @@ class Package:
         self._cuda_state = cuda_state
         self.stateful = bool(archive.manifest.state)
         self._state_template = StateTemplate.from_archive(archive) if self.stateful else None
+        table = archive.manifest.method_table()
+        # name -> (record, its entries); ``methods`` makes the Method objects on demand (no cycle to the package)
+        self._methods: dict[str, tuple[MethodRecord, list[Entry]]] = {
+            r.name: (r, [entries[i] for i in r.entries]) for r in table}
+        position_checks: list[list[PositionCheck]] = [[] for _ in entries]
+        for k, r in enumerate(table):
+            where = f"manifest.methods[{k}].positions" if archive.manifest.methods else "manifest.state.positions"
+            for i in r.entries:
+                position_checks[i] = [PositionCheck.bind(rule, entries[i], archive.path, f"{where}[{j}]")
+                                      for j, rule in enumerate(r.positions)]
         self._sessions = None if not self.stateful else SessionSource(
             path=archive.path, template=self._state_template, dispatch=self._dispatch,
-            position_checks=[[PositionCheck.bind(rule, e, archive.path, f"manifest.state.positions[{k}]")
-                              for k, rule in enumerate(archive.manifest.positions)] for e in entries])
+            position_checks=position_checks, methods=tuple(self._methods))
         self._prefetching = prefetching
 
     def wait_prefetch(self, timeout: float | None = None) -> bool:
@@ -92,19 +133,45 @@ class Package:
         return True
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._call(DEFAULT_METHOD, args, kwargs)
+
+    @property
+    def methods(self) -> dict[str, Method]:
+        """The pack's methods by name, in the order they were built (one, ``forward``, for a pack without
+        methods)."""
+        return {name: Method(self, r, entries) for name, (r, entries) in self._methods.items()}
+
+    def __getattr__(self, name: str) -> Method:
+        # Only for names that are not attributes: a method of the pack, else a MethodError (an AttributeError).
+        methods = self.__dict__.get("_methods")
+        if methods is None or name.startswith("__"):
+            raise AttributeError(name)
+        if name not in methods:
+            raise MethodError(name, list(methods), path=self.__dict__.get("path"))
+        record, entries = methods[name]
+        return Method(self, record, entries)
+
+    def _call(self, method: str, args: tuple, kwargs: dict) -> Any:
+        if method not in self._methods:
+            raise MethodError(method, list(self._methods), path=self.path)
         if self.stateful:
+            call = "s(...)" if method == DEFAULT_METHOD else f"s.{method}(...)"
             raise SessionError(f"this pack carries state that its calls write ({self._state_template.describe()}): "
-                               "open a session, which holds its own copy of it: s = pkg.session(); s(...)")
-        entry, tensors = self._dispatch(args, kwargs)
+                               f"open a session, which holds its own copy of it: s = pkg.session(); {call}")
+        entry, tensors = self._dispatch(args, kwargs, method)
         return entry.run(tensors)
 
-    def _dispatch(self, args: tuple, kwargs: dict) -> tuple[Entry, list[torch.Tensor]]:
-        """The first entry whose guards accept this input, and the tensors to hand it; else GuardError."""
-        for entry in self.entries:
+    def _dispatch(self, args: tuple, kwargs: dict, method: str = DEFAULT_METHOD) -> tuple[Entry, list[torch.Tensor]]:
+        """The first entry of ``method`` whose guards accept this input, and the tensors to hand it; else
+        GuardError (MethodError for a method the pack does not have)."""
+        if method not in self._methods:
+            raise MethodError(method, list(self._methods), path=self.path)
+        entries = self._methods[method][1]
+        for entry in entries:
             tensors = entry.guards.match(args, kwargs)
             if tensors is not None:
                 return entry, tensors
-        raise GuardError([(e.label(), e.guards.explain(args, kwargs) or "guards failed") for e in self.entries],
+        raise GuardError([(e.label(), e.guards.explain(args, kwargs) or "guards failed") for e in entries],
                          note=self._guard_note)
 
     def session(self, device: torch.device | str | None = None) -> Session:
@@ -120,20 +187,19 @@ class Package:
         return Session(self._sessions, device)
 
     def select(self, *args: Any, **kwargs: Any) -> Entry | None:
-        """The entry that would run for this input, or None (runs nothing)."""
-        for entry in self.entries:
-            if entry.guards.match(args, kwargs) is not None:
-                return entry
-        return None
+        """The entry of ``forward`` that would run for this input, or None (runs nothing)."""
+        return getattr(self, DEFAULT_METHOD).select(*args, **kwargs)
 
     @property
     def producer(self) -> dict:
         return self.manifest.producer
 
-    def example_inputs(self) -> tuple[tuple, dict]:
-        """The example ``(args, kwargs)`` the pack was built with (stored in the pack)."""
+    def example_inputs(self, method: str | None = None) -> tuple[tuple, dict]:
+        """The example ``(args, kwargs)`` the pack (its ``method``, default the first) was built with."""
+        if method is not None and method not in self._methods:
+            raise MethodError(method, list(self._methods), path=self.path)
         try:
-            inputs, checked = check_example(self.manifest)
+            inputs, checked = check_example(self.manifest, method)
         except ArchiveError as e:
             raise ArchiveError(e.reason, path=self.path) from None
         leaves = []
@@ -162,7 +228,9 @@ class Package:
         return tuple(args), dict(kwargs)
 
     def __repr__(self) -> str:
-        return f"<aotpack.Package {self.path!r}: {len(self.entries)} entr{'y' if len(self.entries) == 1 else 'ies'}>"
+        methods = f", methods {', '.join(self._methods)}" if self.manifest.methods else ""
+        return (f"<aotpack.Package {self.path!r}: {len(self.entries)} entr{'y' if len(self.entries) == 1 else 'ies'}"
+                f"{methods}>")
 
 
 def load(path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
@@ -305,21 +373,29 @@ def _check_whole_file(path: str, fd: int, st: os.stat_result, expected_sha256: s
     return file_sha
 
 
-def check_example(m: Manifest) -> tuple[dict, list[dict]]:
-    """The example record's structure and leaves, checked against the blob table (loads nothing)."""
-    ex = m.example
+def check_example(m: Manifest, method: str | None = None) -> tuple[dict, list[dict]]:
+    """The example record's structure and leaves (of ``method``, default the first), checked against the blob
+    table (loads nothing)."""
+    table = m.method_table()
+    k = 0 if method is None else next((k for k, r in enumerate(table) if r.name == method), None)
+    if k is None:
+        raise ArchiveError(f"this pack has no method {method!r}; its methods: {', '.join(r.name for r in table)}")
+    ex = table[k].example
+    where = f"manifest.methods[{k}].example" if m.methods else "manifest.example"
     if ex is None:
-        raise ArchiveError("this pack stores no example inputs")
-    inputs = field_of(ex, "inputs", dict, "manifest.example")
-    n = check_spec(inputs, "manifest.example.inputs")
+        raise ArchiveError("this pack stores no example inputs" + (f" for the method {table[k].name!r}"
+                                                                   if m.methods else ""))
+    inputs = field_of(ex, "inputs", dict, where)
+    n = check_spec(inputs, f"{where}.inputs")
     if inputs["type"] != "tuple" or [c["type"] for c in inputs["children"]] != ["tuple", "dict"]:
-        raise ArchiveError("manifest.example.inputs must be a tuple of (args tuple, kwargs dict)")
-    leaves_json = field_of(ex, "leaves", list, "manifest.example")
+        raise ArchiveError(f"{where}.inputs must be a tuple of (args tuple, kwargs dict)")
+    leaves_json = field_of(ex, "leaves", list, where)
     if len(leaves_json) != n:
-        raise ArchiveError("manifest.example has a leaf count that does not match its structure")
+        raise ArchiveError(f"{where} has a leaf count that does not match its structure")
     leaves = []
+    record = where
     for i, leaf in enumerate(leaves_json):
-        where = f"manifest.example.leaves[{i}]"
+        where = f"{record}.leaves[{i}]"
         if field_of(leaf, "kind", str, where) == "value":
             leaves.append({"kind": "value", "value": leaf.get("value")})
             continue
@@ -346,8 +422,9 @@ def check_manifest(m: Manifest) -> None:
     blob_sizes = {b.name: b.size for b in m.blobs}
     for i in range(len(m.entries)):
         check_entry(i, m, names, blob_sizes)
-    if m.example is not None:
-        check_example(m)
+    for method in m.method_table():
+        if method.example is not None:
+            check_example(m, method.name)
 
 
 def _check_pin(path: str, expected: str, got: str) -> str:

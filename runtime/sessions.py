@@ -11,7 +11,8 @@ on first touch, so opening a session costs no time per byte and a session's memo
 of its cache it writes; a buffer with another initial value is a copy of it.
 
 A session's state lives on one device: the CPU, or the GPU of its first call (or the one given to
-``Package.session``); a call with inputs elsewhere is refused. Positions: where the pack says which input
+``Package.session``); a call with inputs elsewhere is refused. A pack of several methods has one state for
+all of them: ``s.encode(...)`` writes the cache that ``s.decode(...)`` then reads. Positions: where the pack says which input
 holds cache positions, a call that would write before the start or past the end of the cache is a
 ``GuardError`` before any native code runs.
 
@@ -27,8 +28,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from .errors import ArchiveError, GuardError, SessionError
-from .format import PositionRule, StateRecord
+from .errors import ArchiveError, GuardError, MethodError, SessionError
+from .format import DEFAULT_METHOD, PositionRule, StateRecord
 from .guards import TensorGuard, DTYPE_BY_NAME
 from .weights import tensor_from_bytes
 
@@ -142,19 +143,21 @@ class PositionCheck:
 @dataclass(frozen=True)
 class SessionSource:
     """What a session needs of its package: the pack's path (for messages), its state template, the dispatch
-    that picks an entry for a call (entry and the tensors to hand it, or GuardError), and each entry's
-    position checks (by entry index)."""
+    that picks an entry of a method for a call (entry and the tensors to hand it, or GuardError), each entry's
+    position checks (by entry index) and the names of the pack's methods."""
 
     path: str
     template: "StateTemplate"
-    dispatch: Callable[[tuple, dict], tuple["Entry", list[torch.Tensor]]]
+    dispatch: Callable[[tuple, dict, str], tuple["Entry", list[torch.Tensor]]]
     position_checks: list[list["PositionCheck"]]
+    methods: tuple[str, ...] = (DEFAULT_METHOD,)
 
 
 class Session:
     """One conversation on a stateful pack: its own state, fresh from the pack's initial values.
 
-    Call it like the model. ``reset()`` restores the initial state; ``state_dict()`` / ``load_state_dict()``
+    Call it like the model: ``s(...)`` for ``forward``, ``s.decode(...)`` for a method of the pack (all
+    methods share the session's state). ``reset()`` restores the initial state; ``state_dict()`` / ``load_state_dict()``
     read and restore it (to reuse a prompt's KV cache); ``fork()`` opens a new session holding a copy of this
     one's state. Sessions of one package may run at the same time from several threads (as many calls at
     once as the package's ``num_models``); one session runs one call at a time.
@@ -178,6 +181,25 @@ class Session:
         return self._device
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._call(DEFAULT_METHOD, args, kwargs)
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        # Only for names that are not attributes: a method of the pack, else a MethodError (an AttributeError).
+        source = self.__dict__.get("_source")
+        if source is None or name.startswith("__"):
+            raise AttributeError(name)
+        if name not in source.methods:
+            raise MethodError(name, list(source.methods), path=source.path)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return self._call(name, args, kwargs)
+
+        call.__name__ = call.__qualname__ = name
+        return call
+
+    def _call(self, method: str, args: tuple, kwargs: dict) -> Any:
+        if method not in self._source.methods:
+            raise MethodError(method, list(self._source.methods), path=self._source.path)
         if not self._busy.acquire(blocking=False):
             raise SessionError("this session is already running a call in another thread; a session is one "
                                "conversation, one call at a time: open a session per thread (pkg.session())")
@@ -185,7 +207,7 @@ class Session:
             if self._failed is not None:
                 raise SessionError(f"an earlier call of this session failed ({self._failed}), so its state is "
                                    "undefined; call reset() to start it again")
-            entry, tensors = self._source.dispatch(args, kwargs)
+            entry, tensors = self._source.dispatch(args, kwargs, method)
             for check in self._source.position_checks[entry.index]:
                 why = check.check(tensors)
                 if why is not None:

@@ -242,3 +242,59 @@ def _write_table(report: dict, path: pathlib.Path) -> None:
             error = "0" if r["error"] == 0 else f"{r['error']:.0e}"
             rows.append(f"| `{c.name}` | {c.what} | {outcome} ({sets} input sets) | {error} |")
     path.write_text("\n".join(rows) + "\n")
+
+
+@pytest.fixture(scope="session")
+def seq2seq_pack(session_dir) -> Built:
+    """A pack of two methods sharing weights and state (tests/programs.py): ``encode`` writes the
+    cross-attention cache that ``decode`` reads while writing its own self-attention cache."""
+    import aotpack
+    import programs
+
+    path = session_dir / "seq2seq.pack"
+    model = programs.TinySeq2Seq().eval()
+    if not path.exists():
+        aotpack.build(model, None, path, methods=programs.seq2seq_methods(model))
+    return Built("seq2seq", path, model, ())
+
+
+@pytest.fixture(scope="session")
+def two_tower_pack(session_dir) -> Built:
+    """A stateless pack of two encoders that share one projection (tests/programs.py)."""
+    import aotpack
+    import programs
+
+    path = session_dir / "two-tower.pack"
+    model = programs.TwoTower().eval()
+    if not path.exists():
+        aotpack.build(model, None, path, methods=programs.two_tower_methods(model))
+    return Built("two-tower", path, model, ())
+
+
+@pytest.fixture(scope="session")
+def llama_methods_pack(session_dir) -> Built:
+    """The tiny Llama of examples/llm behind the static-cache wrapper, as two methods of its forward sharing
+    one KV cache: ``prefill`` (1 to 63 tokens) and ``decode`` (exactly one token). Built by ``aotpack build``
+    from the model file (its module-level ``methods``)."""
+    from click.testing import CliRunner
+
+    from cli.main import cli
+
+    path = session_dir / "llama-methods.pack"
+    if not path.exists():
+        result = CliRunner().invoke(cli, ["build", str(EXAMPLES / "llm" / "llama_methods.py"), "-o", str(path)])
+        assert result.exit_code == 0, result.output
+    return Built("llama-methods", path, None, ())
+
+
+@pytest.fixture(scope="session")
+def t5_pack(session_dir) -> Built:
+    """A tiny T5 through transformers' seq2seq export wrappers, as a pack of ``encode`` and ``decode``."""
+    import aotpack
+    import programs
+
+    path = session_dir / "t5.pack"
+    program = programs.t5_program()
+    if not path.exists():
+        aotpack.build(program, None, path, methods=programs.t5_methods(program))
+    return Built("t5", path, program, ())

@@ -80,8 +80,9 @@ def run_case(path: str, cache_dir: str) -> dict:
     result["load"], pkg = _outcome(lambda: aotpack.load(path, cache_dir=cache_dir))
     if pkg is not None:
         def call():
-            args, kwargs = pkg.example_inputs()
-            return _digest(pkg(*args, **kwargs))
+            method = next(iter(pkg.methods))  # forward, or the first of a pack's several methods
+            args, kwargs = pkg.example_inputs(method)
+            return _digest(pkg.methods[method](*args, **kwargs))
         result["call"], result["digest"] = _outcome(call)
     result["verify"], _ = _outcome(lambda: Archive.open(path).verify())
     return result

@@ -57,5 +57,22 @@ def test_version_for_picks_the_oldest_version_that_describes_the_pack():
     assert fmt.version_for({"entries": [dict(cpu, extern_kernels="code/0.json")]}) == 4
     assert fmt.version_for({"entries": [cpu], "state": {"buffers": [dict(count, dtype="complex32")]}}) == 4
     assert fmt.version_for({"entries": [cpu], "weights": [{"dtype": "uint16"}]}) == 4
-    assert fmt.BREADTH_FORMAT_VERSION == fmt.FORMAT_VERSION == 4
+    assert fmt.BREADTH_FORMAT_VERSION == 4
     assert "4 for a\npack that uses any version-4 feature, else 3 for a pack with state" in DOC
+
+
+def test_methods_example_is_valid_and_needs_version_5():
+    """The "Methods (version 5)" example: a reader takes it (with entries and state buffers for its
+    indices and names), and a manifest with methods is written as version 5."""
+    block = next(b for b in re.findall(r"```json\n(.*?)```", DOC, re.S) if b.lstrip().startswith('"methods"'))
+    methods = json.loads("{" + block + "}")["methods"]
+    methods[0]["example"] = None
+    state = {"buffers": [{"name": n, "dtype": "float32", "shape": [1], "init": "zeros"}
+                         for n in ("cross_k_cache", "cross_v_cache", "self_k_cache", "self_v_cache")],
+             "positions": []}
+    obj = {"methods": methods, "state": state}
+    assert fmt.v5_features(obj) == ["several methods (methods)"] and fmt.version_for(obj) == 5
+    records = fmt._methods(obj, 5, 3)
+    assert [(r.name, r.entries) for r in records] == [("encode", (0,)), ("decode", (1, 2))]
+    assert records[1].positions[0].limit == 8 and records[0].writes == ("cross_k_cache", "cross_v_cache")
+    assert fmt.V5_FORMAT_VERSION == fmt.FORMAT_VERSION == 5 and "## Methods (version 5)" in DOC

@@ -7,10 +7,16 @@ GET  /health   -> 200 {"status": "ok", "pack": ..., "entries": N, "inputs": [{"p
 POST /predict  <- {"args": [...], "kwargs": {...}, "dtype": "float32" | {"input name": "int64", ...}}
                -> 200 {"outputs": ...}  (the model's output structure; tuples become JSON lists)
 
-A pack with state (an LLM's KV cache) is called in sessions, one per conversation, each with its own state:
+A pack of several methods (``encode`` and ``decode``, ``prefill`` and ``decode``) is called by method name:
+
+POST /predict/METHOD  <- the body of /predict; -> 200 {"outputs": ...}  (/predict is the method forward)
+
+A pack with state (an LLM's KV cache) is called in sessions, one per conversation, each with its own state
+(one state for all the methods of a pack of several):
 
 POST   /sessions               -> 201 {"session": ID}
 POST   /sessions/ID/predict    <- the body of /predict; -> 200 {"outputs": ...}
+POST   /sessions/ID/predict/METHOD  <- the same, for a method of the pack
 POST   /sessions/ID/reset      -> 200 (back to the pack's initial state)
 DELETE /sessions/ID            -> 200
 
@@ -198,7 +204,9 @@ def build_app(pkg: aotpack.Package, *, max_body_bytes: int = DEFAULT_MAX_BODY_BY
     it, and every request of a session must carry the session's id in the ``serve_multiplexed_model_id``
     header, by which Ray Serve routes it to this replica.
     """
-    converter = InputConverter(pkg)
+    methods = list(pkg.methods)
+    several = len(methods) > 1 or methods != ["forward"]
+    converters = {name: InputConverter(pkg, name if several else None) for name in methods}
     on_ray = replica is not None
     holder = replica if on_ray else new_holder_id()
     store = None
@@ -207,6 +215,9 @@ def build_app(pkg: aotpack.Package, *, max_body_bytes: int = DEFAULT_MAX_BODY_BY
                              holder_kind="replica" if on_ray else "server process",
                              foreign_hint=FOREIGN_ON_RAY if on_ray else FOREIGN_HERE)
     routes = SESSION_ROUTES if pkg.stateful else ROUTES
+    if several:
+        routes += (f" (a method: POST {'/sessions/{id}' if pkg.stateful else ''}/predict/{{method}}, for "
+                   f"{', '.join(methods)})")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -245,20 +256,32 @@ def build_app(pkg: aotpack.Package, *, max_body_bytes: int = DEFAULT_MAX_BODY_BY
 
     @app.get("/health")
     def health() -> Response:
-        body = {"status": "ok", "pack": pkg.path, "entries": len(pkg.entries), "inputs": converter.describe(),
+        body = {"status": "ok", "pack": pkg.path, "entries": len(pkg.entries),
+                "inputs": converters[methods[0] if "forward" not in converters else "forward"].describe(),
                 "stateful": pkg.stateful, "replica": holder}
+        if several:
+            body["methods"] = {name: c.describe() for name, c in converters.items()}
         if store is not None:
             store.expire()
             body["sessions"] = dict(store.stats(), state_bytes=state_bytes(pkg),
-                                    cache_positions=min((r.limit for r in pkg.manifest.positions), default=None))
+                                    cache_positions=min((r.limit for m in pkg.manifest.method_table()
+                                                         for r in m.positions), default=None))
         return json_response(HTTPStatus.OK, body)
 
-    def answer(call: Callable[..., Any], raw: bytes, session_id: str | None = None) -> tuple[int, dict]:
-        """Run ``call`` (the package, or a session of it) on the request body ``raw``: (status, answer)."""
-        args, kwargs = converter.convert(parse_json(raw))
+    def method_of(name: str) -> str:
+        """The method a path names; a 404 naming those the pack has, for one it does not have."""
+        if name not in converters:
+            raise BadRequest(f"this pack has no method {name!r}; its methods: {', '.join(methods)} (POST /predict/"
+                             f"{methods[0]})", status=HTTPStatus.NOT_FOUND)
+        return name
+
+    def answer(call: Any, raw: bytes, session_id: str | None = None, method: str = "forward") -> tuple[int, dict]:
+        """Run ``method`` of ``call`` (the package, or a session of it) on the request body ``raw``: (status,
+        answer)."""
+        args, kwargs = converters[method_of(method)].convert(parse_json(raw))
         try:
             with torch.inference_mode():
-                out = call(*args, **kwargs)
+                out = getattr(call, method)(*args, **kwargs)
         except aotpack.GuardError as e:
             return HTTPStatus.BAD_REQUEST, {"error": str(e)}
         except aotpack.SessionError as e:  # an earlier call failed: the state is undefined until a reset
@@ -273,24 +296,34 @@ def build_app(pkg: aotpack.Package, *, max_body_bytes: int = DEFAULT_MAX_BODY_BY
             return HTTPStatus.INTERNAL_SERVER_ERROR, {"error": message}
         return HTTPStatus.OK, {"outputs": to_json(out)}
 
-    @app.post("/predict")
-    async def predict(request: Request) -> Response:
+    async def predict_method(request: Request, method: str) -> Response:
+        method_of(method)
         if store is not None:
             return json_response(HTTPStatus.CONFLICT, {"error": (
                 f"this pack keeps state between calls ({len(pkg.manifest.state)} state buffers, such as an LLM's KV "
                 "cache), so its calls run in a session, which holds its own copy of it: open one with POST "
-                "/sessions, then send each call to POST /sessions/{id}/predict (the same body as /predict)")})
+                "/sessions, then send each call to POST /sessions/{id}/predict"
+                + ("" if method == "forward" else f"/{method}") + " (the same body as /predict)")})
         raw = await read_body(request, max_body_bytes)
-        status, payload = await run_in_threadpool(answer, pkg, raw)
+        status, payload = await run_in_threadpool(answer, pkg, raw, None, method)
         return json_response(status, payload)
 
+    @app.post("/predict")
+    async def predict(request: Request) -> Response:
+        return await predict_method(request, "forward")
+
+    if several:
+        @app.post("/predict/{method}")
+        async def predict_named(method: str, request: Request) -> Response:
+            return await predict_method(request, method)
+
     if store is not None:
-        _add_session_routes(app, store, answer, max_body_bytes, on_ray)
+        _add_session_routes(app, store, answer, max_body_bytes, on_ray, several)
     return app
 
 
 def _add_session_routes(app: FastAPI, store: SessionStore, answer: Callable[..., tuple[int, dict]],
-                        max_body_bytes: int, on_ray: bool) -> None:
+                        max_body_bytes: int, on_ray: bool, several: bool = False) -> None:
     """The routes of a stateful pack's sessions, and the answers to what can go wrong with one."""
 
     @app.exception_handler(SessionNotFound)
@@ -322,16 +355,24 @@ def _add_session_routes(app: FastAPI, store: SessionStore, answer: Callable[...,
         held = store.open()
         return json_response(HTTPStatus.CREATED, {"session": held.id}, headers={"Location": f"/sessions/{held.id}"})
 
-    @app.post("/sessions/{session_id}/predict")
-    async def session_predict(session_id: str, request: Request) -> Response:
+    async def session_call(session_id: str, request: Request, method: str) -> Response:
         check_routing(request, session_id)
         raw = await read_body(request, max_body_bytes)
         held = store.acquire(session_id)
         try:
-            status, payload = await run_in_threadpool(answer, held.session, raw, session_id)
+            status, payload = await run_in_threadpool(answer, held.session, raw, session_id, method)
         finally:
             store.release(held)
         return json_response(status, payload)
+
+    @app.post("/sessions/{session_id}/predict")
+    async def session_predict(session_id: str, request: Request) -> Response:
+        return await session_call(session_id, request, "forward")
+
+    if several:
+        @app.post("/sessions/{session_id}/predict/{method}")
+        async def session_predict_named(session_id: str, method: str, request: Request) -> Response:
+            return await session_call(session_id, request, method)
 
     @app.post("/sessions/{session_id}/reset")
     async def reset_session(session_id: str, request: Request) -> Response:

@@ -89,10 +89,11 @@ def _follow(node: dict, value: Any, path: str, dtype: str | None, guards: dict, 
 
 
 class InputConverter:
-    """Turns a /predict body into ``(args, kwargs)`` for the package, following its first entry's inputs."""
+    """Turns a /predict body into ``(args, kwargs)`` for the package, following its first entry's inputs (of
+    ``method``, in a pack of several methods)."""
 
-    def __init__(self, pkg: aotpack.Package):
-        g = pkg.entries[0].guards
+    def __init__(self, pkg: aotpack.Package, method: str | None = None):
+        g = (pkg.entries if method is None else pkg.methods[method].entries)[0].guards
         self.args_node, self.kwargs_node = g.inputs["children"]
         self.param_names = list(g.param_names)
         self.guards = {leaf.path: leaf for leaf in g.leaves}
