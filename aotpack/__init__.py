@@ -2,8 +2,11 @@
 
 ``aotpack.build(model, example_inputs, output)`` compiles a model into one archive;
 ``aotpack.load(path)`` loads it for serving; ``aotpack.sign(path, key)`` signs it. ``import aotpack`` stays
-light: the build side (Dynamo, Inductor) is imported only when ``build`` is called, the signing package only
-when ``sign`` is.
+light: it imports the error types only; the runtime's loader comes with the first use of ``load`` (or
+``Package``, ``Session``, ``Entry``), the build side (Dynamo, Inductor) only when ``build`` is called, the
+signing package only when ``sign`` is.
+
+May not: import at import time what a load or a build imports when it needs it.
 """
 from __future__ import annotations
 
@@ -13,9 +16,25 @@ from typing import Any, Callable
 
 __version__ = "0.1.0"
 
-from aotpack_runtime import (AotpackError, ArchiveError, CaptureError, Entry, GuardError, Package,  # noqa: E402
-                             Session, SessionError, load)
-from aotpack_runtime.errors import BuildError, ModelFileError, SigningError  # noqa: E402
+from aotpack_runtime.errors import (AotpackError, ArchiveError, BuildError, CaptureError, GuardError,  # noqa: E402
+                                   ModelFileError, SessionError, SigningError)
+
+_RUNTIME_NAMES = ("load", "Package", "Session", "Entry")  # aotpack_runtime's, imported at first use
+
+
+def __getattr__(name: str) -> Any:
+    """``aotpack.load``, ``Package``, ``Session`` and ``Entry``: the runtime's, imported at first use (PEP 562)."""
+    if name not in _RUNTIME_NAMES:
+        raise AttributeError(f"module 'aotpack' has no attribute {name!r}")
+    import aotpack_runtime
+
+    value = getattr(aotpack_runtime, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_RUNTIME_NAMES))
 
 
 def build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, example_kwargs: dict | None = None,
