@@ -3,10 +3,12 @@
 ``aotpack.build(model, example_inputs, output)`` compiles a model into one archive (``methods=`` several of
 its methods, ``aotpack.Method``, into one archive sharing weights and state);
 ``aotpack.load(path)`` loads it for serving; ``aotpack.sign(path, key)`` signs it. ``import aotpack`` stays
-light: the build side (Dynamo, Inductor) is imported only when ``build`` is called, the signing package only
-when ``sign`` is.
+light: it imports the error types only; the runtime's loader comes with the first use of ``load`` (or
+``Package``, ``Session``, ``Entry``), the build side (Dynamo, Inductor) only when ``build`` is called, the
+signing package only when ``sign`` is.
 
-May not: build itself: ``build`` goes through ``front`` (as the CLI and ``build-many`` do).
+May not: build itself (``build`` goes through ``front``, as the CLI and ``build-many`` do), or import at
+import time what a load or a build imports when it needs it.
 """
 from __future__ import annotations
 
@@ -16,11 +18,29 @@ from typing import Any, Callable
 
 __version__ = "0.1.0"
 
-from aotpack_runtime import (AotpackError, ArchiveError, CaptureError, Entry, GuardError, Package,  # noqa: E402
-                             Session, SessionError, load)
-from aotpack_runtime.errors import BuildError, MethodError, ModelFileError, SigningError  # noqa: E402
+from aotpack_runtime.errors import (AotpackError, ArchiveError, BuildError, CaptureError, GuardError,  # noqa: E402
+                                   MethodError, ModelFileError, SessionError, SigningError)
 
-from .methods import Method  # noqa: E402
+# Public names imported at first use: the runtime's (``load``...) and the build side's ``Method``.
+_LAZY = {"load": "aotpack_runtime", "Package": "aotpack_runtime", "Session": "aotpack_runtime",
+         "Entry": "aotpack_runtime", "Method": "aotpack.methods"}
+
+
+def __getattr__(name: str) -> Any:
+    """``aotpack.load``, ``Package``, ``Session``, ``Entry`` (the runtime's) and ``Method`` (the build side's),
+    imported at first use (PEP 562)."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'aotpack' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 
 def build(model: Any, example_inputs: tuple | None = None, output: str | pathlib.Path | None = None, *,

@@ -19,6 +19,12 @@ For each example model it measures, and writes to ``benchmarks/results.md`` and 
 4. Dispatch (``dispatch.py``): a dynamic entry vs a static one on the same input, the cost of each extra
    entry tried, and a second ``aotpack.load`` of the same pack in one process.
 
+``--peers`` runs the peer comparison instead (``peer_models.py``: ResNet-18, MobileNetV2, a UNet, ViT, BERT,
+GPT-2 at small sizes): per-call latency of eager, the pack, ONNX Runtime and OpenVINO (the ``[bench]`` extra;
+the ONNX model exported with ``torch.onnx.export(..., dynamo=True)``) with 1 and 2 threads, every output
+checked against eager; writes ``benchmarks/peers_results.md`` and ``peers_results.json``. A contender that is
+not installed is skipped with a line that says so.
+
 Builds, packs, caches and temporary files live in ``benchmarks/.work/``, created fresh and removed at the
 end; every subprocess gets ``TMPDIR``, ``TORCHINDUCTOR_CACHE_DIR`` and ``AOTPACK_CACHE_DIR`` under it.
 A comparison that fails is recorded with its error in the JSON and shown as n/a in the table.
@@ -41,10 +47,12 @@ from importlib import metadata
 from pathlib import Path
 
 from _markers import put_between_markers
+from peer_models import MODELS as PEER_MODELS
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 CHILD = HERE / "_child.py"
+PEERS_CHILD = HERE / "_peers_child.py"
 WORK = HERE / ".work"
 MODELS = ("mlp", "convnet", "multi_io")
 CHILD_TIMEOUT_S = 600
@@ -306,6 +314,130 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# -- peers: ONNX Runtime and OpenVINO on common architectures ------------------------------------
+
+PEER_CONTENDERS = ("eager", "aotpack", "onnxruntime", "openvino")
+PEER_THREADS = (1, 2)
+PEERS_START, PEERS_END = "<!-- peers:start -->", "<!-- peers:end -->"
+
+
+def run_peers_child(mode: str, *argv: object, threads: int = 0) -> dict:
+    """``_peers_child.py MODE`` in a fresh interpreter (``OMP_NUM_THREADS=threads`` when given)."""
+    result = WORK / "results" / f"peers-{mode}-{time.monotonic_ns()}.json"
+    result.parent.mkdir(parents=True, exist_ok=True)
+    env = child_env(WORK / "inductor-peers")
+    env["AOTPACK_BUILD_CACHE"] = str(WORK / "build-cache")
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    proc = subprocess.run([sys.executable, str(PEERS_CHILD), mode, str(result), *map(str, argv)], cwd=HERE,
+                          env=env, capture_output=True, text=True, timeout=3 * CHILD_TIMEOUT_S)
+    if proc.returncode != 0:
+        raise ChildError(f"exit {proc.returncode}: {error_line(proc.stderr)}")
+    return json.loads(result.read_text())
+
+
+def peers(models: list[str], calls: int, warmup: int) -> dict:
+    """Per model: the build/export outcome and, per thread count, each contender's figures."""
+    out: dict = {}
+    for name in models:
+        folder = WORK / "peers" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        print(f"[{name}] building the pack and exporting ONNX ...", flush=True)
+        try:
+            prepared = run_peers_child("prepare", name, folder)
+        except ChildError as e:
+            prepared = {"aotpack": {"error": str(e)}, "onnx": {"error": str(e)}}
+        out[name] = {"prepare": prepared, "threads": {}}
+        for threads in PEER_THREADS:
+            try:
+                figures = run_peers_child("latency", name, folder, threads, calls, warmup, 5, threads=threads)
+            except ChildError as e:
+                figures = {c: {"error": str(e)} for c in PEER_CONTENDERS}
+            out[name]["threads"][str(threads)] = figures
+            print(f"[{name}] {threads} thread(s): " + ", ".join(
+                f"{c} {f['median_us']:.0f} us" if "median_us" in f else f"{c} {f.get('skipped') or f.get('error')}"
+                for c, f in figures.items()), flush=True)
+    return out
+
+
+def peers_markdown(results: dict) -> str:
+    m = results["machine"]
+    lines = ["# aotpack against ONNX Runtime and OpenVINO", "",
+             f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, {results['versions']}, Python "
+             f"{m['python']}, {m['date']}; load average {results['load_before']:.1f} at the start, "
+             f"{results['load_after']:.1f} at the end.",
+             f"Per-call latency in µs, median of {results['calls']} calls per figure in one process (contenders "
+             "in turns, 5 rounds), batch 1, float32; in brackets the time over the pack's (above 1: the pack is "
+             f"faster). Every output within {results['tolerance']:g} of eager (relative to its largest value) "
+             "unless listed below. See benchmarks/README.md.", ""]
+    notes = []
+    for threads in PEER_THREADS:
+        lines += [f"## {threads} thread{'s' if threads > 1 else ''}", "",
+                  "| model | eager | aotpack | ONNX Runtime | OpenVINO | aotpack, 2 threads over 1 (speed-up) |",
+                  "|---|---|---|---|---|---|"]
+        for name, r in results["models"].items():
+            figures = r["threads"].get(str(threads), {})
+            own = figures.get("aotpack", {}).get("median_us")
+            row = [name]
+            for c in PEER_CONTENDERS:
+                f = figures.get(c, {})
+                if "median_us" not in f:
+                    row.append("skipped" if "skipped" in f else "n/a")
+                    continue
+                row.append(f"{f['median_us']:.0f}" + (f" ({f['median_us'] / own:.2f}×)" if own and c != "aotpack"
+                                                       else ""))
+                if not f.get("within_tolerance", True):
+                    notes.append(f"- {name}, {threads} thread(s), {c}: differs from eager by "
+                                 f"{f['rel_diff_vs_eager']:.2e}")
+            one = r["threads"].get("1", {}).get("aotpack", {}).get("median_us")
+            row.append(f"{one / own:.2f}×" if one and own and threads > 1 else "")
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+    for name, r in results["models"].items():
+        for step, f in r["prepare"].items():
+            if "error" in f:
+                notes.append(f"- {name}, {step}: {f['error']}")
+        for threads, figures in r["threads"].items():
+            for c, f in figures.items():
+                if "skipped" in f:
+                    notes.append(f"- {name}, {threads} thread(s), {c} skipped: {f['skipped']}")
+                elif "error" in f:
+                    notes.append(f"- {name}, {threads} thread(s), {c}: {f['error']}")
+    if notes:
+        lines += ["## Notes", "", *sorted(set(notes)), ""]
+    return "\n".join(lines)
+
+
+def peer_versions() -> str:
+    found = []
+    for dist in ("onnxruntime", "openvino", "onnx", "onnxscript"):
+        try:
+            found.append(f"{dist} {metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            found.append(f"{dist} not installed")
+    return ", ".join(found)
+
+
+def main_peers(models: list[str], quick: bool) -> None:
+    calls, warmup = (50, 5) if quick else (200, 20)
+    start = time.perf_counter()
+    load_before = os.getloadavg()[0]
+    shutil.rmtree(WORK, ignore_errors=True)
+    (WORK / "tmp").mkdir(parents=True)
+    try:
+        figures = peers(models, calls, warmup)
+    finally:
+        shutil.rmtree(WORK, ignore_errors=True)
+    results = {"machine": machine_info(), "versions": peer_versions(), "calls": calls, "warmup_calls": warmup,
+               "tolerance": 1e-4, "load_before": load_before, "load_after": os.getloadavg()[0],
+               "total_seconds": time.perf_counter() - start, "models": figures}
+    (HERE / "peers_results.json").write_text(json.dumps(results, indent=2) + "\n")
+    table = peers_markdown(results)
+    (HERE / "peers_results.md").write_text(table)
+    put_between_markers(ROOT / "README.md", PEERS_START, PEERS_END, table.split("\n", 2)[2].replace("## ", "#### "))
+    print(f"wrote {HERE / 'peers_results.md'} in {results['total_seconds']:.0f} s")
+
+
 # -- main ----------------------------------------------------------------------------------------
 
 README_START, README_END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
@@ -320,13 +452,17 @@ def update_readme(table_md: str) -> None:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats and calls (a smoke run)")
-    parser.add_argument("--models", default=",".join(MODELS),
-                        help=f"comma-separated examples to run (default: {','.join(MODELS)})")
+    parser.add_argument("--peers", action="store_true",
+                        help="the peer comparison (ONNX Runtime, OpenVINO) on peer_models.py's models instead")
+    parser.add_argument("--models", default=None,
+                        help=f"comma-separated models to run (default: {','.join(MODELS)}; with --peers: "
+                             f"{','.join(PEER_MODELS)})")
     args = parser.parse_args()
-    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
-    unknown = [m for m in args.models if m not in MODELS]
+    known = PEER_MODELS if args.peers else MODELS
+    args.models = [m.strip() for m in (args.models or ",".join(known)).split(",") if m.strip()]
+    unknown = [m for m in args.models if m not in known]
     if unknown or not args.models:
-        parser.error(f"--models takes names from {', '.join(MODELS)}; got {args.models}")
+        parser.error(f"--models takes names from {', '.join(known)}; got {args.models}")
     return args
 
 
@@ -337,8 +473,22 @@ def paths_for(name: str) -> Paths:
                  pt2=out / f"{name}.pt2", inputs=out / "inputs.pt")
 
 
+def compile_bytecode() -> None:
+    """Write the bytecode of aotpack and its runtime, as ``pip install`` does for an installed package: an
+    editable checkout run with ``PYTHONDONTWRITEBYTECODE`` set would compile every module in every fresh
+    process, and the fresh-process figures would time Python's compiler rather than the loader."""
+    import compileall
+
+    for folder in ("aotpack", "runtime"):
+        compileall.compile_dir(ROOT / folder, quiet=1)
+
+
 def main() -> None:
     args = parse_args()
+    compile_bytecode()
+    if args.peers:
+        main_peers(args.models, args.quick)
+        return
     repeats, calls, warmup = (2, 50, 10) if args.quick else (5, 200, 20)
     start = time.perf_counter()
     shutil.rmtree(WORK, ignore_errors=True)

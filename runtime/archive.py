@@ -25,9 +25,6 @@ import mmap
 import os
 import stat
 
-import zstandard
-from zstandard import backend_cffi as _zstd  # zstd's streaming API, for decompression through fixed buffers
-
 from . import format as fmt
 from .errors import ArchiveError
 
@@ -458,6 +455,11 @@ def zstd_chunks(fd: int, offset: int, stored_size: int, size: int, name: str, pa
     ArchiveError, raised as soon as it shows (a frame that holds more than it declares stops there). Memory
     is bounded whatever the frame declares: a read buffer, this output buffer, and zstd's window, at most
     ``2**ZSTD_WINDOW_LOG_MAX`` bytes (and no more than ``size``)."""
+    # Imported here, not with the module: a load whose blobs are all stored uncompressed (weights, and code
+    # already in the extraction cache) never needs zstd.
+    import zstandard
+    from zstandard import backend_cffi as _zstd  # zstd's streaming API, for decompression through fixed buffers
+
     where = f"blob {name!r}"
     head = bytes(_pread(fd, offset, min(stored_size, 18)))  # 18: the longest frame header
     try:

@@ -19,26 +19,29 @@ import math
 import os
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from . import archive as _archive
 from . import cache, platform
-from . import signature as _signature
 from .archive import Archive
 from .devices import CudaState, warn_cuda
 from .entries import CudaEntry, Entry, check_entry, entry_from_manifest
 from .errors import ArchiveError, GuardError, MethodError, SessionError
 from .format import DEFAULT_METHOD, DTYPES, Manifest, MethodRecord, field_of, one_of
 from .guards import check_spec, rebuild
-from .sessions import PositionCheck, Session, SessionSource, StateTemplate
 from .weights import load_weights, prefetch as _prefetch, tensor_from_bytes
 
 # An integer dtype of each element width, to move elements of any dtype (complex32, float8) as bits.
 _SAME_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
-__all__ = ["CudaEntry", "Entry", "Method", "Package", "Session", "load", "tensor_from_bytes"]
+if TYPE_CHECKING:
+    from .sessions import Session
+
+# Imported when a load needs them, not with the loader: sessions for a pack with state, the signature check
+# when a key is given (runtime/__init__.py: a fresh process pays for what it uses).
+__all__ = ["CudaEntry", "Entry", "Method", "Package", "load", "tensor_from_bytes"]
 
 VERIFY_MODES = ("auto", "full")
 
@@ -108,6 +111,8 @@ class Package:
         self._guard_note = guard_note
         self._cuda_state = cuda_state
         self.stateful = bool(archive.manifest.state)
+        if self.stateful:
+            from .sessions import PositionCheck, SessionSource, StateTemplate
         self._state_template = StateTemplate.from_archive(archive) if self.stateful else None
         table = archive.manifest.method_table()
         # name -> (record, its entries); ``methods`` makes the Method objects on demand (no cycle to the package)
@@ -184,6 +189,8 @@ class Package:
             reason = self._cuda_state.no_cuda if self._cuda_state is not None else "the pack has no CUDA entry"
             if reason is not None:
                 raise SessionError(f"cannot keep this session's state on {device}: {reason}")
+        from .sessions import Session
+
         return Session(self._sessions, device)
 
     def select(self, *args: Any, **kwargs: Any) -> Entry | None:
@@ -369,6 +376,8 @@ def _check_whole_file(path: str, fd: int, st: os.stat_result, expected_sha256: s
     if expected_sha256 is not None:
         file_sha = _check_pin(path, expected_sha256, file_sha)
     if public_key is not None:
+        from . import signature as _signature
+
         file_sha = _signature.check(path, signature, public_key, file_sha256=file_sha).file_sha256
     return file_sha
 

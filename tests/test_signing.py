@@ -333,7 +333,7 @@ def test_a_file_swapped_between_the_checks_is_never_the_one_loaded(signed, keys,
     link = tmp_path / "link.pack"
     pathlib.Path(f"{link}.sig").write_bytes(pathlib.Path(f"{signed}.sig").read_bytes())
     link.symlink_to(bad)
-    monkeypatch.setattr(loader._signature, "check", swap_link_during(link, good, bad, rt_signature.check))
+    monkeypatch.setattr(rt_signature, "check", swap_link_during(link, good, bad, rt_signature.check))
     monkeypatch.setattr(cache, "SETTLE_SECONDS", 0.0)
     c = tmp_path / "cache"
     with pytest.raises(ArchiveError, match=f"is not for this file: it covers sha256 {sha(good)}, this file is "
@@ -358,7 +358,7 @@ def test_a_file_replaced_while_it_is_checked_is_refused(signed, keys, tmp_path, 
         replacement.replace(pack)  # a deploy renaming another file over the pack, or an attacker
         return result
 
-    monkeypatch.setattr(loader._signature, "check", check_then_replace)
+    monkeypatch.setattr(rt_signature, "check", check_then_replace)
     monkeypatch.setattr(cache, "SETTLE_SECONDS", 0.0)
     refused(pack, "the file was changed while its hash was being checked; load it again once it is in place",
             untouched=False, public_key=keys.a_pub, cache_dir=tmp_path / "cache")
