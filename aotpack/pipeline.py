@@ -146,13 +146,30 @@ def _accepting_entry(entries: list, args: tuple, kwargs: dict) -> int | None:
     return None
 
 
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` are the very same tensor (the same object, or a view of the same memory with the
+    same dtype, offset, shape and strides): tied weights."""
+    if a is b:
+        return True
+    if a.dtype != b.dtype or a.device != b.device or a.shape != b.shape or a.stride() != b.stride() or \
+            a.storage_offset() != b.storage_offset() or a.untyped_storage().nbytes() == 0:
+        return False
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
 def _weights(entries: list, compiled: list, state_names: tuple[str, ...] = ()) \
-        -> tuple[list[dict], list[package.Blob], dict[str, torch.Tensor]]:
+        -> tuple[list[dict], list[package.Blob], dict[str, torch.Tensor], list[str]]:
     """Every constant any entry needs, stored once, by its name in the model; the state buffers among them
-    are returned apart (name -> initial value)."""
+    are returned apart (name -> initial value), and the model's ``state_dict`` names the code never reads.
+
+    Each record says what new weights need (format version 5): its other ``state_dict`` names (``aliases``:
+    tied weights, the very same tensor), and ``"state_dict": false`` for a tensor the ``state_dict`` lacks
+    (a lifted constant, a non-persistent buffer)."""
     tensors: dict[str, torch.Tensor] = {}
+    state_dict: dict[str, Any] = {}
     for (captured, _), code in zip(entries, compiled):
         ep = captured.exported
+        state_dict.update(ep.state_dict)
         state = {**dict(ep.state_dict), **dict(ep.constants)}
         for name in code.constants.values():
             t = state.get(name)
@@ -167,14 +184,25 @@ def _weights(entries: list, compiled: list, state_names: tuple[str, ...] = ()) \
                          "would serve their build-time values. Report it with the model")
     state = {n: tensors.pop(n) for n in state_names}
     records, blobs = [], []
+    named: set[str] = set(tensors) | set(state_names)
     for i, name in enumerate(sorted(tensors)):
         t = tensors[name]
         # Weights stay uncompressed: the loader maps them from the file (shared, no copy, no decompression);
         # the writer streams them from the tensor's memory (no copy at build time either).
         blobs.append(package.Blob(fmt.weight_blob(i), t, compressible=False))
-        records.append({"name": name, "blob": fmt.weight_blob(i), "dtype": _dtype(t, f"the weight {name!r}"),
-                        "shape": list(t.shape)})
-    return records, blobs, state
+        record = {"name": name, "blob": fmt.weight_blob(i), "dtype": _dtype(t, f"the weight {name!r}"),
+                  "shape": list(t.shape)}
+        if name in state_dict:
+            aliases = sorted(n for n, other in state_dict.items() if n not in named and isinstance(other, torch.Tensor)
+                             and _same_tensor(other, t))
+            if aliases:
+                record["aliases"] = aliases
+                named.update(aliases)
+        else:
+            record["state_dict"] = False
+        records.append(record)
+    unread = sorted(n for n in state_dict if n not in named)
+    return records, blobs, state, unread
 
 
 def _compile_detail(options: BuildOptions, n: int) -> str:
@@ -458,7 +486,7 @@ def _build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, exa
                                            stateful=bool(state_names),
                                            objects=None if cache is None else cache.objects())
     with stages.stage("package"):
-        weights, blobs, state_values = _weights([(c, g) for c, g, _ in entries], compiled, state_names)
+        weights, blobs, state_values, unread = _weights([(c, g) for c, g, _ in entries], compiled, state_names)
         manifest_entries = []
         for i, ((_, g, device), code) in enumerate(zip(entries, compiled)):
             library = fmt.library_blob(i)
@@ -479,6 +507,8 @@ def _build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, exa
         manifest = {"producer": producer(compiler), "target": target(options), "options": options.to_json(),
                     "weights": weights, "entries": manifest_entries, "example": example,
                     "frozen": {"training": entries[0][0].training}}
+        if unread:
+            manifest["unread_weights"] = unread
         if state_names:
             buffers, state_blobs = state.state_records(state_values)
             blobs += state_blobs

@@ -16,6 +16,10 @@ Changelog of ``FORMAT_VERSION`` (readers accept ``MIN_READ_VERSION..FORMAT_VERSI
                ``scalar``); the extern-kernel description of ATen ops that run through AOTInductor's proxy
                executor (``entry.extern_kernels``, a blob); the dtypes complex32, uint16, uint32, uint64 and
                four float8 formats. A pack that uses none of these keeps the older version (``version_for``).
+  5 (2026-12): weights apart from code: a weight's other ``state_dict`` names (``aliases``: tied weights),
+               stored tensors that are not in the model's ``state_dict`` (``"state_dict": false``: lifted
+               constants, non-persistent buffers), and the ``state_dict`` names the code never reads
+               (``unread_weights``), so that new weights can be checked against the model's own names.
 
 May not: import torch or any other aotpack module: the writer and the reader both import it.
 """
@@ -31,7 +35,7 @@ from typing import Any
 from .errors import ArchiveError
 
 MAGIC = b"AOTPACK\x00"
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 MIN_READ_VERSION = 1
 # The first format version that may hold CUDA entries.
 CUDA_FORMAT_VERSION = 2
@@ -39,6 +43,8 @@ CUDA_FORMAT_VERSION = 2
 STATE_FORMAT_VERSION = 3
 # The first format version that may hold the features of version 4 (see the changelog and ``v4_features``).
 BREADTH_FORMAT_VERSION = 4
+# The first format version that may hold the features of version 5 (see the changelog and ``v5_features``).
+V5_FORMAT_VERSION = 5
 # magic, format version, flags, manifest length, manifest sha256
 HEADER = struct.Struct("<8sIIQ32s")
 HEADER_SIZE = HEADER.size  # 56
@@ -125,9 +131,24 @@ def v4_features(manifest: dict) -> list[str]:
     return found
 
 
+def v5_features(manifest: dict) -> list[str]:
+    """What in ``manifest`` needs format version 5, in words (empty when nothing does)."""
+    found: list[str] = []
+    weights = [w for w in _items(manifest.get("weights")) if isinstance(w, dict)]
+    if any("aliases" in w for w in weights):
+        found.append("a weight with other state_dict names (aliases)")
+    if any("state_dict" in w for w in weights):
+        found.append("a stored tensor that is not in the state_dict (state_dict: false)")
+    if "unread_weights" in manifest:
+        found.append("state_dict names the code does not read (unread_weights)")
+    return found
+
+
 def version_for(manifest: dict) -> int:
     """The format version a pack with this manifest is written as: the oldest that can describe it, so a
     CPU-only pack without state that needs nothing newer stays readable by version-1 readers."""
+    if v5_features(manifest):
+        return V5_FORMAT_VERSION
     if v4_features(manifest):
         return BREADTH_FORMAT_VERSION
     if manifest.get("state"):
@@ -309,20 +330,41 @@ class BlobRecord:
 
 @dataclass(frozen=True)
 class WeightRecord:
-    """A parameter, buffer or constant tensor, stored once per pack and shared by every entry."""
+    """A parameter, buffer or constant tensor, stored once per pack and shared by every entry.
+
+    ``name`` is its name in the model's ``state_dict``; ``aliases`` are its other names there (the very same
+    tensor: an ``lm_head`` tied to the embedding). ``in_state_dict`` is False for a tensor the model's
+    ``state_dict`` lacks (a lifted constant, a non-persistent buffer): new weights need not name it."""
 
     name: str
     blob: str
     dtype: str
     shape: tuple[int, ...]
+    aliases: tuple[str, ...] = ()
+    in_state_dict: bool = True
 
     def to_json(self) -> dict:
-        return {"name": self.name, "blob": self.blob, "dtype": self.dtype, "shape": list(self.shape)}
+        return {"name": self.name, "blob": self.blob, "dtype": self.dtype, "shape": list(self.shape),
+                **({"aliases": list(self.aliases)} if self.aliases else {}),
+                **({} if self.in_state_dict else {"state_dict": False})}
 
     @classmethod
     def from_json(cls, obj: Any, where: str) -> "WeightRecord":
+        aliases: tuple[str, ...] = ()
+        if isinstance(obj, dict) and "aliases" in obj:
+            aliases = tuple(field_of(obj, "aliases", list, where))
+            if not aliases or not all(isinstance(a, str) for a in aliases) or len(set(aliases)) != len(aliases):
+                raise ArchiveError(f"{where}.aliases must be a non-empty list of distinct strings")
+        in_state_dict = True
+        if isinstance(obj, dict) and "state_dict" in obj:
+            if field_of(obj, "state_dict", bool, where):
+                raise ArchiveError(f"{where}.state_dict is true; it is written only as false (absent means true)")
+            in_state_dict = False
+            if aliases:
+                raise ArchiveError(f"{where} has aliases but is not in the state_dict")
         return cls(name=field_of(obj, "name", str, where), blob=field_of(obj, "blob", str, where),
-                   dtype=one_of(obj, "dtype", DTYPES, where), shape=_shape(obj, where))
+                   dtype=one_of(obj, "dtype", DTYPES, where), shape=_shape(obj, where), aliases=aliases,
+                   in_state_dict=in_state_dict)
 
     @property
     def nbytes(self) -> int:
@@ -406,6 +448,7 @@ class Manifest:
     blobs: tuple[BlobRecord, ...]
     state: tuple[StateRecord, ...] = ()
     positions: tuple[PositionRule, ...] = ()
+    unread_weights: tuple[str, ...] = ()
     raw: dict = field(repr=False, compare=False, default_factory=dict)
     # name -> record: a table may list up to MAX_BLOBS blobs, and every weight looks its blob up.
     _by_name: dict = field(init=False, repr=False, compare=False)
@@ -453,6 +496,16 @@ class Manifest:
             raise ArchiveError(f"the manifest uses {newer[0]}, which format version {BREADTH_FORMAT_VERSION} "
                                f"introduced, but it says format version {version}; the pack was written by a "
                                "broken or modified writer")
+        newer = v5_features(obj)
+        if newer and version < V5_FORMAT_VERSION:
+            raise ArchiveError(f"the manifest uses {newer[0]}, which format version {V5_FORMAT_VERSION} "
+                               f"introduced, but it says format version {version}; the pack was written by a "
+                               "broken or modified writer")
+        unread: tuple[str, ...] = ()
+        if "unread_weights" in obj:
+            unread = tuple(field_of(obj, "unread_weights", list, where))
+            if not unread or not all(isinstance(n, str) for n in unread):
+                raise ArchiveError("manifest.unread_weights must be a non-empty list of strings")
         example = obj.get("example")
         if example is not None and not isinstance(example, dict):
             raise ArchiveError("manifest.example must be a JSON object or absent")
@@ -472,7 +525,7 @@ class Manifest:
         m = cls(format_version=version, producer=field_of(obj, "producer", dict, where),
                 target=_target(field_of(obj, "target", dict, where)), options=field_of(obj, "options", dict, where),
                 weights=weights, entries=tuple(entries), example=example, blobs=blobs, state=state,
-                positions=positions, raw=obj)
+                positions=positions, unread_weights=unread, raw=obj)
         for w in weights:
             if w.blob not in names:
                 raise ArchiveError(f"weight {w.name!r} refers to blob {w.blob!r}, which the blob table lacks")
@@ -488,6 +541,12 @@ class Manifest:
             if r.init != "zeros" and m.blob(r.init).size != r.nbytes:
                 raise ArchiveError(f"state {r.name!r} is {r.dtype}{list(r.shape)} ({r.nbytes} bytes) but its "
                                    f"initial value {r.init!r} holds {m.blob(r.init).size} bytes")
+        # Every name new weights may carry means one thing: a weight, its alias, a state buffer or unread.
+        for other in [a for w in weights for a in w.aliases] + list(unread):
+            if other in seen:
+                raise ArchiveError(f"manifest names {other!r} twice (as a weight, an alias, a state buffer or an "
+                                   "unread weight); names must be unique")
+            seen.add(other)
         return m
 
     def to_json(self) -> dict:
@@ -495,6 +554,7 @@ class Manifest:
                 "target": self.target, "options": self.options,
                 "weights": [w.to_json() for w in self.weights], "entries": list(self.entries),
                 "example": self.example, "blobs": [b.to_json() for b in self.blobs],
+                **({"unread_weights": list(self.unread_weights)} if self.unread_weights else {}),
                 **({"state": {"buffers": [r.to_json() for r in self.state],
                               "positions": [p.to_json() for p in self.positions]}} if self.state else {})}
 

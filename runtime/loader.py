@@ -33,6 +33,7 @@ from .errors import ArchiveError, GuardError, SessionError
 from .format import DTYPES, Manifest, field_of, one_of
 from .guards import check_spec, rebuild
 from .sessions import PositionCheck, Session, SessionSource, StateTemplate
+from . import weights as _weights
 from .weights import load_weights, prefetch as _prefetch, tensor_from_bytes
 
 # An integer dtype of each element width, to move elements of any dtype (complex32, float8) as bits.
@@ -82,6 +83,34 @@ class Package:
             position_checks=[[PositionCheck.bind(rule, e, archive.path, f"manifest.state.positions[{k}]")
                               for k, rule in enumerate(archive.manifest.positions)] for e in entries])
         self._prefetching = prefetching
+        self._swap = _weights.SwapLock()
+        self._swapping = threading.Lock()  # one load_weights at a time
+        for entry in entries:
+            entry.swap_lock = self._swap
+
+    def load_weights(self, source: Any, strict: bool = True) -> None:
+        """Serve new weights from now on, without a compiler: ``source`` is a ``state_dict``-like mapping of
+        name -> tensor (or a module, whose ``state_dict()`` is used), a safetensors file, or a Hugging Face
+        checkpoint folder (``model.safetensors``, or shards with ``model.safetensors.index.json``).
+
+        Names are the model's own ``state_dict`` names (``aotpack inspect`` lists them). Every name, dtype and
+        shape is checked before anything changes; missing, unexpected and mismatched weights are one
+        ``WeightsError`` listing them all, and then nothing has changed. ``strict=False`` keeps the current
+        value of a weight not given and ignores names the pack does not know. Tied names given together
+        must hold equal values; state buffers' names and weights the code never reads are ignored.
+
+        The swap is atomic: a call in flight finishes on the old weights, every later call sees the new ones;
+        sessions keep their state. A file's tensors are mapped, not copied (replace such a file by renaming a
+        new one over it, never by rewriting it in place); a mapping's tensors are copied, so the caller may go
+        on changing its own. CUDA entries get copies on every GPU they run on, made before the swap."""
+        with self._swapping:
+            new = _weights.fit(self.manifest, source, strict, self.weights, path=self.path)
+            prepared = self._cuda_state.prepare(new) if self._cuda_state is not None else {}
+            with self._swap.swap():
+                on_device = self._cuda_state.commit(new, prepared) if self._cuda_state is not None else {}
+                for entry in self.entries:
+                    entry.bind_weights(new, on_device)
+                self.weights = new
 
     def wait_prefetch(self, timeout: float | None = None) -> bool:
         """Wait for the background read of ``load(..., prefetch=True)``; True once it is done (or when

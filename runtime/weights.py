@@ -7,7 +7,10 @@ one process reuses the tensors of the first.
 
 ``prefetch`` reads the weights' pages in the background instead (opt-in: ``load(..., prefetch=True)``).
 
-May not: copy a weight at load: a tensor is a view of the mapped blob.
+``fit`` checks new weights for a loaded pack (``Package.load_weights``) against its manifest, and
+``SwapLock`` makes their swap one step between calls.
+
+May not: copy a weight at load: a tensor is a view of the mapped blob; bind weights to code (``entries``).
 """
 from __future__ import annotations
 
@@ -15,8 +18,10 @@ import ctypes
 import errno
 import math
 import mmap
+import os
 import threading
 import weakref
+from collections.abc import Mapping
 
 import torch
 
@@ -107,3 +112,169 @@ def prefetch(tensors: list[torch.Tensor]) -> threading.Thread:
     thread = threading.Thread(target=run, args=(tensors,), name="aotpack-prefetch", daemon=True)
     thread.start()
     return thread
+
+
+# ---------------------------------------------------------------------------------------------------
+# New weights for a loaded pack (``Package.load_weights``): checked whole before anything changes.
+
+class SwapLock:
+    """Calls share it; a swap of the weights holds it alone. A swap waits for the calls in flight (they
+    finish on the old weights) and calls that start while a swap waits wait for it (they see the new ones).
+
+    A pack holds several compiled containers (one per entry, per device), so the swap of all of them must be
+    one step: AOTInductor's own double buffer (``update_constant_buffer(use_inactive=True)`` then
+    ``swap_constant_buffer``, which waits for the container's runs under its exec mutex) is per container.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._calls = 0
+        self._swapping = 0  # swaps waiting or running: new calls wait for them
+
+    def __enter__(self) -> None:  # a call
+        with self._cond:
+            while self._swapping:
+                self._cond.wait()
+            self._calls += 1
+
+    def __exit__(self, *exc) -> None:
+        with self._cond:
+            self._calls -= 1
+            if not self._calls:
+                self._cond.notify_all()
+
+    def swap(self):
+        """The context in which the weights are swapped (no call runs)."""
+        lock = self
+
+        class _Swap:
+            def __enter__(self) -> None:
+                with lock._cond:
+                    lock._swapping += 1
+                    while lock._calls:
+                        lock._cond.wait()
+
+            def __exit__(self, *exc) -> None:
+                with lock._cond:
+                    lock._swapping -= 1
+                    lock._cond.notify_all()
+
+        return _Swap()
+
+
+def _describe(dtype: str, shape: tuple[int, ...]) -> str:
+    return f"{dtype}{list(shape)}"
+
+
+def _given_info(value) -> tuple[str | None, tuple[int, ...] | None, str]:
+    """(dtype name, shape, description) of a value given as a weight; dtype None when it cannot be one."""
+    from .safetensors_file import TensorInfo
+    from .guards import stored_dtype
+
+    if isinstance(value, TensorInfo):
+        return value.dtype, value.shape, _describe(value.dtype, value.shape)
+    if not isinstance(value, torch.Tensor):
+        return None, None, f"a {type(value).__name__}, not a tensor"
+    if value.layout != torch.strided:
+        return None, None, f"a tensor of layout {str(value.layout).removeprefix('torch.')} (only dense tensors)"
+    name = stored_dtype(value.dtype)
+    if name is None:
+        return None, None, f"a tensor of dtype {str(value.dtype).removeprefix('torch.')}"
+    return name, tuple(value.shape), _describe(name, tuple(value.shape))
+
+
+def _source_items(source) -> tuple[dict, str | None]:
+    """(name -> tensor or ``TensorInfo``, and a function to get a file's tensor) of a weights source, and the
+    path it came from (None for a mapping)."""
+    from .errors import WeightsError
+    from .safetensors_file import open_source
+
+    if isinstance(source, torch.nn.Module):
+        source = source.state_dict()
+    if isinstance(source, (str, os.PathLike)):
+        files = open_source(source)
+        return {name: (f, key) for name, (f, key) in files.items()}, os.fspath(source)
+    if isinstance(source, Mapping):
+        for name in source:
+            if not isinstance(name, str):
+                raise WeightsError(f"weights are named by strings (state_dict names); found the key {name!r}")
+        return dict(source), None
+    raise WeightsError(f"weights come as a state_dict-like mapping of name -> tensor, a safetensors file or a "
+                       f"checkpoint folder; got a {type(source).__name__}")
+
+
+def fit(manifest, source, strict: bool, current: dict[str, torch.Tensor], path: str | None = None) \
+        -> dict[str, torch.Tensor]:
+    """Every stored weight of the pack (by ``WeightRecord.name``) with ``source``'s values where it gives them,
+    checked against the manifest before any tensor is read: each given name, dtype and shape; tied names
+    (``aliases``) given together must hold equal values. Every problem is one ``WeightsError`` (missing,
+    unexpected, mismatched, each with what was expected and what was given). ``strict=False`` keeps the
+    current value of a weight not given and ignores names the pack does not know. A state buffer's name and
+    the model's names the code never reads (``unread_weights``) are accepted and ignored.
+
+    Tensors of a file are views of its mapping (no copy); tensors of a mapping are copied (dense, on the
+    CPU), so that the caller may go on changing its own tensors."""
+    from .errors import WeightsError
+
+    items, where = _source_items(source)
+    file_values = where is not None
+    records = {}
+    for w in manifest.weights:
+        records[w.name] = w
+        for a in w.aliases:
+            records[a] = w
+    ignored = {r.name for r in manifest.state} | set(manifest.unread_weights)
+    infos = {name: (value[0].info[value[1]] if file_values else value) for name, value in items.items()}
+    missing, unexpected, mismatched = [], [], []
+    for name, value in infos.items():
+        rec = records.get(name)
+        if rec is None:
+            if name not in ignored:
+                unexpected.append(name)
+            continue
+        dtype, shape, actual = _given_info(value)
+        if (dtype, shape) != (rec.dtype, rec.shape):
+            mismatched.append((name, _describe(rec.dtype, rec.shape), actual))
+    for w in manifest.weights:
+        if strict and w.in_state_dict and not any(n in infos for n in (w.name, *w.aliases)):
+            missing.append(w.name if not w.aliases else f"{w.name} (or {', '.join(w.aliases)})")
+    if not strict:
+        unexpected = []
+
+    def get(name: str) -> torch.Tensor:
+        if file_values:
+            f, key = items[name]
+            return f[key]
+        return items[name]
+
+    bad = {n for n, _, _ in mismatched}
+    for w in manifest.weights:
+        given = [n for n in (w.name, *w.aliases) if n in infos and n not in bad]
+        first = get(given[0]) if given else None
+        for other in given[1:]:
+            if not torch.equal(first, get(other)):
+                mismatched.append((other, f"equal to {given[0]} (tied to it in the model)", "other values"))
+    if missing or unexpected or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)}: {', '.join(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)}: {', '.join(unexpected)}")
+        if mismatched:
+            parts.append(f"mismatched {len(mismatched)}: " + "; ".join(f"{n} (expected {e}, actual {a})"
+                                                                        for n, e, a in mismatched))
+        hint = " (strict=False keeps the pack's value of a weight not given and ignores unknown names)" \
+            if strict and (missing or unexpected) else ""
+        raise WeightsError(f"the new weights do not fit the pack, nothing was changed: {'; '.join(parts)}{hint}",
+                           path=where or path, missing=missing, unexpected=unexpected, mismatched=mismatched)
+    out = {}
+    for w in manifest.weights:
+        given = next((n for n in (w.name, *w.aliases) if n in infos), None)
+        if given is None:
+            out[w.name] = current[w.name]
+            continue
+        t = get(given).detach()
+        if not file_values:
+            t = t.to("cpu", copy=True, memory_format=torch.contiguous_format)
+        out[w.name] = t
+    return out

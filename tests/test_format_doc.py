@@ -5,7 +5,10 @@ import json
 import pathlib
 import re
 
+import pytest
+
 from aotpack_runtime import format as fmt
+from aotpack_runtime.errors import ArchiveError
 from aotpack_runtime.guards import EntryGuards
 
 DOC = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "FORMAT.md").read_text()
@@ -57,5 +60,35 @@ def test_version_for_picks_the_oldest_version_that_describes_the_pack():
     assert fmt.version_for({"entries": [dict(cpu, extern_kernels="code/0.json")]}) == 4
     assert fmt.version_for({"entries": [cpu], "state": {"buffers": [dict(count, dtype="complex32")]}}) == 4
     assert fmt.version_for({"entries": [cpu], "weights": [{"dtype": "uint16"}]}) == 4
-    assert fmt.BREADTH_FORMAT_VERSION == fmt.FORMAT_VERSION == 4
-    assert "4 for a\npack that uses any version-4 feature, else 3 for a pack with state" in DOC
+    assert fmt.BREADTH_FORMAT_VERSION == 4
+    assert "else 4 for a\npack that uses any version-4 feature, else 3 for a pack with state" in DOC
+
+
+def test_version_5_example_is_valid_and_needs_version_5():
+    """The weights example of "Version 5" needs version 5 for each of its three features; a plain weight keeps
+    the old version, and a version-4 manifest that uses one is refused."""
+    blocks = re.findall(r"```json\n(.*?)```", DOC, re.S)
+    example = json.loads(next(b for b in blocks if '"unread_weights"' in b))
+    cpu = {"device": "cpu", "leaves": []}
+    features = fmt.v5_features(example)
+    assert len(features) == 3 and fmt.version_for(dict(example, entries=[cpu])) == fmt.V5_FORMAT_VERSION == 5
+    for word in ("aliases", "state_dict: false", "unread_weights"):
+        assert any(word in f for f in features), word
+    assert fmt.version_for({"entries": [cpu], "weights": [example["weights"][0] | {"aliases": None}]}) == 5
+    plain = {k: v for k, v in example["weights"][0].items() if k != "aliases"}
+    assert fmt.v5_features({"weights": [plain]}) == [] and fmt.version_for({"entries": [cpu], "weights": [plain]}) == 1
+    assert fmt.FORMAT_VERSION == 5
+    blob = lambda n, size: {"name": n, "offset": 0, "stored_size": size, "size": size, "sha256": "0" * 64,
+                            "compression": "none"}
+    manifest = {"format": "aotpack", "format_version": 5, "producer": {}, "target": {}, "options": {},
+                "entries": [cpu], "blobs": [blob("weights/0", 160), dict(blob("weights/1", 4), offset=192)],
+                **example}
+    m = fmt.Manifest.from_json(manifest)
+    assert m.weights[0].aliases == ("head.weight",) and not m.weights[1].in_state_dict
+    assert m.unread_weights == ("unused.bias", "unused.weight")
+    out = m.to_json()
+    assert (out["weights"], out["unread_weights"]) == (example["weights"], example["unread_weights"])
+    with pytest.raises(ArchiveError, match="format version 5 introduced, but it says format version 4"):
+        fmt.Manifest.from_json(dict(manifest, format_version=4))
+    with pytest.raises(ArchiveError, match="'unused.bias' twice"):
+        fmt.Manifest.from_json(dict(manifest, unread_weights=["unused.bias", "unused.bias"]))

@@ -1,0 +1,270 @@
+"""Weights apart from code: the manifest's weight records, ``Package.load_weights`` from a mapping, a
+safetensors file or a checkpoint folder, and the checks that refuse weights that do not fit (nothing changes)."""
+from __future__ import annotations
+
+import json
+import struct
+import threading
+
+import pytest
+import torch
+
+import aotpack
+from aotpack_runtime import format as fmt
+from aotpack_runtime import safetensors_file as stf
+from aotpack_runtime.errors import WeightsError
+from aotpack_runtime.weights import SwapLock
+from conftest import WeightsModel
+
+
+def new_state_dict(seed: int) -> dict[str, torch.Tensor]:
+    """The state_dict of WeightsModel with other values in every float tensor (the tied pair stays tied)."""
+    return WeightsModel.make(seed).state_dict()
+
+
+def eager(state_dict: dict, args: tuple) -> torch.Tensor:
+    model = WeightsModel.make()
+    model.load_state_dict(state_dict)
+    with torch.no_grad():
+        return model(*args)
+
+
+@pytest.fixture
+def pkg(weights_pack):
+    return aotpack.load(weights_pack.path)
+
+
+def test_manifest_names_aliases_unread_and_tensors_outside_the_state_dict(weights_pack):
+    m = aotpack.load(weights_pack.path).manifest
+    assert m.format_version == fmt.V5_FORMAT_VERSION
+    by_name = {w.name: w for w in m.weights}
+    assert by_name["emb.weight"].aliases == ("head.weight",) and "head.weight" not in by_name
+    assert not by_name["shift"].in_state_dict
+    constants = [w.name for w in m.weights if w.name.startswith("lifted_tensor")]
+    assert constants and not by_name[constants[0]].in_state_dict
+    assert set(m.unread_weights) == {"bn.num_batches_tracked", "unused.weight", "unused.bias"}
+    stored = {"emb.weight", "lin.weight", "lin.bias", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var",
+              "one", "scale"}
+    assert {w.name for w in m.weights if w.in_state_dict} == stored
+    assert stored | {"head.weight"} | set(m.unread_weights) == set(WeightsModel.make().state_dict())
+
+
+def test_new_weights_give_eager_outputs(pkg, weights_pack):
+    """Linear + bias, the one-element parameter, the scale buffer, the batch norm's statistics and the tied
+    embedding / lm_head all reach the code."""
+    args = weights_pack.args
+    torch.testing.assert_close(pkg(*args), eager(WeightsModel.make().state_dict(), args))
+    new = new_state_dict(1)
+    pkg.load_weights(new)
+    torch.testing.assert_close(pkg(*args), eager(new, args))
+    # The caller's tensors were copied: changing them later does not reach the pack.
+    before = pkg(*args)
+    new["lin.bias"].add_(1.0)
+    torch.testing.assert_close(pkg(*args), before)
+
+
+def test_one_element_bias_and_scale_buffer_get_new_values(pkg, weights_pack):
+    args = weights_pack.args
+    sd = WeightsModel.make().state_dict()
+    sd["one"] = torch.tensor([3.0])
+    sd["scale"] = torch.tensor([-2.0])
+    pkg.load_weights({"one": sd["one"], "scale": sd["scale"]}, strict=False)
+    torch.testing.assert_close(pkg(*args), eager(sd, args))
+
+
+def test_tied_weights_may_come_under_either_name_and_must_agree(pkg, weights_pack):
+    args = weights_pack.args
+    new = new_state_dict(2)
+    only_head = {k: v for k, v in new.items() if k != "emb.weight"}
+    pkg.load_weights(only_head)
+    torch.testing.assert_close(pkg(*args), eager(new, args))
+    untied = dict(new, **{"head.weight": new["emb.weight"] + 1})
+    with pytest.raises(WeightsError) as e:
+        pkg.load_weights(untied)
+    assert e.value.mismatched == (("head.weight", "equal to emb.weight (tied to it in the model)", "other values"),)
+
+
+def test_every_problem_is_one_error_and_nothing_changes(pkg, weights_pack):
+    args = weights_pack.args
+    before = pkg(*args)
+    bad = new_state_dict(3)
+    del bad["lin.bias"]
+    del bad["emb.weight"], bad["head.weight"]
+    bad["lin.weight"] = bad["lin.weight"].half()
+    bad["scale"] = torch.ones(2)
+    bad["extra.weight"] = torch.ones(1)
+    bad["one"] = [0.5]
+    with pytest.raises(WeightsError) as e:
+        pkg.load_weights(bad)
+    err = e.value
+    assert set(err.missing) == {"lin.bias", "emb.weight (or head.weight)"}
+    assert err.unexpected == ("extra.weight",)
+    assert set(err.mismatched) == {("lin.weight", "float32[8, 8]", "float16[8, 8]"),
+                                   ("scale", "float32[1]", "float32[2]"), ("one", "float32[1]", "a list, not a tensor")}
+    for fact in ("lin.bias", "extra.weight", "expected float32[8, 8], actual float16[8, 8]", "strict=False"):
+        assert fact in str(err)
+    torch.testing.assert_close(pkg(*args), before)
+    # Not strict: what is missing keeps its value, what is unknown is ignored; mismatches still refuse.
+    with pytest.raises(WeightsError) as e:
+        pkg.load_weights(bad, strict=False)
+    assert not e.value.missing and not e.value.unexpected and len(e.value.mismatched) == 3
+    torch.testing.assert_close(pkg(*args), before)
+
+
+def test_state_buffers_and_unread_names_are_ignored_and_sessions_keep_state(counter_pack):
+    pkg = aotpack.load(counter_pack.path)
+    x = torch.ones(3)
+    s = pkg.session()
+    first, _ = s(x)  # count = 1
+    pkg.load_weights({"scale": torch.tensor(5.0), "count": torch.tensor(100.0), "history": torch.zeros(4)})
+    second, hist = s(x)  # count = 2, the new scale; the state went on from the session's own
+    torch.testing.assert_close(first, x * 1 * 2.0)
+    torch.testing.assert_close(second, x * 2 * 5.0)
+    torch.testing.assert_close(pkg.session()(x)[0], x * 1 * 5.0)
+
+
+def test_safetensors_file_and_sharded_folder(pkg, weights_pack, tmp_path):
+    args = weights_pack.args
+    new = new_state_dict(4)
+    one = {k: v for k, v in new.items() if k != "head.weight"}  # as Hugging Face saves a tied pair
+    stf.write(tmp_path / "w.safetensors", one)
+    pkg.load_weights(tmp_path / "w.safetensors")
+    torch.testing.assert_close(pkg(*args), eager(new, args))
+    # The weights are views of one mapping of the file, not copies: they lie as far apart as in the file.
+    info = stf.read(tmp_path / "w.safetensors").info
+    w = pkg.weights
+    assert w["lin.bias"].data_ptr() - w["lin.weight"].data_ptr() == info["lin.bias"].begin - info["lin.weight"].begin
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    new = new_state_dict(5)
+    names = sorted(new)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for file, keys in shards.items():
+        stf.write(folder / file, {k: new[k] for k in keys})
+    (folder / stf.INDEX_FILE).write_text(json.dumps({"weight_map": {k: f for f, ks in shards.items() for k in ks}}))
+    pkg.load_weights(folder)
+    torch.testing.assert_close(pkg(*args), eager(new, args))
+    single = tmp_path / "single"
+    single.mkdir()
+    stf.write(single / stf.SINGLE_FILE, new_state_dict(6))
+    pkg.load_weights(single)
+    torch.testing.assert_close(pkg(*args), eager(new_state_dict(6), args))
+
+
+def test_swap_lock_waits_for_calls_in_flight_and_holds_back_new_ones():
+    lock = SwapLock()
+    events = []
+    lock.__enter__()  # a call in flight
+    swapped = threading.Event()
+
+    def swap():
+        with lock.swap():
+            events.append("swap")
+        swapped.set()
+
+    t = threading.Thread(target=swap)
+    t.start()
+    assert not swapped.wait(0.2)  # the swap waits for the call
+    late = threading.Thread(target=lambda: (lock.__enter__(), events.append("late call"), lock.__exit__()))
+    late.start()
+    late.join(0.2)
+    assert late.is_alive() and events == []  # a call that starts while a swap waits, waits for it
+    events.append("call done")
+    lock.__exit__()
+    t.join(5)
+    late.join(5)
+    assert events == ["call done", "swap", "late call"]
+
+
+def test_threaded_calls_see_old_or_new_weights_never_a_mix(pkg, weights_pack):
+    args = weights_pack.args
+    sets = [new_state_dict(10), new_state_dict(11)]
+    want = [eager(sd, args) for sd in sets]
+    pkg.load_weights(sets[0])
+    stop = threading.Event()
+    seen, problems = [0, 0], []
+
+    def caller():
+        while not stop.is_set():
+            out = pkg(*args)
+            match = [i for i, w in enumerate(want) if torch.allclose(out, w, rtol=1e-5, atol=1e-5)]
+            if len(match) != 1:
+                problems.append(out)
+                return
+            seen[match[0]] += 1
+
+    threads = [threading.Thread(target=caller) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for i in range(20):
+        pkg.load_weights(sets[(i + 1) % 2])
+        torch.testing.assert_close(pkg(*args), want[(i + 1) % 2])  # a call after the swap sees the new weights
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not problems and seen[0] and seen[1]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The safetensors reader and writer (no safetensors package in the runtime)
+
+def test_safetensors_round_trip_is_deterministic_and_matches_the_library(tmp_path):
+    tensors = {"a": torch.randn(3, 4), "b": torch.arange(5, dtype=torch.int64), "c": torch.tensor(True),
+               "d": torch.randn(2, 2).to(torch.bfloat16), "e": torch.zeros(0, 3), "f": torch.randn(4, 3).t()}
+    stf.write(tmp_path / "x.safetensors", tensors)
+    stf.write(tmp_path / "y.safetensors", dict(reversed(list(tensors.items()))))
+    assert (tmp_path / "x.safetensors").read_bytes() == (tmp_path / "y.safetensors").read_bytes()
+    back = stf.read(tmp_path / "x.safetensors")
+    assert set(back) == set(tensors) and back.metadata == {"format": "pt"}
+    for k, v in tensors.items():
+        assert back[k].dtype == v.dtype and torch.equal(back[k], v)
+    st = pytest.importorskip("safetensors.torch")
+    theirs = st.load_file(str(tmp_path / "x.safetensors"))
+    assert all(torch.equal(theirs[k], v) for k, v in tensors.items())
+    st.save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp_path / "z.safetensors"))
+    ours = stf.read(tmp_path / "z.safetensors")
+    assert all(torch.equal(ours[k], v) for k, v in tensors.items())
+
+
+def _file(header: dict | bytes, data: bytes = b"", length: int | None = None) -> bytes:
+    body = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return struct.pack("<Q", len(body) if length is None else length) + body + data
+
+
+@pytest.mark.parametrize("content, fact", [
+    (b"\x01\x02", "shorter than the 8-byte header length"),
+    (_file({}, length=1 << 62), "header length is 4611686018427387904 bytes (at most 100000000)"),
+    (_file({}, length=50), "header length is 50 bytes but the file holds 2"),
+    (_file(b"[1, 2]"), "the header is a JSON list"),
+    (_file(b'{"a": 1, "a": 2}'), "duplicate key 'a'"),
+    (_file({"a": {"dtype": "F128", "shape": [1], "data_offsets": [0, 16]}}, bytes(16)), "dtype 'F128'"),
+    (_file({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, bytes(4)), "shape [-1]"),
+    (_file({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, bytes(4)),
+     "float32[2] (8 bytes) but its data_offsets [0, 4] hold 4"),
+    (_file({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 1 << 40]}}, bytes(4)), "outside the 4 data"),
+    (_file({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+            "b": {"dtype": "F32", "shape": [1], "data_offsets": [2, 6]}}, bytes(6)), "overlaps"),
+    (_file({"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, bytes(8)), "leaves bytes 0..4 unused"),
+    (_file({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, bytes(9)), "the file holds 9 data bytes"),
+    (_file({"__metadata__": {"x": 1}}), "__metadata__ must be an object of strings"),
+])
+def test_malformed_safetensors_files_are_clear_errors(tmp_path, content, fact):
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(WeightsError) as e:
+        stf.read(path)
+    assert fact in str(e.value) and str(path) in str(e.value)
+
+
+def test_a_bad_weights_file_changes_nothing(pkg, weights_pack, tmp_path):
+    before = pkg(*weights_pack.args)
+    (tmp_path / "bad.safetensors").write_bytes(_file({"lin.bias": {"dtype": "F32", "shape": [8],
+                                                                    "data_offsets": [0, 4]}}, bytes(4)))
+    with pytest.raises(WeightsError, match="data_offsets"):
+        pkg.load_weights(tmp_path / "bad.safetensors")
+    with pytest.raises(WeightsError, match="neither model.safetensors.index.json nor model.safetensors"):
+        pkg.load_weights(tmp_path)
+    (tmp_path / stf.INDEX_FILE).write_text(json.dumps({"weight_map": {"lin.bias": "../x.safetensors"}}))
+    with pytest.raises(WeightsError, match="not a file name in the checkpoint's folder"):
+        pkg.load_weights(tmp_path)
+    torch.testing.assert_close(pkg(*weights_pack.args), before)
