@@ -1,4 +1,4 @@
-"""``aotpack``: build, inspect, sign, verify and run packs.
+"""``aotpack``: build, inspect, sign, verify and run packs; export and replace their weights.
 
 Exit codes: 0 success, 1 an aotpack error (the message says what and how to fix it; ``--debug`` adds the
 traceback), 2 a usage error. The build side's compiler stack is imported only by ``build``, and the
@@ -364,6 +364,47 @@ def sign(pack: str, key: str, output: str | None, certificate: str | None, chain
         raise click.UsageError("--chain goes with --certificate")
     written, signed = run_sign(pack, key, output, certificate=certificate, chain=chain)
     click.echo(f"wrote {written}: {signed.describe()}")
+
+
+@cli.command()
+@click.argument("pack", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="The safetensors file to write.")
+def weights(pack: str, output: str) -> None:
+    """Export a pack's weights to a safetensors file, under the model's state_dict names.
+
+    Tied weights are written once (under the name the code reads, as Hugging Face saves them); tensors that
+    are not in the model's state_dict (lifted constants, non-persistent buffers) are left out. The same pack
+    gives the same bytes.
+    """
+    from aotpack.reweight import export_weights
+
+    n, size = export_weights(pack, output)
+    click.echo(f"wrote {output} ({size / 1e6:.2f} MB): {n} tensors")
+
+
+@cli.command()
+@click.argument("base", type=click.Path(dir_okay=False))
+@click.argument("weights_source", metavar="WEIGHTS", required=False, type=click.Path(exists=True))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Path of the pack to write.")
+@click.option("--lora", type=click.Path(file_okay=False, exists=True), default=None, metavar="ADAPTER_DIR",
+              help="Merge this PEFT LoRA adapter (adapter_config.json, adapter_model.safetensors) into the weights.")
+@click.option("--no-strict", "not_strict", is_flag=True,
+              help="Keep the base's value of a weight WEIGHTS lacks and ignore names the pack does not know.")
+def reweight(base: str, weights_source: str | None, output: str, lora: str | None, not_strict: bool) -> None:
+    """Write a pack with the code of BASE and new weights, without a compiler.
+
+    WEIGHTS is a safetensors file or a Hugging Face checkpoint folder (model.safetensors, or shards with
+    model.safetensors.index.json), by the model's state_dict names (`aotpack inspect` lists them); it may be
+    left out with --lora, to merge an adapter into the base's own weights. Every name, dtype and shape is
+    checked first. The pack written is byte for byte the pack a full build of the model with these weights
+    writes; sign it as any pack.
+    """
+    from aotpack.reweight import reweight as run
+
+    if weights_source is None and lora is None:
+        raise click.UsageError("give WEIGHTS, --lora ADAPTER_DIR, or both")
+    run(base, weights_source, output, lora=lora, strict=not not_strict, progress=click.echo)
 
 
 @cli.command()

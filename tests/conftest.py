@@ -188,6 +188,18 @@ def weights_pack(session_dir) -> Built:
 
 
 @pytest.fixture(scope="session")
+def weights_pack_other(session_dir) -> Built:
+    """WeightsModel with other weights (seed 1), built in full: what ``reweight`` must give byte for byte."""
+    import aotpack
+
+    path = session_dir / "weights-other.pack"
+    model, args = WeightsModel.make(seed=1), WeightsModel.args()
+    if not path.exists():
+        aotpack.build(model, args, path)
+    return Built("weights-other", path, model, args)
+
+
+@pytest.fixture(scope="session")
 def corpus_pack(session_dir) -> Built:
     """The corpus of tests/corpus.py as one pack: one entry per group of models (the dynamic group first, with
     its dynamic shapes; the others as specializations), compiled in parallel."""

@@ -268,3 +268,104 @@ def test_a_bad_weights_file_changes_nothing(pkg, weights_pack, tmp_path):
     with pytest.raises(WeightsError, match="not a file name in the checkpoint's folder"):
         pkg.load_weights(tmp_path)
     torch.testing.assert_close(pkg(*weights_pack.args), before)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Out and in on the build side: `aotpack weights`, `aotpack reweight`, LoRA
+
+def _cli(*args):
+    from click.testing import CliRunner
+
+    from cli.main import cli
+
+    return CliRunner().invoke(cli, list(map(str, args)))
+
+
+def test_inspect_lists_the_weights_and_export_writes_them_by_state_dict_name(weights_pack, tmp_path):
+    r = _cli("inspect", weights_pack.path)
+    assert r.exit_code == 0, r.output
+    assert "weight emb.weight float32[16, 8] (also head.weight)" in r.output
+    assert "weight shift float32[1] (not in the state_dict)" in r.output
+    assert "not read by the code: bn.num_batches_tracked, unused.bias, unused.weight" in r.output
+    info = json.loads(_cli("inspect", weights_pack.path, "--json").output)
+    assert {"name": "one", "dtype": "float32", "shape": [1], "aliases": [], "state_dict": True} in \
+        info["weights"]["tensors"]
+    r = _cli("weights", weights_pack.path, "-o", tmp_path / "w.safetensors")
+    assert r.exit_code == 0, r.output
+    _cli("weights", weights_pack.path, "-o", tmp_path / "again.safetensors")
+    assert (tmp_path / "w.safetensors").read_bytes() == (tmp_path / "again.safetensors").read_bytes()
+    out = stf.read(tmp_path / "w.safetensors")
+    sd = weights_pack.model.state_dict()
+    read = {k for k in sd if k not in ("head.weight", "bn.num_batches_tracked", "unused.weight", "unused.bias")}
+    assert set(out) == read and all(torch.equal(out[k], sd[k]) for k in read)
+
+
+def test_reweight_writes_the_bytes_of_a_full_build(weights_pack, weights_pack_other, tmp_path):
+    """The base pack (seed 0) with the weights of seed 1, from a safetensors file, is the full build of seed 1
+    byte for byte; so is the same from the exported weights of that build."""
+    other = {k: v for k, v in WeightsModel.make(seed=1).state_dict().items() if k != "head.weight"}
+    stf.write(tmp_path / "w1.safetensors", other)
+    r = _cli("reweight", weights_pack.path, tmp_path / "w1.safetensors", "-o", tmp_path / "re.pack")
+    assert r.exit_code == 0, r.output
+    assert "11 weights, 5 of them new" in r.output  # bn.weight, bn.bias, one, scale keep their values
+    assert (tmp_path / "re.pack").read_bytes() == weights_pack_other.path.read_bytes()
+    _cli("weights", weights_pack_other.path, "-o", tmp_path / "exported.safetensors")
+    _cli("reweight", weights_pack.path, tmp_path / "exported.safetensors", "-o", tmp_path / "re2.pack")
+    assert (tmp_path / "re2.pack").read_bytes() == weights_pack_other.path.read_bytes()
+
+
+def test_reweight_refuses_weights_that_do_not_fit_and_writes_nothing(weights_pack, tmp_path):
+    stf.write(tmp_path / "bad.safetensors", {"lin.weight": torch.ones(2, 2), "nope": torch.ones(1)})
+    r = _cli("reweight", weights_pack.path, tmp_path / "bad.safetensors", "-o", tmp_path / "new.pack")
+    assert r.exit_code == 1
+    for fact in ("missing", "lin.bias", "unexpected 1: nope", "lin.weight (expected float32[8, 8], actual float32[2, 2])"):
+        assert fact in r.output
+    assert not (tmp_path / "new.pack").exists() and list(tmp_path.iterdir()) == [tmp_path / "bad.safetensors"]
+
+
+def test_lora_merge_matches_peft_merge_and_unload(weights_pack, tmp_path):
+    peft = pytest.importorskip("peft")
+    model = WeightsModel.make()
+    config = peft.LoraConfig(r=2, lora_alpha=6, target_modules=["lin"], use_rslora=True)
+    wrapped = peft.get_peft_model(model, config)
+    torch.manual_seed(7)
+    with torch.no_grad():
+        for name, p in wrapped.named_parameters():
+            if "lora_" in name:
+                p.normal_()
+    wrapped.save_pretrained(tmp_path / "adapter")
+    merged = wrapped.merge_and_unload().eval()
+    r = _cli("reweight", weights_pack.path, "--lora", tmp_path / "adapter", "-o", tmp_path / "lora.pack")
+    assert r.exit_code == 0, r.output
+    assert "1 merged with the LoRA adapter" in r.output
+    pkg = aotpack.load(tmp_path / "lora.pack")
+    torch.testing.assert_close(pkg.weights["lin.weight"], merged.state_dict()["lin.weight"])
+    with torch.no_grad():
+        torch.testing.assert_close(pkg(*weights_pack.args), merged(*weights_pack.args))
+
+
+def test_lora_fan_in_fan_out_by_the_formula_and_bad_adapters(weights_pack, tmp_path):
+    from aotpack.reweight import merge_lora
+
+    m = aotpack.load(weights_pack.path)
+    a, b = torch.randn(3, 8), torch.randn(8, 3)
+    folder = tmp_path / "a"
+    folder.mkdir()
+    stf.write(folder / "adapter_model.safetensors", {"base_model.model.lin.lora_A.weight": a,
+                                                     "base_model.model.lin.lora_B.weight": b})
+    (folder / "adapter_config.json").write_text(json.dumps({"r": 3, "lora_alpha": 6, "fan_in_fan_out": True}))
+    new, n = merge_lora(m.manifest, m.weights, folder)
+    assert n == 1
+    torch.testing.assert_close(new["lin.weight"], m.weights["lin.weight"] + 2.0 * (b @ a).t())
+    assert all(new[k] is v for k, v in m.weights.items() if k != "lin.weight")
+    stf.write(folder / "adapter_model.safetensors", {"base_model.model.lin.lora_A.weight": a,
+                                                     "base_model.model.gone.lora_A.weight": a,
+                                                     "base_model.model.gone.lora_B.weight": b,
+                                                     "base_model.model.x.bias": b})
+    with pytest.raises(WeightsError) as e:
+        merge_lora(m.manifest, m.weights, folder)
+    for fact in ("lin: lacks lora_B", "gone: the pack has no weight gone.weight", "x.bias: not a lora_A or lora_B"):
+        assert fact in str(e.value)
+    (folder / "adapter_config.json").write_text(json.dumps({"r": 0, "lora_alpha": 6}))
+    with pytest.raises(WeightsError, match="positive integer r"):
+        merge_lora(m.manifest, m.weights, folder)
