@@ -14,7 +14,7 @@ from typing import Any, Callable
 __version__ = "0.1.0"
 
 from aotpack_runtime import (AotpackError, ArchiveError, CaptureError, Entry, GuardError, Package,  # noqa: E402
-                             Session, SessionError, load)
+                             Session, SessionError, WeightsError, load)
 from aotpack_runtime.errors import BuildError, ModelFileError, SigningError  # noqa: E402
 
 
@@ -22,7 +22,7 @@ def build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, exam
           dynamic_shapes: Any = None, specializations: Any = (), cpu_isa: str | None = None,
           devices: tuple[str, ...] = ("cpu",), cuda_archs: Any = (), without_gpu: bool = False,
           cpu_threads: int | None = None, cache_positions: Any = None, cache: Any = True,
-          progress: Any = None) -> pathlib.Path:
+          progress: Any = None, weights: str = "internal") -> pathlib.Path:
     """Capture, guard, compile and package ``model(*example_inputs, **example_kwargs)`` into ``output``.
 
     ``model`` is an ``nn.Module`` or a plain function of tensors; ``example_inputs`` a tuple. Module state
@@ -49,12 +49,20 @@ def build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, exam
     ``progress`` says where the build's progress goes, one line per stage and event as the CLI prints them:
     ``None`` (default) to stderr when stderr is a terminal, else nowhere; ``True`` to stderr always; ``False``
     nowhere; a function is called with each line.
+    ``weights="external"`` keeps the weights in a safetensors file beside the pack (``output`` with the suffix
+    ``.safetensors``), which the pack pins by its sha256; ``load`` finds it there (or takes ``weights=PATH``).
     Returns the path of the written pack.
     """
     from .buildcache import BuildCache
     from .options import DEFAULT_CPU_THREADS, BuildOptions
     from .pipeline import build as _build
 
+    if weights not in ("internal", "external"):
+        raise BuildError(f"weights={weights!r}: use 'internal' (in the pack) or 'external' (a file beside it)")
+    if weights == "external":
+        from .reweight import external_file_for
+
+        external_file_for(output)
     archs = tuple(cuda_archs) if isinstance(cuda_archs, (list, tuple)) else (cuda_archs,)
     options = BuildOptions(cpu_isa=cpu_isa, devices=tuple(devices), cuda_archs=archs, without_gpu=without_gpu,
                            cpu_threads=DEFAULT_CPU_THREADS if cpu_threads is None else cpu_threads)
@@ -62,6 +70,10 @@ def build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, exam
                     specializations=specializations, options=options, progress=_progress(progress),
                     cache_positions=cache_positions, cache=BuildCache.open(cache),
                     source=f"aotpack.build({type(model).__name__})")
+    if weights == "external":
+        from .reweight import externalize
+
+        externalize(report.output)
     return report.output
 
 
@@ -96,4 +108,4 @@ def sign(pack: str | pathlib.Path, key: str | pathlib.Path, output: str | pathli
 
 
 __all__ = ["build", "load", "sign", "Package", "Session", "Entry", "AotpackError", "ArchiveError", "CaptureError",
-           "GuardError", "SessionError", "BuildError", "ModelFileError", "SigningError", "__version__"]
+           "GuardError", "SessionError", "WeightsError", "BuildError", "ModelFileError", "SigningError", "__version__"]

@@ -366,7 +366,7 @@ def _cached_report(report: BuildReport, entry: buildcache.CacheEntry) -> None:
     report.size = entry.size
     report.entries = len(manifest.entries)
     report.weights = len(manifest.weights)
-    report.weight_bytes = sum(manifest.blob(w.blob).size for w in manifest.weights)
+    report.weight_bytes = sum(w.nbytes for w in manifest.weights)
     report.kernels = sum(len(e.get("kernels", ())) for e in manifest.entries)
 
 

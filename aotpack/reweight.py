@@ -1,5 +1,6 @@
 """New weights for a built pack, without a compiler: export a pack's weights, write a pack with the same code
-and other weights (``reweight``), and merge a PEFT LoRA adapter into weights.
+and other weights (``reweight``), merge a PEFT LoRA adapter into weights, and move a pack's weights into a
+safetensors file beside it (``externalize``, for ``build --weights external``).
 
 ``reweight`` keeps every blob of the base pack but the weights, and the manifest but its blob table: the
 pack it writes is, byte for byte, the pack a full build of the same model with those weights writes (the
@@ -10,10 +11,12 @@ May not: capture or compile; change the base pack's code, guards, state or examp
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import pathlib
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -22,9 +25,9 @@ import torch
 
 from aotpack_runtime import safetensors_file as stf
 from aotpack_runtime.archive import Archive
-from aotpack_runtime.errors import WeightsError
+from aotpack_runtime.errors import BuildError, WeightsError
 from aotpack_runtime.format import Manifest
-from aotpack_runtime.weights import fit, load_weights
+from aotpack_runtime.weights import external_path, fit, load_external, load_weights
 
 from . import package
 from .options import BuildOptions
@@ -41,10 +44,20 @@ def _checked_archive(path: str | os.PathLike) -> Archive:
     return archive
 
 
+def _pack_weights(archive: Archive) -> dict[str, torch.Tensor]:
+    """Every stored weight of a checked pack, by record name: views of its blobs, or of its external weights
+    file beside it (hash-checked)."""
+    external = archive.manifest.external_weights
+    if external is None:
+        return load_weights(archive, checked=True)
+    with tempfile.TemporaryDirectory(prefix="aotpack-weights-") as cache:
+        return load_external(archive, external_path(archive, None), external.sha256, cache, "full")
+
+
 def state_dict_of(archive: Archive) -> dict[str, torch.Tensor]:
     """The pack's weights under their ``state_dict`` names (each tied tensor once, under the name the code
     reads; tensors outside the ``state_dict`` left out), as views of the mapped, checked file."""
-    weights = load_weights(archive, checked=True)
+    weights = _pack_weights(archive)
     return {w.name: weights[w.name] for w in archive.manifest.weights if w.in_state_dict}
 
 
@@ -78,6 +91,10 @@ def reweight(base: str | os.PathLike, weights: Any, output: str | os.PathLike, *
     start = time.perf_counter()
     archive = _checked_archive(base)
     m = archive.manifest
+    if m.external_weights is not None:
+        raise WeightsError(f"the pack keeps its weights in {m.external_weights.file}, beside it: serve other weights "
+                           "with aotpack.load(pack, weights=FILE, weights_sha256=ITS_SHA256), or reweight the pack "
+                           "it was built from", path=os.fspath(base))
     current = load_weights(archive, checked=True)
     new = dict(current) if weights is None else fit(m, weights, strict, current)
     merged = 0
@@ -94,6 +111,41 @@ def reweight(base: str | os.PathLike, weights: Any, output: str | os.PathLike, *
     if progress:
         progress(report.summary())
     return report
+
+
+def external_file_for(pack: str | os.PathLike) -> pathlib.Path:
+    """Where ``--weights external`` writes a pack's weights by default: beside it, ``NAME.safetensors``."""
+    pack = pathlib.Path(pack)
+    if pack.suffix == stf.SUFFIX:
+        raise BuildError(f"the pack {pack} ends in {stf.SUFFIX}, the name its weights file would get; name the "
+                         "pack NAME.pack")
+    return pack.with_suffix(stf.SUFFIX)
+
+
+def externalize(pack: str | os.PathLike, weights_file: str | os.PathLike | None = None) -> pathlib.Path:
+    """Move a pack's weights into a safetensors file beside it (each under its record's name), and rewrite
+    the pack (atomically) with weight records that name no blob and the file's name, sha256 and size
+    (``external_weights``). Same pack, same bytes, for both files. Returns the weights file's path."""
+    pack = pathlib.Path(pack)
+    target = pathlib.Path(weights_file) if weights_file is not None else external_file_for(pack)
+    if target.resolve().parent != pack.resolve().parent:
+        raise BuildError(f"the weights file {target} must lie in the pack's folder {pack.resolve().parent} (the "
+                         "pack names it by its file name)")
+    archive = _checked_archive(pack)
+    m = archive.manifest
+    if m.external_weights is not None:
+        raise BuildError(f"{pack} already keeps its weights in {m.external_weights.file}")
+    stf.write(target, load_weights(archive, checked=True))
+    with open(target, "rb") as f:
+        sha = hashlib.file_digest(f, "sha256").hexdigest()
+    weight_blobs = {w.blob for w in m.weights}
+    blobs = [package.Blob(b.name, archive.read_blob(b.name)) for b in m.blobs if b.name not in weight_blobs]
+    manifest = {k: v for k, v in m.raw.items() if k not in ("blobs", "format", "format_version")}
+    manifest["weights"] = [{k: v for k, v in w.items() if k != "blob"} for w in m.raw["weights"]]
+    manifest["external_weights"] = {"file": target.name, "sha256": sha, "size": target.stat().st_size}
+    archive.close()
+    package.write_archive(pack, manifest, blobs, BuildOptions.from_json(m.options).compression_level)
+    return target
 
 
 # ---------------------------------------------------------------------------------------------------

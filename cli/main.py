@@ -98,11 +98,15 @@ def _plain_warnings() -> None:
 @click.option("--no-cache", is_flag=True, help="Compile even if the build cache holds this pack, and do not store it.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
               help="Build cache folder (default: $AOTPACK_BUILD_CACHE or ~/.cache/aotpack/build).")
+@click.option("--weights", "weights_mode", type=click.Choice(["internal", "external"]), default="internal",
+              show_default=True,
+              help="external: keep the weights in a safetensors file beside the pack (OUTPUT with the suffix "
+                   ".safetensors), which the pack pins by its sha256.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @click.option("--json", "as_json", is_flag=True, help="Print progress as JSON lines and a JSON summary.")
 def build(target: str, output: str, cpu_isa: str | None, dynamic: tuple[str, ...], devices: tuple[str, ...],
           cuda_archs: tuple[str, ...], without_gpu: bool, cpu_threads: int, no_cache: bool, cache_dir: str | None,
-          quiet: bool, as_json: bool) -> None:
+          weights_mode: str, quiet: bool, as_json: bool) -> None:
     """Build a pack from a model file.
 
     FILE.py must define `model` and `example_inputs` (a tuple), and may define `example_kwargs`,
@@ -135,6 +139,10 @@ def build(target: str, output: str, cpu_isa: str | None, dynamic: tuple[str, ...
         elif not quiet:
             click.echo(line, err=True)
 
+    if weights_mode == "external":
+        from aotpack.reweight import external_file_for
+
+        external_file_for(output)  # a name it cannot use is an error before the build
     say(f"loading {target}")
     spec, model_file = sourcekey.load(target)
     cache = None if no_cache else BuildCache.open(cache_dir or True)
@@ -142,6 +150,12 @@ def build(target: str, output: str, cpu_isa: str | None, dynamic: tuple[str, ...
                        dynamic_shapes=dynamic_shapes if dynamic_shapes is not None else spec.dynamic_shapes,
                        specializations=spec.specializations, options=options, progress=say,
                        cache_positions=spec.cache_positions, cache=cache, source=target, model_file=model_file)
+    weights_file = None
+    if weights_mode == "external":
+        from aotpack.reweight import externalize
+
+        weights_file = externalize(output)
+        say(f"      weights: moved to {weights_file}, pinned by the pack; ship the two files together")
     if as_json:
         click.echo(json.dumps({"event": "done", "output": str(report.output), "size": report.size,
                                "cached": report.cached, "cache_key": report.key, "source_key": report.source_key,
@@ -149,7 +163,8 @@ def build(target: str, output: str, cpu_isa: str | None, dynamic: tuple[str, ...
                                "devices": list(options.devices), "cuda_archs": list(options.cuda_archs),
                                "entries": report.entries, "weights": report.weights,
                                "weight_bytes": report.weight_bytes, "kernels": report.kernels,
-                               "stages_s": {k: round(v, 3) for k, v in report.stages.items()}}))
+                               "stages_s": {k: round(v, 3) for k, v in report.stages.items()},
+                               "weights_file": None if weights_file is None else str(weights_file)}))
 
 
 @cli.command("build-many")

@@ -19,7 +19,9 @@ Changelog of ``FORMAT_VERSION`` (readers accept ``MIN_READ_VERSION..FORMAT_VERSI
   5 (2026-12): weights apart from code: a weight's other ``state_dict`` names (``aliases``: tied weights),
                stored tensors that are not in the model's ``state_dict`` (``"state_dict": false``: lifted
                constants, non-persistent buffers), and the ``state_dict`` names the code never reads
-               (``unread_weights``), so that new weights can be checked against the model's own names.
+               (``unread_weights``), so that new weights can be checked against the model's own names;
+               weights kept in a safetensors file beside the pack, pinned by its sha256 (``external_weights``;
+               its weight records then name no blob).
 
 May not: import torch or any other aotpack module: the writer and the reader both import it.
 """
@@ -141,6 +143,8 @@ def v5_features(manifest: dict) -> list[str]:
         found.append("a stored tensor that is not in the state_dict (state_dict: false)")
     if "unread_weights" in manifest:
         found.append("state_dict names the code does not read (unread_weights)")
+    if "external_weights" in manifest:
+        found.append("weights in a file beside the pack (external_weights)")
     return found
 
 
@@ -337,14 +341,15 @@ class WeightRecord:
     ``state_dict`` lacks (a lifted constant, a non-persistent buffer): new weights need not name it."""
 
     name: str
-    blob: str
+    blob: str | None  # None: the weight is in the pack's external weights file, under ``name``
     dtype: str
     shape: tuple[int, ...]
     aliases: tuple[str, ...] = ()
     in_state_dict: bool = True
 
     def to_json(self) -> dict:
-        return {"name": self.name, "blob": self.blob, "dtype": self.dtype, "shape": list(self.shape),
+        return {"name": self.name, **({} if self.blob is None else {"blob": self.blob}), "dtype": self.dtype,
+                "shape": list(self.shape),
                 **({"aliases": list(self.aliases)} if self.aliases else {}),
                 **({} if self.in_state_dict else {"state_dict": False})}
 
@@ -362,7 +367,8 @@ class WeightRecord:
             in_state_dict = False
             if aliases:
                 raise ArchiveError(f"{where} has aliases but is not in the state_dict")
-        return cls(name=field_of(obj, "name", str, where), blob=field_of(obj, "blob", str, where),
+        blob = field_of(obj, "blob", str, where) if "blob" in obj else None
+        return cls(name=field_of(obj, "name", str, where), blob=blob,
                    dtype=one_of(obj, "dtype", DTYPES, where), shape=_shape(obj, where), aliases=aliases,
                    in_state_dict=in_state_dict)
 
@@ -376,6 +382,29 @@ def _shape(obj: Any, where: str) -> tuple[int, ...]:
     if len(shape) > 64 or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**48 for d in shape):
         raise ArchiveError(f"{where}.shape must be a list of at most 64 non-negative integers")
     return tuple(shape)
+
+
+@dataclass(frozen=True)
+class ExternalWeights:
+    """The safetensors file that holds a pack's weights (each under its record's ``name``): ``file``, a file
+    name in the pack's folder (where a loader looks by default), and its ``sha256`` and ``size``."""
+
+    file: str
+    sha256: str
+    size: int
+
+    def to_json(self) -> dict:
+        return {"file": self.file, "sha256": self.sha256, "size": self.size}
+
+    @classmethod
+    def from_json(cls, obj: Any, where: str) -> "ExternalWeights":
+        file = field_of(obj, "file", str, where)
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,255}", file) or file in (".", ".."):
+            raise ArchiveError(f"{where}.file {file!r} is not a file name (letters, digits, '._-'; no folder)")
+        sha = field_of(obj, "sha256", str, where)
+        if not re.fullmatch(r"[0-9a-f]{64}", sha):
+            raise ArchiveError(f"{where}.sha256 is not 64 lowercase hex digits")
+        return cls(file=file, sha256=sha, size=nonneg_int(obj, "size", where))
 
 
 @dataclass(frozen=True)
@@ -449,6 +478,7 @@ class Manifest:
     state: tuple[StateRecord, ...] = ()
     positions: tuple[PositionRule, ...] = ()
     unread_weights: tuple[str, ...] = ()
+    external_weights: "ExternalWeights | None" = None
     raw: dict = field(repr=False, compare=False, default_factory=dict)
     # name -> record: a table may list up to MAX_BLOBS blobs, and every weight looks its blob up.
     _by_name: dict = field(init=False, repr=False, compare=False)
@@ -506,6 +536,8 @@ class Manifest:
             unread = tuple(field_of(obj, "unread_weights", list, where))
             if not unread or not all(isinstance(n, str) for n in unread):
                 raise ArchiveError("manifest.unread_weights must be a non-empty list of strings")
+        external = ExternalWeights.from_json(obj["external_weights"], "manifest.external_weights") \
+            if "external_weights" in obj else None
         example = obj.get("example")
         if example is not None and not isinstance(example, dict):
             raise ArchiveError("manifest.example must be a JSON object or absent")
@@ -525,8 +557,15 @@ class Manifest:
         m = cls(format_version=version, producer=field_of(obj, "producer", dict, where),
                 target=_target(field_of(obj, "target", dict, where)), options=field_of(obj, "options", dict, where),
                 weights=weights, entries=tuple(entries), example=example, blobs=blobs, state=state,
-                positions=positions, unread_weights=unread, raw=obj)
+                positions=positions, unread_weights=unread, external_weights=external, raw=obj)
         for w in weights:
+            if external is not None:
+                if w.blob is not None:
+                    raise ArchiveError(f"weight {w.name!r} names blob {w.blob!r}, but the pack keeps its weights in "
+                                       f"{external.file!r}; a weight is in one place")
+                continue
+            if w.blob is None:
+                raise ArchiveError(f"weight {w.name!r} names no blob, and the pack has no external weights file")
             if w.blob not in names:
                 raise ArchiveError(f"weight {w.name!r} refers to blob {w.blob!r}, which the blob table lacks")
             if m.blob(w.blob).size != w.nbytes:
@@ -555,6 +594,7 @@ class Manifest:
                 "weights": [w.to_json() for w in self.weights], "entries": list(self.entries),
                 "example": self.example, "blobs": [b.to_json() for b in self.blobs],
                 **({"unread_weights": list(self.unread_weights)} if self.unread_weights else {}),
+                **({"external_weights": self.external_weights.to_json()} if self.external_weights else {}),
                 **({"state": {"buffers": [r.to_json() for r in self.state],
                               "positions": [p.to_json() for p in self.positions]}} if self.state else {})}
 

@@ -197,7 +197,8 @@ class Package:
 def load(path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
          expected_sha256: str | None = None, num_models: int = 1, signature: str | os.PathLike | None = None,
          public_key: str | os.PathLike | bytes | None = None, verify: str = "auto",
-         prefetch: bool = False) -> Package:
+         prefetch: bool = False, weights: str | os.PathLike | None = None,
+         weights_sha256: str | None = None) -> Package:
     """Load a pack for serving. Raises ``ArchiveError`` if the file or this host cannot serve it.
 
     ``expected_sha256`` pins the exact file (hex sha256 of the whole pack); ``cache_dir`` is where native
@@ -222,6 +223,12 @@ def load(path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
     The pack is opened once, and only a regular file (a FIFO, a device or a directory is an ``ArchiveError``
     at once): the pin, the signature, the blob checks, every read and the mapping use that one descriptor,
     so a check vouches for exactly the bytes that are used, and a record of it names that file.
+
+    A pack built with ``--weights external`` keeps its weights in a safetensors file: ``weights`` names it
+    (default: the file its manifest names, beside the pack). The file must have the sha256 the pack pins, or
+    ``weights_sha256`` for another file of the same weights' names, dtypes and shapes (a fine-tune); it is
+    hashed once (and not again while the cache records that check of the same, unchanged file), checked,
+    and mapped, all through one descriptor. Packs that load one file share one mapping of it.
 
     A pack with CUDA entries loads on a host without CUDA (its CPU entries serve), with an
     ``AotpackWarning``; so does a pack whose CUDA code was built without a GPU (never run, not autotuned).
@@ -269,7 +276,15 @@ def load(path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
         checked = "full"
     if (recorded is None or (file_sha and not recorded.get("file_sha256"))) and archive.still_same_file():
         cache.save_check(cache_root, archive.identity, archive.manifest_sha256, began, path, file_sha)
-    return serve(archive, cache_root, num_models=num_models, checked=checked, prefetch=prefetch, started=start)
+    external = None
+    if archive.manifest.external_weights is not None:
+        pin = weights_sha256.lower().strip() if weights_sha256 is not None else archive.manifest.external_weights.sha256
+        external = _weights.load_external(archive, _weights.external_path(archive, weights), pin, cache_root, verify)
+    elif weights is not None or weights_sha256 is not None:
+        raise ArchiveError("weights= names a weights file, but this pack carries its own weights; to serve other "
+                           "weights, call pkg.load_weights(PATH) after loading", path=path)
+    return serve(archive, cache_root, num_models=num_models, checked=checked, prefetch=prefetch, started=start,
+                 weights=external)
 
 
 def check_host(archive: Archive) -> None:
@@ -287,16 +302,17 @@ def check_host(archive: Archive) -> None:
 
 
 def serve(archive: Archive, cache_root: str, *, num_models: int = 1, checked: str = "full", prefetch: bool = False,
-          started: float | None = None) -> Package:
+          started: float | None = None, weights: dict[str, torch.Tensor] | None = None) -> Package:
     """A package of an archive whose every blob was checked (``check_blobs``, ``verify``, or a record of that
     check, which ``checked`` names) on a host ``check_host`` accepted: its weights mapped from the archive's
     file, its entries' code extracted and loaded. ``aotpack verify`` loads the archive it checked this way."""
     start = time.perf_counter() if started is None else started
     path, m = archive.path, archive.manifest
-    weights = load_weights(archive, checked=True)
+    if weights is None:  # ``weights``: the pack's external weights, checked (``load``)
+        weights = load_weights(archive, checked=True)
     prefetching = None
     if prefetch:
-        mapped = {w.name for w in m.weights if m.blob(w.blob).compression == "none"}
+        mapped = {w.name for w in m.weights if w.blob is None or m.blob(w.blob).compression == "none"}
         prefetching = _prefetch([t for name, t in weights.items() if name in mapped])
 
     cuda_metas = {i: meta for i, meta in enumerate(m.entries) if meta.get("device") == "cuda"}

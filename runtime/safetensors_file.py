@@ -99,29 +99,33 @@ def read(path: str | os.PathLike) -> SafetensorsFile:
         st = os.fstat(fd)
         if not (st.st_mode & 0o170000 == 0o100000):
             raise WeightsError(f"is {file_kind(st.st_mode)}, not a regular file", path=path)
-        size = st.st_size
-        head = os.pread(fd, 8, 0)
-        if len(head) < 8:
-            raise _bad(path, f"it is {size} bytes long, shorter than the 8-byte header length")
-        (n,) = struct.unpack("<Q", head)
-        if n > MAX_HEADER_BYTES:
-            raise _bad(path, f"its header length is {n} bytes (at most {MAX_HEADER_BYTES})")
-        if 8 + n > size:
-            raise _bad(path, f"its header length is {n} bytes but the file holds {size - 8} after the length")
-        header_bytes = os.pread(fd, n, 8)
-        if len(header_bytes) != n:
-            raise _bad(path, "the file was shorter than its size when read")
-        try:
-            header = parse_json(header_bytes, "the header")
-        except ArchiveError as e:
-            raise _bad(path, e.reason) from None
-        if not isinstance(header, dict):
-            raise _bad(path, f"the header is a JSON {type(header).__name__}, not an object")
-        data_len = size - 8 - n
-        info, metadata = _check_header(path, header, data_len)
-        return SafetensorsFile(path, info, metadata, fd, 8 + n, size)
+        return read_fd(path, fd, st.st_size)
     finally:
         os.close(fd)  # the mapping holds its own reference to the file
+
+
+def read_fd(path: str, fd: int, size: int) -> SafetensorsFile:
+    """Check the safetensors file open at ``fd`` (``size`` bytes, from its fstat) and map it through that
+    descriptor; the caller closes it."""
+    head = os.pread(fd, 8, 0)
+    if len(head) < 8:
+        raise _bad(path, f"it is {size} bytes long, shorter than the 8-byte header length")
+    (n,) = struct.unpack("<Q", head)
+    if n > MAX_HEADER_BYTES:
+        raise _bad(path, f"its header length is {n} bytes (at most {MAX_HEADER_BYTES})")
+    if 8 + n > size:
+        raise _bad(path, f"its header length is {n} bytes but the file holds {size - 8} after the length")
+    header_bytes = os.pread(fd, n, 8)
+    if len(header_bytes) != n:
+        raise _bad(path, "the file was shorter than its size when read")
+    try:
+        header = parse_json(header_bytes, "the header")
+    except ArchiveError as e:
+        raise _bad(path, e.reason) from None
+    if not isinstance(header, dict):
+        raise _bad(path, f"the header is a JSON {type(header).__name__}, not an object")
+    info, metadata = _check_header(path, header, size - 8 - n)
+    return SafetensorsFile(path, info, metadata, fd, 8 + n, size)
 
 
 def _check_header(path: str, header: dict, data_len: int) -> tuple[dict[str, TensorInfo], dict[str, str]]:

@@ -278,3 +278,78 @@ def fit(manifest, source, strict: bool, current: dict[str, torch.Tensor], path: 
             t = t.to("cpu", copy=True, memory_format=torch.contiguous_format)
         out[w.name] = t
     return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Weights kept apart from the pack (``external_weights``): a safetensors file pinned by its sha256
+
+# Tensors of external weights files loaded in this process, by file identity: loads of several packs (or the
+# same pack twice) with one weights file share one mapping of it.
+_external: "weakref.WeakValueDictionary[tuple, torch.Tensor]" = weakref.WeakValueDictionary()
+
+
+def external_path(archive: Archive, given: str | os.PathLike | None) -> str:
+    """The weights file of a pack that keeps its weights apart: ``given``, else the file its manifest names
+    in the pack's own folder."""
+    if given is not None:
+        return os.fspath(given)
+    return os.path.join(os.path.dirname(os.path.abspath(archive.path)), archive.manifest.external_weights.file)
+
+
+def load_external(archive: Archive, path: str, sha256: str, cache_root: str, verify: str) -> dict[str, torch.Tensor]:
+    """The pack's weights from the safetensors file at ``path``, which must have the sha256 ``sha256``.
+
+    The file is opened once: its hash (skipped when the cache records a check of this same, unchanged file
+    with that hash and ``verify`` is ``"auto"``), its header and the mapping its tensors view all go through
+    that one descriptor. Every weight the manifest lists must be in it with its dtype and shape (an
+    ``ArchiveError`` lists every one that is not); other tensors in the file are ignored."""
+    from . import cache
+    from .archive import identity_of, open_regular, whole_file_sha256
+    from .errors import ArchiveError, WeightsError
+    from .safetensors_file import read_fd
+
+    import time
+
+    began = time.time()
+    try:
+        fd, st = open_regular(path)
+    except ArchiveError as e:
+        raise ArchiveError(f"the pack's weights file {e.reason}", path=path) from None
+    except OSError as e:
+        raise ArchiveError(f"cannot open the pack's weights file: {e.strerror}; it keeps its weights apart "
+                           f"(load(pack, weights=PATH) names the file)", path=path) from None
+    try:
+        identity = identity_of(st)
+        with _loaded_lock:
+            shared = {w.name: _external.get((*identity, sha256, w.name)) for w in archive.manifest.weights}
+        if all(t is not None for t in shared.values()):
+            return shared  # this very file, checked by an earlier load in this process
+        recorded = cache.find_check(cache_root, identity) if verify == "auto" else None
+        if recorded is None or recorded.get("file_sha256") != sha256:
+            got = whole_file_sha256(fd, st.st_size, path)
+            if got != sha256:
+                raise ArchiveError(f"sha256 mismatch of the weights file: expected {sha256}, actual {got}; it is not "
+                                   "the file the pack was built or pinned with", path=path)
+            cache.save_check(cache_root, identity, "external weights", began, path, got)
+        try:
+            file = read_fd(path, fd, st.st_size)
+        except WeightsError as e:
+            raise ArchiveError(e.reason, path=path) from None
+    finally:
+        os.close(fd)
+    problems = []
+    for w in archive.manifest.weights:
+        info = file.info.get(w.name)
+        if info is None:
+            problems.append(f"{w.name} (missing)")
+        elif (info.dtype, info.shape) != (w.dtype, w.shape):
+            problems.append(f"{w.name} (expected {w.dtype}{list(w.shape)}, actual {info.dtype}{list(info.shape)})")
+    if problems:
+        raise ArchiveError(f"the weights file does not hold the pack's weights: {'; '.join(problems)}", path=path)
+    out = {}
+    with _loaded_lock:
+        for w in archive.manifest.weights:
+            t = file[w.name]
+            _external[(*identity, sha256, w.name)] = t
+            out[w.name] = t
+    return out

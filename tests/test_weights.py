@@ -369,3 +369,92 @@ def test_lora_fan_in_fan_out_by_the_formula_and_bad_adapters(weights_pack, tmp_p
     (folder / "adapter_config.json").write_text(json.dumps({"r": 0, "lora_alpha": 6}))
     with pytest.raises(WeightsError, match="positive integer r"):
         merge_lora(m.manifest, m.weights, folder)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Packs that carry no weights: `build --weights external`, `load(pack, weights=...)`
+
+@pytest.fixture
+def external_pack(weights_pack, tmp_path):
+    import shutil
+
+    from aotpack.reweight import externalize
+
+    pack = tmp_path / "ext.pack"
+    shutil.copyfile(weights_pack.path, pack)
+    return pack, externalize(pack)
+
+
+def test_external_weights_live_beside_the_pack_pinned_by_their_hash(weights_pack, external_pack, tmp_path):
+    import hashlib
+    import shutil
+
+    from aotpack.reweight import externalize
+    from aotpack_runtime.archive import Archive
+
+    pack, wfile = external_pack
+    assert wfile == tmp_path / "ext.safetensors"
+    m = Archive.open(str(pack)).manifest
+    assert m.format_version == 5 and all(w.blob is None for w in m.weights)
+    assert not any(b.name.startswith("weights/") for b in m.blobs)
+    assert m.external_weights.sha256 == hashlib.sha256(wfile.read_bytes()).hexdigest()
+    assert set(stf.read(wfile)) == {w.name for w in m.weights}
+    internal = aotpack.load(weights_pack.path)
+    pkg = aotpack.load(pack)
+    torch.testing.assert_close(pkg(*weights_pack.args), internal(*weights_pack.args))
+    # same pack, same bytes
+    (tmp_path / "again").mkdir()
+    shutil.copyfile(weights_pack.path, tmp_path / "again" / "ext.pack")
+    externalize(tmp_path / "again" / "ext.pack")
+    assert (tmp_path / "again" / "ext.pack").read_bytes() == pack.read_bytes()
+    assert (tmp_path / "again" / "ext.safetensors").read_bytes() == wfile.read_bytes()
+    # a second load of the same file in this process shares its mapping (and hashes nothing)
+    again = aotpack.load(pack)
+    assert again.weights["lin.weight"].data_ptr() == pkg.weights["lin.weight"].data_ptr()
+    pkg.load_weights(new_state_dict(1))
+    torch.testing.assert_close(pkg(*weights_pack.args), eager(new_state_dict(1), weights_pack.args))
+
+
+def test_another_weights_file_needs_its_own_pin(weights_pack, weights_pack_other, external_pack, tmp_path):
+    import hashlib
+
+    from aotpack_runtime.archive import Archive
+    from aotpack_runtime.weights import load_weights as stored
+
+    pack, wfile = external_pack
+    tune = tmp_path / "tune.safetensors"
+    stf.write(tune, stored(Archive.open(str(weights_pack_other.path)), checked=False))
+    sha = hashlib.sha256(tune.read_bytes()).hexdigest()
+    with pytest.raises(aotpack.ArchiveError) as e:
+        aotpack.load(pack, weights=tune)
+    pin = Archive.open(str(pack)).manifest.external_weights.sha256
+    assert f"expected {pin}, actual {sha}" in str(e.value) and str(tune) in str(e.value)
+    pkg = aotpack.load(pack, weights=tune, weights_sha256=sha)
+    torch.testing.assert_close(pkg(*weights_pack.args), eager(new_state_dict(1), weights_pack.args))
+    stf.write(tune, {"lin.weight": torch.ones(8, 8)})
+    sha = hashlib.sha256(tune.read_bytes()).hexdigest()
+    with pytest.raises(aotpack.ArchiveError, match=r"lin.bias \(missing\)"):
+        aotpack.load(pack, weights=tune, weights_sha256=sha)
+    wfile.unlink()
+    with pytest.raises(aotpack.ArchiveError, match=r"cannot open the pack's weights file.*weights=PATH"):
+        aotpack.load(pack)
+    with pytest.raises(aotpack.ArchiveError, match="carries its own weights"):
+        aotpack.load(weights_pack.path, weights=tune)
+
+
+def test_cli_build_with_external_weights_verify_and_export(mlp_pack, tmp_path):
+    from conftest import EXAMPLES
+
+    out = tmp_path / "mlp.pack"
+    r = _cli("build", EXAMPLES / "mlp.py", "-o", out, "--weights", "external")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "mlp.safetensors").exists()
+    pkg = aotpack.load(out)
+    torch.testing.assert_close(pkg(*mlp_pack.args), aotpack.load(mlp_pack.path)(*mlp_pack.args))
+    r = _cli("verify", out)
+    assert r.exit_code == 0, r.output
+    r = _cli("weights", out, "-o", tmp_path / "w.safetensors")
+    assert r.exit_code == 0, r.output
+    assert set(stf.read(tmp_path / "w.safetensors")) == set(mlp_pack.model.state_dict())
+    r = _cli("reweight", out, tmp_path / "w.safetensors", "-o", tmp_path / "x.pack")
+    assert r.exit_code == 1 and "weights_sha256" in r.output
