@@ -90,5 +90,18 @@ def test_version_5_example_is_valid_and_needs_version_5():
     assert (out["weights"], out["unread_weights"]) == (example["weights"], example["unread_weights"])
     with pytest.raises(ArchiveError, match="format version 5 introduced, but it says format version 4"):
         fmt.Manifest.from_json(dict(manifest, format_version=4))
+    external = {"file": "model.safetensors", "sha256": "a" * 64, "size": 1000}
+    apart = dict(manifest, blobs=[], external_weights=external,
+                 weights=[{k: v for k, v in w.items() if k != "blob"} for w in example["weights"]])
+    assert "weights in a file beside the pack (external_weights)" in fmt.v5_features(apart)
+    m = fmt.Manifest.from_json(apart)
+    assert m.external_weights.to_json() == external and all(w.blob is None for w in m.weights)
+    with pytest.raises(ArchiveError, match="names blob 'weights/0', but the pack keeps its weights in"):
+        fmt.Manifest.from_json(dict(apart, weights=example["weights"], blobs=manifest["blobs"]))
+    with pytest.raises(ArchiveError, match="names no blob, and the pack has no external weights file"):
+        fmt.Manifest.from_json({k: v for k, v in apart.items() if k != "external_weights"})
+    with pytest.raises(ArchiveError, match="is not a file name"):
+        fmt.Manifest.from_json(dict(apart, external_weights=dict(external, file="../w.safetensors")))
+    assert "### Weights beside the pack" in DOC and '"file": NAME, "sha256": HEX, "size": N' in DOC
     with pytest.raises(ArchiveError, match="'unused.bias' twice"):
         fmt.Manifest.from_json(dict(manifest, unread_weights=["unused.bias", "unused.bias"]))
