@@ -175,6 +175,8 @@ def _given_info(value) -> tuple[str | None, tuple[int, ...] | None, str]:
         return value.dtype, value.shape, _describe(value.dtype, value.shape)
     if not isinstance(value, torch.Tensor):
         return None, None, f"a {type(value).__name__}, not a tensor"
+    if value.device.type == "meta":
+        return None, None, "a tensor on the meta device (it holds no values)"
     if value.layout != torch.strided:
         return None, None, f"a tensor of layout {str(value.layout).removeprefix('torch.')} (only dense tensors)"
     name = stored_dtype(value.dtype)

@@ -94,20 +94,22 @@ def test_every_problem_is_one_error_and_nothing_changes(pkg, weights_pack):
     bad["scale"] = torch.ones(2)
     bad["extra.weight"] = torch.ones(1)
     bad["one"] = [0.5]
+    bad["bn.bias"] = torch.empty(8, device="meta")
     with pytest.raises(WeightsError) as e:
         pkg.load_weights(bad)
     err = e.value
     assert set(err.missing) == {"lin.bias", "emb.weight (or head.weight)"}
     assert err.unexpected == ("extra.weight",)
     assert set(err.mismatched) == {("lin.weight", "float32[8, 8]", "float16[8, 8]"),
-                                   ("scale", "float32[1]", "float32[2]"), ("one", "float32[1]", "a list, not a tensor")}
+                                   ("scale", "float32[1]", "float32[2]"), ("one", "float32[1]", "a list, not a tensor"),
+                                   ("bn.bias", "float32[8]", "a tensor on the meta device (it holds no values)")}
     for fact in ("lin.bias", "extra.weight", "expected float32[8, 8], actual float16[8, 8]", "strict=False"):
         assert fact in str(err)
     torch.testing.assert_close(pkg(*args), before)
     # Not strict: what is missing keeps its value, what is unknown is ignored; mismatches still refuse.
     with pytest.raises(WeightsError) as e:
         pkg.load_weights(bad, strict=False)
-    assert not e.value.missing and not e.value.unexpected and len(e.value.mismatched) == 3
+    assert not e.value.missing and not e.value.unexpected and len(e.value.mismatched) == 4
     torch.testing.assert_close(pkg(*args), before)
 
 
