@@ -59,7 +59,8 @@ def describe(archive: Archive) -> dict:
         "weights": {"count": len(m.weights), "bytes": sum(w.nbytes for w in m.weights),
                     "tensors": [{"name": w.name, "dtype": w.dtype, "shape": list(w.shape), "aliases": list(w.aliases),
                                  "state_dict": w.in_state_dict} for w in m.weights],
-                    "unread": list(m.unread_weights)},
+                    "unread": list(m.unread_weights),
+                    "external": m.external_weights.to_json() if m.external_weights else None},
         "state": {"buffers": [r.to_json() for r in m.state], "bytes": sum(r.nbytes for r in m.state),
                   "positions": [p.to_json() for p in m.positions]} if m.state else None,
         "entries": entries,
@@ -103,6 +104,10 @@ def render(info: dict[str, Any]) -> str:
         notes = ([f"also {', '.join(w['aliases'])}"] if w["aliases"] else []) + \
             ([] if w["state_dict"] else ["not in the state_dict"])
         lines.append(f"  weight {w['name']} {w['dtype']}{w['shape']}{' (' + '; '.join(notes) + ')' if notes else ''}")
+    if info["weights"].get("external"):
+        ext = info["weights"]["external"]
+        lines.append(f"  kept beside the pack in {ext['file']} ({ext['size']:,} bytes, sha256 {ext['sha256'][:16]}); "
+                     "load(pack, weights=PATH) names another place")
     if info["weights"].get("unread"):
         lines.append(f"  not read by the code: {', '.join(info['weights']['unread'])}")
     if info.get("state"):

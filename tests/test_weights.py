@@ -455,6 +455,8 @@ def test_cli_build_with_external_weights_verify_and_export(mlp_pack, tmp_path):
     torch.testing.assert_close(pkg(*mlp_pack.args), aotpack.load(mlp_pack.path)(*mlp_pack.args))
     r = _cli("verify", out)
     assert r.exit_code == 0, r.output
+    r = _cli("inspect", out)
+    assert "kept beside the pack in mlp.safetensors" in r.output
     r = _cli("weights", out, "-o", tmp_path / "w.safetensors")
     assert r.exit_code == 0, r.output
     assert set(stf.read(tmp_path / "w.safetensors")) == set(mlp_pack.model.state_dict())
