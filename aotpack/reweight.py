@@ -30,12 +30,20 @@ from aotpack_runtime.format import Manifest
 from aotpack_runtime.weights import external_path, fit, load_external, load_weights
 
 from . import package
-from .options import BuildOptions
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # PEFT names an adapter's tensors ``<prefix><module>.lora_A.weight``; the prefix is its wrapper's.
 PEFT_PREFIX = "base_model.model."
+
+
+def _level(m: Manifest) -> int:
+    """The zstd level the pack was written with (its options record it): a rewrite compresses as its build did."""
+    level = m.options.get("compression_level")
+    if type(level) is not int or not 1 <= level <= 22:
+        raise BuildError(f"the pack's options record no zstd level (compression_level: {level!r}); rebuild it "
+                         "with this aotpack")
+    return level
 
 
 def _checked_archive(path: str | os.PathLike) -> Archive:
@@ -104,8 +112,7 @@ def reweight(base: str | os.PathLike, weights: Any, output: str | os.PathLike, *
     blobs = [package.Blob(b.name, new[weight_blobs[b.name]], compressible=False) if b.name in weight_blobs
              else package.Blob(b.name, archive.read_blob(b.name)) for b in m.blobs]
     manifest = {k: v for k, v in m.raw.items() if k not in ("blobs", "format", "format_version")}
-    level = BuildOptions.from_json(m.options).compression_level
-    size = package.write_archive(output, manifest, blobs, level)
+    size = package.write_archive(output, manifest, blobs, _level(m))
     changed = sum(1 for w in m.weights if not torch.equal(new[w.name], current[w.name]))
     report = ReweightReport(pathlib.Path(output), time.perf_counter() - start, size, len(m.weights), changed, merged)
     if progress:
@@ -144,7 +151,7 @@ def externalize(pack: str | os.PathLike, weights_file: str | os.PathLike | None 
     manifest["weights"] = [{k: v for k, v in w.items() if k != "blob"} for w in m.raw["weights"]]
     manifest["external_weights"] = {"file": target.name, "sha256": sha, "size": target.stat().st_size}
     archive.close()
-    package.write_archive(pack, manifest, blobs, BuildOptions.from_json(m.options).compression_level)
+    package.write_archive(pack, manifest, blobs, _level(m))
     return target
 
 

@@ -400,7 +400,7 @@ def weights(pack: str, output: str) -> None:
 
 @cli.command()
 @click.argument("base", type=click.Path(dir_okay=False))
-@click.argument("weights_source", metavar="WEIGHTS", required=False, type=click.Path(exists=True))
+@click.argument("weights_source", metavar="[WEIGHTS]", required=False, type=click.Path(exists=True))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Path of the pack to write.")
 @click.option("--lora", type=click.Path(file_okay=False, exists=True), default=None, metavar="ADAPTER_DIR",
               help="Merge this PEFT LoRA adapter (adapter_config.json, adapter_model.safetensors) into the weights.")

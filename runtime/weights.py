@@ -14,6 +14,7 @@ May not: copy a weight at load: a tensor is a view of the mapped blob; bind weig
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import math
@@ -143,23 +144,20 @@ class SwapLock:
             if not self._calls:
                 self._cond.notify_all()
 
+    @contextlib.contextmanager
     def swap(self):
-        """The context in which the weights are swapped (no call runs)."""
-        lock = self
-
-        class _Swap:
-            def __enter__(self) -> None:
-                with lock._cond:
-                    lock._swapping += 1
-                    while lock._calls:
-                        lock._cond.wait()
-
-            def __exit__(self, *exc) -> None:
-                with lock._cond:
-                    lock._swapping -= 1
-                    lock._cond.notify_all()
-
-        return _Swap()
+        """The context in which the weights are swapped: it waits for the calls in flight, and no call runs
+        in it."""
+        with self._cond:
+            self._swapping += 1
+            while self._calls:
+                self._cond.wait()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._swapping -= 1
+                self._cond.notify_all()
 
 
 def _describe(dtype: str, shape: tuple[int, ...]) -> str:
