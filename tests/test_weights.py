@@ -258,6 +258,37 @@ def test_malformed_safetensors_files_are_clear_errors(tmp_path, content, fact):
     assert fact in str(e.value) and str(path) in str(e.value)
 
 
+def test_damaged_safetensors_files_are_refused_or_read_never_crash(tmp_path):
+    """Random damage to a valid file (bytes changed anywhere in the length and header, the file cut short):
+    each read is a WeightsError or a file whose tensors all read back, never another exception."""
+    import random
+
+    stf.write(tmp_path / "good.safetensors", {"a": torch.randn(4, 3), "b": torch.arange(6, dtype=torch.int16),
+                                              "c": torch.ones(2, dtype=torch.bool)})
+    good = (tmp_path / "good.safetensors").read_bytes()
+    (n,) = struct.unpack("<Q", good[:8])
+    rng = random.Random(0)
+    outcomes = {"refused": 0, "read": 0}
+    for i in range(400):
+        data = bytearray(good)
+        if i % 4 == 0:
+            data = data[:rng.randrange(len(data))]
+        else:
+            for _ in range(rng.randint(1, 3)):
+                data[rng.randrange(8 + n)] = rng.randrange(256)
+        path = tmp_path / "damaged.safetensors"
+        path.write_bytes(bytes(data))
+        try:
+            f = stf.read(path)
+            for name in f:
+                assert f[name].shape == f.info[name].shape
+            outcomes["read"] += 1
+        except WeightsError as e:
+            assert str(path) in str(e)
+            outcomes["refused"] += 1
+    assert outcomes["refused"] > 200 and outcomes["read"] > 0
+
+
 def test_a_bad_weights_file_changes_nothing(pkg, weights_pack, tmp_path):
     before = pkg(*weights_pack.args)
     (tmp_path / "bad.safetensors").write_bytes(_file({"lin.bias": {"dtype": "F32", "shape": [8],
