@@ -125,9 +125,7 @@ def child_load_weights(base: str, source: str, ref: str) -> dict:
     return {"seconds": seconds, "peak_growth": grew, "first_call_s": first}
 
 
-def child_first_output(pack: str, weights: str, ref: str) -> dict:
-    import hashlib
-
+def child_first_output(pack: str, weights: str, ref: str, sha: str = "") -> dict:
     import torch
 
     import aotpack
@@ -135,9 +133,7 @@ def child_first_output(pack: str, weights: str, ref: str) -> dict:
     data = torch.load(ref)
     if weights == "-":
         pkg = aotpack.load(pack)
-    else:
-        with open(weights, "rb") as f:  # the fine-tune's hash, as its publisher would pin it
-            sha = hashlib.file_digest(f, "sha256").hexdigest()
+    else:  # the fine-tune's hash, as its publisher pins it
         pkg = aotpack.load(pack, weights=weights, weights_sha256=sha)
     with torch.inference_mode():
         out = pkg(data["ids"])
@@ -164,9 +160,13 @@ def measure(size: str, repeats: int) -> dict:
     from_map = [_child("load_weights", str(base), "mapping", str(ref)) for _ in range(repeats)]
     # One load first (records the checks), then the fresh processes measured.
     tune = str(folder / "tune-full.safetensors")
-    _child("first_output", str(folder / "ext.pack"), tune, str(ref))
+    import hashlib
+
+    with open(tune, "rb") as f:
+        sha = hashlib.file_digest(f, "sha256").hexdigest()
+    _child("first_output", str(folder / "ext.pack"), tune, str(ref), sha)
     _child("first_output", str(folder / "tune.pack"), "-", str(ref))
-    first_ext = [_child("first_output", str(folder / "ext.pack"), tune, str(ref)) for _ in range(repeats)]
+    first_ext = [_child("first_output", str(folder / "ext.pack"), tune, str(ref), sha) for _ in range(repeats)]
     first_own = [_child("first_output", str(folder / "tune.pack"), "-", str(ref)) for _ in range(repeats)]
     med = lambda rows, k: statistics.median(r[k] for r in rows)  # noqa: E731
     return {"size": size, "weight_bytes": prep["weight_bytes"], "build_s": prep["build_s"],
