@@ -19,7 +19,8 @@ from typing import Any, Callable
 __version__ = "0.1.0"
 
 from aotpack_runtime.errors import (AotpackError, ArchiveError, BuildError, CaptureError, GuardError,  # noqa: E402
-                                   MethodError, ModelFileError, SessionError, SigningError)
+                                   MethodError, ModelFileError, SessionError, SigningError,
+                                   WeightsError)
 
 # Public names imported at first use: the runtime's (``load``...) and the build side's ``Method``.
 _LAZY = {"load": "aotpack_runtime", "Package": "aotpack_runtime", "Session": "aotpack_runtime",
@@ -48,7 +49,7 @@ def build(model: Any, example_inputs: tuple | None = None, output: str | pathlib
           dynamic_shapes: Any = None, specializations: Any = (), cpu_isa: str | None = None,
           devices: tuple[str, ...] = ("cpu",), cuda_archs: Any = (), without_gpu: bool = False,
           cpu_threads: int | None = None, cache_positions: Any = None, cache: Any = True,
-          progress: Any = None, methods: dict | None = None) -> pathlib.Path:
+          progress: Any = None, methods: dict | None = None, weights: str = "internal") -> pathlib.Path:
     """Capture, guard, compile and package ``model(*example_inputs, **example_kwargs)`` into ``output``.
 
     ``model`` is an ``nn.Module`` or a plain function of tensors; ``example_inputs`` a tuple. Module state
@@ -81,6 +82,8 @@ def build(model: Any, example_inputs: tuple | None = None, output: str | pathlib
     ``progress`` says where the build's progress goes, one line per stage and event as the CLI prints them:
     ``None`` (default) to stderr when stderr is a terminal, else nowhere; ``True`` to stderr always; ``False``
     nowhere; a function is called with each line.
+    ``weights="external"`` keeps the weights in a safetensors file beside the pack (``output`` with the suffix
+    ``.safetensors``), which the pack pins by its sha256; ``load`` finds it there (or takes ``weights=PATH``).
     Returns the path of the written pack.
     """
     from . import front
@@ -94,7 +97,7 @@ def build(model: Any, example_inputs: tuple | None = None, output: str | pathlib
     report = front.build(model, example_inputs, output, options=options, cache=cache, progress=_progress(progress),
                          source=f"aotpack.build({type(model).__name__})", example_kwargs=example_kwargs,
                          dynamic_shapes=dynamic_shapes, specializations=specializations,
-                         cache_positions=cache_positions, methods=methods)
+                         cache_positions=cache_positions, methods=methods, weights=weights)
     return report.output
 
 
@@ -129,5 +132,5 @@ def sign(pack: str | pathlib.Path, key: str | pathlib.Path, output: str | pathli
 
 
 __all__ = ["build", "load", "sign", "Method", "Package", "Session", "Entry", "AotpackError", "ArchiveError",
-           "CaptureError", "GuardError", "MethodError", "SessionError", "BuildError", "ModelFileError", "SigningError",
+           "CaptureError", "GuardError", "MethodError", "SessionError", "WeightsError", "BuildError", "ModelFileError", "SigningError",
            "__version__"]

@@ -10,6 +10,7 @@ from typing import Any
 
 from aotpack_runtime import loader, platform
 from aotpack_runtime import signature as rt_signature
+from aotpack_runtime import weights as _weights
 from aotpack_runtime.archive import Archive, open_pack, whole_file_sha256
 from aotpack_runtime.errors import AotpackError
 from aotpack_runtime.format import DEVICES
@@ -108,11 +109,22 @@ def _check_host(archive) -> str:
     return f"this host's CPU, torch and {', '.join(gpus)} can run the pack"
 
 
+def _weight_sha(archive, w) -> str:
+    """What tells a weight's value: its blob's sha256, or for a weight kept in a file beside the pack, that
+    file's sha256 and the weight's name."""
+    if w.blob is None:
+        return f"{archive.manifest.external_weights.sha256}:{w.name}"
+    return archive.manifest.blob(w.blob).sha256
+
+
 def _load_checked(archive):
     """The package of the archive this verify checked (its file, its checked hashes), loaded through a fresh
     code cache."""
     with tempfile.TemporaryDirectory(prefix="aotpack-verify-") as cache:
-        return loader.serve(archive, os.path.join(cache, "c"))
+        external = archive.manifest.external_weights
+        weights = None if external is None else _weights.load_external(
+            archive, _weights.external_path(archive, None), external.sha256, os.path.join(cache, "c"), "full")
+        return loader.serve(archive, os.path.join(cache, "c"), weights=weights)
 
 
 def _compare(pkg, against: str, tolerance: float) -> str:
@@ -299,8 +311,8 @@ def diff(path_a: str, path_b: str, context: int = 3) -> dict:
     ma, mb = a.manifest.raw, b.manifest.raw
     for section in ("format_version", "producer", "target", "options", "frozen"):
         _walk_diff(ma.get(section), mb.get(section), section, fields)
-    wa = {w.name: (w, a.manifest.blob(w.blob).sha256) for w in a.manifest.weights}
-    wb = {w.name: (w, b.manifest.blob(w.blob).sha256) for w in b.manifest.weights}
+    wa = {w.name: (w, _weight_sha(a, w)) for w in a.manifest.weights}
+    wb = {w.name: (w, _weight_sha(b, w)) for w in b.manifest.weights}
     weights = []
     for name in sorted(set(wa) | set(wb)):
         if name not in wa or name not in wb:

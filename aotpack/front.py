@@ -11,6 +11,8 @@ import os
 import pathlib
 from typing import Any, Callable, Sequence
 
+from aotpack_runtime.errors import BuildError
+
 from .buildcache import BuildCache
 from .options import DEFAULT_CPU_THREADS, BuildOptions
 
@@ -35,25 +37,39 @@ def cache_setting(no_cache: bool, cache_dir: str | os.PathLike | None) -> Any:
 def build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, options: BuildOptions, cache: Any,
           progress: ProgressFn | None, source: str, example_kwargs: dict | None = None, dynamic_shapes: Any = None,
           specializations: Sequence = (), cache_positions: Any = None, threads: int | None = None,
-          model_file: Any = None, methods: Any = None):
+          model_file: Any = None, methods: Any = None, weights: str = "internal"):
     """Run the pipeline (``pipeline.build``) with the build cache ``cache`` names (``True``: the default
     folder, a path: that folder, ``False``/``None``: none); return its ``BuildReport``. ``methods``: the
-    program's methods (name -> ``aotpack.Method``), see ``pipeline.build``."""
+    program's methods (name -> ``aotpack.Method``), see ``pipeline.build``. ``weights="external"`` moves the
+    weights into a safetensors file beside the pack, which the pack pins (``reweight.externalize``; the build
+    cache keeps the whole pack)."""
     from .pipeline import build as run
 
-    return run(model, example_inputs, output, example_kwargs=example_kwargs, dynamic_shapes=dynamic_shapes,
+    if weights not in ("internal", "external"):
+        raise BuildError(f"weights={weights!r}: use 'internal' (in the pack) or 'external' (a file beside it)")
+    if weights == "external":
+        from .reweight import external_file_for
+
+        external_file_for(output)  # a name it cannot use is an error before the build
+    report = run(model, example_inputs, output, example_kwargs=example_kwargs, dynamic_shapes=dynamic_shapes,
                specializations=specializations, options=options, progress=progress,
                cache_positions=cache_positions, cache=BuildCache.open(cache), source=source, threads=threads,
                model_file=model_file, methods=methods)
+    if weights == "external":
+        from .reweight import externalize
+
+        report.weights_file = externalize(report.output)
+        if progress is not None:
+            progress(f"      weights: moved to {report.weights_file}, pinned by the pack; ship the two files together")
+    return report
 
 
 def build_file(target: str, output: str | pathlib.Path, *, options: BuildOptions, cache: Any,
-               progress: ProgressFn | None, dynamic_shapes: Any = None, threads: int | None = None):
+               progress: ProgressFn | None, dynamic_shapes: Any = None, threads: int | None = None,
+               weights: str = "internal"):
     """Load the model file ``target`` (``FILE.py`` or ``FILE.py:NAME``, see ``modelfile``) and :func:`build`
     it (its ``methods`` too, where it defines them); ``dynamic_shapes``, when given, replaces the file's (a
     ``BuildError`` for a file that defines methods: each method has its own)."""
-    from aotpack_runtime.errors import BuildError
-
     from . import sourcekey
 
     if progress is not None:
@@ -66,4 +82,4 @@ def build_file(target: str, output: str | pathlib.Path, *, options: BuildOptions
                  source=target, example_kwargs=spec.example_kwargs,
                  dynamic_shapes=dynamic_shapes if dynamic_shapes is not None else spec.dynamic_shapes,
                  specializations=spec.specializations, cache_positions=spec.cache_positions, threads=threads,
-                 model_file=model_file, methods=spec.methods)
+                 model_file=model_file, methods=spec.methods, weights=weights)

@@ -46,6 +46,7 @@ class BuildReport:
     hit: str = ""  # which key found the pack in the build cache: "source" (no capture), "graph" or "" (a miss)
     peak_rss: int = 0  # bytes: this process's peak resident memory during the build
     worker_peak_rss: int = 0  # bytes: the largest peak of a compile worker process (0 when none ran)
+    weights_file: pathlib.Path | None = None  # where the weights went with --weights external (None: in the pack)
 
     def summary(self) -> str:
         total = sum(self.stages.values())
@@ -147,14 +148,27 @@ def _accepting_entry(entries: list, args: tuple, kwargs: dict) -> int | None:
     return None
 
 
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` are the very same tensor (the same object, or a view of the same memory with the
+    same dtype, offset, shape and strides): tied weights."""
+    return a is b or (_identity(a) is not None and _identity(a) == _identity(b))
+
+
 def _weights(entries: list, compiled: list, state_names: tuple[str, ...] = (), by_identity: bool = False) \
-        -> tuple[list[dict], list[package.Blob], dict[str, torch.Tensor]]:
+        -> tuple[list[dict], list[package.Blob], dict[str, torch.Tensor], list[str]]:
     """Every constant any entry needs, stored once, by its name in the model; the state buffers among them
-    are returned apart (name -> initial value). ``by_identity`` (packs of several methods): weights of two
-    names that are the same tensor (tied weights) share one blob."""
+    are returned apart (name -> initial value), and the model's ``state_dict`` names the code never reads.
+    ``by_identity`` (packs of several methods): weights of two names that the code reads and that are the
+    same tensor (tied weights) share one blob.
+
+    Each record says what new weights need: its other ``state_dict`` names that the code does not read
+    (``aliases``: tied weights, the very same tensor), and ``"state_dict": false`` for a tensor the
+    ``state_dict`` lacks (a lifted constant, a non-persistent buffer)."""
     tensors: dict[str, torch.Tensor] = {}
+    state_dict: dict[str, Any] = {}
     for (captured, _), code in zip(entries, compiled):
         ep = captured.exported
+        state_dict.update(ep.state_dict)
         state = {**dict(ep.state_dict), **dict(ep.constants)}
         for name in code.constants.values():
             t = state.get(name)
@@ -169,6 +183,7 @@ def _weights(entries: list, compiled: list, state_names: tuple[str, ...] = (), b
                          "would serve their build-time values. Report it with the model")
     state = {n: tensors.pop(n) for n in state_names}
     records, blobs = [], []
+    named: set[str] = set(tensors) | set(state_names)
     seen: dict[tuple, str] = {}
     for name in sorted(tensors):
         t = tensors[name]
@@ -181,9 +196,18 @@ def _weights(entries: list, compiled: list, state_names: tuple[str, ...] = (), b
             blobs.append(package.Blob(blob, t, compressible=False))
             if identity is not None:
                 seen[identity] = blob
-        records.append({"name": name, "blob": blob, "dtype": _dtype(t, f"the weight {name!r}"),
-                        "shape": list(t.shape)})
-    return records, blobs, state
+        record = {"name": name, "blob": blob, "dtype": _dtype(t, f"the weight {name!r}"), "shape": list(t.shape)}
+        if name in state_dict:
+            aliases = sorted(n for n, other in state_dict.items() if n not in named and isinstance(other, torch.Tensor)
+                             and _same_tensor(other, t))
+            if aliases:
+                record["aliases"] = aliases
+                named.update(aliases)
+        else:
+            record["state_dict"] = False
+        records.append(record)
+    unread = sorted(n for n in state_dict if n not in named)
+    return records, blobs, state, unread
 
 
 def _identity(t: torch.Tensor) -> tuple | None:
@@ -364,7 +388,7 @@ def _cached_report(report: BuildReport, entry: buildcache.CacheEntry) -> None:
     report.size = entry.size
     report.entries = len(manifest.entries)
     report.weights = len(manifest.weights)
-    report.weight_bytes = sum(manifest.blob(w.blob).size for w in manifest.weights)
+    report.weight_bytes = sum(w.nbytes for w in manifest.weights)
     report.kernels = sum(len(e.get("kernels", ())) for e in manifest.entries)
 
 
@@ -580,8 +604,8 @@ def _build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, exa
                                            stateful=bool(state_names),
                                            objects=None if cache is None else cache.objects())
     with stages.stage("package"):
-        weights, blobs, state_values = _weights([(c, g) for c, g, _ in entries], compiled, state_names,
-                                                by_identity=method_records is not None)
+        weights, blobs, state_values, unread = _weights([(c, g) for c, g, _ in entries], compiled, state_names,
+                                                        by_identity=method_records is not None)
         manifest_entries = []
         for i, ((_, g, device), code) in enumerate(zip(entries, compiled)):
             library = fmt.library_blob(i)
@@ -602,6 +626,8 @@ def _build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, exa
         manifest = {"producer": producer(compiler), "target": target(options), "options": options.to_json(),
                     "weights": weights, "entries": manifest_entries, "example": example,
                     "frozen": {"training": entries[0][0].training}}
+        if unread:
+            manifest["unread_weights"] = unread
         if method_records is not None:
             # each method's example and cache positions are its own; none at the top level
             del manifest["example"]

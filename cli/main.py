@@ -1,4 +1,4 @@
-"""``aotpack``: build, inspect, sign, verify and run packs.
+"""``aotpack``: build, inspect, sign, verify and run packs; export and replace their weights.
 
 Exit codes: 0 success, 1 an aotpack error (the message says what and how to fix it; ``--debug`` adds the
 traceback), 2 a usage error. The build side's compiler stack is imported only by ``build``, and the
@@ -101,11 +101,15 @@ def _plain_warnings() -> None:
 @click.option("--no-cache", is_flag=True, help="Compile even if the build cache holds this pack, and do not store it.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
               help="Build cache folder (default: $AOTPACK_BUILD_CACHE or ~/.cache/aotpack/build).")
+@click.option("--weights", "weights_mode", type=click.Choice(["internal", "external"]), default="internal",
+              show_default=True,
+              help="external: keep the weights in a safetensors file beside the pack (OUTPUT with the suffix "
+                   ".safetensors), which the pack pins by its sha256.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @click.option("--json", "as_json", is_flag=True, help="Print progress as JSON lines and a JSON summary.")
 def build(target: str, output: str, cpu_isa: str | None, dynamic: tuple[str, ...], devices: tuple[str, ...],
           cuda_archs: tuple[str, ...], without_gpu: bool, cpu_threads: int, no_cache: bool, cache_dir: str | None,
-          quiet: bool, as_json: bool) -> None:
+          weights_mode: str, quiet: bool, as_json: bool) -> None:
     """Build a pack from a model file.
 
     FILE.py must define `model` and `example_inputs` (a tuple), or `model` and `methods` (name ->
@@ -137,7 +141,9 @@ def build(target: str, output: str, cpu_isa: str | None, dynamic: tuple[str, ...
             click.echo(line, err=True)
 
     report = front.build_file(target, output, options=options, cache=front.cache_setting(no_cache, cache_dir),
-                              progress=say, dynamic_shapes=dynamic_shapes)
+                              progress=say, dynamic_shapes=dynamic_shapes,
+                              weights=weights_mode)
+    weights_file = report.weights_file
     if as_json:
         click.echo(json.dumps({"event": "done", "output": str(report.output), "size": report.size,
                                "cached": report.cached, "cache_key": report.key, "source_key": report.source_key,
@@ -145,7 +151,8 @@ def build(target: str, output: str, cpu_isa: str | None, dynamic: tuple[str, ...
                                "devices": list(options.devices), "cuda_archs": list(options.cuda_archs),
                                "entries": report.entries, "weights": report.weights,
                                "weight_bytes": report.weight_bytes, "kernels": report.kernels,
-                               "stages_s": {k: round(v, 3) for k, v in report.stages.items()}}))
+                               "stages_s": {k: round(v, 3) for k, v in report.stages.items()},
+                               "weights_file": None if weights_file is None else str(weights_file)}))
 
 
 @cli.command("build-many")
@@ -360,6 +367,47 @@ def sign(pack: str, key: str, output: str | None, certificate: str | None, chain
         raise click.UsageError("--chain goes with --certificate")
     written, signed = run_sign(pack, key, output, certificate=certificate, chain=chain)
     click.echo(f"wrote {written}: {signed.describe()}")
+
+
+@cli.command()
+@click.argument("pack", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="The safetensors file to write.")
+def weights(pack: str, output: str) -> None:
+    """Export a pack's weights to a safetensors file, under the model's state_dict names.
+
+    Tied weights are written once (under the name the code reads, as Hugging Face saves them); tensors that
+    are not in the model's state_dict (lifted constants, non-persistent buffers) are left out. The same pack
+    gives the same bytes.
+    """
+    from aotpack.reweight import export_weights
+
+    n, size = export_weights(pack, output)
+    click.echo(f"wrote {output} ({size / 1e6:.2f} MB): {n} tensors")
+
+
+@cli.command()
+@click.argument("base", type=click.Path(dir_okay=False))
+@click.argument("weights_source", metavar="[WEIGHTS]", required=False, type=click.Path(exists=True))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Path of the pack to write.")
+@click.option("--lora", type=click.Path(file_okay=False, exists=True), default=None, metavar="ADAPTER_DIR",
+              help="Merge this PEFT LoRA adapter (adapter_config.json, adapter_model.safetensors) into the weights.")
+@click.option("--no-strict", "not_strict", is_flag=True,
+              help="Keep the base's value of a weight WEIGHTS lacks and ignore names the pack does not know.")
+def reweight(base: str, weights_source: str | None, output: str, lora: str | None, not_strict: bool) -> None:
+    """Write a pack with the code of BASE and new weights, without a compiler.
+
+    WEIGHTS is a safetensors file or a Hugging Face checkpoint folder (model.safetensors, or shards with
+    model.safetensors.index.json), by the model's state_dict names (`aotpack inspect` lists them); it may be
+    left out with --lora, to merge an adapter into the base's own weights. Every name, dtype and shape is
+    checked first. The pack written is byte for byte the pack a full build of the model with these weights
+    writes; sign it as any pack.
+    """
+    from aotpack.reweight import reweight as run
+
+    if weights_source is None and lora is None:
+        raise click.UsageError("give WEIGHTS, --lora ADAPTER_DIR, or both")
+    run(base, weights_source, output, lora=lora, strict=not not_strict, progress=click.echo)
 
 
 @cli.command()

@@ -9,14 +9,15 @@ pays for what it uses.
 
 May not: import a module at import time that not every load uses.
 """
-from .errors import AotpackError, AotpackWarning, ArchiveError, CaptureError, GuardError, MethodError, SessionError
+from .errors import AotpackError, AotpackWarning, ArchiveError, CaptureError, GuardError, MethodError, SessionError, \
+    WeightsError
 
 # Each public name that is not an error type, and the module that defines it (imported at first use).
 _LAZY = {"FORMAT_VERSION": "format", "MIN_READ_VERSION": "format", "CudaEntry": "entries", "Entry": "entries",
          "Package": "loader", "Method": "loader", "load": "loader", "Session": "sessions"}
 
 __all__ = ["AotpackError", "AotpackWarning", "ArchiveError", "CaptureError", "GuardError", "MethodError", "SessionError",
-           "Package", "Method", "Session", "Entry", "CudaEntry", "load", "FORMAT_VERSION", "MIN_READ_VERSION"]
+           "WeightsError", "Package", "Method", "Session", "Entry", "CudaEntry", "load", "FORMAT_VERSION", "MIN_READ_VERSION"]
 
 
 def __getattr__(name: str):

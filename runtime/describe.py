@@ -56,7 +56,11 @@ def describe(archive: Archive) -> dict:
     info = {
         "path": archive.path, "file_size": archive.file_size, "format_version": m.format_version,
         "producer": m.producer, "target": m.target, "options": m.options, "frozen": m.raw.get("frozen", {}),
-        "weights": {"count": len(m.weights), "bytes": sum(w.nbytes for w in m.weights)},
+        "weights": {"count": len(m.weights), "bytes": sum(w.nbytes for w in m.weights),
+                    "tensors": [{"name": w.name, "dtype": w.dtype, "shape": list(w.shape), "aliases": list(w.aliases),
+                                 "state_dict": w.in_state_dict} for w in m.weights],
+                    "unread": list(m.unread_weights),
+                    "external": m.external_weights.to_json() if m.external_weights else None},
         "state": {"buffers": [r.to_json() for r in m.state], "bytes": sum(r.nbytes for r in m.state),
                   "positions": [p.to_json() for p in m.positions]} if m.state else None,
         "entries": entries,
@@ -123,8 +127,18 @@ def render(info: dict[str, Any]) -> str:
         f"{p.get('compiler')}, {p.get('platform')}",
         f"target:   {t.get('machine')} cpu_isa={t.get('cpu_isa')} torch {t.get('torch_series')}.x",
         f"weights:  {info['weights']['count']} tensors, {info['weights']['bytes']:,} bytes (stored once, "
-        "shared by all entries)",
+        "shared by all entries), by their state_dict names:",
     ]
+    for w in info["weights"].get("tensors", ()):
+        notes = ([f"also {', '.join(w['aliases'])}"] if w["aliases"] else []) + \
+            ([] if w["state_dict"] else ["not in the state_dict"])
+        lines.append(f"  weight {w['name']} {w['dtype']}{w['shape']}{' (' + '; '.join(notes) + ')' if notes else ''}")
+    if info["weights"].get("external"):
+        ext = info["weights"]["external"]
+        lines.append(f"  kept beside the pack in {ext['file']} ({ext['size']:,} bytes, sha256 {ext['sha256'][:16]}); "
+                     "load(pack, weights=PATH) names another place")
+    if info["weights"].get("unread"):
+        lines.append(f"  not read by the code: {', '.join(info['weights']['unread'])}")
     if info.get("state"):
         lines.extend(_state_lines(info["state"]))
     if info.get("methods"):

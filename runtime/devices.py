@@ -51,6 +51,26 @@ class CudaState:
                 self._by_device[index] = on_device
             return on_device
 
+    def prepare(self, new: dict[str, torch.Tensor]) -> dict[int, dict[str, torch.Tensor]]:
+        """Copies of new weights on every GPU that holds the current ones (a weight that did not change keeps
+        its copy); ``commit`` puts them in place. Nothing changes here: a call may still run meanwhile."""
+        with self._lock:
+            held = dict(self._by_device)
+            old = self._weights
+        return {index: {name: on[name] if new[name] is old[name] else _copy_to_cuda(new[name], index)
+                        for name in self._needed} for index, on in held.items()}
+
+    def commit(self, new: dict[str, torch.Tensor], prepared: dict[int, dict[str, torch.Tensor]]) \
+            -> dict[int, dict[str, torch.Tensor]]:
+        """Make ``new`` (with ``prepared``, its copies per GPU) the weights the CUDA entries use from now on;
+        return the copies on every GPU that now holds them. Call it while no call runs."""
+        with self._lock:
+            for index in self._by_device.keys() - prepared.keys():  # a GPU first used since ``prepare``
+                prepared[index] = {name: _copy_to_cuda(new[name], index) for name in self._needed}
+            self._weights = new
+            self._by_device = prepared
+            return dict(prepared)
+
     def extract(self, library_blob: str, extern_blob: str | None, cuda: CudaMeta) -> tuple["Code", str]:
         """A CUDA entry's library (kept open for the loads of its code on each GPU) and kernel folder in the
         code cache, each hash-checked: the blobs its manifest record names, and its ``cuda`` record."""

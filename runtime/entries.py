@@ -18,6 +18,7 @@ May not: open files (``archive`` does) or decide which entry runs (``loader`` di
 """
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ class RunnerPool:
     two sessions and a container is never rebound while it runs."""
 
     def __init__(self, runners: list, state_constants: dict[str, str]):
+        self.runners = list(runners)
         self._state_constants = state_constants  # the code's constant name -> state buffer name
         self._free: queue.SimpleQueue = queue.SimpleQueue()
         for runner in runners:
@@ -88,20 +90,35 @@ class Entry:
         # Per output leaf: (compiled output index or None for a constant, number type or None, constant).
         self._output_plan = [(o.get("index"), VALUE_TYPES[o["type"]] if o["kind"] == "scalar" else None,
                               o.get("value")) for o in output_leaves]
+        # Shared by the calls of every entry of a package; a swap of the weights holds it alone.
+        self.swap_lock: Any = contextlib.nullcontext()
+
+    def weight_constants(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The code's constants that are weights (not state), bound to ``weights`` (by weight name)."""
+        return {c: weights[w] for c, w in self.meta["constants"].items() if c not in self.state_constants}
+
+    def bind_weights(self, weights: dict[str, torch.Tensor], on_device: dict[int, dict[str, torch.Tensor]]) -> None:
+        """Point the code at new weights (no copy; the caller keeps them alive). Call it only while no call
+        runs (under ``swap_lock.swap()``). ``on_device``: the weights on each GPU (CUDA entries)."""
+        _bind(self._pool if self._pool is not None else self._runner, self.weight_constants(weights))
 
     def label(self) -> str:
         """The entry's name and guard summary, as GuardError messages show it."""
         return f"{self.name} ({self.guards.label()})"
 
     def run(self, tensors: list[torch.Tensor]) -> Any:
-        return self._outputs_from(_torch.run(self._runner, tensors))
+        with self.swap_lock:
+            flat = _torch.run(self._runner, tensors)
+        return self._outputs_from(flat)
 
     def run_stateful(self, tensors: list[torch.Tensor], state: dict[str, torch.Tensor], token: Any) -> Any:
         """Run with ``state`` (state buffer name -> the session's tensor on the inputs' device) bound. An entry
         whose code uses no state (a method of a stateful pack that neither reads nor writes it) just runs."""
         if not self.state_constants:
             return self.run(tensors)
-        return self._outputs_from(self._pool.run(lambda runner: _torch.run(runner, tensors), state, token))
+        with self.swap_lock:
+            flat = self._pool.run(lambda runner: _torch.run(runner, tensors), state, token)
+        return self._outputs_from(flat)
 
     def _outputs_from(self, flat: list) -> Any:
         """The model's output structure from the native code's flat output tensors."""
@@ -157,19 +174,28 @@ class CudaEntry(Entry):
 
     def run(self, tensors: list[torch.Tensor]) -> Any:
         index = self.device_index(tensors)
-        runner = self._runners.get(index)
-        if runner is None:
-            runner = self.runner(index)
-        return self._outputs_from(_torch.cuda_run(runner, tensors, index))
+        with self.swap_lock:
+            runner = self._runners.get(index)
+            if runner is None:
+                runner = self.runner(index)
+            flat = _torch.cuda_run(runner, tensors, index)
+        return self._outputs_from(flat)
 
     def run_stateful(self, tensors: list[torch.Tensor], state: dict[str, torch.Tensor], token: Any) -> Any:
         if not self.state_constants:
             return self.run(tensors)
         index = self.device_index(tensors)
-        pool = self._runners.get(index)
-        if pool is None:
-            pool = self.runner(index)
-        return self._outputs_from(pool.run(lambda runner: _torch.cuda_run(runner, tensors, index), state, token))
+        with self.swap_lock:
+            pool = self._runners.get(index)
+            if pool is None:
+                pool = self.runner(index)
+            flat = pool.run(lambda runner: _torch.cuda_run(runner, tensors, index), state, token)
+        return self._outputs_from(flat)
+
+    def bind_weights(self, weights: dict[str, torch.Tensor], on_device: dict[int, dict[str, torch.Tensor]]) -> None:
+        """Point the code loaded on each GPU at that GPU's copy of the new weights (``on_device``)."""
+        for index, runner in self._runners.items():
+            _bind(runner, self.weight_constants(on_device[index]))
 
     def _refuse_mixed(self, tensors: list[torch.Tensor]) -> None:
         placed = ", ".join(f"{who} on {t.device}" for who, t in zip(self._tensor_names, tensors))
@@ -315,6 +341,15 @@ def entry_from_manifest(i: int, archive: Archive, weights: dict[str, torch.Tenso
     if c.state_constants:
         return Entry(i, meta, c.guards, None, c.outputs, c.output_leaves, c.state_constants, pool=runner)
     return Entry(i, meta, c.guards, runner, c.outputs, c.output_leaves)
+
+
+def _bind(runner: Any, bound: dict[str, torch.Tensor]) -> None:
+    """Point a container (or each of a ``RunnerPool``'s, leaving their state bound) at new weights."""
+    if isinstance(runner, RunnerPool):
+        for r in runner.runners if bound else ():
+            _torch.bind_constants(r, bound)
+    elif bound:
+        _torch.set_constants(runner, bound)
 
 
 def _load_code(load_one: Callable[[int], Any], num_models: int, constants: dict[str, str],

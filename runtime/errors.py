@@ -24,6 +24,23 @@ class ArchiveError(AotpackError):
         super().__init__(f"{path}: {reason}" if path else reason)
 
 
+class WeightsError(AotpackError):
+    """New weights do not fit a pack, or a weights file is malformed; nothing was changed.
+
+    ``missing``, ``unexpected`` and ``mismatched`` list every problem found (names; for ``mismatched``,
+    ``(name, expected, actual)``), all in one error. ``path`` is the file concerned, when there is one.
+    """
+
+    def __init__(self, reason: str, *, path: str | None = None, missing: tuple = (), unexpected: tuple = (),
+                 mismatched: tuple = ()):
+        self.reason = reason
+        self.path = path
+        self.missing = tuple(missing)
+        self.unexpected = tuple(unexpected)
+        self.mismatched = tuple(mismatched)
+        super().__init__(f"{path}: {reason}" if path else reason)
+
+
 class GuardError(AotpackError):
     """An input does not match the guards of any entry in the pack; nothing was computed.
 

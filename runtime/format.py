@@ -19,6 +19,13 @@ Changelog of ``FORMAT_VERSION`` (readers accept ``MIN_READ_VERSION..FORMAT_VERSI
   5 (2026-12): several methods in one pack (``methods``: each names its entries of the one entry table, with
                its own example and cache-position rules; weights and state stay shared). A pack of one
                ``forward`` has no ``methods`` and keeps its older version.
+               Weights apart from code: weights kept in a safetensors file beside the pack, pinned by its
+               sha256 (``external_weights``; its weight records then name no blob). Weight records may also say
+               what new weights are checked against, at any version (an older reader ignores these keys and
+               loads the pack as before): a weight's other ``state_dict`` names (``aliases``: tied weights),
+               stored tensors that are not in the model's ``state_dict`` (``"state_dict": false``: lifted
+               constants, non-persistent buffers), and the ``state_dict`` names the code never reads
+               (``unread_weights``).
 
 May not: import torch or any aotpack module but ``errors``: the writer and the reader both import it.
 """
@@ -139,6 +146,8 @@ def v5_features(manifest: dict) -> list[str]:
     found: list[str] = []
     if "methods" in manifest:
         found.append("several methods (methods)")
+    if "external_weights" in manifest:
+        found.append("weights in a file beside the pack (external_weights)")
     return found
 
 
@@ -329,20 +338,43 @@ class BlobRecord:
 
 @dataclass(frozen=True)
 class WeightRecord:
-    """A parameter, buffer or constant tensor, stored once per pack and shared by every entry."""
+    """A parameter, buffer or constant tensor, stored once per pack and shared by every entry.
+
+    ``name`` is its name in the model's ``state_dict``; ``aliases`` are its other names there (the very same
+    tensor: an ``lm_head`` tied to the embedding). ``in_state_dict`` is False for a tensor the model's
+    ``state_dict`` lacks (a lifted constant, a non-persistent buffer): new weights need not name it."""
 
     name: str
-    blob: str
+    blob: str | None  # None: the weight is in the pack's external weights file, under ``name``
     dtype: str
     shape: tuple[int, ...]
+    aliases: tuple[str, ...] = ()
+    in_state_dict: bool = True
 
     def to_json(self) -> dict:
-        return {"name": self.name, "blob": self.blob, "dtype": self.dtype, "shape": list(self.shape)}
+        return {"name": self.name, **({} if self.blob is None else {"blob": self.blob}), "dtype": self.dtype,
+                "shape": list(self.shape),
+                **({"aliases": list(self.aliases)} if self.aliases else {}),
+                **({} if self.in_state_dict else {"state_dict": False})}
 
     @classmethod
     def from_json(cls, obj: Any, where: str) -> "WeightRecord":
-        return cls(name=field_of(obj, "name", str, where), blob=field_of(obj, "blob", str, where),
-                   dtype=one_of(obj, "dtype", DTYPES, where), shape=_shape(obj, where))
+        aliases: tuple[str, ...] = ()
+        if isinstance(obj, dict) and "aliases" in obj:
+            aliases = tuple(field_of(obj, "aliases", list, where))
+            if not aliases or not all(isinstance(a, str) for a in aliases) or len(set(aliases)) != len(aliases):
+                raise ArchiveError(f"{where}.aliases must be a non-empty list of distinct strings")
+        in_state_dict = True
+        if isinstance(obj, dict) and "state_dict" in obj:
+            if field_of(obj, "state_dict", bool, where):
+                raise ArchiveError(f"{where}.state_dict is true; it is written only as false (absent means true)")
+            in_state_dict = False
+            if aliases:
+                raise ArchiveError(f"{where} has aliases but is not in the state_dict")
+        blob = field_of(obj, "blob", str, where) if "blob" in obj else None
+        return cls(name=field_of(obj, "name", str, where), blob=blob,
+                   dtype=one_of(obj, "dtype", DTYPES, where), shape=_shape(obj, where), aliases=aliases,
+                   in_state_dict=in_state_dict)
 
     @property
     def nbytes(self) -> int:
@@ -354,6 +386,29 @@ def _shape(obj: Any, where: str) -> tuple[int, ...]:
     if len(shape) > 64 or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**48 for d in shape):
         raise ArchiveError(f"{where}.shape must be a list of at most 64 non-negative integers")
     return tuple(shape)
+
+
+@dataclass(frozen=True)
+class ExternalWeights:
+    """The safetensors file that holds a pack's weights (each under its record's ``name``): ``file``, a file
+    name in the pack's folder (where a loader looks by default), and its ``sha256`` and ``size``."""
+
+    file: str
+    sha256: str
+    size: int
+
+    def to_json(self) -> dict:
+        return {"file": self.file, "sha256": self.sha256, "size": self.size}
+
+    @classmethod
+    def from_json(cls, obj: Any, where: str) -> "ExternalWeights":
+        file = field_of(obj, "file", str, where)
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,255}", file) or file in (".", ".."):
+            raise ArchiveError(f"{where}.file {file!r} is not a file name (letters, digits, '._-'; no folder)")
+        sha = field_of(obj, "sha256", str, where)
+        if not re.fullmatch(r"[0-9a-f]{64}", sha):
+            raise ArchiveError(f"{where}.sha256 is not 64 lowercase hex digits")
+        return cls(file=file, sha256=sha, size=nonneg_int(obj, "size", where))
 
 
 @dataclass(frozen=True)
@@ -523,6 +578,8 @@ class Manifest:
     positions: tuple[PositionRule, ...] = ()
     # The manifest's ``methods`` (empty for a pack without them: see ``method_table``).
     methods: tuple[MethodRecord, ...] = ()
+    unread_weights: tuple[str, ...] = ()
+    external_weights: "ExternalWeights | None" = None
     raw: dict = field(repr=False, compare=False, default_factory=dict)
     # name -> record: a table may list up to MAX_BLOBS blobs, and every weight looks its blob up.
     _by_name: dict = field(init=False, repr=False, compare=False)
@@ -577,7 +634,18 @@ class Manifest:
             raise ArchiveError(f"the manifest uses {newer[0]}, which format version {BREADTH_FORMAT_VERSION} "
                                f"introduced, but it says format version {version}; the pack was written by a "
                                "broken or modified writer")
+        if "external_weights" in obj and version < V5_FORMAT_VERSION:
+            raise ArchiveError(f"the manifest keeps its weights beside the pack (external_weights), which format "
+                               f"version {V5_FORMAT_VERSION} introduced, but it says format version {version}; the "
+                               "pack was written by a broken or modified writer")
         methods = _methods(obj, version, len(entries))
+        unread: tuple[str, ...] = ()
+        if "unread_weights" in obj:
+            unread = tuple(field_of(obj, "unread_weights", list, where))
+            if not unread or not all(isinstance(n, str) for n in unread):
+                raise ArchiveError("manifest.unread_weights must be a non-empty list of strings")
+        external = ExternalWeights.from_json(obj["external_weights"], "manifest.external_weights") \
+            if "external_weights" in obj else None
         example = obj.get("example")
         if example is not None and not isinstance(example, dict):
             raise ArchiveError("manifest.example must be a JSON object or absent")
@@ -597,8 +665,16 @@ class Manifest:
         m = cls(format_version=version, producer=field_of(obj, "producer", dict, where),
                 target=_target(field_of(obj, "target", dict, where)), options=field_of(obj, "options", dict, where),
                 weights=weights, entries=tuple(entries), example=example, blobs=blobs, state=state,
-                positions=positions, methods=methods, raw=obj)
+                positions=positions, methods=methods, unread_weights=unread,
+                external_weights=external, raw=obj)
         for w in weights:
+            if external is not None:
+                if w.blob is not None:
+                    raise ArchiveError(f"weight {w.name!r} names blob {w.blob!r}, but the pack keeps its weights in "
+                                       f"{external.file!r}; a weight is in one place")
+                continue
+            if w.blob is None:
+                raise ArchiveError(f"weight {w.name!r} names no blob, and the pack has no external weights file")
             if w.blob not in names:
                 raise ArchiveError(f"weight {w.name!r} refers to blob {w.blob!r}, which the blob table lacks")
             if m.blob(w.blob).size != w.nbytes:
@@ -613,6 +689,12 @@ class Manifest:
             if r.init != "zeros" and m.blob(r.init).size != r.nbytes:
                 raise ArchiveError(f"state {r.name!r} is {r.dtype}{list(r.shape)} ({r.nbytes} bytes) but its "
                                    f"initial value {r.init!r} holds {m.blob(r.init).size} bytes")
+        # Every name new weights may carry means one thing: a weight, its alias, a state buffer or unread.
+        for other in [a for w in weights for a in w.aliases] + list(unread):
+            if other in seen:
+                raise ArchiveError(f"manifest names {other!r} twice (as a weight, an alias, a state buffer or an "
+                                   "unread weight); names must be unique")
+            seen.add(other)
         return m
 
     def to_json(self) -> dict:
@@ -620,6 +702,8 @@ class Manifest:
                 "target": self.target, "options": self.options,
                 "weights": [w.to_json() for w in self.weights], "entries": list(self.entries),
                 "example": self.example, "blobs": [b.to_json() for b in self.blobs],
+                **({"unread_weights": list(self.unread_weights)} if self.unread_weights else {}),
+                **({"external_weights": self.external_weights.to_json()} if self.external_weights else {}),
                 **({"state": {"buffers": [r.to_json() for r in self.state],
                               "positions": [p.to_json() for p in self.positions]}} if self.state else {}),
                 **({"methods": [m.to_json() for m in self.methods]} if self.methods else {})}

@@ -31,6 +31,7 @@ from .entries import CudaEntry, Entry, check_entry, entry_from_manifest
 from .errors import ArchiveError, GuardError, MethodError, SessionError
 from .format import DEFAULT_METHOD, DTYPES, Manifest, MethodRecord, field_of, one_of
 from .guards import check_spec, rebuild
+from . import weights as _weights
 from .weights import load_weights, prefetch as _prefetch, tensor_from_bytes
 
 # An integer dtype of each element width, to move elements of any dtype (complex32, float8) as bits.
@@ -128,6 +129,34 @@ class Package:
             path=archive.path, template=self._state_template, dispatch=self._dispatch,
             position_checks=position_checks, methods=tuple(self._methods))
         self._prefetching = prefetching
+        self._swap = _weights.SwapLock()
+        self._swapping = threading.Lock()  # one load_weights at a time
+        for entry in entries:
+            entry.swap_lock = self._swap
+
+    def load_weights(self, source: Any, strict: bool = True) -> None:
+        """Serve new weights from now on, without a compiler: ``source`` is a ``state_dict``-like mapping of
+        name -> tensor (or a module, whose ``state_dict()`` is used), a safetensors file, or a Hugging Face
+        checkpoint folder (``model.safetensors``, or shards with ``model.safetensors.index.json``).
+
+        Names are the model's own ``state_dict`` names (``aotpack inspect`` lists them). Every name, dtype and
+        shape is checked before anything changes; missing, unexpected and mismatched weights are one
+        ``WeightsError`` listing them all, and then nothing has changed. ``strict=False`` keeps the current
+        value of a weight not given and ignores names the pack does not know. Tied names given together
+        must hold equal values; state buffers' names and weights the code never reads are ignored.
+
+        The swap is atomic: a call in flight finishes on the old weights, every later call sees the new ones;
+        sessions keep their state. A file's tensors are mapped, not copied (replace such a file by renaming a
+        new one over it, never by rewriting it in place); a mapping's tensors are copied, so the caller may go
+        on changing its own. CUDA entries get copies on every GPU they run on, made before the swap."""
+        with self._swapping:
+            new = _weights.fit(self.manifest, source, strict, self.weights, path=self.path)
+            prepared = self._cuda_state.prepare(new) if self._cuda_state is not None else {}
+            with self._swap.swap():
+                on_device = self._cuda_state.commit(new, prepared) if self._cuda_state is not None else {}
+                for entry in self.entries:
+                    entry.bind_weights(new, on_device)
+                self.weights = new
 
     def wait_prefetch(self, timeout: float | None = None) -> bool:
         """Wait for the background read of ``load(..., prefetch=True)``; True once it is done (or when
@@ -243,7 +272,8 @@ class Package:
 def load(path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
          expected_sha256: str | None = None, num_models: int = 1, signature: str | os.PathLike | None = None,
          public_key: str | os.PathLike | bytes | None = None, verify: str = "auto",
-         prefetch: bool = False) -> Package:
+         prefetch: bool = False, weights: str | os.PathLike | None = None,
+         weights_sha256: str | None = None) -> Package:
     """Load a pack for serving. Raises ``ArchiveError`` if the file or this host cannot serve it.
 
     ``expected_sha256`` pins the exact file (hex sha256 of the whole pack); ``cache_dir`` is where native
@@ -268,6 +298,12 @@ def load(path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
     The pack is opened once, and only a regular file (a FIFO, a device or a directory is an ``ArchiveError``
     at once): the pin, the signature, the blob checks, every read and the mapping use that one descriptor,
     so a check vouches for exactly the bytes that are used, and a record of it names that file.
+
+    A pack built with ``--weights external`` keeps its weights in a safetensors file: ``weights`` names it
+    (default: the file its manifest names, beside the pack). The file must have the sha256 the pack pins, or
+    ``weights_sha256`` for another file of the same weights' names, dtypes and shapes (a fine-tune); it is
+    hashed once (and not again while the cache records that check of the same, unchanged file), checked,
+    and mapped, all through one descriptor. Packs that load one file share one mapping of it.
 
     A pack with CUDA entries loads on a host without CUDA (its CPU entries serve), with an
     ``AotpackWarning``; so does a pack whose CUDA code was built without a GPU (never run, not autotuned).
@@ -315,7 +351,15 @@ def load(path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
         checked = "full"
     if (recorded is None or (file_sha and not recorded.get("file_sha256"))) and archive.still_same_file():
         cache.save_check(cache_root, archive.identity, archive.manifest_sha256, began, path, file_sha)
-    return serve(archive, cache_root, num_models=num_models, checked=checked, prefetch=prefetch, started=start)
+    external = None
+    if archive.manifest.external_weights is not None:
+        pin = weights_sha256.lower().strip() if weights_sha256 is not None else archive.manifest.external_weights.sha256
+        external = _weights.load_external(archive, _weights.external_path(archive, weights), pin, cache_root, verify)
+    elif weights is not None or weights_sha256 is not None:
+        raise ArchiveError("weights= names a weights file, but this pack carries its own weights; to serve other "
+                           "weights, call pkg.load_weights(PATH) after loading", path=path)
+    return serve(archive, cache_root, num_models=num_models, checked=checked, prefetch=prefetch, started=start,
+                 weights=external)
 
 
 def check_host(archive: Archive) -> None:
@@ -333,16 +377,17 @@ def check_host(archive: Archive) -> None:
 
 
 def serve(archive: Archive, cache_root: str, *, num_models: int = 1, checked: str = "full", prefetch: bool = False,
-          started: float | None = None) -> Package:
+          started: float | None = None, weights: dict[str, torch.Tensor] | None = None) -> Package:
     """A package of an archive whose every blob was checked (``check_blobs``, ``verify``, or a record of that
     check, which ``checked`` names) on a host ``check_host`` accepted: its weights mapped from the archive's
     file, its entries' code extracted and loaded. ``aotpack verify`` loads the archive it checked this way."""
     start = time.perf_counter() if started is None else started
     path, m = archive.path, archive.manifest
-    weights = load_weights(archive, checked=True)
+    if weights is None:  # ``weights``: the pack's external weights, checked (``load``)
+        weights = load_weights(archive, checked=True)
     prefetching = None
     if prefetch:
-        mapped = {w.name for w in m.weights if m.blob(w.blob).compression == "none"}
+        mapped = {w.name for w in m.weights if w.blob is None or m.blob(w.blob).compression == "none"}
         prefetching = _prefetch([t for name, t in weights.items() if name in mapped])
 
     cuda_metas = {i: meta for i, meta in enumerate(m.entries) if meta.get("device") == "cuda"}

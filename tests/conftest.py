@@ -152,6 +152,71 @@ def counter_pack(session_dir) -> Built:
     return Built("counter", path, model, args)
 
 
+class WeightsModel:
+    """A model with every kind of weight new weights must reach: a Linear with its bias, a one-element
+    parameter, a scale buffer, a batch norm in eval, an lm_head tied to the embedding, a non-persistent
+    buffer, a tensor constant created in forward, and a submodule forward never uses."""
+
+    @staticmethod
+    def make(seed: int = 0):
+        import torch
+
+        class Model(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.emb = torch.nn.Embedding(16, 8)
+                self.lin = torch.nn.Linear(8, 8)
+                self.bn = torch.nn.BatchNorm1d(8)
+                self.head = torch.nn.Linear(8, 16, bias=False)
+                self.head.weight = self.emb.weight
+                self.one = torch.nn.Parameter(torch.tensor([0.25]))
+                self.register_buffer("scale", torch.tensor([1.5]))
+                self.register_buffer("shift", torch.tensor([0.125]), persistent=False)
+                self.unused = torch.nn.Linear(3, 3)
+
+            def forward(self, idx):
+                h = self.lin(self.emb(idx)).transpose(1, 2)
+                h = self.bn(h).transpose(1, 2)
+                return self.head(h) * self.scale + self.one + self.shift + torch.tensor([1.0, -1.0]).sum()
+
+        torch.manual_seed(seed)
+        model = Model()
+        with torch.no_grad():  # running statistics that are not the defaults
+            model.bn.running_mean.uniform_(-0.5, 0.5)
+            model.bn.running_var.uniform_(0.5, 2.0)
+        return model.eval()
+
+    @staticmethod
+    def args():
+        import torch
+
+        return (torch.tensor([[1, 5, 9, 15], [0, 2, 4, 6]]),)
+
+
+@pytest.fixture(scope="session")
+def weights_pack(session_dir) -> Built:
+    """WeightsModel built once per session."""
+    import aotpack
+
+    path = session_dir / "weights.pack"
+    model, args = WeightsModel.make(), WeightsModel.args()
+    if not path.exists():
+        aotpack.build(model, args, path)
+    return Built("weights", path, model, args)
+
+
+@pytest.fixture(scope="session")
+def weights_pack_other(session_dir) -> Built:
+    """WeightsModel with other weights (seed 1), built in full: what ``reweight`` must give byte for byte."""
+    import aotpack
+
+    path = session_dir / "weights-other.pack"
+    model, args = WeightsModel.make(seed=1), WeightsModel.args()
+    if not path.exists():
+        aotpack.build(model, args, path)
+    return Built("weights-other", path, model, args)
+
+
 @pytest.fixture(scope="session")
 def corpus_pack(session_dir) -> Built:
     """The corpus of tests/corpus.py as one pack: one entry per group of models (the dynamic group first, with

@@ -11,6 +11,7 @@ stand-ins, which is as far as a host without a GPU can go.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import types
@@ -340,3 +341,38 @@ def test_stateful_cuda_entry_binds_each_sessions_state_per_device(counter_pack, 
     assert sum(r.runs for r in made) == 4
     entry.run_stateful([FakeCudaTensor(2)], state_a, ("a", 0))  # another GPU: its own pool
     assert [r.args[2] for r in FakeRunner.made[2:]] == ["cuda:2", "cuda:2"]
+
+
+def test_gpu_path_swaps_weights_on_every_gpu_it_runs_on(packs, fake_gpu_host, mlp_pack, tmp_path):
+    """load_weights on a pack with CUDA entries: each GPU that holds the weights gets copies of the new ones
+    (made before the swap), every runner there is pointed at them (no copy, user-managed), a GPU first used
+    after the swap copies the new ones, and the CPU entry serves the new weights."""
+    copies = fake_gpu_host.copies
+    with pytest.warns(AotpackWarning):
+        pkg = aotpack.load(packs["two_cuda"], cache_dir=tmp_path / "cache")
+    cpu, e1, e2 = pkg.entries
+    e1.run([FakeCudaTensor(0)])
+    e2.run([FakeCudaTensor(0)])
+    r0a, r0b = FakeRunner.made
+    n = len(copies)
+    new = {k: torch.randn_like(v) for k, v in mlp_pack.model.state_dict().items()}
+    pkg.load_weights(new)
+    assert len(copies) == 2 * n and {i for i, _ in copies[n:]} == {0}  # one copy of each, for cuda:0
+    for runner in (r0a, r0b):
+        update, validate_full, user_managed = runner.updates[-1]
+        assert validate_full and user_managed
+        assert {c: t.tolist() for c, t in update.items()} == {c: new[w].tolist() for c, w in e1._constants.items()}
+    assert all(r0a.set[c] is r0b.set[c] for c in r0a.set)  # the entries share the copies on one GPU
+    e1.run([FakeCudaTensor(2)])  # cuda:2, first used after the swap: the new weights
+    r2 = FakeRunner.made[-1]
+    assert {c: t.tolist() for c, t in r2.set.items()} == {c: new[w].tolist() for c, w in e1._constants.items()}
+    assert len(copies) == 3 * n
+    reference = copy.deepcopy(mlp_pack.model)
+    reference.load_state_dict(new)
+    with torch.no_grad():
+        torch.testing.assert_close(pkg(*mlp_pack.args), reference(*mlp_pack.args), rtol=1e-4, atol=1e-3)
+    # Weights that do not fit: nothing is copied to any GPU, no runner is touched.
+    updates = [len(r.updates) for r in FakeRunner.made]
+    with pytest.raises(aotpack.WeightsError):
+        pkg.load_weights({k: v[:1] for k, v in new.items()})
+    assert len(copies) == 3 * n and [len(r.updates) for r in FakeRunner.made] == updates

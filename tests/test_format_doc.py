@@ -5,7 +5,10 @@ import json
 import pathlib
 import re
 
+import pytest
+
 from aotpack_runtime import format as fmt
+from aotpack_runtime.errors import ArchiveError
 from aotpack_runtime.guards import EntryGuards
 
 DOC = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "FORMAT.md").read_text()
@@ -58,7 +61,7 @@ def test_version_for_picks_the_oldest_version_that_describes_the_pack():
     assert fmt.version_for({"entries": [cpu], "state": {"buffers": [dict(count, dtype="complex32")]}}) == 4
     assert fmt.version_for({"entries": [cpu], "weights": [{"dtype": "uint16"}]}) == 4
     assert fmt.BREADTH_FORMAT_VERSION == 4
-    assert "4 for a\npack that uses any version-4 feature, else 3 for a pack with state" in DOC
+    assert "else 4 for a\npack that uses any version-4 feature, else 3 for a pack with state" in DOC
 
 
 def test_methods_example_is_valid_and_needs_version_5():
@@ -76,3 +79,41 @@ def test_methods_example_is_valid_and_needs_version_5():
     assert [(r.name, r.entries) for r in records] == [("encode", (0,)), ("decode", (1, 2))]
     assert records[1].positions[0].limit == 8 and records[0].writes == ("cross_k_cache", "cross_v_cache")
     assert fmt.V5_FORMAT_VERSION == fmt.FORMAT_VERSION == 5 and "## Methods (version 5)" in DOC
+
+
+def test_new_weights_example_is_valid_at_any_version_and_external_weights_need_version_5():
+    """The example of "New weights" is read at any version (an older reader ignores its fields), and
+    round-trips; weights beside the pack need version 5, and a version-4 manifest that uses them is refused."""
+    blocks = re.findall(r"```json\n(.*?)```", DOC, re.S)
+    example = json.loads(next(b for b in blocks if '"unread_weights"' in b))
+    cpu = {"device": "cpu", "leaves": []}
+    assert fmt.v5_features(example) == [] and fmt.version_for(dict(example, entries=[cpu])) == 1
+    assert fmt.FORMAT_VERSION == 5
+    blob = lambda n, size: {"name": n, "offset": 0, "stored_size": size, "size": size, "sha256": "0" * 64,
+                            "compression": "none"}
+    manifest = {"format": "aotpack", "format_version": 5, "producer": {}, "target": {}, "options": {},
+                "entries": [cpu], "blobs": [blob("weights/0", 160), dict(blob("weights/1", 4), offset=192)],
+                **example}
+    m = fmt.Manifest.from_json(manifest)
+    assert m.weights[0].aliases == ("head.weight",) and not m.weights[1].in_state_dict
+    assert m.unread_weights == ("unused.bias", "unused.weight")
+    out = m.to_json()
+    assert (out["weights"], out["unread_weights"]) == (example["weights"], example["unread_weights"])
+    assert fmt.Manifest.from_json(dict(manifest, format_version=1)).weights[0].aliases == ("head.weight",)
+    external = {"file": "model.safetensors", "sha256": "a" * 64, "size": 1000}
+    apart = dict(manifest, blobs=[], external_weights=external,
+                 weights=[{k: v for k, v in w.items() if k != "blob"} for w in example["weights"]])
+    assert fmt.v5_features(apart) == ["weights in a file beside the pack (external_weights)"]
+    m = fmt.Manifest.from_json(apart)
+    with pytest.raises(ArchiveError, match="version 5 introduced, but it says format version 4"):
+        fmt.Manifest.from_json(dict(apart, format_version=4))
+    assert m.external_weights.to_json() == external and all(w.blob is None for w in m.weights)
+    with pytest.raises(ArchiveError, match="names blob 'weights/0', but the pack keeps its weights in"):
+        fmt.Manifest.from_json(dict(apart, weights=example["weights"], blobs=manifest["blobs"]))
+    with pytest.raises(ArchiveError, match="names no blob, and the pack has no external weights file"):
+        fmt.Manifest.from_json({k: v for k, v in apart.items() if k != "external_weights"})
+    with pytest.raises(ArchiveError, match="is not a file name"):
+        fmt.Manifest.from_json(dict(apart, external_weights=dict(external, file="../w.safetensors")))
+    assert "### Weights beside the pack" in DOC and '"file": NAME, "sha256": HEX, "size": N' in DOC
+    with pytest.raises(ArchiveError, match="'unused.bias' twice"):
+        fmt.Manifest.from_json(dict(manifest, unread_weights=["unused.bias", "unused.bias"]))

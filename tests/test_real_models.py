@@ -419,3 +419,29 @@ def test_dynamic_sequence_length(make, session_dir):
     with pytest.raises(aotpack.GuardError, match=r"dim 1 \(seq\) is 9, but seq is 10 in input 'input_ids' "
                                                  r"\(args\[0\]\) dim 1 \(these dims must be equal\)"):
         pkg(_ids(3, 10), _mask([9, 9], 9))
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_new_weights_give_eager_outputs(packs, name, tmp_path):
+    """The built pack takes other weights for the same config (no rebuild) and then gives eager's outputs with
+    them: GPT-2 from a sharded checkpoint folder that transformers wrote (its tied lm_head left out, Conv1D
+    weights), the Llama wrapper from a state_dict."""
+    pytest.importorskip("transformers")
+    result = packs[name]
+    if result.error is not None:
+        raise result.error
+    case = CASES[name]()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in case.model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    pkg = aotpack.load(result.path)
+    if name == "gpt2":
+        case.model.save_pretrained(tmp_path, max_shard_size="100KB")
+        assert (tmp_path / "model.safetensors.index.json").exists()
+        pkg.load_weights(tmp_path)
+    else:
+        pkg.load_weights(case.model.state_dict())
+    with torch.no_grad():
+        for args, kwargs in ((case.args, case.kwargs), (case.fresh_args, case.fresh_kwargs)):
+            torch.testing.assert_close(pkg(*args, **kwargs), case.model(*args, **kwargs), rtol=1e-4, atol=1e-4)

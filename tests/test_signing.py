@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import copy
 import datetime
 import hashlib
 import json
@@ -642,3 +643,21 @@ print(json.dumps([before, "cryptography" in sys.modules, heavy]))
                       "print([m for m in ('model_signing', 'cryptography') if m in sys.modules])")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_reweighted_pack_is_signed_as_any_pack(signed, keys, mlp_pack, tmp_path):
+    """reweight writes a new pack: the base's signature does not cover it, its own does."""
+    from aotpack.reweight import reweight
+
+    new = {k: torch.randn_like(v) for k, v in mlp_pack.model.state_dict().items()}
+    out = tmp_path / "re.pack"
+    reweight(signed, new, out)
+    pathlib.Path(f"{out}.sig").write_bytes(pathlib.Path(f"{signed}.sig").read_bytes())
+    with pytest.raises(ArchiveError, match="sha256"):
+        aotpack.load(out, public_key=keys.a_pub)
+    aotpack.sign(out, keys.a)
+    pkg = aotpack.load(out, public_key=keys.a_pub)
+    reference = copy.deepcopy(mlp_pack.model)
+    reference.load_state_dict(new)
+    with torch.no_grad():
+        torch.testing.assert_close(pkg(*mlp_pack.args), reference(*mlp_pack.args), rtol=1e-4, atol=1e-3)

@@ -383,3 +383,21 @@ def test_the_llm_examples_are_documented():
     readme = (ROOT / "README.md").read_text()
     assert "aotpack build examples/llm/llama.py -o llama.pack" in readme
     assert "python examples/llm/generate.py llama.pack --prompt-ids 5,17,42 --max-new-tokens 32" in readme
+
+
+def test_new_weights_for_a_decoder_with_a_kv_cache(llama_pack):
+    """load_weights on a stateful pack: a session's KV cache is untouched by the swap, and a session after it
+    generates eager's tokens with the new weights (another seed of the same architecture)."""
+    pkg = aotpack.load(llama_pack.path)
+    s = pkg.session()
+    s(input_ids=torch.tensor([[5, 17, 42]]), cache_position=torch.tensor([0]))
+    before = {k: v.clone() for k, v in s.state_dict().items()}
+    _, other = wrapped("llama", seed=3)
+    pkg.load_weights(other.state_dict())
+    assert all(torch.equal(before[k], v) for k, v in s.state_dict().items())
+    t = pkg.session()
+    got = greedy(lambda ids, pos: t(input_ids=ids, cache_position=pos), [5, 17, 42, 8], 12)
+    _, base = wrapped("llama")
+    with torch.no_grad():
+        assert got == greedy(lambda ids, pos: other(input_ids=ids, cache_position=pos), [5, 17, 42, 8], 12)
+        assert got != greedy(lambda ids, pos: base(input_ids=ids, cache_position=pos), [5, 17, 42, 8], 12)

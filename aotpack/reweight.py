@@ -1,0 +1,246 @@
+"""New weights for a built pack, without a compiler: export a pack's weights, write a pack with the same code
+and other weights (``reweight``), merge a PEFT LoRA adapter into weights, and move a pack's weights into a
+safetensors file beside it (``externalize``, for ``build --weights external``).
+
+``reweight`` keeps every blob of the base pack but the weights, and the manifest but its blob table: the
+pack it writes is, byte for byte, the pack a full build of the same model with those weights writes (the
+code does not depend on the weights' values: every weight stays a constant the loader binds). New weights are
+checked by the runtime's own check (``aotpack_runtime.weights.fit``) before anything is written.
+
+May not: capture or compile; change the base pack's code, guards, state or example.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import pathlib
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from aotpack_runtime import safetensors_file as stf
+from aotpack_runtime.archive import Archive
+from aotpack_runtime.errors import BuildError, WeightsError
+from aotpack_runtime.format import Manifest
+from aotpack_runtime.weights import external_path, fit, load_external, load_weights
+
+from . import package
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# PEFT names an adapter's tensors ``<prefix><module>.lora_A.weight``; the prefix is its wrapper's.
+PEFT_PREFIX = "base_model.model."
+
+
+def _level(m: Manifest) -> int:
+    """The zstd level the pack was written with (its options record it): a rewrite compresses as its build did."""
+    level = m.options.get("compression_level")
+    if type(level) is not int or not 1 <= level <= 22:
+        raise BuildError(f"the pack's options record no zstd level (compression_level: {level!r}); rebuild it "
+                         "with this aotpack")
+    return level
+
+
+def _checked_archive(path: str | os.PathLike) -> Archive:
+    archive = Archive.open(os.fspath(path))
+    archive.check_blobs()
+    return archive
+
+
+def _pack_weights(archive: Archive) -> dict[str, torch.Tensor]:
+    """Every stored weight of a checked pack, by record name: views of its blobs, or of its external weights
+    file beside it (hash-checked)."""
+    external = archive.manifest.external_weights
+    if external is None:
+        return load_weights(archive, checked=True)
+    with tempfile.TemporaryDirectory(prefix="aotpack-weights-") as cache:
+        return load_external(archive, external_path(archive, None), external.sha256, cache, "full")
+
+
+def state_dict_of(archive: Archive) -> dict[str, torch.Tensor]:
+    """The pack's weights under their ``state_dict`` names (each tied tensor once, under the name the code
+    reads; tensors outside the ``state_dict`` left out), as views of the mapped, checked file."""
+    weights = _pack_weights(archive)
+    return {w.name: weights[w.name] for w in archive.manifest.weights if w.in_state_dict}
+
+
+def export_weights(pack: str | os.PathLike, output: str | os.PathLike) -> tuple[int, int]:
+    """Write the pack's weights (``state_dict_of``) to a safetensors file; return (tensors, file size)."""
+    tensors = state_dict_of(_checked_archive(pack))
+    return len(tensors), stf.write(output, tensors)
+
+
+@dataclass
+class ReweightReport:
+    output: pathlib.Path
+    seconds: float
+    size: int
+    weights: int
+    changed: int
+    merged: int = 0  # weights a LoRA adapter changed
+
+    def summary(self) -> str:
+        lora = f", {self.merged} merged with the LoRA adapter" if self.merged else ""
+        return (f"wrote {self.output} ({self.size / 1e6:.2f} MB): {self.weights} weights, {self.changed} of them "
+                f"new{lora}; same code as the base pack; in {self.seconds:.2f} s")
+
+
+def reweight(base: str | os.PathLike, weights: Any, output: str | os.PathLike, *, lora: str | os.PathLike | None = None,
+             strict: bool = True, progress: Callable[[str], None] | None = None) -> ReweightReport:
+    """Write ``output``: the pack ``base`` with new weights (a safetensors file, a checkpoint folder, or a
+    ``state_dict``-like mapping; None keeps the base's, for ``lora`` alone), merged with the PEFT LoRA adapter
+    in the folder ``lora`` if given. The base is hash-checked first; the new weights are checked as
+    ``Package.load_weights`` checks them (``strict``)."""
+    start = time.perf_counter()
+    archive = _checked_archive(base)
+    m = archive.manifest
+    if m.external_weights is not None:
+        raise WeightsError(f"the pack keeps its weights in {m.external_weights.file}, beside it: serve other weights "
+                           "with aotpack.load(pack, weights=FILE, weights_sha256=ITS_SHA256), or reweight the pack "
+                           "it was built from", path=os.fspath(base))
+    current = load_weights(archive, checked=True)
+    new = dict(current) if weights is None else fit(m, weights, strict, current)
+    merged = 0
+    if lora is not None:
+        new, merged = merge_lora(m, new, lora)
+    weight_blobs = {w.blob: w.name for w in m.weights}
+    blobs = [package.Blob(b.name, new[weight_blobs[b.name]], compressible=False) if b.name in weight_blobs
+             else package.Blob(b.name, archive.read_blob(b.name)) for b in m.blobs]
+    manifest = {k: v for k, v in m.raw.items() if k not in ("blobs", "format", "format_version")}
+    size = package.write_archive(output, manifest, blobs, _level(m))
+    changed = sum(1 for w in m.weights if not torch.equal(new[w.name], current[w.name]))
+    report = ReweightReport(pathlib.Path(output), time.perf_counter() - start, size, len(m.weights), changed, merged)
+    if progress:
+        progress(report.summary())
+    return report
+
+
+def external_file_for(pack: str | os.PathLike) -> pathlib.Path:
+    """Where ``--weights external`` writes a pack's weights by default: beside it, ``NAME.safetensors``."""
+    pack = pathlib.Path(pack)
+    if pack.suffix == stf.SUFFIX:
+        raise BuildError(f"the pack {pack} ends in {stf.SUFFIX}, the name its weights file would get; name the "
+                         "pack NAME.pack")
+    return pack.with_suffix(stf.SUFFIX)
+
+
+def externalize(pack: str | os.PathLike, weights_file: str | os.PathLike | None = None) -> pathlib.Path:
+    """Move a pack's weights into a safetensors file beside it (each under its record's name), and rewrite
+    the pack (atomically) with weight records that name no blob and the file's name, sha256 and size
+    (``external_weights``). Same pack, same bytes, for both files. Returns the weights file's path."""
+    pack = pathlib.Path(pack)
+    target = pathlib.Path(weights_file) if weights_file is not None else external_file_for(pack)
+    if target.resolve().parent != pack.resolve().parent:
+        raise BuildError(f"the weights file {target} must lie in the pack's folder {pack.resolve().parent} (the "
+                         "pack names it by its file name)")
+    archive = _checked_archive(pack)
+    m = archive.manifest
+    if m.external_weights is not None:
+        raise BuildError(f"{pack} already keeps its weights in {m.external_weights.file}")
+    stf.write(target, load_weights(archive, checked=True))
+    with open(target, "rb") as f:
+        sha = hashlib.file_digest(f, "sha256").hexdigest()
+    weight_blobs = {w.blob for w in m.weights}
+    blobs = [package.Blob(b.name, archive.read_blob(b.name)) for b in m.blobs if b.name not in weight_blobs]
+    manifest = {k: v for k, v in m.raw.items() if k not in ("blobs", "format", "format_version")}
+    manifest["weights"] = [{k: v for k, v in w.items() if k != "blob"} for w in m.raw["weights"]]
+    manifest["external_weights"] = {"file": target.name, "sha256": sha, "size": target.stat().st_size}
+    archive.close()
+    package.write_archive(pack, manifest, blobs, _level(m))
+    return target
+
+
+# ---------------------------------------------------------------------------------------------------
+# PEFT LoRA adapters
+
+def _lora_config(folder: str) -> dict:
+    path = os.path.join(folder, ADAPTER_CONFIG)
+    try:
+        with open(path, "rb") as f:
+            config = json.loads(f.read(1 << 20))
+    except (OSError, ValueError) as e:
+        raise WeightsError(f"cannot read the adapter's config: {e}", path=path) from None
+    if not isinstance(config, dict):
+        raise WeightsError("the adapter's config is not a JSON object", path=path)
+    if config.get("peft_type", "LORA") != "LORA":
+        raise WeightsError(f"the adapter is a {config.get('peft_type')} adapter; reweight merges LoRA adapters", path=path)
+    r, alpha = config.get("r"), config.get("lora_alpha")
+    if type(r) is not int or r <= 0 or not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
+        raise WeightsError(f"the adapter's config needs a positive integer r and a number lora_alpha (r={r!r}, "
+                           f"lora_alpha={alpha!r})", path=path)
+    for key in ("use_dora",):
+        if config.get(key):
+            raise WeightsError(f"the adapter uses {key}, which reweight does not merge; merge it with peft "
+                               "(merge_and_unload) and pass the merged weights", path=path)
+    if config.get("bias", "none") != "none":
+        raise WeightsError(f"the adapter trains biases (bias={config.get('bias')!r}), which reweight does not "
+                           "merge; merge it with peft (merge_and_unload) and pass the merged weights", path=path)
+    for key in ("rank_pattern", "alpha_pattern"):
+        if config.get(key):
+            raise WeightsError(f"the adapter sets {key} (a rank or alpha per module), which reweight does not "
+                               "merge; merge it with peft (merge_and_unload) and pass the merged weights", path=path)
+    return config
+
+
+def merge_lora(m: Manifest, weights: dict[str, torch.Tensor], folder: str | os.PathLike) \
+        -> tuple[dict[str, torch.Tensor], int]:
+    """``weights`` with the LoRA adapter in ``folder`` merged in: for each adapted module ``M``,
+    ``M.weight += scale * (B @ A)`` (transposed where the config says ``fan_in_fan_out``), with
+    ``scale = lora_alpha / r`` (``lora_alpha / sqrt(r)`` with ``use_rslora``), computed in float32 and stored in
+    the weight's dtype. Returns the new weights and how many were merged; every problem is a ``WeightsError``
+    before anything is merged."""
+    folder = os.fspath(folder)
+    config = _lora_config(folder)
+    r, alpha = config["r"], config["lora_alpha"]
+    scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    fan_in_fan_out = bool(config.get("fan_in_fan_out"))
+    adapter = stf.read(os.path.join(folder, ADAPTER_WEIGHTS))
+    names = {}
+    for w in m.weights:
+        for n in (w.name, *w.aliases):
+            names[n] = w
+    pairs: dict[str, dict[str, str]] = {}
+    problems = []
+    for key in adapter:
+        module = key.removeprefix(PEFT_PREFIX)
+        for part in ("lora_A", "lora_B"):
+            for suffix in (f".{part}.weight", f".{part}.default.weight"):
+                if module.endswith(suffix):
+                    pairs.setdefault(module[:-len(suffix)], {})[part] = key
+                    break
+            else:
+                continue
+            break
+        else:
+            problems.append(f"{key}: not a lora_A or lora_B weight (reweight merges LoRA weights only)")
+    plan = []
+    for module, pair in sorted(pairs.items()):
+        target = names.get(f"{module}.weight")
+        if len(pair) != 2:
+            problems.append(f"{module}: lacks {'lora_A' if 'lora_A' not in pair else 'lora_B'}")
+            continue
+        if target is None:
+            problems.append(f"{module}: the pack has no weight {module}.weight")
+            continue
+        a, b = adapter.info[pair["lora_A"]], adapter.info[pair["lora_B"]]
+        out_in = target.shape[::-1] if fan_in_fan_out else target.shape
+        if len(target.shape) != 2 or a.shape != (r, out_in[1]) or b.shape != (out_in[0], r):
+            problems.append(f"{module}: lora_A {list(a.shape)} and lora_B {list(b.shape)} do not fit "
+                            f"{target.name} {list(target.shape)} with r={r}")
+            continue
+        plan.append((target, pair))
+    if problems:
+        raise WeightsError(f"the LoRA adapter does not fit the pack, nothing was merged: {'; '.join(problems)}",
+                           path=folder)
+    out = dict(weights)
+    for target, pair in plan:
+        delta = adapter[pair["lora_B"]].float() @ adapter[pair["lora_A"]].float()
+        if fan_in_fan_out:
+            delta = delta.t()
+        out[target.name] = (weights[target.name].float() + scale * delta).to(weights[target.name].dtype)
+    return out, len(plan)
