@@ -203,6 +203,7 @@ def capture(model: Any, args: tuple, kwargs: dict | None = None, *, dynamic_shap
     except Exception as e:  # anything else the tracer or the model raised
         raise _capture_error(e, dims) from e
     _check_no_reassigned_buffers(caught, module)
+    _check_output_structure(exported)
     training = bool(getattr(module, "training", False))
     state, mutated = _check_mutation(exported, training)
     _check_no_custom_ops(exported)
@@ -343,6 +344,44 @@ def _check_constants_are_tensors(exported: Any) -> None:
             raise CaptureError(f"forward uses the attribute {name!r}, a {type(value).__name__} object (not a "
                                "tensor), which a pack cannot store",
                                hint="keep tensors, numbers and strings as the model's attributes")
+
+
+def _check_output_structure(exported: Any) -> None:
+    """Refuse an output that holds an object other than tuples, lists, dicts and None around its leaves here,
+    as the capture does for an object torch cannot flatten. A library may register its own classes with
+    torch's pytree (transformers does for its KV cache, ``DynamicCache``, once its export helpers are used);
+    the capture then succeeds, but a pack cannot rebuild such an object in a serving process, and the checks
+    after the capture would fail on it."""
+    spec_to_json(exported.call_spec.out_spec, "the model's output")
+
+
+def spec_to_json(spec: Any, what: str) -> dict:
+    """A pytree TreeSpec as the format's structure tree (tuple, list, dict, none, leaf)."""
+    node_type, context, children = _torch.treespec_parts(spec)
+    if node_type is None:
+        return {"type": "leaf"}
+    if node_type is type(None):
+        return {"type": "none"}
+    kids = [spec_to_json(c, what) for c in children]
+    if node_type is tuple:
+        return {"type": "tuple", "children": kids}
+    if node_type is list:
+        return {"type": "list", "children": kids}
+    if node_type is dict:
+        keys = list(context)
+        if not all(isinstance(k, str) for k in keys):
+            raise CaptureError(f"{what} holds a dict with non-string keys {keys!r}",
+                               hint="use string keys")
+        return {"type": "dict", "keys": keys, "children": kids}
+    name = getattr(node_type, "__name__", str(node_type))
+    if hasattr(node_type, "to_tuple"):
+        hint = "call the model with return_dict=False, or return output.to_tuple()"
+    elif name.endswith("Cache"):
+        hint = "return the tensors it holds; for Hugging Face models pass use_cache=False"
+    else:
+        hint = "return a tuple or dict (for a dataclass output: dataclasses.asdict)"
+    raise CaptureError(f"{what} holds a {name}; packs support tuples, "
+                       "lists, dicts and None around tensors and Python scalars", hint=hint)
 
 
 def _has_mutable_ops(exported: Any) -> bool:

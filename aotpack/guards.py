@@ -20,7 +20,7 @@ from aotpack_runtime.guards import VALUE_TYPES, dtype_name, leaf_paths, stored_d
 from aotpack_runtime.symbolic import Poly
 
 from . import _torch
-from .capture import Captured
+from .capture import Captured, spec_to_json
 
 _VALUE_TYPE_NAMES = {v: k for k, v in VALUE_TYPES.items()}
 
@@ -41,30 +41,6 @@ class Guards:
         return {"inputs": self.inputs, "leaves": list(self.leaves), "symbols": self.symbols,
                 "param_names": list(self.param_names), "grad_mode": self.grad_mode,
                 "outputs": self.outputs, "output_leaves": list(self.output_leaves)}
-
-
-def spec_to_json(spec: Any, what: str) -> dict:
-    """A pytree TreeSpec as the format's structure tree (tuple, list, dict, none, leaf)."""
-    node_type, context, children = _torch.treespec_parts(spec)
-    if node_type is None:
-        return {"type": "leaf"}
-    if node_type is type(None):
-        return {"type": "none"}
-    kids = [spec_to_json(c, what) for c in children]
-    if node_type is tuple:
-        return {"type": "tuple", "children": kids}
-    if node_type is list:
-        return {"type": "list", "children": kids}
-    if node_type is dict:
-        keys = list(context)
-        if not all(isinstance(k, str) for k in keys):
-            raise CaptureError(f"{what} holds a dict with non-string keys {keys!r}",
-                               hint="use string keys")
-        return {"type": "dict", "keys": keys, "children": kids}
-    hint = ("call the model with return_dict=False, or return output.to_tuple()" if hasattr(node_type, "to_tuple")
-            else "return a tuple or dict (for a dataclass output: dataclasses.asdict)")
-    raise CaptureError(f"{what} holds a {getattr(node_type, '__name__', node_type)}; packs support tuples, "
-                       "lists, dicts and None around tensors and Python scalars", hint=hint)
 
 
 def _dim_names(captured: Captured) -> dict[str, dict[int, str]]:

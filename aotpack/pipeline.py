@@ -105,7 +105,7 @@ def _dtype(t: torch.Tensor, what: str) -> str:
 
 def _example_record(captured: capture.Captured, blobs: list, method: str | None = None) -> dict:
     flat, treespec = guards._torch.tree_flatten((captured.args, captured.kwargs))
-    spec = guards.spec_to_json(treespec, "inputs")
+    spec = capture.spec_to_json(treespec, "inputs")
     leaves = []
     for v in flat:
         if isinstance(v, torch.Tensor):

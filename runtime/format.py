@@ -359,13 +359,15 @@ class WeightRecord:
 
     @classmethod
     def from_json(cls, obj: Any, where: str) -> "WeightRecord":
+        if not isinstance(obj, dict):
+            raise ArchiveError(f"{where} must be a JSON object, got {type(obj).__name__}")
         aliases: tuple[str, ...] = ()
-        if isinstance(obj, dict) and "aliases" in obj:
+        if "aliases" in obj:
             aliases = tuple(field_of(obj, "aliases", list, where))
             if not aliases or not all(isinstance(a, str) for a in aliases) or len(set(aliases)) != len(aliases):
                 raise ArchiveError(f"{where}.aliases must be a non-empty list of distinct strings")
         in_state_dict = True
-        if isinstance(obj, dict) and "state_dict" in obj:
+        if "state_dict" in obj:
             if field_of(obj, "state_dict", bool, where):
                 raise ArchiveError(f"{where}.state_dict is true; it is written only as false (absent means true)")
             in_state_dict = False

@@ -149,3 +149,24 @@ def test_a_module_under_a_name_nn_module_uses_is_a_capture_error():
     with pytest.raises(aotpack.CaptureError) as e:
         capture(model, (torch.randn(1, 2),))
     assert "'train'" in str(e.value) and "rename" in str(e.value)
+
+
+class _LibraryCache:
+    """A library's own output object, registered with torch's pytree (as transformers registers its
+    DynamicCache once its export helpers are used)."""
+
+    def __init__(self, k, v):
+        self.k, self.v = k, v
+
+
+def test_an_output_of_a_class_registered_with_pytree_is_a_capture_error():
+    import torch.utils._pytree as pytree
+
+    pytree.register_pytree_node(_LibraryCache, lambda c: ([c.k, c.v], None), lambda xs, _: _LibraryCache(*xs))
+    try:
+        with pytest.raises(aotpack.CaptureError) as e:
+            capture(lambda x: (x + 1, _LibraryCache(x * 2, x * 3)), (torch.randn(2),))
+    finally:
+        pytree._deregister_pytree_node(_LibraryCache)
+    assert "the model's output" in e.value.reason and "_LibraryCache" in e.value.reason
+    assert "use_cache=False" in e.value.hint
