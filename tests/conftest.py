@@ -363,3 +363,18 @@ def t5_pack(session_dir) -> Built:
     if not path.exists():
         aotpack.build(program, None, path, methods=programs.t5_methods(program))
     return Built("t5", path, program, ())
+
+
+@pytest.fixture(scope="session")
+def whisper_pack(session_dir) -> Built:
+    """A tiny Whisper through transformers' static-cache decoder wrapper, as a pack of ``encode`` (log-mel
+    features) and ``decode`` (one token, the encoder output given to every step)."""
+    import aotpack
+    import programs
+
+    path = session_dir / "whisper.pack"
+    program = programs.whisper_program()
+    if not path.exists():
+        aotpack.build(program, None, path, methods=programs.whisper_methods(program))
+    return Built("whisper", path, program, ())
+

@@ -151,3 +151,80 @@ def greedy_t5(encode, decode, steps: int) -> tuple[list[int], list[torch.Tensor]
         tokens.append(token)
         logits.append(out)
     return tokens, logits
+
+
+WHISPER_CACHE = 16  # decoder positions in the self-attention cache
+WHISPER_FRAMES = 16  # log-mel frames (2 x max_source_positions: the encoder's convolutions halve them)
+
+
+def whisper_model():
+    """A tiny ``WhisperForConditionalGeneration`` (random weights, no downloads). Its weights are drawn wider
+    than the config's default (std 0.02), so that greedy tokens vary from step to step: with the default,
+    every step picks the same token and a comparison of tokens proves little."""
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = WhisperConfig(vocab_size=64, num_mel_bins=8, d_model=32, encoder_layers=2, decoder_layers=2,
+                           encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+                           decoder_ffn_dim=64, max_source_positions=WHISPER_FRAMES // 2,
+                           max_target_positions=WHISPER_CACHE * 2, decoder_start_token_id=1, pad_token_id=0,
+                           eos_token_id=2, bos_token_id=1, init_std=0.02)
+    model = WhisperForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(0)
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model
+
+
+WHISPER_FEATURES = torch.randn(1, 8, WHISPER_FRAMES, generator=torch.Generator().manual_seed(3))
+
+
+def whisper_program():
+    """The tiny Whisper behind transformers' static-cache decoder wrapper (which names the head ``lm_head``;
+    Whisper's is ``proj_out``), as one module of two methods: ``encode(input_features)`` (log-mel features to
+    the encoder's output) and ``decode(decoder_input_ids, encoder_hidden_states, cache_position)``, whose
+    self-attention cache is the state; the encoder output goes to every decode step, whose cross-attention
+    projects it again each time."""
+    from transformers.integrations.executorch import Seq2SeqLMDecoderExportableModuleWithStaticCache
+
+    whisper = whisper_model()
+    whisper.lm_head = whisper.proj_out
+
+    class WhisperProgram(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = whisper.get_encoder()
+            self.dec = Seq2SeqLMDecoderExportableModuleWithStaticCache(whisper, WHISPER_CACHE, 1)
+
+        def encode(self, input_features):
+            return self.encoder(input_features).last_hidden_state
+
+        def decode(self, decoder_input_ids, encoder_hidden_states, cache_position):
+            return self.dec(decoder_input_ids, encoder_hidden_states, cache_position)
+
+    return WhisperProgram().eval()
+
+
+def whisper_methods(program) -> dict:
+    import aotpack
+
+    position = {"input": "cache_position", "limit": WHISPER_CACHE, "span": ["decoder_input_ids", 1]}
+    encode = aotpack.Method(program.encode, (WHISPER_FEATURES,))
+    with torch.no_grad():
+        hidden = program.encode(WHISPER_FEATURES)
+    return {"encode": encode, "decode": aotpack.Method(program.decode, (torch.tensor([[1]]), hidden, torch.tensor([0])),
+                                                       cache_positions=position)}
+
+
+def greedy_whisper(encode, decode, steps: int, features: torch.Tensor = WHISPER_FEATURES
+                   ) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy decoding from the start token 1: the tokens and each step's logits."""
+    hidden = encode(features)
+    token, tokens, logits = 1, [], []
+    for pos in range(steps):
+        out = decode(torch.tensor([[token]]), hidden, torch.tensor([pos]))
+        token = int(out[0, -1].argmax())
+        tokens.append(token)
+        logits.append(out)
+    return tokens, logits
