@@ -363,3 +363,31 @@ def t5_pack(session_dir) -> Built:
     if not path.exists():
         aotpack.build(program, None, path, methods=programs.t5_methods(program))
     return Built("t5", path, program, ())
+
+
+@pytest.fixture(scope="session")
+def whisper_pack(session_dir) -> Built:
+    """A tiny Whisper through transformers' static-cache decoder wrapper, as a pack of ``encode`` (log-mel
+    features) and ``decode`` (one token, the encoder output given to every step)."""
+    import aotpack
+    import programs
+
+    path = session_dir / "whisper.pack"
+    program = programs.whisper_program()
+    if not path.exists():
+        aotpack.build(program, None, path, methods=programs.whisper_methods(program))
+    return Built("whisper", path, program, ())
+
+
+@pytest.fixture(scope="session")
+def whisper_cross_pack(session_dir) -> Built:
+    """The tiny Whisper as a program whose ``encode`` writes the cross-attention keys and values into the
+    state once, and whose ``decode`` reads them (tests/programs.py ``WhisperCrossCached``)."""
+    import aotpack
+    import programs
+
+    path = session_dir / "whisper-cross.pack"
+    program = programs.WhisperCrossCached(programs.whisper_model()).eval()
+    if not path.exists():
+        aotpack.build(program, None, path, methods=programs.whisper_methods(program, cross_cached=True))
+    return Built("whisper-cross", path, program, ())

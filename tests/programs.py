@@ -151,3 +151,141 @@ def greedy_t5(encode, decode, steps: int) -> tuple[list[int], list[torch.Tensor]
         tokens.append(token)
         logits.append(out)
     return tokens, logits
+
+
+WHISPER_CACHE = 16  # decoder positions in the self-attention cache
+WHISPER_FRAMES = 16  # log-mel frames (2 x max_source_positions: the encoder's convolutions halve them)
+
+
+def whisper_model():
+    """A tiny ``WhisperForConditionalGeneration`` (random weights, no downloads). Its weights are drawn wider
+    than the config's default (std 0.02), so that greedy tokens vary from step to step: with the default,
+    every step picks the same token and a comparison of tokens proves little."""
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = WhisperConfig(vocab_size=64, num_mel_bins=8, d_model=32, encoder_layers=2, decoder_layers=2,
+                           encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+                           decoder_ffn_dim=64, max_source_positions=WHISPER_FRAMES // 2,
+                           max_target_positions=WHISPER_CACHE * 2, decoder_start_token_id=1, pad_token_id=0,
+                           eos_token_id=2, bos_token_id=1, init_std=0.02)
+    model = WhisperForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(0)
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model
+
+
+WHISPER_FEATURES = torch.randn(1, 8, WHISPER_FRAMES, generator=torch.Generator().manual_seed(3))
+
+
+def whisper_program():
+    """The tiny Whisper behind transformers' static-cache decoder wrapper (which names the head ``lm_head``;
+    Whisper's is ``proj_out``), as one module of two methods: ``encode(input_features)`` (log-mel features to
+    the encoder's output) and ``decode(decoder_input_ids, encoder_hidden_states, cache_position)``, whose
+    self-attention cache is the state; the encoder output goes to every decode step, whose cross-attention
+    projects it again each time."""
+    from transformers.integrations.executorch import Seq2SeqLMDecoderExportableModuleWithStaticCache
+
+    whisper = whisper_model()
+    whisper.lm_head = whisper.proj_out
+
+    class WhisperProgram(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = whisper.get_encoder()
+            self.dec = Seq2SeqLMDecoderExportableModuleWithStaticCache(whisper, WHISPER_CACHE, 1)
+
+        def encode(self, input_features):
+            return self.encoder(input_features).last_hidden_state
+
+        def decode(self, decoder_input_ids, encoder_hidden_states, cache_position):
+            return self.dec(decoder_input_ids, encoder_hidden_states, cache_position)
+
+    return WhisperProgram().eval()
+
+
+class WhisperCrossCached(nn.Module):
+    """Whisper as a program whose ``encode`` writes the cross-attention keys and values of every decoder layer
+    into the state once, so that ``decode`` reads them instead of projecting the encoder output per token.
+
+    It holds the Hugging Face model's own children (``model``, ``proj_out``), so its weights keep the model's
+    ``state_dict`` names (``model.decoder.layers.0.encoder_attn.k_proj.weight``); its caches are
+    non-persistent buffers: the self-attention cache of transformers' ``StaticCache`` (``self_key_{i}``,
+    ``self_value_{i}``, ``self_length_{i}``) and one cross-attention key and value per decoder layer
+    (``cross_key_{i}``, ``cross_value_{i}``), given to the decoder as an already-filled cross-attention cache."""
+
+    def __init__(self, whisper, cache_len: int = WHISPER_CACHE):
+        import copy as _copy
+
+        from transformers.cache_utils import EncoderDecoderCache, StaticCache
+
+        super().__init__()
+        self.model, self.proj_out = whisper.model, whisper.proj_out
+        config = _copy.deepcopy(whisper.config)
+        config.num_hidden_layers = config.decoder_layers
+        heads = config.decoder_attention_heads
+        self.heads, self.head_dim = heads, config.d_model // heads
+        sources = config.max_source_positions
+        self_cache = StaticCache(config=config, max_cache_len=cache_len)
+        cross_cache = StaticCache(config=config, max_cache_len=sources)
+        self_cache.early_initialization(1, heads, self.head_dim, torch.float32, torch.device("cpu"))
+        cross_cache.early_initialization(1, heads, self.head_dim, torch.float32, torch.device("cpu"))
+        self.cache = EncoderDecoderCache(self_cache, cross_cache)
+        for i, (own, cross) in enumerate(zip(self_cache.layers, cross_cache.layers)):
+            self.register_buffer(f"self_key_{i}", own.keys, persistent=False)
+            self.register_buffer(f"self_value_{i}", own.values, persistent=False)
+            self.register_buffer(f"self_length_{i}", own.cumulative_length, persistent=False)
+            self.register_buffer(f"cross_key_{i}", cross.keys, persistent=False)
+            self.register_buffer(f"cross_value_{i}", cross.values, persistent=False)
+
+    def encode(self, input_features):
+        hidden = self.model.encoder(input_features).last_hidden_state
+        for i, layer in enumerate(self.model.decoder.layers):
+            attn = layer.encoder_attn
+            shape = (hidden.shape[0], -1, self.heads, self.head_dim)
+            getattr(self, f"cross_key_{i}").copy_(attn.k_proj(hidden).view(shape).transpose(1, 2))
+            getattr(self, f"cross_value_{i}").copy_(attn.v_proj(hidden).view(shape).transpose(1, 2))
+        return hidden
+
+    def decode(self, decoder_input_ids, cache_position):
+        for layer in self.cache.self_attention_cache.layers:
+            layer.cumulative_length.copy_(cache_position[0])
+        for i in range(len(self.model.decoder.layers)):
+            self.cache.is_updated[i] = True  # the cross-attention cache is filled: read it, do not project
+        # the decoder runs its cross-attention only when given encoder states; with the cache filled it reads
+        # nothing of them, so an empty tensor stands for them
+        unused = self.cross_key_0.new_zeros(1, 0, self.heads * self.head_dim)
+        out = self.model.decoder(input_ids=decoder_input_ids, encoder_hidden_states=unused, cache=self.cache,
+                                 use_cache=True)
+        return self.proj_out(out[0])
+
+
+def whisper_methods(program, cross_cached: bool = False) -> dict:
+    import aotpack
+
+    position = {"input": "cache_position", "limit": WHISPER_CACHE, "span": ["decoder_input_ids", 1]}
+    encode = aotpack.Method(program.encode, (WHISPER_FEATURES,))
+    if cross_cached:
+        return {"encode": encode, "decode": aotpack.Method(program.decode, (torch.tensor([[1]]), torch.tensor([0])),
+                                                           cache_positions=position)}
+    with torch.no_grad():
+        hidden = program.encode(WHISPER_FEATURES)
+    return {"encode": encode, "decode": aotpack.Method(program.decode, (torch.tensor([[1]]), hidden, torch.tensor([0])),
+                                                       cache_positions=position)}
+
+
+def greedy_whisper(encode, decode, steps: int, features: torch.Tensor = WHISPER_FEATURES,
+                   cross_cached: bool = False) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy decoding from the start token 1: the tokens and each step's logits. ``cross_cached``: ``decode``
+    takes no encoder output (it reads the cross-attention cache ``encode`` wrote)."""
+    hidden = encode(features)
+    token, tokens, logits = 1, [], []
+    for pos in range(steps):
+        args = (torch.tensor([[token]]),) + (() if cross_cached else (hidden,)) + (torch.tensor([pos]),)
+        out = decode(*args)
+        token = int(out[0, -1].argmax())
+        tokens.append(token)
+        logits.append(out)
+    return tokens, logits

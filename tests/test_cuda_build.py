@@ -76,6 +76,19 @@ def kwargs_pack(session_dir) -> pathlib.Path:
                       "--cuda-arch", "86", "--without-gpu")
 
 
+@pytest.fixture(scope="session")
+def methods_cuda_pack(session_dir) -> pathlib.Path:
+    """The tiny encoder-decoder of tests/programs.py (``encode`` writes the cross-attention cache that
+    ``decode`` reads): two methods sharing weights and state, each with a CPU and a CUDA entry, sm_80."""
+    folder = session_dir / "cuda-methods"
+    folder.mkdir(parents=True, exist_ok=True)
+    model_file = folder / "seq2seq.py"
+    model_file.write_text(f"import sys\nsys.path.insert(0, {str(ROOT / 'tests')!r})\nimport programs\n"
+                          "model = programs.TinySeq2Seq().eval()\nmethods = programs.seq2seq_methods(model)\n")
+    return _cli_build(folder, str(model_file), "seq2seq-cuda.pack", "--device", "cpu", "--device", "cuda",
+                      "--cuda-arch", "80", "--without-gpu")
+
+
 def _extract(archive: Archive, blob: str, folder: pathlib.Path) -> pathlib.Path:
     path = folder / blob.replace("/", "_")
     path.write_bytes(archive.read_blob(blob))
@@ -326,3 +339,35 @@ def test_a_pack_with_state_builds_cuda_entries_without_a_gpu(llama_cuda_pack):
     assert got == want
     with pytest.raises(rt.SessionError, match=r"cannot keep this session's state on cuda: torch .* sees no CUDA device"):
         pkg.session(device="cuda")
+
+
+def test_a_pack_of_methods_builds_cuda_entries_for_each_method_without_a_gpu(methods_cuda_pack):
+    """Each method has its own CPU and CUDA entry; the CUDA entries carry sm_80 kernels and were built without
+    a GPU; each device's entry of a method reads the same weights and state, the weights are stored once, and
+    the CPU entries serve a session here with eager's tokens."""
+    import programs
+
+    m = Archive.open(str(methods_cuda_pack)).manifest
+    assert m.format_version == 5 and m.options["devices"] == ["cpu", "cuda"]
+    assert [r.name for r in m.methods] == ["encode", "decode"]
+    assert {r.name: sorted(m.entries[i]["device"] for i in r.entries) for r in m.methods} == {
+        "encode": ["cpu", "cuda"], "decode": ["cpu", "cuda"]}
+    assert [r.writes for r in m.methods] == [("cross_k_cache", "cross_v_cache"), ("self_k_cache", "self_v_cache")]
+    for r in m.methods:
+        cpu, cuda = sorted((m.entries[i] for i in r.entries), key=lambda e: e["device"])
+        assert cuda["constants"] == cpu["constants"] and set(r.writes) <= set(cuda["constants"].values())
+        assert cuda["cuda"]["built_without_gpu"] is True and cuda["cuda"]["archs"] == ["sm_80"]
+        assert cuda["cuda"]["kernels"] and all(k["archs"] == ["sm_80"] for k in cuda["cuda"]["kernels"])
+        assert [leaf["device"] for leaf in cuda["leaves"]] == ["cuda"] * len(cuda["leaves"])
+    params = dict(programs.TinySeq2Seq().named_parameters())
+    assert sorted(w.name for w in m.weights) == sorted(params)
+    assert len([b for b in m.blobs if b.name.startswith("weights/")]) == len(params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", rt.AotpackWarning)
+        pkg = rt.load(methods_cuda_pack)
+    s = pkg.session()
+    src = torch.tensor([[1, 5, 7, 2, 9, 4]])
+    eager = programs.TinySeq2Seq().eval()
+    with torch.no_grad():
+        want = programs.greedy_seq2seq(eager.encode, eager.decode, src, programs.MAX_LEN)
+    assert programs.greedy_seq2seq(s.encode, s.decode, src, programs.MAX_LEN) == want

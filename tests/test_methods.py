@@ -337,3 +337,60 @@ def test_verify_compares_each_method_and_build_refuses_dynamic_with_methods(two_
     result = CliRunner().invoke(cli, ["build", str(model_file), "-o", str(tmp_path / "x.pack"), "--dynamic",
                                       "ids:1=2..8"])
     assert result.exit_code == 1 and "--dynamic does not apply to" in result.output
+
+
+def test_whisper_through_the_decoder_wrapper_gives_eager_tokens(whisper_pack):
+    """Whisper's encoder on log-mel features and transformers' static-cache decoder wrapper as two methods:
+    12 greedy tokens (not all the same) and every step's logits equal eager's, and eager's equal the
+    model's own forward over the whole sequence without a cache."""
+    pkg = aotpack.load(whisper_pack.path)
+    encode, decode = pkg.manifest.methods
+    assert encode.writes == () and len(decode.writes) == 6  # keys, values, length of 2 layers
+    s = pkg.session()
+    eager = programs.whisper_program()
+    with torch.no_grad():
+        got_tokens, got = programs.greedy_whisper(s.encode, s.decode, 12)
+        want_tokens, want = programs.greedy_whisper(eager.encode, eager.decode, 12)
+        full = programs.whisper_model()(input_features=programs.WHISPER_FEATURES,
+                                        decoder_input_ids=torch.tensor([[1] + want_tokens[:-1]]),
+                                        use_cache=False).logits
+    assert got_tokens == want_tokens and len(set(want_tokens)) >= 3
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.cat([w[0] for w in want]), full[0], rtol=1e-4, atol=1e-5)
+    # another input in a new session: eager's tokens from a new program (the wrapper keeps, in Python, the
+    # cross-attention keys and values of its first call and reuses them for any later input; the pack's
+    # decode projects the encoder output it is given at every call)
+    other = torch.randn(1, 8, programs.WHISPER_FRAMES, generator=torch.Generator().manual_seed(7))
+    s2, fresh = pkg.session(), programs.whisper_program()
+    with torch.no_grad():
+        other_tokens = programs.greedy_whisper(s2.encode, s2.decode, 8, other)[0]
+        assert other_tokens == programs.greedy_whisper(fresh.encode, fresh.decode, 8, other)[0] != want_tokens[:8]
+
+
+def test_whisper_whose_encode_writes_the_cross_attention_cache(whisper_cross_pack):
+    """``encode`` writes each decoder layer's cross-attention keys and values into the state once; ``decode``
+    takes no encoder output and reads them: tokens and logits equal eager's (and the wrapper program's); the
+    weights keep the Hugging Face model's names, the head tied to the embedding is one blob."""
+    pkg = aotpack.load(whisper_cross_pack.path)
+    m = pkg.manifest
+    encode, decode = m.methods
+    assert sorted(encode.writes) == ["cross_key_0", "cross_key_1", "cross_value_0", "cross_value_1"]
+    assert not set(encode.writes) & set(decode.writes) and len(decode.writes) == 6
+    read = set(m.entries[decode.entries[0]]["constants"].values())
+    assert {"cross_key_0", "cross_value_1"} <= read
+    assert not any("encoder_attn.k_proj" in n or "encoder_attn.v_proj" in n for n in read)  # not projected per token
+    hf = programs.whisper_model()
+    names = {w.name for w in m.weights}
+    assert names <= set(hf.state_dict()) and "model.decoder.layers.0.encoder_attn.k_proj.weight" in names
+    assert len({w.blob for w in m.weights}) == len(m.weights) - ("proj_out.weight" in names)
+    s = pkg.session()
+    eager = programs.WhisperCrossCached(hf).eval()
+    with torch.no_grad():
+        got_tokens, got = programs.greedy_whisper(s.encode, s.decode, 12, cross_cached=True)
+        want_tokens, want = programs.greedy_whisper(eager.encode, eager.decode, 12, cross_cached=True)
+        wrapper = programs.whisper_program()
+        wrapper_tokens, _ = programs.greedy_whisper(wrapper.encode, wrapper.decode, 12)
+    assert got_tokens == want_tokens == wrapper_tokens and len(set(got_tokens)) >= 3
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
