@@ -27,7 +27,7 @@ from aotpack_runtime import safetensors_file as stf
 from aotpack_runtime.archive import Archive
 from aotpack_runtime.errors import BuildError, WeightsError
 from aotpack_runtime.format import Manifest
-from aotpack_runtime.weights import external_path, fit, load_external, load_weights
+from aotpack_runtime.weights import external_path, fit, load_external, load_weights, tied_groups
 
 from . import package
 
@@ -63,10 +63,16 @@ def _pack_weights(archive: Archive) -> dict[str, torch.Tensor]:
 
 
 def state_dict_of(archive: Archive) -> dict[str, torch.Tensor]:
-    """The pack's weights under their ``state_dict`` names (each tied tensor once, under the name the code
-    reads; tensors outside the ``state_dict`` left out), as views of the mapped, checked file."""
+    """The pack's weights under their ``state_dict`` names (each tied tensor once, under the first name the
+    code reads it by that the ``state_dict`` has; tensors outside the ``state_dict`` left out), as views of the
+    mapped, checked file."""
     weights = _pack_weights(archive)
-    return {w.name: weights[w.name] for w in archive.manifest.weights if w.in_state_dict}
+    out = {}
+    for group in tied_groups(archive.manifest):
+        w = next((w for w in group if w.in_state_dict), None)
+        if w is not None:
+            out[w.name] = weights[w.name]
+    return out
 
 
 def export_weights(pack: str | os.PathLike, output: str | os.PathLike) -> tuple[int, int]:
@@ -108,7 +114,9 @@ def reweight(base: str | os.PathLike, weights: Any, output: str | os.PathLike, *
     merged = 0
     if lora is not None:
         new, merged = merge_lora(m, new, lora)
-    weight_blobs = {w.blob: w.name for w in m.weights}
+    weight_blobs: dict[str, str] = {}
+    for w in m.weights:
+        weight_blobs.setdefault(w.blob, w.name)  # records of one blob hold one tensor (``fit``, ``merge_lora``)
     blobs = [package.Blob(b.name, new[weight_blobs[b.name]], compressible=False) if b.name in weight_blobs
              else package.Blob(b.name, archive.read_blob(b.name)) for b in m.blobs]
     manifest = {k: v for k, v in m.raw.items() if k not in ("blobs", "format", "format_version")}
@@ -142,6 +150,11 @@ def externalize(pack: str | os.PathLike, weights_file: str | os.PathLike | None 
     m = archive.manifest
     if m.external_weights is not None:
         raise BuildError(f"{pack} already keeps its weights in {m.external_weights.file}")
+    shared = [", ".join(w.name for w in group) for group in tied_groups(m) if len(group) > 1]
+    if shared:
+        raise BuildError(f"{pack}: the code reads one tensor under several names ({'; '.join(shared)}: records of "
+                         "one blob), which a weights file beside the pack cannot keep as one tensor; keep the weights "
+                         "in the pack (leave out --weights external)")
     stf.write(target, load_weights(archive, checked=True))
     with open(target, "rb") as f:
         sha = hashlib.file_digest(f, "sha256").hexdigest()
@@ -238,9 +251,12 @@ def merge_lora(m: Manifest, weights: dict[str, torch.Tensor], folder: str | os.P
         raise WeightsError(f"the LoRA adapter does not fit the pack, nothing was merged: {'; '.join(problems)}",
                            path=folder)
     out = dict(weights)
+    group_of = {w.name: group for group in tied_groups(m) for w in group}
     for target, pair in plan:
         delta = adapter[pair["lora_B"]].float() @ adapter[pair["lora_A"]].float()
         if fan_in_fan_out:
             delta = delta.t()
-        out[target.name] = (weights[target.name].float() + scale * delta).to(weights[target.name].dtype)
+        merged = (weights[target.name].float() + scale * delta).to(weights[target.name].dtype)
+        for w in group_of[target.name]:  # every record of the tensor (one blob) gets the merged one
+            out[w.name] = merged
     return out, len(plan)
