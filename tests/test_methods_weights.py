@@ -155,8 +155,20 @@ def test_two_towers_with_weights_beside_the_pack_and_a_fine_tune(two_tower_pack,
     new = shifted(two_tower_pack.model, 5)
     tune = tmp_path / "tune.safetensors"
     stf.write(tune, new.state_dict())
-    pkg = aotpack.load(pack, weights=tune, weights_sha256=hashlib.sha256(tune.read_bytes()).hexdigest())
+    sha = hashlib.sha256(tune.read_bytes()).hexdigest()
+    pkg = aotpack.load(pack, weights=tune, weights_sha256=sha)
     assert_towers_equal(pkg, new)
+    # aotpack run takes the same: the file beside the pack, or another one with its own pin
+    r = _cli("run", pack, "--method", "encode_image", "--repeat", "1")
+    assert r.exit_code == 0 and "output: tensor float32[2, 8]" in r.output, r.output
+    r = _cli("run", pack, "--weights", tune, "--weights-sha256", sha, "--repeat", "1")
+    assert r.exit_code == 0 and "method encode_text" in r.output, r.output
+    r = _cli("run", pack, "--weights", tune, "--repeat", "1")
+    assert r.exit_code == 1 and f"actual {sha}" in r.output and str(tune) in r.output
+    r = _cli("run", pack, "--weights-sha256", sha)
+    assert r.exit_code == 2 and "give the file too" in r.output
+    r = _cli("run", two_tower_pack.path, "--weights", tune, "--weights-sha256", sha)
+    assert r.exit_code == 1 and "carries its own weights" in r.output
 
 
 def test_a_signed_pack_of_methods_loads_with_the_public_key_and_verifies(two_tower_pack, tmp_path):
