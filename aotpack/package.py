@@ -37,15 +37,31 @@ HASH_THREADS = 8
 
 @dataclass(frozen=True)
 class Blob:
-    """One blob: ``data`` is bytes, or a tensor whose memory is written as it is (never copied whole)."""
+    """One blob: ``data`` is bytes, or a tensor whose memory is written as it is (never copied whole).
+    ``sha256``: the content's hash where the caller has just checked it (a weight kept from a checked pack),
+    so the writer does not hash it again."""
 
     name: str
     data: bytes | torch.Tensor
     compressible: bool = True
+    sha256: str | None = None
 
     @property
     def size(self) -> int:
         return self.data.numel() * self.data.element_size() if isinstance(self.data, torch.Tensor) else len(self.data)
+
+
+@dataclass(frozen=True)
+class StoredBlob:
+    """A blob copied as another pack stores it (``stored``: its bytes, maybe compressed, with ``compression``),
+    whose content of ``size`` bytes the caller checked against ``sha256``: written verbatim, neither
+    recompressed nor hashed again. The same bytes as a build writes, which compresses deterministically."""
+
+    name: str
+    stored: bytes | bytearray
+    compression: str
+    size: int
+    sha256: str
 
 
 def tensor_bytes(t: torch.Tensor) -> bytes:
@@ -73,9 +89,13 @@ def _memory(t: torch.Tensor) -> memoryview:
     return memoryview((ctypes.c_char * n).from_address(t.data_ptr())).cast("B")
 
 
-def _stored(blob: Blob, level: int) -> tuple[bytes | None, str, str]:
+def _stored(blob: Blob | StoredBlob, level: int) -> tuple[bytes | None, str, str]:
     """(the stored bytes of a bytes blob, or None for a tensor; compression; sha256 of the content)."""
+    if isinstance(blob, StoredBlob):
+        return blob.stored, blob.compression, blob.sha256
     if isinstance(blob.data, torch.Tensor):
+        if blob.sha256 is not None:
+            return None, "none", blob.sha256
         t = _plain(blob.data)
         return None, "none", hashlib.sha256(_memory(t)).hexdigest()
     sha = hashlib.sha256(blob.data).hexdigest()
@@ -100,7 +120,7 @@ def _write_tensor(f, t: torch.Tensor) -> None:
             f.write(chunk)
 
 
-def write_archive(path: str | os.PathLike, manifest: dict, blobs: list[Blob], level: int) -> int:
+def write_archive(path: str | os.PathLike, manifest: dict, blobs: list[Blob | StoredBlob], level: int) -> int:
     """Write ``manifest`` (without its blob table) and ``blobs`` to ``path``; return the file size."""
     with concurrent.futures.ThreadPoolExecutor(HASH_THREADS) as pool:  # hashlib and zstd release the GIL
         stored = list(pool.map(lambda b: _stored(b, level), blobs))

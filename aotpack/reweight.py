@@ -4,7 +4,9 @@ safetensors file beside it (``externalize``, for ``build --weights external``).
 
 ``reweight`` keeps every blob of the base pack but the weights, and the manifest but its blob table: the
 pack it writes is, byte for byte, the pack a full build of the same model with those weights writes (the
-code does not depend on the weights' values: every weight stays a constant the loader binds). New weights are
+code does not depend on the weights' values: every weight stays a constant the loader binds). It reads each
+byte once where it can: a kept blob is read once, checked against its pinned sha256 and copied as stored; a
+base weight that is replaced is never read; a new weight is hashed once. New weights are
 checked by the runtime's own check (``aotpack_runtime.weights.fit``) before anything is written.
 
 May not: capture or compile; change the base pack's code, guards, state or example.
@@ -19,15 +21,16 @@ import pathlib
 import tempfile
 import time
 from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any, Callable
 
 import torch
 
 from aotpack_runtime import safetensors_file as stf
 from aotpack_runtime.archive import Archive
-from aotpack_runtime.errors import BuildError, WeightsError
-from aotpack_runtime.format import Manifest
-from aotpack_runtime.weights import external_path, fit, load_external, load_weights
+from aotpack_runtime.errors import ArchiveError, BuildError, WeightsError
+from aotpack_runtime.format import BlobRecord, Manifest
+from aotpack_runtime.weights import external_path, fit, load_external, load_weights, tensor_from_bytes, tied_groups
 
 from . import package
 
@@ -63,10 +66,16 @@ def _pack_weights(archive: Archive) -> dict[str, torch.Tensor]:
 
 
 def state_dict_of(archive: Archive) -> dict[str, torch.Tensor]:
-    """The pack's weights under their ``state_dict`` names (each tied tensor once, under the name the code
-    reads; tensors outside the ``state_dict`` left out), as views of the mapped, checked file."""
+    """The pack's weights under their ``state_dict`` names (each tied tensor once, under the first name the
+    code reads it by that the ``state_dict`` has; tensors outside the ``state_dict`` left out), as views of the
+    mapped, checked file."""
     weights = _pack_weights(archive)
-    return {w.name: weights[w.name] for w in archive.manifest.weights if w.in_state_dict}
+    out = {}
+    for group in tied_groups(archive.manifest):
+        w = next((w for w in group if w.in_state_dict), None)
+        if w is not None:
+            out[w.name] = weights[w.name]
+    return out
 
 
 def export_weights(pack: str | os.PathLike, output: str | os.PathLike) -> tuple[int, int]:
@@ -90,30 +99,91 @@ class ReweightReport:
                 f"new{lora}; same code as the base pack; in {self.seconds:.2f} s")
 
 
+class _KeptWeights(Mapping):
+    """The base pack's weights by record name, each mapped and hashed only when first asked for: new weights
+    that replace a weight never read its old bytes. ``hashes`` holds the checked sha256 of each weight read."""
+
+    def __init__(self, archive: Archive):
+        self._archive = archive
+        self._records = {w.name: w for w in archive.manifest.weights}
+        self._tensors: dict[str, torch.Tensor] = {}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._tensors:
+            w = self._records[name]
+            self._tensors[name] = tensor_from_bytes(self._archive.map_blob(w.blob), w.dtype, w.shape)  # hashes it
+        return self._tensors[name]
+
+    def __iter__(self):
+        return iter(self._records)
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def read(self, name: str) -> bool:
+        return name in self._tensors
+
+
+def _verified_stored(archive: Archive, b: BlobRecord) -> package.StoredBlob:
+    """The blob ``b`` of the base pack as stored, read once and checked against the sha256 the manifest pins
+    (decompressed in memory, at most the size the manifest gives, to be hashed), to be written verbatim."""
+    import zstandard
+
+    stored = archive.read_stored(b.name)
+    content = stored
+    if b.compression == "zstd":
+        try:
+            content = zstandard.ZstdDecompressor().decompress(stored, max_output_size=b.size, allow_extra_data=False)
+        except zstandard.ZstdError as e:
+            raise ArchiveError(f"blob {b.name!r}: zstd data is corrupt ({e})", path=archive.path) from None
+    if len(content) != b.size or hashlib.sha256(content).hexdigest() != b.sha256:
+        raise ArchiveError(f"blob {b.name!r} does not match its sha256 in the manifest (expected {b.sha256}); the "
+                           "base pack is damaged", path=archive.path)
+    return package.StoredBlob(b.name, stored, b.compression, b.size, b.sha256)
+
+
 def reweight(base: str | os.PathLike, weights: Any, output: str | os.PathLike, *, lora: str | os.PathLike | None = None,
              strict: bool = True, progress: Callable[[str], None] | None = None) -> ReweightReport:
     """Write ``output``: the pack ``base`` with new weights (a safetensors file, a checkpoint folder, or a
     ``state_dict``-like mapping; None keeps the base's, for ``lora`` alone), merged with the PEFT LoRA adapter
-    in the folder ``lora`` if given. The base is hash-checked first; the new weights are checked as
-    ``Package.load_weights`` checks them (``strict``)."""
+    in the folder ``lora`` if given. The new weights are checked as ``Package.load_weights`` checks them
+    (``strict``) before anything is read or written.
+
+    Each byte is read and hashed once where it can be: every blob of the base but its weights is read once,
+    checked against the sha256 its manifest pins and copied as stored (not recompressed); a base weight is read
+    (and hashed) only when it is kept; a new weight is hashed once, as the writer stores it. Whether a weight
+    changed is told by its hash."""
     start = time.perf_counter()
-    archive = _checked_archive(base)
+    archive = Archive.open(os.fspath(base))
     m = archive.manifest
     if m.external_weights is not None:
         raise WeightsError(f"the pack keeps its weights in {m.external_weights.file}, beside it: serve other weights "
                            "with aotpack.load(pack, weights=FILE, weights_sha256=ITS_SHA256), or reweight the pack "
                            "it was built from", path=os.fspath(base))
-    current = load_weights(archive, checked=True)
+    current = _KeptWeights(archive)
     new = dict(current) if weights is None else fit(m, weights, strict, current)
     merged = 0
     if lora is not None:
         new, merged = merge_lora(m, new, lora)
-    weight_blobs = {w.blob: w.name for w in m.weights}
-    blobs = [package.Blob(b.name, new[weight_blobs[b.name]], compressible=False) if b.name in weight_blobs
-             else package.Blob(b.name, archive.read_blob(b.name)) for b in m.blobs]
+    weight_blobs: dict[str, str] = {}
+    for w in m.weights:
+        weight_blobs.setdefault(w.blob, w.name)  # records of one blob hold one tensor (``fit``, ``merge_lora``)
+    blobs: list = []
+    for b in m.blobs:
+        if b.name not in weight_blobs:
+            blobs.append(_verified_stored(archive, b))
+            continue
+        name = weight_blobs[b.name]
+        kept = current.read(name) and new[name] is current[name]  # hashed as it was mapped
+        blobs.append(package.Blob(b.name, new[name], compressible=False, sha256=b.sha256 if kept else None))
     manifest = {k: v for k, v in m.raw.items() if k not in ("blobs", "format", "format_version")}
     size = package.write_archive(output, manifest, blobs, _level(m))
-    changed = sum(1 for w in m.weights if not torch.equal(new[w.name], current[w.name]))
+    out = Archive.open(os.fspath(output))
+    try:
+        written = {b.name: b.sha256 for b in out.manifest.blobs}
+    finally:
+        out.close()
+    changed = sum(1 for w in m.weights if written[w.blob] != m.blob(w.blob).sha256)
     report = ReweightReport(pathlib.Path(output), time.perf_counter() - start, size, len(m.weights), changed, merged)
     if progress:
         progress(report.summary())
@@ -142,6 +212,11 @@ def externalize(pack: str | os.PathLike, weights_file: str | os.PathLike | None 
     m = archive.manifest
     if m.external_weights is not None:
         raise BuildError(f"{pack} already keeps its weights in {m.external_weights.file}")
+    shared = [", ".join(w.name for w in group) for group in tied_groups(m) if len(group) > 1]
+    if shared:
+        raise BuildError(f"{pack}: the code reads one tensor under several names ({'; '.join(shared)}: records of "
+                         "one blob), which a weights file beside the pack cannot keep as one tensor; keep the weights "
+                         "in the pack (leave out --weights external)")
     stf.write(target, load_weights(archive, checked=True))
     with open(target, "rb") as f:
         sha = hashlib.file_digest(f, "sha256").hexdigest()
@@ -238,9 +313,12 @@ def merge_lora(m: Manifest, weights: dict[str, torch.Tensor], folder: str | os.P
         raise WeightsError(f"the LoRA adapter does not fit the pack, nothing was merged: {'; '.join(problems)}",
                            path=folder)
     out = dict(weights)
+    group_of = {w.name: group for group in tied_groups(m) for w in group}
     for target, pair in plan:
         delta = adapter[pair["lora_B"]].float() @ adapter[pair["lora_A"]].float()
         if fan_in_fan_out:
             delta = delta.t()
-        out[target.name] = (weights[target.name].float() + scale * delta).to(weights[target.name].dtype)
+        merged = (weights[target.name].float() + scale * delta).to(weights[target.name].dtype)
+        for w in group_of[target.name]:  # every record of the tensor (one blob) gets the merged one
+            out[w.name] = merged
     return out, len(plan)

@@ -462,20 +462,30 @@ def _summary(value, depth: int = 0) -> str:
               help="Refuse to load the pack unless it is signed by this key (EC public key or certificate, PEM).")
 @click.option("--method", default=None, metavar="NAME",
               help="The method to run, on its own example inputs (default: forward, or a pack's first method).")
+@click.option("--weights", "weights_file", type=click.Path(dir_okay=False), default=None, metavar="PATH",
+              help="For a pack that keeps its weights beside it: the safetensors file to serve (default: the one "
+                   "its manifest names, in the pack's folder); another file (a fine-tune) needs --weights-sha256.")
+@click.option("--weights-sha256", default=None, metavar="HEX",
+              help="The sha256 of the --weights file, when it is not the file the pack pins (a fine-tune).")
 def run(pack: str, repeat: int, cache_dir: str | None, old_cache_dir: str | None, verify_mode: str, prefetch: bool,
-        device: str | None, signature: str | None, public_key: str | None, method: str | None) -> None:
+        device: str | None, signature: str | None, public_key: str | None, method: str | None,
+        weights_file: str | None, weights_sha256: str | None) -> None:
     """Load a pack and run it on the example inputs stored inside it; print the result and timings.
 
     A pack with state runs in one session: the first call starts from the initial state, and each timed
-    call continues it (with the same example inputs). A pack of several methods runs one, --method NAME."""
+    call continues it (with the same example inputs). A pack of several methods runs one, --method NAME. A pack
+    that keeps its weights beside it runs with the file there, or with --weights PATH (as
+    aotpack.load(pack, weights=PATH, weights_sha256=HEX))."""
     import torch
     import torch.utils._pytree as pytree
 
     if signature is not None and public_key is None:
         raise click.UsageError("--signature needs --public-key to check it with")
     t0 = time.perf_counter()
+    if weights_sha256 is not None and weights_file is None:
+        raise click.UsageError("--weights-sha256 pins the file of --weights PATH; give the file too")
     pkg = rt.load(pack, cache_dir=cache_dir or old_cache_dir, signature=signature, public_key=public_key,
-                  verify=verify_mode, prefetch=prefetch)
+                  verify=verify_mode, prefetch=prefetch, weights=weights_file, weights_sha256=weights_sha256)
     t1 = time.perf_counter()
     names = list(pkg.methods)
     if method is None:

@@ -207,8 +207,9 @@ def fit(manifest, source, strict: bool, current: dict[str, torch.Tensor], path: 
         -> dict[str, torch.Tensor]:
     """Every stored weight of the pack (by ``WeightRecord.name``) with ``source``'s values where it gives them,
     checked against the manifest before any tensor is read: each given name, dtype and shape; tied names
-    (``aliases``) given together must hold equal values. Every problem is one ``WeightsError`` (missing,
-    unexpected, mismatched, each with what was expected and what was given). ``strict=False`` keeps the
+    (``aliases``, and records that share a blob) may come under any one of them, must hold equal values when
+    given together, and get one tensor. Every problem is one ``WeightsError`` (missing, unexpected,
+    mismatched, each with what was expected and what was given). ``strict=False`` keeps the
     current value of a weight not given and ignores names the pack does not know. A state buffer's name and
     the model's names the code never reads (``unread_weights``) are accepted and ignored.
 
@@ -218,11 +219,12 @@ def fit(manifest, source, strict: bool, current: dict[str, torch.Tensor], path: 
 
     items, where = _source_items(source)
     file_values = where is not None
+    groups = tied_groups(manifest)
     records = {}
-    for w in manifest.weights:
-        records[w.name] = w
-        for a in w.aliases:
-            records[a] = w
+    for group in groups:
+        for w in group:
+            for n in (w.name, *w.aliases):
+                records[n] = w
     ignored = {r.name for r in manifest.state} | set(manifest.unread_weights)
     infos = {name: (value[0].info[value[1]] if file_values else value) for name, value in items.items()}
     missing, unexpected, mismatched = [], [], []
@@ -235,9 +237,11 @@ def fit(manifest, source, strict: bool, current: dict[str, torch.Tensor], path: 
         dtype, shape, actual = _given_info(value)
         if (dtype, shape) != (rec.dtype, rec.shape):
             mismatched.append((name, _describe(rec.dtype, rec.shape), actual))
-    for w in manifest.weights:
-        if strict and w.in_state_dict and not any(n in infos for n in (w.name, *w.aliases)):
-            missing.append(w.name if not w.aliases else f"{w.name} (or {', '.join(w.aliases)})")
+    names = [[n for w in group for n in (w.name, *w.aliases)] for group in groups]
+    for group, group_names in zip(groups, names):
+        if strict and any(w.in_state_dict for w in group) and not any(n in infos for n in group_names):
+            first, others = group_names[0], group_names[1:]
+            missing.append(first if not others else f"{first} (or {', '.join(others)})")
     if not strict:
         unexpected = []
 
@@ -248,8 +252,8 @@ def fit(manifest, source, strict: bool, current: dict[str, torch.Tensor], path: 
         return items[name]
 
     bad = {n for n, _, _ in mismatched}
-    for w in manifest.weights:
-        given = [n for n in (w.name, *w.aliases) if n in infos and n not in bad]
+    for group_names in names:
+        given = [n for n in group_names if n in infos and n not in bad]
         first = get(given[0]) if given else None
         for other in given[1:]:
             if not torch.equal(first, get(other)):
@@ -268,16 +272,35 @@ def fit(manifest, source, strict: bool, current: dict[str, torch.Tensor], path: 
         raise WeightsError(f"the new weights do not fit the pack, nothing was changed: {'; '.join(parts)}{hint}",
                            path=where or path, missing=missing, unexpected=unexpected, mismatched=mismatched)
     out = {}
-    for w in manifest.weights:
-        given = next((n for n in (w.name, *w.aliases) if n in infos), None)
+    for group, group_names in zip(groups, names):
+        given = next((n for n in group_names if n in infos), None)
         if given is None:
-            out[w.name] = current[w.name]
+            for w in group:
+                out[w.name] = current[w.name]
             continue
         t = get(given).detach()
         if not file_values:
             t = t.to("cpu", copy=True, memory_format=torch.contiguous_format)
-        out[w.name] = t
+        for w in group:  # records of one blob (tied weights the code reads under several names): one tensor
+            out[w.name] = t
     return out
+
+
+def tied_groups(manifest) -> list[list]:
+    """The pack's weight records, grouped by the tensor they are: records that share a blob (a pack of several
+    methods stores tied weights whose several names the code reads as one blob under several records) form one
+    group, every other record its own; in the manifest's order."""
+    groups: list[list] = []
+    by_blob: dict[str, list] = {}
+    for w in manifest.weights:
+        if w.blob is not None and w.blob in by_blob:
+            by_blob[w.blob].append(w)
+            continue
+        group = [w]
+        groups.append(group)
+        if w.blob is not None:
+            by_blob[w.blob] = group
+    return groups
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -337,6 +337,20 @@ def two_tower_pack(session_dir) -> Built:
 
 
 @pytest.fixture(scope="session")
+def shared_view_pack(session_dir) -> Built:
+    """A pack of two methods that read one tensor under two names: two weight records of one blob
+    (tests/programs.py)."""
+    import aotpack
+    import programs
+
+    path = session_dir / "shared-view.pack"
+    model = programs.SharedView().eval()
+    if not path.exists():
+        aotpack.build(model, None, path, methods=programs.shared_view_methods(model))
+    return Built("shared-view", path, model, ())
+
+
+@pytest.fixture(scope="session")
 def llama_methods_pack(session_dir) -> Built:
     """The tiny Llama of examples/llm behind the static-cache wrapper, as two methods of its forward sharing
     one KV cache: ``prefill`` (1 to 63 tokens) and ``decode`` (exactly one token). Built by ``aotpack build``

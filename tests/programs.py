@@ -289,3 +289,28 @@ def greedy_whisper(encode, decode, steps: int, features: torch.Tensor = WHISPER_
         tokens.append(token)
         logits.append(out)
     return tokens, logits
+
+
+class SharedView(nn.Module):
+    """Two methods that read one tensor under two names: ``project`` reads ``lin.weight``, ``score`` a
+    non-persistent buffer that is the very same memory (a pack of methods stores it once, under two records
+    of one blob); new weights for ``lin.weight`` reach both, as ``load_state_dict`` does in eager."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(2)
+        self.lin = nn.Linear(6, 6)
+        self.register_buffer("view", self.lin.weight.detach(), persistent=False)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x)
+
+    def score(self, x: torch.Tensor) -> torch.Tensor:
+        return (x @ self.view).sum(-1)
+
+
+def shared_view_methods(model: SharedView) -> dict:
+    import aotpack
+
+    x = torch.randn(2, 6, generator=torch.Generator().manual_seed(3))
+    return {"project": aotpack.Method(model.project, (x,)), "score": aotpack.Method(model.score, (x,))}

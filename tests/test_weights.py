@@ -3,6 +3,7 @@ safetensors file or a checkpoint folder, and the checks that refuse weights that
 from __future__ import annotations
 
 import json
+import pathlib
 import struct
 import threading
 
@@ -354,6 +355,42 @@ def test_reweight_refuses_weights_that_do_not_fit_and_writes_nothing(weights_pac
     for fact in ("missing", "lin.bias", "unexpected 1: nope", "lin.weight (expected float32[8, 8], actual float32[2, 2])"):
         assert fact in r.output
     assert not (tmp_path / "new.pack").exists() and list(tmp_path.iterdir()) == [tmp_path / "bad.safetensors"]
+
+
+def test_reweight_checks_what_it_copies_and_reads_no_weight_it_replaces(weights_pack, tmp_path):
+    """A damaged code blob of the base is refused (the bytes reweight would copy are the bytes it checked); a
+    damaged weight that the new weights replace is never read, so the result is the right pack; one that is
+    kept (strict=False) is refused; nothing is written on a refusal."""
+    from aotpack.reweight import reweight
+    from aotpack_runtime.archive import Archive
+    from archive_tools import blob_range
+
+    data = weights_pack.path.read_bytes()
+    m = Archive.open(str(weights_pack.path)).manifest
+    code = next(b.name for b in m.blobs if b.name.startswith("code/") or b.name.startswith("entries/"))
+    lin = next(w.blob for w in m.weights if w.name == "lin.weight")
+
+    def damaged(blob: str) -> pathlib.Path:
+        start, end = blob_range(data, blob)
+        at = (start + end) // 2
+        out = tmp_path / f"{blob.replace('/', '-')}.pack"
+        out.write_bytes(data[:at] + bytes([data[at] ^ 1]) + data[at + 1:])
+        return out
+
+    new = new_state_dict(1)
+    with pytest.raises(aotpack.ArchiveError) as e:
+        reweight(damaged(code), new, tmp_path / "x.pack")
+    assert repr(code) in str(e.value) and "x.pack" not in str(e.value)
+    assert not (tmp_path / "x.pack").exists()
+    bad_weight = damaged(lin)
+    report = reweight(bad_weight, new, tmp_path / "y.pack")
+    assert report.changed == 5
+    reference = tmp_path / "ref.pack"
+    reweight(weights_pack.path, new, reference)
+    assert (tmp_path / "y.pack").read_bytes() == reference.read_bytes()
+    with pytest.raises(aotpack.ArchiveError) as e:
+        reweight(bad_weight, {"lin.bias": new["lin.bias"]}, tmp_path / "z.pack", strict=False)
+    assert repr(lin) in str(e.value) and not (tmp_path / "z.pack").exists()
 
 
 def test_lora_merge_matches_peft_merge_and_unload(weights_pack, tmp_path):
