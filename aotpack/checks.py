@@ -309,7 +309,10 @@ def diff(path_a: str, path_b: str, context: int = 3) -> dict:
         identical = fa.read() == fb.read()
     fields: list[dict] = []
     ma, mb = a.manifest.raw, b.manifest.raw
-    for section in ("format_version", "producer", "target", "options", "frozen"):
+    known = ("format_version", "producer", "target", "options", "frozen")
+    # then every other section but those compared below (methods, state, example, unread_weights...)
+    others = sorted((set(ma) | set(mb)) - set(known) - {"weights", "entries", "blobs"})
+    for section in (*known, *others):
         _walk_diff(ma.get(section), mb.get(section), section, fields)
     wa = {w.name: (w, _weight_sha(a, w)) for w in a.manifest.weights}
     wb = {w.name: (w, _weight_sha(b, w)) for w in b.manifest.weights}
@@ -323,6 +326,10 @@ def diff(path_a: str, path_b: str, context: int = 3) -> dict:
         elif wa[name][1] != wb[name][1]:
             weights.append({"weight": name, "change": "values differ (sha256 "
                                                       f"{wa[name][1][:12]} -> {wb[name][1][:12]})"})
+        elif wa[name][0].aliases != wb[name][0].aliases or wa[name][0].in_state_dict != wb[name][0].in_state_dict:
+            weights.append({"weight": name, "change": f"aliases {list(wa[name][0].aliases)} -> "
+                                                      f"{list(wb[name][0].aliases)}, in the state_dict "
+                                                      f"{wa[name][0].in_state_dict} -> {wb[name][0].in_state_dict}"})
     entries: list[dict] = []
     for i in range(max(len(ma["entries"]), len(mb["entries"]))):
         ea = ma["entries"][i] if i < len(ma["entries"]) else {}

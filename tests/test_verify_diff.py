@@ -158,3 +158,13 @@ def test_causes_of_cuda_and_option_differences():
     assert [c["text"] for c in causes(b, gpu)] == ["CUDA code built without a GPU vs on a GPU",
                                                     "built with CUDA 13.0 vs 12.8"]
     assert [c["text"] for c in causes(gpu, gpu2)] == ["built on GPU NVIDIA H100 (sm_90) vs NVIDIA A100 (sm_80)"]
+
+
+def test_diff_names_a_section_it_has_no_rule_for(mlp_pack, tmp_path):
+    """A manifest section diff does not compare one by one (here the state_dict names the code never reads)
+    is still named, so that "same manifest content" is never said of two manifests that differ."""
+    other = tmp_path / "other.pack"
+    other.write_bytes(with_manifest(mlp_pack.path.read_bytes(), lambda m: m.update(unread_weights=["extra.bias"])))
+    d = diff(str(mlp_pack.path), str(other))
+    assert any(f["where"].startswith("unread_weights") for f in d["fields"])
+    assert "same manifest content" not in render_diff(d)
