@@ -404,6 +404,23 @@ def _copied(report: BuildReport, hit: buildcache.CacheEntry, stages: _Stages,
     return report
 
 
+def _guarded_entries(calls: list, captures: list, stages: _Stages, method: str | None = None) -> list:
+    """Stage 2 for one method's example calls and their captures: an entry (captured, guards) for each
+    example that no earlier entry accepts, checked to accept its own example."""
+    entries: list[tuple[capture.Captured, guards.Guards]] = []
+    who, its = (f"{method} example", "its entry") if method else ("example", "entry")
+    for i, ((args, kwargs, _), captured) in enumerate(zip(calls, captures)):
+        served_by = _accepting_entry(entries, args, kwargs)
+        if served_by is not None:
+            stages.say(f"      {who} {i}: served by {its} {served_by}, no new entry")
+            continue
+        entries.append((captured, guards.derive(captured)))
+        _check_accepts_own_example(entries[-1][1], args, kwargs, len(entries) - 1)
+        label = EntryGuards.from_json(entries[-1][1].to_json(), f"entry {len(entries) - 1}").label()
+        stages.say(f"      {who} {i}: {its} {len(entries) - 1} ({label})")
+    return entries
+
+
 def _capture_and_guard(model: Any, example_inputs: tuple, example_kwargs: dict | None, dynamic_shapes: Any,
                        specializations: Sequence, options: BuildOptions, stages: _Stages,
                        cache_positions: Any) -> tuple[list, tuple[str, ...], list]:
@@ -414,17 +431,8 @@ def _capture_and_guard(model: Any, example_inputs: tuple, example_kwargs: dict |
     calls += [(*_as_call(sp, example_kwargs, i), None) for i, sp in enumerate(specializations)]
     with stages.stage("capture", f"Dynamo, fullgraph; {len(calls)} example input(s)"):
         captures = [capture.capture(model, args, kwargs, dynamic_shapes=dyn) for args, kwargs, dyn in calls]
-    entries: list[tuple[capture.Captured, guards.Guards]] = []
     with stages.stage("guards"):
-        for i, ((args, kwargs, _), captured) in enumerate(zip(calls, captures)):
-            served_by = _accepting_entry(entries, args, kwargs)
-            if served_by is not None:
-                stages.say(f"      example {i}: served by entry {served_by}, no new entry")
-                continue
-            entries.append((captured, guards.derive(captured)))
-            _check_accepts_own_example(entries[-1][1], args, kwargs, len(entries) - 1)
-            label = EntryGuards.from_json(entries[-1][1].to_json(), f"entry {len(entries) - 1}").label()
-            stages.say(f"      example {i}: entry {len(entries) - 1} ({label})")
+        entries = _guarded_entries(calls, captures, stages)
         state_names = tuple(sorted(set().union(*(c.state for c, _ in entries))))
         positions = []
         if state_names:
@@ -471,17 +479,7 @@ def _capture_methods(model: Any, resolved: list, options: BuildOptions, stages: 
     per_method: list[list] = []
     with stages.stage("guards"):
         for r, calls, caps in zip(resolved, calls_per_method, captures):
-            entries: list[tuple[capture.Captured, guards.Guards]] = []
-            for i, ((args, kwargs, _), captured) in enumerate(zip(calls, caps)):
-                served_by = _accepting_entry(entries, args, kwargs)
-                if served_by is not None:
-                    stages.say(f"      {r.name} example {i}: served by its entry {served_by}, no new entry")
-                    continue
-                entries.append((captured, guards.derive(captured)))
-                _check_accepts_own_example(entries[-1][1], args, kwargs, len(entries) - 1)
-                label = EntryGuards.from_json(entries[-1][1].to_json(), f"entry {len(entries) - 1}").label()
-                stages.say(f"      {r.name} example {i}: its entry {len(entries) - 1} ({label})")
-            per_method.append(entries)
+            per_method.append(_guarded_entries(calls, caps, stages, method=r.name))
         state_names = tuple(sorted(set().union(*(c.state for entries in per_method for c, _ in entries))))
         flat: list = []
         records = []
