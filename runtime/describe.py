@@ -180,11 +180,15 @@ def _state_lines(state: dict) -> list[str]:
     for r in state["buffers"]:
         init = "zeros" if r["init"] == "zeros" else f"initial value in {r['init']}"
         lines.append(f"  state  {r['name']}: {r['dtype']}{r['shape']}, starts as {init}")
-    for p in state["positions"]:
-        span = p["span"] if isinstance(p["span"], int) else f"dim {p['span']['dim']} of {p['span']['input']!r}"
-        lines.append(f"  cache positions in {p['input']!r}: each in 0..{p['limit'] - 1}, and the first + {span} "
-                     f"<= {p['limit']} (checked before every call)")
+    lines += ["  " + _position_line(p) for p in state["positions"]]
     return lines
+
+
+def _position_line(p: dict) -> str:
+    """A cache-position rule as ``inspect`` shows it."""
+    span = p["span"] if isinstance(p["span"], int) else f"dim {p['span']['dim']} of {p['span']['input']!r}"
+    return (f"cache positions in {p['input']!r}: each in 0..{p['limit'] - 1}, and the first + {span} "
+            f"<= {p['limit']} (checked before every call)")
 
 
 def _method_lines(methods: list[dict]) -> list[str]:
@@ -203,10 +207,7 @@ def _method_lines(methods: list[dict]) -> list[str]:
         if m["writes"]:
             parts.append(f"writes state {', '.join(m['writes'])}")
         lines.append(f"  method {m['name']}: {'; '.join(parts)}")
-        for p in m["positions"]:
-            span = p["span"] if isinstance(p["span"], int) else f"dim {p['span']['dim']} of {p['span']['input']!r}"
-            lines.append(f"    cache positions in {p['input']!r}: each in 0..{p['limit'] - 1}, and the first + "
-                         f"{span} <= {p['limit']} (checked before every call)")
+        lines += ["    " + _position_line(p) for p in m["positions"]]
     return lines
 
 
