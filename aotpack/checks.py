@@ -88,7 +88,7 @@ def _check_signature(path: str, signature: str | None, public_key: str | None, r
 def _check_host(archive) -> str:
     loader.check_host(archive)
     manifest = archive.manifest
-    cuda = [e for e in manifest.entries if e.get("device") == "cuda"]
+    cuda = [e for e in manifest.entries if e.device == "cuda"]
     n_cpu = len(manifest.entries) - len(cuda)
     if not cuda:
         return "this host's CPU and torch can run the pack"
@@ -104,7 +104,7 @@ def _check_host(archive) -> str:
     for i in range(torch.cuda.device_count()):
         name, cap = torch.cuda.get_device_name(i), torch.cuda.get_device_capability(i)
         for e in cuda:
-            platform.check_cuda_device(e["cuda"], i, name, cap, f"CUDA entry {e['name']}")
+            platform.check_cuda_device(e.cuda, i, name, cap, f"CUDA entry {e.name}")
         gpus.append(f"GPU {i} ({name}, sm_{cap[0]}{cap[1]})")
     return f"this host's CPU, torch and {', '.join(gpus)} can run the pack"
 
@@ -134,7 +134,7 @@ def _compare(pkg, against: str, tolerance: float) -> str:
     from .modelfile import load_model_file
 
     spec = load_model_file(against)
-    kinds = {e.meta.get("device", "cpu") for e in pkg.entries}
+    kinds = {e.device for e in pkg.entries}
     devices = [d for d in DEVICES if d in kinds and (d == "cpu" or torch.cuda.is_available())]
     if not devices:
         raise AotpackError("no entry of the pack can run on this host, so its outputs cannot be compared")

@@ -1,15 +1,16 @@
 """Stage 4, package: write the archive. Same inputs, same bytes.
 
-The writer follows the runtime's format module (``aotpack_runtime.format``) and checks its own manifest
-with the reader's checks before writing (the schema, and every entry and the example as ``load`` checks
-them), so a pack its reader would refuse is never written. The file appears atomically (written beside the target, then
-renamed).
+The writer takes the manifest as the runtime's records (``aotpack_runtime.schema.Manifest``), adds the blob
+table and the format version, and writes its JSON in the format's one form (``format.canonical_json``). Before
+writing, it reads those very bytes back through the reader's ``Manifest.from_json`` (every record, entries and
+examples included, as ``load`` checks them), so a pack its reader would refuse is never written. The file
+appears atomically (written beside the target, then renamed).
 
 Weights are written from the tensors' own memory: hashed in place (several at once) and then streamed to the
 file, so packaging holds no copy of them. Runs of zero bytes inside a weight are left as holes (the file is
 sparse where the file system allows; the bytes read back are the same zeros).
 
-May not: decide what is valid: the runtime's ``format`` checks the manifest before it is written.
+May not: decide what is valid: the runtime's ``schema`` checks the manifest before it is written.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import zstandard
 
 from aotpack_runtime import format as fmt
 from aotpack_runtime.errors import ArchiveError, BuildError
-from aotpack_runtime.loader import check_manifest
+from aotpack_runtime.schema import BlobRecord, Manifest
 
 # A compressed blob is kept only when it saves at least this fraction of the raw size.
 MIN_SAVING = 0.05
@@ -120,8 +121,11 @@ def _write_tensor(f, t: torch.Tensor) -> None:
             f.write(chunk)
 
 
-def write_archive(path: str | os.PathLike, manifest: dict, blobs: list[Blob | StoredBlob], level: int) -> int:
-    """Write ``manifest`` (without its blob table) and ``blobs`` to ``path``; return the file size."""
+def write_archive(path: str | os.PathLike, manifest: Manifest | dict, blobs: list[Blob | StoredBlob],
+                  level: int) -> int:
+    """Write ``manifest`` (its blob table and format version are filled in here) and ``blobs`` to ``path``;
+    return the file size. ``manifest`` is the records a build or a reweight made, or, for a synthetic pack (a
+    test's), the manifest's JSON without its blob table; either way the bytes are read back and checked."""
     with concurrent.futures.ThreadPoolExecutor(HASH_THREADS) as pool:  # hashlib and zstd release the GIL
         stored = list(pool.map(lambda b: _stored(b, level), blobs))
     records = []
@@ -129,17 +133,21 @@ def write_archive(path: str | os.PathLike, manifest: dict, blobs: list[Blob | St
     for blob, (data, compression, sha) in zip(blobs, stored):
         offset = fmt.align(offset)
         size = blob.size
-        records.append(fmt.BlobRecord(name=blob.name, offset=offset, stored_size=size if data is None else len(data),
-                                      size=size, sha256=sha, compression=compression).to_json())
-        offset += records[-1]["stored_size"]
-    version = fmt.version_for(manifest)
-    body = dict(manifest, blobs=records, format="aotpack", format_version=version)
-    try:  # the reader's checks are the writer's
-        check_manifest(fmt.Manifest.from_json(body))
+        records.append(BlobRecord(name=blob.name, offset=offset, stored_size=size if data is None else len(data),
+                                  size=size, sha256=sha, compression=compression))
+        offset += records[-1].stored_size
+    if isinstance(manifest, Manifest):
+        version = fmt.version_for(manifest.to_json())  # the oldest that can describe it (blobs change nothing)
+        body = manifest.with_blobs(tuple(records), version).to_json()
+    else:
+        version = fmt.version_for(manifest)
+        body = dict(manifest, blobs=[r.to_json() for r in records], format="aotpack", format_version=version)
+    mbytes = fmt.canonical_json(body)
+    try:  # the reader's checks are the writer's: the bytes about to be written, read back
+        Manifest.from_json(fmt.parse_json(mbytes))
     except ArchiveError as e:
         raise BuildError(f"the pack's manifest fails the reader's check ({e.reason}); this is a bug in aotpack: "
                          "please report it with the model") from None
-    mbytes = fmt.canonical_json(body)
     header = fmt.HEADER.pack(fmt.MAGIC, version, 0, len(mbytes), hashlib.sha256(mbytes).digest())
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
@@ -155,12 +163,12 @@ def write_archive(path: str | os.PathLike, manifest: dict, blobs: list[Blob | St
             f.write(b"\x00" * (region - pos))
             pos = 0
             for rec, blob, (data, _, _) in zip(records, blobs, stored):
-                f.write(b"\x00" * (rec["offset"] - pos))
+                f.write(b"\x00" * (rec.offset - pos))
                 if data is None:
                     _write_tensor(f, blob.data)
                 else:
                     f.write(data)
-                pos = rec["offset"] + rec["stored_size"]
+                pos = rec.offset + rec.stored_size
             size = region + pos
             f.truncate(size)  # a hole at the end still counts
         os.replace(tmp, path)

@@ -389,7 +389,7 @@ def _cached_report(report: BuildReport, entry: buildcache.CacheEntry) -> None:
     report.entries = len(manifest.entries)
     report.weights = len(manifest.weights)
     report.weight_bytes = sum(w.nbytes for w in manifest.weights)
-    report.kernels = sum(len(e.get("kernels", ())) for e in manifest.entries)
+    report.kernels = sum(len(e.kernels or ()) for e in manifest.entries)
 
 
 def _copied(report: BuildReport, hit: buildcache.CacheEntry, stages: _Stages,

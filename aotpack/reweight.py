@@ -29,7 +29,7 @@ import torch
 from aotpack_runtime import safetensors_file as stf
 from aotpack_runtime.archive import Archive
 from aotpack_runtime.errors import ArchiveError, BuildError, WeightsError
-from aotpack_runtime.format import BlobRecord, Manifest
+from aotpack_runtime.schema import BlobRecord, Manifest
 from aotpack_runtime.weights import external_path, fit, load_external, load_weights, tensor_from_bytes, tied_groups
 
 from . import package

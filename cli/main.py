@@ -495,7 +495,7 @@ def run(pack: str, repeat: int, cache_dir: str | None, old_cache_dir: str | None
                                  param_hint="--method")
     args, kwargs = pkg.example_inputs(method)
     if device is None:
-        device = "cpu" if any(e.meta.get("device", "cpu") == "cpu" for e in pkg.entries) else "cuda"
+        device = "cpu" if any(e.device == "cpu" for e in pkg.entries) else "cuda"
     try:
         target = torch.device(device)
     except RuntimeError:

@@ -1,7 +1,8 @@
 """Reading an archive: nothing in it is trusted before it is checked.
 
 Order of checks: the header (magic, version range, manifest size against the file size), the manifest's
-hash, its JSON (strict: no duplicate keys, no NaN, canonical form) and schema, the blob table's layout (every
+hash, its JSON (strict: no duplicate keys, no NaN, canonical form) and its records (``schema.Manifest``: every
+field and what the records say of each other, entries and examples included), the blob table's layout (every
 blob aligned, in order, inside the file, and the file ending exactly where the last blob ends). A blob's
 bytes are hashed before they are used: when it is read (``read_blob``), or for the whole pack at once
 (``check_blobs``, in parallel threads) before blobs are mapped unchecked (``map_blob(checked=True)``).
@@ -26,6 +27,7 @@ import os
 import stat
 
 from . import format as fmt
+from . import schema
 from .errors import ArchiveError
 
 # Blobs are hashed in chunks of this many bytes (read into a buffer per thread, never the whole blob).
@@ -109,7 +111,7 @@ class Archive:
     ``manifest_sha256`` the hash the header gives for the manifest (checked).
     """
 
-    def __init__(self, path: str, manifest: fmt.Manifest, manifest_bytes: bytes, region_start: int,
+    def __init__(self, path: str, manifest: schema.Manifest, manifest_bytes: bytes, region_start: int,
                  file_size: int, header_version: int, fd: int | None = None, identity: tuple | None = None):
         self.path = path
         self.manifest = manifest
@@ -191,7 +193,7 @@ class Archive:
             canonical = None
         if canonical != mbytes:
             raise ArchiveError("manifest is not in canonical form (sorted keys, no whitespace)")
-        manifest = fmt.Manifest.from_json(obj)
+        manifest = schema.Manifest.from_json(obj)
         if manifest.format_version != version:
             raise ArchiveError(f"manifest says format version {manifest.format_version} but the header "
                                f"says {version}")
@@ -200,7 +202,7 @@ class Archive:
         return cls(path, manifest, mbytes, region, size, version, fd, identity_of(st))
 
     @staticmethod
-    def _check_layout(manifest: fmt.Manifest, region: int, size: int) -> None:
+    def _check_layout(manifest: schema.Manifest, region: int, size: int) -> None:
         expected = 0
         for b in manifest.blobs:
             if b.offset != expected:
@@ -316,7 +318,7 @@ class Archive:
         threads = max(1, min(threads, len(large)))
         failed: dict[str, ArchiveError] = {}
 
-        def one(b: fmt.BlobRecord) -> None:
+        def one(b: schema.BlobRecord) -> None:
             try:
                 if b.compression != "none":
                     for _ in self.chunks(b.name):

@@ -8,8 +8,7 @@ from typing import Any
 from .archive import Archive
 from .errors import ArchiveError
 from .format import parse_json
-from .guards import EntryGuards, TensorGuard, ValueGuard
-from .platform import CudaMeta
+from .schema import TensorGuard, ValueGuard
 
 
 def _structure(node: dict) -> str:
@@ -29,33 +28,30 @@ def describe(archive: Archive) -> dict:
     """A JSON-ready description of the archive: producer, target, entries with readable guards, blobs."""
     m = archive.manifest
     entries = []
-    blob_sizes = None
-    for i, meta in enumerate(m.entries):
-        g = EntryGuards.from_json(meta, f"manifest.entries[{i}]")
+    for i, e in enumerate(m.entries):
+        g = e.guards
         guards = []
         for leaf in g.leaves:
             if isinstance(leaf, TensorGuard):
                 guards.append(f"{leaf.name} ({leaf.path}): {leaf.describe(g.symbols)}")
             elif isinstance(leaf, ValueGuard):
                 guards.append(f"{leaf.name} ({leaf.path}) == {leaf.value!r}")
-        library = m.blob(meta["library"])
+        library = m.blob(e.library)
         writes = [f"{leaf.name} ({leaf.path})" for leaf in g.leaves if isinstance(leaf, TensorGuard) and leaf.mutated]
         entry = {
-            "index": i, "name": meta.get("name"), "device": meta.get("device"), "guards": guards,
-            "symbols": {k: list(v) for k, v in g.symbols.items()}, "grad_mode_at_capture": meta.get("grad_mode"),
-            "outputs": _structure(meta["outputs"]), "kernels": list(meta.get("kernels", [])),
+            "index": i, "name": e.name, "device": e.device, "guards": guards,
+            "symbols": {k: list(v) for k, v in g.symbols.items()}, "grad_mode_at_capture": g.grad_mode,
+            "outputs": _structure(g.outputs), "kernels": list(e.kernels or ()),
             "library": {"blob": library.name, "size": library.size, "sha256": library.sha256},
-            "constants": len(meta.get("constants", {})), "writes": writes,
-            "extern_kernels": _extern_ops(archive, meta.get("extern_kernels")),
+            "constants": len(e.constants), "writes": writes,
+            "extern_kernels": _extern_ops(archive, e.extern_kernels),
         }
-        if meta.get("device") == "cuda":
-            if blob_sizes is None:
-                blob_sizes = {b.name: b.size for b in m.blobs}
-            entry["cuda"] = CudaMeta.from_json(meta.get("cuda"), f"manifest.entries[{i}].cuda", blob_sizes).to_json()
+        if e.cuda is not None:
+            entry["cuda"] = e.cuda.to_json()
         entries.append(entry)
     info = {
         "path": archive.path, "file_size": archive.file_size, "format_version": m.format_version,
-        "producer": m.producer, "target": m.target, "options": m.options, "frozen": m.raw.get("frozen", {}),
+        "producer": m.producer, "target": m.target, "options": m.options, "frozen": m.frozen or {},
         "weights": {"count": len(m.weights), "bytes": sum(w.nbytes for w in m.weights),
                     "tensors": [{"name": w.name, "dtype": w.dtype, "shape": list(w.shape), "aliases": list(w.aliases),
                                  "state_dict": w.in_state_dict} for w in m.weights],
@@ -84,8 +80,7 @@ def _methods(m) -> list[dict]:
     for r in m.methods:
         names: set = set()
         for i in r.entries:
-            constants = m.entries[i].get("constants", {})
-            names |= {n for n in constants.values() if isinstance(n, str)} if isinstance(constants, dict) else set()
+            names |= set(m.entries[i].constants.values())
         reads.append(names)
     out = []
     for k, r in enumerate(m.methods):

@@ -19,7 +19,8 @@ import torch
 from . import cache, elf, platform
 from .archive import Archive
 from .errors import AotpackWarning, ArchiveError
-from .platform import CudaMeta, _union
+from .platform import _union
+from .schema import CudaMeta
 
 
 def _copy_to_cuda(t: torch.Tensor, index: int) -> torch.Tensor:

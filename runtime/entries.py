@@ -1,8 +1,8 @@
 """An entry: one compiled specialization of the model, its guards, its native code and its outputs.
 
-``check_entry`` checks an entry's record against the pack (guards, devices, outputs, constants, blobs)
-without loading anything; the writer runs it on every entry before it writes a pack. ``entry_from_manifest``
-checks an entry the same way and loads its native code: a CPU entry's library now, a CUDA entry's per GPU at
+An entry's record (``schema.EntryRecord``: guards, device, outputs, constants, blobs) was checked against
+the pack when the manifest was read (``schema.Manifest.from_json``); ``entry_from_manifest`` builds the
+entry's guard matcher from it and loads its native code: a CPU entry's library now, a CUDA entry's per GPU at
 its first call there.
 
 ATen ops that have no C shim run through AOTInductor's proxy executor, which libtorch's runner creates when
@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -30,12 +29,8 @@ from . import _torch, platform
 from .archive import Archive
 from .devices import Code, CudaState, extract_code
 from .errors import ArchiveError, GuardError
-from .format import DEVICES, Manifest, field_of
-from .guards import VALUE_TYPES, EntryGuards, TensorGuard, check_spec, rebuild
-from .platform import CudaMeta
-
-# Output leaves that are Python numbers in eager: the compiled code returns a 0-d tensor, made a number here.
-SCALAR_TYPES = ("int", "float", "bool")
+from .guards import EntryGuards, TensorGuard, rebuild
+from .schema import VALUE_TYPES, CudaMeta, EntryRecord
 
 
 class RunnerPool:
@@ -68,34 +63,34 @@ class RunnerPool:
 class Entry:
     """One compiled specialization: its guards, its native code, and how to rebuild its outputs.
 
-    ``state_constants`` (the code's constant name -> state buffer name) is empty for a pack without state.
+    ``record`` is its checked manifest record; ``state_constants`` (the code's constant name -> state buffer
+    name) is empty for a pack without state.
     """
 
     device = "cpu"
 
-    def __init__(self, index: int, meta: dict, guards: EntryGuards, runner: Any, outputs: dict,
-                 output_leaves: list, state_constants: dict[str, str] | None = None,
-                 pool: RunnerPool | None = None):
+    def __init__(self, index: int, record: EntryRecord, guards: EntryGuards, runner: Any,
+                 state_constants: dict[str, str] | None = None, pool: RunnerPool | None = None):
         self.index = index
-        self.name = meta["name"]
-        self.meta = meta
+        self.name = record.name
+        self.record = record
         self.guards = guards
         self.state_constants = dict(state_constants or {})
         self._runner = runner
         self._pool = pool
-        self._outputs = outputs
-        self._output_leaves = output_leaves
-        self._simple_output = all(o["kind"] == "tensor" for o in output_leaves) and \
-            [o["index"] for o in output_leaves] == list(range(len(output_leaves)))
+        self._outputs = record.guards.outputs
+        output_leaves = record.guards.output_leaves
+        self._simple_output = all(o.kind == "tensor" for o in output_leaves) and \
+            [o.index for o in output_leaves] == list(range(len(output_leaves)))
         # Per output leaf: (compiled output index or None for a constant, number type or None, constant).
-        self._output_plan = [(o.get("index"), VALUE_TYPES[o["type"]] if o["kind"] == "scalar" else None,
-                              o.get("value")) for o in output_leaves]
+        self._output_plan = [(o.index, VALUE_TYPES[o.type] if o.kind == "scalar" else None, o.value)
+                             for o in output_leaves]
         # Shared by the calls of every entry of a package; a swap of the weights holds it alone.
         self.swap_lock: Any = contextlib.nullcontext()
 
     def weight_constants(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The code's constants that are weights (not state), bound to ``weights`` (by weight name)."""
-        return {c: weights[w] for c, w in self.meta["constants"].items() if c not in self.state_constants}
+        return {c: weights[w] for c, w in self.record.constants.items() if c not in self.state_constants}
 
     def bind_weights(self, weights: dict[str, torch.Tensor], on_device: dict[int, dict[str, torch.Tensor]]) -> None:
         """Point the code at new weights (no copy; the caller keeps them alive). Call it only while no call
@@ -139,14 +134,14 @@ class CudaEntry(Entry):
 
     device = "cuda"
 
-    def __init__(self, index: int, meta: dict, guards: EntryGuards, outputs: dict, output_leaves: list,
-                 cuda: CudaMeta, cuda_state: CudaState, state_constants: dict[str, str] | None = None):
-        super().__init__(index, meta, guards, None, outputs, output_leaves, state_constants)
-        self.cuda = cuda
+    def __init__(self, index: int, record: EntryRecord, guards: EntryGuards, cuda_state: CudaState,
+                 state_constants: dict[str, str] | None = None):
+        super().__init__(index, record, guards, None, state_constants)
+        self.cuda: CudaMeta = record.cuda
         self._cuda_state = cuda_state  # shared by the package's CUDA entries; not a session's state
-        self._library_blob: str = meta["library"]
-        self._extern_blob: str | None = meta.get("extern_kernels")
-        self._constants: dict[str, str] = meta["constants"]
+        self._library_blob: str = record.library
+        self._extern_blob: str | None = record.extern_kernels
+        self._constants: dict[str, str] = record.constants
         self._runners: dict[int, Any] = {}  # device index -> runner, or RunnerPool for a pack with state
         self._lock = threading.Lock()
         self._files: tuple[Code, str] | None = None  # (library, kernel folder) once extracted
@@ -239,89 +234,21 @@ class CudaEntry(Entry):
             return runner
 
 
-@dataclass(frozen=True)
-class CheckedEntry:
-    """An entry's record, checked against its pack (``check_entry``)."""
-
-    guards: EntryGuards
-    device: str
-    outputs: dict
-    output_leaves: list
-    constants: dict
-    library: str  # blob name
-    extern_kernels: str | None  # blob name of the proxy executor's description, if the code needs one
-    cuda: CudaMeta | None
-    state_constants: dict  # the code's constant name -> state buffer name (empty without state)
-
-
-def check_entry(i: int, m: Manifest, weight_names: set[str], blob_sizes: dict[str, int]) -> CheckedEntry:
-    """Check entry ``i`` of the manifest: guards, device, outputs, constants and blobs. Loads nothing;
-    raises ArchiveError (without a path) on the first problem."""
-    meta = m.entries[i]
-    where = f"manifest.entries[{i}]"
-    field_of(meta, "name", str, where)
-    guards = EntryGuards.from_json(meta, where)
-    if "grad_mode" in meta:
-        field_of(meta, "grad_mode", bool, where)
-    for key in ("sources", "kernels"):
-        if key in meta and not all(isinstance(v, str) for v in field_of(meta, key, list, where)):
-            raise ArchiveError(f"{where}.{key} must be a list of strings")
-    device = field_of(meta, "device", str, where)
-    if device not in DEVICES:
-        raise ArchiveError(f"{where} is a {device} entry; this runtime serves {', '.join(DEVICES)}")
-    for j, leaf in enumerate(guards.leaves):
-        # The native code reads its inputs on the entry's device: a guard that admits another device
-        # would hand it pointers it cannot use.
-        if isinstance(leaf, TensorGuard) and leaf.device != device:
-            raise ArchiveError(f"{where}.leaves[{j}].device is {leaf.device!r}, but the entry is a {device} "
-                               f"entry (its tensor guards must say {device!r})")
-    outputs = field_of(meta, "outputs", dict, where)
-    n_out = check_spec(outputs, f"{where}.outputs")
-    output_leaves = field_of(meta, "output_leaves", list, where)
-    if len(output_leaves) != n_out:
-        raise ArchiveError(f"{where} has {len(output_leaves)} output leaves for {n_out} in its structure")
-    n_returned = 0
-    for j, o in enumerate(output_leaves):
-        ow = f"{where}.output_leaves[{j}]"
-        kind = field_of(o, "kind", str, ow)
-        if kind in ("tensor", "scalar"):
-            # The compiled code returns its outputs in this order; anything else would pick the wrong one.
-            if field_of(o, "index", int, ow) != n_returned:
-                raise ArchiveError(f"{ow}.index is {o['index']}, expected {n_returned}")
-            if kind == "scalar" and field_of(o, "type", str, ow) not in SCALAR_TYPES:
-                raise ArchiveError(f"{ow}.type is {o['type']!r}; this reader knows {', '.join(SCALAR_TYPES)}")
-            n_returned += 1
-        elif kind != "value" or "value" not in o:
-            raise ArchiveError(f"{ow} must be a tensor or scalar index, or a value")
-    constants = field_of(meta, "constants", dict, where)
-    state_names = {r.name for r in m.state}
-    for cname, wname in constants.items():
-        if not isinstance(wname, str) or (wname not in weight_names and wname not in state_names):
-            raise ArchiveError(f"{where} constant {cname!r} refers to weight {wname!r}, which the pack lacks")
-    state_constants = {c: n for c, n in constants.items() if n in state_names}
-    library = field_of(meta, "library", str, where)
-    m.blob(library)
-    extern = field_of(meta, "extern_kernels", str, where) if "extern_kernels" in meta else None
-    if extern is not None:
-        m.blob(extern)
-    cuda = CudaMeta.from_json(field_of(meta, "cuda", dict, where), f"{where}.cuda", blob_sizes) \
-        if device == "cuda" else None
-    return CheckedEntry(guards, device, outputs, output_leaves, constants, library, extern, cuda, state_constants)
-
-
 def entry_from_manifest(i: int, archive: Archive, weights: dict[str, torch.Tensor], cache_root: str,
-                        num_models: int, cuda_state: CudaState | None, blob_sizes: dict[str, int]) -> Entry:
-    """Check entry ``i`` of the manifest and load it (a CUDA entry's code only where this host can run it,
-    and then only at its first call on a GPU)."""
+                        num_models: int, cuda_state: CudaState | None) -> Entry:
+    """Load entry ``i`` of the (checked) manifest: its guard matcher and its code (a CUDA entry's code only
+    where this host can run it, and then only at its first call on a GPU)."""
     path = archive.path
-    meta = archive.manifest.entries[i]
+    c = archive.manifest.entries[i]
     where = f"manifest.entries[{i}]"
     try:
-        c = check_entry(i, archive.manifest, set(weights), blob_sizes)
+        guards = EntryGuards.of(c.guards, where)
     except ArchiveError as e:
         raise ArchiveError(e.reason, path=path) from None
+    state_names = {r.name for r in archive.manifest.state}
+    state_constants = {k: n for k, n in c.constants.items() if n in state_names}
     if c.device == "cuda":
-        entry = CudaEntry(i, meta, c.guards, c.outputs, c.output_leaves, c.cuda, cuda_state, c.state_constants)
+        entry = CudaEntry(i, c, guards, cuda_state, state_constants)
         if cuda_state.no_cuda is None:  # this host can run it: extract and hash-check its code now, fail at load
             entry.extract()
         return entry
@@ -335,12 +262,12 @@ def entry_from_manifest(i: int, archive: Archive, weights: dict[str, torch.Tenso
                                f"({str(e).splitlines()[0]})", path=path) from None
 
     try:
-        runner = _load_code(load_one, num_models, c.constants, weights, c.state_constants, where, path)
+        runner = _load_code(load_one, num_models, c.constants, weights, state_constants, where, path)
     finally:
         library.close()  # loaded (the runner read the extern-kernel description at its construction)
-    if c.state_constants:
-        return Entry(i, meta, c.guards, None, c.outputs, c.output_leaves, c.state_constants, pool=runner)
-    return Entry(i, meta, c.guards, runner, c.outputs, c.output_leaves)
+    if state_constants:
+        return Entry(i, c, guards, None, state_constants, pool=runner)
+    return Entry(i, c, guards, runner)
 
 
 def _bind(runner: Any, bound: dict[str, torch.Tensor]) -> None:

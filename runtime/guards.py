@@ -1,6 +1,7 @@
 """Guards as data, and the check that runs before every call.
 
-An entry's guards are plain JSON in the manifest (see docs/FORMAT.md, "Guards"):
+An entry's guards are plain JSON in the manifest (see docs/FORMAT.md, "Guards"), read into the records of
+``schema`` (``InputGuards``: ``TensorGuard``, ``ValueGuard``):
 
 * ``inputs``: the structure of ``(args, kwargs)`` as a tree of ``tuple``/``list``/``dict``/``none``/``leaf``
   nodes, with the path and parameter name of each leaf;
@@ -12,28 +13,26 @@ An entry's guards are plain JSON in the manifest (see docs/FORMAT.md, "Guards"):
 A derived size (``2*d + 1``) binds its symbol when no plain size does: the matcher checks every tensor first,
 then solves the derived sizes.
 
-:class:`EntryGuards` turns that data into a fast matcher (``match``) that returns the flat tensors to hand to
+:class:`EntryGuards` turns those records into a fast matcher (``match``) that returns the flat tensors to hand to
 native code, or ``None``; ``explain`` re-walks the input slowly to say which guard failed, for the error.
 
 May not: run native code or read the archive: it checks a call's inputs against plain data.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from .errors import ArchiveError
-from .format import DTYPES, field_of, one_of
-from .symbolic import Poly, monomial_from_json, poly_from_json
+from .format import DTYPES
+from .schema import VALUE_TYPES, InputGuards, TensorGuard, ValueGuard, describe_layout
+from .symbolic import Poly
 
 DTYPE_BY_NAME = {name: getattr(torch, name) for name in DTYPES}
 _NAME_BY_DTYPE = {v: k for k, v in DTYPE_BY_NAME.items()}
 _INF = float("inf")
-NODE_TYPES = ("leaf", "none", "tuple", "list", "dict")
 _Tensor, _Parameter, _strided = torch.Tensor, torch.nn.Parameter, torch.strided
-VALUE_TYPES = {"int": int, "float": float, "bool": bool, "str": str, "none": type(None)}
 
 
 # A guard's device: "cpu"; "cuda" (no index) accepts a CUDA tensor on any device, since the compiled code
@@ -68,175 +67,6 @@ def dtype_name(dtype: torch.dtype) -> str:
 def stored_dtype(dtype: torch.dtype) -> str | None:
     """The format's name of a torch dtype, or None when the format cannot store it (the build refuses it)."""
     return _NAME_BY_DTYPE.get(dtype)
-
-
-def check_spec(node: Any, where: str, depth: int = 0) -> int:
-    """Check a structure tree read from a manifest; return its number of leaves."""
-    if depth > 64:
-        raise ArchiveError(f"{where} is nested deeper than 64 levels")
-    kind = field_of(node, "type", str, where)
-    if kind not in NODE_TYPES:
-        raise ArchiveError(f"{where}.type is {kind!r}; this reader knows {', '.join(NODE_TYPES)}")
-    if kind == "leaf":
-        return 1
-    if kind == "none":
-        return 0
-    children = field_of(node, "children", list, where)
-    if kind == "dict":
-        keys = field_of(node, "keys", list, where)
-        if len(keys) != len(children) or not all(isinstance(k, str) for k in keys) or len(set(keys)) != len(keys):
-            raise ArchiveError(f"{where}.keys must be distinct strings, one per child")
-    return sum(check_spec(c, f"{where}.children[{i}]", depth + 1) for i, c in enumerate(children))
-
-
-def describe_layout(sizes: tuple[int, ...], strides: tuple[int, ...]) -> str:
-    """Name a layout for people: contiguous, channels_last, or the raw strides."""
-    expected = []
-    acc = 1
-    for s in reversed(sizes):
-        expected.append(acc)
-        acc *= max(s, 1)
-    if all(sz <= 1 or st == e for sz, st, e in zip(sizes, strides, reversed(expected))):
-        return "contiguous"
-    if len(sizes) == 4:
-        n, c, h, w = sizes
-        cl = (h * w * c, 1, w * c, c)
-        if all(sz <= 1 or st == e for sz, st, e in zip(sizes, strides, cl)):
-            return "channels_last"
-    return f"strides {tuple(strides)}"
-
-
-@dataclass(frozen=True)
-class TensorGuard:
-    path: str
-    name: str
-    dtype: str
-    device: str
-    sizes: tuple  # int; str naming a symbol; or a Poly over the symbols (a derived dim: 2*d + 1)
-    strides: tuple  # int; None where the dim's size is 0 or 1 (any stride is fine there); or a Poly
-    requires_grad: bool
-    mutated: bool = False  # the compiled code writes into this input, as the model's forward does
-
-    def to_json(self) -> dict:
-        out = {"kind": "tensor", "path": self.path, "name": self.name, "dtype": self.dtype,
-               "device": self.device, "sizes": [s.to_json() if isinstance(s, Poly) else s for s in self.sizes],
-               "strides": [s.to_json_stride() if isinstance(s, Poly) else s for s in self.strides],
-               "requires_grad": self.requires_grad}
-        if self.mutated:
-            out["mutated"] = True
-        return out
-
-    def describe(self, symbols: dict) -> str:
-        dims = []
-        for s in self.sizes:
-            if isinstance(s, str):
-                lo, hi = symbols[s]
-                dims.append(f"{s}={lo}..{hi}" if hi is not None else f"{s}>={lo}")
-            elif isinstance(s, Poly):
-                dims.append(s.text())
-            else:
-                dims.append(str(s))
-        written = ", written in place" if self.mutated else ""
-        return f"{self.dtype}[{', '.join(dims)}] {self.device} {self.layout()}{written}"
-
-    def layout(self) -> str:
-        """contiguous / channels_last / the strides, worked out on the symbols where sizes are symbolic."""
-        if all(isinstance(s, int) for s in self.sizes) and not any(isinstance(s, Poly) for s in self.strides):
-            return describe_layout(self.sizes, tuple(0 if s is None else s for s in self.strides))
-        # Compare symbolically: a stride is contiguous if it is the product of the later sizes.
-        later = [Poly.of(1)]
-        for size in reversed(self.sizes[1:]):
-            later.insert(0, later[0] * Poly.of(size))
-        if all(st is None or Poly.of(st) == want for st, want in zip(self.strides, later)):
-            return "contiguous"
-        return "strides (" + ", ".join("any" if st is None else Poly.of(st).text() for st in self.strides) + ")"
-
-
-@dataclass(frozen=True)
-class ValueGuard:
-    path: str
-    name: str
-    type: str
-    value: Any
-
-    def to_json(self) -> dict:
-        return {"kind": "value", "path": self.path, "name": self.name, "type": self.type, "value": self.value}
-
-
-def _size_from_json(s: Any, where: str, symbols: dict) -> int | str | Poly:
-    if isinstance(s, str):
-        if s not in symbols:
-            raise ArchiveError(f"{where}: size symbol {s!r} is not declared in the entry's symbols")
-        return s
-    if isinstance(s, list):
-        poly = poly_from_json(s, f"{where}.sizes", symbols)
-        if not poly.symbols:
-            raise ArchiveError(f"{where}.sizes: a polynomial size must name a symbol")
-        return poly
-    if not (type(s) is int and s >= 0):
-        raise ArchiveError(f"{where}.sizes must hold non-negative integers, symbol names or polynomials")
-    return s
-
-
-def _stride_from_json(s: Any, where: str, symbols: dict) -> int | None | Poly:
-    if isinstance(s, list):
-        if s and isinstance(s[0], list):
-            return poly_from_json(s, f"{where}.strides", symbols)
-        syms, coeff = monomial_from_json(s, f"{where}.strides", symbols)
-        if coeff < 0:
-            raise ArchiveError(f"{where}.strides: a symbolic stride must be [coefficient, symbol, ...] with a "
-                               "non-negative coefficient over the entry's symbols")
-        return Poly({syms: coeff})
-    if s is not None and not (type(s) is int and s >= 0):
-        raise ArchiveError(f"{where}.strides must hold non-negative integers, null, monomials or polynomials")
-    return s
-
-
-def leaf_from_json(obj: Any, where: str, symbols: dict) -> TensorGuard | ValueGuard:
-    kind = field_of(obj, "kind", str, where)
-    path = field_of(obj, "path", str, where)
-    name = field_of(obj, "name", str, where)
-    if kind == "value":
-        vtype = field_of(obj, "type", str, where)
-        if vtype not in VALUE_TYPES:
-            raise ArchiveError(f"{where}.type is {vtype!r}; this reader knows {', '.join(VALUE_TYPES)}")
-        value = obj.get("value")
-        if isinstance(value, bool) and vtype in ("int", "float") or \
-                not isinstance(value, VALUE_TYPES[vtype]) and not (vtype == "float" and type(value) is int):
-            raise ArchiveError(f"{where}.value does not match its type {vtype}")
-        if vtype == "float":
-            try:
-                value = float(value)
-            except OverflowError:  # an integer literal beyond the range of a float (10**600)
-                raise ArchiveError(f"{where}.value is an integer of {len(str(abs(value)))} digits, out of the "
-                                   "range of a float") from None
-        return ValueGuard(path, name, vtype, value)
-    if kind != "tensor":
-        raise ArchiveError(f"{where}.kind is {kind!r}; this reader knows tensor, value")
-    sizes_json = field_of(obj, "sizes", list, where)
-    strides_json = field_of(obj, "strides", list, where)
-    if len(sizes_json) != len(strides_json) or len(sizes_json) > 64:
-        raise ArchiveError(f"{where}: sizes and strides must have the same length (at most 64)")
-    sizes = tuple(_size_from_json(s, where, symbols) for s in sizes_json)
-    strides = tuple(_stride_from_json(s, where, symbols) for s in strides_json)
-    for d, (size, stride) in enumerate(zip(sizes, strides)):
-        # Any stride addresses the same elements only along a dim of size 0 or 1; elsewhere a null stride
-        # would turn the layout guard off.
-        if stride is None and not (type(size) is int and size <= 1):
-            raise ArchiveError(f"{where}.strides[{d}] is null, but dim {d} has size {size!r}; null is allowed only "
-                               "for a static dim of size 0 or 1")
-    device = field_of(obj, "device", str, where)
-    try:
-        torch.device(device)
-    except RuntimeError:
-        raise ArchiveError(f"{where}.device {device!r} is not a device name") from None
-    dtype = one_of(obj, "dtype", tuple(DTYPES), where)
-    mutated = field_of(obj, "mutated", bool, where) if "mutated" in obj else False
-    if "mutated" in obj and not mutated:
-        raise ArchiveError(f"{where}.mutated is false; the field is written only as true")
-    if field_of(obj, "requires_grad", bool, where):
-        raise ArchiveError(f"{where}.requires_grad is true; a pack computes no gradients, so it is always false")
-    return TensorGuard(path, name, dtype, device, sizes, strides, False, mutated)
 
 
 def _spec_leaves(node: dict, path: str, out: list[str]) -> None:
@@ -323,28 +153,21 @@ class EntryGuards:
         return "no tensors"
 
     @classmethod
+    def of(cls, guards: InputGuards | Any, where: str = "entry") -> "EntryGuards":
+        """The matcher of a schema record's guards (``InputGuards``, or an entry's ``Guards``: checked records).
+        A device the schema allows but this torch does not know is an ArchiveError naming ``where``."""
+        for i, g in enumerate(guards.leaves):
+            if isinstance(g, TensorGuard):
+                try:
+                    torch.device(g.device)
+                except RuntimeError:
+                    raise ArchiveError(f"{where}.leaves[{i}].device {g.device!r} is not a device name") from None
+        return cls(guards.inputs, list(guards.leaves), dict(guards.symbols), list(guards.param_names))
+
+    @classmethod
     def from_json(cls, entry: dict, where: str) -> "EntryGuards":
-        inputs = field_of(entry, "inputs", dict, where)
-        n_leaves = check_spec(inputs, f"{where}.inputs")
-        if inputs.get("type") != "tuple" or len(inputs["children"]) != 2 or \
-                inputs["children"][0]["type"] != "tuple" or inputs["children"][1]["type"] != "dict":
-            raise ArchiveError(f"{where}.inputs must be a tuple of (args tuple, kwargs dict)")
-        symbols_json = field_of(entry, "symbols", dict, where)
-        symbols = {}
-        for name, rng in symbols_json.items():
-            if not (isinstance(rng, list) and len(rng) == 2 and type(rng[0]) is int and 0 <= rng[0]
-                    and (rng[1] is None or (type(rng[1]) is int and rng[0] <= rng[1]))):
-                raise ArchiveError(f"{where}.symbols[{name!r}] must be [min, max] with 0 <= min <= max, or "
-                                   "[min, null] for no upper bound")
-            symbols[name] = (rng[0], rng[1])
-        leaves_json = field_of(entry, "leaves", list, where)
-        if len(leaves_json) != n_leaves:
-            raise ArchiveError(f"{where} has {len(leaves_json)} leaf guards for {n_leaves} input leaves")
-        leaves = [leaf_from_json(g, f"{where}.leaves[{i}]", symbols) for i, g in enumerate(leaves_json)]
-        params = field_of(entry, "param_names", list, where)
-        if not all(isinstance(p, str) for p in params) or len(set(params)) != len(params):
-            raise ArchiveError(f"{where}.param_names must be distinct strings, found {params!r:.120}")
-        return cls(inputs, leaves, symbols, list(params))
+        """The matcher of guards given as manifest JSON (checked: ``schema.InputGuards``)."""
+        return cls.of(InputGuards.from_json(entry, where), where)
 
     # -- the hot path -------------------------------------------------------------------------------
 

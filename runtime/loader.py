@@ -15,7 +15,6 @@ May not: reach into a session's, an entry's or the code cache's internals: each 
 """
 from __future__ import annotations
 
-import math
 import os
 import threading
 import time
@@ -27,10 +26,11 @@ from . import archive as _archive
 from . import cache, platform
 from .archive import Archive
 from .devices import CudaState, warn_cuda
-from .entries import CudaEntry, Entry, check_entry, entry_from_manifest
+from .entries import CudaEntry, Entry, entry_from_manifest
 from .errors import ArchiveError, GuardError, MethodError, SessionError
-from .format import DEFAULT_METHOD, DTYPES, Manifest, MethodRecord, field_of, one_of
-from .guards import check_spec, rebuild
+from .format import DEFAULT_METHOD, DTYPES
+from .guards import rebuild
+from .schema import ExampleLeaf, Manifest, MethodRecord
 from . import weights as _weights
 from .weights import load_weights, prefetch as _prefetch, tensor_from_bytes
 
@@ -239,19 +239,19 @@ class Package:
         except ArchiveError as e:
             raise ArchiveError(e.reason, path=self.path) from None
         leaves = []
-        for leaf in checked:
-            if leaf["kind"] == "value":
-                leaves.append(leaf.get("value"))
+        for where, leaf in checked:
+            if leaf.kind == "value":
+                leaves.append(leaf.value)
                 continue
-            dtype, shape, strides = leaf["dtype"], tuple(leaf["shape"]), tuple(leaf["strides"])
-            t = tensor_from_bytes(self._archive.read_blob(leaf["blob"]), dtype, shape)
+            dtype, shape, strides = leaf.dtype, leaf.shape, leaf.strides
+            t = tensor_from_bytes(self._archive.read_blob(leaf.blob), dtype, shape)
             span = 1 + sum((n - 1) * s for n, s in zip(shape, strides)) if t.numel() else 0
             # Elements are placed as integers of the same width: indexing is not implemented for every dtype.
             bits = _SAME_WIDTH.get(DTYPES[dtype], t.dtype)
             try:
                 storage = torch.empty(span, dtype=bits)
             except RuntimeError:  # more memory than this host can allocate
-                raise ArchiveError(f"{leaf['where']}.strides {list(strides)} span {span} elements",
+                raise ArchiveError(f"{where}.strides {list(strides)} span {span} elements",
                                    path=self.path) from None
             # Each element goes to its offset through an index, not a strided copy: the strides of an expanded
             # input overlap.
@@ -390,22 +390,20 @@ def serve(archive: Archive, cache_root: str, *, num_models: int = 1, checked: st
         mapped = {w.name for w in m.weights if w.blob is None or m.blob(w.blob).compression == "none"}
         prefetching = _prefetch([t for name, t in weights.items() if name in mapped])
 
-    cuda_metas = {i: meta for i, meta in enumerate(m.entries) if meta.get("device") == "cuda"}
+    cuda_records = [e for e in m.entries if e.device == "cuda"]
     # Why this host cannot run CUDA code, or None; asked only of packs with CUDA entries, so loading a CPU
     # pack never touches torch.cuda.
-    no_cuda = platform.cuda_unavailable_reason() if cuda_metas else None
-    blob_sizes = {b.name: b.size for b in m.blobs} if cuda_metas else {}
+    no_cuda = platform.cuda_unavailable_reason() if cuda_records else None
     cuda_state = None
-    if cuda_metas:
+    if cuda_records:
         state_names = {r.name for r in m.state}
-        needed = {w for meta in cuda_metas.values() if isinstance(meta.get("constants"), dict)
-                  for w in meta["constants"].values() if isinstance(w, str) and w not in state_names}
+        needed = {w for e in cuda_records for w in e.constants.values() if w not in state_names}
         cuda_state = CudaState(archive, cache_root, num_models, weights, needed, no_cuda)
 
-    entries = [entry_from_manifest(i, archive, weights, cache_root, num_models, cuda_state, blob_sizes)
+    entries = [entry_from_manifest(i, archive, weights, cache_root, num_models, cuda_state)
                for i in range(len(m.entries))]
     guard_note = None
-    if cuda_metas:
+    if cuda_records:
         guard_note = warn_cuda(path, entries, no_cuda)
     return Package(archive, entries, weights, time.perf_counter() - start, guard_note=guard_note,
                    cuda_state=cuda_state, checked=checked, prefetching=prefetching)
@@ -427,58 +425,18 @@ def _check_whole_file(path: str, fd: int, st: os.stat_result, expected_sha256: s
     return file_sha
 
 
-def check_example(m: Manifest, method: str | None = None) -> tuple[dict, list[dict]]:
-    """The example record's structure and leaves (of ``method``, default the first), checked against the blob
-    table (loads nothing)."""
+def check_example(m: Manifest, method: str | None = None) -> tuple[dict, list[tuple[str, ExampleLeaf]]]:
+    """The example record's structure and leaves (of ``method``, default the first), each leaf with where it
+    lies in the manifest (the record was checked against the blob table when the manifest was read)."""
     table = m.method_table()
     k = 0 if method is None else next((k for k, r in enumerate(table) if r.name == method), None)
     if k is None:
         raise ArchiveError(f"this pack has no method {method!r}; its methods: {', '.join(r.name for r in table)}")
     ex = table[k].example
-    where = f"manifest.methods[{k}].example" if m.methods else "manifest.example"
     if ex is None:
         raise ArchiveError("this pack stores no example inputs" + (f" for the method {table[k].name!r}"
                                                                    if m.methods else ""))
-    inputs = field_of(ex, "inputs", dict, where)
-    n = check_spec(inputs, f"{where}.inputs")
-    if inputs["type"] != "tuple" or [c["type"] for c in inputs["children"]] != ["tuple", "dict"]:
-        raise ArchiveError(f"{where}.inputs must be a tuple of (args tuple, kwargs dict)")
-    leaves_json = field_of(ex, "leaves", list, where)
-    if len(leaves_json) != n:
-        raise ArchiveError(f"{where} has a leaf count that does not match its structure")
-    leaves = []
-    record = where
-    for i, leaf in enumerate(leaves_json):
-        where = f"{record}.leaves[{i}]"
-        if field_of(leaf, "kind", str, where) == "value":
-            leaves.append({"kind": "value", "value": leaf.get("value")})
-            continue
-        dtype = one_of(leaf, "dtype", tuple(DTYPES), where)
-        shape = tuple(field_of(leaf, "shape", list, where))
-        strides = tuple(field_of(leaf, "strides", list, where))
-        if len(strides) != len(shape) or not all(type(s) is int and 0 <= s < 2**48 for s in shape + strides):
-            raise ArchiveError(f"{where}: shape and strides must be non-negative integers, one per dim")
-        blob = field_of(leaf, "blob", str, where)
-        if m.blob(blob).size != math.prod(shape) * DTYPES[dtype]:
-            raise ArchiveError(f"{where} is {dtype}{list(shape)} but its blob holds {m.blob(blob).size} bytes")
-        span = 1 + sum((n - 1) * s for n, s in zip(shape, strides)) if math.prod(shape) else 0
-        if span >= 2**48:
-            raise ArchiveError(f"{where}.strides {list(strides)} span {span} elements")
-        leaves.append({"kind": "tensor", "where": where, "dtype": dtype, "shape": shape, "strides": strides,
-                       "blob": blob})
-    return inputs, leaves
-
-
-def check_manifest(m: Manifest) -> None:
-    """Everything ``load`` checks about a manifest's entries and example, without loading anything. The
-    writer runs it on every pack before writing, so a pack the reader would refuse is never written."""
-    names = {w.name for w in m.weights}
-    blob_sizes = {b.name: b.size for b in m.blobs}
-    for i in range(len(m.entries)):
-        check_entry(i, m, names, blob_sizes)
-    for method in m.method_table():
-        if method.example is not None:
-            check_example(m, method.name)
+    return ex.inputs, [(f"{m.example_where(k)}.leaves[{i}]", leaf) for i, leaf in enumerate(ex.leaves)]
 
 
 def _check_pin(path: str, expected: str, got: str) -> str:

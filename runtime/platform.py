@@ -2,24 +2,21 @@
 
 Each check returns a sentence naming both sides and what to do, or raises ``ArchiveError`` with it.
 
-The CUDA part is pure functions of the manifest and of what torch says about a GPU (its name and compute
-capability), so that every rule can be tested on a host without a GPU: which compiled code (SASS for an
-``sm_`` architecture, PTX for a ``compute_`` one) a GPU can run, and the checked ``cuda`` object of an entry.
+The CUDA part is pure functions of the manifest's CUDA records (``schema.CudaMeta``, which also checks them) and
+of what torch says about a GPU (its name and compute capability), so that every rule can be tested on a host
+without a GPU: which compiled code (SASS for an ``sm_`` architecture, PTX for a ``compute_`` one) a GPU can run.
 
 May not: load or run anything: it compares records with the host.
 """
 from __future__ import annotations
 
 import platform as _platform
-import re
 import sys
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from .errors import ArchiveError
-from .format import BLOB_NAME, field_of, nonneg_int
+from .schema import CudaMeta, parse_arch
 
 # The x86-64 microarchitecture levels the build side targets (gcc's -march names), as /proc/cpuinfo flags.
 _V3 = ("avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "movbe", "xsave")
@@ -111,46 +108,7 @@ def check_byteorder() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# CUDA architectures
-#
-# ``sm_XY`` is SASS (machine code) for compute capability X.Y, where Y is the last digit (sm_86 is 8.6,
-# sm_100 is 10.0, sm_120 is 12.0). Plain SASS runs on the same major version and an equal or higher minor;
-# ``sm_XYa`` (architecture-specific features) only on exactly X.Y; ``sm_XYf`` (family-specific) on the same
-# major and an equal or higher minor. ``compute_XY`` is PTX, which the driver compiles for the GPU at load,
-# so it runs on X.Y and every later GPU; ``compute_XYa`` only on exactly X.Y, ``compute_XYf`` within the family.
-
-_ARCH = re.compile(r"(sm|compute)_([1-9][0-9]{1,2})([af]?)")
-_ARCH_EXAMPLES = {"sm": "sm_80, sm_90a, sm_100f", "compute": "compute_80, compute_90a"}
-
-
-@dataclass(frozen=True)
-class CudaArch:
-    """One parsed architecture string: ``kind`` is ``sm`` (SASS) or ``compute`` (PTX)."""
-
-    kind: str
-    major: int
-    minor: int
-    suffix: str  # "", "a" (this exact GPU only) or "f" (this family)
-
-    def runs_on(self, capability: tuple[int, int]) -> bool:
-        major, minor = capability
-        if self.suffix == "a":
-            return (self.major, self.minor) == (major, minor)
-        if self.suffix == "f" or self.kind == "sm":
-            return self.major == major and self.minor <= minor
-        return self.major * 10 + self.minor <= major * 10 + minor  # plain PTX: the driver JITs it forward
-
-
-def parse_arch(text: Any, kind: str, where: str) -> CudaArch:
-    """``sm_90`` -> CudaArch("sm", 9, 0, ""); anything else than a ``kind`` architecture is an ArchiveError."""
-    m = _ARCH.fullmatch(text) if isinstance(text, str) else None
-    if m is None or m.group(1) != kind:
-        what = "SASS" if kind == "sm" else "PTX"
-        raise ArchiveError(f"{where} is {text!r}, not a CUDA {what} architecture ({kind}_ followed by the compute "
-                           f"capability's digits, e.g. {_ARCH_EXAMPLES[kind]})")
-    digits = m.group(2)
-    return CudaArch(kind, int(digits[:-1]), int(digits[-1]), m.group(3))
-
+# CUDA architectures: which code a GPU runs (``schema.CudaArch.runs_on``)
 
 def cuda_arch_runs(archs: list[str] | tuple[str, ...], ptx: list[str] | tuple[str, ...],
                    capability: tuple[int, int], where: str = "cuda") -> bool:
@@ -159,107 +117,6 @@ def cuda_arch_runs(archs: list[str] | tuple[str, ...], ptx: list[str] | tuple[st
     sass = [parse_arch(a, "sm", f"{where}.archs[{i}]") for i, a in enumerate(archs)]
     jit = [parse_arch(a, "compute", f"{where}.ptx[{i}]") for i, a in enumerate(ptx)]
     return any(a.runs_on(capability) for a in sass) or any(a.runs_on(capability) for a in jit)
-
-
-def _arch_list(obj: dict, key: str, kind: str, where: str) -> tuple[str, ...]:
-    values = field_of(obj, key, list, where)
-    if len(values) > 64:
-        raise ArchiveError(f"{where}.{key} lists {len(values)} architectures; at most 64 are allowed")
-    for i, v in enumerate(values):
-        parse_arch(v, kind, f"{where}.{key}[{i}]")
-    return tuple(values)
-
-
-_FILE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,255}")
-
-
-@dataclass(frozen=True)
-class CudaKernel:
-    """One compiled GPU kernel of a CUDA entry: its blob in the pack, and the file name under which the
-    compiled code looks for it in its kernel folder (``cubin_dir``)."""
-
-    name: str
-    blob: str
-    file: str
-    archs: tuple[str, ...]  # the kernel's own list, or the entry's when the manifest gives none
-    ptx: tuple[str, ...]
-    size: int
-    shared_mem: int
-    num_warps: int | None  # None where the build could not read it from the generated code
-
-    def to_json(self) -> dict:
-        return {"name": self.name, "blob": self.blob, "file": self.file, "archs": list(self.archs),
-                "ptx": list(self.ptx), "size": self.size, "shared_mem": self.shared_mem,
-                "num_warps": self.num_warps}
-
-
-@dataclass(frozen=True)
-class CudaMeta:
-    """The checked ``cuda`` object of a CUDA entry (docs/FORMAT.md, format version 2)."""
-
-    archs: tuple[str, ...]  # SASS that every kernel carries
-    ptx: tuple[str, ...]  # PTX that every kernel carries
-    built_without_gpu: bool
-    autotuned: bool
-    build_gpu: str | None
-    cuda_version: str
-    kernels: tuple[CudaKernel, ...]
-
-    def to_json(self) -> dict:
-        return {"archs": list(self.archs), "ptx": list(self.ptx), "built_without_gpu": self.built_without_gpu,
-                "autotuned": self.autotuned, "build_gpu": self.build_gpu, "cuda_version": self.cuda_version,
-                "kernels": [k.to_json() for k in self.kernels]}
-
-    @classmethod
-    def from_json(cls, obj: Any, where: str, blob_sizes: dict[str, int] | None = None) -> "CudaMeta":
-        """Check every field's type and value. ``blob_sizes`` (blob name -> size, from the blob table)
-        also checks that each kernel's blob exists and holds ``size`` bytes."""
-        if not isinstance(obj, dict):
-            raise ArchiveError(f"{where} must be a JSON object, found {type(obj).__name__}")
-        archs = _arch_list(obj, "archs", "sm", where)
-        ptx = _arch_list(obj, "ptx", "compute", where)
-        build_gpu = field_of(obj, "build_gpu", (str, type(None)), where)
-        kernels_json = field_of(obj, "kernels", list, where)
-        kernels = []
-        files: dict[str, str] = {}
-        for k, kobj in enumerate(kernels_json):
-            kw = f"{where}.kernels[{k}]"
-            if not isinstance(kobj, dict):
-                raise ArchiveError(f"{kw} must be a JSON object, found {type(kobj).__name__}")
-            blob = field_of(kobj, "blob", str, kw)
-            if not BLOB_NAME.match(blob) or ".." in blob.split("/") or len(blob) > 256:
-                raise ArchiveError(f"{kw}.blob {blob!r} is not a valid blob name")
-            file = field_of(kobj, "file", str, kw)
-            if not _FILE_NAME.fullmatch(file) or file in (".", ".."):
-                raise ArchiveError(f"{kw}.file {file!r} must be a plain file name (letters, digits and '._-', "
-                                   "no '/', at most 255 characters)")
-            if file != blob.rsplit("/", 1)[-1]:
-                raise ArchiveError(f"{kw}.file is {file!r} but its blob {blob!r} ends in "
-                                   f"{blob.rsplit('/', 1)[-1]!r}; they must be the same name")
-            if files.setdefault(file, blob) != blob:
-                raise ArchiveError(f"{kw}.file {file!r} is also the file of blob {files[file]!r}; the "
-                                   "kernels of an entry share one folder, so their file names must differ")
-            size = nonneg_int(kobj, "size", kw)
-            if blob_sizes is not None:
-                if blob not in blob_sizes:
-                    raise ArchiveError(f"{kw}.blob {blob!r} is not in the blob table")
-                if blob_sizes[blob] != size:
-                    raise ArchiveError(f"{kw}.size is {size} but blob {blob!r} holds {blob_sizes[blob]} bytes")
-            kernels.append(CudaKernel(
-                name=field_of(kobj, "name", str, kw), blob=blob, file=file,
-                archs=_arch_list(kobj, "archs", "sm", kw) if "archs" in kobj else archs,
-                ptx=_arch_list(kobj, "ptx", "compute", kw) if "ptx" in kobj else ptx,
-                size=size, shared_mem=nonneg_int(kobj, "shared_mem", kw),
-                num_warps=_warps(kobj, kw)))
-        return cls(archs=archs, ptx=ptx, built_without_gpu=field_of(obj, "built_without_gpu", bool, where),
-                   autotuned=field_of(obj, "autotuned", bool, where), build_gpu=build_gpu,
-                   cuda_version=field_of(obj, "cuda_version", str, where), kernels=tuple(kernels))
-
-
-def _warps(kobj: dict, where: str) -> int | None:
-    if field_of(kobj, "num_warps", (int, type(None)), where) is None:
-        return None
-    return nonneg_int(kobj, "num_warps", where, limit=1024)
 
 
 def _carried(archs: list[str], ptx: list[str]) -> str:

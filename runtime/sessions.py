@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from .errors import ArchiveError, GuardError, MethodError, SessionError
-from .format import DEFAULT_METHOD, PositionRule, StateRecord
+from .format import DEFAULT_METHOD
+from .schema import PositionRule, StateRecord
 from .guards import TensorGuard, DTYPE_BY_NAME
 from .weights import tensor_from_bytes
 

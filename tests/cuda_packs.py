@@ -8,7 +8,7 @@ import hashlib
 import torch
 
 from aotpack_runtime import format as fmt
-from aotpack_runtime.platform import CudaMeta
+from aotpack_runtime.schema import CudaMeta
 from archive_tools import join, split
 
 KERNELS = [("triton_per_fused_0", "czr733aa11", 1000, ["sm_80", "sm_90"], ["compute_80"], 0, 2),

@@ -15,6 +15,7 @@ import corpus
 from aotpack import compile as compile_stage
 from aotpack import package
 from aotpack_runtime import format as fmt
+from aotpack_runtime import schema
 from aotpack_runtime.archive import Archive
 from aotpack_runtime.describe import describe, render
 from aotpack_runtime.errors import ArchiveError, BuildError
@@ -174,7 +175,7 @@ def test_version_4_features_decide_the_version(change, feature):
     for older in (2, 3):
         body = dict(manifest, format="aotpack", format_version=older, blobs=[])
         with pytest.raises(ArchiveError, match=rf"which format version 4 introduced, but it says format version {older}"):
-            fmt.Manifest.from_json(body)
+            schema.Manifest.from_json(body)
 
 
 # -- the corpus pack: records and messages of a real build ----------------------------------------------------
@@ -233,7 +234,7 @@ def test_an_aten_call_the_proxy_executor_refuses_is_a_capture_error(corpus_pack,
     from aotpack.capture import capture
 
     archive = Archive.open(corpus_pack.path)
-    static = archive.manifest.entries[1]
+    static = archive.manifest.entries[1].to_json()
     description = json.loads(archive.read_blob(static["extern_kernels"]))
     node = next(n["node"] for n in description["nodes"] if n["node"]["target"] == "aten::_unique2")
     node["inputs"][1]["arg"] = {"as_int": 1}  # `sorted` is a bool: the proxy executor cannot call this

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 import aotpack
-from aotpack_runtime import platform
-from aotpack_runtime.platform import CudaMeta, check_cuda_device, cuda_arch_runs, parse_arch
+from aotpack_runtime.platform import check_cuda_device, cuda_arch_runs
+from aotpack_runtime.schema import CudaArch, CudaMeta, parse_arch
 
 from cuda_packs import cuda_meta
 from helpers import assert_facts
@@ -51,11 +51,11 @@ def test_arch_table(archs, ptx, capability, runs):
 
 
 def test_arch_numbers():
-    assert parse_arch("sm_86", "sm", "x") == platform.CudaArch("sm", 8, 6, "")
-    assert parse_arch("sm_100", "sm", "x") == platform.CudaArch("sm", 10, 0, "")
-    assert parse_arch("sm_120", "sm", "x") == platform.CudaArch("sm", 12, 0, "")
-    assert parse_arch("sm_90a", "sm", "x") == platform.CudaArch("sm", 9, 0, "a")
-    assert parse_arch("compute_75", "compute", "x") == platform.CudaArch("compute", 7, 5, "")
+    assert parse_arch("sm_86", "sm", "x") == CudaArch("sm", 8, 6, "")
+    assert parse_arch("sm_100", "sm", "x") == CudaArch("sm", 10, 0, "")
+    assert parse_arch("sm_120", "sm", "x") == CudaArch("sm", 12, 0, "")
+    assert parse_arch("sm_90a", "sm", "x") == CudaArch("sm", 9, 0, "a")
+    assert parse_arch("compute_75", "compute", "x") == CudaArch("compute", 7, 5, "")
 
 
 @pytest.mark.parametrize("archs,ptx", [

@@ -98,8 +98,8 @@ def _extract(archive: Archive, blob: str, folder: pathlib.Path) -> pathlib.Path:
 def test_manifest_records_devices_archs_and_how_it_was_built(mixed_pack):
     m = Archive.open(str(mixed_pack)).manifest
     assert m.format_version == 2
-    assert [e["device"] for e in m.entries] == ["cpu", "cuda"]
-    cpu, gpu = m.entries
+    assert [e.device for e in m.entries] == ["cpu", "cuda"]
+    cpu, gpu = (e.to_json() for e in m.entries)
     assert [leaf["device"] for leaf in gpu["leaves"]] == ["cuda"]
     assert [leaf["device"] for leaf in cpu["leaves"]] == ["cpu"]
     c = gpu["cuda"]
@@ -121,9 +121,9 @@ def test_weights_are_stored_once_and_every_entry_uses_all_of_them(mixed_pack):
     data pointer 0, and Inductor would merge them)."""
     m = Archive.open(str(mixed_pack)).manifest
     cpu, gpu = m.entries
-    assert gpu["constants"] == cpu["constants"]
-    assert sorted(w.name for w in m.weights) == sorted(cpu["constants"].values())
-    assert {"net.0.bias", "net.2.bias"} <= set(gpu["constants"].values())
+    assert gpu.constants == cpu.constants
+    assert sorted(w.name for w in m.weights) == sorted(cpu.constants.values())
+    assert {"net.0.bias", "net.2.bias"} <= set(gpu.constants.values())
     assert len([b for b in m.blobs if b.name.startswith("weights/")]) == len(m.weights)
 
 
@@ -133,9 +133,9 @@ def test_every_kernel_carries_the_requested_sass_and_disassembles(mixed_pack, cu
                             (cuda_only_pack, ["sm_90a"], ["compute_90a"]),
                             (kwargs_pack, ["sm_86"], ["compute_86"])):
         archive = Archive.open(str(pack))
-        cuda_entries = [e for e in archive.manifest.entries if e["device"] == "cuda"]
+        cuda_entries = [e for e in archive.manifest.entries if e.device == "cuda"]
         assert len(cuda_entries) == 1
-        kernels = cuda_entries[0]["cuda"]["kernels"]
+        kernels = [k.to_json() for k in cuda_entries[0].cuda.kernels]
         assert kernels
         for k in kernels:
             path = _extract(archive, k["blob"], tmp_path)
@@ -150,7 +150,7 @@ def test_every_kernel_carries_the_requested_sass_and_disassembles(mixed_pack, cu
 
 def test_wrapper_library_needs_the_driver_and_resolves_against_the_stub(mixed_pack, tmp_path):
     archive = Archive.open(str(mixed_pack))
-    lib = _extract(archive, archive.manifest.entries[1]["library"], tmp_path)
+    lib = _extract(archive, archive.manifest.entries[1].library, tmp_path)
     dynamic = subprocess.run(["readelf", "-d", str(lib)], capture_output=True, text=True, check=True).stdout
     assert "[libcuda.so.1]" in dynamic and "[libtorch_cuda.so]" in dynamic
     symbols = subprocess.run(["nm", "-D", "--defined-only", str(lib)], capture_output=True, text=True,
@@ -203,7 +203,7 @@ def test_load_here_serves_cpu_entries_and_warns(mixed_pack):
     assert "CUDA entry 1 was built without a GPU, for sm_80, sm_90 (PTX compute_80)" in text, text
     with torch.no_grad():
         assert_close_to_eager(pkg(*spec.example_inputs), spec.model(*spec.example_inputs))
-    assert pkg.select(*spec.example_inputs).meta["device"] == "cpu"
+    assert pkg.select(*spec.example_inputs).device == "cpu"
 
 
 def test_cuda_only_pack_called_with_cpu_tensors_is_a_clear_error(cuda_only_pack):
@@ -324,7 +324,7 @@ def test_a_pack_with_state_builds_cuda_entries_without_a_gpu(llama_cuda_pack):
     assert m.format_version == 3  # state; rotary buffers outside the state_dict need no newer version
     names = {r.name for r in m.state}
     assert names == {f"{k}_{i}" for k in ("key_cache", "value_cache", "cumulative_length") for i in (0, 1)}
-    cpu, cuda = m.entries
+    cpu, cuda = (e.to_json() for e in m.entries)
     assert cuda["device"] == "cuda" and names <= set(cuda["constants"].values()) and names <= set(
         cpu["constants"].values())
     assert all({"sm_80", "sm_90"} <= set(k["archs"]) for k in cuda["cuda"]["kernels"]) and cuda["cuda"]["kernels"]
@@ -350,11 +350,11 @@ def test_a_pack_of_methods_builds_cuda_entries_for_each_method_without_a_gpu(met
     m = Archive.open(str(methods_cuda_pack)).manifest
     assert m.format_version == 5 and m.options["devices"] == ["cpu", "cuda"]
     assert [r.name for r in m.methods] == ["encode", "decode"]
-    assert {r.name: sorted(m.entries[i]["device"] for i in r.entries) for r in m.methods} == {
+    assert {r.name: sorted(m.entries[i].device for i in r.entries) for r in m.methods} == {
         "encode": ["cpu", "cuda"], "decode": ["cpu", "cuda"]}
     assert [r.writes for r in m.methods] == [("cross_k_cache", "cross_v_cache"), ("self_k_cache", "self_v_cache")]
     for r in m.methods:
-        cpu, cuda = sorted((m.entries[i] for i in r.entries), key=lambda e: e["device"])
+        cpu, cuda = sorted((m.entries[i].to_json() for i in r.entries), key=lambda e: e["device"])
         assert cuda["constants"] == cpu["constants"] and set(r.writes) <= set(cuda["constants"].values())
         assert cuda["cuda"]["built_without_gpu"] is True and cuda["cuda"]["archs"] == ["sm_80"]
         assert cuda["cuda"]["kernels"] and all(k["archs"] == ["sm_80"] for k in cuda["cuda"]["kernels"])

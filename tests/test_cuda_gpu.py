@@ -53,7 +53,7 @@ def test_numerics_match_eager_on_cuda0(gpu_example):
     with torch.no_grad():
         expected = model(*args, **kwargs)
         got = pkg(*args, **kwargs)
-    assert pkg.select(*args, **kwargs).meta["device"] == "cuda"
+    assert pkg.select(*args, **kwargs).device == "cuda"
     assert_close_to_eager(got, expected, rel=1e-4)
     # The CPU entry of the same pack still serves CPU inputs.
     cpu_args, cpu_kwargs = _on("cpu", (spec.example_inputs, spec.example_kwargs))
@@ -116,7 +116,7 @@ def test_a_gpu_the_pack_cannot_serve_is_refused_before_any_launch(session_dir, t
 def test_gpu_build_records_the_build_gpu_and_autotuning(session_dir):
     path, _ = _gpu_pack("mlp", session_dir, devices=("cuda",))
     m = rt.load(path).manifest
-    (entry,) = m.entries
+    (entry,) = (e.to_json() for e in m.entries)
     major, minor = torch.cuda.get_device_capability(0)
     assert entry["cuda"]["built_without_gpu"] is False and entry["cuda"]["autotuned"] is True
     assert entry["cuda"]["build_gpu"] == f"{torch.cuda.get_device_name(0)} (sm_{major}{minor})"

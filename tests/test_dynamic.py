@@ -110,7 +110,7 @@ def test_weights_are_stored_once(head_pack):
     names = [w.name for w in m.weights]
     params = dict(model.named_parameters())
     assert len(names) == len(set(names)) and set(names) <= set(params)  # tiny ones may be folded into code
-    used = [set(e["constants"].values()) for e in m.entries]
+    used = [set(e.constants.values()) for e in m.entries]
     assert used[0] == used[1] == used[2] == set(names)  # all three entries share the same stored tensors
     weight_blobs = [b for b in m.blobs if b.name.startswith("weights/")]
     assert len(weight_blobs) == len(names)

@@ -8,6 +8,7 @@ import re
 import pytest
 
 from aotpack_runtime import format as fmt
+from aotpack_runtime import schema
 from aotpack_runtime.errors import ArchiveError
 from aotpack_runtime.guards import EntryGuards
 
@@ -27,11 +28,20 @@ def test_header_table():
     assert fmt.MAX_BLOB_BYTES == 2**40 and "each offset and size at most 2^40, 1 TiB" in DOC
 
 
-def test_entry_example_is_valid():
+def _doc_entry() -> dict:
+    """The example of "Entries"."""
     blocks = re.findall(r"```json\n(.*?)```", DOC, re.S)
-    entry = json.loads(next(b for b in blocks if b.lstrip().startswith('{\n  "name"')))
+    return json.loads(next(b for b in blocks if b.lstrip().startswith('{\n  "name"')))
+
+
+def test_entry_example_is_valid():
+    entry = _doc_entry()
     guards = EntryGuards.from_json(entry, "doc")
     assert guards.leaves[0].describe(guards.symbols) == "float32[4, 3, 32, 32] cpu contiguous"
+    record = schema.EntryRecord.from_json(entry, "doc", {"code/0.so": 100})
+    assert record.to_json() == entry and record.constants == {"head_weight": "head.weight"}
+    with pytest.raises(ArchiveError, match="refers to blob 'code/0.so', which the blob table lacks"):
+        schema.EntryRecord.from_json(entry, "doc", {})
 
 
 def test_version_4_example_is_valid_and_needs_version_4():
@@ -75,7 +85,7 @@ def test_methods_example_is_valid_and_needs_version_5():
              "positions": []}
     obj = {"methods": methods, "state": state}
     assert fmt.v5_features(obj) == ["several methods (methods)"] and fmt.version_for(obj) == 5
-    records = fmt._methods(obj, 5, 3)
+    records = schema._methods(obj, 5, 3)
     assert [(r.name, r.entries) for r in records] == [("encode", (0,)), ("decode", (1, 2))]
     assert records[1].positions[0].limit == 8 and records[0].writes == ("cross_k_cache", "cross_v_cache")
     assert fmt.V5_FORMAT_VERSION == fmt.FORMAT_VERSION == 5 and "## Methods (version 5)" in DOC
@@ -92,28 +102,41 @@ def test_new_weights_example_is_valid_at_any_version_and_external_weights_need_v
     blob = lambda n, size: {"name": n, "offset": 0, "stored_size": size, "size": size, "sha256": "0" * 64,
                             "compression": "none"}
     manifest = {"format": "aotpack", "format_version": 5, "producer": {}, "target": {}, "options": {},
-                "entries": [cpu], "blobs": [blob("weights/0", 160), dict(blob("weights/1", 4), offset=192)],
-                **example}
-    m = fmt.Manifest.from_json(manifest)
+                "entries": [dict(_doc_entry(), constants={})],
+                "blobs": [blob("weights/0", 160), dict(blob("weights/1", 4), offset=192),
+                          dict(blob("code/0.so", 8), offset=256)], **example}
+    m = schema.Manifest.from_json(manifest)
     assert m.weights[0].aliases == ("head.weight",) and not m.weights[1].in_state_dict
     assert m.unread_weights == ("unused.bias", "unused.weight")
     out = m.to_json()
     assert (out["weights"], out["unread_weights"]) == (example["weights"], example["unread_weights"])
-    assert fmt.Manifest.from_json(dict(manifest, format_version=1)).weights[0].aliases == ("head.weight",)
+    assert schema.Manifest.from_json(dict(manifest, format_version=1)).weights[0].aliases == ("head.weight",)
     external = {"file": "model.safetensors", "sha256": "a" * 64, "size": 1000}
-    apart = dict(manifest, blobs=[], external_weights=external,
+    apart = dict(manifest, blobs=manifest["blobs"][2:], external_weights=external,
                  weights=[{k: v for k, v in w.items() if k != "blob"} for w in example["weights"]])
     assert fmt.v5_features(apart) == ["weights in a file beside the pack (external_weights)"]
-    m = fmt.Manifest.from_json(apart)
+    m = schema.Manifest.from_json(apart)
     with pytest.raises(ArchiveError, match="version 5 introduced, but it says format version 4"):
-        fmt.Manifest.from_json(dict(apart, format_version=4))
+        schema.Manifest.from_json(dict(apart, format_version=4))
     assert m.external_weights.to_json() == external and all(w.blob is None for w in m.weights)
     with pytest.raises(ArchiveError, match="names blob 'weights/0', but the pack keeps its weights in"):
-        fmt.Manifest.from_json(dict(apart, weights=example["weights"], blobs=manifest["blobs"]))
+        schema.Manifest.from_json(dict(apart, weights=example["weights"], blobs=manifest["blobs"]))
     with pytest.raises(ArchiveError, match="names no blob, and the pack has no external weights file"):
-        fmt.Manifest.from_json({k: v for k, v in apart.items() if k != "external_weights"})
+        schema.Manifest.from_json({k: v for k, v in apart.items() if k != "external_weights"})
     with pytest.raises(ArchiveError, match="is not a file name"):
-        fmt.Manifest.from_json(dict(apart, external_weights=dict(external, file="../w.safetensors")))
+        schema.Manifest.from_json(dict(apart, external_weights=dict(external, file="../w.safetensors")))
     assert "### Weights beside the pack" in DOC and '"file": NAME, "sha256": HEX, "size": N' in DOC
     with pytest.raises(ArchiveError, match="'unused.bias' twice"):
-        fmt.Manifest.from_json(dict(manifest, unread_weights=["unused.bias", "unused.bias"]))
+        schema.Manifest.from_json(dict(manifest, unread_weights=["unused.bias", "unused.bias"]))
+
+
+def test_the_schema_needs_no_torch():
+    """The writer and the reader share the schema; it checks data and needs nothing but the format module."""
+    from conftest import run_python
+
+    proc = run_python("import sys; sys.modules['torch'] = None\n"
+                      "from aotpack_runtime import schema\n"
+                      "print(' '.join(sorted(m for m in sys.modules if m.startswith('aotpack'))))")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["aotpack_runtime", "aotpack_runtime.errors", "aotpack_runtime.format",
+                                   "aotpack_runtime.schema", "aotpack_runtime.symbolic"]

@@ -1,6 +1,7 @@
 """Packs made by older code keep loading: one pack of each format version (tests/data/formats/, made by
-build-packs.sh there), loaded by this checkout and checked against eager. A pack's native code loads only in
-the torch series that built it, so each pack runs in the lane of its torch and skips in the others."""
+build-packs.sh there), loaded by this checkout and checked against eager, and read into the schema's
+records, which write its manifest back byte for byte. A pack's native code loads only in the torch series
+that built it, so each pack runs in the lane of its torch and skips in the others."""
 from __future__ import annotations
 
 import importlib.util
@@ -92,3 +93,17 @@ def test_a_version_3_pack_with_state_matches_eager_call_after_call(tmp_path):
             assert_close_to_eager(session(*example), model(*example))
         session.reset()
         assert_close_to_eager(session(*example), _models().stateful()[0](*example))
+
+
+@pytest.mark.parametrize("version", sorted(PACKS))
+def test_the_records_of_each_version_write_its_manifest_back_byte_for_byte(version):
+    """The schema's records hold every field older code wrote: read into records and written back through
+    their ``to_json``, the manifest of a pack of each version is the same bytes (the writer writes records)."""
+    from aotpack_runtime import schema
+
+    data = (DATA / PACKS[version][0]).read_bytes()
+    _, _, size, _ = fmt.HEADER.unpack_from(data)[1:]
+    manifest = data[fmt.HEADER_SIZE:fmt.HEADER_SIZE + size]
+    records = schema.Manifest.from_json(fmt.parse_json(manifest))
+    assert records.format_version == version
+    assert fmt.canonical_json(records.to_json()) == manifest

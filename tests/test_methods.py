@@ -17,6 +17,7 @@ import torch
 import aotpack
 import programs
 from aotpack_runtime import format as fmt
+from aotpack_runtime import schema
 from aotpack_runtime.archive import Archive
 from aotpack_runtime.errors import ArchiveError, BuildError, GuardError, MethodError, SessionError
 from archive_tools import join, split
@@ -50,13 +51,13 @@ def test_the_manifest_records_methods_shared_weights_and_state(seq2seq_pack):
     assert m.format_version == fmt.V5_FORMAT_VERSION == 5 and m.example is None and m.positions == ()
     assert [(r.name, r.entries, r.writes) for r in m.methods] == [
         ("encode", (0,), ("cross_k_cache", "cross_v_cache")), ("decode", (1,), ("self_k_cache", "self_v_cache"))]
-    assert m.methods[1].positions == (fmt.PositionRule("pos", programs.MAX_LEN, 1),)
+    assert m.methods[1].positions == (schema.PositionRule("pos", programs.MAX_LEN, 1),)
     # every parameter once, though both methods read the embedding; the caches are state, not weights
     params = dict(programs.TinySeq2Seq().named_parameters())
     assert sorted(w.name for w in m.weights) == sorted(params)
     assert len({w.blob for w in m.weights}) == len(params)
     assert sorted(r.name for r in m.state) == ["cross_k_cache", "cross_v_cache", "self_k_cache", "self_v_cache"]
-    read = [set(e["constants"].values()) for e in m.entries]
+    read = [set(e.constants.values()) for e in m.entries]
     assert "embed.weight" in read[0] and "embed.weight" in read[1]
     assert {"cross_k_cache", "cross_v_cache"} <= read[1]  # decode reads what encode wrote
 
@@ -377,7 +378,7 @@ def test_whisper_whose_encode_writes_the_cross_attention_cache(whisper_cross_pac
     encode, decode = m.methods
     assert sorted(encode.writes) == ["cross_key_0", "cross_key_1", "cross_value_0", "cross_value_1"]
     assert not set(encode.writes) & set(decode.writes) and len(decode.writes) == 6
-    read = set(m.entries[decode.entries[0]]["constants"].values())
+    read = set(m.entries[decode.entries[0]].constants.values())
     assert {"cross_key_0", "cross_value_1"} <= read
     assert not any("encoder_attn.k_proj" in n or "encoder_attn.v_proj" in n for n in read)  # not projected per token
     hf = programs.whisper_model()

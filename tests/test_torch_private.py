@@ -482,7 +482,7 @@ def test_runner_finds_the_proxy_executor_description(tmp_path):
     path = tmp_path / "unique.pack"
     aotpack.build(_Unique(), (x,), path, cache=False)
     archive = Archive.open(path)
-    entry = archive.manifest.entries[0]
+    entry = archive.manifest.entries[0].to_json()
     assert "aten::_unique2" in archive.read_blob(entry["extern_kernels"]).decode()
     pkg = aotpack.load(path)
     values, inverse = pkg(x)  # the pack's own entry found its description
@@ -604,7 +604,7 @@ def test_generated_cpu_code_readers(convnet_pack):
     try:
         wrapper = bytes(a.read_blob("source/0/wrapper.cpp")).decode()
         kernel = bytes(a.read_blob("source/0/kernel.cpp")).decode()
-        entry = a.manifest.entries[0]
+        entry = a.manifest.entries[0].to_json()
         weights = {w.name: w for w in a.manifest.weights}
     finally:
         a.close()

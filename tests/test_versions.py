@@ -84,8 +84,8 @@ def test_packs_built_by_torch_2_11_without_a_gpu(name, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pkg = aotpack.load(path, cache_dir=tmp_path / "cache")
-    assert [e.meta["device"] for e in pkg.entries] == ["cpu", "cuda"]
-    assert pkg.manifest.entries[1]["cuda"]["built_without_gpu"] is True
+    assert [e.device for e in pkg.entries] == ["cpu", "cuda"]
+    assert pkg.manifest.entries[1].cuda.built_without_gpu is True
     spec = load_model_file(str(EXAMPLES / f"{name}.py"))
     with torch.no_grad():
         assert_close_to_eager(pkg(*spec.example_inputs, **spec.example_kwargs),

@@ -48,7 +48,7 @@ def run_pack(path: pathlib.Path, gpu: bool) -> tuple[bool, str]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "built without a GPU" and, here without one, "cannot run CUDA"
         pkg = aotpack.load(path)
-    cuda = pkg.manifest.entries[1]["cuda"]
+    cuda = pkg.manifest.entries[1].cuda.to_json()
     built = f"built without a GPU by torch {pkg.manifest.producer['torch']} for {', '.join(cuda['archs'])}"
     with torch.no_grad():
         cpu_err = _error(pkg(*args, **kwargs), spec.model(*args, **kwargs))
@@ -60,7 +60,7 @@ def run_pack(path: pathlib.Path, gpu: bool) -> tuple[bool, str]:
         major, minor = torch.cuda.get_device_capability(0)
         gpu_args, gpu_kwargs = _to("cuda:0", (args, kwargs))
         model = spec.model.to("cuda:0")
-        if pkg.select(*gpu_args, **gpu_kwargs).meta["device"] != "cuda":
+        if pkg.select(*gpu_args, **gpu_kwargs).device != "cuda":
             return False, f"{path.name}: CUDA inputs did not select the CUDA entry"
         got = pkg(*gpu_args, **gpu_kwargs)
         torch.cuda.synchronize()
