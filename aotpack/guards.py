@@ -1,46 +1,29 @@
 """Stage 2, guards: turn what the captured graph assumed about its inputs into plain data.
 
 Per entry: the input structure, one guard per input leaf (tensor: dtype, device, sizes or symbols, strides;
-value: the exact value the graph specialised on), the symbol ranges, and the output structure. The runtime's
-``aotpack_runtime.guards`` reads the same data back; ``docs/FORMAT.md`` documents it.
+value: the exact value the graph specialised on), the symbol ranges, and the output structure, as the
+schema's records (``aotpack_runtime.schema.Guards``), which the manifest writes and the runtime's
+``aotpack_runtime.guards`` matches calls against; ``docs/FORMAT.md`` documents them.
 
 May not: check a call: the runtime's ``guards`` does, from the data written here.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from aotpack_runtime.errors import CaptureError
 from aotpack_runtime.format import DTYPES
-from aotpack_runtime.guards import VALUE_TYPES, dtype_name, leaf_paths, stored_dtype
+from aotpack_runtime.guards import dtype_name, leaf_paths, stored_dtype
+from aotpack_runtime.schema import VALUE_TYPES, Guards, OutputLeaf, TensorGuard, ValueGuard
 from aotpack_runtime.symbolic import Poly
 
 from . import _torch
 from .capture import Captured, spec_to_json
 
 _VALUE_TYPE_NAMES = {v: k for k, v in VALUE_TYPES.items()}
-
-
-@dataclass(frozen=True)
-class Guards:
-    """The guard data of one entry, ready for the manifest."""
-
-    inputs: dict
-    leaves: tuple[dict, ...]
-    symbols: dict
-    param_names: tuple[str, ...]
-    grad_mode: bool
-    outputs: dict
-    output_leaves: tuple[dict, ...]
-
-    def to_json(self) -> dict:
-        return {"inputs": self.inputs, "leaves": list(self.leaves), "symbols": self.symbols,
-                "param_names": list(self.param_names), "grad_mode": self.grad_mode,
-                "outputs": self.outputs, "output_leaves": list(self.output_leaves)}
 
 
 def _dim_names(captured: Captured) -> dict[str, dict[int, str]]:
@@ -87,14 +70,14 @@ class _Symbols:
     def __init__(self, ranges: dict):
         self.ranges = ranges
         self.names: dict[str, str] = {}
-        self.table: dict[str, list] = {}
+        self.table: dict[str, tuple[int, int | None]] = {}
 
     def name(self, symbol: str, preferred: str | None) -> str:
         if symbol not in self.names:
             name = preferred if preferred and preferred not in self.table else f"d{len(self.table)}"
             lo, hi = _torch.symbol_range(self.ranges.get(symbol))
             self.names[symbol] = name
-            self.table[name] = [lo, hi]
+            self.table[name] = (lo, hi)
         return self.names[symbol]
 
     def _poly(self, expr: Any, preferred: str | None) -> Poly | None:
@@ -160,8 +143,7 @@ def derive(captured: Captured) -> Guards:
         if facts is None:
             if type(val) not in _VALUE_TYPE_NAMES:
                 raise CaptureError(f"{who} is a {type(val).__name__}, which a pack cannot guard")
-            leaves.append({"kind": "value", "path": path, "name": top, "type": _VALUE_TYPE_NAMES[type(val)],
-                           "value": val})
+            leaves.append(ValueGuard(path, top, _VALUE_TYPE_NAMES[type(val)], val))
             continue
         dtype = stored_dtype(facts["dtype"])
         if dtype is None:
@@ -171,16 +153,10 @@ def derive(captured: Captured) -> Guards:
         sizes = [symbols.size(s, preferred.get(d), who, d) for d, s in enumerate(facts["sizes"])]
         strides = [None if isinstance(size, int) and size <= 1 else symbols.stride(stride, who, d)
                    for d, (size, stride) in enumerate(zip(sizes, facts["strides"]))]  # size 0/1: any stride
-        leaf = {"kind": "tensor", "path": path, "name": top, "dtype": dtype, "device": str(facts["device"]),
-                "sizes": [x.to_json() if isinstance(x, Poly) else x for x in sizes],
-                "strides": [x.to_json_stride() if isinstance(x, Poly) else x for x in strides],
-                "requires_grad": False}
-        if len(leaves) in captured.mutated_inputs:
-            leaf["mutated"] = True
-        leaves.append(leaf)
-    return Guards(inputs=inputs, leaves=tuple(leaves), symbols=symbols.table, param_names=captured.param_names,
-                  grad_mode=captured.grad_mode, outputs=outputs,
-                  output_leaves=tuple(_output_leaves(ep)))
+        leaves.append(TensorGuard(path, top, dtype, str(facts["device"]), tuple(sizes), tuple(strides),
+                                  requires_grad=False, mutated=len(leaves) in captured.mutated_inputs))
+    return Guards(inputs=inputs, leaves=tuple(leaves), symbols=symbols.table, param_names=tuple(captured.param_names),
+                  grad_mode=captured.grad_mode, outputs=outputs, output_leaves=tuple(_output_leaves(ep)))
 
 
 def _top_name(path: str, param_names: tuple[str, ...]) -> str:
@@ -196,7 +172,7 @@ def _top_name(path: str, param_names: tuple[str, ...]) -> str:
 _SCALAR_ARGUMENTS = {"SymIntArgument": "int", "SymFloatArgument": "float", "SymBoolArgument": "bool"}
 
 
-def _output_leaves(ep: Any) -> list[dict]:
+def _output_leaves(ep: Any) -> list[OutputLeaf]:
     """Each output leaf: a constant value, or the index among the compiled code's outputs (which are the
     user outputs that are not constants, in order) of a tensor or of a Python number."""
     out = []
@@ -213,11 +189,11 @@ def _output_leaves(ep: Any) -> list[dict]:
             if type(value) is float and not math.isfinite(value):
                 raise CaptureError(f"the model returns the constant {value}, which a pack cannot store (its "
                                    "manifest is JSON)", hint="return it as a tensor: torch.tensor(value)")
-            out.append({"kind": "value", "value": value})
+            out.append(OutputLeaf("value", value=value))
         elif type(arg).__name__ in _SCALAR_ARGUMENTS:
-            out.append({"kind": "scalar", "index": k, "type": _SCALAR_ARGUMENTS[type(arg).__name__]})
+            out.append(OutputLeaf("scalar", index=k, type=_SCALAR_ARGUMENTS[type(arg).__name__]))
             k += 1
         else:
-            out.append({"kind": "tensor", "index": k})
+            out.append(OutputLeaf("tensor", index=k))
             k += 1
     return out

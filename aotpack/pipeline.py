@@ -4,6 +4,7 @@ May not: do a stage's work itself: each stage is its module, tied here."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import pathlib
 import platform as _platform
@@ -20,6 +21,8 @@ from aotpack_runtime import format as fmt
 from aotpack_runtime.format import DTYPES, canonical_json
 from aotpack_runtime.guards import EntryGuards, dtype_name, stored_dtype
 from aotpack_runtime.platform import KNOWN_FLAGS, host_cpu_flags, host_machine, torch_minor
+from aotpack_runtime.schema import (CudaKernel, CudaMeta, EntryRecord, ExampleLeaf, ExampleRecord, Guards, Manifest,
+                                    MethodRecord, TensorGuard, WeightRecord)
 
 from . import __version__, _torch, buildcache, capture, compile, guards, package, sourcekey, state, toolchain
 from . import methods as methods_mod
@@ -103,7 +106,7 @@ def _dtype(t: torch.Tensor, what: str) -> str:
     return name
 
 
-def _example_record(captured: capture.Captured, blobs: list, method: str | None = None) -> dict:
+def _example_record(captured: capture.Captured, blobs: list, method: str | None = None) -> ExampleRecord:
     flat, treespec = guards._torch.tree_flatten((captured.args, captured.kwargs))
     spec = capture.spec_to_json(treespec, "inputs")
     leaves = []
@@ -111,12 +114,11 @@ def _example_record(captured: capture.Captured, blobs: list, method: str | None 
         if isinstance(v, torch.Tensor):
             name = fmt.example_blob(len(leaves), method)
             blobs.append(package.Blob(name, package.tensor_bytes(v)))
-            leaves.append({"kind": "tensor", "blob": name, "dtype": _dtype(v, "an example input"),
-                           "shape": list(v.shape),
-                           "strides": list(v.contiguous().stride() if v.numel() == 0 else v.stride())})
+            leaves.append(ExampleLeaf("tensor", blob=name, dtype=_dtype(v, "an example input"), shape=tuple(v.shape),
+                                      strides=tuple(v.contiguous().stride() if v.numel() == 0 else v.stride())))
         else:
-            leaves.append({"kind": "value", "value": v})
-    return {"inputs": spec, "leaves": leaves}
+            leaves.append(ExampleLeaf("value", value=v))
+    return ExampleRecord(spec, tuple(leaves))
 
 
 def _as_call(spec: Any, default_kwargs: dict, i: int) -> tuple[tuple, dict]:
@@ -128,9 +130,9 @@ def _as_call(spec: Any, default_kwargs: dict, i: int) -> tuple[tuple, dict]:
     raise BuildError(f"specializations[{i}] must be an args tuple or (args, kwargs), got {type(spec).__name__}")
 
 
-def _check_accepts_own_example(g: guards.Guards, args: tuple, kwargs: dict, i: int) -> None:
+def _check_accepts_own_example(g: Guards, args: tuple, kwargs: dict, i: int) -> None:
     """An entry's guards must accept the example it was captured from (derived sizes must be solvable)."""
-    runtime_guards = EntryGuards.from_json(g.to_json(), f"entry {i}")
+    runtime_guards = EntryGuards.of(g, f"entry {i}")
     with torch.no_grad():
         if runtime_guards.match(args, kwargs) is None:
             raise BuildError(f"the guards of entry {i} refuse the example input it was captured from "
@@ -142,7 +144,7 @@ def _accepting_entry(entries: list, args: tuple, kwargs: dict) -> int | None:
     """Index of the first entry whose guards accept this example (as the runtime would dispatch it)."""
     with torch.no_grad():
         for j, (_, g) in enumerate(entries):
-            runtime_guards = EntryGuards.from_json(g.to_json(), f"entry {j}")
+            runtime_guards = EntryGuards.of(g, f"entry {j}")
             if runtime_guards.match(args, kwargs) is not None:
                 return j
     return None
@@ -155,7 +157,7 @@ def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _weights(entries: list, compiled: list, state_names: tuple[str, ...] = (), by_identity: bool = False) \
-        -> tuple[list[dict], list[package.Blob], dict[str, torch.Tensor], list[str]]:
+        -> tuple[list[WeightRecord], list[package.Blob], dict[str, torch.Tensor], list[str]]:
     """Every constant any entry needs, stored once, by its name in the model; the state buffers among them
     are returned apart (name -> initial value), and the model's ``state_dict`` names the code never reads.
     ``by_identity`` (packs of several methods): weights of two names that the code reads and that are the
@@ -196,16 +198,13 @@ def _weights(entries: list, compiled: list, state_names: tuple[str, ...] = (), b
             blobs.append(package.Blob(blob, t, compressible=False))
             if identity is not None:
                 seen[identity] = blob
-        record = {"name": name, "blob": blob, "dtype": _dtype(t, f"the weight {name!r}"), "shape": list(t.shape)}
+        aliases: list[str] = []
         if name in state_dict:
             aliases = sorted(n for n, other in state_dict.items() if n not in named and isinstance(other, torch.Tensor)
                              and _same_tensor(other, t))
-            if aliases:
-                record["aliases"] = aliases
-                named.update(aliases)
-        else:
-            record["state_dict"] = False
-        records.append(record)
+            named.update(aliases)
+        records.append(WeightRecord(name=name, blob=blob, dtype=_dtype(t, f"the weight {name!r}"),
+                                    shape=tuple(t.shape), aliases=tuple(aliases), in_state_dict=name in state_dict))
     unread = sorted(n for n in state_dict if n not in named)
     return records, blobs, state, unread
 
@@ -232,13 +231,11 @@ def _compile_detail(options: BuildOptions, n: int) -> str:
     return f"Inductor {' + '.join(parts)}, {n} entr{'y' if n == 1 else 'ies'}"
 
 
-def _guards_on(guards_json: dict, device: str) -> dict:
+def _guards_on(g: Guards, device: str) -> Guards:
     """The entry's guards with every tensor input on ``device`` (a CUDA guard names no index: an entry
     serves inputs on any GPU, all on the same one)."""
-    out = dict(guards_json)
-    out["leaves"] = [dict(leaf, device=device) if leaf.get("kind") == "tensor" else leaf
-                     for leaf in guards_json["leaves"]]
-    return out
+    return dataclasses.replace(g, leaves=tuple(dataclasses.replace(leaf, device=device)
+                                               if isinstance(leaf, TensorGuard) else leaf for leaf in g.leaves))
 
 
 def _common(lists: list[list[str]]) -> list[str]:
@@ -249,7 +246,7 @@ def _common(lists: list[list[str]]) -> list[str]:
     return [a for a in lists[0] if a in common]
 
 
-def _cuda_record(i: int, code: Any, options: BuildOptions, blobs: list) -> dict:
+def _cuda_record(i: int, code: Any, options: BuildOptions, blobs: list) -> CudaMeta:
     """The manifest's record of a CUDA entry: its architectures, how it was built, and each kernel."""
     from . import cudabuild
 
@@ -258,24 +255,25 @@ def _cuda_record(i: int, code: Any, options: BuildOptions, blobs: list) -> dict:
         blob = fmt.kernel_blob(i, k["file"])
         data = code.binaries[k["file"]]
         blobs.append(package.Blob(blob, data))
-        kernels.append({"name": k["name"], "blob": blob, "file": k["file"], "archs": k["archs"], "ptx": k["ptx"],
-                        "size": len(data), "shared_mem": k["shared_mem"], "num_warps": k["num_warps"]})
-    archs = _common([k["archs"] for k in kernels]) if kernels else [f"sm_{a}" for a in options.cuda_archs]
-    ptx = _common([k["ptx"] for k in kernels]) if kernels else []
-    return {"archs": archs, "ptx": ptx, "built_without_gpu": options.without_gpu,
-            "autotuned": not options.without_gpu,
-            "build_gpu": None if options.without_gpu else cudabuild.gpu_description(),
-            "cuda_version": torch.version.cuda, "kernels": kernels}
+        kernels.append(CudaKernel(name=k["name"], blob=blob, file=k["file"], archs=tuple(k["archs"]),
+                                  ptx=tuple(k["ptx"]), size=len(data), shared_mem=k["shared_mem"],
+                                  num_warps=k["num_warps"]))
+    archs = _common([list(k.archs) for k in kernels]) if kernels else [f"sm_{a}" for a in options.cuda_archs]
+    ptx = _common([list(k.ptx) for k in kernels]) if kernels else []
+    return CudaMeta(archs=tuple(archs), ptx=tuple(ptx), built_without_gpu=options.without_gpu,
+                    autotuned=not options.without_gpu,
+                    build_gpu=None if options.without_gpu else cudabuild.gpu_description(),
+                    cuda_version=torch.version.cuda, kernels=tuple(kernels))
 
 
-def _cuda_summary(entries: list[dict], options: BuildOptions) -> str:
+def _cuda_summary(entries: list[EntryRecord], options: BuildOptions) -> str:
     lines = []
     for e in entries:
-        if e["device"] == "cuda":
-            c = e["cuda"]
-            lines.append(f"      entry {e['name']} (cuda): {len(c['kernels'])} kernels, SASS "
-                         f"{', '.join(c['archs']) or '-'}, PTX {', '.join(c['ptx']) or '-'}"
-                         f"{', built without a GPU' if c['built_without_gpu'] else ', on ' + str(c['build_gpu'])}")
+        if e.cuda is not None:
+            c = e.cuda
+            lines.append(f"      entry {e.name} (cuda): {len(c.kernels)} kernels, SASS "
+                         f"{', '.join(c.archs) or '-'}, PTX {', '.join(c.ptx) or '-'}"
+                         f"{', built without a GPU' if c.built_without_gpu else ', on ' + str(c.build_gpu)}")
     return "\n".join(lines)
 
 
@@ -323,9 +321,11 @@ def _tensor_records(entries: list) -> dict:
     return out
 
 
-def cache_key(entries: list, options: BuildOptions, example: dict, example_blobs: list, compiler: str,
-              state_names: tuple[str, ...] = (), positions: list | None = None, methods: list | None = None) -> str:
-    """The build cache key of a build whose graphs are captured and guarded: see ``buildcache``."""
+def cache_key(entries: list, options: BuildOptions, example: ExampleRecord | None, example_blobs: list,
+              compiler: str, state_names: tuple[str, ...] = (), positions: list | None = None,
+              methods: list[MethodRecord] | None = None) -> str:
+    """The build cache key of a build whose graphs are captured and guarded: see ``buildcache``. ``example`` is
+    the example record of a pack of one forward (None with ``methods``, whose records hold theirs)."""
     graphs: dict[int, str] = {}
     records = []
     for captured, g, device in entries:
@@ -334,14 +334,16 @@ def cache_key(entries: list, options: BuildOptions, example: dict, example_blobs
             # became of each output (a number, a constant) is in the guards' record.
             graphs[id(captured)] = buildcache.digest(_torch.graph_text(compile.for_inductor(captured.exported)))
         records.append({"graph": graphs[id(captured)], "guards": g.to_json(), "device": device})
-    example_digest = buildcache.digest(canonical_json(example) + b"".join(
+    method_json = None if methods is None else [m.to_json() for m in methods]
+    example_json = {"methods": method_json} if methods is not None else example.to_json()
+    example_digest = buildcache.digest(canonical_json(example_json) + b"".join(
         buildcache.digest(b.data).encode() for b in example_blobs))
     material = {"entries": records, "weights": _tensor_records(entries), "example": example_digest,
                 "frozen": {"training": entries[0][0].training}, "options": options.to_json(),
                 "inductor": _inductor_configs(options, bool(state_names)), **context_material(options, compiler),
-                "state": {"buffers": list(state_names), "positions": positions or []}}
+                "state": {"buffers": list(state_names), "positions": [p.to_json() for p in positions or ()]}}
     if methods is not None:
-        material["methods"] = methods
+        material["methods"] = method_json
     return buildcache.key_of(material)
 
 
@@ -407,7 +409,7 @@ def _copied(report: BuildReport, hit: buildcache.CacheEntry, stages: _Stages,
 def _guarded_entries(calls: list, captures: list, stages: _Stages, method: str | None = None) -> list:
     """Stage 2 for one method's example calls and their captures: an entry (captured, guards) for each
     example that no earlier entry accepts, checked to accept its own example."""
-    entries: list[tuple[capture.Captured, guards.Guards]] = []
+    entries: list[tuple[capture.Captured, Guards]] = []
     who, its = (f"{method} example", "its entry") if method else ("example", "entry")
     for i, ((args, kwargs, _), captured) in enumerate(zip(calls, captures)):
         served_by = _accepting_entry(entries, args, kwargs)
@@ -416,7 +418,7 @@ def _guarded_entries(calls: list, captures: list, stages: _Stages, method: str |
             continue
         entries.append((captured, guards.derive(captured)))
         _check_accepts_own_example(entries[-1][1], args, kwargs, len(entries) - 1)
-        label = EntryGuards.from_json(entries[-1][1].to_json(), f"entry {len(entries) - 1}").label()
+        label = EntryGuards.of(entries[-1][1], f"entry {len(entries) - 1}").label()
         stages.say(f"      {who} {i}: {its} {len(entries) - 1} ({label})")
     return entries
 
@@ -439,7 +441,7 @@ def _capture_and_guard(model: Any, example_inputs: tuple, example_kwargs: dict |
             positions = state.position_rules(model, cache_positions, example_kwargs, example_inputs,
                                              captures[0].param_names)
             stages.say(f"      state: {len(state_names)} buffer(s) the model writes in place"
-                       + (f"; cache positions in {', '.join(repr(p['input']) for p in positions)}" if positions
+                       + (f"; cache positions in {', '.join(repr(p.input) for p in positions)}" if positions
                           else "; no cache-position input"))
         elif cache_positions is not None:
             raise BuildError("cache_positions was given, but the model writes no buffer in place: a pack without "
@@ -457,7 +459,7 @@ class _Plan:
     entries: list
     state_names: tuple[str, ...]
     positions: list
-    methods: list | None = None  # [(Resolved, {"entries": [...], "positions": [...], "writes": [...]}, Captured)]
+    methods: list | None = None  # [(Resolved, MethodRecord without its example, Captured)]
 
 
 def _capture_methods(model: Any, resolved: list, options: BuildOptions, stages: _Stages) -> _Plan:
@@ -498,11 +500,11 @@ def _capture_methods(model: Any, resolved: list, options: BuildOptions, stages: 
                 raise BuildError(f"methods[{r.name!r}].cache_positions was given, but no method writes a buffer in "
                                  "place: a pack without state has no cache")
             writes = sorted(set().union(*(c.state for c, _ in entries)))
-            records.append((r, {"name": r.name, "entries": indices, "positions": positions, "writes": writes},
-                            caps[0]))
+            records.append((r, MethodRecord(name=r.name, entries=tuple(indices), positions=tuple(positions),
+                                            writes=tuple(writes)), caps[0]))
             stages.say(f"      method {r.name}: entries {', '.join(map(str, indices))}"
                        + (f"; writes {len(writes)} state buffer(s)" if writes else "")
-                       + (f"; cache positions in {', '.join(repr(p['input']) for p in positions)}" if positions
+                       + (f"; cache positions in {', '.join(repr(p.input) for p in positions)}" if positions
                           else ""))
         if state_names:
             stages.say(f"      state: {len(state_names)} buffer(s) written in place, one copy shared by every method")
@@ -575,12 +577,12 @@ def _build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, exa
     entries, state_names, positions = plan.entries, plan.state_names, plan.positions
     example_blobs: list[package.Blob] = []
     method_records = None
+    example = None
     if plan.methods is None:
         example = _example_record(entries[0][0], example_blobs)
     else:
-        method_records = [dict(record, example=_example_record(first, example_blobs, r.name))
+        method_records = [dataclasses.replace(record, example=_example_record(first, example_blobs, r.name))
                           for r, record, first in plan.methods]
-        example = {"methods": method_records}
     if cache is not None:
         start = time.perf_counter()
         report.key = cache_key(entries, options, example, example_blobs, compiler, state_names, positions,
@@ -610,30 +612,28 @@ def _build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, exa
             blobs.append(package.Blob(library, code.library))
             sources = [fmt.source_blob(i, n) for n in sorted(code.sources)]
             blobs += [package.Blob(name, code.sources[n]) for name, n in zip(sources, sorted(code.sources))]
-            entry = {"name": str(i), "device": device, "library": library, "constants": code.constants,
-                     "kernels": list(code.kernels), "sources": sources, **_guards_on(g.to_json(), device)}
+            extern = None
             if code.extern_kernels is not None:
-                entry["extern_kernels"] = fmt.extern_kernels_blob(i)
-                blobs.append(package.Blob(entry["extern_kernels"], code.extern_kernels))
-            if device == "cuda":
-                entry["cuda"] = _cuda_record(i, code, options, blobs)
-            manifest_entries.append(entry)
+                extern = fmt.extern_kernels_blob(i)
+                blobs.append(package.Blob(extern, code.extern_kernels))
+            cuda = _cuda_record(i, code, options, blobs) if device == "cuda" else None
+            manifest_entries.append(EntryRecord(name=str(i), device=device, library=library,
+                                                constants=dict(code.constants), guards=_guards_on(g, device),
+                                                kernels=tuple(code.kernels), sources=tuple(sources),
+                                                extern_kernels=extern, cuda=cuda))
         blobs += example_blobs
         if any(d == "cuda" for _, _, d in entries):
             stages.say(_cuda_summary(manifest_entries, options))
-        manifest = {"producer": producer(compiler), "target": target(options), "options": options.to_json(),
-                    "weights": weights, "entries": manifest_entries, "example": example,
-                    "frozen": {"training": entries[0][0].training}}
-        if unread:
-            manifest["unread_weights"] = unread
-        if method_records is not None:
-            # each method's example and cache positions are its own; none at the top level
-            del manifest["example"]
-            manifest["methods"] = method_records
+        buffers = []
         if state_names:
             buffers, state_blobs = state.state_records(state_values)
             blobs += state_blobs
-            manifest["state"] = {"buffers": buffers, "positions": positions}
+        # each method's example and cache positions are its own (none at the top level)
+        manifest = Manifest(format_version=0, producer=producer(compiler), target=target(options),
+                            options=options.to_json(), weights=tuple(weights), entries=tuple(manifest_entries),
+                            example=example, blobs=(), state=tuple(buffers), positions=tuple(positions),
+                            methods=tuple(method_records or ()), unread_weights=tuple(unread),
+                            frozen={"training": entries[0][0].training})
         staging = report.output.with_name(f".{report.output.name}.{os.getpid()}.building")
         try:
             report.size = package.write_archive(staging, manifest, blobs, options.compression_level)

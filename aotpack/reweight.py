@@ -13,6 +13,7 @@ May not: capture or compile; change the base pack's code, guards, state or examp
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -29,7 +30,7 @@ import torch
 from aotpack_runtime import safetensors_file as stf
 from aotpack_runtime.archive import Archive
 from aotpack_runtime.errors import ArchiveError, BuildError, WeightsError
-from aotpack_runtime.schema import BlobRecord, Manifest
+from aotpack_runtime.schema import BlobRecord, ExternalWeights, Manifest
 from aotpack_runtime.weights import external_path, fit, load_external, load_weights, tensor_from_bytes, tied_groups
 
 from . import package
@@ -176,8 +177,7 @@ def reweight(base: str | os.PathLike, weights: Any, output: str | os.PathLike, *
         name = weight_blobs[b.name]
         kept = current.read(name) and new[name] is current[name]  # hashed as it was mapped
         blobs.append(package.Blob(b.name, new[name], compressible=False, sha256=b.sha256 if kept else None))
-    manifest = {k: v for k, v in m.raw.items() if k not in ("blobs", "format", "format_version")}
-    size = package.write_archive(output, manifest, blobs, _level(m))
+    size = package.write_archive(output, m, blobs, _level(m))
     out = Archive.open(os.fspath(output))
     try:
         written = {b.name: b.sha256 for b in out.manifest.blobs}
@@ -222,9 +222,8 @@ def externalize(pack: str | os.PathLike, weights_file: str | os.PathLike | None 
         sha = hashlib.file_digest(f, "sha256").hexdigest()
     weight_blobs = {w.blob for w in m.weights}
     blobs = [package.Blob(b.name, archive.read_blob(b.name)) for b in m.blobs if b.name not in weight_blobs]
-    manifest = {k: v for k, v in m.raw.items() if k not in ("blobs", "format", "format_version")}
-    manifest["weights"] = [{k: v for k, v in w.items() if k != "blob"} for w in m.raw["weights"]]
-    manifest["external_weights"] = {"file": target.name, "sha256": sha, "size": target.stat().st_size}
+    manifest = dataclasses.replace(m, weights=tuple(dataclasses.replace(w, blob=None) for w in m.weights),
+                                   external_weights=ExternalWeights(target.name, sha, target.stat().st_size))
     archive.close()
     package.write_archive(pack, manifest, blobs, _level(m))
     return target

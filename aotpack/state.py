@@ -22,6 +22,7 @@ import torch.utils._pytree as pytree
 from aotpack_runtime import format as fmt
 from aotpack_runtime.errors import AotpackError, BuildError
 from aotpack_runtime.guards import dtype_name
+from aotpack_runtime.schema import PositionRule, StateRecord
 
 from . import package
 
@@ -29,7 +30,7 @@ from . import package
 CHECKED_CALLS = 3
 
 
-def state_records(tensors: dict[str, torch.Tensor]) -> tuple[list[dict], list[package.Blob]]:
+def state_records(tensors: dict[str, torch.Tensor]) -> tuple[list[StateRecord], list[package.Blob]]:
     """The manifest's state buffers and the blobs of their initial values (none for a buffer of zeros)."""
     records, blobs = [], []
     for i, name in enumerate(sorted(tensors)):
@@ -38,13 +39,13 @@ def state_records(tensors: dict[str, torch.Tensor]) -> tuple[list[dict], list[pa
         if t.numel() and bool(torch.any(t != 0)):
             init = fmt.state_blob(i)
             blobs.append(package.Blob(init, package.tensor_bytes(t)))
-        records.append({"name": name, "dtype": dtype_name(t.dtype), "shape": list(t.shape), "init": init})
+        records.append(StateRecord(name=name, dtype=dtype_name(t.dtype), shape=tuple(t.shape), init=init))
     return records, blobs
 
 
 def position_rules(model: Any, cache_positions: Any, kwargs: dict, args: tuple,
-                   param_names: tuple[str, ...]) -> list[dict]:
-    """The cache-position rules of a stateful pack, as manifest records.
+                   param_names: tuple[str, ...]) -> list[PositionRule]:
+    """The cache-position rules of a stateful pack, as the manifest's records.
 
     ``cache_positions`` is a dict ``{"input": NAME, "limit": CACHE_LEN, "span": N or [INPUT, DIM]}`` or a list
     of them; None derives the rule of Hugging Face's ``TorchExportableModuleWithStaticCache`` (its
@@ -81,12 +82,12 @@ def position_rules(model: Any, cache_positions: Any, kwargs: dict, args: tuple,
                     or type(span[1]) is not int or not 0 <= span[1] < values[span[0]].dim():
                 raise BuildError(f"{where}: span must be an integer or [INPUT, DIM] naming a tensor input and one "
                                  f"of its dimensions, got {span!r}")
-            span_json: Any = {"input": span[0], "dim": span[1]}
+            span_rule: Any = (span[0], span[1])
         elif type(span) is int and span >= 0:
-            span_json = span
+            span_rule = span
         else:
             raise BuildError(f"{where}: span must be a non-negative integer or [INPUT, DIM], got {span!r}")
-        out.append({"input": name, "limit": limit, "span": span_json})
+        out.append(PositionRule(input=name, limit=limit, span=span_rule))
     return out
 
 

@@ -365,6 +365,7 @@ def test_older_readers_are_told_to_upgrade(counter_pack, tmp_path, monkeypatch):
 
 def test_position_rules_are_checked_at_build():
     from aotpack.state import position_rules
+    from aotpack_runtime.schema import PositionRule
 
     kwargs = {"input_ids": torch.tensor([[1, 2]]), "cache_position": torch.tensor([0])}
     with pytest.raises(BuildError, match=re.escape("cache_positions[0] names the input 'pos', which the model is "
@@ -376,7 +377,7 @@ def test_position_rules_are_checked_at_build():
     with pytest.raises(BuildError, match=re.escape("cache_positions[0]: span must be an integer or [INPUT, DIM]")):
         position_rules(None, {"input": "cache_position", "limit": 8, "span": ["input_ids", 2]}, kwargs, (), ())
     assert position_rules(None, {"input": "cache_position", "limit": 8, "span": ["input_ids", 1]}, kwargs, (), ()) \
-        == [{"input": "cache_position", "limit": 8, "span": {"input": "input_ids", "dim": 1}}]
+        == [PositionRule("cache_position", 8, ("input_ids", 1))]
 
 
 def test_the_llm_examples_are_documented():
