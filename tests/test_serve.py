@@ -120,7 +120,7 @@ def test_the_converter_takes_each_tensors_dtype_from_the_guards(monkeypatch):
         return torch.nn.functional.embedding(ids, torch.ones(10, 3)) * mask.unsqueeze(-1) * scale
 
     captured = capture(lookup, (torch.tensor([[1, 2]]), torch.tensor([[True, False]]), torch.tensor(2.0)))
-    g = EntryGuards.from_json(guards.derive(captured).to_json(), "entry 0")
+    g = EntryGuards.of(guards.derive(captured), "entry 0")
     converter = InputConverter(types.SimpleNamespace(entries=[types.SimpleNamespace(guards=g)]))
     args, _ = converter.convert({"args": [[[3, 4]], [[1, 0]], 3]})
     assert [a.dtype for a in args] == [torch.int64, torch.bool, torch.float32]
