@@ -188,7 +188,9 @@ class Package:
     def _call(self, method: str, args: tuple, kwargs: dict) -> Any:
         if method not in self._methods:
             raise MethodError(method, list(self._methods), path=self.path)
-        if self.stateful:
+        record, entries = self._methods[method]
+        if self.stateful and (record.positions or any(e.state_constants for e in entries)):
+            # a method whose code neither reads nor writes the state (an encoder's ``encode``) runs without one
             call = "s(...)" if method == DEFAULT_METHOD else f"s.{method}(...)"
             raise SessionError(f"this pack carries state that its calls write ({self._state_template.describe()}): "
                                f"open a session, which holds its own copy of it: s = pkg.session(); {call}")

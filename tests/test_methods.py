@@ -21,6 +21,7 @@ from aotpack_runtime.archive import Archive
 from aotpack_runtime.errors import ArchiveError, BuildError, GuardError, MethodError, SessionError
 from archive_tools import join, split
 from conftest import EXAMPLES
+from helpers import assert_facts
 
 sys.path.insert(0, str(EXAMPLES / "llm"))
 from decoders import wrapped  # noqa: E402
@@ -289,7 +290,7 @@ def test_the_serving_example_serves_a_method_by_name(seq2seq_pack, two_tower_pac
 def test_t5_through_transformers_export_wrappers_gives_eager_tokens(t5_pack):
     """T5's encoder and its static-cache decoder wrapper as two methods of one pack: greedy tokens and every
     step's logits equal eager's; the embedding that encoder, decoder and LM head share is one weight, which
-    both methods read; ``encode`` touches no state and still runs in the session."""
+    both methods read; ``encode`` touches no state: it runs in the session and on the package alike."""
     pkg = aotpack.load(t5_pack.path)
     names = [w.name for w in pkg.manifest.weights]
     assert len(names) == len({w.blob for w in pkg.manifest.weights}) and \
@@ -304,6 +305,13 @@ def test_t5_through_transformers_export_wrappers_gives_eager_tokens(t5_pack):
     assert got_tokens == want_tokens
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+    # ``encode`` reads and writes no state: the package runs it without a session; ``decode`` needs one
+    ids = pkg.example_inputs("encode")[0][0]
+    with torch.no_grad():
+        torch.testing.assert_close(pkg.encode(ids), s.encode(ids), rtol=0, atol=0)
+        with pytest.raises(SessionError) as info:
+            pkg.decode(*pkg.example_inputs("decode")[0])
+    assert_facts(str(info.value), "state", "s = pkg.session(); s.decode(...)")
 
 
 def test_a_pack_of_methods_is_reproducible_and_found_in_the_build_cache(two_tower_pack, tmp_path):
