@@ -405,3 +405,16 @@ def whisper_cross_pack(session_dir) -> Built:
     if not path.exists():
         aotpack.build(program, None, path, methods=programs.whisper_methods(program, cross_cached=True))
     return Built("whisper-cross", path, program, ())
+
+
+@pytest.fixture(scope="session")
+def clip_pack(session_dir) -> Built:
+    """A tiny Hugging Face ``CLIPModel`` as a pack of ``encode_text`` and ``encode_image`` (tests/programs.py)."""
+    import aotpack
+    import programs
+
+    path = session_dir / "clip.pack"
+    model = programs.clip_model()
+    if not path.exists():
+        aotpack.build(model, None, path, methods=programs.clip_methods())
+    return Built("clip", path, model, ())

@@ -402,3 +402,27 @@ def test_whisper_whose_encode_writes_the_cross_attention_cache(whisper_cross_pac
     assert got_tokens == want_tokens == wrapper_tokens and len(set(got_tokens)) >= 3
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_clip_encodes_text_and_image_from_one_pack(clip_pack):
+    """Hugging Face ``CLIPModel``'s two towers as two methods: embeddings equal eager's (text at the example
+    length and at another within its dynamic range); every weight is stored once under ``CLIPModel``'s own
+    name (its non-persistent ``position_ids`` too); the towers read disjoint weights (CLIP shares none between them: each has its own projection),
+    whose union is the pack's weights, and ``logit_scale``, which neither reads, is recorded as unread."""
+    pkg = aotpack.load(clip_pack.path)
+    model = clip_pack.model
+    assert list(pkg.methods) == ["encode_text", "encode_image"] and not pkg.stateful
+    with torch.no_grad():
+        for ids in (programs.clip_ids(7), programs.clip_ids(13, seed=5)):
+            torch.testing.assert_close(pkg.encode_text(ids), programs.clip_encode_text(model, ids), rtol=1e-5,
+                                       atol=1e-5)
+        torch.testing.assert_close(pkg.encode_image(programs.CLIP_PIXELS),
+                                   programs.clip_encode_image(model, programs.CLIP_PIXELS), rtol=1e-5, atol=1e-5)
+    m = pkg.manifest
+    names = [w.name for w in m.weights]
+    assert len(names) == len(set(names)) == len({w.blob for w in m.weights})
+    assert set(names) <= {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+    text, image = (set().union(*(m.entries[i]["constants"].values() for i in r.entries)) for r in m.methods)
+    assert "text_projection.weight" in text and "visual_projection.weight" in image
+    assert not text & image and text | image == set(names)
+    assert m.raw["unread_weights"] == ["logit_scale"]
