@@ -30,7 +30,8 @@ from aotpack_runtime import safetensors_file as stf
 from aotpack_runtime.archive import Archive
 from aotpack_runtime.errors import ArchiveError, BuildError, WeightsError
 from aotpack_runtime.format import BlobRecord, Manifest
-from aotpack_runtime.weights import external_path, fit, load_external, load_weights, tensor_from_bytes, tied_groups
+from aotpack_runtime.weights import (external_path, file_name_of, fit, load_external, load_weights, tensor_from_bytes,
+                                     tied_groups)
 
 from . import package
 
@@ -200,9 +201,11 @@ def external_file_for(pack: str | os.PathLike) -> pathlib.Path:
 
 
 def externalize(pack: str | os.PathLike, weights_file: str | os.PathLike | None = None) -> pathlib.Path:
-    """Move a pack's weights into a safetensors file beside it (each under its record's name), and rewrite
-    the pack (atomically) with weight records that name no blob and the file's name, sha256 and size
-    (``external_weights``). Same pack, same bytes, for both files. Returns the weights file's path."""
+    """Move a pack's weights into a safetensors file beside it, and rewrite the pack (atomically) with weight
+    records that name no blob and the file's name, sha256 and size (``external_weights``). The file holds one
+    tensor per blob, under its record's name (records of one blob, tied weights the code reads under several
+    names: under the first of them in the ``state_dict``, and the others say ``same_as`` that name). Same
+    pack, same bytes, for both files. Returns the weights file's path."""
     pack = pathlib.Path(pack)
     target = pathlib.Path(weights_file) if weights_file is not None else external_file_for(pack)
     if target.resolve().parent != pack.resolve().parent:
@@ -212,18 +215,22 @@ def externalize(pack: str | os.PathLike, weights_file: str | os.PathLike | None 
     m = archive.manifest
     if m.external_weights is not None:
         raise BuildError(f"{pack} already keeps its weights in {m.external_weights.file}")
-    shared = [", ".join(w.name for w in group) for group in tied_groups(m) if len(group) > 1]
-    if shared:
-        raise BuildError(f"{pack}: the code reads one tensor under several names ({'; '.join(shared)}: records of "
-                         "one blob), which a weights file beside the pack cannot keep as one tensor; keep the weights "
-                         "in the pack (leave out --weights external)")
-    stf.write(target, load_weights(archive, checked=True))
+    stored = load_weights(archive, checked=True)
+    same_as = {}
+    tensors = {}
+    for group in tied_groups(m):
+        name = file_name_of(group)
+        tensors[name] = stored[name]
+        same_as.update((w.name, name) for w in group if w.name != name)
+    stf.write(target, tensors)
     with open(target, "rb") as f:
         sha = hashlib.file_digest(f, "sha256").hexdigest()
     weight_blobs = {w.blob for w in m.weights}
     blobs = [package.Blob(b.name, archive.read_blob(b.name)) for b in m.blobs if b.name not in weight_blobs]
     manifest = {k: v for k, v in m.raw.items() if k not in ("blobs", "format", "format_version")}
-    manifest["weights"] = [{k: v for k, v in w.items() if k != "blob"} for w in m.raw["weights"]]
+    manifest["weights"] = [dict({k: v for k, v in w.items() if k != "blob"},
+                                **({"same_as": same_as[w["name"]]} if w["name"] in same_as else {}))
+                           for w in m.raw["weights"]]
     manifest["external_weights"] = {"file": target.name, "sha256": sha, "size": target.stat().st_size}
     archive.close()
     package.write_archive(pack, manifest, blobs, _level(m))

@@ -501,6 +501,18 @@ def test_another_weights_file_needs_its_own_pin(weights_pack, weights_pack_other
     assert f"expected {pin}, actual {sha}" in str(e.value) and str(tune) in str(e.value)
     pkg = aotpack.load(pack, weights=tune, weights_sha256=sha)
     torch.testing.assert_close(pkg(*weights_pack.args), eager(new_state_dict(1), weights_pack.args))
+    # a checkpoint that keeps the tied pair under its other name (lm_head's) serves it too
+    tensors = stored(Archive.open(str(weights_pack_other.path)), checked=False)
+    tensors["head.weight"] = tensors.pop("emb.weight")
+    stf.write(tune, tensors)
+    sha = hashlib.sha256(tune.read_bytes()).hexdigest()
+    pkg = aotpack.load(pack, weights=tune, weights_sha256=sha)
+    torch.testing.assert_close(pkg(*weights_pack.args), eager(new_state_dict(1), weights_pack.args))
+    del tensors["head.weight"]
+    stf.write(tune, tensors)
+    sha = hashlib.sha256(tune.read_bytes()).hexdigest()
+    with pytest.raises(aotpack.ArchiveError, match=r"emb.weight \(missing; nor under head.weight\)"):
+        aotpack.load(pack, weights=tune, weights_sha256=sha)
     stf.write(tune, {"lin.weight": torch.ones(8, 8)})
     sha = hashlib.sha256(tune.read_bytes()).hexdigest()
     with pytest.raises(aotpack.ArchiveError, match=r"lin.bias \(missing\)"):
