@@ -286,6 +286,17 @@ def fit(manifest, source, strict: bool, current: dict[str, torch.Tensor], path: 
     return out
 
 
+def given(source, names) -> dict[str, torch.Tensor]:
+    """The tensors ``source`` (as ``fit`` takes it) gives under any of ``names`` (views of a file's mapping,
+    or the mapping's own tensors), unchecked: what ``reweight`` keys the names the code never reads by."""
+    items, where = _source_items(source)
+    out = {}
+    for name in names:
+        if name in items:
+            out[name] = items[name][0][items[name][1]] if where is not None else items[name]
+    return out
+
+
 def tied_groups(manifest) -> list[list]:
     """The pack's weight records, grouped by the tensor they are: records that share a blob (a pack of several
     methods stores tied weights whose several names the code reads as one blob under several records), or in a
