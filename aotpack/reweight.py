@@ -33,10 +33,9 @@ from aotpack_runtime import safetensors_file as stf
 from aotpack_runtime.archive import Archive
 from aotpack_runtime.errors import ArchiveError, BuildError, WeightsError
 from aotpack_runtime.format import BlobRecord, Manifest
+from aotpack_runtime.signature import default_signature_path
 from aotpack_runtime.weights import (external_path, file_name_of, fit, given, load_external, load_weights,
                                      tensor_from_bytes, tied_groups)
-
-from aotpack_runtime.signature import default_signature_path
 
 from . import buildcache, package
 from .buildcache import BuildCache
