@@ -394,20 +394,27 @@ def weights(pack: str, output: str) -> None:
               help="Merge this PEFT LoRA adapter (adapter_config.json, adapter_model.safetensors) into the weights.")
 @click.option("--no-strict", "not_strict", is_flag=True,
               help="Keep the base's value of a weight WEIGHTS lacks and ignore names the pack does not know.")
-def reweight(base: str, weights_source: str | None, output: str, lora: str | None, not_strict: bool) -> None:
+@click.option("--no-cache", is_flag=True, help="Do not store the pack written in the build cache.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
+              help="Build cache folder (default: $AOTPACK_BUILD_CACHE or ~/.cache/aotpack/build).")
+def reweight(base: str, weights_source: str | None, output: str, lora: str | None, not_strict: bool,
+             no_cache: bool, cache_dir: str | None) -> None:
     """Write a pack with the code of BASE and new weights, without a compiler.
 
     WEIGHTS is a safetensors file or a Hugging Face checkpoint folder (model.safetensors, or shards with
     model.safetensors.index.json), by the model's state_dict names (`aotpack inspect` lists them); it may be
     left out with --lora, to merge an adapter into the base's own weights. Every name, dtype and shape is
     checked first. The pack written is byte for byte the pack a full build of the model with these weights
-    writes; sign it as any pack.
+    writes; when the build cache holds BASE's build, it stores the new pack under the key that full build
+    computes (so the build finds it). The pack is not signed: sign it as any pack (`aotpack sign`).
     """
+    from aotpack.front import cache_setting
     from aotpack.reweight import reweight as run
 
     if weights_source is None and lora is None:
         raise click.UsageError("give WEIGHTS, --lora ADAPTER_DIR, or both")
-    run(base, weights_source, output, lora=lora, strict=not not_strict, progress=click.echo)
+    run(base, weights_source, output, lora=lora, strict=not not_strict, progress=click.echo,
+        cache=cache_setting(no_cache, cache_dir))
 
 
 @cli.command()

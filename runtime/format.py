@@ -20,7 +20,8 @@ Changelog of ``FORMAT_VERSION`` (readers accept ``MIN_READ_VERSION..FORMAT_VERSI
                its own example and cache-position rules; weights and state stay shared). A pack of one
                ``forward`` has no ``methods`` and keeps its older version.
                Weights apart from code: weights kept in a safetensors file beside the pack, pinned by its
-               sha256 (``external_weights``; its weight records then name no blob). Weight records may also say
+               sha256 (``external_weights``; its weight records then name no blob, and those that would share
+               one say ``same_as``). Weight records may also say
                what new weights are checked against, at any version (an older reader ignores these keys and
                loads the pack as before): a weight's other ``state_dict`` names (``aliases``: tied weights),
                stored tensors that are not in the model's ``state_dict`` (``"state_dict": false``: lifted
@@ -342,20 +343,29 @@ class WeightRecord:
 
     ``name`` is its name in the model's ``state_dict``; ``aliases`` are its other names there (the very same
     tensor: an ``lm_head`` tied to the embedding). ``in_state_dict`` is False for a tensor the model's
-    ``state_dict`` lacks (a lifted constant, a non-persistent buffer): new weights need not name it."""
+    ``state_dict`` lacks (a lifted constant, a non-persistent buffer): new weights need not name it.
+    ``same_as`` (a pack whose weights are beside it) names the record whose tensor of the weights file this
+    record is: records that would share a blob in the pack share one tensor of the file."""
 
     name: str
-    blob: str | None  # None: the weight is in the pack's external weights file, under ``name``
+    blob: str | None  # None: the weight is in the pack's external weights file, under ``file_name``
     dtype: str
     shape: tuple[int, ...]
     aliases: tuple[str, ...] = ()
     in_state_dict: bool = True
+    same_as: str | None = None
+
+    @property
+    def file_name(self) -> str:
+        """The name of its tensor in the pack's external weights file."""
+        return self.same_as or self.name
 
     def to_json(self) -> dict:
         return {"name": self.name, **({} if self.blob is None else {"blob": self.blob}), "dtype": self.dtype,
                 "shape": list(self.shape),
                 **({"aliases": list(self.aliases)} if self.aliases else {}),
-                **({} if self.in_state_dict else {"state_dict": False})}
+                **({} if self.in_state_dict else {"state_dict": False}),
+                **({"same_as": self.same_as} if self.same_as is not None else {})}
 
     @classmethod
     def from_json(cls, obj: Any, where: str) -> "WeightRecord":
@@ -374,9 +384,10 @@ class WeightRecord:
             if aliases:
                 raise ArchiveError(f"{where} has aliases but is not in the state_dict")
         blob = field_of(obj, "blob", str, where) if "blob" in obj else None
+        same_as = field_of(obj, "same_as", str, where) if "same_as" in obj else None
         return cls(name=field_of(obj, "name", str, where), blob=blob,
                    dtype=one_of(obj, "dtype", DTYPES, where), shape=_shape(obj, where), aliases=aliases,
-                   in_state_dict=in_state_dict)
+                   in_state_dict=in_state_dict, same_as=same_as)
 
     @property
     def nbytes(self) -> int:
@@ -392,7 +403,7 @@ def _shape(obj: Any, where: str) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class ExternalWeights:
-    """The safetensors file that holds a pack's weights (each under its record's ``name``): ``file``, a file
+    """The safetensors file that holds a pack's weights (each under its record's ``file_name``): ``file``, a file
     name in the pack's folder (where a loader looks by default), and its ``sha256`` and ``size``."""
 
     file: str
@@ -669,7 +680,20 @@ class Manifest:
                 weights=weights, entries=tuple(entries), example=example, blobs=blobs, state=state,
                 positions=positions, methods=methods, unread_weights=unread,
                 external_weights=external, raw=obj)
+        by_name = {w.name: w for w in weights}
         for w in weights:
+            if w.same_as is not None:
+                target = by_name.get(w.same_as)
+                if external is None:
+                    raise ArchiveError(f"weight {w.name!r} says same_as {w.same_as!r}, which only a pack that keeps "
+                                       "its weights beside it writes (records of one blob are one tensor)")
+                if target is None or target is w or target.same_as is not None \
+                        or (target.dtype, target.shape) != (w.dtype, w.shape):
+                    found = "no such weight" if target is None else f"{target.dtype}{list(target.shape)}" + (
+                        f", same_as {target.same_as!r}" if target.same_as else "")
+                    raise ArchiveError(f"weight {w.name!r} ({w.dtype}{list(w.shape)}) says same_as {w.same_as!r}, "
+                                       "which must be another weight of its dtype and shape that says no same_as "
+                                       f"(found: {found})")
             if external is not None:
                 if w.blob is not None:
                     raise ArchiveError(f"weight {w.name!r} names blob {w.blob!r}, but the pack keeps its weights in "

@@ -393,6 +393,46 @@ def test_reweight_checks_what_it_copies_and_reads_no_weight_it_replaces(weights_
     assert repr(lin) in str(e.value) and not (tmp_path / "z.pack").exists()
 
 
+def test_reweighted_pack_is_cached_under_the_key_of_a_full_build_and_signs(weights_pack, tmp_path):
+    """``reweight`` stores its pack in the build cache under the key a full build of the model with those
+    weights computes: that build (seed 3, which no fixture builds) finds it by its graph key and compiles
+    nothing; a base pack the cache does not hold gives a pack and a reason, not an error. The base is signed:
+    the summary says the new pack is not and how to sign it; signed, it loads with the public key."""
+    import shutil
+
+    from aotpack import front
+    from aotpack.reweight import reweight
+    from helpers import assert_facts
+    from test_signing import Keys
+
+    keys = Keys(tmp_path)
+    base = tmp_path / "base.pack"
+    shutil.copyfile(weights_pack.path, base)
+    assert _cli("sign", base, "--key", keys.a).exit_code == 0
+    new = WeightsModel.make(3)
+    lines: list[str] = []
+    report = reweight(base, new.state_dict(), tmp_path / "re.pack", progress=lines.append)
+    assert len(report.key) == 64 and report.cache_note.startswith(f"stored {report.key[:12]}"), report.cache_note
+    assert_facts(lines[0], f"the base pack is signed ({base}.sig)", f"aotpack sign {tmp_path / 're.pack'} --key KEY")
+    full = front.build(new, WeightsModel.args(), tmp_path / "full.pack", options=front.options(), cache=True,
+                       progress=None, source="test")
+    assert (full.hit, full.key) == ("graph", report.key)
+    r = _cli("sign", tmp_path / "re.pack", "--key", keys.a)
+    assert r.exit_code == 0, r.output
+    pkg = aotpack.load(tmp_path / "re.pack", public_key=keys.a_pub)
+    torch.testing.assert_close(pkg(*weights_pack.args), eager(new.state_dict(), weights_pack.args))
+    r = _cli("verify", tmp_path / "re.pack", "--public-key", keys.a_pub)
+    assert r.exit_code == 0 and "[ok] signature" in r.output, r.output
+    elsewhere = reweight(weights_pack.path, new.state_dict(), tmp_path / "x.pack", cache=tmp_path / "other-cache")
+    assert elsewhere.key == "" and "the base pack is not in the build cache" in elsewhere.cache_note
+    assert (tmp_path / "x.pack").read_bytes() == (tmp_path / "re.pack").read_bytes()
+    stf.write(tmp_path / "w3.safetensors", {k: v for k, v in new.state_dict().items() if k != "head.weight"})
+    r = _cli("reweight", weights_pack.path, tmp_path / "w3.safetensors", "-o", tmp_path / "y.pack", "--no-cache")
+    assert r.exit_code == 0 and "build cache" not in r.output, r.output
+    r = _cli("reweight", weights_pack.path, tmp_path / "w3.safetensors", "-o", tmp_path / "z.pack")
+    assert r.exit_code == 0 and f"build cache: stored {report.key[:12]}" in r.output, r.output
+
+
 def test_lora_merge_matches_peft_merge_and_unload(weights_pack, tmp_path):
     peft = pytest.importorskip("peft")
     model = WeightsModel.make()
@@ -501,6 +541,18 @@ def test_another_weights_file_needs_its_own_pin(weights_pack, weights_pack_other
     assert f"expected {pin}, actual {sha}" in str(e.value) and str(tune) in str(e.value)
     pkg = aotpack.load(pack, weights=tune, weights_sha256=sha)
     torch.testing.assert_close(pkg(*weights_pack.args), eager(new_state_dict(1), weights_pack.args))
+    # a checkpoint that keeps the tied pair under its other name (lm_head's) serves it too
+    tensors = stored(Archive.open(str(weights_pack_other.path)), checked=False)
+    tensors["head.weight"] = tensors.pop("emb.weight")
+    stf.write(tune, tensors)
+    sha = hashlib.sha256(tune.read_bytes()).hexdigest()
+    pkg = aotpack.load(pack, weights=tune, weights_sha256=sha)
+    torch.testing.assert_close(pkg(*weights_pack.args), eager(new_state_dict(1), weights_pack.args))
+    del tensors["head.weight"]
+    stf.write(tune, tensors)
+    sha = hashlib.sha256(tune.read_bytes()).hexdigest()
+    with pytest.raises(aotpack.ArchiveError, match=r"emb.weight \(missing; nor under head.weight\)"):
+        aotpack.load(pack, weights=tune, weights_sha256=sha)
     stf.write(tune, {"lin.weight": torch.ones(8, 8)})
     sha = hashlib.sha256(tune.read_bytes()).hexdigest()
     with pytest.raises(aotpack.ArchiveError, match=r"lin.bias \(missing\)"):
