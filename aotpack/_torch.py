@@ -48,6 +48,13 @@ BASE_INDUCTOR_CONFIG: dict[str, Any] = {
     # a weight of a few elements (a bias of one, a scale buffer) into the code, so the code would depend on
     # the weights' values and new weights (load_weights, reweight) would not reach it.
     "always_keep_tensor_constants": True,
+    # The code must not depend on the weights' values either: joint-graph constant folding evaluates what is
+    # computed from weights alone at build time and puts a result whose elements are all equal into the code
+    # as a number (``scale.exp()`` of a one-element scale; ``1 + weight`` of a norm weight initialised to
+    # zeros), so such a weight would stop reaching the code, and new weights would be ignored in silence.
+    # It also reads a mutated one-element state buffer's build-time value (pytorch/pytorch#165444), and with
+    # no GPU it would run ops on one.
+    "joint_graph_constant_folding": False,
 }
 
 # Options that older torch releases lack, with the first minor version that has each and why leaving it out
@@ -81,14 +88,12 @@ CUDA_INDUCTOR_CONFIG: dict[str, Any] = {
     "coordinate_descent_tuning": False,
 }
 
-# Added when there is no GPU: nothing may benchmark on one (pad_mm does), nothing may run a real op on one
-# (the joint-graph constant folding evaluates pointwise ops, e.g. a masked_fill's -inf, on the graph's
-# device; the kernels compute those values instead). Nothing reads a weight's value either: the weights are
-# fake here, and BASE_INDUCTOR_CONFIG keeps every weight a constant.
+# Added when there is no GPU: nothing may benchmark on one (pad_mm does). Nothing runs a real op on one or
+# reads a weight's value either (the weights are fake here): BASE_INDUCTOR_CONFIG keeps every weight a
+# constant and turns joint-graph constant folding off.
 NO_GPU_INDUCTOR_CONFIG: dict[str, Any] = {
     "shape_padding": False,
     "benchmark_kernel": False,
-    "joint_graph_constant_folding": False,
 }
 
 def _complex_casts_to_aten(graph) -> None:
@@ -135,11 +140,10 @@ ISA_COMPILER_OPTIONS: dict[str, dict[str, Any]] = {
 }
 
 
-# Added for graphs that write buffers in place (a pack's state): joint-graph constant folding reads a
-# mutated one-element buffer's build-time value into the code (pytorch/pytorch#165444), and runtime constant
-# folding stops the writes altogether; both stay off.
+# Added for graphs that write buffers in place (a pack's state): runtime constant folding stops the writes
+# altogether (joint-graph constant folding, which would read a mutated one-element buffer's build-time value
+# into the code, is off for every build: BASE_INDUCTOR_CONFIG).
 STATEFUL_INDUCTOR_CONFIG: dict[str, Any] = {
-    "joint_graph_constant_folding": False,
     "aot_inductor.use_runtime_constant_folding": False,
 }
 

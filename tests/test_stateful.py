@@ -160,7 +160,7 @@ def test_without_the_fix_a_folded_counter_fails_the_build(tmp_path, monkeypatch)
     """Joint-graph constant folding reads the counter's build-time value into the code (it returns 1, 1, 1
     times x); the build's check against eager refuses that pack. With the fix on (every other test) it
     counts."""
-    monkeypatch.setattr(build_torch, "STATEFUL_INDUCTOR_CONFIG", {})
+    monkeypatch.setattr(build_torch, "STATEFUL_INDUCTOR_CONFIG", {"joint_graph_constant_folding": True})
     with pytest.raises(BuildError) as info:
         aotpack.build(Counter.make(), (torch.ones(3),), tmp_path / "folded.pack")
     assert_facts(str(info.value), "does not match eager", "call 2 of 3", "output leaf 0", "by 2")

@@ -45,7 +45,7 @@ def test_manifest_names_aliases_unread_and_tensors_outside_the_state_dict(weight
     assert constants and not by_name[constants[0]].in_state_dict
     assert set(m.unread_weights) == {"bn.num_batches_tracked", "unused.weight", "unused.bias"}
     stored = {"emb.weight", "lin.weight", "lin.bias", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var",
-              "one", "scale"}
+              "one", "scale", "gate", "norm"}
     assert {w.name for w in m.weights if w.in_state_dict} == stored
     assert stored | {"head.weight"} | set(m.unread_weights) == set(WeightsModel.make().state_dict())
 
@@ -70,6 +70,12 @@ def test_one_element_bias_and_scale_buffer_get_new_values(pkg, weights_pack):
     sd["one"] = torch.tensor([3.0])
     sd["scale"] = torch.tensor([-2.0])
     pkg.load_weights({"one": sd["one"], "scale": sd["scale"]}, strict=False)
+    torch.testing.assert_close(pkg(*args), eager(sd, args))
+    # weights whose elements were all equal at build and that the code reads through an op on them alone
+    # (Inductor's joint-graph constant folding would have put exp(gate) and 1 + norm into the code as numbers)
+    sd["gate"] = torch.tensor(-0.75)
+    sd["norm"] = torch.linspace(-0.5, 0.5, 8)
+    pkg.load_weights({"gate": sd["gate"], "norm": sd["norm"]}, strict=False)
     torch.testing.assert_close(pkg(*args), eager(sd, args))
 
 
@@ -341,7 +347,9 @@ def test_reweight_writes_the_bytes_of_a_full_build(weights_pack, weights_pack_ot
     stf.write(tmp_path / "w1.safetensors", other)
     r = _cli("reweight", weights_pack.path, tmp_path / "w1.safetensors", "-o", tmp_path / "re.pack")
     assert r.exit_code == 0, r.output
-    assert "11 weights, 5 of them new" in r.output  # bn.weight, bn.bias, one, scale keep their values
+    # bn.weight, bn.bias, one, scale keep their values; gate and norm were uniform in the base (seed 0), so this
+    # also shows that no weight's build-time value is in the code
+    assert "13 weights, 7 of them new" in r.output
     assert (tmp_path / "re.pack").read_bytes() == weights_pack_other.path.read_bytes()
     _cli("weights", weights_pack_other.path, "-o", tmp_path / "exported.safetensors")
     _cli("reweight", weights_pack.path, tmp_path / "exported.safetensors", "-o", tmp_path / "re2.pack")
@@ -384,7 +392,7 @@ def test_reweight_checks_what_it_copies_and_reads_no_weight_it_replaces(weights_
     assert not (tmp_path / "x.pack").exists()
     bad_weight = damaged(lin)
     report = reweight(bad_weight, new, tmp_path / "y.pack")
-    assert report.changed == 5
+    assert report.changed == 7
     reference = tmp_path / "ref.pack"
     reweight(weights_pack.path, new, reference)
     assert (tmp_path / "y.pack").read_bytes() == reference.read_bytes()
