@@ -11,7 +11,7 @@ other weights of the same model to a safetensors file; then, each in a fresh pro
 
 1. the full build's time (once) and ``reweight``'s time for the same model with the other weights (the
    same bytes as a full build of them; it reads, hashes and writes the weights), both without the build
-   cache, each writing a new file;
+   cache, each writing a new file, each reweight after ``sync`` (the files written before are on disk);
 2. ``load_weights(file)`` on a loaded pack: its time, and how much the process's peak RSS grew during it,
    next to the weights' size; then the first call's time (it reads the new weights' pages);
 3. ``load_weights(state_dict)`` (a mapping, whose tensors are copied): its time and peak RSS growth;
@@ -159,6 +159,7 @@ def measure(size: str, repeats: int) -> dict:
     rew = []
     for _ in range(repeats):  # each run writes a new file, as the full build did (replacing one frees its pages)
         (folder / "re.pack").unlink(missing_ok=True)
+        os.sync()  # and starts with no write of an earlier step pending, as the full build did
         rew.append(_child("reweight", str(base), str(new), str(folder / "re.pack")))
     from_file = [_child("load_weights", str(base), str(new), str(ref)) for _ in range(repeats)]
     from_map = [_child("load_weights", str(base), "mapping", str(ref)) for _ in range(repeats)]
