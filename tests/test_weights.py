@@ -6,6 +6,7 @@ import json
 import pathlib
 import struct
 import threading
+import time
 
 import pytest
 import torch
@@ -206,8 +207,13 @@ def test_threaded_calls_see_old_or_new_weights_never_a_mix(pkg, weights_pack):
     for t in threads:
         t.start()
     for i in range(20):
-        pkg.load_weights(sets[(i + 1) % 2])
-        torch.testing.assert_close(pkg(*args), want[(i + 1) % 2])  # a call after the swap sees the new weights
+        current = (i + 1) % 2
+        before = seen[current]
+        pkg.load_weights(sets[current])
+        torch.testing.assert_close(pkg(*args), want[current])  # a call after the swap sees the new weights
+        deadline = time.monotonic() + 30  # let the callers run on these weights, however busy the host
+        while seen[current] == before and not problems and time.monotonic() < deadline:
+            time.sleep(0.001)
     stop.set()
     for t in threads:
         t.join()
