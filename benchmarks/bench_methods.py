@@ -4,7 +4,7 @@
   tokens per second through the pack's ``decode``, through two AOTInductor packages (``encode`` and
   ``decode``, each ``torch.export``-ed and compiled by ``aoti_compile_and_package``; the decoder's
   self-attention cache stays in its package as mutated buffers, the encoder output is passed by hand) and
-  eager.
+  eager; the pack's size against an encode-only plus a decode-only pack (the embedding is read by both).
 - Whisper (d_model 32, 2+2 layers, cache 16) as two programs: transformers' static-cache decoder wrapper (the
   encoder output goes to every decode step, which projects it into cross-attention keys and values again),
   and ``WhisperCrossCached``, whose ``encode`` writes those keys and values into the state once. Against two
@@ -16,7 +16,8 @@
   method of a prefill+decode pack, through today's single dynamic entry (examples/llm/llama.py) and eager;
   the size of the prefill+decode pack against a prefill-only plus a decode-only pack.
 - For each pack with state: the time to open a session (lazy, and with its state allocated), the resident
-  memory 100 held sessions add per session, the state's bytes; for AOTInductor, whose loaded package holds
+  memory 100 held sessions add per session (allocated, then after one call of each method on its example
+  inputs), the state's bytes; for AOTInductor, whose loaded package holds
   one state, the time and memory of a second load (a second state).
 
     .venv/bin/python benchmarks/bench_methods.py --threads 1 [--steps 200] [--models t5,whisper,llama]
@@ -82,9 +83,17 @@ def _sessions(path: pathlib.Path, held: int = 100) -> dict:
     before = _rss()
     kept = [pkg.session(device="cpu") for _ in range(held)]
     grown = (_rss() - before) / len(kept)
+    calls = [(name, *pkg.example_inputs(name)) for name in pkg.methods]
+    before = _rss()
+    with torch.inference_mode():
+        for s in kept:  # each method once on its example inputs: the state written where they write it
+            for name, args, kwargs in calls:
+                getattr(s, name)(*args, **kwargs)
+    used = (_rss() - before) / len(kept)
     return {"open_lazy_us": round(1e6 * statistics.median(lazy), 1),
             "open_allocated_us": round(1e6 * statistics.median(allocated), 1),
-            "rss_per_session_bytes": round(grown), "state_bytes": sum(r.nbytes for r in pkg.manifest.state)}
+            "rss_per_session_bytes": round(grown), "rss_per_used_session_bytes": round(used),
+            "state_bytes": sum(r.nbytes for r in pkg.manifest.state)}
 
 
 class _Call(torch.nn.Module):
@@ -274,6 +283,10 @@ def _t5(work: pathlib.Path, steps: int) -> dict:
     t0 = time.perf_counter()
     aotpack.build(program, None, path, methods=programs.t5_methods(program), cache=False)
     build_s = {"pack": round(time.perf_counter() - t0, 1)}
+    apart = {name: work / f"t5-{name}.pack" for name in ("encode", "decode")}
+    for name, one in apart.items():
+        program = programs.t5_program()
+        aotpack.build(program, None, one, methods={name: programs.t5_methods(program)[name]}, cache=False)
     source = programs.T5_SOURCE
     with torch.no_grad():
         hidden = programs.t5_program().encode(source)
@@ -289,10 +302,11 @@ def _t5(work: pathlib.Path, steps: int) -> dict:
     rates = _race({"pack": lambda i, c: s.decode(i, pack_hidden, c),
                    "AOTInductor": lambda i, c: aoti["decode"][0](i, aoti_hidden, c),
                    "eager": lambda i, c: eager.decode(i, eager_hidden, c)}, steps, 32)
-    sizes = {"pack": os.path.getsize(path), **{f"AOTInductor {n}": os.path.getsize(e[1]) for n, e in aoti.items()}}
+    sizes = {"pack": os.path.getsize(path), **{f"{n} only": os.path.getsize(p) for n, p in apart.items()},
+             **{f"AOTInductor {n}": os.path.getsize(e[1]) for n, e in aoti.items()}}
     build_s.update({f"AOTInductor {n}": round(e[2], 1) for n, e in aoti.items()})
     sessions = {"pack": _sessions(path), "AOTInductor decode": _aoti_state_cost(aoti["decode"][1])}
-    for p in [path, *(e[1] for e in aoti.values())]:
+    for p in [path, *apart.values(), *(e[1] for e in aoti.values())]:
         p.unlink()
     return {"decode_tokens_per_s": rates, "aoti_tokens_equal_eager": got == want, "sessions": sessions,
             "pack_bytes": sizes, "build_s": build_s}
@@ -354,8 +368,8 @@ def markdown(result: dict) -> str:
             # the eager run of the same program (the cross-attention cache one, or the other)
             twin = next(v for k, v in eager.items() if ("cross" in k) == ("cross" in name))
             lines.append(f"| {model} | {name} | {rate:.0f} | {rate / twin:.1f}x |")
-    lines += ["", "| model | program | open a session (us, lazy / allocated) | memory per session (RSS, 100 held) "
-              "| state |", "|---|---|---|---|---|"]
+    lines += ["", "| model | program | open a session (us, lazy / allocated) | memory per session (RSS, 100 held: "
+              "allocated / after one call of each method) | state |", "|---|---|---|---|---|"]
     # A session's state starts as zeros, pages the OS maps only when written: held unwritten, it adds nearly
     # nothing to the resident memory, whatever the state's size.
     for model in MODELS:
@@ -364,21 +378,24 @@ def markdown(result: dict) -> str:
                 lines.append(f"| {model} | {name}: a second state is a second load | {c['load_us'] / 1000:.0f} ms "
                              f"(load) | {c['rss_per_load_bytes'] / 1e6:.2f} MB per load | in the package |")
             else:
+                used = c.get("rss_per_used_session_bytes")
                 lines.append(f"| {model} | {name} | {c['open_lazy_us']:.1f} / {c['open_allocated_us']:.1f} | "
-                             f"{c['rss_per_session_bytes'] / 1e3:.1f} KB | {c['state_bytes'] / 1e3:.1f} KB |")
+                             f"{c['rss_per_session_bytes'] / 1e3:.1f} KB / "
+                             f"{'-' if used is None else f'{used / 1e3:.1f} KB'} | {c['state_bytes'] / 1e3:.1f} KB |")
     lines += ["", "| model | file | bytes | build (s) |", "|---|---|---|---|"]
     for model in MODELS:
         r = result.get(model, {})
         for name, size in r.get("pack_bytes", {}).items():
             lines.append(f"| {model} | {name} | {size:,} | {r.get('build_s', {}).get(name, '')} |")
-    lines += ["", "Sessions are held unwritten: a state of zeros is memory the OS maps when first written, so the "
-              "resident memory they add is near nothing; the state column is what a session holds once written.", ""]
+    lines += ["", "A state of zeros is memory the OS maps when first written: 100 sessions held unwritten add "
+              "near nothing; after one call of each method, what those calls wrote (one position of a cache) and "
+              "what the calls allocate and keep. The state column is a session's whole state.", ""]
     for model in MODELS:
         r = result.get(model, {})
         sizes = r.get("pack_bytes", {})
         for whole, parts in (("methods", ("prefill", "decode")), ("wrapper", ("encode only", "decode only")),
                              ("wrapper", ("AOTInductor encode", "AOTInductor decode")),
-                             ("pack", ("AOTInductor encode", "AOTInductor decode"))):
+                             ("pack", ("encode only", "decode only")), ("pack", ("AOTInductor encode", "AOTInductor decode"))):
             if whole in sizes and all(p in sizes for p in parts):
                 apart = sum(sizes[p] for p in parts)
                 lines.append(f"- {model}: the {'' if whole == 'pack' else whole + ' '}pack is {sizes[whole] / apart:.2f}x the sum of {' + '.join(parts)} "
