@@ -3,7 +3,8 @@ state (one copy per session for all methods), each method dispatching by its own
 
 Shown on real small models, each built once per session: an encoder-decoder whose ``encode`` writes the
 cross-attention cache that ``decode`` reads; a tiny Llama with ``prefill`` and ``decode`` sharing the KV
-cache; two encoders sharing a projection.
+cache; two encoders sharing a projection; Hugging Face T5 and Whisper through transformers' export wrappers,
+Whisper with its cross-attention cache in the state, and CLIP's two towers.
 """
 from __future__ import annotations
 
