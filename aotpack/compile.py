@@ -284,8 +284,8 @@ def compile_exported(exported, options: BuildOptions, device: str = "cpu", paral
 def onednn_packed_weights(records: dict[str, dict], constants: dict[str, str], wrapper: str) -> dict[str, dict]:
     """The manifest's ``packed_weights`` of a CPU entry: for each of the code's constants that it passes only to
     oneDNN's convolution (``_torch._convolutions_to_onednn`` routed it there and recorded it under its weight's
-    name, and the generated wrapper uses it in no other way), the record the runtime packs it by, in the
-    constants' order. A constant that is not both stays bound to the stored weight, which the op also takes
+    name, and the generated wrapper uses it in no other way), the record the runtime packs it by, sorted by
+    constant name. A constant that is not both stays bound to the stored weight, which the op also takes
     (slower, same outputs)."""
     by_weight: dict[str, list[str]] = {}
     for cname, wname in constants.items():

@@ -101,10 +101,14 @@ class Entry:
         return packed_constants({c: weights[w] for c, w in self.meta["constants"].items()
                                  if c not in self.state_constants}, self.packed_weights)
 
-    def bind_weights(self, weights: dict[str, torch.Tensor], on_device: dict[int, dict[str, torch.Tensor]]) -> None:
+    def bind_weights(self, weights: dict[str, torch.Tensor], on_device: dict[int, dict[str, torch.Tensor]],
+                     bound: dict[str, torch.Tensor] | None = None) -> None:
         """Point the code at new weights (no copy; the caller keeps them alive). Call it only while no call
-        runs (under ``swap_lock.swap()``). ``on_device``: the weights on each GPU (CUDA entries)."""
-        _bind(self._pool if self._pool is not None else self._runner, self.weight_constants(weights))
+        runs (under ``swap_lock.swap()``). ``on_device``: the weights on each GPU (CUDA entries); ``bound``:
+        ``weight_constants(weights)``, computed beforehand (packing weights takes a while: calls need not
+        wait for it)."""
+        _bind(self._pool if self._pool is not None else self._runner,
+              self.weight_constants(weights) if bound is None else bound)
 
     def label(self) -> str:
         """The entry's name and guard summary, as GuardError messages show it."""
@@ -196,7 +200,8 @@ class CudaEntry(Entry):
             flat = pool.run(lambda runner: _torch.cuda_run(runner, tensors, index), state, token)
         return self._outputs_from(flat)
 
-    def bind_weights(self, weights: dict[str, torch.Tensor], on_device: dict[int, dict[str, torch.Tensor]]) -> None:
+    def bind_weights(self, weights: dict[str, torch.Tensor], on_device: dict[int, dict[str, torch.Tensor]],
+                     bound: dict[str, torch.Tensor] | None = None) -> None:
         """Point the code loaded on each GPU at that GPU's copy of the new weights (``on_device``)."""
         for index, runner in self._runners.items():
             _bind(runner, self.weight_constants(on_device[index]))
