@@ -53,6 +53,9 @@ class CompiledEntry:
     # AOTInductor's description of the ATen calls its proxy executor makes (JSON), when the code makes any.
     extern_kernels: bytes | None = None
     peak_rss: int = 0  # bytes: the peak memory of the worker process that compiled it (0: compiled in process)
+    # The code's constants it passes only to oneDNN's convolution as its weight -> what packing that weight for
+    # oneDNN at load needs (padding, stride, dilation, groups, input_size): see ``onednn_packed_weights``.
+    packed_weights: dict = field(default_factory=dict)
 
 
 @contextlib.contextmanager
@@ -126,7 +129,8 @@ def _reuse_objects(cache: buildcache.BuildCache, root: str) -> Callable:
 def entry_config(options: BuildOptions, device: str, stateful: bool = False) -> dict:
     """The Inductor config aotpack compiles an entry for ``device`` with (before the compiler wrapper is
     added: see ``build_environment``); ``stateful``: the graph writes buffers in place."""
-    config = _torch.inductor_options(options.cpu_isa, options.cpu_threads, stateful)
+    config = _torch.inductor_options(options.cpu_isa, options.cpu_threads, stateful,
+                                     onednn_convs=device == "cpu" and options.onednn_convs)
     if device == "cuda":
         config.update(_torch.CUDA_INDUCTOR_CONFIG)
         config["cuda.arch"] = str(min(options.cuda_archs))
@@ -205,7 +209,8 @@ def _write_result(entry: CompiledEntry, folder: str) -> None:
     with open(os.path.join(folder, "result.json"), "w") as f:
         json.dump({"constants": entry.constants, "kernels": list(entry.kernels), "device": entry.device,
                    "sources": sorted(entry.sources), "binaries": sorted(entry.binaries),
-                   "cuda_kernels": list(entry.cuda_kernels), "peak_rss": peak_rss()}, f)
+                   "cuda_kernels": list(entry.cuda_kernels), "peak_rss": peak_rss(),
+                   "packed_weights": entry.packed_weights}, f)
 
 
 def _read_result(folder: str) -> CompiledEntry:
@@ -225,7 +230,7 @@ def _read_result(folder: str) -> CompiledEntry:
     return CompiledEntry(library=library, sources=files["source-"], constants=meta["constants"],
                          kernels=tuple(meta["kernels"]), device=meta["device"], binaries=files["binary-"],
                          cuda_kernels=tuple(meta["cuda_kernels"]), extern_kernels=extern,
-                         peak_rss=meta["peak_rss"])
+                         peak_rss=meta["peak_rss"], packed_weights=meta["packed_weights"])
 
 
 def compile_exported(exported, options: BuildOptions, device: str = "cpu", parallel: bool = False,
@@ -244,7 +249,8 @@ def compile_exported(exported, options: BuildOptions, device: str = "cpu", paral
                                                   parallel, objects) as config:
         package = os.path.join(root, "entry.pt2")
         try:
-            _torch.aoti_compile(exported, package, config)
+            with _torch.onednn_conv_records() as conv_records:
+                _torch.aoti_compile(exported, package, config)
         except Exception as e:  # a compiler failure, or a lowering Inductor does not support
             raise BuildError(f"Inductor could not compile the graph: {type(e).__name__}: "
                              f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
@@ -270,8 +276,23 @@ def compile_exported(exported, options: BuildOptions, device: str = "cpu", paral
         constants = rt_torch.constant_fqns(runner)
     check_constant_layouts(sources.get("wrapper.cpp", b"").decode())
     kernels = _torch_text.kernel_symbols(sources.get("kernel.cpp", b"").decode())
+    packed = onednn_packed_weights(conv_records, constants, sources.get("wrapper.cpp", b"").decode())
     return CompiledEntry(library=library, sources=sources, constants=constants, kernels=kernels,
-                         extern_kernels=extern)
+                         extern_kernels=extern, packed_weights=packed)
+
+
+def onednn_packed_weights(records: dict[str, dict], constants: dict[str, str], wrapper: str) -> dict[str, dict]:
+    """The manifest's ``packed_weights`` of a CPU entry: for each of the code's constants that it passes only to
+    oneDNN's convolution (``_torch._convolutions_to_onednn`` routed it there and recorded it under its weight's
+    name, and the generated wrapper uses it in no other way), the record the runtime packs it by, sorted by
+    constant name. A constant that is not both stays bound to the stored weight, which the op also takes
+    (slower, same outputs)."""
+    by_weight: dict[str, list[str]] = {}
+    for cname, wname in constants.items():
+        by_weight.setdefault(wname, []).append(cname)
+    wanted = {names[0]: records[w] for w, names in by_weight.items() if w in records and len(names) == 1}
+    usable = _torch_text.onednn_conv_weights(wrapper, wanted)
+    return {c: {"kind": "onednn_conv", **wanted[c]} for c in sorted(usable)}
 
 
 def for_inductor(exported):

@@ -625,6 +625,8 @@ def _build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, exa
             if code.extern_kernels is not None:
                 entry["extern_kernels"] = fmt.extern_kernels_blob(i)
                 blobs.append(package.Blob(entry["extern_kernels"], code.extern_kernels))
+            if code.packed_weights:
+                entry["packed_weights"] = code.packed_weights
             if device == "cuda":
                 entry["cuda"] = _cuda_record(i, code, options, blobs)
             manifest_entries.append(entry)

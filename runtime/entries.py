@@ -92,15 +92,23 @@ class Entry:
                               o.get("value")) for o in output_leaves]
         # Shared by the calls of every entry of a package; a swap of the weights holds it alone.
         self.swap_lock: Any = contextlib.nullcontext()
+        # The code's constants bound to a weight packed for oneDNN (``packed_weights``, checked by check_entry).
+        self.packed_weights: dict[str, PackedWeight] = {}
 
     def weight_constants(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The code's constants that are weights (not state), bound to ``weights`` (by weight name)."""
-        return {c: weights[w] for c, w in self.meta["constants"].items() if c not in self.state_constants}
+        """The code's constants that are weights (not state), bound to ``weights`` (by weight name), those in
+        ``packed_weights`` packed for oneDNN from them."""
+        return packed_constants({c: weights[w] for c, w in self.meta["constants"].items()
+                                 if c not in self.state_constants}, self.packed_weights)
 
-    def bind_weights(self, weights: dict[str, torch.Tensor], on_device: dict[int, dict[str, torch.Tensor]]) -> None:
+    def bind_weights(self, weights: dict[str, torch.Tensor], on_device: dict[int, dict[str, torch.Tensor]],
+                     bound: dict[str, torch.Tensor] | None = None) -> None:
         """Point the code at new weights (no copy; the caller keeps them alive). Call it only while no call
-        runs (under ``swap_lock.swap()``). ``on_device``: the weights on each GPU (CUDA entries)."""
-        _bind(self._pool if self._pool is not None else self._runner, self.weight_constants(weights))
+        runs (under ``swap_lock.swap()``). ``on_device``: the weights on each GPU (CUDA entries); ``bound``:
+        ``weight_constants(weights)``, computed beforehand (packing weights takes a while: calls need not
+        wait for it)."""
+        _bind(self._pool if self._pool is not None else self._runner,
+              self.weight_constants(weights) if bound is None else bound)
 
     def label(self) -> str:
         """The entry's name and guard summary, as GuardError messages show it."""
@@ -192,7 +200,8 @@ class CudaEntry(Entry):
             flat = pool.run(lambda runner: _torch.cuda_run(runner, tensors, index), state, token)
         return self._outputs_from(flat)
 
-    def bind_weights(self, weights: dict[str, torch.Tensor], on_device: dict[int, dict[str, torch.Tensor]]) -> None:
+    def bind_weights(self, weights: dict[str, torch.Tensor], on_device: dict[int, dict[str, torch.Tensor]],
+                     bound: dict[str, torch.Tensor] | None = None) -> None:
         """Point the code loaded on each GPU at that GPU's copy of the new weights (``on_device``)."""
         for index, runner in self._runners.items():
             _bind(runner, self.weight_constants(on_device[index]))
@@ -252,6 +261,82 @@ class CheckedEntry:
     extern_kernels: str | None  # blob name of the proxy executor's description, if the code needs one
     cuda: CudaMeta | None
     state_constants: dict  # the code's constant name -> state buffer name (empty without state)
+    packed_weights: dict  # the code's constant name -> PackedWeight (empty when the entry has none)
+
+
+# The kinds of ``packed_weights`` records this reader computes.
+PACKED_KINDS = ("onednn_conv",)
+
+
+@dataclass(frozen=True)
+class PackedWeight:
+    """How to compute, at load, the tensor a constant of the code is bound to from the weight it names: a
+    convolution weight in oneDNN's layout for this host (``kind`` ``onednn_conv``), for the convolution's
+    padding, stride, dilation, groups and input size."""
+
+    padding: tuple[int, ...]
+    stride: tuple[int, ...]
+    dilation: tuple[int, ...]
+    groups: int
+    input_size: tuple[int, ...]
+
+    def pack(self, weight: torch.Tensor) -> torch.Tensor:
+        return _torch.onednn_conv_weight(weight, list(self.padding), list(self.stride), list(self.dilation),
+                                         self.groups, list(self.input_size))
+
+
+def packed_constants(bound: dict[str, torch.Tensor], packed: dict[str, PackedWeight]) -> dict[str, torch.Tensor]:
+    """``bound`` (the code's constant name -> weight) with each constant of ``packed`` bound to its weight packed
+    for this host instead (a weight that several of them read is packed once per record)."""
+    if not packed:
+        return bound
+    out, done = dict(bound), {}
+    for c, p in packed.items():
+        key = (id(bound[c]), p)
+        if key not in done:
+            done[key] = p.pack(bound[c])
+        out[c] = done[key]
+    return out
+
+
+def _packed_weights(meta: dict, where: str, device: str, constants: dict, state_constants: dict,
+                    weights: dict) -> dict[str, PackedWeight]:
+    """The entry's ``packed_weights``, checked against its constants and the weights' records."""
+    if "packed_weights" not in meta:
+        return {}
+    where = f"{where}.packed_weights"
+    records = field_of(meta, "packed_weights", dict, where.rsplit(".", 1)[0])
+    if device != "cpu":
+        raise ArchiveError(f"{where} is on a {device} entry; only CPU entries have packed weights")
+    out = {}
+    for cname, r in records.items():
+        rw = f"{where}[{cname!r}]"
+        if cname not in constants or cname in state_constants:
+            raise ArchiveError(f"{rw} names a constant that is not one of the entry's weight constants")
+        if not isinstance(r, dict):
+            raise ArchiveError(f"{rw} must be a JSON object")
+        kind = field_of(r, "kind", str, rw)
+        if kind not in PACKED_KINDS:
+            raise ArchiveError(f"{rw}.kind is {kind!r}; this reader knows {', '.join(PACKED_KINDS)}")
+
+        def ints(key: str, n: int, low: int) -> tuple[int, ...]:
+            v = field_of(r, key, list, rw)
+            if len(v) != n or not all(type(x) is int and x >= low for x in v):
+                raise ArchiveError(f"{rw}.{key} is {v!r}; expected {n} integers of at least {low}")
+            return tuple(v)
+
+        groups = field_of(r, "groups", int, rw)
+        p = PackedWeight(ints("padding", 2, 0), ints("stride", 2, 1), ints("dilation", 2, 1), groups,
+                         ints("input_size", 4, 1))
+        w = weights.get(constants[cname])
+        shape = tuple(getattr(w, "shape", ()) or ())
+        if getattr(w, "dtype", None) != "float32" or len(shape) != 4 or groups < 1 \
+                or shape[0] % groups or shape[1] * groups != p.input_size[1]:
+            raise ArchiveError(f"{rw} packs weight {constants[cname]!r} ({getattr(w, 'dtype', None)} "
+                               f"{list(shape)}) for a convolution of {groups} groups on an input of "
+                               f"{list(p.input_size)}; expected a float32 weight [out, in/groups, h, w] that fits it")
+        out[cname] = p
+    return out
 
 
 def check_entry(i: int, m: Manifest, weight_names: set[str], blob_sizes: dict[str, int]) -> CheckedEntry:
@@ -306,7 +391,9 @@ def check_entry(i: int, m: Manifest, weight_names: set[str], blob_sizes: dict[st
         m.blob(extern)
     cuda = CudaMeta.from_json(field_of(meta, "cuda", dict, where), f"{where}.cuda", blob_sizes) \
         if device == "cuda" else None
-    return CheckedEntry(guards, device, outputs, output_leaves, constants, library, extern, cuda, state_constants)
+    packed = _packed_weights(meta, where, device, constants, state_constants, {w.name: w for w in m.weights})
+    return CheckedEntry(guards, device, outputs, output_leaves, constants, library, extern, cuda, state_constants,
+                        packed)
 
 
 def entry_from_manifest(i: int, archive: Archive, weights: dict[str, torch.Tensor], cache_root: str,
@@ -335,12 +422,16 @@ def entry_from_manifest(i: int, archive: Archive, weights: dict[str, torch.Tenso
                                f"({str(e).splitlines()[0]})", path=path) from None
 
     try:
-        runner = _load_code(load_one, num_models, c.constants, weights, c.state_constants, where, path)
+        runner = _load_code(load_one, num_models, c.constants, weights, c.state_constants, where, path,
+                            c.packed_weights)
     finally:
         library.close()  # loaded (the runner read the extern-kernel description at its construction)
     if c.state_constants:
-        return Entry(i, meta, c.guards, None, c.outputs, c.output_leaves, c.state_constants, pool=runner)
-    return Entry(i, meta, c.guards, runner, c.outputs, c.output_leaves)
+        entry = Entry(i, meta, c.guards, None, c.outputs, c.output_leaves, c.state_constants, pool=runner)
+    else:
+        entry = Entry(i, meta, c.guards, runner, c.outputs, c.output_leaves)
+    entry.packed_weights = c.packed_weights
+    return entry
 
 
 def _bind(runner: Any, bound: dict[str, torch.Tensor]) -> None:
@@ -353,7 +444,8 @@ def _bind(runner: Any, bound: dict[str, torch.Tensor]) -> None:
 
 
 def _load_code(load_one: Callable[[int], Any], num_models: int, constants: dict[str, str],
-               weights: dict[str, torch.Tensor], state_constants: dict[str, str], where: str, path: str) -> Any:
+               weights: dict[str, torch.Tensor], state_constants: dict[str, str], where: str, path: str,
+               packed: dict[str, PackedWeight] | None = None) -> Any:
     """An entry's code with its weights bound: one container of ``num_models`` models for an entry without
     state; for one with state, a ``RunnerPool`` of ``num_models`` containers (one model each: the models of
     one container share its constants, so two of them could not hold two sessions' state)."""
@@ -361,7 +453,7 @@ def _load_code(load_one: Callable[[int], Any], num_models: int, constants: dict[
     # The code knows the weight each of its constants came from: a manifest that says otherwise is wrong.
     if _torch.constant_fqns(runners[0]) != constants:
         raise ArchiveError(f"{where}.constants do not match the constants of its native code", path=path)
-    bound = {c: weights[w] for c, w in constants.items() if c not in state_constants}
+    bound = packed_constants({c: weights[w] for c, w in constants.items() if c not in state_constants}, packed or {})
     for runner in runners:
         if state_constants:  # the state is bound per call (RunnerPool)
             _torch.bind_constants(runner, bound)

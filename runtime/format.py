@@ -27,6 +27,9 @@ Changelog of ``FORMAT_VERSION`` (readers accept ``MIN_READ_VERSION..FORMAT_VERSI
                stored tensors that are not in the model's ``state_dict`` (``"state_dict": false``: lifted
                constants, non-persistent buffers), and the ``state_dict`` names the code never reads
                (``unread_weights``).
+               A CPU entry may say, at any version, which of its constants the loader binds to a weight
+               packed for oneDNN on the serving host (``packed_weights``: an older reader binds the plain
+               weight, which the code also takes, and computes the same outputs more slowly).
 
 May not: import torch or any aotpack module but ``errors``: the writer and the reader both import it.
 """

@@ -117,3 +117,19 @@ def test_new_weights_example_is_valid_at_any_version_and_external_weights_need_v
     assert "### Weights beside the pack" in DOC and '"file": NAME, "sha256": HEX, "size": N' in DOC
     with pytest.raises(ArchiveError, match="'unused.bias' twice"):
         fmt.Manifest.from_json(dict(manifest, unread_weights=["unused.bias", "unused.bias"]))
+
+
+def test_packed_weights_example_is_read_at_any_version():
+    """The example of "Packed weights" is what the loader checks and packs by (a record for a weight of the
+    shape the convolution needs), in a manifest of any version."""
+    from aotpack_runtime.entries import PackedWeight, _packed_weights
+
+    blocks = re.findall(r"```json\n(.*?)```", DOC, re.S)
+    example = json.loads(next(b for b in blocks if '"packed_weights"' in b))
+    weight = fmt.WeightRecord(name="features.4.weight", blob="weights/0", dtype="float32", shape=(32, 16, 3, 3))
+    constants = {"features_4_weight": "features.4.weight"}
+    packed = _packed_weights(example, "doc", "cpu", constants, {}, {weight.name: weight})
+    assert packed == {"features_4_weight": PackedWeight((1, 1), (1, 1), (1, 1), 1, (4, 16, 16, 16))}
+    assert fmt.v4_features({"entries": [example]}) == [] and fmt.v5_features({"entries": [example]}) == []
+    with pytest.raises(ArchiveError, match="only CPU entries have packed weights"):
+        _packed_weights(example, "doc", "cuda", constants, {}, {weight.name: weight})
