@@ -49,7 +49,8 @@ def build(model: Any, example_inputs: tuple | None = None, output: str | pathlib
           dynamic_shapes: Any = None, specializations: Any = (), cpu_isa: str | None = None,
           devices: tuple[str, ...] = ("cpu",), cuda_archs: Any = (), without_gpu: bool = False,
           cpu_threads: int | None = None, cache_positions: Any = None, cache: Any = True,
-          progress: Any = None, methods: dict | None = None, weights: str = "internal") -> pathlib.Path:
+          progress: Any = None, methods: dict | None = None, weights: str = "internal",
+          onednn_convs: bool = True) -> pathlib.Path:
     """Capture, guard, compile and package ``model(*example_inputs, **example_kwargs)`` into ``output``.
 
     ``model`` is an ``nn.Module`` or a plain function of tensors; ``example_inputs`` a tuple. Module state
@@ -64,7 +65,8 @@ def build(model: Any, example_inputs: tuple | None = None, output: str | pathlib
     ``cuda_archs`` the compute capabilities of CUDA code (``"80,90"`` or ``(80, 90)``; default the build
     GPU's); ``without_gpu`` builds CUDA entries on a host with no GPU (experimental, see the README).
     ``cpu_threads`` is the thread count the CPU code's parallel loops are planned for (default 16; the code
-    runs on as many threads as the serving process has).
+    runs on as many threads as the serving process has). ``onednn_convs`` (default on) runs the CPU code's
+    float32 convolutions through oneDNN, with weights the runtime packs into oneDNN's layout at load.
     Buffers the model writes in place (an LLM's KV cache) become the pack's state, served through sessions
     (``pkg.session()``); ``cache_positions`` (``{"input": "cache_position", "limit": 64, "span": ["input_ids",
     1]}``) names the input holding cache positions, so that calls past the cache are refused; for Hugging
@@ -93,7 +95,7 @@ def build(model: Any, example_inputs: tuple | None = None, output: str | pathlib
     if methods is None and example_inputs is None:
         raise BuildError("build needs example_inputs (a tuple), or methods= (name -> aotpack.Method)")
     options = front.options(cpu_isa=cpu_isa, devices=devices, cuda_archs=cuda_archs, without_gpu=without_gpu,
-                            cpu_threads=cpu_threads)
+                            cpu_threads=cpu_threads, onednn_convs=onednn_convs)
     report = front.build(model, example_inputs, output, options=options, cache=cache, progress=_progress(progress),
                          source=f"aotpack.build({type(model).__name__})", example_kwargs=example_kwargs,
                          dynamic_shapes=dynamic_shapes, specializations=specializations,

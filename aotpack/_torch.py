@@ -48,6 +48,13 @@ BASE_INDUCTOR_CONFIG: dict[str, Any] = {
     # a weight of a few elements (a bias of one, a scale buffer) into the code, so the code would depend on
     # the weights' values and new weights (load_weights, reweight) would not reach it.
     "always_keep_tensor_constants": True,
+    # The code must not depend on the weights' values either: joint-graph constant folding evaluates what is
+    # computed from weights alone at build time and puts a result whose elements are all equal into the code
+    # as a number (``scale.exp()`` of a one-element scale; ``1 + weight`` of a norm weight initialised to
+    # zeros), so such a weight would stop reaching the code, and new weights would be ignored in silence.
+    # It also reads a mutated one-element state buffer's build-time value (pytorch/pytorch#165444), and with
+    # no GPU it would run ops on one.
+    "joint_graph_constant_folding": False,
 }
 
 # Options that older torch releases lack, with the first minor version that has each and why leaving it out
@@ -81,14 +88,12 @@ CUDA_INDUCTOR_CONFIG: dict[str, Any] = {
     "coordinate_descent_tuning": False,
 }
 
-# Added when there is no GPU: nothing may benchmark on one (pad_mm does), nothing may run a real op on one
-# (the joint-graph constant folding evaluates pointwise ops, e.g. a masked_fill's -inf, on the graph's
-# device; the kernels compute those values instead). Nothing reads a weight's value either: the weights are
-# fake here, and BASE_INDUCTOR_CONFIG keeps every weight a constant.
+# Added when there is no GPU: nothing may benchmark on one (pad_mm does). Nothing runs a real op on one or
+# reads a weight's value either (the weights are fake here): BASE_INDUCTOR_CONFIG keeps every weight a
+# constant and turns joint-graph constant folding off.
 NO_GPU_INDUCTOR_CONFIG: dict[str, Any] = {
     "shape_padding": False,
     "benchmark_kernel": False,
-    "joint_graph_constant_folding": False,
 }
 
 def _complex_casts_to_aten(graph) -> None:
@@ -110,6 +115,104 @@ def _complex_casts_to_aten(graph) -> None:
         copy.meta.update(node.meta)
         node.replace_all_uses_with(copy)
         graph.erase_node(node)
+
+
+# oneDNN convolutions (``BuildOptions.onednn_convs``): the records of the convolutions the post-grad pass below
+# routed to oneDNN in the compile now running (get_attr target of the weight -> its record), or None when no
+# compile collects them (see ``onednn_conv_records``).
+_onednn_records: dict[str, dict] | None = None
+# The oneDNN convolution op that the pass emits (``mkldnn._convolution_pointwise``: Inductor lowers it to an
+# extern call, ``aoti_torch_cpu_mkldnn__convolution_pointwise``, with the weight passed as the constant itself).
+ONEDNN_CONV_OP = "mkldnn._convolution_pointwise"
+
+
+@contextlib.contextmanager
+def onednn_conv_records() -> Iterator[dict[str, dict]]:
+    """Collect, during one compile, what ``_convolutions_to_onednn`` records: for each weight it routed to
+    oneDNN (by the get_attr target of its node, the weight's ``state_dict`` name), the convolution's
+    ``padding``, ``stride``, ``dilation``, ``groups`` and ``input_size``, which is what packing the weight for
+    oneDNN at load needs."""
+    global _onednn_records
+    records: dict[str, dict] = {}
+    _onednn_records = records
+    try:
+        yield records
+    finally:
+        _onednn_records = None
+
+
+def _static_ints(values) -> list[int] | None:
+    try:
+        return [int(v) for v in values] if all(isinstance(v, int) for v in values) else None
+    except TypeError:
+        return None
+
+
+def _convolutions_to_onednn(graph) -> None:
+    """Inductor's post-grad pass for CPU entries with ``onednn_convs``: a float32 2-d convolution (not
+    transposed) of static shape whose weight is a stored weight read by no other op calls oneDNN
+    (``mkldnn._convolution_pointwise``) with that weight as it is, instead of ``aten.convolution``.
+
+    ATen's own choice at batch 1 is its im2col + GEMM kernel for most convolutions; oneDNN's is several times
+    faster once its weight is in oneDNN's packed layout, which the runtime computes at load, on the serving
+    host, from the stored weight (``packed_weights`` in the manifest). The op also accepts the plain weight
+    (it then reorders it on every call), so code whose constant is bound to the stored weight, by an older
+    reader, computes the same outputs, only slower. Records each rewritten weight in ``onednn_conv_records``.
+    """
+    if not torch.backends.mkldnn.is_available():
+        return
+    conv = torch.ops.aten.convolution.default
+    targets: dict[Any, list] = {}
+    reads: dict[str, int] = {}  # get_attr target -> how many get_attr nodes read it
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            reads[str(node.target)] = reads.get(str(node.target), 0) + 1
+        if node.op == "call_function" and node.target is conv and len(node.args) == 9:
+            targets.setdefault(node.args[1], []).append(node)
+    for weight, convs in targets.items():
+        if getattr(weight, "op", None) != "get_attr" or reads.get(str(weight.target)) != 1 \
+                or len(weight.users) != len(convs):
+            continue
+        plans = []
+        for node in convs:
+            x, w, bias, stride, padding, dilation, transposed, _, groups = node.args
+            xv, wv = x.meta.get("val"), w.meta.get("val")
+            if not (isinstance(xv, torch.Tensor) and isinstance(wv, torch.Tensor)) or transposed:
+                break
+            if xv.dim() != 4 or wv.dim() != 4 or xv.dtype != torch.float32 or wv.dtype != torch.float32 \
+                    or xv.device.type != "cpu" or wv.device.type != "cpu" or not wv.is_contiguous():
+                break
+            if bias is not None and not (isinstance(bias.meta.get("val"), torch.Tensor)
+                                         and bias.meta["val"].dtype == torch.float32):
+                break
+            record = {"padding": _static_ints(padding), "stride": _static_ints(stride),
+                      "dilation": _static_ints(dilation), "groups": groups if isinstance(groups, int) else None,
+                      "input_size": _static_ints(xv.shape)}
+            if any(v is None for v in record.values()) or len(record["padding"]) != 2 \
+                    or len(record["stride"]) != 2 or len(record["dilation"]) != 2:
+                break
+            plans.append((node, record))
+        else:
+            # One packed weight per stored weight: every convolution that reads it must pack it the same way.
+            if any(r != plans[0][1] for _, r in plans):
+                continue
+            for node, record in plans:
+                x, w, bias = node.args[:3]
+                with graph.inserting_before(node):
+                    new = graph.call_function(torch.ops.mkldnn._convolution_pointwise.default,
+                                              (x, w, bias, record["padding"], record["stride"],
+                                               record["dilation"], record["groups"], "none", [], ""))
+                new.meta.update(node.meta)
+                node.replace_all_uses_with(new)
+                graph.erase_node(node)
+            if _onednn_records is not None:
+                _onednn_records[str(weight.target)] = plans[0][1]
+
+
+def _cpu_post_grad(graph) -> None:
+    """The post-grad passes of a CPU entry with ``onednn_convs``."""
+    _complex_casts_to_aten(graph)
+    _convolutions_to_onednn(graph)
 
 
 def _graph_pass(fn):
@@ -135,11 +238,10 @@ ISA_COMPILER_OPTIONS: dict[str, dict[str, Any]] = {
 }
 
 
-# Added for graphs that write buffers in place (a pack's state): joint-graph constant folding reads a
-# mutated one-element buffer's build-time value into the code (pytorch/pytorch#165444), and runtime constant
-# folding stops the writes altogether; both stay off.
+# Added for graphs that write buffers in place (a pack's state): runtime constant folding stops the writes
+# altogether (joint-graph constant folding, which would read a mutated one-element buffer's build-time value
+# into the code, is off for every build: BASE_INDUCTOR_CONFIG).
 STATEFUL_INDUCTOR_CONFIG: dict[str, Any] = {
-    "joint_graph_constant_folding": False,
     "aot_inductor.use_runtime_constant_folding": False,
 }
 
@@ -155,7 +257,8 @@ def compiler_march(cpu_isa: str) -> str | None:
     return march
 
 
-def inductor_options(cpu_isa: str, cpu_threads: int, stateful: bool = False) -> dict[str, Any]:
+def inductor_options(cpu_isa: str, cpu_threads: int, stateful: bool = False,
+                     onednn_convs: bool = False) -> dict[str, Any]:
     """The Inductor config of a build for ``cpu_isa``, with CPU code planned for ``cpu_threads`` threads
     (and, for a ``stateful`` graph, ``STATEFUL_INDUCTOR_CONFIG``).
 
@@ -164,11 +267,13 @@ def inductor_options(cpu_isa: str, cpu_threads: int, stateful: bool = False) -> 
     a build under OMP_NUM_THREADS=1, as Ray and Dask workers set, would emit serial kernels. A fixed plan and
     dynamic OpenMP regions make the code independent of the build host's cores and thread settings, while
     it still uses every thread the serving process has.
+
+    ``onednn_convs`` (CPU entries): float32 convolutions call oneDNN (``_convolutions_to_onednn``).
     """
     config = _available(BASE_INDUCTOR_CONFIG)
     config.update(_available(ISA_COMPILER_OPTIONS[cpu_isa]))
     config["cpp.threads"] = cpu_threads
-    config["post_grad_custom_pre_pass"] = _graph_pass(_complex_casts_to_aten)
+    config["post_grad_custom_pre_pass"] = _graph_pass(_cpu_post_grad if onednn_convs else _complex_casts_to_aten)
     # Inductor writes its AOTI_* entries (device key, CPU ISA, platform) into this dict in place at every
     # compile: a fresh one per build keeps them out of the global config, where they would change the next
     # build's effective config (and so its build cache key).

@@ -109,6 +109,32 @@ def wrapper_constants(wrapper_source: str) -> list[ConstantInfo]:
                          offset=int(offsets.get(i, "0"))) for i in sorted(names, key=int)]
 
 
+# A generated CPU wrapper's call of oneDNN's convolution (``mkldnn._convolution_pointwise``) on a constant weight:
+#   aoti_torch_cpu_mkldnn__convolution_pointwise(buf0, stem_0_weight, nullptr, std::array<...
+_ONEDNN_CONV = re.compile(r"\baoti_torch_cpu_mkldnn__convolution_pointwise\(\s*\w+,\s*(\w+)\s*,")
+# The wrapper binds each constant to a local name once: ``[[maybe_unused]] auto& NAME = constants_->at(3);``
+_CONSTANT_BINDING = r"auto&\s+{name}\s*=\s*constants_->at\(\d+\);"
+
+
+def onednn_conv_weights(wrapper_source: str, names) -> set[str]:
+    """Those of the constants ``names`` that a generated CPU wrapper passes to oneDNN's convolution as its
+    weight and uses in no other way (outside the constants table and the constant's local binding): only
+    these may be bound to a weight in oneDNN's packed layout, which nothing else can read."""
+    text = re.sub(r'"[^"\n]*"', '""', wrapper_source)  # the constants table names them in strings
+    as_weight: dict[str, int] = {}
+    for m in _ONEDNN_CONV.finditer(text):
+        as_weight[m.group(1)] = as_weight.get(m.group(1), 0) + 1
+    found = set()
+    for name in names:
+        if name not in as_weight:
+            continue
+        uses = len(re.findall(r"\b" + re.escape(name) + r"\b", text))
+        bindings = len(re.findall(_CONSTANT_BINDING.format(name=re.escape(name)), text))
+        if bindings == 1 and uses == bindings + as_weight[name]:
+            found.add(name)
+    return found
+
+
 @dataclass(frozen=True)
 class CudaKernel:
     """A kernel a generated CUDA wrapper loads: its name, binary file name, shared memory and warps."""

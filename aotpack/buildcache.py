@@ -13,6 +13,11 @@ sha256 of those inputs, computed after capture and before compile:
   triton's version, Python, the C++ compiler's and the linker's version lines, the C library; for CUDA
   entries nvcc's version, torch's CUDA version and the build GPU.
 
+Each entry's record keeps the key's material (``material``), and the manifest sha256 of each stored pack
+leads to its key (``remember_manifest``): ``reweight`` finds the record of its base pack there and stores the
+pack it writes under the key a full build of the same model with the new weights computes (the material with
+the new weights' sha256; see ``reweight.cache_reweighted``).
+
 A hit copies the cached pack to the output (hashing it on the way: a damaged entry is dropped and the build
 compiles instead). The cache is a folder (``$AOTPACK_BUILD_CACHE/packs``, beside the toolchain folder of
 ``toolchain.toolchain_dir``): every file is written under a temporary name and renamed into place, so several
@@ -264,28 +269,30 @@ class BuildCache:
             return None
         return CacheEntry(key=key, pack=path, meta=record, size=size, last_used=time.time())
 
-    def _source_path(self, source_key: str) -> pathlib.Path:
+    def _source_path(self, source_key: str, index: str = "sources") -> pathlib.Path:
         if len(source_key) != 64 or any(c not in "0123456789abcdef" for c in source_key):
-            raise BuildError(f"not a source key: {source_key!r}")
-        return self.root / "sources" / source_key[:2] / f"{source_key}.json"
+            raise BuildError(f"not a {'source key' if index == 'sources' else 'sha256'}: {source_key!r}")
+        return self.root / index / source_key[:2] / f"{source_key}.json"
 
     def file_index(self) -> pathlib.Path:
         """The index of source files' digests the source keys use (``sourcekey.FileDigests``)."""
         return self.root / "sources" / "files.json"
 
-    def recall(self, source_key: str) -> str | None:
-        """The key of the pack a build with this source key made (``sourcekey``), or None."""
+    def recall(self, source_key: str, index: str = "sources") -> str | None:
+        """The key of the pack a build with this source key made (``sourcekey``), or None. ``index="manifests"``:
+        the key of the pack cached with this manifest sha256 (``remember_manifest``)."""
         try:
-            found = json.loads(self._source_path(source_key).read_text()).get("key")
+            found = json.loads(self._source_path(source_key, index).read_text()).get("key")
         except (OSError, ValueError, AttributeError):
             return None
         if isinstance(found, str) and len(found) == 64 and all(c in "0123456789abcdef" for c in found):
             return found
         return None
 
-    def remember(self, source_key: str, key: str) -> None:
-        """Record that the build with ``source_key`` made the pack cached under ``key``."""
-        path = self._source_path(source_key)
+    def remember(self, source_key: str, key: str, index: str = "sources") -> None:
+        """Record that the build with ``source_key`` made the pack cached under ``key`` (``index="manifests"``:
+        that the pack whose manifest has the sha256 ``source_key`` is cached under ``key``)."""
+        path = self._source_path(source_key, index)
         tmp = path.with_name(f".{source_key[:16]}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -293,18 +300,50 @@ class BuildCache:
             os.replace(tmp, path)
         except OSError as e:
             tmp.unlink(missing_ok=True)
-            _warn(f"cannot write the build cache at {path.parent}: {e.strerror}; the next build of this model "
-                  "captures it again to find its pack")
+            _warn(f"cannot write the build cache at {path.parent}: {e.strerror}; " + (
+                "the next build of this model captures it again to find its pack" if index == "sources" else
+                "reweight cannot find this pack's record to cache the packs it writes from it"))
+
+    def remember_manifest(self, pack: str | os.PathLike, key: str) -> None:
+        """Record that the pack at ``pack`` (its manifest pins every byte of it) is cached under ``key``: what
+        ``reweight`` looks its base up by (``record_of``)."""
+        from aotpack_runtime.archive import Archive
+
+        try:
+            archive = Archive.open(os.fspath(pack))
+        except Exception as e:  # noqa: BLE001 -- the pack was just written; the cache never fails a build
+            _warn(f"cannot read {pack} to index it in the build cache ({e})")
+            return
+        try:
+            self.remember(archive.manifest_sha256, key, "manifests")
+        finally:
+            archive.close()
+
+    def record_of(self, manifest_sha256: str) -> tuple[str, dict] | None:
+        """The key and record of the cached pack whose manifest has this sha256 (``remember_manifest``), if the
+        pack is still there; else None."""
+        key = self.recall(manifest_sha256, "manifests")
+        if key is None:
+            return None
+        pack, meta_path = self._paths(key)
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(meta, dict) or not pack.is_file():
+            return None
+        return key, meta
 
     def _forget_sources(self, keys: set[str], everything: bool) -> None:
-        """Remove the source keys that lead to the given pack keys (all, and the file index, with
-        ``everything``)."""
+        """Remove the source keys and manifest records that lead to the given pack keys (all, and the file
+        index, with ``everything``)."""
         if everything:
             self.file_index().unlink(missing_ok=True)
-        for path in (self.root / "sources").glob("??/*.json"):
-            with contextlib.suppress(OSError, ValueError, AttributeError):
-                if everything or json.loads(path.read_text()).get("key") in keys:
-                    path.unlink()
+        for index in ("sources", "manifests"):
+            for path in (self.root / index).glob("??/*.json"):
+                with contextlib.suppress(OSError, ValueError, AttributeError):
+                    if everything or json.loads(path.read_text()).get("key") in keys:
+                        path.unlink()
 
     def entries(self) -> list[CacheEntry]:
         """Every complete entry, most recently used first."""

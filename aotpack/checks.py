@@ -111,9 +111,9 @@ def _check_host(archive) -> str:
 
 def _weight_sha(archive, w) -> str:
     """What tells a weight's value: its blob's sha256, or for a weight kept in a file beside the pack, that
-    file's sha256 and the weight's name."""
+    file's sha256 and the name of its tensor there."""
     if w.blob is None:
-        return f"{archive.manifest.external_weights.sha256}:{w.name}"
+        return f"{archive.manifest.external_weights.sha256}:{w.file_name}"
     return archive.manifest.blob(w.blob).sha256
 
 

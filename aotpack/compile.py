@@ -32,6 +32,7 @@ from typing import Callable, Iterator
 from aotpack_runtime import _torch as rt_torch
 from aotpack_runtime.devices import EXTERN_KERNELS_FILE, LIBRARY_FILE
 from aotpack_runtime.errors import AotpackError, BuildError, CaptureError
+from aotpack_runtime.schema import PackedWeightRecord
 
 from . import _torch, _torch_text, buildcache, toolchain
 from .capture import Captured
@@ -53,6 +54,9 @@ class CompiledEntry:
     # AOTInductor's description of the ATen calls its proxy executor makes (JSON), when the code makes any.
     extern_kernels: bytes | None = None
     peak_rss: int = 0  # bytes: the peak memory of the worker process that compiled it (0: compiled in process)
+    # The code's constants it passes only to oneDNN's convolution as its weight -> what packing that weight for
+    # oneDNN at load needs (``schema.PackedWeightRecord``): see ``onednn_packed_weights``.
+    packed_weights: dict = field(default_factory=dict)
 
 
 @contextlib.contextmanager
@@ -126,7 +130,8 @@ def _reuse_objects(cache: buildcache.BuildCache, root: str) -> Callable:
 def entry_config(options: BuildOptions, device: str, stateful: bool = False) -> dict:
     """The Inductor config aotpack compiles an entry for ``device`` with (before the compiler wrapper is
     added: see ``build_environment``); ``stateful``: the graph writes buffers in place."""
-    config = _torch.inductor_options(options.cpu_isa, options.cpu_threads, stateful)
+    config = _torch.inductor_options(options.cpu_isa, options.cpu_threads, stateful,
+                                     onednn_convs=device == "cpu" and options.onednn_convs)
     if device == "cuda":
         config.update(_torch.CUDA_INDUCTOR_CONFIG)
         config["cuda.arch"] = str(min(options.cuda_archs))
@@ -205,7 +210,8 @@ def _write_result(entry: CompiledEntry, folder: str) -> None:
     with open(os.path.join(folder, "result.json"), "w") as f:
         json.dump({"constants": entry.constants, "kernels": list(entry.kernels), "device": entry.device,
                    "sources": sorted(entry.sources), "binaries": sorted(entry.binaries),
-                   "cuda_kernels": list(entry.cuda_kernels), "peak_rss": peak_rss()}, f)
+                   "cuda_kernels": list(entry.cuda_kernels), "peak_rss": peak_rss(),
+                   "packed_weights": {c: r.to_json() for c, r in entry.packed_weights.items()}}, f)
 
 
 def _read_result(folder: str) -> CompiledEntry:
@@ -225,7 +231,9 @@ def _read_result(folder: str) -> CompiledEntry:
     return CompiledEntry(library=library, sources=files["source-"], constants=meta["constants"],
                          kernels=tuple(meta["kernels"]), device=meta["device"], binaries=files["binary-"],
                          cuda_kernels=tuple(meta["cuda_kernels"]), extern_kernels=extern,
-                         peak_rss=meta["peak_rss"])
+                         peak_rss=meta["peak_rss"],
+                         packed_weights={c: PackedWeightRecord.from_json(r, f"packed_weights[{c!r}]")
+                                         for c, r in meta["packed_weights"].items()})
 
 
 def compile_exported(exported, options: BuildOptions, device: str = "cpu", parallel: bool = False,
@@ -244,7 +252,8 @@ def compile_exported(exported, options: BuildOptions, device: str = "cpu", paral
                                                   parallel, objects) as config:
         package = os.path.join(root, "entry.pt2")
         try:
-            _torch.aoti_compile(exported, package, config)
+            with _torch.onednn_conv_records() as conv_records:
+                _torch.aoti_compile(exported, package, config)
         except Exception as e:  # a compiler failure, or a lowering Inductor does not support
             raise BuildError(f"Inductor could not compile the graph: {type(e).__name__}: "
                              f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
@@ -270,8 +279,27 @@ def compile_exported(exported, options: BuildOptions, device: str = "cpu", paral
         constants = rt_torch.constant_fqns(runner)
     check_constant_layouts(sources.get("wrapper.cpp", b"").decode())
     kernels = _torch_text.kernel_symbols(sources.get("kernel.cpp", b"").decode())
+    packed = onednn_packed_weights(conv_records, constants, sources.get("wrapper.cpp", b"").decode())
     return CompiledEntry(library=library, sources=sources, constants=constants, kernels=kernels,
-                         extern_kernels=extern)
+                         extern_kernels=extern, packed_weights=packed)
+
+
+def onednn_packed_weights(records: dict[str, dict], constants: dict[str, str],
+                          wrapper: str) -> dict[str, PackedWeightRecord]:
+    """The manifest's ``packed_weights`` of a CPU entry: for each of the code's constants that it passes only to
+    oneDNN's convolution (``_torch._convolutions_to_onednn`` routed it there and recorded it under its weight's
+    name, and the generated wrapper uses it in no other way), the record the runtime packs it by, sorted by
+    constant name. A constant that is not both stays bound to the stored weight, which the op also takes
+    (slower, same outputs)."""
+    by_weight: dict[str, list[str]] = {}
+    for cname, wname in constants.items():
+        by_weight.setdefault(wname, []).append(cname)
+    wanted = {names[0]: records[w] for w, names in by_weight.items() if w in records and len(names) == 1}
+    usable = _torch_text.onednn_conv_weights(wrapper, wanted)
+    return {c: PackedWeightRecord(kind="onednn_conv", padding=tuple(wanted[c]["padding"]),
+                                  stride=tuple(wanted[c]["stride"]), dilation=tuple(wanted[c]["dilation"]),
+                                  groups=wanted[c]["groups"], input_size=tuple(wanted[c]["input_size"]))
+            for c in sorted(usable)}
 
 
 def for_inductor(exported):

@@ -20,12 +20,13 @@ ProgressFn = Callable[[str], None]
 
 
 def options(*, cpu_isa: str | None = None, devices: Sequence[str] = ("cpu",), cuda_archs: Any = (),
-            without_gpu: bool = False, cpu_threads: int | None = None) -> BuildOptions:
+            without_gpu: bool = False, cpu_threads: int | None = None, onednn_convs: bool = True) -> BuildOptions:
     """The resolved :class:`BuildOptions` for these values, so that a bad option is a ``BuildError`` before
     the model runs. ``cuda_archs`` is ``"80,90"``, one int, or a list of either."""
     archs = tuple(cuda_archs) if isinstance(cuda_archs, (list, tuple)) else (cuda_archs,)
     return BuildOptions(cpu_isa=cpu_isa, devices=tuple(devices), cuda_archs=archs, without_gpu=without_gpu,
-                        cpu_threads=DEFAULT_CPU_THREADS if cpu_threads is None else cpu_threads).resolved()
+                        cpu_threads=DEFAULT_CPU_THREADS if cpu_threads is None else cpu_threads,
+                        onednn_convs=onednn_convs).resolved()
 
 
 def cache_setting(no_cache: bool, cache_dir: str | os.PathLike | None) -> Any:

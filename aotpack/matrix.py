@@ -146,6 +146,13 @@ def _check_keys(item: object, allowed: tuple[str, ...], where: str) -> dict:
     return item
 
 
+def _table(item: object, allowed: tuple[str, ...], where: str, problems: _Problems) -> dict | None:
+    """``item`` as a table whose unknown keys are noted in ``problems``; None where it is not a table."""
+    with problems.collect():
+        _check_keys(item, allowed, where)
+    return item if isinstance(item, dict) else None
+
+
 def _strings(value: object, where: str, key: str) -> tuple[str, ...]:
     if isinstance(value, str):
         value = [value]
@@ -173,9 +180,8 @@ def _name(value: object, where: str) -> str:
 
 def _model(item: object, i: int, folder: str, problems: _Problems) -> Model | None:
     where = f"[[model]] {i + 1}"
-    with problems.collect():
-        item = _check_keys(item, MODEL_KEYS, where)
-    if not isinstance(item, dict):
+    item = _table(item, MODEL_KEYS, where, problems)
+    if item is None:
         return None
     count = len(problems.found)
     file, func, full = "", "", ""
@@ -199,9 +205,8 @@ def _model(item: object, i: int, folder: str, problems: _Problems) -> Model | No
 
 def _target(item: object, i: int, problems: _Problems) -> Target | None:
     where = f"[[target]] {i + 1}"
-    with problems.collect():
-        item = _check_keys(item, TARGET_KEYS, where)
-    if not isinstance(item, dict):
+    item = _table(item, TARGET_KEYS, where, problems)
+    if item is None:
         return None
     count = len(problems.found)
     isa = item.get("cpu_isa")

@@ -31,6 +31,9 @@ class BuildOptions:
     kernels run in parallel and how many loop levels they split; the code itself runs on as many threads as
     the serving process has (OpenMP's, i.e. ``OMP_NUM_THREADS`` or the cores). It is an option, not read
     from the build host, so that the bytes do not depend on where the pack was built.
+    ``onednn_convs``: CPU entries run float32 2-d convolutions through oneDNN with weights that the runtime
+    packs into oneDNN's layout at load, on the serving host (see README, "Convolutions"); off, ATen picks
+    each convolution's kernel on every call, as eager PyTorch does.
     """
 
     cpu_isa: str | None = None
@@ -39,6 +42,7 @@ class BuildOptions:
     cuda_archs: tuple[int, ...] = ()
     without_gpu: bool = False
     cpu_threads: int = DEFAULT_CPU_THREADS
+    onednn_convs: bool = True
 
     def resolved(self) -> "BuildOptions":
         isa = self.cpu_isa
@@ -57,6 +61,8 @@ class BuildOptions:
             raise BuildError(f"compression level {self.compression_level} is outside zstd's 1..22")
         if type(self.cpu_threads) is not int or not 1 <= self.cpu_threads <= MAX_CPU_THREADS:
             raise BuildError(f"--cpu-threads must be an integer from 1 to {MAX_CPU_THREADS}, got {self.cpu_threads!r}")
+        if type(self.onednn_convs) is not bool:
+            raise BuildError(f"onednn_convs must be True or False, got {self.onednn_convs!r}")
         devices = tuple(dict.fromkeys(self.devices))
         if not devices or any(d not in DEVICES for d in devices):
             raise BuildError(f"--device must be one of {', '.join(DEVICES)} (repeatable), got {list(self.devices)}")
@@ -87,7 +93,8 @@ class BuildOptions:
                 major, minor = torch.cuda.get_device_capability()
                 archs = cudabuild.parse_archs(f"{major}{minor}")
         return BuildOptions(cpu_isa=isa, compression_level=self.compression_level, devices=devices,
-                            cuda_archs=tuple(archs), without_gpu=self.without_gpu, cpu_threads=self.cpu_threads)
+                            cuda_archs=tuple(archs), without_gpu=self.without_gpu, cpu_threads=self.cpu_threads,
+                            onednn_convs=self.onednn_convs)
 
     def to_json(self) -> dict:
         out = asdict(self)
@@ -100,4 +107,4 @@ class BuildOptions:
         """The options ``to_json`` wrote (for compile worker processes)."""
         return cls(cpu_isa=obj["cpu_isa"], compression_level=obj["compression_level"], devices=tuple(obj["devices"]),
                    cuda_archs=tuple(obj["cuda_archs"]), without_gpu=obj["without_gpu"],
-                   cpu_threads=obj["cpu_threads"])
+                   cpu_threads=obj["cpu_threads"], onednn_convs=obj["onednn_convs"])

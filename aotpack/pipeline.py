@@ -326,6 +326,15 @@ def cache_key(entries: list, options: BuildOptions, example: ExampleRecord | Non
               methods: list[MethodRecord] | None = None) -> str:
     """The build cache key of a build whose graphs are captured and guarded: see ``buildcache``. ``example`` is
     the example record of a pack of one forward (None with ``methods``, whose records hold theirs)."""
+    return buildcache.key_of(cache_material(entries, options, example, example_blobs, compiler, state_names,
+                                            positions, methods))
+
+
+def cache_material(entries: list, options: BuildOptions, example: ExampleRecord | None, example_blobs: list,
+                   compiler: str, state_names: tuple[str, ...] = (), positions: list | None = None,
+                   methods: list[MethodRecord] | None = None) -> dict:
+    """What the build cache key is the hash of (``buildcache.key_of``); its ``weights`` are every weight's
+    record by name (``buildcache.tensor_record``), which ``reweight`` replaces to key a pack with new weights."""
     graphs: dict[int, str] = {}
     records = []
     for captured, g, device in entries:
@@ -344,7 +353,7 @@ def cache_key(entries: list, options: BuildOptions, example: ExampleRecord | Non
                 "state": {"buffers": list(state_names), "positions": [p.to_json() for p in positions or ()]}}
     if methods is not None:
         material["methods"] = method_json
-    return buildcache.key_of(material)
+    return material
 
 
 def _inductor_configs(options: BuildOptions, stateful: bool) -> dict:
@@ -585,8 +594,9 @@ def _build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, exa
                           for r, record, first in plan.methods]
     if cache is not None:
         start = time.perf_counter()
-        report.key = cache_key(entries, options, example, example_blobs, compiler, state_names, positions,
-                               methods=method_records)
+        material = cache_material(entries, options, example, example_blobs, compiler, state_names, positions,
+                                  methods=method_records)
+        report.key = buildcache.key_of(material)
         took = time.perf_counter() - start
         hit = cache.fetch(report.key, output)
         if hit is not None:
@@ -620,7 +630,8 @@ def _build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, exa
             manifest_entries.append(EntryRecord(name=str(i), device=device, library=library,
                                                 constants=dict(code.constants), guards=_guards_on(g, device),
                                                 kernels=tuple(code.kernels), sources=tuple(sources),
-                                                extern_kernels=extern, cuda=cuda))
+                                                extern_kernels=extern, cuda=cuda,
+                                                packed_weights=dict(code.packed_weights)))
         blobs += example_blobs
         if any(d == "cuda" for _, _, d in entries):
             stages.say(_cuda_summary(manifest_entries, options))
@@ -658,8 +669,10 @@ def _build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, exa
     report.peak_rss = peak_rss()
     report.worker_peak_rss = max((c.peak_rss for c in compiled), default=0)
     if cache is not None and cache.store(report.key, output, {"source": source, "options": options.to_json(),
-                                                              "producer": producer(compiler)}) is not None:
+                                                              "producer": producer(compiler),
+                                                              "material": material}) is not None:
         stages.say(f"      build cache: stored {report.key[:12]} in {cache.folder}")
+        cache.remember_manifest(output, report.key)
         if report.source_key:
             cache.remember(report.source_key, report.key)
     if options.without_gpu and progress:

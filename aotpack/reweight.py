@@ -9,6 +9,9 @@ byte once where it can: a kept blob is read once, checked against its pinned sha
 base weight that is replaced is never read; a new weight is hashed once. New weights are
 checked by the runtime's own check (``aotpack_runtime.weights.fit``) before anything is written.
 
+A reweighted pack goes into the build cache under the key a full build of the same model with the new weights
+computes, when the base pack's build stored it there (``cache_reweighted``).
+
 May not: capture or compile; change the base pack's code, guards, state or example.
 """
 from __future__ import annotations
@@ -31,9 +34,12 @@ from aotpack_runtime import safetensors_file as stf
 from aotpack_runtime.archive import Archive
 from aotpack_runtime.errors import ArchiveError, BuildError, WeightsError
 from aotpack_runtime.schema import BlobRecord, ExternalWeights, Manifest
-from aotpack_runtime.weights import external_path, fit, load_external, load_weights, tensor_from_bytes, tied_groups
+from aotpack_runtime.signature import default_signature_path
+from aotpack_runtime.weights import (external_path, file_name_of, fit, given, load_external, load_weights,
+                                     tensor_from_bytes, tied_groups)
 
-from . import package
+from . import buildcache, package
+from .buildcache import BuildCache
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -93,11 +99,20 @@ class ReweightReport:
     weights: int
     changed: int
     merged: int = 0  # weights a LoRA adapter changed
+    key: str = ""  # the build cache key it was stored under ("" when it was not: ``cache_note`` says why)
+    cache_note: str = ""
+    base_signature: str = ""  # the base pack's signature file, when it has one: the new pack is not signed
 
     def summary(self) -> str:
         lora = f", {self.merged} merged with the LoRA adapter" if self.merged else ""
-        return (f"wrote {self.output} ({self.size / 1e6:.2f} MB): {self.weights} weights, {self.changed} of them "
-                f"new{lora}; same code as the base pack; in {self.seconds:.2f} s")
+        lines = [f"wrote {self.output} ({self.size / 1e6:.2f} MB): {self.weights} weights, {self.changed} of them "
+                 f"new{lora}; same code as the base pack; in {self.seconds:.2f} s"]
+        if self.cache_note:
+            lines.append(f"      build cache: {self.cache_note}")
+        if self.base_signature:
+            lines.append(f"      the base pack is signed ({self.base_signature}); this pack is not: sign it with "
+                         f"`aotpack sign {self.output} --key KEY`")
+        return "\n".join(lines)
 
 
 class _KeptWeights(Mapping):
@@ -144,11 +159,13 @@ def _verified_stored(archive: Archive, b: BlobRecord) -> package.StoredBlob:
 
 
 def reweight(base: str | os.PathLike, weights: Any, output: str | os.PathLike, *, lora: str | os.PathLike | None = None,
-             strict: bool = True, progress: Callable[[str], None] | None = None) -> ReweightReport:
+             strict: bool = True, progress: Callable[[str], None] | None = None, cache: Any = True) -> ReweightReport:
     """Write ``output``: the pack ``base`` with new weights (a safetensors file, a checkpoint folder, or a
     ``state_dict``-like mapping; None keeps the base's, for ``lora`` alone), merged with the PEFT LoRA adapter
     in the folder ``lora`` if given. The new weights are checked as ``Package.load_weights`` checks them
-    (``strict``) before anything is read or written.
+    (``strict``) before anything is read or written. ``cache`` (as ``aotpack.build``'s: True, a folder, or
+    False): where the base pack's build stored it, the pack written is stored too, under the key a full build
+    of the model with the new weights computes (``cache_reweighted``).
 
     Each byte is read and hashed once where it can be: every blob of the base but its weights is read once,
     checked against the sha256 its manifest pins and copied as stored (not recompressed); a base weight is read
@@ -185,9 +202,73 @@ def reweight(base: str | os.PathLike, weights: Any, output: str | os.PathLike, *
         out.close()
     changed = sum(1 for w in m.weights if written[w.blob] != m.blob(w.blob).sha256)
     report = ReweightReport(pathlib.Path(output), time.perf_counter() - start, size, len(m.weights), changed, merged)
+    store = BuildCache.open(cache)
+    if store is not None:
+        unread = given(weights, m.unread_weights) if weights is not None else {}
+        report.key, report.cache_note = cache_reweighted(store, archive, output, written, unread)
+        report.seconds = time.perf_counter() - start
+    signature = default_signature_path(os.fspath(base))
+    if os.path.exists(signature):
+        report.base_signature = signature
     if progress:
         progress(report.summary())
     return report
+
+
+def cache_reweighted(cache: BuildCache, base: Archive, output: str | os.PathLike, written: dict[str, str],
+                     unread: Mapping[str, torch.Tensor]) -> tuple[str, str]:
+    """Store the reweighted pack ``output`` (its blobs' sha256 ``written``) in ``cache`` under the key a full
+    build of the base pack's model with its new weights computes; return (that key, what was done).
+
+    The key is the hash of the base build's key material (its record in the cache) with each weight's sha256
+    replaced by the new one: the graphs, guards, options, toolchain and example are the base build's, and
+    the code does not depend on the weights' values (``reweight`` writes a full build's bytes). A weight's
+    record in the material is found by its name and its aliases (the names the exported graph holds it
+    under); ``unread`` gives the new values of names the code never reads (the others, and the state
+    buffers' initial values, stay the base's, as in the pack written). Nothing is stored when the base pack
+    is not in the cache (built without it, elsewhere, or pruned since): the key needs the base build's
+    material, which only a capture gives."""
+    found = cache.record_of(base.manifest_sha256)
+    if found is None:
+        return "", ("not stored: the base pack is not in the build cache (built without it, on another host, "
+                    "or pruned since), and its key needs the base build's record; a full build with these weights "
+                    "stores it")
+    base_key, meta = found
+    material = meta.get("material")
+    records = material.get("weights") if isinstance(material, dict) else None
+    if not isinstance(records, dict):
+        return "", f"not stored: the base pack's cache record {base_key[:12]} holds no key material"
+    m = base.manifest
+    records = dict(records)
+    for w in m.weights:
+        old, new = m.blob(w.blob).sha256, written[w.blob]
+        for name in (w.name, *w.aliases):
+            r = records.get(name)
+            if not isinstance(r, dict) or r.get("sha256") != old or r.get("dtype") != w.dtype \
+                    or r.get("shape") != list(w.shape):
+                return "", (f"not stored: the base pack's cache record {base_key[:12]} does not describe its "
+                            f"weight {name}")
+            records[name] = dict(r, sha256=new)
+    for name, t in unread.items():
+        r = records.get(name)
+        if r is None:
+            continue  # a name export does not hold: not in the key
+        if not isinstance(t, torch.Tensor) or r.get("dtype") != str(t.dtype).removeprefix("torch.") \
+                or r.get("shape") != list(t.shape):
+            return "", (f"not stored: the new weights give {name}, which the code never reads, another dtype or "
+                        f"shape than the base build's ({r.get('dtype')}{r.get('shape')})")
+        records[name] = dict(r, sha256=package.tensor_digest(t))
+    new_material = dict(material, weights=records)
+    key = buildcache.key_of(new_material)
+    if key == base_key:
+        return key, f"the same pack as the base, cached under {key[:12]}"
+    entry = cache.store(key, output, {"source": f"reweight of {meta.get('source', base_key[:12])}",
+                                      "options": meta.get("options"), "producer": meta.get("producer"),
+                                      "material": new_material})
+    if entry is None:
+        return "", "not stored: the cache folder could not be written"
+    cache.remember_manifest(output, key)
+    return key, f"stored {key[:12]} in {cache.folder}: a full build of the model with these weights finds it"
 
 
 def external_file_for(pack: str | os.PathLike) -> pathlib.Path:
@@ -200,9 +281,11 @@ def external_file_for(pack: str | os.PathLike) -> pathlib.Path:
 
 
 def externalize(pack: str | os.PathLike, weights_file: str | os.PathLike | None = None) -> pathlib.Path:
-    """Move a pack's weights into a safetensors file beside it (each under its record's name), and rewrite
-    the pack (atomically) with weight records that name no blob and the file's name, sha256 and size
-    (``external_weights``). Same pack, same bytes, for both files. Returns the weights file's path."""
+    """Move a pack's weights into a safetensors file beside it, and rewrite the pack (atomically) with weight
+    records that name no blob and the file's name, sha256 and size (``external_weights``). The file holds one
+    tensor per blob, under its record's name (records of one blob, tied weights the code reads under several
+    names: under the first of them in the ``state_dict``, and the others say ``same_as`` that name). Same
+    pack, same bytes, for both files. Returns the weights file's path."""
     pack = pathlib.Path(pack)
     target = pathlib.Path(weights_file) if weights_file is not None else external_file_for(pack)
     if target.resolve().parent != pack.resolve().parent:
@@ -212,17 +295,20 @@ def externalize(pack: str | os.PathLike, weights_file: str | os.PathLike | None 
     m = archive.manifest
     if m.external_weights is not None:
         raise BuildError(f"{pack} already keeps its weights in {m.external_weights.file}")
-    shared = [", ".join(w.name for w in group) for group in tied_groups(m) if len(group) > 1]
-    if shared:
-        raise BuildError(f"{pack}: the code reads one tensor under several names ({'; '.join(shared)}: records of "
-                         "one blob), which a weights file beside the pack cannot keep as one tensor; keep the weights "
-                         "in the pack (leave out --weights external)")
-    stf.write(target, load_weights(archive, checked=True))
+    stored = load_weights(archive, checked=True)
+    same_as = {}
+    tensors = {}
+    for group in tied_groups(m):
+        name = file_name_of(group)
+        tensors[name] = stored[name]
+        same_as.update((w.name, name) for w in group if w.name != name)
+    stf.write(target, tensors)
     with open(target, "rb") as f:
         sha = hashlib.file_digest(f, "sha256").hexdigest()
     weight_blobs = {w.blob for w in m.weights}
     blobs = [package.Blob(b.name, archive.read_blob(b.name)) for b in m.blobs if b.name not in weight_blobs]
-    manifest = dataclasses.replace(m, weights=tuple(dataclasses.replace(w, blob=None) for w in m.weights),
+    manifest = dataclasses.replace(m, weights=tuple(dataclasses.replace(w, blob=None, same_as=same_as.get(w.name))
+                                                    for w in m.weights),
                                    external_weights=ExternalWeights(target.name, sha, target.stat().st_size))
     archive.close()
     package.write_archive(pack, manifest, blobs, _level(m))

@@ -10,7 +10,8 @@ other weights of the same model to a safetensors file; then, each in a fresh pro
 ``--repeats``):
 
 1. the full build's time (once) and ``reweight``'s time for the same model with the other weights (the
-   same bytes as a full build of them; it reads, hashes and writes the weights);
+   same bytes as a full build of them; it reads, hashes and writes the weights), both without the build
+   cache, each writing a new file, each reweight after ``sync`` (the files written before are on disk);
 2. ``load_weights(file)`` on a loaded pack: its time, and how much the process's peak RSS grew during it,
    next to the weights' size; then the first call's time (it reads the new weights' pages);
 3. ``load_weights(state_dict)`` (a mapping, whose tensors are copied): its time and peak RSS growth;
@@ -83,7 +84,7 @@ def child_prepare(size: str, base: str, new_weights: str, ref: str) -> dict:
     from aotpack_runtime.weights import load_weights
 
     folder = Path(base).parent
-    reweight(base, new_weights, folder / "tune.pack")
+    reweight(base, new_weights, folder / "tune.pack", cache=False)
     stf.write(folder / "tune-full.safetensors", load_weights(Archive.open(str(folder / "tune.pack")), checked=False))
     shutil.copyfile(base, folder / "ext.pack")
     externalize(folder / "ext.pack")
@@ -94,7 +95,7 @@ def child_reweight(base: str, new_weights: str, out: str) -> dict:
     from aotpack.reweight import reweight
 
     start = time.perf_counter()
-    reweight(base, new_weights, out)
+    reweight(base, new_weights, out, cache=False)  # as the full build: without the build cache
     return {"seconds": time.perf_counter() - start, "peak_rss": _rss()[1]}
 
 
@@ -155,7 +156,11 @@ def measure(size: str, repeats: int) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     base, new, ref = folder / "base.pack", folder / "new.safetensors", folder / "ref.pt"
     prep = _child("prepare", size, str(base), str(new), str(ref))
-    rew = [_child("reweight", str(base), str(new), str(folder / "re.pack")) for _ in range(repeats)]
+    rew = []
+    for _ in range(repeats):  # each run writes a new file, as the full build did (replacing one frees its pages)
+        (folder / "re.pack").unlink(missing_ok=True)
+        os.sync()  # and starts with no write of an earlier step pending, as the full build did
+        rew.append(_child("reweight", str(base), str(new), str(folder / "re.pack")))
     from_file = [_child("load_weights", str(base), str(new), str(ref)) for _ in range(repeats)]
     from_map = [_child("load_weights", str(base), "mapping", str(ref)) for _ in range(repeats)]
     # One load first (records the checks), then the fresh processes measured.

@@ -98,6 +98,9 @@ def _plain_warnings() -> None:
 @click.option("--cpu-threads", type=click.IntRange(1, 1024), default=16, show_default=True, metavar="N",
               help="Thread count the CPU code's parallel loops are planned for; the code runs on as many threads "
                    "as the serving process has. Not read from this host, so the pack is the same everywhere.")
+@click.option("--onednn-convs/--no-onednn-convs", default=True, show_default=True,
+              help="CPU code runs float32 convolutions through oneDNN, with weights the runtime packs into "
+                   "oneDNN's layout at load on the serving host; off, ATen picks each convolution's kernel.")
 @click.option("--no-cache", is_flag=True, help="Compile even if the build cache holds this pack, and do not store it.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
               help="Build cache folder (default: $AOTPACK_BUILD_CACHE or ~/.cache/aotpack/build).")
@@ -108,8 +111,8 @@ def _plain_warnings() -> None:
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @click.option("--json", "as_json", is_flag=True, help="Print progress as JSON lines and a JSON summary.")
 def build(target: str, output: str, cpu_isa: str | None, dynamic: tuple[str, ...], devices: tuple[str, ...],
-          cuda_archs: tuple[str, ...], without_gpu: bool, cpu_threads: int, no_cache: bool, cache_dir: str | None,
-          weights_mode: str, quiet: bool, as_json: bool) -> None:
+          cuda_archs: tuple[str, ...], without_gpu: bool, cpu_threads: int, onednn_convs: bool, no_cache: bool,
+          cache_dir: str | None, weights_mode: str, quiet: bool, as_json: bool) -> None:
     """Build a pack from a model file.
 
     FILE.py must define `model` and `example_inputs` (a tuple), or `model` and `methods` (name ->
@@ -131,7 +134,8 @@ def build(target: str, output: str, cpu_isa: str | None, dynamic: tuple[str, ...
     dynamic_shapes = _parse_dynamic(dynamic) if dynamic else None
     start = time.perf_counter()
     options = front.options(cpu_isa=cpu_isa, devices=devices or ("cpu",), cuda_archs=cuda_archs,
-                            without_gpu=without_gpu, cpu_threads=cpu_threads)  # errors before the model runs
+                            without_gpu=without_gpu, cpu_threads=cpu_threads,
+                            onednn_convs=onednn_convs)  # errors before the model runs
 
     def say(line: str) -> None:
         if as_json:
@@ -394,20 +398,27 @@ def weights(pack: str, output: str) -> None:
               help="Merge this PEFT LoRA adapter (adapter_config.json, adapter_model.safetensors) into the weights.")
 @click.option("--no-strict", "not_strict", is_flag=True,
               help="Keep the base's value of a weight WEIGHTS lacks and ignore names the pack does not know.")
-def reweight(base: str, weights_source: str | None, output: str, lora: str | None, not_strict: bool) -> None:
+@click.option("--no-cache", is_flag=True, help="Do not store the pack written in the build cache.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
+              help="Build cache folder (default: $AOTPACK_BUILD_CACHE or ~/.cache/aotpack/build).")
+def reweight(base: str, weights_source: str | None, output: str, lora: str | None, not_strict: bool,
+             no_cache: bool, cache_dir: str | None) -> None:
     """Write a pack with the code of BASE and new weights, without a compiler.
 
     WEIGHTS is a safetensors file or a Hugging Face checkpoint folder (model.safetensors, or shards with
     model.safetensors.index.json), by the model's state_dict names (`aotpack inspect` lists them); it may be
     left out with --lora, to merge an adapter into the base's own weights. Every name, dtype and shape is
     checked first. The pack written is byte for byte the pack a full build of the model with these weights
-    writes; sign it as any pack.
+    writes; when the build cache holds BASE's build, it stores the new pack under the key that full build
+    computes (so the build finds it). The pack is not signed: sign it as any pack (`aotpack sign`).
     """
+    from aotpack.front import cache_setting
     from aotpack.reweight import reweight as run
 
     if weights_source is None and lora is None:
         raise click.UsageError("give WEIGHTS, --lora ADAPTER_DIR, or both")
-    run(base, weights_source, output, lora=lora, strict=not not_strict, progress=click.echo)
+    run(base, weights_source, output, lora=lora, strict=not not_strict, progress=click.echo,
+        cache=cache_setting(no_cache, cache_dir))
 
 
 @cli.command()

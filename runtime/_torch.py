@@ -84,3 +84,12 @@ def bind_constants(runner, tensors: dict[str, torch.Tensor]) -> None:
 def run(runner, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """Call the compiled code on flat input tensors; returns its flat output tensors."""
     return runner.run(tensors)
+
+
+def onednn_conv_weight(weight: torch.Tensor, padding: list[int], stride: list[int], dilation: list[int],
+                       groups: int, input_size: list[int]) -> torch.Tensor:
+    """``weight`` (a float32 convolution weight, OIHW) in the layout oneDNN's convolution wants for an input of
+    ``input_size`` on this host's CPU: an opaque oneDNN tensor that ``mkldnn._convolution_pointwise`` takes as
+    its weight without reordering it on every call. The layout depends on the host's ISA, so it is computed
+    here, at load, never stored."""
+    return torch.ops.mkldnn._reorder_convolution_weight(weight, padding, stride, dilation, groups, input_size)

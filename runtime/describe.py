@@ -54,7 +54,8 @@ def describe(archive: Archive) -> dict:
         "producer": m.producer, "target": m.target, "options": m.options, "frozen": m.frozen or {},
         "weights": {"count": len(m.weights), "bytes": sum(w.nbytes for w in m.weights),
                     "tensors": [{"name": w.name, "dtype": w.dtype, "shape": list(w.shape), "aliases": list(w.aliases),
-                                 "state_dict": w.in_state_dict} for w in m.weights],
+                                 "state_dict": w.in_state_dict, **({"same_as": w.same_as} if w.same_as else {})}
+                                for w in m.weights],
                     "unread": list(m.unread_weights),
                     "external": m.external_weights.to_json() if m.external_weights else None},
         "state": {"buffers": [r.to_json() for r in m.state], "bytes": sum(r.nbytes for r in m.state),
@@ -126,7 +127,8 @@ def render(info: dict[str, Any]) -> str:
     ]
     for w in info["weights"].get("tensors", ()):
         notes = ([f"also {', '.join(w['aliases'])}"] if w["aliases"] else []) + \
-            ([] if w["state_dict"] else ["not in the state_dict"])
+            ([] if w["state_dict"] else ["not in the state_dict"]) + \
+            ([f"the same tensor as {w['same_as']}"] if w.get("same_as") else [])
         lines.append(f"  weight {w['name']} {w['dtype']}{w['shape']}{' (' + '; '.join(notes) + ')' if notes else ''}")
     if info["weights"].get("external"):
         ext = info["weights"]["external"]

@@ -30,7 +30,7 @@ from .archive import Archive
 from .devices import Code, CudaState, extract_code
 from .errors import ArchiveError, GuardError
 from .guards import EntryGuards, TensorGuard, rebuild
-from .schema import VALUE_TYPES, CudaMeta, EntryRecord
+from .schema import VALUE_TYPES, CudaMeta, EntryRecord, PackedWeightRecord
 
 
 class RunnerPool:
@@ -87,15 +87,23 @@ class Entry:
                              for o in output_leaves]
         # Shared by the calls of every entry of a package; a swap of the weights holds it alone.
         self.swap_lock: Any = contextlib.nullcontext()
+        # The code's constants bound to a weight packed for oneDNN (the record's ``packed_weights``).
+        self.packed_weights: dict[str, PackedWeightRecord] = dict(record.packed_weights)
 
     def weight_constants(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The code's constants that are weights (not state), bound to ``weights`` (by weight name)."""
-        return {c: weights[w] for c, w in self.record.constants.items() if c not in self.state_constants}
+        """The code's constants that are weights (not state), bound to ``weights`` (by weight name), those in
+        ``packed_weights`` packed for oneDNN from them."""
+        return packed_constants({c: weights[w] for c, w in self.record.constants.items()
+                                 if c not in self.state_constants}, self.packed_weights)
 
-    def bind_weights(self, weights: dict[str, torch.Tensor], on_device: dict[int, dict[str, torch.Tensor]]) -> None:
+    def bind_weights(self, weights: dict[str, torch.Tensor], on_device: dict[int, dict[str, torch.Tensor]],
+                     bound: dict[str, torch.Tensor] | None = None) -> None:
         """Point the code at new weights (no copy; the caller keeps them alive). Call it only while no call
-        runs (under ``swap_lock.swap()``). ``on_device``: the weights on each GPU (CUDA entries)."""
-        _bind(self._pool if self._pool is not None else self._runner, self.weight_constants(weights))
+        runs (under ``swap_lock.swap()``). ``on_device``: the weights on each GPU (CUDA entries); ``bound``:
+        ``weight_constants(weights)``, computed beforehand (packing weights takes a while: calls need not
+        wait for it)."""
+        _bind(self._pool if self._pool is not None else self._runner,
+              self.weight_constants(weights) if bound is None else bound)
 
     def label(self) -> str:
         """The entry's name and guard summary, as GuardError messages show it."""
@@ -187,7 +195,8 @@ class CudaEntry(Entry):
             flat = pool.run(lambda runner: _torch.cuda_run(runner, tensors, index), state, token)
         return self._outputs_from(flat)
 
-    def bind_weights(self, weights: dict[str, torch.Tensor], on_device: dict[int, dict[str, torch.Tensor]]) -> None:
+    def bind_weights(self, weights: dict[str, torch.Tensor], on_device: dict[int, dict[str, torch.Tensor]],
+                     bound: dict[str, torch.Tensor] | None = None) -> None:
         """Point the code loaded on each GPU at that GPU's copy of the new weights (``on_device``)."""
         for index, runner in self._runners.items():
             _bind(runner, self.weight_constants(on_device[index]))
@@ -234,6 +243,29 @@ class CudaEntry(Entry):
             return runner
 
 
+def pack_weight(record: PackedWeightRecord, weight: torch.Tensor) -> torch.Tensor:
+    """The tensor a constant of the code is bound to, computed from the weight it names by its packed-weight
+    record: a convolution weight in oneDNN's layout for this host (``kind`` ``onednn_conv``, the only kind
+    ``schema.PACKED_KINDS`` admits)."""
+    return _torch.onednn_conv_weight(weight, list(record.padding), list(record.stride), list(record.dilation),
+                                     record.groups, list(record.input_size))
+
+
+def packed_constants(bound: dict[str, torch.Tensor],
+                     packed: dict[str, PackedWeightRecord]) -> dict[str, torch.Tensor]:
+    """``bound`` (the code's constant name -> weight) with each constant of ``packed`` bound to its weight packed
+    for this host instead (a weight that several of them read is packed once per record)."""
+    if not packed:
+        return bound
+    out, done = dict(bound), {}
+    for c, p in packed.items():
+        key = (id(bound[c]), p)
+        if key not in done:
+            done[key] = pack_weight(p, bound[c])
+        out[c] = done[key]
+    return out
+
+
 def entry_from_manifest(i: int, archive: Archive, weights: dict[str, torch.Tensor], cache_root: str,
                         num_models: int, cuda_state: CudaState | None) -> Entry:
     """Load entry ``i`` of the (checked) manifest: its guard matcher and its code (a CUDA entry's code only
@@ -262,7 +294,8 @@ def entry_from_manifest(i: int, archive: Archive, weights: dict[str, torch.Tenso
                                f"({str(e).splitlines()[0]})", path=path) from None
 
     try:
-        runner = _load_code(load_one, num_models, c.constants, weights, state_constants, where, path)
+        runner = _load_code(load_one, num_models, c.constants, weights, state_constants, where, path,
+                            c.packed_weights)
     finally:
         library.close()  # loaded (the runner read the extern-kernel description at its construction)
     if state_constants:
@@ -280,7 +313,8 @@ def _bind(runner: Any, bound: dict[str, torch.Tensor]) -> None:
 
 
 def _load_code(load_one: Callable[[int], Any], num_models: int, constants: dict[str, str],
-               weights: dict[str, torch.Tensor], state_constants: dict[str, str], where: str, path: str) -> Any:
+               weights: dict[str, torch.Tensor], state_constants: dict[str, str], where: str, path: str,
+               packed: dict[str, PackedWeightRecord] | None = None) -> Any:
     """An entry's code with its weights bound: one container of ``num_models`` models for an entry without
     state; for one with state, a ``RunnerPool`` of ``num_models`` containers (one model each: the models of
     one container share its constants, so two of them could not hold two sessions' state)."""
@@ -288,7 +322,7 @@ def _load_code(load_one: Callable[[int], Any], num_models: int, constants: dict[
     # The code knows the weight each of its constants came from: a manifest that says otherwise is wrong.
     if _torch.constant_fqns(runners[0]) != constants:
         raise ArchiveError(f"{where}.constants do not match the constants of its native code", path=path)
-    bound = {c: weights[w] for c, w in constants.items() if c not in state_constants}
+    bound = packed_constants({c: weights[w] for c, w in constants.items() if c not in state_constants}, packed or {})
     for runner in runners:
         if state_constants:  # the state is bound per call (RunnerPool)
             _torch.bind_constants(runner, bound)

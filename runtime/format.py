@@ -22,12 +22,16 @@ Changelog of ``FORMAT_VERSION`` (readers accept ``MIN_READ_VERSION..FORMAT_VERSI
                its own example and cache-position rules; weights and state stay shared). A pack of one
                ``forward`` has no ``methods`` and keeps its older version.
                Weights apart from code: weights kept in a safetensors file beside the pack, pinned by its
-               sha256 (``external_weights``; its weight records then name no blob). Weight records may also say
+               sha256 (``external_weights``; its weight records then name no blob, and those that would share
+               one say ``same_as``). Weight records may also say
                what new weights are checked against, at any version (an older reader ignores these keys and
                loads the pack as before): a weight's other ``state_dict`` names (``aliases``: tied weights),
                stored tensors that are not in the model's ``state_dict`` (``"state_dict": false``: lifted
                constants, non-persistent buffers), and the ``state_dict`` names the code never reads
                (``unread_weights``).
+               A CPU entry may say, at any version, which of its constants the loader binds to a weight
+               packed for oneDNN on the serving host (``packed_weights``: an older reader binds the plain
+               weight, which the code also takes, and computes the same outputs more slowly).
 
 May not: import torch or any aotpack module but ``errors``: the writer, the reader and ``schema`` import it.
 """

@@ -152,10 +152,12 @@ class Package:
         with self._swapping:
             new = _weights.fit(self.manifest, source, strict, self.weights, path=self.path)
             prepared = self._cuda_state.prepare(new) if self._cuda_state is not None else {}
+            # CPU entries' constants (weights packed for oneDNN among them) are made before calls wait.
+            bound = [entry.weight_constants(new) if entry.device == "cpu" else None for entry in self.entries]
             with self._swap.swap():
                 on_device = self._cuda_state.commit(new, prepared) if self._cuda_state is not None else {}
-                for entry in self.entries:
-                    entry.bind_weights(new, on_device)
+                for entry, constants in zip(self.entries, bound):
+                    entry.bind_weights(new, on_device, constants)
                 self.weights = new
 
     def wait_prefetch(self, timeout: float | None = None) -> bool:
@@ -188,7 +190,9 @@ class Package:
     def _call(self, method: str, args: tuple, kwargs: dict) -> Any:
         if method not in self._methods:
             raise MethodError(method, list(self._methods), path=self.path)
-        if self.stateful:
+        record, entries = self._methods[method]
+        if self.stateful and (record.positions or any(e.state_constants for e in entries)):
+            # a method whose code neither reads nor writes the state (an encoder's ``encode``) runs without one
             call = "s(...)" if method == DEFAULT_METHOD else f"s.{method}(...)"
             raise SessionError(f"this pack carries state that its calls write ({self._state_template.describe()}): "
                                f"open a session, which holds its own copy of it: s = pkg.session(); {call}")

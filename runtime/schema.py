@@ -151,20 +151,29 @@ class WeightRecord:
 
     ``name`` is its name in the model's ``state_dict``; ``aliases`` are its other names there (the very same
     tensor: an ``lm_head`` tied to the embedding). ``in_state_dict`` is False for a tensor the model's
-    ``state_dict`` lacks (a lifted constant, a non-persistent buffer): new weights need not name it."""
+    ``state_dict`` lacks (a lifted constant, a non-persistent buffer): new weights need not name it.
+    ``same_as`` (a pack whose weights are beside it) names the record whose tensor of the weights file this
+    record is: records that would share a blob in the pack share one tensor of the file."""
 
     name: str
-    blob: str | None  # None: the weight is in the pack's external weights file, under ``name``
+    blob: str | None  # None: the weight is in the pack's external weights file, under ``file_name``
     dtype: str
     shape: tuple[int, ...]
     aliases: tuple[str, ...] = ()
     in_state_dict: bool = True
+    same_as: str | None = None
+
+    @property
+    def file_name(self) -> str:
+        """The name of its tensor in the pack's external weights file."""
+        return self.same_as or self.name
 
     def to_json(self) -> dict:
         return {"name": self.name, **({} if self.blob is None else {"blob": self.blob}), "dtype": self.dtype,
                 "shape": list(self.shape),
                 **({"aliases": list(self.aliases)} if self.aliases else {}),
-                **({} if self.in_state_dict else {"state_dict": False})}
+                **({} if self.in_state_dict else {"state_dict": False}),
+                **({"same_as": self.same_as} if self.same_as is not None else {})}
 
     @classmethod
     def from_json(cls, obj: Any, where: str) -> "WeightRecord":
@@ -183,9 +192,10 @@ class WeightRecord:
             if aliases:
                 raise ArchiveError(f"{where} has aliases but is not in the state_dict")
         blob = field_of(obj, "blob", str, where) if "blob" in obj else None
+        same_as = field_of(obj, "same_as", str, where) if "same_as" in obj else None
         return cls(name=field_of(obj, "name", str, where), blob=blob,
                    dtype=one_of(obj, "dtype", DTYPES, where), shape=_shape(obj, where), aliases=aliases,
-                   in_state_dict=in_state_dict)
+                   in_state_dict=in_state_dict, same_as=same_as)
 
     @property
     def nbytes(self) -> int:
@@ -194,7 +204,7 @@ class WeightRecord:
 
 @dataclass(frozen=True)
 class ExternalWeights:
-    """The safetensors file that holds a pack's weights (each under its record's ``name``): ``file``, a file
+    """The safetensors file that holds a pack's weights (each under its record's ``file_name``): ``file``, a file
     name in the pack's folder (where a loader looks by default), and its ``sha256`` and ``size``."""
 
     file: str
@@ -732,6 +742,88 @@ def _warps(kobj: dict, where: str) -> int | None:
 # ---------------------------------------------------------------------------------------------------
 # Entries
 
+# The kinds of ``packed_weights`` records this reader computes.
+PACKED_KINDS = ("onednn_conv",)
+
+
+@dataclass(frozen=True)
+class PackedWeightRecord:
+    """How the loader computes, from the weight a constant of a CPU entry's code names, the tensor it binds that
+    constant to: a convolution weight in oneDNN's layout for the serving host (``kind`` ``onednn_conv``), for
+    the convolution's ``padding``, ``stride``, ``dilation``, ``groups`` and ``input_size``. An older reader
+    binds the plain weight, which the code also takes (same outputs, slower)."""
+
+    kind: str
+    padding: tuple[int, ...]
+    stride: tuple[int, ...]
+    dilation: tuple[int, ...]
+    groups: int
+    input_size: tuple[int, ...]
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "padding": list(self.padding), "stride": list(self.stride),
+                "dilation": list(self.dilation), "groups": self.groups, "input_size": list(self.input_size)}
+
+    @classmethod
+    def from_json(cls, obj: Any, where: str) -> "PackedWeightRecord":
+        if not isinstance(obj, dict):
+            raise ArchiveError(f"{where} must be a JSON object")
+        kind = field_of(obj, "kind", str, where)
+        if kind not in PACKED_KINDS:
+            raise ArchiveError(f"{where}.kind is {kind!r}; this reader knows {', '.join(PACKED_KINDS)}")
+
+        def ints(key: str, n: int, low: int) -> tuple[int, ...]:
+            v = field_of(obj, key, list, where)
+            if len(v) != n or not all(type(x) is int and x >= low for x in v):
+                raise ArchiveError(f"{where}.{key} is {v!r}; expected {n} integers of at least {low}")
+            return tuple(v)
+
+        groups = field_of(obj, "groups", int, where)
+        return cls(kind=kind, padding=ints("padding", 2, 0), stride=ints("stride", 2, 1),
+                   dilation=ints("dilation", 2, 1), groups=groups, input_size=ints("input_size", 4, 1))
+
+    def check_weight(self, weight: "WeightRecord | None", wname: str, where: str) -> None:
+        """Check that ``weight`` (the record of the weight ``wname`` the constant names; None where it is no
+        weight) is one this record can pack: a float32 convolution weight ``[out, in/groups, h, w]`` for it."""
+        shape = tuple(getattr(weight, "shape", ()) or ())
+        dtype = getattr(weight, "dtype", None)
+        if dtype != "float32" or len(shape) != 4 or self.groups < 1 \
+                or shape[0] % self.groups or shape[1] * self.groups != self.input_size[1]:
+            raise ArchiveError(f"{where} packs weight {wname!r} ({dtype} {list(shape)}) for a convolution of "
+                               f"{self.groups} groups on an input of {list(self.input_size)}; expected a float32 "
+                               "weight [out, in/groups, h, w] that fits it")
+
+
+def packed_weights_from_json(obj: dict, where: str, device: str, constants: dict) -> dict[str, PackedWeightRecord]:
+    """An entry's ``packed_weights`` (the code's constant name -> record; empty where the entry has none),
+    checked on their own and against the entry's device and constants. That each names a weight (not a state
+    buffer) it can pack, ``Manifest.from_json`` checks (``check_packed_weights``)."""
+    if "packed_weights" not in obj:
+        return {}
+    records = field_of(obj, "packed_weights", dict, where)
+    where = f"{where}.packed_weights"
+    if device != "cpu":
+        raise ArchiveError(f"{where} is on a {device} entry; only CPU entries have packed weights")
+    out = {}
+    for cname, r in records.items():
+        rw = f"{where}[{cname!r}]"
+        if cname not in constants:
+            raise ArchiveError(f"{rw} names a constant that is not one of the entry's weight constants")
+        out[cname] = PackedWeightRecord.from_json(r, rw)
+    return out
+
+
+def check_packed_weights(record: "EntryRecord", where: str, weights: dict, state_names: set) -> None:
+    """Check an entry's packed weights against the pack: each constant names a weight (not a state buffer)
+    that its record can pack. ``weights``: the pack's weight records by name."""
+    for cname, p in record.packed_weights.items():
+        rw = f"{where}.packed_weights[{cname!r}]"
+        wname = record.constants[cname]
+        if wname in state_names:
+            raise ArchiveError(f"{rw} names a constant that is not one of the entry's weight constants")
+        p.check_weight(weights.get(wname), wname, rw)
+
+
 @dataclass(frozen=True)
 class EntryRecord:
     """One entry: a compiled specialization's guards, its device, its native code (``library``, and the
@@ -748,6 +840,8 @@ class EntryRecord:
     sources: tuple[str, ...] | None = ()
     extern_kernels: str | None = None
     cuda: CudaMeta | None = None
+    # The code's constant name -> how the loader packs the weight it names (``PackedWeightRecord``; CPU only).
+    packed_weights: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
         out = {"name": self.name, "device": self.device, "library": self.library, "constants": dict(self.constants),
@@ -757,6 +851,8 @@ class EntryRecord:
             out["extern_kernels"] = self.extern_kernels
         if self.cuda is not None:
             out["cuda"] = self.cuda.to_json()
+        if self.packed_weights:
+            out["packed_weights"] = {c: p.to_json() for c, p in self.packed_weights.items()}
         return out
 
     @classmethod
@@ -796,10 +892,12 @@ class EntryRecord:
             _known_blob(extern, blob_sizes)
         cuda = CudaMeta.from_json(field_of(obj, "cuda", dict, where), f"{where}.cuda", blob_sizes) \
             if device == "cuda" else None
+        packed = packed_weights_from_json(obj, where, device, constants)
         guards = Guards(inputs.inputs, inputs.leaves, inputs.symbols, inputs.param_names, grad_mode, outputs,
                         output_leaves)
         return cls(name=name, device=device, library=library, constants=dict(constants), guards=guards,
-                   kernels=lists["kernels"], sources=lists["sources"], extern_kernels=extern, cuda=cuda)
+                   kernels=lists["kernels"], sources=lists["sources"], extern_kernels=extern, cuda=cuda,
+                   packed_weights=packed)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1024,7 +1122,20 @@ class Manifest:
                 weights=weights, entries=(), example=example, blobs=blobs, state=state,
                 positions=positions, methods=methods, unread_weights=unread,
                 external_weights=external, frozen=frozen, raw=obj)
+        by_name = {w.name: w for w in weights}
         for w in weights:
+            if w.same_as is not None:
+                target = by_name.get(w.same_as)
+                if external is None:
+                    raise ArchiveError(f"weight {w.name!r} says same_as {w.same_as!r}, which only a pack that keeps "
+                                       "its weights beside it writes (records of one blob are one tensor)")
+                if target is None or target is w or target.same_as is not None \
+                        or (target.dtype, target.shape) != (w.dtype, w.shape):
+                    found = "no such weight" if target is None else f"{target.dtype}{list(target.shape)}" + (
+                        f", same_as {target.same_as!r}" if target.same_as else "")
+                    raise ArchiveError(f"weight {w.name!r} ({w.dtype}{list(w.shape)}) says same_as {w.same_as!r}, "
+                                       "which must be another weight of its dtype and shape that says no same_as "
+                                       f"(found: {found})")
             if external is not None:
                 if w.blob is not None:
                     raise ArchiveError(f"weight {w.name!r} names blob {w.blob!r}, but the pack keeps its weights in "
@@ -1062,6 +1173,7 @@ class Manifest:
             for cname, wname in record.constants.items():
                 if wname not in weight_names and wname not in state_names:
                     raise ArchiveError(f"{ew} constant {cname!r} refers to weight {wname!r}, which the pack lacks")
+            check_packed_weights(record, ew, by_name, state_names)
             records.append(record)
         m = dataclasses.replace(m, entries=tuple(records))
         for k, method in enumerate(m.method_table()):

@@ -286,21 +286,39 @@ def fit(manifest, source, strict: bool, current: dict[str, torch.Tensor], path: 
     return out
 
 
+def given(source, names) -> dict[str, torch.Tensor]:
+    """The tensors ``source`` (as ``fit`` takes it) gives under any of ``names`` (views of a file's mapping,
+    or the mapping's own tensors), unchecked: what ``reweight`` keys the names the code never reads by."""
+    items, where = _source_items(source)
+    out = {}
+    for name in names:
+        if name in items:
+            out[name] = items[name][0][items[name][1]] if where is not None else items[name]
+    return out
+
+
 def tied_groups(manifest) -> list[list]:
     """The pack's weight records, grouped by the tensor they are: records that share a blob (a pack of several
-    methods stores tied weights whose several names the code reads as one blob under several records) form one
-    group, every other record its own; in the manifest's order."""
+    methods stores tied weights whose several names the code reads as one blob under several records), or in a
+    pack whose weights are beside it one tensor of the file (``same_as``), form one group, every other record
+    its own; groups in the order of their first record in the manifest."""
     groups: list[list] = []
-    by_blob: dict[str, list] = {}
+    by_tensor: dict[tuple, list] = {}
     for w in manifest.weights:
-        if w.blob is not None and w.blob in by_blob:
-            by_blob[w.blob].append(w)
+        tensor = ("blob", w.blob) if w.blob is not None else ("file", w.file_name)
+        if tensor in by_tensor:
+            by_tensor[tensor].append(w)
             continue
         group = [w]
         groups.append(group)
-        if w.blob is not None:
-            by_blob[w.blob] = group
+        by_tensor[tensor] = group
     return groups
+
+
+def file_name_of(group: list) -> str:
+    """The name a group of records that are one tensor (``tied_groups``) has in a weights file beside the pack:
+    its first record's that is in the ``state_dict`` (a ``state_dict`` name), else its first record's."""
+    return next((w.name for w in group if w.in_state_dict), group[0].name)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -325,7 +343,8 @@ def load_external(archive: Archive, path: str, sha256: str, cache_root: str, ver
     The file is opened once: its hash (skipped when the cache records a check of this same, unchanged file
     with that hash and ``verify`` is ``"auto"``), its header and the mapping its tensors view all go through
     that one descriptor. Every weight the manifest lists must be in it with its dtype and shape (an
-    ``ArchiveError`` lists every one that is not); other tensors in the file are ignored."""
+    ``ArchiveError`` lists every one that is not), under its ``file_name`` or another name of its tensor
+    (records of one tensor, their aliases); other tensors in the file are ignored."""
     from . import cache
     from .archive import identity_of, open_regular, whole_file_sha256
     from .errors import ArchiveError, WeightsError
@@ -360,19 +379,28 @@ def load_external(archive: Archive, path: str, sha256: str, cache_root: str, ver
             raise ArchiveError(e.reason, path=path) from None
     finally:
         os.close(fd)
-    problems = []
-    for w in archive.manifest.weights:
-        info = file.info.get(w.name)
-        if info is None:
-            problems.append(f"{w.name} (missing)")
-        elif (info.dtype, info.shape) != (w.dtype, w.shape):
-            problems.append(f"{w.name} (expected {w.dtype}{list(w.shape)}, actual {info.dtype}{list(info.shape)})")
+    problems, keys = [], {}
+    for group in tied_groups(archive.manifest):
+        # one tensor: under the name the pack's own file gives it, else under any other name of it (a checkpoint
+        # that keeps tied weights once, under another of their names)
+        names = [group[0].file_name] + [n for w in group for n in (w.name, *w.aliases) if n != group[0].file_name]
+        key = next((n for n in names if n in file.info), None)
+        w = group[0]
+        if key is None:
+            problems.append(f"{names[0]} (missing" + (f"; nor under {', '.join(names[1:])})" if names[1:] else ")"))
+            continue
+        info = file.info[key]
+        if (info.dtype, info.shape) != (w.dtype, w.shape):
+            problems.append(f"{key} (expected {w.dtype}{list(w.shape)}, actual {info.dtype}{list(info.shape)})")
+        keys.update((r.name, key) for r in group)
     if problems:
         raise ArchiveError(f"the weights file does not hold the pack's weights: {'; '.join(problems)}", path=path)
-    out = {}
+    out, views = {}, {}
     with _loaded_lock:
         for w in archive.manifest.weights:
-            t = file[w.name]
+            t = views.get(keys[w.name])
+            if t is None:  # records of one tensor: one view
+                t = views[keys[w.name]] = file[keys[w.name]]
             _external[(*identity, sha256, w.name)] = t
             out[w.name] = t
     return out

@@ -155,7 +155,9 @@ def counter_pack(session_dir) -> Built:
 class WeightsModel:
     """A model with every kind of weight new weights must reach: a Linear with its bias, a one-element
     parameter, a scale buffer, a batch norm in eval, an lm_head tied to the embedding, a non-persistent
-    buffer, a tensor constant created in forward, and a submodule forward never uses."""
+    buffer, a tensor constant created in forward, a submodule forward never uses, and two weights the code
+    reads only through an op on them alone whose elements are all equal at build (a 0-d gate through exp, a
+    Gemma-style norm weight of zeros through 1 + w)."""
 
     @staticmethod
     def make(seed: int = 0):
@@ -173,17 +175,24 @@ class WeightsModel:
                 self.register_buffer("scale", torch.tensor([1.5]))
                 self.register_buffer("shift", torch.tensor([0.125]), persistent=False)
                 self.unused = torch.nn.Linear(3, 3)
+                # read only through ops on the weight alone, with all elements equal at build time
+                self.gate = torch.nn.Parameter(torch.tensor(0.5))
+                self.norm = torch.nn.Parameter(torch.zeros(8))
 
             def forward(self, idx):
                 h = self.lin(self.emb(idx)).transpose(1, 2)
-                h = self.bn(h).transpose(1, 2)
-                return self.head(h) * self.scale + self.one + self.shift + torch.tensor([1.0, -1.0]).sum()
+                h = self.bn(h).transpose(1, 2) * (1 + self.norm)
+                return self.head(h) * self.scale * self.gate.exp() + self.one + self.shift + \
+                    torch.tensor([1.0, -1.0]).sum()
 
         torch.manual_seed(seed)
         model = Model()
         with torch.no_grad():  # running statistics that are not the defaults
             model.bn.running_mean.uniform_(-0.5, 0.5)
             model.bn.running_var.uniform_(0.5, 2.0)
+            if seed:  # other seeds: trained-looking values where seed 0 has uniform ones
+                model.gate.fill_(0.5 - seed)
+                model.norm.uniform_(-0.5, 0.5)
         return model.eval()
 
     @staticmethod
@@ -405,3 +414,16 @@ def whisper_cross_pack(session_dir) -> Built:
     if not path.exists():
         aotpack.build(program, None, path, methods=programs.whisper_methods(program, cross_cached=True))
     return Built("whisper-cross", path, program, ())
+
+
+@pytest.fixture(scope="session")
+def clip_pack(session_dir) -> Built:
+    """A tiny Hugging Face ``CLIPModel`` as a pack of ``encode_text`` and ``encode_image`` (tests/programs.py)."""
+    import aotpack
+    import programs
+
+    path = session_dir / "clip.pack"
+    model = programs.clip_model()
+    if not path.exists():
+        aotpack.build(model, None, path, methods=programs.clip_methods())
+    return Built("clip", path, model, ())

@@ -1,5 +1,5 @@
-"""Small models of several methods (an encoder-decoder, two encoders sharing a projection), for packs of
-several methods: random weights, no downloads."""
+"""Small models of several methods (an encoder-decoder, two encoders sharing a projection, and Hugging Face
+T5, Whisper and CLIP from small configs), for packs of several methods: random weights, no downloads."""
 from __future__ import annotations
 
 import torch
@@ -314,3 +314,51 @@ def shared_view_methods(model: SharedView) -> dict:
 
     x = torch.randn(2, 6, generator=torch.Generator().manual_seed(3))
     return {"project": aotpack.Method(model.project, (x,)), "score": aotpack.Method(model.score, (x,))}
+
+
+CLIP_BOS, CLIP_EOS = 62, 63  # the text tower pools at the first end-of-text token
+
+
+def clip_model():
+    """A tiny ``CLIPModel`` (random weights, no downloads): text and vision towers of 2 layers, hidden 32,
+    32x32 images in 8x8 patches, a projection to 16 per tower."""
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(0)
+    config = CLIPConfig(text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, max_position_embeddings=16, pad_token_id=0,
+                                         bos_token_id=CLIP_BOS, eos_token_id=CLIP_EOS),
+                        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=2, image_size=32, patch_size=8, num_channels=3),
+                        projection_dim=16)
+    return CLIPModel(config).eval()
+
+
+def clip_ids(tokens: int, seed: int = 1, batch: int = 2) -> torch.Tensor:
+    """``batch`` texts of ``tokens`` token ids: start, words, end of text."""
+    words = torch.randint(3, CLIP_BOS, (batch, tokens - 2), generator=torch.Generator().manual_seed(seed))
+    return torch.cat([torch.full((batch, 1), CLIP_BOS), words, torch.full((batch, 1), CLIP_EOS)], 1)
+
+
+CLIP_PIXELS = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+
+
+def clip_encode_text(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """Text embeddings as CLIP compares them: projected, unit length."""
+    return nn.functional.normalize(model.get_text_features(input_ids=input_ids).pooler_output, dim=-1)
+
+
+def clip_encode_image(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Image embeddings as CLIP compares them: projected, unit length."""
+    return nn.functional.normalize(model.get_image_features(pixel_values=pixel_values).pooler_output, dim=-1)
+
+
+def clip_methods() -> dict:
+    """``encode_text`` (2 to 16 tokens) and ``encode_image`` (2 images of 32x32): functions taking the model
+    first, so the pack's weights keep ``CLIPModel``'s own names."""
+    import aotpack
+    from torch.export import Dim
+
+    return {"encode_text": aotpack.Method(clip_encode_text, (clip_ids(7),),
+                                          dynamic_shapes={"input_ids": {1: Dim("tokens", min=2, max=16)}}),
+            "encode_image": aotpack.Method(clip_encode_image, (CLIP_PIXELS,))}

@@ -151,6 +151,7 @@ def test_cache_list_and_prune_say_what_they_do(tmp_path):
         _store(store, key, b"p" * size, tmp_path, source=f"model{i}.py")
         os.utime(store.folder / key[:2] / f"{key}.json", (now - age_days * 86400, now - age_days * 86400))
         store.remember(f"{i + 5:02d}" * 32, key)  # a source key that leads to this pack
+        store.remember(f"{i + 8:02d}" * 32, key, "manifests")  # and its manifest's sha256 (for reweight)
     store.file_index().write_text("{}")
     r = CliRunner().invoke(cli, ["cache", "list", "--cache-dir", str(root)])
     assert r.exit_code == 0, r.output
@@ -163,6 +164,8 @@ def test_cache_list_and_prune_say_what_they_do(tmp_path):
     assert r.output.splitlines() == [f"removed {'00' * 6}  0.00 MB  used 40 d ago  model0.py",
                                      f"removed 1 pack (0.00 MB); 2 left (0.01 MB) in {store.folder}"]
     assert store.recall("05" * 32) is None and store.recall("06" * 32) == "01" * 32  # its source key went with it
+    assert store.recall("08" * 32, "manifests") is None and store.recall("09" * 32, "manifests") == "01" * 32
+    assert store.record_of("08" * 32) is None and store.record_of("09" * 32)[0] == "01" * 32
     r = CliRunner().invoke(cli, ["cache", "prune", "--cache-dir", str(root), "--max-size", "4kb"])
     assert r.exit_code == 0, r.output
     assert r.output.splitlines()[0] == f"removed {'01' * 6}  0.00 MB  used 2 d ago  model1.py"
@@ -174,6 +177,7 @@ def test_cache_list_and_prune_say_what_they_do(tmp_path):
     r = CliRunner().invoke(cli, ["cache", "prune", "--cache-dir", str(root), "--all"])
     assert r.exit_code == 0 and store.entries() == []
     assert not [p for p in (root / "sources").rglob("*") if p.is_file()]  # source keys and the file index
+    assert not [p for p in (root / "manifests").rglob("*") if p.is_file()]
 
 
 def test_prune_removes_precompiled_headers_by_last_use_and_all(tmp_path):

@@ -140,3 +140,20 @@ def test_the_schema_needs_no_torch():
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["aotpack_runtime", "aotpack_runtime.errors", "aotpack_runtime.format",
                                    "aotpack_runtime.schema", "aotpack_runtime.symbolic"]
+
+
+def test_packed_weights_example_is_read_at_any_version():
+    """The example of "Packed weights" is what the loader checks and packs by (a record for a weight of the
+    shape the convolution needs), in a manifest of any version."""
+    blocks = re.findall(r"```json\n(.*?)```", DOC, re.S)
+    example = json.loads(next(b for b in blocks if '"packed_weights"' in b))
+    weight = schema.WeightRecord(name="features.4.weight", blob="weights/0", dtype="float32", shape=(32, 16, 3, 3))
+    constants = {"features_4_weight": "features.4.weight"}
+    packed = schema.packed_weights_from_json(example, "doc", "cpu", constants)
+    assert packed == {"features_4_weight": schema.PackedWeightRecord("onednn_conv", (1, 1), (1, 1), (1, 1), 1,
+                                                                     (4, 16, 16, 16))}
+    packed["features_4_weight"].check_weight(weight, weight.name, "doc")  # the weight fits: no error
+    assert {c: p.to_json() for c, p in packed.items()} == example["packed_weights"]
+    assert fmt.v4_features({"entries": [example]}) == [] and fmt.v5_features({"entries": [example]}) == []
+    with pytest.raises(ArchiveError, match="only CPU entries have packed weights"):
+        schema.packed_weights_from_json(example, "doc", "cuda", constants)

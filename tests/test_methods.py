@@ -3,7 +3,8 @@ state (one copy per session for all methods), each method dispatching by its own
 
 Shown on real small models, each built once per session: an encoder-decoder whose ``encode`` writes the
 cross-attention cache that ``decode`` reads; a tiny Llama with ``prefill`` and ``decode`` sharing the KV
-cache; two encoders sharing a projection.
+cache; two encoders sharing a projection; Hugging Face T5 and Whisper through transformers' export wrappers,
+Whisper with its cross-attention cache in the state, and CLIP's two towers.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from aotpack_runtime.archive import Archive
 from aotpack_runtime.errors import ArchiveError, BuildError, GuardError, MethodError, SessionError
 from archive_tools import join, split
 from conftest import EXAMPLES
+from helpers import assert_facts
 
 sys.path.insert(0, str(EXAMPLES / "llm"))
 from decoders import wrapped  # noqa: E402
@@ -290,7 +292,7 @@ def test_the_serving_example_serves_a_method_by_name(seq2seq_pack, two_tower_pac
 def test_t5_through_transformers_export_wrappers_gives_eager_tokens(t5_pack):
     """T5's encoder and its static-cache decoder wrapper as two methods of one pack: greedy tokens and every
     step's logits equal eager's; the embedding that encoder, decoder and LM head share is one weight, which
-    both methods read; ``encode`` touches no state and still runs in the session."""
+    both methods read; ``encode`` touches no state: it runs in the session and on the package alike."""
     pkg = aotpack.load(t5_pack.path)
     names = [w.name for w in pkg.manifest.weights]
     assert len(names) == len({w.blob for w in pkg.manifest.weights}) and \
@@ -305,6 +307,13 @@ def test_t5_through_transformers_export_wrappers_gives_eager_tokens(t5_pack):
     assert got_tokens == want_tokens
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+    # ``encode`` reads and writes no state: the package runs it without a session; ``decode`` needs one
+    ids = pkg.example_inputs("encode")[0][0]
+    with torch.no_grad():
+        torch.testing.assert_close(pkg.encode(ids), s.encode(ids), rtol=0, atol=0)
+        with pytest.raises(SessionError) as info:
+            pkg.decode(*pkg.example_inputs("decode")[0])
+    assert_facts(str(info.value), "state", "s = pkg.session(); s.decode(...)")
 
 
 def test_a_pack_of_methods_is_reproducible_and_found_in_the_build_cache(two_tower_pack, tmp_path):
@@ -395,3 +404,27 @@ def test_whisper_whose_encode_writes_the_cross_attention_cache(whisper_cross_pac
     assert got_tokens == want_tokens == wrapper_tokens and len(set(got_tokens)) >= 3
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_clip_encodes_text_and_image_from_one_pack(clip_pack):
+    """Hugging Face ``CLIPModel``'s two towers as two methods: embeddings equal eager's (text at the example
+    length and at another within its dynamic range); every weight is stored once under ``CLIPModel``'s own
+    name (its non-persistent ``position_ids`` too); the towers read disjoint weights (CLIP shares none between them: each has its own projection),
+    whose union is the pack's weights, and ``logit_scale``, which neither reads, is recorded as unread."""
+    pkg = aotpack.load(clip_pack.path)
+    model = clip_pack.model
+    assert list(pkg.methods) == ["encode_text", "encode_image"] and not pkg.stateful
+    with torch.no_grad():
+        for ids in (programs.clip_ids(7), programs.clip_ids(13, seed=5)):
+            torch.testing.assert_close(pkg.encode_text(ids), programs.clip_encode_text(model, ids), rtol=1e-5,
+                                       atol=1e-5)
+        torch.testing.assert_close(pkg.encode_image(programs.CLIP_PIXELS),
+                                   programs.clip_encode_image(model, programs.CLIP_PIXELS), rtol=1e-5, atol=1e-5)
+    m = pkg.manifest
+    names = [w.name for w in m.weights]
+    assert len(names) == len(set(names)) == len({w.blob for w in m.weights})
+    assert set(names) <= {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+    text, image = (set().union(*(m.entries[i]["constants"].values() for i in r.entries)) for r in m.methods)
+    assert "text_projection.weight" in text and "visual_projection.weight" in image
+    assert not text & image and text | image == set(names)
+    assert m.raw["unread_weights"] == ["logit_scale"]

@@ -115,12 +115,55 @@ def test_records_of_one_blob_get_one_new_tensor(shared_view_pack, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(again.score(x), new.score(x))
         torch.testing.assert_close(again.project(x), new.project(x))
-    from aotpack.reweight import externalize
 
-    with pytest.raises(aotpack.BuildError) as e:  # a file of one tensor per name would untie them
-        externalize(tmp_path / "new.pack")
-    assert_facts(str(e.value), "new.pack", "lin.weight, view", "leave out --weights external")
-    assert aotpack.load(tmp_path / "new.pack").manifest.external_weights is None
+
+def test_records_of_one_blob_beside_the_pack_are_one_tensor_of_the_file(shared_view_pack, tmp_path):
+    """``--weights external`` on a pack whose two records share a blob: the file holds the tensor once, under
+    its state_dict name, the other record says ``same_as``; both methods give eager's outputs, with the file
+    beside the pack and with a fine-tune's; a manifest whose ``same_as`` names no fit weight is refused."""
+    from aotpack.reweight import externalize
+    from aotpack_runtime.schema import Manifest
+
+    pack = tmp_path / "shared.pack"
+    shutil.copyfile(shared_view_pack.path, pack)
+    wfile = externalize(pack)
+    assert set(stf.read(wfile)) == {"lin.weight", "lin.bias"}
+    pkg = aotpack.load(pack)
+    m = pkg.manifest
+    assert {w.name: w.same_as for w in m.weights} == {"lin.bias": None, "lin.weight": None, "view": "lin.weight"}
+    assert pkg.weights["view"] is pkg.weights["lin.weight"]
+    x = torch.randn(2, 6, generator=torch.Generator().manual_seed(4))
+    model = shared_view_pack.model
+    with torch.no_grad():
+        torch.testing.assert_close(pkg.project(x), model.project(x))
+        torch.testing.assert_close(pkg.score(x), model.score(x))
+    assert "the same tensor as lin.weight" in _cli("inspect", pack).output
+    new = programs.SharedView().eval()
+    new.load_state_dict(shifted(model, 6).state_dict())
+    tune = tmp_path / "tune.safetensors"
+    stf.write(tune, new.state_dict())  # a fine-tune's checkpoint: the state_dict, ``view`` not in it
+    sha = hashlib.sha256(tune.read_bytes()).hexdigest()
+    tuned = aotpack.load(pack, weights=tune, weights_sha256=sha)
+    with torch.no_grad():
+        torch.testing.assert_close(tuned.project(x), new.project(x))
+        torch.testing.assert_close(tuned.score(x), new.score(x))
+    pkg.load_weights(new.state_dict())  # new weights for an external pack reach both records
+    assert pkg.weights["view"] is pkg.weights["lin.weight"]
+    with torch.no_grad():
+        torch.testing.assert_close(pkg.score(x), new.score(x))
+    raw = m.raw
+    # another name, another shape, a chain (lin.weight same_as view, which is same_as lin.weight)
+    for name, same_as, fact in (("view", "nope", "no such weight"), ("view", "lin.bias", "found: float32[6])"),
+                                ("lin.weight", "view", "found: float32[6, 6], same_as 'lin.weight'")):
+        bad = dict(raw, weights=[dict(w, same_as=same_as) if w["name"] == name else w for w in raw["weights"]])
+        with pytest.raises(aotpack.ArchiveError) as e:
+            Manifest.from_json(bad)
+        assert_facts(str(e.value), f"weight {name!r}", f"same_as {same_as!r}", fact)
+    internal = aotpack.load(shared_view_pack.path).manifest.raw
+    bad = dict(internal, weights=[dict(w, same_as="lin.weight") if w["name"] == "view" else w
+                                  for w in internal["weights"]])
+    with pytest.raises(aotpack.ArchiveError, match="only a pack that keeps its weights beside it"):
+        Manifest.from_json(bad)
 
 
 def test_export_and_reweight_of_two_towers_give_the_bytes_of_a_full_build(two_tower_pack, tmp_path):
@@ -135,7 +178,8 @@ def test_export_and_reweight_of_two_towers_give_the_bytes_of_a_full_build(two_to
         assert torch.equal(exported[name], t)
     new = shifted(two_tower_pack.model, 4)
     stf.write(tmp_path / "new.safetensors", new.state_dict())
-    r = _cli("reweight", two_tower_pack.path, tmp_path / "new.safetensors", "-o", tmp_path / "re.pack")
+    # --no-cache: the full build below must compile its pack, not find this one
+    r = _cli("reweight", two_tower_pack.path, tmp_path / "new.safetensors", "-o", tmp_path / "re.pack", "--no-cache")
     assert r.exit_code == 0, r.output
     assert_towers_equal(aotpack.load(tmp_path / "re.pack"), new)
     aotpack.build(new, None, tmp_path / "full.pack", methods=programs.two_tower_methods(new))

@@ -22,8 +22,9 @@ def test_baseline_runs_anywhere():
 
 
 def test_other_machine_is_refused():
-    with pytest.raises(aotpack.ArchiveError, match="native code is for x86_64, this host is aarch64"):
+    with pytest.raises(aotpack.ArchiveError) as info:
         platform.check_target({"machine": "x86_64", "cpu_isa": "avx2"}, machine="aarch64")
+    assert_facts(str(info.value), "native code", "x86_64", "this host is aarch64")
 
 
 def test_load_refuses_pack_for_missing_isa(convnet_pack, monkeypatch):

@@ -34,7 +34,7 @@ _NO_PROBE = (
 
 
 def _build(folder: pathlib.Path, out_name: str, *, python: str = sys.executable, env: dict | None = None,
-           prefix: list[str] | None = None, preexec=None) -> bytes:
+           prefix: list[str] | None = None, preexec=None, example: str = "mlp") -> bytes:
     folder.mkdir(parents=True)
     (folder / "tmp").mkdir()
     full_env = dict(os.environ, TMPDIR=str(folder / "tmp"), TORCHINDUCTOR_CACHE_DIR=str(folder / "inductor"),
@@ -42,7 +42,7 @@ def _build(folder: pathlib.Path, out_name: str, *, python: str = sys.executable,
     full_env.update(env or {})
     out = folder / "deeper" / out_name
     out.parent.mkdir()
-    cmd = (prefix or []) + [python, "-c", _NO_PROBE, "build", str(EXAMPLES / "mlp.py"), "-o", str(out), "--quiet"]
+    cmd = (prefix or []) + [python, "-c", _NO_PROBE, "build", str(EXAMPLES / f"{example}.py"), "-o", str(out), "--quiet"]
     proc = subprocess.run(cmd, cwd=folder, env=full_env, capture_output=True, text=True, timeout=900,
                           preexec_fn=preexec)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -100,6 +100,16 @@ def test_builds_are_byte_identical_across_torch_installs(baseline, tmp_path):
 def test_in_process_build_equals_cli_build(baseline, mlp_pack):
     """The session's in-process build (other folders, other process) gives the same bytes."""
     assert mlp_pack.path.read_bytes() == baseline
+
+
+def test_conv_pack_does_not_depend_on_the_build_hosts_vector_units(convnet_pack, tmp_path):
+    """A conv net's convolutions run through oneDNN with weights packed at load, on the serving host: a build
+    whose oneDNN may use nothing above SSE4.1 (its packed layouts differ from AVX2's), and whose Inductor may
+    not probe the CPU, writes the bytes of the session's build, so nothing packed for the build host's CPU is
+    in the pack. (ATen's own vector units stay: the example's weight initialisation depends on them.)"""
+    env = {"ONEDNN_MAX_CPU_ISA": "SSE41"}
+    other = _build(tmp_path / "conv", "convnet.pack", env=env, example="convnet")
+    assert other == convnet_pack.path.read_bytes()
 
 
 def test_parallel_entries_are_byte_identical(tmp_path):

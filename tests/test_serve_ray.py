@@ -2,7 +2,8 @@
 starts (and stops) itself. Every listening socket of every process it started must be on loopback; requests
 from 8 threads must all match eager; a bad input must be a 400 with the guard's message; conversations with a
 stateful pack must stay on the replica that holds them; on SIGTERM the command must exit 0 and every process
-it started must be gone. Select with ``-m ray``."""
+it started must be gone; a pack of several methods is served by method name, its sessions routed as any other.
+Select with ``-m ray``."""
 from __future__ import annotations
 
 import importlib.util
@@ -212,3 +213,60 @@ def _on_ray(port: int, sid: str, replica: str):
         assert headers["x-aotpack-replica"] == replica
         return torch.tensor(body["outputs"])
     return call
+
+
+def test_a_pack_of_methods_is_served_by_method_name(seq2seq_pack, session_dir):
+    """The encoder-decoder of tests/programs.py (``encode`` writes the cross-attention cache ``decode`` reads):
+    two conversations, one on each replica, interleaved, each ``POST /sessions/{id}/predict/encode`` then
+    ``.../decode`` token by token, give eager's greedy tokens from the replica that holds them; an unknown
+    method is a 404 naming the pack's; ``/predict/encode`` outside a session is a 409 naming the session route."""
+    import programs
+
+    proc, port, log_path = _start(seq2seq_pack.path, session_dir, "serve-ray-methods")
+    started: dict[int, int] = {}
+    try:
+        status, health = request(port, "GET", "/health")
+        assert status == 200 and sorted(health["methods"]) == ["decode", "encode"] and health["stateful"], health
+        status, body = request(port, "POST", "/predict/encode", json.dumps({"args": [[[1, 5, 7, 2, 9, 4]]]}))
+        assert status == 409 and "/sessions/{id}/predict/encode" in body["error"], body
+
+        held: dict[str, str] = {}  # replica -> session, one on each (see the conversations test)
+        for _ in range(12):
+            status, body, headers = exchange(port, "POST", "/sessions")
+            assert status == 201, body
+            held[headers["x-aotpack-replica"]] = body["session"]
+            if len(held) == 2:
+                break
+        assert len(held) == 2, held
+
+        def call(replica: str, method: str, *args: torch.Tensor) -> torch.Tensor:
+            sid = held[replica]
+            status, body, headers = exchange(port, "POST", f"/sessions/{sid}/predict/{method}",
+                                             json.dumps({"args": [a.tolist() for a in args]}),
+                                             {"serve_multiplexed_model_id": sid})
+            assert (status, headers["x-aotpack-replica"]) == (200, replica), body
+            return torch.tensor(body["outputs"])
+
+        sources = dict(zip(held, (torch.tensor([[1, 5, 7, 2, 9, 4]]), torch.tensor([[3, 3, 8, 21, 30, 11]]))))
+        steps, tokens = 6, {replica: [] for replica in held}
+        for replica, src in sources.items():
+            call(replica, "encode", src)
+        for pos in range(steps):  # the conversations take turns
+            for replica in held:
+                last = tokens[replica][-1] if tokens[replica] else 1
+                logits = call(replica, "decode", torch.tensor([[last]]), torch.tensor([pos]))
+                tokens[replica].append(int(logits[0].argmax()))
+        for replica, src in sources.items():
+            eager = programs.TinySeq2Seq().eval()
+            with torch.no_grad():
+                assert tokens[replica] == programs.greedy_seq2seq(eager.encode, eager.decode, src, steps)
+
+        sid = next(iter(held.values()))
+        status, body = request(port, "POST", f"/sessions/{sid}/predict/translate", json.dumps({"args": [[[1]]]}),
+                               {"serve_multiplexed_model_id": sid})
+        assert status == 404 and "no method 'translate'; its methods: encode, decode" in body["error"], body
+
+        _check_loopback(proc, port)
+        _stop(proc, log_path, started)
+    finally:
+        _kill_leftovers(proc, started)

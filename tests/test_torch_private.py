@@ -656,3 +656,54 @@ def test_dynamo_message_readers():
     found = torch_text.unrecognized_output(str(e.value))
     assert found is not None and found[0] == "Odd", str(e.value)[:500]
     assert torch_text.unrecognized_output("another error") is None
+
+
+def test_convolutions_to_onednn_pass_and_the_weight_packing_it_relies_on():
+    """The CPU post-grad pass with onednn_convs gives a float32 convolution whose weight is a stored weight read
+    by nothing else to mkldnn._convolution_pointwise and records it; a weight also read elsewhere stays with
+    aten.convolution. The op takes the weight as runtime/_torch.onednn_conv_weight packs it, and plain."""
+    conv = torch.ops.aten.convolution.default
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    w, v = graph.get_attr("c.weight"), graph.get_attr("d.weight")
+    x.meta["val"] = torch.empty(1, 4, 8, 8)
+    w.meta["val"], v.meta["val"] = torch.empty(6, 4, 3, 3), torch.empty(4, 4, 1, 1)
+    a = graph.call_function(conv, (x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1))
+    b = graph.call_function(conv, (x, v, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1))
+    c = graph.call_function(torch.ops.aten.mul.Tensor, (v, 2.0))
+    a.meta["val"], b.meta["val"] = torch.empty(1, 6, 8, 8), torch.empty(1, 4, 8, 8)
+    graph.output((a, b, c))
+    config_pass = build_torch.inductor_options("avx2", 16, onednn_convs=True)["post_grad_custom_pre_pass"]
+    with build_torch.onednn_conv_records() as records:
+        config_pass(graph)
+    targets = [n.target for n in graph.nodes if n.op == "call_function"]
+    assert targets == [torch.ops.mkldnn._convolution_pointwise.default, conv, torch.ops.aten.mul.Tensor]
+    assert records == {"c.weight": {"padding": [1, 1], "stride": [1, 1], "dilation": [1, 1], "groups": 1,
+                                    "input_size": [1, 4, 8, 8]}}
+    assert build_torch.inductor_options("avx2", 16)["post_grad_custom_pre_pass"].uuid() != config_pass.uuid()
+
+    gen = torch.Generator().manual_seed(0)
+    xs, ws = torch.randn(1, 4, 8, 8, generator=gen), torch.randn(6, 4, 3, 3, generator=gen)
+    packed = rt_torch.onednn_conv_weight(ws, [1, 1], [1, 1], [1, 1], 1, [1, 4, 8, 8])
+    assert packed.layout == torch._mkldnn
+    expected = torch.nn.functional.conv2d(xs, ws, padding=1)
+    for weight in (packed, ws):
+        out = torch.ops.mkldnn._convolution_pointwise(xs, weight, None, [1, 1], [1, 1], [1, 1], 1, "none", [], "")
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_onednn_conv_weights_reads_the_generated_wrapper(convnet_pack):
+    """The constants a real build's wrapper passes only to oneDNN's convolution as its weight; a constant the
+    wrapper also reads another way is not one of them."""
+    from aotpack_runtime.archive import Archive
+
+    a = Archive.open(convnet_pack.path)
+    try:
+        wrapper = bytes(a.read_blob("source/0/wrapper.cpp")).decode()
+        constants = a.manifest.entries[0]["constants"]
+    finally:
+        a.close()
+    convs = {"features_0_weight", "features_4_weight", "features_8_weight"}
+    assert torch_text.onednn_conv_weights(wrapper, constants) == convs
+    elsewhere = wrapper + "\n    cpp_fused_extra((const float*)(features_4_weight.data_ptr()));\n"
+    assert torch_text.onednn_conv_weights(elsewhere, constants) == convs - {"features_4_weight"}

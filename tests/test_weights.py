@@ -6,6 +6,7 @@ import json
 import pathlib
 import struct
 import threading
+import time
 
 import pytest
 import torch
@@ -45,7 +46,7 @@ def test_manifest_names_aliases_unread_and_tensors_outside_the_state_dict(weight
     assert constants and not by_name[constants[0]].in_state_dict
     assert set(m.unread_weights) == {"bn.num_batches_tracked", "unused.weight", "unused.bias"}
     stored = {"emb.weight", "lin.weight", "lin.bias", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var",
-              "one", "scale"}
+              "one", "scale", "gate", "norm"}
     assert {w.name for w in m.weights if w.in_state_dict} == stored
     assert stored | {"head.weight"} | set(m.unread_weights) == set(WeightsModel.make().state_dict())
 
@@ -70,6 +71,12 @@ def test_one_element_bias_and_scale_buffer_get_new_values(pkg, weights_pack):
     sd["one"] = torch.tensor([3.0])
     sd["scale"] = torch.tensor([-2.0])
     pkg.load_weights({"one": sd["one"], "scale": sd["scale"]}, strict=False)
+    torch.testing.assert_close(pkg(*args), eager(sd, args))
+    # weights whose elements were all equal at build and that the code reads through an op on them alone
+    # (Inductor's joint-graph constant folding would have put exp(gate) and 1 + norm into the code as numbers)
+    sd["gate"] = torch.tensor(-0.75)
+    sd["norm"] = torch.linspace(-0.5, 0.5, 8)
+    pkg.load_weights({"gate": sd["gate"], "norm": sd["norm"]}, strict=False)
     torch.testing.assert_close(pkg(*args), eager(sd, args))
 
 
@@ -200,8 +207,13 @@ def test_threaded_calls_see_old_or_new_weights_never_a_mix(pkg, weights_pack):
     for t in threads:
         t.start()
     for i in range(20):
-        pkg.load_weights(sets[(i + 1) % 2])
-        torch.testing.assert_close(pkg(*args), want[(i + 1) % 2])  # a call after the swap sees the new weights
+        current = (i + 1) % 2
+        before = seen[current]
+        pkg.load_weights(sets[current])
+        torch.testing.assert_close(pkg(*args), want[current])  # a call after the swap sees the new weights
+        deadline = time.monotonic() + 30  # let the callers run on these weights, however busy the host
+        while seen[current] == before and not problems and time.monotonic() < deadline:
+            time.sleep(0.001)
     stop.set()
     for t in threads:
         t.join()
@@ -341,7 +353,9 @@ def test_reweight_writes_the_bytes_of_a_full_build(weights_pack, weights_pack_ot
     stf.write(tmp_path / "w1.safetensors", other)
     r = _cli("reweight", weights_pack.path, tmp_path / "w1.safetensors", "-o", tmp_path / "re.pack")
     assert r.exit_code == 0, r.output
-    assert "11 weights, 5 of them new" in r.output  # bn.weight, bn.bias, one, scale keep their values
+    # bn.weight, bn.bias, one, scale keep their values; gate and norm were uniform in the base (seed 0), so this
+    # also shows that no weight's build-time value is in the code
+    assert "13 weights, 7 of them new" in r.output
     assert (tmp_path / "re.pack").read_bytes() == weights_pack_other.path.read_bytes()
     _cli("weights", weights_pack_other.path, "-o", tmp_path / "exported.safetensors")
     _cli("reweight", weights_pack.path, tmp_path / "exported.safetensors", "-o", tmp_path / "re2.pack")
@@ -384,13 +398,53 @@ def test_reweight_checks_what_it_copies_and_reads_no_weight_it_replaces(weights_
     assert not (tmp_path / "x.pack").exists()
     bad_weight = damaged(lin)
     report = reweight(bad_weight, new, tmp_path / "y.pack")
-    assert report.changed == 5
+    assert report.changed == 7
     reference = tmp_path / "ref.pack"
     reweight(weights_pack.path, new, reference)
     assert (tmp_path / "y.pack").read_bytes() == reference.read_bytes()
     with pytest.raises(aotpack.ArchiveError) as e:
         reweight(bad_weight, {"lin.bias": new["lin.bias"]}, tmp_path / "z.pack", strict=False)
     assert repr(lin) in str(e.value) and not (tmp_path / "z.pack").exists()
+
+
+def test_reweighted_pack_is_cached_under_the_key_of_a_full_build_and_signs(weights_pack, tmp_path):
+    """``reweight`` stores its pack in the build cache under the key a full build of the model with those
+    weights computes: that build (seed 3, which no fixture builds) finds it by its graph key and compiles
+    nothing; a base pack the cache does not hold gives a pack and a reason, not an error. The base is signed:
+    the summary says the new pack is not and how to sign it; signed, it loads with the public key."""
+    import shutil
+
+    from aotpack import front
+    from aotpack.reweight import reweight
+    from helpers import assert_facts
+    from test_signing import Keys
+
+    keys = Keys(tmp_path)
+    base = tmp_path / "base.pack"
+    shutil.copyfile(weights_pack.path, base)
+    assert _cli("sign", base, "--key", keys.a).exit_code == 0
+    new = WeightsModel.make(3)
+    lines: list[str] = []
+    report = reweight(base, new.state_dict(), tmp_path / "re.pack", progress=lines.append)
+    assert len(report.key) == 64 and report.cache_note.startswith(f"stored {report.key[:12]}"), report.cache_note
+    assert_facts(lines[0], f"the base pack is signed ({base}.sig)", f"aotpack sign {tmp_path / 're.pack'} --key KEY")
+    full = front.build(new, WeightsModel.args(), tmp_path / "full.pack", options=front.options(), cache=True,
+                       progress=None, source="test")
+    assert (full.hit, full.key) == ("graph", report.key)
+    r = _cli("sign", tmp_path / "re.pack", "--key", keys.a)
+    assert r.exit_code == 0, r.output
+    pkg = aotpack.load(tmp_path / "re.pack", public_key=keys.a_pub)
+    torch.testing.assert_close(pkg(*weights_pack.args), eager(new.state_dict(), weights_pack.args))
+    r = _cli("verify", tmp_path / "re.pack", "--public-key", keys.a_pub)
+    assert r.exit_code == 0 and "[ok] signature" in r.output, r.output
+    elsewhere = reweight(weights_pack.path, new.state_dict(), tmp_path / "x.pack", cache=tmp_path / "other-cache")
+    assert elsewhere.key == "" and "the base pack is not in the build cache" in elsewhere.cache_note
+    assert (tmp_path / "x.pack").read_bytes() == (tmp_path / "re.pack").read_bytes()
+    stf.write(tmp_path / "w3.safetensors", {k: v for k, v in new.state_dict().items() if k != "head.weight"})
+    r = _cli("reweight", weights_pack.path, tmp_path / "w3.safetensors", "-o", tmp_path / "y.pack", "--no-cache")
+    assert r.exit_code == 0 and "build cache" not in r.output, r.output
+    r = _cli("reweight", weights_pack.path, tmp_path / "w3.safetensors", "-o", tmp_path / "z.pack")
+    assert r.exit_code == 0 and f"build cache: stored {report.key[:12]}" in r.output, r.output
 
 
 def test_lora_merge_matches_peft_merge_and_unload(weights_pack, tmp_path):
@@ -501,6 +555,18 @@ def test_another_weights_file_needs_its_own_pin(weights_pack, weights_pack_other
     assert f"expected {pin}, actual {sha}" in str(e.value) and str(tune) in str(e.value)
     pkg = aotpack.load(pack, weights=tune, weights_sha256=sha)
     torch.testing.assert_close(pkg(*weights_pack.args), eager(new_state_dict(1), weights_pack.args))
+    # a checkpoint that keeps the tied pair under its other name (lm_head's) serves it too
+    tensors = stored(Archive.open(str(weights_pack_other.path)), checked=False)
+    tensors["head.weight"] = tensors.pop("emb.weight")
+    stf.write(tune, tensors)
+    sha = hashlib.sha256(tune.read_bytes()).hexdigest()
+    pkg = aotpack.load(pack, weights=tune, weights_sha256=sha)
+    torch.testing.assert_close(pkg(*weights_pack.args), eager(new_state_dict(1), weights_pack.args))
+    del tensors["head.weight"]
+    stf.write(tune, tensors)
+    sha = hashlib.sha256(tune.read_bytes()).hexdigest()
+    with pytest.raises(aotpack.ArchiveError, match=r"emb.weight \(missing; nor under head.weight\)"):
+        aotpack.load(pack, weights=tune, weights_sha256=sha)
     stf.write(tune, {"lin.weight": torch.ones(8, 8)})
     sha = hashlib.sha256(tune.read_bytes()).hexdigest()
     with pytest.raises(aotpack.ArchiveError, match=r"lin.bias \(missing\)"):

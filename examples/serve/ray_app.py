@@ -8,7 +8,8 @@ sent, deploys the pack on it, and stops what it started on SIGINT or SIGTERM. Ea
 loads the pack in its constructor and serves ``app.build_app`` of it, so the endpoints and error answers are
 those of app.py. For a pack with state, a session lives in the replica that opened it: the deployment
 routes with ``session_router.SessionRouter``, which sends every request carrying the session's id in the
-``serve_multiplexed_model_id`` header to that replica. From your own Ray driver, on a cluster where the
+``serve_multiplexed_model_id`` header to that replica. A pack of several methods is served by method name
+(``POST /predict/METHOD``, in a session ``POST /sessions/ID/predict/METHOD``), as app.py serves it. From your own Ray driver, on a cluster where the
 pack's path exists on every node and this folder is on ``PYTHONPATH``:
 ``serve.run(ray_app.application(ServeOptions(pack="/abs/model.pack"), replicas=2))``.
 """
