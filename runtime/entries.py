@@ -9,6 +9,9 @@ ATen ops that have no C shim run through AOTInductor's proxy executor, which lib
 it finds the description of those calls (``extern_kernels``, JSON) beside the library under the same name
 (``model.so`` and ``model.json``); the two are extracted into one folder of the code cache.
 
+A CPU entry's constants listed in its ``packed_weights`` are bound not to the stored weight but to that weight
+packed into oneDNN's layout for this host's CPU (``PackedWeight``), computed at load and again for new weights.
+
 An entry of a pack with state runs only for a session (``runtime/sessions.py``): its code writes the state
 buffers in place through the pointers it was given, so each call binds the calling session's state first.
 Such an entry keeps ``num_models`` containers of its code (a ``RunnerPool``, per device), each one call at
