@@ -9,6 +9,9 @@ ATen ops that have no C shim run through AOTInductor's proxy executor, which lib
 it finds the description of those calls (``extern_kernels``, JSON) beside the library under the same name
 (``model.so`` and ``model.json``); the two are extracted into one folder of the code cache.
 
+A CPU entry's constants listed in its ``packed_weights`` are bound not to the stored weight but to that weight
+packed into oneDNN's layout for this host's CPU (``pack_weight``), computed at load and again for new weights.
+
 An entry of a pack with state runs only for a session (``runtime/sessions.py``): its code writes the state
 buffers in place through the pointers it was given, so each call binds the calling session's state first.
 Such an entry keeps ``num_models`` containers of its code (a ``RunnerPool``, per device), each one call at
@@ -90,11 +93,11 @@ class Entry:
         # The code's constants bound to a weight packed for oneDNN (the record's ``packed_weights``).
         self.packed_weights: dict[str, PackedWeightRecord] = dict(record.packed_weights)
 
-    def weight_constants(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def weight_constants(self, weights: dict[str, torch.Tensor], shared: dict | None = None) -> dict[str, torch.Tensor]:
         """The code's constants that are weights (not state), bound to ``weights`` (by weight name), those in
-        ``packed_weights`` packed for oneDNN from them."""
+        ``packed_weights`` packed for oneDNN from them (``shared``: see ``packed_constants``)."""
         return packed_constants({c: weights[w] for c, w in self.record.constants.items()
-                                 if c not in self.state_constants}, self.packed_weights)
+                                 if c not in self.state_constants}, self.packed_weights, shared)
 
     def bind_weights(self, weights: dict[str, torch.Tensor], on_device: dict[int, dict[str, torch.Tensor]],
                      bound: dict[str, torch.Tensor] | None = None) -> None:
@@ -251,25 +254,26 @@ def pack_weight(record: PackedWeightRecord, weight: torch.Tensor) -> torch.Tenso
                                      record.groups, list(record.input_size))
 
 
-def packed_constants(bound: dict[str, torch.Tensor],
-                     packed: dict[str, PackedWeightRecord]) -> dict[str, torch.Tensor]:
+def packed_constants(bound: dict[str, torch.Tensor], packed: dict[str, PackedWeightRecord],
+                     shared: dict | None = None) -> dict[str, torch.Tensor]:
     """``bound`` (the code's constant name -> weight) with each constant of ``packed`` bound to its weight packed
-    for this host instead (a weight that several of them read is packed once per record)."""
+    for this host instead. A weight is packed once per record: in ``shared`` (a dict the caller keeps for one
+    load or one swap of weights, across the entries) or else within this call."""
     if not packed:
         return bound
-    out, done = dict(bound), {}
+    out, done = dict(bound), ({} if shared is None else shared)
     for c, p in packed.items():
         key = (id(bound[c]), p)
         if key not in done:
-            done[key] = pack_weight(p, bound[c])
-        out[c] = done[key]
+            done[key] = (bound[c], pack_weight(p, bound[c]))  # the weight is kept with it, so that its id stays its own
+        out[c] = done[key][1]
     return out
 
 
 def entry_from_manifest(i: int, archive: Archive, weights: dict[str, torch.Tensor], cache_root: str,
-                        num_models: int, cuda_state: CudaState | None) -> Entry:
+                        num_models: int, cuda_state: CudaState | None, shared: dict | None = None) -> Entry:
     """Load entry ``i`` of the (checked) manifest: its guard matcher and its code (a CUDA entry's code only
-    where this host can run it, and then only at its first call on a GPU)."""
+    where this host can run it, and then only at its first call on a GPU). ``shared``: see ``packed_constants``."""
     path = archive.path
     c = archive.manifest.entries[i]
     where = f"manifest.entries[{i}]"
@@ -295,7 +299,7 @@ def entry_from_manifest(i: int, archive: Archive, weights: dict[str, torch.Tenso
 
     try:
         runner = _load_code(load_one, num_models, c.constants, weights, state_constants, where, path,
-                            c.packed_weights)
+                            c.packed_weights, shared)
     finally:
         library.close()  # loaded (the runner read the extern-kernel description at its construction)
     if state_constants:
@@ -314,7 +318,7 @@ def _bind(runner: Any, bound: dict[str, torch.Tensor]) -> None:
 
 def _load_code(load_one: Callable[[int], Any], num_models: int, constants: dict[str, str],
                weights: dict[str, torch.Tensor], state_constants: dict[str, str], where: str, path: str,
-               packed: dict[str, PackedWeightRecord] | None = None) -> Any:
+               packed: dict[str, PackedWeightRecord] | None = None, shared: dict | None = None) -> Any:
     """An entry's code with its weights bound: one container of ``num_models`` models for an entry without
     state; for one with state, a ``RunnerPool`` of ``num_models`` containers (one model each: the models of
     one container share its constants, so two of them could not hold two sessions' state)."""
@@ -322,7 +326,8 @@ def _load_code(load_one: Callable[[int], Any], num_models: int, constants: dict[
     # The code knows the weight each of its constants came from: a manifest that says otherwise is wrong.
     if _torch.constant_fqns(runners[0]) != constants:
         raise ArchiveError(f"{where}.constants do not match the constants of its native code", path=path)
-    bound = packed_constants({c: weights[w] for c, w in constants.items() if c not in state_constants}, packed or {})
+    bound = packed_constants({c: weights[w] for c, w in constants.items() if c not in state_constants}, packed or {},
+                             shared)
     for runner in runners:
         if state_constants:  # the state is bound per call (RunnerPool)
             _torch.bind_constants(runner, bound)

@@ -153,7 +153,8 @@ class Package:
             new = _weights.fit(self.manifest, source, strict, self.weights, path=self.path)
             prepared = self._cuda_state.prepare(new) if self._cuda_state is not None else {}
             # CPU entries' constants (weights packed for oneDNN among them) are made before calls wait.
-            bound = [entry.weight_constants(new) if entry.device == "cpu" else None for entry in self.entries]
+            shared: dict = {}  # a weight several entries pack alike is packed once
+            bound = [entry.weight_constants(new, shared) if entry.device == "cpu" else None for entry in self.entries]
             with self._swap.swap():
                 on_device = self._cuda_state.commit(new, prepared) if self._cuda_state is not None else {}
                 for entry, constants in zip(self.entries, bound):
@@ -404,7 +405,8 @@ def serve(archive: Archive, cache_root: str, *, num_models: int = 1, checked: st
         needed = {w for e in cuda_records for w in e.constants.values() if w not in state_names}
         cuda_state = CudaState(archive, cache_root, num_models, weights, needed, no_cuda)
 
-    entries = [entry_from_manifest(i, archive, weights, cache_root, num_models, cuda_state)
+    shared: dict = {}  # a weight several entries pack alike (packed_weights) is packed once
+    entries = [entry_from_manifest(i, archive, weights, cache_root, num_models, cuda_state, shared)
                for i in range(len(m.entries))]
     guard_note = None
     if cuda_records:

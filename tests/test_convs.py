@@ -64,6 +64,23 @@ def test_new_weights_are_packed_again(convnet_pack):
     assert_close_to_eager(pkg(*convnet_pack.args), _eager(convnet_pack.model, convnet_pack.args))
 
 
+def test_a_weight_that_entries_pack_alike_is_packed_once(convnet_pack):
+    """Across the entries of one load (or one swap of weights), one packed tensor per weight and record."""
+    from aotpack_runtime.entries import packed_constants
+
+    pkg = aotpack.load(convnet_pack.path)
+    entry = pkg.entries[0]
+    shared: dict = {}
+    first = entry.weight_constants(pkg.weights, shared)
+    again = entry.weight_constants(pkg.weights, shared)
+    assert all(again[c] is first[c] for c in entry.packed_weights) and len(shared) == len(CONV_INPUTS)
+    record = entry.packed_weights["features_4_weight"]
+    w = pkg.weights["features.4.weight"]
+    both = packed_constants({"a": w, "b": w}, {"a": record, "b": record})
+    assert both["a"] is both["b"] and both["a"].layout == torch._mkldnn
+    assert entry.weight_constants(pkg.weights)["features_4_weight"] is not first["features_4_weight"]
+
+
 def test_a_reader_that_ignores_packed_weights_computes_the_same_outputs(convnet_pack, tmp_path):
     """An older reader binds the plain weights, which the oneDNN op also takes (reordering them per call)."""
     plain = tmp_path / "plain.pack"

@@ -42,7 +42,8 @@ def _build(folder: pathlib.Path, out_name: str, *, python: str = sys.executable,
     full_env.update(env or {})
     out = folder / "deeper" / out_name
     out.parent.mkdir()
-    cmd = (prefix or []) + [python, "-c", _NO_PROBE, "build", str(EXAMPLES / f"{example}.py"), "-o", str(out), "--quiet"]
+    cmd = (prefix or []) + [python, "-c", _NO_PROBE, "build", str(EXAMPLES / f"{example}.py"), "-o", str(out),
+                            "--quiet"]
     proc = subprocess.run(cmd, cwd=folder, env=full_env, capture_output=True, text=True, timeout=900,
                           preexec_fn=preexec)
     assert proc.returncode == 0, proc.stderr[-3000:]
