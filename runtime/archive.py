@@ -458,7 +458,7 @@ def zstd_chunks(fd: int, offset: int, stored_size: int, size: int, name: str, pa
     is bounded whatever the frame declares: a read buffer, this output buffer, and zstd's window, at most
     ``2**ZSTD_WINDOW_LOG_MAX`` bytes (and no more than ``size``)."""
     # Imported here, not with the module: a load whose blobs are all stored uncompressed (weights, and code
-    # already in the extraction cache) never needs zstd.
+    # already in the code cache) never needs zstd.
     import zstandard
     from zstandard import backend_cffi as _zstd  # zstd's streaming API, for decompression through fixed buffers
 
