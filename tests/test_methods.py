@@ -424,7 +424,7 @@ def test_clip_encodes_text_and_image_from_one_pack(clip_pack):
     names = [w.name for w in m.weights]
     assert len(names) == len(set(names)) == len({w.blob for w in m.weights})
     assert set(names) <= {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
-    text, image = (set().union(*(m.entries[i]["constants"].values() for i in r.entries)) for r in m.methods)
+    text, image = (set().union(*(m.entries[i].constants.values() for i in r.entries)) for r in m.methods)
     assert "text_projection.weight" in text and "visual_projection.weight" in image
     assert not text & image and text | image == set(names)
     assert m.raw["unread_weights"] == ["logit_scale"]

@@ -700,7 +700,7 @@ def test_onednn_conv_weights_reads_the_generated_wrapper(convnet_pack):
     a = Archive.open(convnet_pack.path)
     try:
         wrapper = bytes(a.read_blob("source/0/wrapper.cpp")).decode()
-        constants = a.manifest.entries[0]["constants"]
+        constants = a.manifest.entries[0].constants
     finally:
         a.close()
     convs = {"features_0_weight", "features_4_weight", "features_8_weight"}
