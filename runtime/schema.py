@@ -3,8 +3,8 @@
 Every part of the manifest (``docs/FORMAT.md``) is a frozen record here: the blob table (``BlobRecord``), the
 weights (``WeightRecord``, ``ExternalWeights``), the state (``StateRecord``, ``PositionRule``), the methods
 (``MethodRecord``), the example inputs (``ExampleRecord``, ``ExampleLeaf``), the entries (``EntryRecord``)
-with their guards (``Guards``: ``TensorGuard``, ``ValueGuard``, ``OutputLeaf``) and CUDA records
-(``CudaMeta``, ``CudaKernel``), and the whole (``Manifest``). The writer builds these records and writes
+with their guards (``Guards``: ``TensorGuard``, ``ValueGuard``, ``OutputLeaf``), CUDA records
+(``CudaMeta``, ``CudaKernel``) and packed weights (``PackedWeightRecord``), and the whole (``Manifest``). The writer builds these records and writes
 ``Manifest.to_json()`` (through ``format.canonical_json``); the reader parses the JSON with each record's
 ``from_json``, which checks every field's presence, type and value and raises an ArchiveError naming where
 (``manifest.entries[1].cuda.kernels[0].size``), what was expected and what was found. ``Manifest.from_json``
