@@ -249,9 +249,15 @@ class CudaEntry(Entry):
 def pack_weight(record: PackedWeightRecord, weight: torch.Tensor) -> torch.Tensor:
     """The tensor a constant of the code is bound to, computed from the weight it names by its packed-weight
     record: a convolution weight in oneDNN's layout for this host (``kind`` ``onednn_conv``, the only kind
-    ``schema.PACKED_KINDS`` admits)."""
-    return _torch.onednn_conv_weight(weight, list(record.padding), list(record.stride), list(record.dilation),
-                                     record.groups, list(record.input_size))
+    ``schema.PACKED_KINDS`` admits). A record oneDNN refuses (a convolution it cannot describe: sizes out of
+    its range, a kernel larger than the padded input) is an ArchiveError, not a crash of the load."""
+    try:
+        return _torch.onednn_conv_weight(weight, list(record.padding), list(record.stride), list(record.dilation),
+                                         record.groups, list(record.input_size))
+    except RuntimeError as e:
+        raise ArchiveError(f"packed weight record {record.to_json()} for a {list(weight.shape)} weight: oneDNN "
+                           f"cannot pack it on this host ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+                           ) from None
 
 
 def packed_constants(bound: dict[str, torch.Tensor], packed: dict[str, PackedWeightRecord],
@@ -326,8 +332,11 @@ def _load_code(load_one: Callable[[int], Any], num_models: int, constants: dict[
     # The code knows the weight each of its constants came from: a manifest that says otherwise is wrong.
     if _torch.constant_fqns(runners[0]) != constants:
         raise ArchiveError(f"{where}.constants do not match the constants of its native code", path=path)
-    bound = packed_constants({c: weights[w] for c, w in constants.items() if c not in state_constants}, packed or {},
-                             shared)
+    try:
+        bound = packed_constants({c: weights[w] for c, w in constants.items() if c not in state_constants},
+                                 packed or {}, shared)
+    except ArchiveError as e:
+        raise ArchiveError(f"{where}.packed_weights: {e.reason}", path=path) from None
     for runner in runners:
         if state_constants:  # the state is bound per call (RunnerPool)
             _torch.bind_constants(runner, bound)

@@ -104,6 +104,8 @@ def _edit(record: dict):
     (_edit({"groups": "1"}), ["packed_weights['features_4_weight']", "groups"]),
     (lambda m: m["entries"][0]["packed_weights"].update(nope={"kind": "onednn_conv"}),
      ["packed_weights['nope']", "not one of the entry's weight constants"]),
+    # well formed, but a convolution oneDNN cannot describe: refused when it is packed, not a crash
+    (_edit({"input_size": [4, 16, 2**40, 2**40]}), ["packed_weights", "[32, 16, 3, 3]", "cannot pack"]),
 ])
 def test_bad_packed_weights_are_refused_at_load(convnet_pack, tmp_path, edit, facts):
     bad = tmp_path / "bad.pack"
