@@ -90,30 +90,30 @@ class _Symbols:
         named = {sym: self.name(sym, preferred if len(symbols) == 1 else None) for sym in symbols}
         return Poly({tuple(sorted(named[x] for x in k)): c for k, c in terms.items()})
 
-    def size(self, value: Any, preferred: str | None, who: str, d: int) -> int | str | Poly:
+    def _value(self, value: Any, preferred: str | None) -> tuple[int | Poly | None, Any]:
+        """A size or stride as an int or a polynomial of the Dims, with its sympy expression (None, expr
+        where it is no polynomial)."""
         if not isinstance(value, torch.SymInt):
-            return int(value)
+            return int(value), None
         expr = value.node.expr
         if getattr(expr, "is_number", False):
-            return int(expr)
-        poly = self._poly(expr, preferred)
-        if poly is None:
+            return int(expr), expr
+        return self._poly(expr, preferred), expr
+
+    def size(self, value: Any, preferred: str | None, who: str, d: int) -> int | str | Poly:
+        size, expr = self._value(value, preferred)
+        if size is None:
             raise CaptureError(f"{who} dim {d} has a size that is not a polynomial of its Dims ({expr}); packs "
                                "guard sizes that are numbers, Dims, or derived from them as torch.export defines "
                                "(a*dim + b)", hint="give that dimension its own Dim")
-        return poly.single_symbol() or poly
+        return size.single_symbol() or size if isinstance(size, Poly) else size
 
     def stride(self, value: Any, who: str, d: int) -> int | Poly:
-        if not isinstance(value, torch.SymInt):
-            return int(value)
-        expr = value.node.expr
-        if getattr(expr, "is_number", False):
-            return int(expr)
-        poly = self._poly(expr, None)
-        if poly is None:
+        stride, expr = self._value(value, None)
+        if stride is None:
             raise CaptureError(f"{who} has the stride {expr} at dim {d}, which is not a polynomial of its sizes; "
                                "pass a dense tensor (.contiguous())")
-        return poly
+        return stride
 
 
 def derive(captured: Captured) -> Guards:
