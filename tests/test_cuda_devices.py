@@ -13,6 +13,7 @@ from aotpack_runtime import _torch as rt_torch
 from aotpack_runtime import platform
 from aotpack_runtime.guards import EntryGuards, device_matches
 from aotpack_runtime.loader import CudaEntry
+from aotpack_runtime.schema import EntryRecord
 
 from cuda_packs import FakeCudaTensor, cuda_meta
 from helpers import assert_facts
@@ -22,13 +23,26 @@ from helpers import assert_facts
 # Device guards
 
 
-def _guards(device: str = "cuda", names=("x",)) -> EntryGuards:
-    return EntryGuards.from_json({
+def _guards_json(device: str = "cuda", names=("x",)) -> dict:
+    return {
         "inputs": {"type": "tuple", "children": [{"type": "tuple", "children": [{"type": "leaf"}] * len(names)},
                                                  {"type": "dict", "keys": [], "children": []}]},
         "leaves": [{"kind": "tensor", "path": f"args[{i}]", "name": n, "dtype": "float32", "device": device,
                     "sizes": [2, 3], "strides": [3, 1], "requires_grad": False} for i, n in enumerate(names)],
-        "symbols": {}, "param_names": list(names)}, "test")
+        "symbols": {}, "param_names": list(names)}
+
+
+def _guards(device: str = "cuda", names=("x",)) -> EntryGuards:
+    return EntryGuards.from_json(_guards_json(device, names), "test")
+
+
+def _cuda_entry(index: int, guards: dict, cuda_state) -> CudaEntry:
+    """A CUDA entry of one tensor output over ``guards`` (an entry record's guard fields), no native code."""
+    record = EntryRecord.from_json({"name": str(index), "device": "cuda", "library": f"code/{index}.so",
+                                    "constants": {}, "outputs": {"type": "leaf"},
+                                    "output_leaves": [{"kind": "tensor", "index": 0}],
+                                    "cuda": cuda_meta([]).to_json(), **guards}, f"manifest.entries[{index}]")
+    return CudaEntry(index, record, EntryGuards.of(record.guards), cuda_state)
 
 
 def test_cuda_guard_refuses_cpu_tensor():
@@ -58,9 +72,7 @@ def test_device_matching_rules():
 
 
 def test_inputs_on_different_gpus_are_refused_before_anything_runs():
-    g = _guards("cuda", names=("x", "y"))
-    meta = {"name": "1", "library": "code/1.so", "constants": {}}
-    entry = CudaEntry(1, meta, g, {"type": "leaf"}, [{"kind": "tensor", "index": 0}], cuda_meta([]), None)
+    entry = _cuda_entry(1, _guards_json("cuda", names=("x", "y")), None)
     with pytest.raises(aotpack.GuardError) as info:
         entry.run([FakeCudaTensor(0), FakeCudaTensor(1)])
     assert_facts(str(info.value), "different devices", "input 'x' (args[0]) on cuda:0", "input 'y' (args[1]) on cuda:1",
@@ -69,15 +81,13 @@ def test_inputs_on_different_gpus_are_refused_before_anything_runs():
 
 
 def test_cuda_entry_without_tensor_inputs_on_a_host_without_cuda():
-    g = EntryGuards.from_json({
+    state = types.SimpleNamespace(no_cuda="torch 9.9 is a CPU build")
+    entry = _cuda_entry(0, {
         "inputs": {"type": "tuple", "children": [{"type": "tuple", "children": [{"type": "leaf"}]},
                                                  {"type": "dict", "keys": [], "children": []}]},
         "leaves": [{"kind": "value", "path": "args[0]", "name": "n", "type": "int", "value": 3}],
-        "symbols": {}, "param_names": ["n"]}, "test")
-    meta = {"name": "0", "library": "code/0.so", "constants": {}}
-    state = types.SimpleNamespace(no_cuda="torch 9.9 is a CPU build")
-    entry = CudaEntry(0, meta, g, {"type": "leaf"}, [{"kind": "tensor", "index": 0}], cuda_meta([]), state)
-    assert g.match((3,), {}) == []
+        "symbols": {}, "param_names": ["n"]}, state)
+    assert entry.guards.match((3,), {}) == []
     with pytest.raises(aotpack.GuardError) as info:
         entry.run([])
     assert_facts(str(info.value), "without tensor inputs", "no usable CUDA device", "torch 9.9 is a CPU build")
