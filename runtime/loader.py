@@ -119,6 +119,11 @@ class Package:
         # name -> (record, its entries); ``methods`` makes the Method objects on demand (no cycle to the package)
         self._methods: dict[str, tuple[MethodRecord, list[Entry]]] = {
             r.name: (r, [entries[i] for i in r.entries]) for r in table}
+        # Methods called through a session only: a method whose code neither reads nor writes the state (an
+        # encoder's ``encode``) runs on the package too.
+        self._needs_session = frozenset(
+            name for name, (r, es) in self._methods.items()
+            if self.stateful and (r.positions or any(e.state_constants for e in es)))
         position_checks: list[list[PositionCheck]] = [[] for _ in entries]
         for k, r in enumerate(table):
             where = f"manifest.methods[{k}].positions" if archive.manifest.methods else "manifest.state.positions"
@@ -191,9 +196,7 @@ class Package:
     def _call(self, method: str, args: tuple, kwargs: dict) -> Any:
         if method not in self._methods:
             raise MethodError(method, list(self._methods), path=self.path)
-        record, entries = self._methods[method]
-        if self.stateful and (record.positions or any(e.state_constants for e in entries)):
-            # a method whose code neither reads nor writes the state (an encoder's ``encode``) runs without one
+        if method in self._needs_session:
             call = "s(...)" if method == DEFAULT_METHOD else f"s.{method}(...)"
             raise SessionError(f"this pack carries state that its calls write ({self._state_template.describe()}): "
                                f"open a session, which holds its own copy of it: s = pkg.session(); {call}")
