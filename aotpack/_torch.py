@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
@@ -117,28 +117,38 @@ def _complex_casts_to_aten(graph) -> None:
         graph.erase_node(node)
 
 
-# oneDNN convolutions (``BuildOptions.onednn_convs``): the records of the convolutions the post-grad pass below
-# routed to oneDNN in the compile now running (get_attr target of the weight -> its record), or None when no
-# compile collects them (see ``onednn_conv_records``).
-_onednn_records: dict[str, dict] | None = None
+# oneDNN convolutions (``BuildOptions.onednn_convs``): what the post-grad passes below recorded in the compile
+# now running (see ``conv_records``), or None when no compile collects them.
+_conv_records: "ConvRecords | None" = None
 # The oneDNN convolution op that the pass emits (``mkldnn._convolution_pointwise``: Inductor lowers it to an
 # extern call, ``aoti_torch_cpu_mkldnn__convolution_pointwise``, with the weight passed as the constant itself).
 ONEDNN_CONV_OP = "mkldnn._convolution_pointwise"
+# The prefix of the names of the constants ``_fold_into_convolutions`` adds (a folded weight or bias).
+FOLDED_PREFIX = "_aotpack_folded_"
+
+
+@dataclass
+class ConvRecords:
+    """What the convolution passes of one compile recorded. ``onednn``: for each weight routed to oneDNN (by the
+    get_attr target of its node, the weight's ``state_dict`` name or a folded constant's name) the
+    convolution's ``padding``, ``stride``, ``dilation``, ``groups`` and ``input_size``, which is what packing
+    the weight for oneDNN at load needs. ``folded``: for each constant ``_fold_into_convolutions`` added (by
+    its get_attr target), the ``schema.FoldRecord`` the loader computes it by."""
+
+    onednn: dict = field(default_factory=dict)
+    folded: dict = field(default_factory=dict)
 
 
 @contextlib.contextmanager
-def onednn_conv_records() -> Iterator[dict[str, dict]]:
-    """Collect, during one compile, what ``_convolutions_to_onednn`` records: for each weight it routed to
-    oneDNN (by the get_attr target of its node, the weight's ``state_dict`` name), the convolution's
-    ``padding``, ``stride``, ``dilation``, ``groups`` and ``input_size``, which is what packing the weight for
-    oneDNN at load needs."""
-    global _onednn_records
-    records: dict[str, dict] = {}
-    _onednn_records = records
+def conv_records() -> Iterator[ConvRecords]:
+    """Collect what the convolution passes record during one compile (``ConvRecords``)."""
+    global _conv_records
+    records = ConvRecords()
+    _conv_records = records
     try:
         yield records
     finally:
-        _onednn_records = None
+        _conv_records = None
 
 
 def _static_ints(values) -> list[int] | None:
@@ -146,6 +156,247 @@ def _static_ints(values) -> list[int] | None:
         return [int(v) for v in values] if all(isinstance(v, int) for v in values) else None
     except TypeError:
         return None
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) != float("inf") and v == v
+
+
+class _Fold:
+    """The steps (``schema.FoldStep``) of one folded constant, built from the post-grad graph's nodes that compute
+    a value from stored weights alone."""
+
+    UNARY = {"sqrt": torch.ops.aten.sqrt.default, "rsqrt": torch.ops.aten.rsqrt.default,
+             "reciprocal": torch.ops.aten.reciprocal.default, "neg": torch.ops.aten.neg.default}
+    BINARY = {"add": torch.ops.aten.add.Tensor, "sub": torch.ops.aten.sub.Tensor,
+              "mul": torch.ops.aten.mul.Tensor, "div": torch.ops.aten.div.Tensor}
+
+    def __init__(self, module):
+        self.module, self.steps, self.memo = module, [], {}
+
+    def step(self, op: str, inputs: tuple = (), **kw) -> int:
+        from aotpack_runtime.schema import FoldStep
+
+        self.steps.append(FoldStep(op=op, inputs=tuple(inputs), **kw))
+        return len(self.steps) - 1
+
+    def of(self, node) -> int | None:
+        """The index of the step that computes ``node``, or None where it is not computed from stored float32
+        weights alone by the ops a fold may take."""
+        if node in self.memo:
+            return self.memo[node]
+        index = None
+        if node.op == "get_attr":
+            try:
+                t = _attr(self.module, str(node.target))
+            except AttributeError:
+                t = None
+            if type(t) in (torch.Tensor, torch.nn.Parameter) and t.dtype == torch.float32 \
+                    and t.device.type == "cpu":
+                index = self.step("weight", name=str(node.target))
+        elif node.op == "call_function" and not node.kwargs:
+            unary = {v: k for k, v in self.UNARY.items()}
+            binary = {v: k for k, v in self.BINARY.items()}
+            if node.target in unary:
+                a = self.of(node.args[0])
+                index = None if a is None else self.step(unary[node.target], (a,))
+            elif node.target is torch.ops.aten.unsqueeze.default and isinstance(node.args[1], int):
+                a = self.of(node.args[0])
+                index = None if a is None else self.step("unsqueeze", (a,), dim=node.args[1])
+            elif node.target in (torch.ops.aten.view.default, torch.ops.aten.reshape.default) \
+                    and _static_ints(node.args[1]) is not None:
+                a = self.of(node.args[0])
+                index = None if a is None else self.step("reshape", (a,), shape=tuple(_static_ints(node.args[1])))
+            elif node.target in binary and len(node.args) == 2:
+                index = self.binary(binary[node.target], *node.args)
+        self.memo[node] = index
+        return index
+
+    def binary(self, op: str, a, b) -> int | None:
+        if _number(a) and op in ("add", "mul"):
+            a, b = b, a
+        if not isinstance(a, torch.fx.Node):
+            return None
+        x = self.of(a)
+        if x is None:
+            return None
+        if _number(b):
+            return self.step(op, (x,), value=b)
+        y = self.of(b) if isinstance(b, torch.fx.Node) else None
+        return None if y is None else self.step(op, (x, y))
+
+    def operand(self, other, op: str, cout: int, target: str, current: int | None) -> int | None:
+        """``current`` (the weight's or the bias's step; None for no bias) after ``op`` with ``other`` (a number or
+        a per-channel tensor node) applied to the convolution's output, on the weight (``mul``/``div`` only) or
+        the bias."""
+        if current is None:
+            if op in ("mul", "div"):
+                return None
+            current = self.step("zeros", shape=(cout,))
+        if _number(other):
+            return self.step(op, (current,), value=other)
+        c = self.of(other)
+        shape = (-1, 1, 1, 1) if target == "weight" else (-1,)
+        return self.step(op, (current, self.step("reshape", (c,), shape=shape)))
+
+
+def _fake_val(node) -> None:
+    """Set a node this module's passes made to the fake value its op computes on its inputs' fake values, as
+    Inductor's own passes do (from torch 2.15 Inductor recomputes the metadata of nodes it did not make, and
+    refuses to when a value copied from the node they replace differs: a fused convolution's users then cannot
+    be lowered). Left as it is where the inputs carry no fake values."""
+    from torch._dispatch.python import enable_python_dispatcher
+    from torch._guards import detect_fake_mode
+
+    args = torch.fx.node.map_arg(node.args, lambda n: n.meta.get("val"))
+    mode = detect_fake_mode([a for a in args if isinstance(a, torch.Tensor)])
+    if mode is None:
+        return
+    with mode, enable_python_dispatcher():
+        node.meta["val"] = node.target(*args)
+
+
+def _attr(module, target: str):
+    for part in target.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def _per_channel(node, cout: int) -> bool:
+    """Whether ``node`` (another operand of an elementwise op on a convolution's [N, cout, H, W] output) is a
+    number or a float32 tensor that varies along the channels only (it broadcasts to the output unchanged)."""
+    if _number(node):
+        return True
+    v = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    if not isinstance(v, torch.Tensor) or v.dtype != torch.float32 or v.dim() > 4:
+        return False
+    shape = [1] * (4 - v.dim()) + [int(d) if isinstance(d, int) else -1 for d in v.shape]
+    return shape[0] == 1 and shape[2] == 1 and shape[3] == 1 and shape[1] in (1, cout)
+
+
+def _fold_records(module, chain: list, w, bias, cout: int, wshape: tuple) -> dict | None:
+    """The ``FoldRecord`` of a convolution's weight and of its bias (absent: no bias) after the per-channel ops of
+    ``chain`` ((op, other operand, node) in order), or None where an operand is not computed from stored weights
+    alone."""
+    from aotpack_runtime.schema import FoldRecord
+
+    records = {}
+    for target in ("weight", "bias"):
+        fold = _Fold(module)
+        source = w if target == "weight" else bias
+        current = None if source is None else fold.of(source)
+        if current is None and source is not None:
+            return None
+        for op, other, _ in chain:
+            if target == "weight" and op in ("add", "sub"):
+                continue
+            if not _number(other) and fold.of(other) is None:
+                return None
+            current = fold.operand(other, op, cout, target, current)
+        if current is not None:
+            records[target] = FoldRecord(shape=wshape if target == "weight" else (cout,),
+                                         steps=tuple(fold.steps[:current + 1]))
+    return records
+
+
+def _fold_into_convolutions(graph) -> None:
+    """Inductor's post-grad pass for CPU entries with ``onednn_convs``, before ``_convolutions_to_onednn``: the
+    per-channel ops that follow a float32 2-d convolution and read stored weights alone (a batch norm in eval
+    mode: ``(y - mean) * rsqrt(var + eps) * gamma + beta``; a scale, a shift) are folded into the convolution's
+    weight and bias. The folded weight and bias become new constants of the code, recorded with the steps that
+    compute them from the stored weights (``schema.FoldRecord``, ``conv_records().folded``): the loader computes
+    them on the serving host, so the pack stores only the model's own weights and new weights reach the code.
+    The build evaluates the same steps to compile against. A graph that writes a buffer is left as it is."""
+    from aotpack_runtime.entries import fold_weight
+
+    module = graph.owning_module
+    if module is None or any(n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
+                             and n.target._schema.is_mutable for n in graph.nodes):
+        return
+    conv = torch.ops.aten.convolution.default
+    binary = {v: k for k, v in _Fold.BINARY.items()}
+    taken = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not conv or len(node.args) != 9:
+            continue
+        x, w, bias, _, _, _, transposed, _, _ = node.args
+        wv, ov = w.meta.get("val"), node.meta.get("val")
+        if transposed or not isinstance(wv, torch.Tensor) or not isinstance(ov, torch.Tensor) or wv.dim() != 4 \
+                or ov.dim() != 4 or wv.dtype != torch.float32 or _static_ints(wv.shape) is None:
+            continue
+        cout = int(wv.shape[0])
+        chain, cur = [], node
+        while len(cur.users) == 1:
+            user = next(iter(cur.users))
+            if user.op != "call_function" or user.target not in binary or user.kwargs or len(user.args) != 2:
+                break
+            op = binary[user.target]
+            first, second = user.args
+            other = second if first is cur else first
+            if (first is not cur and op in ("sub", "div")) or other is cur or not _per_channel(other, cout):
+                break
+            chain.append((op, other, user))
+            cur = user
+        if not chain:
+            continue
+        records = _fold_records(module, chain, w, bias, cout, tuple(wv.shape))
+        if records is None:
+            continue
+        if len(records["weight"].steps) == 1:  # only shifts: the weight stays the stored one
+            del records["weight"]
+        new_args = list(node.args)
+        for target, position in (("weight", 1), ("bias", 2)):
+            record = records.get(target)
+            if record is None:
+                new_args[position] = None if target == "bias" else w
+                continue
+            sources = {n: _attr(module, n) for n in record.weight_names}
+            value = fold_weight(record, sources)
+            while hasattr(module, f"{FOLDED_PREFIX}{taken}"):
+                taken += 1
+            name = f"{FOLDED_PREFIX}{taken}"
+            module.register_buffer(name, value)
+            with graph.inserting_before(node):
+                attr = graph.get_attr(name)
+            attr.meta["val"] = wv.new_empty(record.shape)
+            new_args[position] = attr
+            if _conv_records is not None:
+                _conv_records.folded[name] = record
+        with graph.inserting_before(node):
+            folded = graph.call_function(conv, tuple(new_args))
+        folded.meta.update(node.meta)
+        _fake_val(folded)
+        cur.replace_all_uses_with(folded)
+        for _, _, user in reversed(chain):
+            graph.erase_node(user)
+        graph.erase_node(node)
+    graph.eliminate_dead_code()
+
+
+# Activations that oneDNN's convolution applies to its output (``_convolution_pointwise``'s ``attr``).
+_ONEDNN_UNARY = {torch.ops.aten.relu.default: "relu", torch.ops.aten.sigmoid.default: "sigmoid",
+                 torch.ops.aten.tanh.default: "tanh"}
+
+
+def _fused_activation(node) -> tuple[str, list, list] | None:
+    """The activation that is the sole user of a convolution ``node``'s output, as oneDNN's (attr, scalars) with
+    the nodes it replaces, or None: ReLU, sigmoid, tanh, and a clamp to [min, max] (ReLU6) as hardtanh."""
+    if len(node.users) != 1:
+        return None
+    user = next(iter(node.users))
+    if user.op != "call_function" or user.kwargs:
+        return None
+    if user.target in _ONEDNN_UNARY and len(user.args) == 1:
+        return _ONEDNN_UNARY[user.target], [], [user]
+    if user.target is torch.ops.aten.hardtanh.default and len(user.args) == 3 and all(map(_number, user.args[1:])):
+        return "hardtanh", [float(user.args[1]), float(user.args[2])], [user]
+    if user.target is torch.ops.aten.clamp_min.default and len(user.args) == 2 and _number(user.args[1]) \
+            and len(user.users) == 1:
+        top = next(iter(user.users))
+        if top.op == "call_function" and top.target is torch.ops.aten.clamp_max.default and not top.kwargs \
+                and len(top.args) == 2 and _number(top.args[1]) and top.args[1] >= user.args[1]:
+            return "hardtanh", [float(user.args[1]), float(top.args[1])], [user, top]
+    return None
 
 
 def _convolutions_to_onednn(graph) -> None:
@@ -198,20 +449,25 @@ def _convolutions_to_onednn(graph) -> None:
                 continue
             for node, record in plans:
                 x, w, bias = node.args[:3]
+                attr, scalars, fused = _fused_activation(node) or ("none", [], [])
                 with graph.inserting_before(node):
                     new = graph.call_function(torch.ops.mkldnn._convolution_pointwise.default,
                                               (x, w, bias, record["padding"], record["stride"],
-                                               record["dilation"], record["groups"], "none", [], ""))
-                new.meta.update(node.meta)
-                node.replace_all_uses_with(new)
+                                               record["dilation"], record["groups"], attr, scalars, ""))
+                new.meta.update((fused[-1] if fused else node).meta)
+                _fake_val(new)
+                (fused[-1] if fused else node).replace_all_uses_with(new)
+                for n in reversed(fused):
+                    graph.erase_node(n)
                 graph.erase_node(node)
-            if _onednn_records is not None:
-                _onednn_records[str(weight.target)] = plans[0][1]
+            if _conv_records is not None:
+                _conv_records.onednn[str(weight.target)] = plans[0][1]
 
 
 def _cpu_post_grad(graph) -> None:
     """The post-grad passes of a CPU entry with ``onednn_convs``."""
     _complex_casts_to_aten(graph)
+    _fold_into_convolutions(graph)
     _convolutions_to_onednn(graph)
 
 
@@ -224,7 +480,7 @@ def _graph_pass(fn):
             fn(graph)
 
         def uuid(self) -> str:
-            return f"aotpack.{fn.__name__}.1"
+            return f"aotpack.{fn.__name__}.2"
 
     return Pass()
 

@@ -111,7 +111,11 @@ def wrapper_constants(wrapper_source: str) -> list[ConstantInfo]:
 
 # A generated CPU wrapper's call of oneDNN's convolution (``mkldnn._convolution_pointwise``) on a constant weight:
 #   aoti_torch_cpu_mkldnn__convolution_pointwise(buf0, stem_0_weight, nullptr, std::array<...
-_ONEDNN_CONV = re.compile(r"\baoti_torch_cpu_mkldnn__convolution_pointwise\(\s*\w+,\s*(\w+)\s*,")
+# or of the variant Inductor fuses a following add or sub (a residual connection) into, whose second argument
+# is the other operand (``mkldnn._convolution_pointwise.binary`` and its in-place form):
+#   aoti_torch_cpu_mkldnn__convolution_pointwise_binary(buf4, buf0, layer1_conv_weight, ...
+_ONEDNN_BINARY = re.compile(r"\baoti_torch_cpu_mkldnn__convolution_pointwise_binary_?\(\s*\w+,\s*\w+,\s*(\w+)\s*,")
+_ONEDNN_PLAIN = re.compile(r"\baoti_torch_cpu_mkldnn__convolution_pointwise\(\s*\w+,\s*(\w+)\s*,")
 # The wrapper binds each constant to a local name once: ``[[maybe_unused]] auto& NAME = constants_->at(3);``
 _CONSTANT_BINDING = r"auto&\s+{name}\s*=\s*constants_->at\(\d+\);"
 
@@ -122,8 +126,9 @@ def onednn_conv_weights(wrapper_source: str, names) -> set[str]:
     these may be bound to a weight in oneDNN's packed layout, which nothing else can read."""
     text = re.sub(r'"[^"\n]*"', '""', wrapper_source)  # the constants table names them in strings
     as_weight: dict[str, int] = {}
-    for m in _ONEDNN_CONV.finditer(text):
-        as_weight[m.group(1)] = as_weight.get(m.group(1), 0) + 1
+    for pattern in (_ONEDNN_PLAIN, _ONEDNN_BINARY):
+        for m in pattern.finditer(text):
+            as_weight[m.group(1)] = as_weight.get(m.group(1), 0) + 1
     found = set()
     for name in names:
         if name not in as_weight:

@@ -32,7 +32,7 @@ from typing import Callable, Iterator
 from aotpack_runtime import _torch as rt_torch
 from aotpack_runtime.devices import EXTERN_KERNELS_FILE, LIBRARY_FILE
 from aotpack_runtime.errors import AotpackError, BuildError, CaptureError
-from aotpack_runtime.schema import PackedWeightRecord
+from aotpack_runtime.schema import FoldRecord, PackedWeightRecord
 
 from . import _torch, _torch_text, buildcache, toolchain
 from .capture import Captured
@@ -57,6 +57,14 @@ class CompiledEntry:
     # The code's constants it passes only to oneDNN's convolution as its weight -> what packing that weight for
     # oneDNN at load needs (``schema.PackedWeightRecord``): see ``onednn_packed_weights``.
     packed_weights: dict = field(default_factory=dict)
+    # The code's constants folded from stored weights (a batch norm folded into a convolution) -> how the loader
+    # computes each (``schema.FoldRecord``): see ``_torch._fold_into_convolutions``.
+    folded_weights: dict = field(default_factory=dict)
+
+    def weight_names(self) -> set[str]:
+        """The model's weights and buffers the code reads: through its constants and its folds."""
+        return {w for c, w in self.constants.items() if c not in self.folded_weights} | \
+            {n for f in self.folded_weights.values() for n in f.weight_names}
 
 
 @contextlib.contextmanager
@@ -211,7 +219,8 @@ def _write_result(entry: CompiledEntry, folder: str) -> None:
         json.dump({"constants": entry.constants, "kernels": list(entry.kernels), "device": entry.device,
                    "sources": sorted(entry.sources), "binaries": sorted(entry.binaries),
                    "cuda_kernels": list(entry.cuda_kernels), "peak_rss": peak_rss(),
-                   "packed_weights": {c: r.to_json() for c, r in entry.packed_weights.items()}}, f)
+                   "packed_weights": {c: r.to_json() for c, r in entry.packed_weights.items()},
+                   "folded_weights": {c: r.to_json() for c, r in entry.folded_weights.items()}}, f)
 
 
 def _read_result(folder: str) -> CompiledEntry:
@@ -233,7 +242,9 @@ def _read_result(folder: str) -> CompiledEntry:
                          cuda_kernels=tuple(meta["cuda_kernels"]), extern_kernels=extern,
                          peak_rss=meta["peak_rss"],
                          packed_weights={c: PackedWeightRecord.from_json(r, f"packed_weights[{c!r}]")
-                                         for c, r in meta["packed_weights"].items()})
+                                         for c, r in meta["packed_weights"].items()},
+                         folded_weights={c: FoldRecord.from_json(r, f"folded_weights[{c!r}]")
+                                         for c, r in meta.get("folded_weights", {}).items()})
 
 
 def compile_exported(exported, options: BuildOptions, device: str = "cpu", parallel: bool = False,
@@ -252,7 +263,7 @@ def compile_exported(exported, options: BuildOptions, device: str = "cpu", paral
                                                   parallel, objects) as config:
         package = os.path.join(root, "entry.pt2")
         try:
-            with _torch.onednn_conv_records() as conv_records:
+            with _torch.conv_records() as conv_records:
                 _torch.aoti_compile(exported, package, config)
         except Exception as e:  # a compiler failure, or a lowering Inductor does not support
             raise BuildError(f"Inductor could not compile the graph: {type(e).__name__}: "
@@ -279,9 +290,10 @@ def compile_exported(exported, options: BuildOptions, device: str = "cpu", paral
         constants = rt_torch.constant_fqns(runner)
     check_constant_layouts(sources.get("wrapper.cpp", b"").decode())
     kernels = _torch_text.kernel_symbols(sources.get("kernel.cpp", b"").decode())
-    packed = onednn_packed_weights(conv_records, constants, sources.get("wrapper.cpp", b"").decode())
+    folded = {c: conv_records.folded[w] for c, w in constants.items() if w in conv_records.folded}
+    packed = onednn_packed_weights(conv_records.onednn, constants, sources.get("wrapper.cpp", b"").decode())
     return CompiledEntry(library=library, sources=sources, constants=constants, kernels=kernels,
-                         extern_kernels=extern, packed_weights=packed)
+                         extern_kernels=extern, packed_weights=packed, folded_weights=folded)
 
 
 def onednn_packed_weights(records: dict[str, dict], constants: dict[str, str],

@@ -31,9 +31,10 @@ class BuildOptions:
     kernels run in parallel and how many loop levels they split; the code itself runs on as many threads as
     the serving process has (OpenMP's, i.e. ``OMP_NUM_THREADS`` or the cores). It is an option, not read
     from the build host, so that the bytes do not depend on where the pack was built.
-    ``onednn_convs``: CPU entries run float32 2-d convolutions through oneDNN with weights that the runtime
-    packs into oneDNN's layout at load, on the serving host (see README, "Convolutions"); off, ATen picks
-    each convolution's kernel on every call, as eager PyTorch does.
+    ``onednn_convs``: CPU entries run float32 2-d convolutions through oneDNN, with the per-channel ops after
+    each (a batch norm, a scale) folded into its weight and bias and its activation run inside it, and with
+    weights that the runtime folds and packs into oneDNN's layout at load, on the serving host (see README,
+    "Convolutions"); off, ATen picks each convolution's kernel on every call, as eager PyTorch does.
     """
 
     cpu_isa: str | None = None

@@ -172,7 +172,7 @@ def _weights(entries: list, compiled: list, state_names: tuple[str, ...] = (), b
         ep = captured.exported
         state_dict.update(ep.state_dict)
         state = {**dict(ep.state_dict), **dict(ep.constants)}
-        for name in code.constants.values():
+        for name in sorted(code.weight_names()):
             t = state.get(name)
             if not isinstance(t, torch.Tensor):
                 raise BuildError(f"the compiled code needs the constant {name!r}, which the model does not have")
@@ -631,7 +631,8 @@ def _build(model: Any, example_inputs: tuple, output: str | pathlib.Path, *, exa
                                                 constants=dict(code.constants), guards=_guards_on(g, device),
                                                 kernels=tuple(code.kernels), sources=tuple(sources),
                                                 extern_kernels=extern, cuda=cuda,
-                                                packed_weights=dict(code.packed_weights)))
+                                                packed_weights=dict(code.packed_weights),
+                                                folded_weights=dict(code.folded_weights)))
         blobs += example_blobs
         if any(d == "cuda" for _, _, d in entries):
             stages.say(_cuda_summary(manifest_entries, options))

@@ -46,6 +46,10 @@ def describe(archive: Archive) -> dict:
             "constants": len(e.constants), "writes": writes,
             "extern_kernels": _extern_ops(archive, e.extern_kernels),
         }
+        if e.packed_weights:
+            entry["packed_weights"] = sorted(e.packed_weights)
+        if e.folded_weights:
+            entry["folded_weights"] = {c: list(f.weight_names) for c, f in sorted(e.folded_weights.items())}
         if e.cuda is not None:
             entry["cuda"] = e.cuda.to_json()
         entries.append(entry)
@@ -81,7 +85,7 @@ def _methods(m) -> list[dict]:
     for r in m.methods:
         names: set = set()
         for i in r.entries:
-            names |= set(m.entries[i].constants.values())
+            names |= m.entries[i].weight_names()
         reads.append(names)
     out = []
     for k, r in enumerate(m.methods):
@@ -162,6 +166,11 @@ def render(info: dict[str, Any]) -> str:
                 lines.append(f"    kernel {k}")
         for op in e["extern_kernels"]:
             lines.append(f"    aten   {op} (run by libtorch through the proxy executor)")
+        for c, reads in e.get("folded_weights", {}).items():
+            lines.append(f"    folded {c}: computed at load from {', '.join(reads)}")
+        if e.get("packed_weights"):
+            lines.append(f"    packed {len(e['packed_weights'])} convolution weights into oneDNN's layout at load: "
+                         f"{', '.join(e['packed_weights'])}")
     lines.append("blobs:")
     for b in info["blobs"]:
         stored = f"{b['stored_size']:>10,} stored ({b['compression']})" if b["compression"] != "none" \

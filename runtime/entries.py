@@ -9,8 +9,10 @@ ATen ops that have no C shim run through AOTInductor's proxy executor, which lib
 it finds the description of those calls (``extern_kernels``, JSON) beside the library under the same name
 (``model.so`` and ``model.json``); the two are extracted into one folder of the code cache.
 
-A CPU entry's constants listed in its ``packed_weights`` are bound not to the stored weight but to that weight
-packed into oneDNN's layout for this host's CPU (``pack_weight``), computed at load and again for new weights.
+A CPU entry's constants listed in its ``folded_weights`` are computed from stored weights by their records'
+steps (``fold_weight``: a batch norm folded into a convolution), and those listed in its ``packed_weights`` are
+bound not to the plain weight but to that weight packed into oneDNN's layout for this host's CPU
+(``pack_weight``); both at load, and again for new weights (``weight_constants``).
 
 An entry of a pack with state runs only for a session (``runtime/sessions.py``): its code writes the state
 buffers in place through the pointers it was given, so each call binds the calling session's state first.
@@ -33,7 +35,7 @@ from .archive import Archive
 from .devices import Code, CudaState, extract_code
 from .errors import ArchiveError, GuardError
 from .guards import EntryGuards, TensorGuard, rebuild
-from .schema import VALUE_TYPES, CudaMeta, EntryRecord, PackedWeightRecord
+from .schema import FOLD_BINARY, FOLD_UNARY, VALUE_TYPES, CudaMeta, EntryRecord, FoldRecord, PackedWeightRecord
 
 
 class RunnerPool:
@@ -92,12 +94,12 @@ class Entry:
         self.swap_lock: Any = contextlib.nullcontext()
         # The code's constants bound to a weight packed for oneDNN (the record's ``packed_weights``).
         self.packed_weights: dict[str, PackedWeightRecord] = dict(record.packed_weights)
+        # The package's ``PackedForThreads`` where this entry has packed weights (set by the package).
+        self.packing: PackedForThreads | None = None
 
     def weight_constants(self, weights: dict[str, torch.Tensor], shared: dict | None = None) -> dict[str, torch.Tensor]:
-        """The code's constants that are weights (not state), bound to ``weights`` (by weight name), those in
-        ``packed_weights`` packed for oneDNN from them (``shared``: see ``packed_constants``)."""
-        return packed_constants({c: weights[w] for c, w in self.record.constants.items()
-                                 if c not in self.state_constants}, self.packed_weights, shared)
+        """See ``weight_constants`` (the module function)."""
+        return weight_constants(self.record, weights, self.state_constants, shared)
 
     def bind_weights(self, weights: dict[str, torch.Tensor], on_device: dict[int, dict[str, torch.Tensor]],
                      bound: dict[str, torch.Tensor] | None = None) -> None:
@@ -113,6 +115,9 @@ class Entry:
         return f"{self.name} ({self.guards.label()})"
 
     def run(self, tensors: list[torch.Tensor]) -> Any:
+        packing = self.packing
+        if packing is not None and packing.threads != torch.get_num_threads():
+            packing.repack()
         with self.swap_lock:
             flat = _torch.run(self._runner, tensors)
         return self._outputs_from(flat)
@@ -122,6 +127,9 @@ class Entry:
         whose code uses no state (a method of a stateful pack that neither reads nor writes it) just runs."""
         if not self.state_constants:
             return self.run(tensors)
+        packing = self.packing
+        if packing is not None and packing.threads != torch.get_num_threads():
+            packing.repack()
         with self.swap_lock:
             flat = self._pool.run(lambda runner: _torch.run(runner, tensors), state, token)
         return self._outputs_from(flat)
@@ -240,10 +248,55 @@ class CudaEntry(Entry):
                                        path=st.path) from None
 
             weights = st.device_weights(index) if len(self._constants) > len(self.state_constants) else {}
-            runner = _load_code(load_one, st.num_models, self._constants, weights, self.state_constants,
+            runner = _load_code(load_one, st.num_models, self.record, weights, self.state_constants,
                                 where, st.path)
             self._runners[index] = runner
             return runner
+
+
+class PackedForThreads:
+    """The thread count a package's packed convolution weights were packed for, and their repacking when a call
+    runs with another one.
+
+    oneDNN picks a convolution weight's packed layout for the thread count the packing runs with; a call on
+    another thread count finds the weight in a layout its convolution does not expect and reorders it on every
+    call (MobileNetV2 at 1 thread with weights packed for 2: 8x slower). So each call compares the calling
+    thread's ``torch.get_num_threads()`` with the count the bound weights were packed for; on a change, the CPU
+    entries' packed constants are made again for the new count (kept for up to ``KEEP`` counts, so threads that
+    alternate rebind without packing again) and bound while no call runs (the package's swap lock)."""
+
+    KEEP = 4
+
+    def __init__(self, entries: list, weights: Callable[[], dict], swap_lock: Any, swapping: threading.Lock,
+                 threads: int):
+        self.entries = entries  # the CPU entries with packed weights
+        self._weights = weights  # the package's current weights
+        self._swap_lock = swap_lock
+        self._lock = swapping  # the package's one-swap-at-a-time lock: no new weights arrive while this packs
+        self.threads = threads
+        self._bound: dict[int, list] = {}  # thread count -> each entry's constants, for the current weights
+
+    def packed(self, threads: int, bound: list) -> None:
+        """New weights were packed (and bound) for ``threads``: forget the constants of the old ones."""
+        self._bound = {threads: bound}
+        self.threads = threads
+
+    def repack(self) -> None:
+        threads = torch.get_num_threads()
+        with self._lock:
+            if threads == self.threads:
+                return
+            bound = self._bound.get(threads)
+            if bound is None:
+                weights, shared = self._weights(), {}
+                bound = [entry.weight_constants(weights, shared) for entry in self.entries]
+                if len(self._bound) >= self.KEEP:
+                    self._bound.pop(next(iter(self._bound)))
+                self._bound[threads] = bound
+            with self._swap_lock.swap():
+                for entry, constants in zip(self.entries, bound):
+                    entry.bind_weights(self._weights(), {}, constants)
+                self.threads = threads
 
 
 def pack_weight(record: PackedWeightRecord, weight: torch.Tensor) -> torch.Tensor:
@@ -258,6 +311,60 @@ def pack_weight(record: PackedWeightRecord, weight: torch.Tensor) -> torch.Tenso
         raise ArchiveError(f"packed weight record {record.to_json()} for a {list(weight.shape)} weight: oneDNN "
                            f"cannot pack it on this host ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
                            ) from None
+
+
+def fold_weight(record: FoldRecord, weights: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The tensor a folded constant of the code is bound to: its record's steps run on the stored ``weights``
+    (by name). The manifest's check (``FoldRecord.check_shapes``) followed every step's shape, so no step here
+    allocates more than the weights it reads; a result of another shape or dtype is still an ArchiveError."""
+    values: list[torch.Tensor] = []
+    with torch.no_grad():
+        for s in record.steps:
+            args = [values[i] for i in s.inputs]
+            if s.op == "weight":
+                t = weights[s.name]
+            elif s.op == "zeros":
+                t = torch.zeros(s.shape, dtype=torch.float32)
+            elif s.op == "unsqueeze":
+                t = args[0].unsqueeze(s.dim)
+            elif s.op == "reshape":
+                t = args[0].reshape(s.shape)
+            elif s.op in FOLD_UNARY:
+                t = getattr(torch, s.op)(args[0])
+            elif s.op in FOLD_BINARY:
+                t = getattr(torch, s.op)(args[0], args[1] if len(args) == 2 else s.value)
+            else:  # schema.FOLD_OPS admits no other
+                raise ArchiveError(f"folded weight step {s.op!r} is unknown to this reader")
+            values.append(t)
+    out = values[-1].contiguous()
+    if tuple(out.shape) != record.shape or out.dtype != torch.float32:
+        raise ArchiveError(f"folded weight record computes {out.dtype} {list(out.shape)}; it says float32 "
+                           f"{list(record.shape)}")
+    return out
+
+
+def weight_constants(record: EntryRecord, weights: dict[str, torch.Tensor], state_constants: dict[str, str],
+                     shared: dict | None = None) -> dict[str, torch.Tensor]:
+    """The tensors an entry's code's weight constants (not its state) are bound to, from ``weights`` (by weight
+    name): a stored weight as it is, a ``folded_weights`` constant computed from the weights its record reads
+    (``fold_weight``), and a ``packed_weights`` constant then packed for oneDNN (``packed_constants``).
+    ``shared``: a dict the caller keeps for one load or one swap of weights, across the entries, so that each
+    fold and each packing is computed once."""
+    done = {} if shared is None else shared
+    bound = {}
+    for c, w in record.constants.items():
+        if c in state_constants:
+            continue
+        fold = record.folded_weights.get(c)
+        if fold is None:
+            bound[c] = weights[w]
+            continue
+        reads = tuple(weights[n] for n in fold.weight_names)
+        key = ("fold", fold, tuple(id(t) for t in reads))
+        if key not in done:
+            done[key] = (reads, fold_weight(fold, weights))  # the weights are kept with it: their ids stay theirs
+        bound[c] = done[key][1]
+    return packed_constants(bound, record.packed_weights, done)
 
 
 def packed_constants(bound: dict[str, torch.Tensor], packed: dict[str, PackedWeightRecord],
@@ -304,8 +411,7 @@ def entry_from_manifest(i: int, archive: Archive, weights: dict[str, torch.Tenso
                                f"({str(e).splitlines()[0]})", path=path) from None
 
     try:
-        runner = _load_code(load_one, num_models, c.constants, weights, state_constants, where, path,
-                            c.packed_weights, shared)
+        runner = _load_code(load_one, num_models, c, weights, state_constants, where, path, shared)
     finally:
         library.close()  # loaded (the runner read the extern-kernel description at its construction)
     if state_constants:
@@ -322,21 +428,20 @@ def _bind(runner: Any, bound: dict[str, torch.Tensor]) -> None:
         _torch.set_constants(runner, bound)
 
 
-def _load_code(load_one: Callable[[int], Any], num_models: int, constants: dict[str, str],
+def _load_code(load_one: Callable[[int], Any], num_models: int, record: EntryRecord,
                weights: dict[str, torch.Tensor], state_constants: dict[str, str], where: str, path: str,
-               packed: dict[str, PackedWeightRecord] | None = None, shared: dict | None = None) -> Any:
+               shared: dict | None = None) -> Any:
     """An entry's code with its weights bound: one container of ``num_models`` models for an entry without
     state; for one with state, a ``RunnerPool`` of ``num_models`` containers (one model each: the models of
     one container share its constants, so two of them could not hold two sessions' state)."""
     runners = [load_one(1 if state_constants else num_models) for _ in range(num_models if state_constants else 1)]
     # The code knows the weight each of its constants came from: a manifest that says otherwise is wrong.
-    if _torch.constant_fqns(runners[0]) != constants:
+    if _torch.constant_fqns(runners[0]) != record.constants:
         raise ArchiveError(f"{where}.constants do not match the constants of its native code", path=path)
     try:
-        bound = packed_constants({c: weights[w] for c, w in constants.items() if c not in state_constants},
-                                 packed or {}, shared)
+        bound = weight_constants(record, weights, state_constants, shared)
     except ArchiveError as e:
-        raise ArchiveError(f"{where}.packed_weights: {e.reason}", path=path) from None
+        raise ArchiveError(f"{where}: {e.reason}", path=path) from None
     for runner in runners:
         if state_constants:  # the state is bound per call (RunnerPool)
             _torch.bind_constants(runner, bound)

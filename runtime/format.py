@@ -32,6 +32,9 @@ Changelog of ``FORMAT_VERSION`` (readers accept ``MIN_READ_VERSION..FORMAT_VERSI
                A CPU entry may say, at any version, which of its constants the loader binds to a weight
                packed for oneDNN on the serving host (``packed_weights``: an older reader binds the plain
                weight, which the code also takes, and computes the same outputs more slowly).
+  6 (2026-12): folded weights: a CPU entry's constant that no stored weight holds, computed at load from
+               stored weights by a few per-channel steps (``folded_weights``: a batch norm folded into the
+               convolution before it). A pack without them keeps its older version.
 
 May not: import torch or any aotpack module but ``errors``: the writer, the reader and ``schema`` import it.
 """
@@ -46,7 +49,7 @@ from typing import Any
 from .errors import ArchiveError
 
 MAGIC = b"AOTPACK\x00"
-FORMAT_VERSION = 5
+FORMAT_VERSION = 6
 MIN_READ_VERSION = 1
 # The first format version that may hold CUDA entries.
 CUDA_FORMAT_VERSION = 2
@@ -56,6 +59,8 @@ STATE_FORMAT_VERSION = 3
 BREADTH_FORMAT_VERSION = 4
 # The first format version that may hold the features of version 5 (see the changelog and ``v5_features``).
 V5_FORMAT_VERSION = 5
+# The first format version that may hold folded weights (``v6_features``).
+V6_FORMAT_VERSION = 6
 # A method's name: a Python identifier (``pkg.NAME(...)``), at most 128 characters.
 METHOD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 # The method a pack without ``methods`` has: all its entries.
@@ -156,9 +161,18 @@ def v5_features(manifest: dict) -> list[str]:
     return found
 
 
+def v6_features(manifest: dict) -> list[str]:
+    """What in ``manifest`` needs format version 6, in words (empty when nothing does), as ``v4_features``."""
+    if any(isinstance(e, dict) and "folded_weights" in e for e in _items(manifest.get("entries"))):
+        return ["weights folded at load (folded_weights)"]
+    return []
+
+
 def version_for(manifest: dict) -> int:
     """The format version a pack with this manifest is written as: the oldest that can describe it, so a
     CPU-only pack without state that needs nothing newer stays readable by version-1 readers."""
+    if v6_features(manifest):
+        return V6_FORMAT_VERSION
     if v5_features(manifest):
         return V5_FORMAT_VERSION
     if v4_features(manifest):

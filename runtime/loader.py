@@ -26,7 +26,7 @@ from . import archive as _archive
 from . import cache, platform
 from .archive import Archive
 from .devices import CudaState, warn_cuda
-from .entries import CudaEntry, Entry, entry_from_manifest
+from .entries import CudaEntry, Entry, PackedForThreads, entry_from_manifest
 from .errors import ArchiveError, GuardError, MethodError, SessionError
 from .format import DEFAULT_METHOD, DTYPES
 from .guards import rebuild
@@ -138,6 +138,14 @@ class Package:
         self._swapping = threading.Lock()  # one load_weights at a time
         for entry in entries:
             entry.swap_lock = self._swap
+        # Packed convolution weights follow the calling thread count (``PackedForThreads``); they were packed at
+        # load, with this thread's count.
+        packed = [e for e in entries if e.device == "cpu" and e.packed_weights]
+        self._packing = PackedForThreads(packed, lambda: self.weights, self._swap, self._swapping,
+                                         torch.get_num_threads()) \
+            if packed else None
+        for entry in packed:
+            entry.packing = self._packing
 
     def load_weights(self, source: Any, strict: bool = True) -> None:
         """Serve new weights from now on, without a compiler: ``source`` is a ``state_dict``-like mapping of
@@ -159,12 +167,15 @@ class Package:
             prepared = self._cuda_state.prepare(new) if self._cuda_state is not None else {}
             # CPU entries' constants (weights packed for oneDNN among them) are made before calls wait.
             shared: dict = {}  # a weight several entries pack alike is packed once
+            threads = torch.get_num_threads()
             bound = [entry.weight_constants(new, shared) if entry.device == "cpu" else None for entry in self.entries]
             with self._swap.swap():
                 on_device = self._cuda_state.commit(new, prepared) if self._cuda_state is not None else {}
                 for entry, constants in zip(self.entries, bound):
                     entry.bind_weights(new, on_device, constants)
                 self.weights = new
+                if self._packing is not None:
+                    self._packing.packed(threads, [b for e, b in zip(self.entries, bound) if e.packing is not None])
 
     def wait_prefetch(self, timeout: float | None = None) -> bool:
         """Wait for the background read of ``load(..., prefetch=True)``; True once it is done (or when

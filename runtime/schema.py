@@ -26,7 +26,8 @@ from typing import Any
 from .errors import ArchiveError
 from .format import (ALIGN, BLOB_NAME, BREADTH_FORMAT_VERSION, COMPRESSIONS, CUDA_FORMAT_VERSION, DEFAULT_METHOD,
                      DEVICES, DTYPES, MAX_BLOBS, MAX_ZSTD_FLOOR, MAX_ZSTD_RATIO, METHOD_NAME, STATE_FORMAT_VERSION,
-                     V5_FORMAT_VERSION, _field, _items, field_of, nonneg_int, one_of, v4_features, zstd_limit)
+                     V5_FORMAT_VERSION, V6_FORMAT_VERSION, _field, _items, field_of, nonneg_int, one_of, v4_features,
+                     v6_features, zstd_limit)
 from .symbolic import Poly, monomial_from_json, poly_from_json
 
 # ---------------------------------------------------------------------------------------------------
@@ -742,6 +743,160 @@ def _warps(kobj: dict, where: str) -> int | None:
 # ---------------------------------------------------------------------------------------------------
 # Entries
 
+# The steps a ``folded_weights`` record may take, by how many tensors each reads: ``weight`` reads a stored
+# weight by name, ``zeros`` makes a tensor of the record's shape, the others are the torch ops of that name.
+FOLD_UNARY = ("sqrt", "rsqrt", "reciprocal", "neg")
+FOLD_BINARY = ("add", "sub", "mul", "div")
+FOLD_OPS = ("weight", "zeros", "unsqueeze", "reshape") + FOLD_UNARY + FOLD_BINARY
+# At most this many steps per record: a record is a few per-channel ops (a batch norm folded into a
+# convolution takes about twenty).
+MAX_FOLD_STEPS = 256
+
+
+def _broadcast(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The shape torch broadcasts ``a`` and ``b`` to, or None where they do not broadcast."""
+    out = []
+    for i in range(1, max(len(a), len(b)) + 1):
+        x, y = a[-i] if i <= len(a) else 1, b[-i] if i <= len(b) else 1
+        if x != y and 1 not in (x, y):
+            return None
+        out.append(y if x == 1 else x)
+    return tuple(reversed(out))
+
+
+@dataclass(frozen=True)
+class FoldStep:
+    """One step of a ``FoldRecord``: ``op`` on the tensors of earlier steps ``inputs`` (by index), with a
+    number ``value`` as the second operand of a binary op that reads one tensor, a stored weight's ``name``
+    (``weight``), a ``dim`` (``unsqueeze``) or a ``shape`` (``reshape``)."""
+
+    op: str
+    inputs: tuple[int, ...] = ()
+    value: float | int | None = None
+    name: str | None = None
+    dim: int | None = None
+    shape: tuple[int, ...] | None = None
+
+    def to_json(self) -> dict:
+        out: dict = {"op": self.op}
+        if self.inputs:
+            out["in"] = list(self.inputs)
+        for key in ("value", "name", "dim"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        if self.shape is not None:
+            out["shape"] = list(self.shape)
+        return out
+
+    @classmethod
+    def from_json(cls, obj: Any, where: str, index: int) -> "FoldStep":
+        op = one_of(obj, "op", FOLD_OPS, where)
+        inputs = tuple(field_of(obj, "in", list, where)) if "in" in obj else ()
+        if not all(type(i) is int and 0 <= i < index for i in inputs):
+            raise ArchiveError(f"{where}.in is {list(inputs)}; a step reads earlier steps only (indices 0..{index - 1})")
+        want = 0 if op in ("weight", "zeros") else 1 if op in FOLD_UNARY + ("unsqueeze", "reshape") else None
+        value = None
+        if op in FOLD_BINARY:
+            value = field_of(obj, "value", (int, float), where) if "value" in obj else None
+            want = 1 if value is not None else 2
+        if len(inputs) != want:
+            raise ArchiveError(f"{where} ({op}) reads {len(inputs)} earlier steps; it takes {want}")
+        name = field_of(obj, "name", str, where) if op == "weight" else None
+        dim = field_of(obj, "dim", int, where) if op == "unsqueeze" else None
+        shape = None
+        if op in ("reshape", "zeros"):
+            shape = tuple(field_of(obj, "shape", list, where))
+            if not all(type(d) is int and (d >= 0 or (d == -1 and op == "reshape")) for d in shape) \
+                    or shape.count(-1) > 1:
+                raise ArchiveError(f"{where}.shape is {list(shape)}; expected sizes of at least 0 (one may be -1 "
+                                   "for reshape)")
+        return cls(op=op, inputs=inputs, value=value, name=name, dim=dim, shape=shape)
+
+
+@dataclass(frozen=True)
+class FoldRecord:
+    """How the loader computes a constant of a CPU entry's code that no stored weight holds: a float32 tensor of
+    ``shape`` folded from stored weights by ``steps`` (each reads earlier steps; the last is the constant). A
+    batch norm after a convolution is folded this way into the convolution's weight and bias. The steps are
+    plain per-channel ops on the stored weights, so new weights reach the code through them."""
+
+    shape: tuple[int, ...]
+    steps: tuple[FoldStep, ...]
+
+    def to_json(self) -> dict:
+        return {"dtype": "float32", "shape": list(self.shape), "steps": [s.to_json() for s in self.steps]}
+
+    @property
+    def weight_names(self) -> tuple[str, ...]:
+        """The stored weights it reads, in step order, each once."""
+        return tuple(dict.fromkeys(s.name for s in self.steps if s.op == "weight"))
+
+    @classmethod
+    def from_json(cls, obj: Any, where: str) -> "FoldRecord":
+        if not isinstance(obj, dict):
+            raise ArchiveError(f"{where} must be a JSON object")
+        if field_of(obj, "dtype", str, where) != "float32":
+            raise ArchiveError(f"{where}.dtype is {obj['dtype']!r}; this reader folds float32 weights only")
+        shape = field_of(obj, "shape", list, where)
+        if not all(type(d) is int and d >= 0 for d in shape):
+            raise ArchiveError(f"{where}.shape is {shape!r}; expected sizes of at least 0")
+        raw = field_of(obj, "steps", list, where)
+        if not 1 <= len(raw) <= MAX_FOLD_STEPS:
+            raise ArchiveError(f"{where}.steps has {len(raw)} steps; expected 1 to {MAX_FOLD_STEPS}")
+        steps = tuple(FoldStep.from_json(s, f"{where}.steps[{i}]", i) for i, s in enumerate(raw))
+        return cls(shape=tuple(shape), steps=steps)
+
+    def check_shapes(self, weights: dict, where: str) -> None:
+        """Follow the shapes through the steps (``weights``: the pack's float32 weight records by name): each
+        weight must be a float32 weight of the pack, each op valid for its operands' shapes, no step larger
+        than the largest weight it reads or the result (a record cannot make the loader allocate more than
+        the pack's own tensors), and the last step of the record's ``shape``."""
+        shapes: list[tuple[int, ...]] = []
+        limit = math.prod(self.shape)
+        for i, s in enumerate(self.steps):
+            sw = f"{where}.steps[{i}]"
+            ins = [shapes[j] for j in s.inputs]
+            if s.op == "weight":
+                w = weights.get(s.name)
+                if w is None or w.dtype != "float32":
+                    found = "no such weight" if w is None else w.dtype
+                    raise ArchiveError(f"{sw} reads weight {s.name!r} ({found}); expected a float32 weight of the "
+                                       "pack")
+                out = tuple(w.shape)
+                limit = max(limit, math.prod(out))
+            elif s.op == "zeros":
+                out = s.shape
+            elif s.op == "unsqueeze":
+                if not -len(ins[0]) - 1 <= s.dim <= len(ins[0]):
+                    raise ArchiveError(f"{sw} unsqueezes dim {s.dim} of a {len(ins[0])}-d tensor")
+                d = s.dim if s.dim >= 0 else s.dim + len(ins[0]) + 1
+                out = ins[0][:d] + (1,) + ins[0][d:]
+            elif s.op == "reshape":
+                n, known = math.prod(ins[0]), math.prod(d for d in s.shape if d != -1)
+                if -1 in s.shape:
+                    if known == 0 or n % known:
+                        raise ArchiveError(f"{sw} reshapes {list(ins[0])} to {list(s.shape)}")
+                    out = tuple(n // known if d == -1 else d for d in s.shape)
+                else:
+                    out = s.shape
+                if math.prod(out) != n:
+                    raise ArchiveError(f"{sw} reshapes {list(ins[0])} to {list(s.shape)}")
+            elif s.op in FOLD_UNARY or len(ins) == 1:
+                out = ins[0]
+            else:
+                b = _broadcast(ins[0], ins[1])
+                if b is None:
+                    raise ArchiveError(f"{sw} ({s.op}) reads shapes {list(ins[0])} and {list(ins[1])}, which do "
+                                       "not broadcast")
+                out = b
+            if math.prod(out) > limit:
+                raise ArchiveError(f"{sw} makes a {list(out)} tensor, larger than the weights it reads and the "
+                                   f"result {list(self.shape)}")
+            shapes.append(out)
+        if shapes[-1] != self.shape:
+            raise ArchiveError(f"{where} computes a {list(shapes[-1])} tensor; its shape says {list(self.shape)}")
+
+
 # The kinds of ``packed_weights`` records this reader computes.
 PACKED_KINDS = ("onednn_conv",)
 
@@ -792,6 +947,18 @@ class PackedWeightRecord:
             raise ArchiveError(f"{where} packs weight {wname!r} ({dtype} {list(shape)}) for a convolution of "
                                f"{self.groups} groups on an input of {list(self.input_size)}; expected a float32 "
                                "weight [out, in/groups, h, w] that fits it")
+        # Sizes oneDNN can describe (torch 2.11's oneDNN divides by zero on some larger ones instead of refusing
+        # them), and a kernel that fits the padded input.
+        fits = all(d < 2**31 for d in self.input_size) and math.prod(self.input_size) <= 2**40 \
+            and all(v <= 2**20 for v in self.padding + self.stride + self.dilation) \
+            and all(size + 2 * p >= d * (k - 1) + 1 for size, k, p, d in
+                    zip(self.input_size[2:], shape[2:], self.padding, self.dilation))
+        if not fits:
+            raise ArchiveError(f"{where} packs weight {wname!r} ({list(shape)}) for an input of "
+                               f"{list(self.input_size)} with padding {list(self.padding)}, stride "
+                               f"{list(self.stride)} and dilation {list(self.dilation)}; expected input sizes below "
+                               "2**31 (2**40 elements in all), at most 2**20 for the others, and a kernel that "
+                               "fits the padded input")
 
 
 def packed_weights_from_json(obj: dict, where: str, device: str, constants: dict) -> dict[str, PackedWeightRecord]:
@@ -813,15 +980,48 @@ def packed_weights_from_json(obj: dict, where: str, device: str, constants: dict
     return out
 
 
+def folded_weights_from_json(obj: dict, where: str, device: str, constants: dict) -> dict[str, FoldRecord]:
+    """An entry's ``folded_weights`` (the code's constant name -> record; empty where it has none), checked on
+    their own and against the entry's device and constants. That their steps read the pack's float32 weights
+    and give the shapes they say, ``Manifest.from_json`` checks (``check_folded_weights``)."""
+    if "folded_weights" not in obj:
+        return {}
+    records = field_of(obj, "folded_weights", dict, where)
+    where = f"{where}.folded_weights"
+    if device != "cpu":
+        raise ArchiveError(f"{where} is on a {device} entry; only CPU entries have folded weights")
+    out = {}
+    for cname, r in records.items():
+        if cname not in constants:
+            raise ArchiveError(f"{where}[{cname!r}] names a constant the entry's code does not have")
+        out[cname] = FoldRecord.from_json(r, f"{where}[{cname!r}]")
+    return out
+
+
+def check_folded_weights(record: "EntryRecord", where: str, weights: dict, state_names: set) -> None:
+    """Check an entry's folded weights against the pack: a folded constant names no weight or state buffer
+    (the loader computes it), and each record reads float32 weights of the pack (no state) and gives its shape."""
+    for cname, f in record.folded_weights.items():
+        rw = f"{where}.folded_weights[{cname!r}]"
+        wname = record.constants[cname]
+        if wname in weights or wname in state_names:
+            raise ArchiveError(f"{rw} is folded at load, but the entry's constants say it is {wname!r}, a stored "
+                               "weight or state buffer; a constant is one or the other")
+        f.check_shapes({n: w for n, w in weights.items() if n not in state_names}, rw)
+
+
 def check_packed_weights(record: "EntryRecord", where: str, weights: dict, state_names: set) -> None:
-    """Check an entry's packed weights against the pack: each constant names a weight (not a state buffer)
-    that its record can pack. ``weights``: the pack's weight records by name."""
+    """Check an entry's packed weights against the pack: each constant names a weight (not a state buffer), or
+    a folded constant, that its record can pack. ``weights``: the pack's weight records by name."""
     for cname, p in record.packed_weights.items():
         rw = f"{where}.packed_weights[{cname!r}]"
         wname = record.constants[cname]
         if wname in state_names:
             raise ArchiveError(f"{rw} names a constant that is not one of the entry's weight constants")
-        p.check_weight(weights.get(wname), wname, rw)
+        folded = record.folded_weights.get(cname)
+        target = WeightRecord(name=wname, blob=None, dtype="float32", shape=folded.shape) if folded is not None \
+            else weights.get(wname)
+        p.check_weight(target, wname, rw)
 
 
 @dataclass(frozen=True)
@@ -842,6 +1042,14 @@ class EntryRecord:
     cuda: CudaMeta | None = None
     # The code's constant name -> how the loader packs the weight it names (``PackedWeightRecord``; CPU only).
     packed_weights: dict = field(default_factory=dict)
+    # The code's constant name -> how the loader folds it from stored weights (``FoldRecord``; CPU only). Its
+    # ``constants`` entry names no weight: the code's own name for the folded tensor.
+    folded_weights: dict = field(default_factory=dict)
+
+    def weight_names(self) -> set[str]:
+        """The stored weights and state buffers the entry reads: through its constants and its folds."""
+        return {w for c, w in self.constants.items() if c not in self.folded_weights} | \
+            {n for f in self.folded_weights.values() for n in f.weight_names}
 
     def to_json(self) -> dict:
         out = {"name": self.name, "device": self.device, "library": self.library, "constants": dict(self.constants),
@@ -853,6 +1061,8 @@ class EntryRecord:
             out["cuda"] = self.cuda.to_json()
         if self.packed_weights:
             out["packed_weights"] = {c: p.to_json() for c, p in self.packed_weights.items()}
+        if self.folded_weights:
+            out["folded_weights"] = {c: f.to_json() for c, f in self.folded_weights.items()}
         return out
 
     @classmethod
@@ -893,11 +1103,12 @@ class EntryRecord:
         cuda = CudaMeta.from_json(field_of(obj, "cuda", dict, where), f"{where}.cuda", blob_sizes) \
             if device == "cuda" else None
         packed = packed_weights_from_json(obj, where, device, constants)
+        folded = folded_weights_from_json(obj, where, device, constants)
         guards = Guards(inputs.inputs, inputs.leaves, inputs.symbols, inputs.param_names, grad_mode, outputs,
                         output_leaves)
         return cls(name=name, device=device, library=library, constants=dict(constants), guards=guards,
                    kernels=lists["kernels"], sources=lists["sources"], extern_kernels=extern, cuda=cuda,
-                   packed_weights=packed)
+                   packed_weights=packed, folded_weights=folded)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1086,6 +1297,11 @@ class Manifest:
             raise ArchiveError(f"the manifest uses {newer[0]}, which format version {BREADTH_FORMAT_VERSION} "
                                f"introduced, but it says format version {version}; the pack was written by a "
                                "broken or modified writer")
+        newer = v6_features(obj)
+        if newer and version < V6_FORMAT_VERSION:
+            raise ArchiveError(f"the manifest uses {newer[0]}, which format version {V6_FORMAT_VERSION} "
+                               f"introduced, but it says format version {version}; the pack was written by a "
+                               "broken or modified writer")
         if "external_weights" in obj and version < V5_FORMAT_VERSION:
             raise ArchiveError(f"the manifest keeps its weights beside the pack (external_weights), which format "
                                f"version {V5_FORMAT_VERSION} introduced, but it says format version {version}; the "
@@ -1170,8 +1386,9 @@ class Manifest:
         for i, e in enumerate(entries):
             ew = f"manifest.entries[{i}]"
             record = EntryRecord.from_json(e, ew, blob_sizes)
+            check_folded_weights(record, ew, by_name, state_names)
             for cname, wname in record.constants.items():
-                if wname not in weight_names and wname not in state_names:
+                if cname not in record.folded_weights and wname not in weight_names and wname not in state_names:
                     raise ArchiveError(f"{ew} constant {cname!r} refers to weight {wname!r}, which the pack lacks")
             check_packed_weights(record, ew, by_name, state_names)
             records.append(record)

@@ -88,7 +88,7 @@ def test_methods_example_is_valid_and_needs_version_5():
     records = schema._methods(obj, 5, 3)
     assert [(r.name, r.entries) for r in records] == [("encode", (0,)), ("decode", (1, 2))]
     assert records[1].positions[0].limit == 8 and records[0].writes == ("cross_k_cache", "cross_v_cache")
-    assert fmt.V5_FORMAT_VERSION == fmt.FORMAT_VERSION == 5 and "## Methods (version 5)" in DOC
+    assert fmt.V5_FORMAT_VERSION == 5 and "## Methods (version 5)" in DOC
 
 
 def test_new_weights_example_is_valid_at_any_version_and_external_weights_need_version_5():
@@ -98,7 +98,6 @@ def test_new_weights_example_is_valid_at_any_version_and_external_weights_need_v
     example = json.loads(next(b for b in blocks if '"unread_weights"' in b))
     cpu = {"device": "cpu", "leaves": []}
     assert fmt.v5_features(example) == [] and fmt.version_for(dict(example, entries=[cpu])) == 1
-    assert fmt.FORMAT_VERSION == 5
     blob = lambda n, size: {"name": n, "offset": 0, "stored_size": size, "size": size, "sha256": "0" * 64,
                             "compression": "none"}
     manifest = {"format": "aotpack", "format_version": 5, "producer": {}, "target": {}, "options": {},
@@ -157,3 +156,28 @@ def test_packed_weights_example_is_read_at_any_version():
     assert fmt.v4_features({"entries": [example]}) == [] and fmt.v5_features({"entries": [example]}) == []
     with pytest.raises(ArchiveError, match="only CPU entries have packed weights"):
         schema.packed_weights_from_json(example, "doc", "cuda", constants)
+
+
+def test_folded_weights_example_is_what_the_loader_computes_and_needs_version_6():
+    """The example of "Folded weights (version 6)": a batch norm's scale folded into a convolution's weight,
+    checked against the weights it reads, computed as folding by hand computes it, and written as version 6."""
+    import torch
+
+    from aotpack_runtime.entries import fold_weight
+
+    blocks = re.findall(r"```json\n(.*?)```", DOC, re.S)
+    example = json.loads(next(b for b in blocks if '"folded_weights"' in b))
+    folded = schema.folded_weights_from_json(example, "doc", "cpu", {"_aotpack_folded_0": "_aotpack_folded_0"})
+    record = folded["_aotpack_folded_0"]
+    weights = {"features.0.weight": (16, 3, 3, 3), "features.1.running_var": (16,), "features.1.weight": (16,)}
+    record.check_shapes({n: schema.WeightRecord(name=n, blob="b", dtype="float32", shape=s)
+                         for n, s in weights.items()}, "doc")
+    assert record.weight_names == tuple(weights) and record.to_json() == example["folded_weights"]["_aotpack_folded_0"]
+    tensors = {n: torch.rand(s) + 0.5 for n, s in weights.items()}
+    scale = tensors["features.1.weight"] / torch.sqrt(tensors["features.1.running_var"] + 1e-05)
+    torch.testing.assert_close(fold_weight(record, tensors), tensors["features.0.weight"] * scale.reshape(-1, 1, 1, 1))
+    assert fmt.v6_features({"entries": [example]}) == ["weights folded at load (folded_weights)"]
+    assert fmt.version_for({"entries": [example]}) == fmt.V6_FORMAT_VERSION == fmt.FORMAT_VERSION == 6
+    assert "## Entries" in DOC and "### Folded weights (version 6)" in DOC
+    with pytest.raises(ArchiveError, match="only CPU entries have folded weights"):
+        schema.folded_weights_from_json(example, "doc", "cuda", {"_aotpack_folded_0": "_aotpack_folded_0"})

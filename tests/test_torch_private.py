@@ -216,10 +216,12 @@ def test_aoti_compile_and_runner(convnet_pack):
     pkg = aotpack.load(convnet_pack.path)
     runner = pkg.entries[0]._runner
     fqns = rt_torch.constant_fqns(runner)
-    assert set(fqns.values()) <= set(pkg.weights)
+    folded = pkg.entries[0].record.folded_weights
+    assert {w for c, w in fqns.items() if c not in folded} <= set(pkg.weights) and folded
+    assert all(fqns[c] == c for c in folded)  # a folded constant's "original" name is its own
     out = rt_torch.run(runner, [convnet_pack.args[0]])
     assert isinstance(out, list) and out[0].shape == (4, 10)
-    rt_torch.set_constants(runner, {c: pkg.weights[w] for c, w in fqns.items()})
+    rt_torch.set_constants(runner, pkg.entries[0].weight_constants(pkg.weights))
 
 
 @pytest.mark.skipif(torch.version.cuda is None,
@@ -611,8 +613,10 @@ def test_generated_cpu_code_readers(convnet_pack):
     assert torch_text.kernel_symbols(kernel) == tuple(entry["kernels"]) and entry["kernels"]
     table = torch_text.wrapper_constants(wrapper)
     assert {c.name: c.fqn for c in table} == entry["constants"] and table
+    folded = entry["folded_weights"]
     for c in table:
-        assert c.offset == 0 and list(c.shape) == list(weights[c.fqn].shape), c
+        shape = folded[c.name]["shape"] if c.name in folded else list(weights[c.fqn].shape)
+        assert c.offset == 0 and list(c.shape) == shape, c
 
 
 def test_dynamo_message_readers():
@@ -674,12 +678,13 @@ def test_convolutions_to_onednn_pass_and_the_weight_packing_it_relies_on():
     a.meta["val"], b.meta["val"] = torch.empty(1, 6, 8, 8), torch.empty(1, 4, 8, 8)
     graph.output((a, b, c))
     config_pass = build_torch.inductor_options("avx2", 16, onednn_convs=True)["post_grad_custom_pre_pass"]
-    with build_torch.onednn_conv_records() as records:
+    with build_torch.conv_records() as records:
         config_pass(graph)
     targets = [n.target for n in graph.nodes if n.op == "call_function"]
     assert targets == [torch.ops.mkldnn._convolution_pointwise.default, conv, torch.ops.aten.mul.Tensor]
-    assert records == {"c.weight": {"padding": [1, 1], "stride": [1, 1], "dilation": [1, 1], "groups": 1,
-                                    "input_size": [1, 4, 8, 8]}}
+    assert records.onednn == {"c.weight": {"padding": [1, 1], "stride": [1, 1], "dilation": [1, 1], "groups": 1,
+                                           "input_size": [1, 4, 8, 8]}}
+    assert records.folded == {}  # a graph without a module to hold new constants folds nothing
     assert build_torch.inductor_options("avx2", 16)["post_grad_custom_pre_pass"].uuid() != config_pass.uuid()
 
     gen = torch.Generator().manual_seed(0)
@@ -690,6 +695,50 @@ def test_convolutions_to_onednn_pass_and_the_weight_packing_it_relies_on():
     for weight in (packed, ws):
         out = torch.ops.mkldnn._convolution_pointwise(xs, weight, None, [1, 1], [1, 1], [1, 1], 1, "none", [], "")
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fold_into_convolutions_pass_on_a_graph_module():
+    """The fold pass uses a post-grad GraphModule as Inductor hands it over: it registers the folded constants as
+    buffers of ``graph.owning_module``, gives their get_attr nodes fake-free metadata made with ``new_empty``,
+    reads ops' ``_schema.is_mutable``, and the ReLU after the folded convolution becomes oneDNN's ``attr``."""
+    aten = torch.ops.aten
+    module = torch.nn.Module()
+    gen = torch.Generator().manual_seed(0)
+    module.register_buffer("w", torch.randn(6, 4, 3, 3, generator=gen))
+    module.register_buffer("gamma", torch.rand(6, generator=gen) + 0.5)
+    module.register_buffer("var", torch.rand(6, generator=gen) + 0.5)
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    w, gamma, var = graph.get_attr("w"), graph.get_attr("gamma"), graph.get_attr("var")
+    y = graph.call_function(aten.convolution.default, (x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1))
+    inv = graph.call_function(aten.rsqrt.default, (graph.call_function(aten.add.Tensor, (var, 1e-5)),))
+    scale = graph.call_function(aten.unsqueeze.default, (graph.call_function(
+        aten.unsqueeze.default, (graph.call_function(aten.mul.Tensor, (inv, gamma)), -1)), -1))
+    z = graph.call_function(aten.mul.Tensor, (y, scale))
+    out = graph.call_function(aten.relu.default, (graph.call_function(aten.add.Tensor, (z, 0.5)),))
+    graph.output((out,))
+    gm = torch.fx.GraphModule(module, graph)
+    xs = torch.randn(1, 4, 8, 8, generator=gen)
+    expected = gm(xs)[0]
+    for node in gm.graph.nodes:  # the metadata Inductor's graphs carry
+        if node.op == "get_attr":
+            node.meta["val"] = getattr(gm, node.target)
+    x.meta["val"], y.meta["val"] = xs, torch.empty(1, 6, 8, 8)
+    for node in (z, out):
+        node.meta["val"] = torch.empty(1, 6, 8, 8)
+    scale.meta["val"] = torch.empty(6, 1, 1)
+    with build_torch.conv_records() as records:
+        build_torch.inductor_options("avx2", 16, onednn_convs=True)["post_grad_custom_pre_pass"](gm.graph)
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert targets == [torch.ops.mkldnn._convolution_pointwise.default]
+    call = next(n for n in gm.graph.nodes if n.op == "call_function")
+    assert call.args[1].target == "_aotpack_folded_0" and call.args[2].target == "_aotpack_folded_1"
+    assert call.args[7] == "relu"
+    assert sorted(records.folded) == ["_aotpack_folded_0", "_aotpack_folded_1"]
+    assert records.folded["_aotpack_folded_0"].weight_names == ("w", "var", "gamma")
+    assert set(records.onednn) == {"_aotpack_folded_0"}
+    gm.recompile()
+    torch.testing.assert_close(gm(xs)[0], expected, rtol=1e-5, atol=1e-5)
 
 
 def test_onednn_conv_weights_reads_the_generated_wrapper(convnet_pack):
@@ -703,7 +752,34 @@ def test_onednn_conv_weights_reads_the_generated_wrapper(convnet_pack):
         constants = a.manifest.entries[0].constants
     finally:
         a.close()
-    convs = {"features_0_weight", "features_4_weight", "features_8_weight"}
+    convs = {"_aotpack_folded_0", "_aotpack_folded_2", "_aotpack_folded_4"}
     assert torch_text.onednn_conv_weights(wrapper, constants) == convs
-    elsewhere = wrapper + "\n    cpp_fused_extra((const float*)(features_4_weight.data_ptr()));\n"
-    assert torch_text.onednn_conv_weights(elsewhere, constants) == convs - {"features_4_weight"}
+    elsewhere = wrapper + "\n    cpp_fused_extra((const float*)(_aotpack_folded_2.data_ptr()));\n"
+    assert torch_text.onednn_conv_weights(elsewhere, constants) == convs - {"_aotpack_folded_2"}
+    binary = "aoti_torch_cpu_mkldnn__convolution_pointwise_binary(buf4, buf0, layer_weight, nullptr, ...);\n" \
+             "[[maybe_unused]] auto& layer_weight = constants_->at(9);\n"
+    assert torch_text.onednn_conv_weights(binary, {"layer_weight"}) == {"layer_weight"}
+
+
+def test_fake_val_computes_a_new_nodes_metadata_in_the_graphs_fake_mode():
+    """``_fake_val`` finds the fake mode of a node's inputs (torch._guards.detect_fake_mode) and runs the op
+    there under the Python dispatcher, as Inductor's FakeTensorUpdater does; without fake inputs it leaves
+    the node as it is."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    mode = FakeTensorMode()
+    graph = torch.fx.Graph()
+    x, w = graph.placeholder("x"), graph.placeholder("w")
+    with mode:
+        x.meta["val"], w.meta["val"] = torch.empty(1, 4, 8, 8), torch.empty(6, 4, 3, 3)
+    node = graph.call_function(torch.ops.mkldnn._convolution_pointwise.default,
+                               (x, w, None, [1, 1], [1, 1], [1, 1], 1, "relu", [], ""))
+    build_torch._fake_val(node)
+    val = node.meta["val"]
+    assert isinstance(val, FakeTensor) and val.fake_mode is mode and tuple(val.shape) == (1, 6, 8, 8)
+    plain = torch.fx.Graph()
+    y = plain.placeholder("y")
+    y.meta["val"] = torch.empty(2)
+    neg = plain.call_function(torch.ops.aten.neg.default, (y,))
+    build_torch._fake_val(neg)
+    assert "val" not in neg.meta
