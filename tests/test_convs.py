@@ -364,3 +364,24 @@ def test_packed_weights_follow_the_calling_thread_count(convnet_pack):
         assert packing.threads == 1 and packing._bound[1][0] is not one
     finally:
         torch.set_num_threads(before)
+
+
+def test_reweight_and_external_weights_keep_the_folds_working(convnet_pack, tmp_path):
+    """A pack rewritten with new weights (``reweight``), or with its weights beside it (``--weights external``),
+    keeps its code and its fold records; the loader folds the new or external weights."""
+    import shutil
+
+    from aotpack.reweight import externalize, reweight
+
+    other = _other_weights(convnet_pack.model, 7)
+    out = tmp_path / "other.pack"
+    reweight(convnet_pack.path, other.state_dict(), out, cache=False)
+    pkg = aotpack.load(out)
+    assert pkg.entries[0].record.folded_weights == aotpack.load(convnet_pack.path).entries[0].record.folded_weights
+    assert_close_to_eager(pkg(*convnet_pack.args), _eager(other, convnet_pack.args))
+    apart = tmp_path / "apart.pack"
+    shutil.copy(convnet_pack.path, apart)
+    externalize(apart)
+    pkg = aotpack.load(apart)
+    assert pkg.manifest.external_weights is not None and pkg.entries[0].record.folded_weights
+    assert_close_to_eager(pkg(*convnet_pack.args), _eager(convnet_pack.model, convnet_pack.args))
