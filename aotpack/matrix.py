@@ -11,7 +11,7 @@ dynamic = ["tokens:0=batch:1..8"]    # optional, as --dynamic
 [[target]]
 name = "avx2"                        # optional; default: made from the values below
 cpu_isa = "avx2"                     # as --cpu-isa; also devices, cuda_archs, without_gpu, cpu_threads,
-                                     # dynamic (added to each model's)
+                                     # onednn_convs, dynamic (added to each model's)
 ```
 
 Task ``MODEL.TARGET`` writes ``MODEL.TARGET.pack``: the name depends only on the matrix, never on the order
@@ -35,7 +35,7 @@ from .options import CPU_ISAS, DEFAULT_CPU_THREADS, DEVICES, MAX_CPU_THREADS
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 MODEL_KEYS = ("file", "name", "dynamic")
-TARGET_KEYS = ("name", "cpu_isa", "devices", "cuda_archs", "without_gpu", "cpu_threads", "dynamic")
+TARGET_KEYS = ("name", "cpu_isa", "devices", "cuda_archs", "without_gpu", "cpu_threads", "onednn_convs", "dynamic")
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,7 @@ class Target:
     without_gpu: bool = False
     cpu_threads: int = DEFAULT_CPU_THREADS
     dynamic: tuple[str, ...] = ()
+    onednn_convs: bool = True
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,8 @@ class Task:
         return {"name": self.name, "model": self.model.target, "output": self.output,
                 "dynamic": list(self.model.dynamic + t.dynamic),
                 "options": {"cpu_isa": t.cpu_isa, "devices": list(t.devices), "cuda_archs": list(t.cuda_archs),
-                            "without_gpu": t.without_gpu, "cpu_threads": t.cpu_threads}}
+                            "without_gpu": t.without_gpu, "cpu_threads": t.cpu_threads,
+                            "onednn_convs": t.onednn_convs}}
 
 
 @dataclass(frozen=True)
@@ -233,6 +235,9 @@ def _target(item: object, i: int, problems: _Problems) -> Target | None:
     without_gpu = item.get("without_gpu", False)
     if not isinstance(without_gpu, bool):
         problems.found.append(f"{where}: without_gpu must be true or false, got {without_gpu!r}")
+    onednn = item.get("onednn_convs", True)
+    if not isinstance(onednn, bool):
+        problems.found.append(f"{where}: onednn_convs must be true or false, got {onednn!r}")
     threads = item.get("cpu_threads", DEFAULT_CPU_THREADS)
     if type(threads) is not int or not 1 <= threads <= MAX_CPU_THREADS:
         problems.found.append(f"{where}: cpu_threads must be an integer from 1 to {MAX_CPU_THREADS}, got {threads!r}")
@@ -251,9 +256,11 @@ def _target(item: object, i: int, problems: _Problems) -> Target | None:
                 parts.pop(0)
         if threads != DEFAULT_CPU_THREADS:
             parts.append(f"t{threads}")
+        if not onednn:
+            parts.append("aten-convs")
         name = "-".join(parts)
     return Target(name=name, cpu_isa=isa, devices=devices, cuda_archs=tuple(archs), without_gpu=without_gpu,
-                  cpu_threads=threads, dynamic=dynamic)
+                  cpu_threads=threads, dynamic=dynamic, onednn_convs=onednn)
 
 
 def _unique(names: list[str], kind: str, problems: _Problems) -> None:

@@ -52,7 +52,7 @@ def _matrix(tmp_path: pathlib.Path, text: str) -> pathlib.Path:
                                          "(paths are relative to the matrix file)"),
     (f'[[model]]\nfile = "{DATA / "tiny_a.py"}"\n[[target]]\nisa = "avx2"\n',
      "m.toml: [[target]] 1 has unknown key 'isa'; its keys are name, cpu_isa, devices, cuda_archs, without_gpu, "
-     "cpu_threads, dynamic"),
+     "cpu_threads, onednn_convs, dynamic"),
     (f'[[model]]\nfile = "{DATA / "tiny_a.py"}"\n[[target]]\ncpu_isa = "sse9"\n',
      "m.toml: [[target]] 1: cpu_isa 'sse9' is not one of x86-64, avx2, avx512, native"),
     (f'[[model]]\nfile = "{DATA / "tiny_a.py"}"\ndynamic = ["x0=1..4"]\n',
@@ -87,7 +87,7 @@ def test_every_mistake_in_a_matrix_is_reported_in_one_run(tmp_path):
         "[[target]] 1: devices ['tpu'] must name cpu and/or cuda",
         "[[target]] 1: cpu_threads must be an integer from 1 to 1024, got 0",
         "[[target]] 2 has unknown key 'isa'; its keys are name, cpu_isa, devices, cuda_archs, without_gpu, "
-        "cpu_threads, dynamic",
+        "cpu_threads, onednn_convs, dynamic",
         "two models are named 'tiny_a'; give each a distinct name = \"...\"",
     ]
     assert str(e.value).startswith(f"{tmp_path}/m.toml: 9 mistakes, fix each and run again:\n  - unknown top-level")
@@ -100,8 +100,17 @@ def test_matrix_tasks_and_names(tmp_path):
     assert [t.name for t in m.tasks] == ["tiny_a.avx2", "tiny_a.avx2-t4", "broken.avx2", "broken.avx2-t4",
                                          "tiny_b-make.avx2", "tiny_b-make.avx2-t4"]
     assert m.tasks[1].to_json()["options"] == {"cpu_isa": "avx2", "devices": ["cpu"], "cuda_archs": [],
-                                               "without_gpu": False, "cpu_threads": 4}
+                                               "without_gpu": False, "cpu_threads": 4, "onednn_convs": True}
     assert load_matrix(ROOT / "examples" / "matrix.toml").tasks  # the shipped example parses
+    aten = load_matrix(_matrix(tmp_path, MATRIX.replace("cpu_threads = 4", "onednn_convs = false")))
+    assert [t.name for t in aten.tasks][:2] == ["tiny_a.avx2", "tiny_a.avx2-aten-convs"]
+    assert aten.tasks[1].to_json()["options"]["onednn_convs"] is False
+    from aotpack import front
+
+    assert front.options(**aten.tasks[1].to_json()["options"]).onednn_convs is False  # what a task builds with
+    with pytest.raises(MatrixError) as e:
+        load_matrix(_matrix(tmp_path, MATRIX.replace("cpu_threads = 4", 'onednn_convs = "no"')))
+    assert e.value.problems == ["[[target]] 2: onednn_convs must be true or false, got 'no'"]
 
 
 def _run(*args) -> tuple[int, str, str]:
