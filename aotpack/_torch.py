@@ -373,14 +373,14 @@ def _fold_into_convolutions(graph) -> None:
     graph.eliminate_dead_code()
 
 
-# Activations that oneDNN's convolution applies to its output (``_convolution_pointwise``'s ``attr``).
-_ONEDNN_UNARY = {torch.ops.aten.relu.default: "relu", torch.ops.aten.sigmoid.default: "sigmoid",
-                 torch.ops.aten.tanh.default: "tanh"}
+# Activations that oneDNN's convolution applies to its output (``_convolution_pointwise``'s ``attr``) exactly as
+# eager does, NaN and infinities included: sigmoid and tanh (see ``_eager_activations``).
+_ONEDNN_UNARY = {torch.ops.aten.sigmoid.default: "sigmoid", torch.ops.aten.tanh.default: "tanh"}
 
 
 def _fused_activation(node) -> tuple[str, list, list] | None:
     """The activation that is the sole user of a convolution ``node``'s output, as oneDNN's (attr, scalars) with
-    the nodes it replaces, or None: ReLU, sigmoid, tanh, and a clamp to [min, max] (ReLU6) as hardtanh."""
+    the nodes it replaces, or None: sigmoid and tanh (see ``_ONEDNN_UNARY``)."""
     if len(node.users) != 1:
         return None
     user = next(iter(node.users))
@@ -388,15 +388,64 @@ def _fused_activation(node) -> tuple[str, list, list] | None:
         return None
     if user.target in _ONEDNN_UNARY and len(user.args) == 1:
         return _ONEDNN_UNARY[user.target], [], [user]
-    if user.target is torch.ops.aten.hardtanh.default and len(user.args) == 3 and all(map(_number, user.args[1:])):
-        return "hardtanh", [float(user.args[1]), float(user.args[2])], [user]
-    if user.target is torch.ops.aten.clamp_min.default and len(user.args) == 2 and _number(user.args[1]) \
-            and len(user.users) == 1:
-        top = next(iter(user.users))
-        if top.op == "call_function" and top.target is torch.ops.aten.clamp_max.default and not top.kwargs \
-                and len(top.args) == 2 and _number(top.args[1]) and top.args[1] >= user.args[1]:
-            return "hardtanh", [float(user.args[1]), float(top.args[1])], [user, top]
     return None
+
+
+def _eager_activations(graph) -> None:
+    """Keep the activations after oneDNN convolutions computing as eager does, NaN included.
+
+    Inductor's own mkldnn passes fuse the activation after a ``mkldnn._convolution_pointwise`` into it, alone
+    or after a fused residual add; oneDNN computes ReLU as max(x, 0) and ReLU6 (hardtanh) as a clip, which
+    turn a NaN into 0 or a bound where eager keeps the NaN (a pack must not answer differently from eager on an
+    input that holds a NaN). ``relu(x)`` becomes ``clamp_min(x, 0)`` and ``clamp_max(clamp_min(x, a), b)``
+    becomes ``clamp_min(clamp_max(x, b), a)`` (a <= b): the same values, eager's NaN included, in a form those
+    patterns do not match, which Inductor computes in its own kernel. (Hardsigmoid and erf-GELU, the other
+    activations whose fusion changes NaN or infinities, start with an op on a number; a convolution followed
+    by one stays with ATen: ``_convolutions_to_onednn``.)"""
+    aten = torch.ops.aten
+    conv = aten.convolution.default
+
+    def after_conv(n) -> bool:  # a convolution's output, or a sum with one (a residual add Inductor may fuse)
+        if not isinstance(n, torch.fx.Node) or n.op != "call_function":
+            return False
+        return n.target is conv or (n.target in (aten.add.Tensor, aten.sub.Tensor) and any(
+            isinstance(a, torch.fx.Node) and a.op == "call_function" and a.target is conv for a in n.args))
+
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.kwargs:
+            continue
+        if node.target is aten.relu.default and len(node.args) == 1 and after_conv(node.args[0]):
+            with graph.inserting_before(node):
+                new = graph.call_function(aten.clamp_min.default, (node.args[0], 0.0))
+            new.meta.update(node.meta)
+            _fake_val(new)
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
+        elif node.target is aten.clamp_max.default and len(node.args) == 2 and _number(node.args[1]):
+            inner = node.args[0]
+            if not (isinstance(inner, torch.fx.Node) and inner.op == "call_function" and not inner.kwargs
+                    and inner.target is aten.clamp_min.default and len(inner.args) == 2 and after_conv(inner.args[0])
+                    and _number(inner.args[1]) and inner.args[1] <= node.args[1] and len(inner.users) == 1):
+                continue
+            with graph.inserting_before(node):
+                top = graph.call_function(aten.clamp_max.default, (inner.args[0], node.args[1]))
+                new = graph.call_function(aten.clamp_min.default, (top, inner.args[1]))
+            top.meta.update(inner.meta)
+            new.meta.update(node.meta)
+            _fake_val(top)
+            _fake_val(new)
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
+            graph.erase_node(inner)
+
+
+def _starts_an_unsafe_fusion(node) -> bool:
+    """Whether a user of a convolution ``node``'s output adds or multiplies it by a number: how Inductor's
+    patterns for hardsigmoid and erf-GELU after a oneDNN convolution begin, whose fused forms differ from eager
+    on NaN or infinities (``_eager_activations``)."""
+    aten = torch.ops.aten
+    return any(u.op == "call_function" and u.target in (aten.add.Tensor, aten.mul.Tensor)
+               and any(_number(a) for a in u.args) for u in node.users)
 
 
 def _convolutions_to_onednn(graph) -> None:
@@ -429,6 +478,8 @@ def _convolutions_to_onednn(graph) -> None:
             x, w, bias, stride, padding, dilation, transposed, _, groups = node.args
             xv, wv = x.meta.get("val"), w.meta.get("val")
             if not (isinstance(xv, torch.Tensor) and isinstance(wv, torch.Tensor)) or transposed:
+                break
+            if _starts_an_unsafe_fusion(node):
                 break
             if xv.dim() != 4 or wv.dim() != 4 or xv.dtype != torch.float32 or wv.dtype != torch.float32 \
                     or xv.device.type != "cpu" or wv.device.type != "cpu" or not wv.is_contiguous():
@@ -468,6 +519,7 @@ def _cpu_post_grad(graph) -> None:
     """The post-grad passes of a CPU entry with ``onednn_convs``."""
     _complex_casts_to_aten(graph)
     _fold_into_convolutions(graph)
+    _eager_activations(graph)
     _convolutions_to_onednn(graph)
 
 
@@ -480,7 +532,7 @@ def _graph_pass(fn):
             fn(graph)
 
         def uuid(self) -> str:
-            return f"aotpack.{fn.__name__}.2"
+            return f"aotpack.{fn.__name__}.3"
 
     return Pass()
 

@@ -80,7 +80,7 @@ def test_batch_norm_is_folded_into_the_convolution_at_load(convnet_pack):
     assert not any(n.startswith("features.") for n in read_directly)
     assert set(pkg.manifest.unread_weights) == {f"features.{i}.num_batches_tracked" for i in (1, 5, 9)}
     assert pkg.manifest.format_version == 6
-    # The ReLU after each convolution runs inside oneDNN's convolution (its ``attr``).
+    # The ReLU after each convolution is Inductor's kernel, not oneDNN's: oneDNN's ReLU turns a NaN into 0.
     from aotpack_runtime.archive import Archive
 
     a = Archive.open(convnet_pack.path)
@@ -89,7 +89,7 @@ def test_batch_norm_is_folded_into_the_convolution_at_load(convnet_pack):
     finally:
         a.close()
     calls = [line for line in wrapper.decode().splitlines() if "mkldnn__convolution_pointwise(" in line]
-    assert len(calls) == 3 and all('"relu"' in line for line in calls), calls
+    assert len(calls) == 3 and all('"none"' in line for line in calls), calls
 
 
 def test_new_weights_are_packed_again(convnet_pack):
@@ -247,8 +247,8 @@ def test_the_option_must_be_a_bool():
 class FoldNet(torch.nn.Module):
     """What folding meets in vision models: a convolution without bias followed by batch norm and ReLU6
     (MobileNet), a depthwise one, a per-channel scale and shift held as parameters ([1, C, 1, 1] and [C, 1, 1])
-    and numbers, a batch norm whose output two ops read, and a convolution followed by an op on the input,
-    which stays as it is."""
+    and numbers, a batch norm whose output two ops read, a convolution followed by an op on the input, which
+    stays as it is, and hardsigmoid and erf-GELU after a convolution."""
 
     def __init__(self):
         super().__init__()
@@ -262,13 +262,16 @@ class FoldNet(torch.nn.Module):
         self.c = torch.nn.Conv2d(6, 6, 3, padding=1)
         self.c_bn = torch.nn.BatchNorm2d(6)
         self.d = torch.nn.Conv2d(6, 6, 1)
+        self.e = torch.nn.Conv2d(6, 6, 1)
+        self.f = torch.nn.Conv2d(6, 6, 1)
 
     def forward(self, x):
         y = torch.nn.functional.relu6(self.a_bn(self.a(x)))
         y = torch.nn.functional.relu6(self.dw_bn(self.dw(y)))
         y = torch.sigmoid((self.b(y) * self.scale - self.shift) / 2.0 + 1)
         z = self.c_bn(self.c(y))
-        return torch.relu(z) + z.mean(), self.d(z) - z
+        return (torch.relu(z) + z.mean(), self.d(z) - z, torch.nn.functional.hardsigmoid(self.e(z)),
+                torch.nn.functional.gelu(self.f(z)))
 
 
 def _foldnet() -> torch.nn.Module:
@@ -300,7 +303,8 @@ def test_what_vision_models_put_after_a_convolution_is_folded(foldnet_pack):
     record = pkg.entries[0].record
     reads = sorted(sorted(f.weight_names) for f in record.folded_weights.values())
     # a: weight and a bias from zeros; dw: the same; b: weight and bias through the parameters and the
-    # numbers; c: weight and bias through its batch norm. d's convolution is followed by nothing per-channel.
+    # numbers; c: weight and bias through its batch norm; e: its bias through hardsigmoid's "+ 3". d's and f's
+    # convolutions are followed by nothing per-channel.
     assert reads == sorted([
         ["a.weight", "a_bn.running_var", "a_bn.weight"],
         ["a_bn.bias", "a_bn.running_mean", "a_bn.running_var", "a_bn.weight"],
@@ -308,20 +312,28 @@ def test_what_vision_models_put_after_a_convolution_is_folded(foldnet_pack):
         ["dw_bn.bias", "dw_bn.running_mean", "dw_bn.running_var", "dw_bn.weight"],
         ["b.weight", "scale"], ["b.bias", "scale", "shift"],
         ["c.weight", "c_bn.running_var", "c_bn.weight"],
-        ["c.bias", "c_bn.bias", "c_bn.running_mean", "c_bn.running_var", "c_bn.weight"]])
+        ["c.bias", "c_bn.bias", "c_bn.running_mean", "c_bn.running_var", "c_bn.weight"], ["e.bias"]])
     a = Archive.open(path)
     try:
         wrapper = bytes(a.read_blob(next(s for s in record.sources if s.endswith("wrapper.cpp")))).decode()
     finally:
         a.close()
     calls = [line for line in wrapper.splitlines() if "aoti_torch_cpu_mkldnn__convolution_pointwise" in line]
-    attrs = [next(a for a in ('"hardtanh"', '"sigmoid"', '"sub"', '"none"') if a in line) for line in calls]
-    # ReLU6 (as hardtanh) twice, and the sigmoid, run inside oneDNN's convolution; c's output is read twice, so
-    # its convolution applies nothing; Inductor fuses d's subtraction of z into its convolution (``_binary``).
-    assert attrs == ['"hardtanh"', '"hardtanh"', '"sigmoid"', '"none"', '"sub"'], calls
-    # Every convolution's weight is packed at load, the fused one's too.
+    attrs = [next(a for a in ('"sigmoid"', '"sub"', '"none"') if a in line) for line in calls]
+    # Only the sigmoid runs inside oneDNN's convolution: oneDNN's ReLU6 (a clip), hardsigmoid and erf-GELU differ
+    # from eager on NaN or infinities, so they stay Inductor's kernels (f's convolution, whose GELU Inductor
+    # would fuse, stays with ATen). Inductor fuses d's subtraction of z into its convolution (``_binary``).
+    assert attrs == ['"none"', '"none"', '"sigmoid"', '"none"', '"sub"', '"none"'], calls
+    assert any("aoti_torch_cpu_convolution(" in line for line in wrapper.splitlines())
+    # Every oneDNN convolution's weight is packed at load, the fused one's too.
     assert sorted(record.packed_weights) == ["_aotpack_folded_0", "_aotpack_folded_2", "_aotpack_folded_4",
-                                             "_aotpack_folded_6", "d_weight"]
+                                             "_aotpack_folded_6", "d_weight", "e_weight"]
+    # Special values pass through as in eager: a NaN and infinities in the input.
+    special = args[0].clone()
+    special[0, 0, 3, 3], special[0, 1, 5, 6], special[1, 2, 0, 0] = float("nan"), float("inf"), -float("inf")
+    for out, ref in zip(pkg(special), _eager(model, (special,))):
+        assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isinf(), ref.isinf())
+        torch.testing.assert_close(out, ref, equal_nan=True, rtol=1e-4, atol=1e-5)
     other = _foldnet()
     with torch.no_grad():
         for p in other.parameters():

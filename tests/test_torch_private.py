@@ -700,7 +700,8 @@ def test_convolutions_to_onednn_pass_and_the_weight_packing_it_relies_on():
 def test_fold_into_convolutions_pass_on_a_graph_module():
     """The fold pass uses a post-grad GraphModule as Inductor hands it over: it registers the folded constants as
     buffers of ``graph.owning_module``, gives their get_attr nodes fake-free metadata made with ``new_empty``,
-    reads ops' ``_schema.is_mutable``, and the ReLU after the folded convolution becomes oneDNN's ``attr``."""
+    reads ops' ``_schema.is_mutable``; the ReLU after the folded convolution becomes a ``clamp_min`` (the form
+    Inductor's mkldnn fusion patterns do not fuse into oneDNN's convolution, whose ReLU loses NaN)."""
     aten = torch.ops.aten
     module = torch.nn.Module()
     gen = torch.Generator().manual_seed(0)
@@ -730,15 +731,40 @@ def test_fold_into_convolutions_pass_on_a_graph_module():
     with build_torch.conv_records() as records:
         build_torch.inductor_options("avx2", 16, onednn_convs=True)["post_grad_custom_pre_pass"](gm.graph)
     targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
-    assert targets == [torch.ops.mkldnn._convolution_pointwise.default]
+    assert targets == [torch.ops.mkldnn._convolution_pointwise.default, aten.clamp_min.default]
     call = next(n for n in gm.graph.nodes if n.op == "call_function")
     assert call.args[1].target == "_aotpack_folded_0" and call.args[2].target == "_aotpack_folded_1"
-    assert call.args[7] == "relu"
+    assert call.args[7] == "none"
     assert sorted(records.folded) == ["_aotpack_folded_0", "_aotpack_folded_1"]
     assert records.folded["_aotpack_folded_0"].weight_names == ("w", "var", "gamma")
     assert set(records.onednn) == {"_aotpack_folded_0"}
     gm.recompile()
     torch.testing.assert_close(gm(xs)[0], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_eager_activations_rewrites_relu_and_relu6_after_a_convolution_only():
+    """``relu(conv)`` -> ``clamp_min(conv, 0)``, ``clamp_max(clamp_min(conv + y, 0), 6)`` -> ``clamp_min(clamp_max(
+    conv + y, 6), 0)``; a ReLU of anything else stays. Same values, NaN included."""
+    aten = torch.ops.aten
+    graph = torch.fx.Graph()
+    x, w, y = graph.placeholder("x"), graph.placeholder("w"), graph.placeholder("y")
+    c = graph.call_function(aten.convolution.default, (x, w, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1))
+    r = graph.call_function(aten.relu.default, (c,))
+    six = graph.call_function(aten.clamp_max.default, (graph.call_function(
+        aten.clamp_min.default, (graph.call_function(aten.add.Tensor, (c, y)), 0)), 6))
+    other = graph.call_function(aten.relu.default, (y,))
+    graph.output((r, six, other))
+    build_torch._eager_activations(graph)
+    ops = [(n.target, n.args[1:]) for n in graph.nodes if n.op == "call_function"]
+    assert ops == [(aten.convolution.default, (w, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1)),
+                   (aten.clamp_min.default, (0.0,)), (aten.add.Tensor, (y,)), (aten.clamp_max.default, (6,)),
+                   (aten.clamp_min.default, (0,)), (aten.relu.default, ())]
+    gm = torch.fx.GraphModule(torch.nn.Module(), graph)
+    xs, ws, ys = torch.randn(1, 2, 4, 4) * 4, torch.randn(3, 2, 1, 1), torch.randn(1, 3, 4, 4)
+    xs[0, 0, 1, 1] = float("nan")
+    conv = torch.nn.functional.conv2d(xs, ws)
+    for out, ref in zip(gm(xs, ws, ys), (torch.relu(conv), torch.nn.functional.relu6(conv + ys), torch.relu(ys))):
+        torch.testing.assert_close(out, ref, equal_nan=True)
 
 
 def test_onednn_conv_weights_reads_the_generated_wrapper(convnet_pack):
