@@ -13,8 +13,6 @@ from __future__ import annotations
 import platform as _platform
 import sys
 
-import torch
-
 from .errors import ArchiveError
 from .schema import CudaMeta, parse_arch
 
@@ -65,6 +63,8 @@ def check_target(target: dict, *, flags: frozenset[str] | None = None, machine: 
     if want_machine and want_machine != machine:
         raise ArchiveError(f"the pack's native code is for {want_machine}, this host is {machine}; "
                            f"build the pack on (or for) {machine}")
+    import torch  # here, not at import: a build-many parent checks its matrix without importing torch
+
     series = target.get("torch_series")
     running = running or torch.__version__
     if series is not None and series != torch_minor(running):
@@ -95,6 +95,8 @@ def torch_minor(version: str) -> str:
 
 def check_torch(built_with: str, running: str | None = None) -> None:
     """The compiled code links libtorch: the pack's torch major.minor must be this process's."""
+    import torch
+
     running = running or torch.__version__
     if torch_minor(built_with) != torch_minor(running):
         raise ArchiveError(f"the pack was built with torch {built_with} and this process runs torch {running}; "
@@ -173,6 +175,8 @@ def check_cuda_device(meta: CudaMeta | dict, index: int, name: str, capability: 
 
 def cuda_unavailable_reason() -> str | None:
     """None when this process can use a CUDA device; else why not, for people."""
+    import torch
+
     if torch.version.cuda is None:
         return f"torch {torch.__version__} is a CPU build"
     if not torch.cuda.is_available():
