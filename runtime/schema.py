@@ -961,41 +961,36 @@ class PackedWeightRecord:
                                "fits the padded input")
 
 
-def packed_weights_from_json(obj: dict, where: str, device: str, constants: dict) -> dict[str, PackedWeightRecord]:
-    """An entry's ``packed_weights`` (the code's constant name -> record; empty where the entry has none),
-    checked on their own and against the entry's device and constants. That each names a weight (not a state
-    buffer) it can pack, ``Manifest.from_json`` checks (``check_packed_weights``)."""
-    if "packed_weights" not in obj:
+def _cpu_constant_records(obj: dict, key: str, where: str, device: str, constants: dict, parse, what: str,
+                          unknown: str) -> dict:
+    """An entry's records under ``key`` (the code's constant name -> ``parse``d record; empty where it has
+    none), checked on their own and against the entry's device (CPU entries only) and constants."""
+    if key not in obj:
         return {}
-    records = field_of(obj, "packed_weights", dict, where)
-    where = f"{where}.packed_weights"
+    records = field_of(obj, key, dict, where)
+    where = f"{where}.{key}"
     if device != "cpu":
-        raise ArchiveError(f"{where} is on a {device} entry; only CPU entries have packed weights")
+        raise ArchiveError(f"{where} is on a {device} entry; only CPU entries have {what}")
     out = {}
     for cname, r in records.items():
-        rw = f"{where}[{cname!r}]"
         if cname not in constants:
-            raise ArchiveError(f"{rw} names a constant that is not one of the entry's weight constants")
-        out[cname] = PackedWeightRecord.from_json(r, rw)
+            raise ArchiveError(f"{where}[{cname!r}] names {unknown}")
+        out[cname] = parse(r, f"{where}[{cname!r}]")
     return out
+
+
+def packed_weights_from_json(obj: dict, where: str, device: str, constants: dict) -> dict[str, PackedWeightRecord]:
+    """An entry's ``packed_weights`` (see ``_cpu_constant_records``). That each names a weight (not a state
+    buffer) it can pack, ``Manifest.from_json`` checks (``check_packed_weights``)."""
+    return _cpu_constant_records(obj, "packed_weights", where, device, constants, PackedWeightRecord.from_json,
+                                 "packed weights", "a constant that is not one of the entry's weight constants")
 
 
 def folded_weights_from_json(obj: dict, where: str, device: str, constants: dict) -> dict[str, FoldRecord]:
-    """An entry's ``folded_weights`` (the code's constant name -> record; empty where it has none), checked on
-    their own and against the entry's device and constants. That their steps read the pack's float32 weights
-    and give the shapes they say, ``Manifest.from_json`` checks (``check_folded_weights``)."""
-    if "folded_weights" not in obj:
-        return {}
-    records = field_of(obj, "folded_weights", dict, where)
-    where = f"{where}.folded_weights"
-    if device != "cpu":
-        raise ArchiveError(f"{where} is on a {device} entry; only CPU entries have folded weights")
-    out = {}
-    for cname, r in records.items():
-        if cname not in constants:
-            raise ArchiveError(f"{where}[{cname!r}] names a constant the entry's code does not have")
-        out[cname] = FoldRecord.from_json(r, f"{where}[{cname!r}]")
-    return out
+    """An entry's ``folded_weights`` (see ``_cpu_constant_records``). That their steps read the pack's float32
+    weights and give the shapes they say, ``Manifest.from_json`` checks (``check_folded_weights``)."""
+    return _cpu_constant_records(obj, "folded_weights", where, device, constants, FoldRecord.from_json,
+                                 "folded weights", "a constant the entry's code does not have")
 
 
 def check_folded_weights(record: "EntryRecord", where: str, weights: dict, state_names: set) -> None:
