@@ -166,10 +166,11 @@ class _Fold:
     """The steps (``schema.FoldStep``) of one folded constant, built from the post-grad graph's nodes that compute
     a value from stored weights alone."""
 
-    UNARY = {"sqrt": torch.ops.aten.sqrt.default, "rsqrt": torch.ops.aten.rsqrt.default,
-             "reciprocal": torch.ops.aten.reciprocal.default, "neg": torch.ops.aten.neg.default}
-    BINARY = {"add": torch.ops.aten.add.Tensor, "sub": torch.ops.aten.sub.Tensor,
-              "mul": torch.ops.aten.mul.Tensor, "div": torch.ops.aten.div.Tensor}
+    # aten op -> the step's op (schema.FOLD_UNARY, schema.FOLD_BINARY)
+    UNARY = {torch.ops.aten.sqrt.default: "sqrt", torch.ops.aten.rsqrt.default: "rsqrt",
+             torch.ops.aten.reciprocal.default: "reciprocal", torch.ops.aten.neg.default: "neg"}
+    BINARY = {torch.ops.aten.add.Tensor: "add", torch.ops.aten.sub.Tensor: "sub",
+              torch.ops.aten.mul.Tensor: "mul", torch.ops.aten.div.Tensor: "div"}
 
     def __init__(self, module):
         self.module, self.steps, self.memo = module, [], {}
@@ -195,11 +196,9 @@ class _Fold:
                     and t.device.type == "cpu":
                 index = self.step("weight", name=str(node.target))
         elif node.op == "call_function" and not node.kwargs:
-            unary = {v: k for k, v in self.UNARY.items()}
-            binary = {v: k for k, v in self.BINARY.items()}
-            if node.target in unary:
+            if node.target in self.UNARY:
                 a = self.of(node.args[0])
-                index = None if a is None else self.step(unary[node.target], (a,))
+                index = None if a is None else self.step(self.UNARY[node.target], (a,))
             elif node.target is torch.ops.aten.unsqueeze.default and isinstance(node.args[1], int):
                 a = self.of(node.args[0])
                 index = None if a is None else self.step("unsqueeze", (a,), dim=node.args[1])
@@ -207,8 +206,8 @@ class _Fold:
                     and _static_ints(node.args[1]) is not None:
                 a = self.of(node.args[0])
                 index = None if a is None else self.step("reshape", (a,), shape=tuple(_static_ints(node.args[1])))
-            elif node.target in binary and len(node.args) == 2:
-                index = self.binary(binary[node.target], *node.args)
+            elif node.target in self.BINARY and len(node.args) == 2:
+                index = self.binary(self.BINARY[node.target], *node.args)
         self.memo[node] = index
         return index
 
@@ -314,7 +313,7 @@ def _fold_into_convolutions(graph) -> None:
                              and n.target._schema.is_mutable for n in graph.nodes):
         return
     conv = torch.ops.aten.convolution.default
-    binary = {v: k for k, v in _Fold.BINARY.items()}
+    binary = _Fold.BINARY
     taken = 0
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target is not conv or len(node.args) != 9:

@@ -114,10 +114,14 @@ class Entry:
         """The entry's name and guard summary, as GuardError messages show it."""
         return f"{self.name} ({self.guards.label()})"
 
-    def run(self, tensors: list[torch.Tensor]) -> Any:
+    def _follow_threads(self) -> None:
+        """Repack this entry's packed weights (the package's, at once) if the calling thread count changed."""
         packing = self.packing
         if packing is not None and packing.threads != torch.get_num_threads():
             packing.repack()
+
+    def run(self, tensors: list[torch.Tensor]) -> Any:
+        self._follow_threads()
         with self.swap_lock:
             flat = _torch.run(self._runner, tensors)
         return self._outputs_from(flat)
@@ -127,9 +131,7 @@ class Entry:
         whose code uses no state (a method of a stateful pack that neither reads nor writes it) just runs."""
         if not self.state_constants:
             return self.run(tensors)
-        packing = self.packing
-        if packing is not None and packing.threads != torch.get_num_threads():
-            packing.repack()
+        self._follow_threads()
         with self.swap_lock:
             flat = self._pool.run(lambda runner: _torch.run(runner, tensors), state, token)
         return self._outputs_from(flat)
