@@ -66,8 +66,8 @@ def build(model: Any, example_inputs: tuple | None = None, output: str | pathlib
     GPU's); ``without_gpu`` builds CUDA entries on a host with no GPU (experimental, see the README).
     ``cpu_threads`` is the thread count the CPU code's parallel loops are planned for (default 16; the code
     runs on as many threads as the serving process has). ``onednn_convs`` (default on) runs the CPU code's
-    float32 convolutions through oneDNN, batch norms folded into them, with weights the runtime folds and packs
-    into oneDNN's layout at load.
+    float32 convolutions and large linears through oneDNN, batch norms folded into the convolutions, with
+    weights the runtime folds and packs into oneDNN's layout at load.
     Buffers the model writes in place (an LLM's KV cache) become the pack's state, served through sessions
     (``pkg.session()``); ``cache_positions`` (``{"input": "cache_position", "limit": 64, "span": ["input_ids",
     1]}``) names the input holding cache positions, so that calls past the cache are refused; for Hugging

@@ -12,6 +12,7 @@ import contextlib
 import io
 import json
 import logging
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -137,6 +138,9 @@ class ConvRecords:
 
     onednn: dict = field(default_factory=dict)
     folded: dict = field(default_factory=dict)
+    # For each weight routed to oneDNN's linear (``_linears_to_onednn``, by its get_attr target): the number
+    # of rows of the linear's input, which packing it at load needs.
+    linear: dict = field(default_factory=dict)
 
 
 @contextlib.contextmanager
@@ -298,6 +302,36 @@ def _fold_records(module, chain: list, w, bias, cout: int, wshape: tuple) -> dic
     return records
 
 
+def _folded_constant(graph, before, record, like: torch.Tensor):
+    """A new constant of the code, ``record`` (a ``schema.FoldRecord``) evaluated on the stored weights of the
+    graph's module: registered as a buffer ``_aotpack_folded_N`` of it, read by a get_attr node inserted before
+    ``before`` (returned; its fake value made from ``like``), and recorded in ``conv_records().folded`` for the
+    loader to compute the same way."""
+    from aotpack_runtime.entries import fold_weight
+
+    module = graph.owning_module
+    value = fold_weight(record, {n: _attr(module, n) for n in record.weight_names})
+    taken = 0
+    while hasattr(module, f"{FOLDED_PREFIX}{taken}"):
+        taken += 1
+    name = f"{FOLDED_PREFIX}{taken}"
+    module.register_buffer(name, value)
+    with graph.inserting_before(before):
+        attr = graph.get_attr(name)
+    attr.meta["val"] = like.new_empty(record.shape)
+    if _conv_records is not None:
+        _conv_records.folded[name] = record
+    return attr
+
+
+def _writes_a_buffer(graph) -> bool:
+    """Whether ``graph`` has no module to hold new constants or calls an op that writes its input in place (a
+    graph that writes state is left as it is by the passes that add constants)."""
+    return graph.owning_module is None or any(
+        n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable
+        for n in graph.nodes)
+
+
 def _fold_into_convolutions(graph) -> None:
     """Inductor's post-grad pass for CPU entries with ``onednn_convs``, before ``_convolutions_to_onednn``: the
     per-channel ops that follow a float32 2-d convolution and read stored weights alone (a batch norm in eval
@@ -306,15 +340,11 @@ def _fold_into_convolutions(graph) -> None:
     compute them from the stored weights (``schema.FoldRecord``, ``conv_records().folded``): the loader computes
     them on the serving host, so the pack stores only the model's own weights and new weights reach the code.
     The build evaluates the same steps to compile against. A graph that writes a buffer is left as it is."""
-    from aotpack_runtime.entries import fold_weight
-
-    module = graph.owning_module
-    if module is None or any(n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
-                             and n.target._schema.is_mutable for n in graph.nodes):
+    if _writes_a_buffer(graph):
         return
+    module = graph.owning_module
     conv = torch.ops.aten.convolution.default
     binary = _Fold.BINARY
-    taken = 0
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target is not conv or len(node.args) != 9:
             continue
@@ -349,18 +379,7 @@ def _fold_into_convolutions(graph) -> None:
             if record is None:
                 new_args[position] = None if target == "bias" else w
                 continue
-            sources = {n: _attr(module, n) for n in record.weight_names}
-            value = fold_weight(record, sources)
-            while hasattr(module, f"{FOLDED_PREFIX}{taken}"):
-                taken += 1
-            name = f"{FOLDED_PREFIX}{taken}"
-            module.register_buffer(name, value)
-            with graph.inserting_before(node):
-                attr = graph.get_attr(name)
-            attr.meta["val"] = wv.new_empty(record.shape)
-            new_args[position] = attr
-            if _conv_records is not None:
-                _conv_records.folded[name] = record
+            new_args[position] = _folded_constant(graph, node, record, wv)
         with graph.inserting_before(node):
             folded = graph.call_function(conv, tuple(new_args))
         folded.meta.update(node.meta)
@@ -514,12 +533,131 @@ def _convolutions_to_onednn(graph) -> None:
                 _conv_records.onednn[str(weight.target)] = plans[0][1]
 
 
+# Ops that Inductor's mkldnn passes fuse into a oneDNN linear when they read its output directly (as its
+# unary attr), or that begin such a fused pattern (GELU, SiLU, hardswish, leaky ReLU): oneDNN's forms may
+# differ from eager on NaN or infinities (``_eager_activations``). A linear read by one of them, or by a product
+# or sum with a number, stays with ATen (``_linears_to_onednn``).
+_LINEAR_FUSED_USERS = frozenset(getattr(torch.ops.aten, name).default for name in (
+    "relu", "sigmoid", "tanh", "clamp_min", "clamp_max", "clamp", "hardtanh", "gelu", "silu", "hardswish",
+    "hardsigmoid", "leaky_relu", "mish", "elu", "erf", "abs", "exp", "gt", "lt", "ge", "le")
+    if hasattr(getattr(torch.ops.aten, name, None), "default")) | {
+    torch.ops.aten.gt.Scalar, torch.ops.aten.lt.Scalar, torch.ops.aten.ge.Scalar, torch.ops.aten.le.Scalar}
+
+
+def _starts_a_linear_fusion(node) -> bool:
+    """Whether a user of a linear ``node``'s output is one Inductor may fuse into oneDNN's linear in a form
+    that is not eager's (``_LINEAR_FUSED_USERS``, or a product or sum with a number)."""
+    return _starts_an_unsafe_fusion(node) or any(
+        u.op == "call_function" and u.target in _LINEAR_FUSED_USERS for u in node.users)
+
+
+# The smallest linear (rows x in x out multiply-adds) routed to oneDNN: below it MKL's GEMM is faster, oneDNN's
+# op costing about 10 µs more per call (1 thread: 8x256x10 4.8 against 15.9 µs, 64x256x256 equal, 64x256x1024
+# 357 against 311 µs with the weight packed; benchmarks/README.md).
+ONEDNN_LINEAR_MIN_MACS = 2**22
+# The most bytes of linear weights an entry packs at load: a model with more keeps MKL's GEMM (see
+# ``_linears_to_onednn``). A packed weight is a copy in each serving process, where plain weights stay mapped
+# from the pack, shared between the processes that serve it, and read only when a call needs them.
+ONEDNN_LINEAR_MAX_BYTES = 64 * 2**20
+
+
+def _linears_to_onednn(graph) -> None:
+    """Inductor's post-grad pass for CPU entries with ``onednn_convs``: a float32 linear of static shape and at
+    least ``ONEDNN_LINEAR_MIN_MACS`` multiply-adds (``addmm(bias, x, w.T)`` or ``mm(x, w.T)``, as ``nn.Linear``
+    decomposes) whose weight ``w`` [out, in] is a stored weight read by nothing else calls oneDNN
+    (``mkldnn._linear_pointwise``) with that weight as it is, instead of MKL's GEMM. A weight stored ``[in, out]``
+    (``addmm(bias, x, w)``, as GPT-2's ``Conv1D`` stores it) becomes a folded constant, the weight transposed at
+    load (a ``transpose`` fold step), in a graph that writes no buffer. Where the linears so chosen hold more
+    than ``ONEDNN_LINEAR_MAX_BYTES`` of weights, none is routed: packing would copy the bulk of a large model's
+    weights into every serving process.
+
+    The runtime binds that constant to the weight packed for oneDNN on the serving host, at load
+    (``packed_weights``, kind ``onednn_linear``): at the transformers' shapes oneDNN's GEMM with its weight
+    packed once is about 10% faster than MKL's here, which repacks its operand on every call. The op also takes
+    the plain weight, so code whose constant is bound to the stored weight computes the same outputs, slower.
+    A linear whose output an activation reads directly stays with ATen: Inductor's own passes would fuse the
+    activation into oneDNN's op (``_starts_a_linear_fusion``). Records each weight in ``conv_records().linear``.
+    """
+    if not torch.backends.mkldnn.is_available():
+        return
+    aten = torch.ops.aten
+    reads: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            reads[str(node.target)] = reads.get(str(node.target), 0) + 1
+    stateless = not _writes_a_buffer(graph)  # where a new (transposed) constant may be added
+    plans = []
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.kwargs:
+            continue
+        if node.target is aten.addmm.default and len(node.args) == 3:
+            bias, x, wt = node.args
+        elif node.target is aten.mm.default and len(node.args) == 2:
+            bias, (x, wt) = None, node.args
+        else:
+            continue
+        if isinstance(wt, torch.fx.Node) and wt.op == "call_function" and wt.target is aten.permute.default \
+                and list(wt.args[1]) == [1, 0] and len(wt.users) == 1:
+            w, stored_in_out = wt.args[0], False
+        elif stateless and isinstance(wt, torch.fx.Node) and wt.op == "get_attr":
+            w, stored_in_out = wt, True  # stored [in, out], as GPT-2's Conv1D stores it: transposed at load
+        else:
+            continue
+        if not (isinstance(w, torch.fx.Node) and w.op == "get_attr" and reads.get(str(w.target)) == 1
+                and len(w.users) == 1):
+            continue
+        xv, wv, ov = x.meta.get("val"), w.meta.get("val"), node.meta.get("val")
+        if not all(isinstance(v, torch.Tensor) and v.dim() == 2 and v.dtype == torch.float32
+                   and v.device.type == "cpu" for v in (xv, wv, ov)) or not wv.is_contiguous():
+            continue
+        if stored_in_out:
+            wv = wv.t()
+        rows = _static_ints(xv.shape)
+        if rows is None or _static_ints(wv.shape) is None \
+                or math.prod(rows) * int(wv.shape[0]) < ONEDNN_LINEAR_MIN_MACS:
+            continue
+        if bias is not None:
+            bv = bias.meta.get("val") if isinstance(bias, torch.fx.Node) else None
+            if not (isinstance(bv, torch.Tensor) and bv.dtype == torch.float32
+                    and tuple(bv.shape) == (wv.shape[0],)):
+                continue
+        if _starts_a_linear_fusion(node):
+            continue
+        plans.append((node, x, bias, w, wt, wv, stored_in_out, rows[0]))
+    # Packing copies each weight into the process at load: a model whose linears hold more than the budget keeps
+    # MKL's GEMM on its plain weights, which stay mapped from the pack, shared between processes and read lazily.
+    if sum(math.prod(p[5].shape) * 4 for p in plans) > ONEDNN_LINEAR_MAX_BYTES:
+        return
+    for node, x, bias, w, wt, wv, stored_in_out, rows in plans:
+        if stored_in_out:
+            from aotpack_runtime.schema import FoldRecord, FoldStep
+
+            record = FoldRecord(shape=tuple(int(d) for d in wv.shape), steps=(
+                FoldStep(op="weight", name=str(w.target)), FoldStep(op="transpose", inputs=(0,))))
+            weight = _folded_constant(graph, node, record, wv)
+        else:
+            weight = w
+        with graph.inserting_before(node):
+            new = graph.call_function(torch.ops.mkldnn._linear_pointwise.default, (x, weight, bias, "none", [], ""))
+        new.meta.update(node.meta)
+        _fake_val(new)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        if wt is not w:
+            graph.erase_node(wt)
+        else:
+            graph.erase_node(w)
+        if _conv_records is not None:
+            _conv_records.linear[str(weight.target)] = rows
+
+
 def _cpu_post_grad(graph) -> None:
     """The post-grad passes of a CPU entry with ``onednn_convs``."""
     _complex_casts_to_aten(graph)
     _fold_into_convolutions(graph)
     _eager_activations(graph)
     _convolutions_to_onednn(graph)
+    _linears_to_onednn(graph)
 
 
 def _graph_pass(fn):
@@ -531,7 +669,8 @@ def _graph_pass(fn):
             fn(graph)
 
         def uuid(self) -> str:
-            return f"aotpack.{fn.__name__}.3"
+            # the linear thresholds decide what the pass rewrites: a build with others is another build
+            return f"aotpack.{fn.__name__}.4.{ONEDNN_LINEAR_MIN_MACS}.{ONEDNN_LINEAR_MAX_BYTES}"
 
     return Pass()
 

@@ -116,17 +116,26 @@ def wrapper_constants(wrapper_source: str) -> list[ConstantInfo]:
 #   aoti_torch_cpu_mkldnn__convolution_pointwise_binary(buf4, buf0, layer1_conv_weight, ...
 _ONEDNN_BINARY = re.compile(r"\baoti_torch_cpu_mkldnn__convolution_pointwise_binary_?\(\s*\w+,\s*\w+,\s*(\w+)\s*,")
 _ONEDNN_PLAIN = re.compile(r"\baoti_torch_cpu_mkldnn__convolution_pointwise\(\s*\w+,\s*(\w+)\s*,")
+# A call of oneDNN's linear (``mkldnn._linear_pointwise``, and the variant with a fused add) on a constant weight,
+# whose first argument may be an expression with parentheses of its own:
+#   aoti_torch_cpu__linear_pointwise(wrap_with_raii_handle_if_needed(reinterpret_tensor_wrapper(buf4, 2, ...)),
+#                                    layer_0_query_weight, ...
+#   aoti_torch_cpu__linear_pointwise_binary(buf4, buf0, layer_0_output_weight, ...
+_ARGUMENT = r"(?:[^(),]|\((?:[^()]|\((?:[^()]|\([^()]*\))*\))*\))+"
+_LINEAR_PLAIN = re.compile(r"\baoti_torch_cpu__linear_pointwise\(\s*" + _ARGUMENT + r",\s*(\w+)\s*,")
+_LINEAR_BINARY = re.compile(r"\baoti_torch_cpu__linear_pointwise_binary\(\s*" + _ARGUMENT + r",\s*" + _ARGUMENT
+                            + r",\s*(\w+)\s*,")
 # The wrapper binds each constant to a local name once: ``[[maybe_unused]] auto& NAME = constants_->at(3);``
 _CONSTANT_BINDING = r"auto&\s+{name}\s*=\s*constants_->at\(\d+\);"
 
 
-def onednn_conv_weights(wrapper_source: str, names) -> set[str]:
-    """Those of the constants ``names`` that a generated CPU wrapper passes to oneDNN's convolution as its
-    weight and uses in no other way (outside the constants table and the constant's local binding): only
-    these may be bound to a weight in oneDNN's packed layout, which nothing else can read."""
+def onednn_conv_weights(wrapper_source: str, names, linear: bool = False) -> set[str]:
+    """Those of the constants ``names`` that a generated CPU wrapper passes to oneDNN's convolution (``linear``:
+    to oneDNN's linear) as its weight and uses in no other way (outside the constants table and the constant's
+    local binding): only these may be bound to a weight in oneDNN's packed layout, which nothing else can read."""
     text = re.sub(r'"[^"\n]*"', '""', wrapper_source)  # the constants table names them in strings
     as_weight: dict[str, int] = {}
-    for pattern in (_ONEDNN_PLAIN, _ONEDNN_BINARY):
+    for pattern in ((_LINEAR_PLAIN, _LINEAR_BINARY) if linear else (_ONEDNN_PLAIN, _ONEDNN_BINARY)):
         for m in pattern.finditer(text):
             as_weight[m.group(1)] = as_weight.get(m.group(1), 0) + 1
     found = set()

@@ -291,27 +291,34 @@ def compile_exported(exported, options: BuildOptions, device: str = "cpu", paral
     check_constant_layouts(sources.get("wrapper.cpp", b"").decode())
     kernels = _torch_text.kernel_symbols(sources.get("kernel.cpp", b"").decode())
     folded = {c: conv_records.folded[w] for c, w in constants.items() if w in conv_records.folded}
-    packed = onednn_packed_weights(conv_records.onednn, constants, sources.get("wrapper.cpp", b"").decode())
+    packed = onednn_packed_weights(conv_records.onednn, conv_records.linear, constants,
+                                   sources.get("wrapper.cpp", b"").decode())
     return CompiledEntry(library=library, sources=sources, constants=constants, kernels=kernels,
                          extern_kernels=extern, packed_weights=packed, folded_weights=folded)
 
 
-def onednn_packed_weights(records: dict[str, dict], constants: dict[str, str],
+def onednn_packed_weights(records: dict[str, dict], linear: dict[str, int], constants: dict[str, str],
                           wrapper: str) -> dict[str, PackedWeightRecord]:
     """The manifest's ``packed_weights`` of a CPU entry: for each of the code's constants that it passes only to
-    oneDNN's convolution (``_torch._convolutions_to_onednn`` routed it there and recorded it under its weight's
-    name, and the generated wrapper uses it in no other way), the record the runtime packs it by, sorted by
-    constant name. A constant that is not both stays bound to the stored weight, which the op also takes
-    (slower, same outputs)."""
+    oneDNN's convolution or linear (``_torch._convolutions_to_onednn`` / ``_linears_to_onednn`` routed it there
+    and recorded it under its weight's name: ``records``, ``linear``, and the generated wrapper uses it in no
+    other way), the record the runtime packs it by, sorted by constant name. A constant that is not both stays
+    bound to the stored weight, which the op also takes (slower, same outputs)."""
     by_weight: dict[str, list[str]] = {}
     for cname, wname in constants.items():
         by_weight.setdefault(wname, []).append(cname)
-    wanted = {names[0]: records[w] for w, names in by_weight.items() if w in records and len(names) == 1}
-    usable = _torch_text.onednn_conv_weights(wrapper, wanted)
-    return {c: PackedWeightRecord(kind="onednn_conv", padding=tuple(wanted[c]["padding"]),
-                                  stride=tuple(wanted[c]["stride"]), dilation=tuple(wanted[c]["dilation"]),
-                                  groups=wanted[c]["groups"], input_size=tuple(wanted[c]["input_size"]))
-            for c in sorted(usable)}
+
+    def wanted(recorded: dict) -> dict:
+        return {names[0]: recorded[w] for w, names in by_weight.items() if w in recorded and len(names) == 1}
+
+    convs, linears = wanted(records), wanted(linear)
+    packed = {c: PackedWeightRecord(kind="onednn_conv", padding=tuple(convs[c]["padding"]),
+                                    stride=tuple(convs[c]["stride"]), dilation=tuple(convs[c]["dilation"]),
+                                    groups=convs[c]["groups"], input_size=tuple(convs[c]["input_size"]))
+              for c in _torch_text.onednn_conv_weights(wrapper, convs)}
+    packed.update({c: PackedWeightRecord(kind="onednn_linear", rows=linears[c])
+                   for c in _torch_text.onednn_conv_weights(wrapper, linears, linear=True)})
+    return dict(sorted(packed.items()))
 
 
 def for_inductor(exported):

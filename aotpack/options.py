@@ -34,7 +34,8 @@ class BuildOptions:
     ``onednn_convs``: CPU entries run float32 2-d convolutions through oneDNN, with the per-channel ops after
     each (a batch norm, a scale) folded into its weight and bias and its activation run inside it, and with
     weights that the runtime folds and packs into oneDNN's layout at load, on the serving host (see README,
-    "Convolutions"); off, ATen picks each convolution's kernel on every call, as eager PyTorch does.
+    "Convolutions"); and large float32 linears run through oneDNN with weights packed at load too. Off, ATen
+    picks each convolution's kernel on every call, as eager PyTorch does, and MKL runs the linears.
     """
 
     cpu_isa: str | None = None

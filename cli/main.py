@@ -99,9 +99,10 @@ def _plain_warnings() -> None:
               help="Thread count the CPU code's parallel loops are planned for; the code runs on as many threads "
                    "as the serving process has. Not read from this host, so the pack is the same everywhere.")
 @click.option("--onednn-convs/--no-onednn-convs", default=True, show_default=True,
-              help="CPU code runs float32 convolutions through oneDNN, with the batch norm or scale after each "
-                   "folded into its weights and its activation fused, the runtime folding and packing the weights "
-                   "into oneDNN's layout at load on the serving host; off, ATen picks each convolution's kernel.")
+              help="CPU code runs float32 convolutions and large linears through oneDNN, with the batch norm or "
+                   "scale after each convolution folded into its weights and its activation fused, the runtime "
+                   "folding and packing the weights into oneDNN's layout at load on the serving host; off, ATen "
+                   "picks each convolution's kernel and MKL runs the linears.")
 @click.option("--no-cache", is_flag=True, help="Compile even if the build cache holds this pack, and do not store it.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
               help="Build cache folder (default: $AOTPACK_BUILD_CACHE or ~/.cache/aotpack/build).")

@@ -93,3 +93,10 @@ def onednn_conv_weight(weight: torch.Tensor, padding: list[int], stride: list[in
     its weight without reordering it on every call. The layout depends on the host's ISA, so it is computed
     here, at load, never stored."""
     return torch.ops.mkldnn._reorder_convolution_weight(weight, padding, stride, dilation, groups, input_size)
+
+
+def onednn_linear_weight(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """``weight`` (a float32 linear weight, [out, in]) in the layout oneDNN's linear wants for an input of
+    ``rows`` rows on this host's CPU, which ``mkldnn._linear_pointwise`` takes as its weight without packing it
+    on every call. Computed at load, never stored, as ``onednn_conv_weight``."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight, rows)

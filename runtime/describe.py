@@ -169,7 +169,7 @@ def render(info: dict[str, Any]) -> str:
         for c, reads in e.get("folded_weights", {}).items():
             lines.append(f"    folded {c}: computed at load from {', '.join(reads)}")
         if e.get("packed_weights"):
-            lines.append(f"    packed {len(e['packed_weights'])} convolution weights into oneDNN's layout at load: "
+            lines.append(f"    packed {len(e['packed_weights'])} weights into oneDNN's layout at load: "
                          f"{', '.join(e['packed_weights'])}")
     lines.append("blobs:")
     for b in info["blobs"]:

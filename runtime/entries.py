@@ -257,8 +257,8 @@ class CudaEntry(Entry):
 
 
 class PackedForThreads:
-    """The thread count a package's packed convolution weights were packed for, and their repacking when a call
-    runs with another one.
+    """The thread count a package's packed weights (convolutions, linears) were packed for, and their repacking
+    when a call runs with another one.
 
     oneDNN picks a convolution weight's packed layout for the thread count the packing runs with; a call on
     another thread count finds the weight in a layout its convolution does not expect and reorders it on every
@@ -303,10 +303,13 @@ class PackedForThreads:
 
 def pack_weight(record: PackedWeightRecord, weight: torch.Tensor) -> torch.Tensor:
     """The tensor a constant of the code is bound to, computed from the weight it names by its packed-weight
-    record: a convolution weight in oneDNN's layout for this host (``kind`` ``onednn_conv``, the only kind
-    ``schema.PACKED_KINDS`` admits). A record oneDNN refuses (a convolution it cannot describe: sizes out of
-    its range, a kernel larger than the padded input) is an ArchiveError, not a crash of the load."""
+    record: a convolution weight (``kind`` ``onednn_conv``) or a linear's weight (``onednn_linear``) in oneDNN's
+    layout for this host, the kinds ``schema.PACKED_KINDS`` admits. A record oneDNN refuses (a convolution it
+    cannot describe: sizes out of its range, a kernel larger than the padded input) is an ArchiveError, not a
+    crash of the load."""
     try:
+        if record.kind == "onednn_linear":
+            return _torch.onednn_linear_weight(weight, record.rows)
         return _torch.onednn_conv_weight(weight, list(record.padding), list(record.stride), list(record.dilation),
                                          record.groups, list(record.input_size))
     except RuntimeError as e:
@@ -331,6 +334,8 @@ def fold_weight(record: FoldRecord, weights: dict[str, torch.Tensor]) -> torch.T
                 t = args[0].unsqueeze(s.dim)
             elif s.op == "reshape":
                 t = args[0].reshape(s.shape)
+            elif s.op == "transpose":
+                t = args[0].t()
             elif s.op in FOLD_UNARY:
                 t = getattr(torch, s.op)(args[0])
             elif s.op in FOLD_BINARY:

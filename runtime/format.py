@@ -35,6 +35,10 @@ Changelog of ``FORMAT_VERSION`` (readers accept ``MIN_READ_VERSION..FORMAT_VERSI
   6 (2026-12): folded weights: a CPU entry's constant that no stored weight holds, computed at load from
                stored weights by a few per-channel steps (``folded_weights``: a batch norm folded into the
                convolution before it). A pack without them keeps its older version.
+  7 (2026-12): packed linear weights: a ``packed_weights`` record of kind ``onednn_linear`` (a linear's weight
+               packed for oneDNN at load, for the number of rows its input has), which a version-6 reader
+               would refuse by its kind, and the fold step ``transpose`` (a linear's weight stored [in, out],
+               as GPT-2's Conv1D stores it). A pack with neither keeps its older version.
 
 May not: import torch or any aotpack module but ``errors``: the writer, the reader and ``schema`` import it.
 """
@@ -49,7 +53,7 @@ from typing import Any
 from .errors import ArchiveError
 
 MAGIC = b"AOTPACK\x00"
-FORMAT_VERSION = 6
+FORMAT_VERSION = 7
 MIN_READ_VERSION = 1
 # The first format version that may hold CUDA entries.
 CUDA_FORMAT_VERSION = 2
@@ -61,6 +65,8 @@ BREADTH_FORMAT_VERSION = 4
 V5_FORMAT_VERSION = 5
 # The first format version that may hold folded weights (``v6_features``).
 V6_FORMAT_VERSION = 6
+# The first format version that may hold packed linear weights (``v7_features``).
+V7_FORMAT_VERSION = 7
 # A method's name: a Python identifier (``pkg.NAME(...)``), at most 128 characters.
 METHOD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 # The method a pack without ``methods`` has: all its entries.
@@ -168,9 +174,26 @@ def v6_features(manifest: dict) -> list[str]:
     return []
 
 
+def v7_features(manifest: dict) -> list[str]:
+    """What in ``manifest`` needs format version 7, in words (empty when nothing does), as ``v4_features``."""
+    for e in _items(manifest.get("entries")):
+        packed = e.get("packed_weights") if isinstance(e, dict) else None
+        if isinstance(packed, dict) and any(isinstance(r, dict) and r.get("kind") == "onednn_linear"
+                                            for r in packed.values()):
+            return ["linear weights packed at load (packed_weights of kind onednn_linear)"]
+        folded = e.get("folded_weights") if isinstance(e, dict) else None
+        if isinstance(folded, dict) and any(isinstance(r, dict) and any(
+                isinstance(s, dict) and s.get("op") == "transpose" for s in _items(r.get("steps")))
+                for r in folded.values()):
+            return ["a weight transposed at load (the fold step transpose)"]
+    return []
+
+
 def version_for(manifest: dict) -> int:
     """The format version a pack with this manifest is written as: the oldest that can describe it, so a
     CPU-only pack without state that needs nothing newer stays readable by version-1 readers."""
+    if v7_features(manifest):
+        return V7_FORMAT_VERSION
     if v6_features(manifest):
         return V6_FORMAT_VERSION
     if v5_features(manifest):

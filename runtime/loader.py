@@ -138,7 +138,7 @@ class Package:
         self._swapping = threading.Lock()  # one load_weights at a time
         for entry in entries:
             entry.swap_lock = self._swap
-        # Packed convolution weights follow the calling thread count (``PackedForThreads``); they were packed at
+        # Packed weights follow the calling thread count (``PackedForThreads``); they were packed at
         # load, with this thread's count.
         packed = [e for e in entries if e.device == "cpu" and e.packed_weights]
         self._packing = PackedForThreads(packed, lambda: self.weights, self._swap, self._swapping,

@@ -26,8 +26,8 @@ from typing import Any
 from .errors import ArchiveError
 from .format import (ALIGN, BLOB_NAME, BREADTH_FORMAT_VERSION, COMPRESSIONS, CUDA_FORMAT_VERSION, DEFAULT_METHOD,
                      DEVICES, DTYPES, MAX_BLOBS, MAX_ZSTD_FLOOR, MAX_ZSTD_RATIO, METHOD_NAME, STATE_FORMAT_VERSION,
-                     V5_FORMAT_VERSION, V6_FORMAT_VERSION, _field, _items, field_of, nonneg_int, one_of, v4_features,
-                     v6_features, zstd_limit)
+                     V5_FORMAT_VERSION, V6_FORMAT_VERSION, V7_FORMAT_VERSION, _field, _items, field_of, nonneg_int, one_of, v4_features,
+                     v6_features, v7_features, zstd_limit)
 from .symbolic import Poly, monomial_from_json, poly_from_json
 
 # ---------------------------------------------------------------------------------------------------
@@ -747,7 +747,7 @@ def _warps(kobj: dict, where: str) -> int | None:
 # weight by name, ``zeros`` makes a tensor of the record's shape, the others are the torch ops of that name.
 FOLD_UNARY = ("sqrt", "rsqrt", "reciprocal", "neg")
 FOLD_BINARY = ("add", "sub", "mul", "div")
-FOLD_OPS = ("weight", "zeros", "unsqueeze", "reshape") + FOLD_UNARY + FOLD_BINARY
+FOLD_OPS = ("weight", "zeros", "unsqueeze", "reshape", "transpose") + FOLD_UNARY + FOLD_BINARY
 # At most this many steps per record: a record is a few per-channel ops (a batch norm folded into a
 # convolution takes about twenty).
 MAX_FOLD_STEPS = 256
@@ -768,7 +768,8 @@ def _broadcast(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...] | None
 class FoldStep:
     """One step of a ``FoldRecord``: ``op`` on the tensors of earlier steps ``inputs`` (by index), with a
     number ``value`` as the second operand of a binary op that reads one tensor, a stored weight's ``name``
-    (``weight``), a ``dim`` (``unsqueeze``) or a ``shape`` (``reshape``)."""
+    (``weight``), a ``dim`` (``unsqueeze``) or a ``shape`` (``reshape``). ``transpose`` (format version 7) swaps
+    the two dims of a 2-d tensor (a linear's weight stored ``[in, out]``)."""
 
     op: str
     inputs: tuple[int, ...] = ()
@@ -794,7 +795,8 @@ class FoldStep:
         inputs = tuple(field_of(obj, "in", list, where)) if "in" in obj else ()
         if not all(type(i) is int and 0 <= i < index for i in inputs):
             raise ArchiveError(f"{where}.in is {list(inputs)}; a step reads earlier steps only (indices 0..{index - 1})")
-        want = 0 if op in ("weight", "zeros") else 1 if op in FOLD_UNARY + ("unsqueeze", "reshape") else None
+        want = 0 if op in ("weight", "zeros") else 1 if op in FOLD_UNARY + ("unsqueeze", "reshape", "transpose") \
+            else None
         value = None
         if op in FOLD_BINARY:
             value = field_of(obj, "value", (int, float), where) if "value" in obj else None
@@ -881,6 +883,10 @@ class FoldRecord:
                     out = s.shape
                 if math.prod(out) != n:
                     raise ArchiveError(f"{sw} reshapes {list(ins[0])} to {list(s.shape)}")
+            elif s.op == "transpose":
+                if len(ins[0]) != 2:
+                    raise ArchiveError(f"{sw} transposes a {len(ins[0])}-d tensor; it takes a 2-d one")
+                out = ins[0][::-1]
             elif s.op in FOLD_UNARY or len(ins) == 1:
                 out = ins[0]
             else:
@@ -898,24 +904,30 @@ class FoldRecord:
 
 
 # The kinds of ``packed_weights`` records this reader computes.
-PACKED_KINDS = ("onednn_conv",)
+PACKED_KINDS = ("onednn_conv", "onednn_linear")
+# The largest size of a linear's weight or input a packed-weight record may name (a oneDNN dimension).
+MAX_LINEAR_SIZE = 2**31 - 1
 
 
 @dataclass(frozen=True)
 class PackedWeightRecord:
     """How the loader computes, from the weight a constant of a CPU entry's code names, the tensor it binds that
-    constant to: a convolution weight in oneDNN's layout for the serving host (``kind`` ``onednn_conv``), for
-    the convolution's ``padding``, ``stride``, ``dilation``, ``groups`` and ``input_size``. An older reader
-    binds the plain weight, which the code also takes (same outputs, slower)."""
+    constant to, in oneDNN's layout for the serving host: a convolution weight (``kind`` ``onednn_conv``) for
+    the convolution's ``padding``, ``stride``, ``dilation``, ``groups`` and ``input_size``, or a linear's weight
+    [out, in] (``onednn_linear``, format version 7) for an input of ``rows`` rows. An older reader binds the
+    plain weight, which the code also takes (same outputs, slower)."""
 
     kind: str
-    padding: tuple[int, ...]
-    stride: tuple[int, ...]
-    dilation: tuple[int, ...]
-    groups: int
-    input_size: tuple[int, ...]
+    padding: tuple[int, ...] = ()
+    stride: tuple[int, ...] = ()
+    dilation: tuple[int, ...] = ()
+    groups: int = 1
+    input_size: tuple[int, ...] = ()
+    rows: int = 0
 
     def to_json(self) -> dict:
+        if self.kind == "onednn_linear":
+            return {"kind": self.kind, "rows": self.rows}
         return {"kind": self.kind, "padding": list(self.padding), "stride": list(self.stride),
                 "dilation": list(self.dilation), "groups": self.groups, "input_size": list(self.input_size)}
 
@@ -926,6 +938,11 @@ class PackedWeightRecord:
         kind = field_of(obj, "kind", str, where)
         if kind not in PACKED_KINDS:
             raise ArchiveError(f"{where}.kind is {kind!r}; this reader knows {', '.join(PACKED_KINDS)}")
+        if kind == "onednn_linear":
+            rows = field_of(obj, "rows", int, where)
+            if not 1 <= rows <= MAX_LINEAR_SIZE:
+                raise ArchiveError(f"{where}.rows is {rows}; expected 1 to {MAX_LINEAR_SIZE}")
+            return cls(kind=kind, rows=rows)
 
         def ints(key: str, n: int, low: int) -> tuple[int, ...]:
             v = field_of(obj, key, list, where)
@@ -939,9 +956,15 @@ class PackedWeightRecord:
 
     def check_weight(self, weight: "WeightRecord | None", wname: str, where: str) -> None:
         """Check that ``weight`` (the record of the weight ``wname`` the constant names; None where it is no
-        weight) is one this record can pack: a float32 convolution weight ``[out, in/groups, h, w]`` for it."""
+        weight) is one this record can pack: a float32 convolution weight ``[out, in/groups, h, w]`` for it, or a
+        float32 linear weight ``[out, in]`` of sizes oneDNN can describe."""
         shape = tuple(getattr(weight, "shape", ()) or ())
         dtype = getattr(weight, "dtype", None)
+        if self.kind == "onednn_linear":
+            if dtype != "float32" or len(shape) != 2 or not all(1 <= d <= MAX_LINEAR_SIZE for d in shape):
+                raise ArchiveError(f"{where} packs weight {wname!r} ({dtype} {list(shape)}) for a linear; expected "
+                                   f"a float32 weight [out, in] of sizes 1 to {MAX_LINEAR_SIZE}")
+            return
         if dtype != "float32" or len(shape) != 4 or self.groups < 1 \
                 or shape[0] % self.groups or shape[1] * self.groups != self.input_size[1]:
             raise ArchiveError(f"{where} packs weight {wname!r} ({dtype} {list(shape)}) for a convolution of "
@@ -1292,11 +1315,12 @@ class Manifest:
             raise ArchiveError(f"the manifest uses {newer[0]}, which format version {BREADTH_FORMAT_VERSION} "
                                f"introduced, but it says format version {version}; the pack was written by a "
                                "broken or modified writer")
-        newer = v6_features(obj)
-        if newer and version < V6_FORMAT_VERSION:
-            raise ArchiveError(f"the manifest uses {newer[0]}, which format version {V6_FORMAT_VERSION} "
-                               f"introduced, but it says format version {version}; the pack was written by a "
-                               "broken or modified writer")
+        for features, first in ((v6_features, V6_FORMAT_VERSION), (v7_features, V7_FORMAT_VERSION)):
+            newer = features(obj)
+            if newer and version < first:
+                raise ArchiveError(f"the manifest uses {newer[0]}, which format version {first} introduced, but it "
+                                   f"says format version {version}; the pack was written by a broken or modified "
+                                   "writer")
         if "external_weights" in obj and version < V5_FORMAT_VERSION:
             raise ArchiveError(f"the manifest keeps its weights beside the pack (external_weights), which format "
                                f"version {V5_FORMAT_VERSION} introduced, but it says format version {version}; the "

@@ -427,3 +427,18 @@ def clip_pack(session_dir) -> Built:
     if not path.exists():
         aotpack.build(model, None, path, methods=programs.clip_methods())
     return Built("clip", path, model, ())
+
+
+@pytest.fixture(scope="session")
+def linearnet_pack(session_dir) -> tuple:
+    """(model, args, path) of ``programs.LinearNet`` built once: large linears routed to oneDNN."""
+    import aotpack
+    import programs
+    import torch
+
+    torch.manual_seed(0)
+    model, args = programs.LinearNet().eval(), (torch.rand(64, 128) * 2 - 1,)
+    path = session_dir / "linearnet.pack"
+    if not path.exists():
+        aotpack.build(model, args, path)
+    return model, args, path

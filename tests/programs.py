@@ -1,5 +1,6 @@
 """Small models of several methods (an encoder-decoder, two encoders sharing a projection, and Hugging Face
-T5, Whisper and CLIP from small configs), for packs of several methods: random weights, no downloads."""
+T5, Whisper and CLIP from small configs), for packs of several methods: random weights, no downloads; and
+``LinearNet``, the linears of a transformer block for oneDNN's linear."""
 from __future__ import annotations
 
 import torch
@@ -362,3 +363,26 @@ def clip_methods() -> dict:
     return {"encode_text": aotpack.Method(clip_encode_text, (clip_ids(7),),
                                           dynamic_shapes={"input_ids": {1: Dim("tokens", min=2, max=16)}}),
             "encode_image": aotpack.Method(clip_encode_image, (CLIP_PIXELS,))}
+
+
+class LinearNet(torch.nn.Module):
+    """The linears of a transformer block, at sizes where oneDNN's GEMM pays (at least ONEDNN_LINEAR_MIN_MACS):
+    one read by GELU and one by ReLU (both stay with MKL: Inductor would fuse the activation into oneDNN's
+    op), one whose output a residual add reads (oneDNN's, the add fused into it or not), one without a bias,
+    one whose weight is stored ``[in, out]`` as GPT-2's ``Conv1D`` stores it (``addmm(b, x, w)``), and one too
+    small for oneDNN."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = torch.nn.Linear(128, 512)
+        self.down = torch.nn.Linear(512, 128)
+        self.gate = torch.nn.Linear(128, 128)
+        self.proj = torch.nn.Linear(128, 512, bias=False)
+        self.head = torch.nn.Linear(512, 4)
+        self.c1d_weight = torch.nn.Parameter(torch.randn(128, 512) * 0.05)
+        self.c1d_bias = torch.nn.Parameter(torch.randn(512) * 0.05)
+
+    def forward(self, x):
+        h = x + self.down(torch.nn.functional.gelu(self.up(x)))
+        y = self.proj(h) * torch.relu(self.gate(h)).repeat(1, 4) + torch.addmm(self.c1d_bias, h, self.c1d_weight)
+        return self.head(y)

@@ -397,3 +397,72 @@ def test_reweight_and_external_weights_keep_the_folds_working(convnet_pack, tmp_
     pkg = aotpack.load(apart)
     assert pkg.manifest.external_weights is not None and pkg.entries[0].record.folded_weights
     assert_close_to_eager(pkg(*convnet_pack.args), _eager(convnet_pack.model, convnet_pack.args))
+
+
+def test_large_linears_call_onednn_with_weights_packed_at_load(linearnet_pack):
+    from aotpack._torch import ONEDNN_LINEAR_MIN_MACS
+
+    model, args, path = linearnet_pack
+    pkg = aotpack.load(path)
+    entry = pkg.entries[0]
+    packed = {entry.record.constants[c]: r.to_json() for c, r in entry.record.packed_weights.items()}
+    # down (64x512x128), proj (64x128x512, no bias) and the [in, out] weight, transposed at load into a folded
+    # constant; not up (GELU reads it), gate (ReLU), head (too small)
+    assert packed == {"down.weight": {"kind": "onednn_linear", "rows": 64},
+                      "proj.weight": {"kind": "onednn_linear", "rows": 64},
+                      "_aotpack_folded_0": {"kind": "onednn_linear", "rows": 64}}
+    assert entry.record.folded_weights["_aotpack_folded_0"].to_json() == {
+        "dtype": "float32", "shape": [512, 128], "steps": [{"op": "weight", "name": "c1d_weight"},
+                                                          {"op": "transpose", "in": [0]}]}
+    assert 64 * 512 * 4 < ONEDNN_LINEAR_MIN_MACS <= 64 * 128 * 512
+    assert pkg.manifest.format_version == 7
+    bound = entry.weight_constants(pkg.weights)
+    assert all(bound[c].layout == torch._mkldnn for c in entry.record.packed_weights)
+    assert all(t.layout == torch.strided for t in pkg.weights.values())
+    assert_close_to_eager(pkg(*args), _eager(model, args))
+    # NaN and infinities come out where eager has them (no activation runs inside oneDNN's op)
+    x = args[0].clone()
+    x[3, 5], x[7, :4], x[9, 1] = float("nan"), float("inf"), -float("inf")
+    out, ref = pkg(x), _eager(model, (x,))
+    assert torch.equal(out.isnan(), ref.isnan()) and out.isnan().any()
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4, equal_nan=True)
+
+
+def test_packed_linears_take_new_weights_and_other_thread_counts(linearnet_pack):
+    model, args, path = linearnet_pack
+    pkg = aotpack.load(path)
+    other = _other_weights(model, 5)
+    pkg.load_weights(other.state_dict())
+    assert_close_to_eager(pkg(*args), _eager(other, args))
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 1):
+            torch.set_num_threads(n)
+            assert_close_to_eager(pkg(*args), _eager(other, args))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_reader_that_ignores_packed_linears_computes_the_same_outputs(linearnet_pack, tmp_path):
+    """The code also takes the plain weight: without the records, the same outputs."""
+    model, args, path = linearnet_pack
+    plain = tmp_path / "plain.pack"
+    plain.write_bytes(with_manifest(path.read_bytes(), lambda m: m["entries"][0].pop("packed_weights")))
+    pkg = aotpack.load(plain)
+    assert not pkg.entries[0].record.packed_weights
+    assert_close_to_eager(pkg(*args), _eager(model, args))
+
+
+@pytest.mark.parametrize("edit, facts", [
+    (lambda m: next(iter(m["entries"][0]["packed_weights"].values())).update(rows=0), ["rows is 0", "1 to"]),
+    (lambda m: m.update(format_version=6), ["onednn_linear", "format version 7", "format version 6"]),
+    (lambda m: next(iter(m["entries"][0]["packed_weights"].values())).update(kind="onednn_conv"),
+     ["packed_weights['_aotpack_folded_0']", "lacks the field"]),
+])
+def test_bad_packed_linear_records_are_refused_at_load(linearnet_pack, tmp_path, edit, facts):
+    _, _, path = linearnet_pack
+    bad = tmp_path / "bad.pack"
+    bad.write_bytes(with_manifest(path.read_bytes(), edit))
+    with pytest.raises(ArchiveError) as e:
+        aotpack.load(bad)
+    assert_facts(str(e.value), *facts)

@@ -158,6 +158,52 @@ def test_packed_weights_example_is_read_at_any_version():
         schema.packed_weights_from_json(example, "doc", "cuda", constants)
 
 
+def test_packed_linear_example_is_read_and_needs_version_7():
+    """The second example of "Packed weights": a linear's weight packed for oneDNN, checked against the weight
+    it names, and written as version 7 (a version-6 reader would refuse its kind)."""
+    blocks = re.findall(r"```json\n(.*?)```", DOC, re.S)
+    example = json.loads(next(b for b in blocks if '"onednn_linear"' in b))
+    constants = {"encoder_0_query_weight": "encoder.0.query.weight"}
+    packed = schema.packed_weights_from_json(example, "doc", "cpu", constants)
+    assert packed == {"encoder_0_query_weight": schema.PackedWeightRecord("onednn_linear", rows=64)}
+    assert {c: p.to_json() for c, p in packed.items()} == example["packed_weights"]
+    weight = schema.WeightRecord(name="encoder.0.query.weight", blob="weights/0", dtype="float32", shape=(256, 256))
+    packed["encoder_0_query_weight"].check_weight(weight, weight.name, "doc")  # fits: no error
+    for bad in (schema.WeightRecord(name="w", blob="b", dtype="float32", shape=(256, 256, 1)),
+                schema.WeightRecord(name="w", blob="b", dtype="float16", shape=(256, 256))):
+        with pytest.raises(ArchiveError, match="for a linear; expected a float32 weight"):
+            packed["encoder_0_query_weight"].check_weight(bad, "w", "doc")
+    for rows in (0, 2**31, "64"):
+        with pytest.raises(ArchiveError, match="rows"):
+            schema.PackedWeightRecord.from_json({"kind": "onednn_linear", "rows": rows}, "doc")
+    assert fmt.v7_features({"entries": [example]}) == [
+        "linear weights packed at load (packed_weights of kind onednn_linear)"]
+    assert fmt.version_for({"entries": [example]}) == fmt.V7_FORMAT_VERSION == fmt.FORMAT_VERSION == 7
+
+
+def test_the_transpose_fold_step_needs_version_7_and_a_2d_input():
+    """``transpose`` (version 7): a linear's weight stored [in, out] folded into the [out, in] constant."""
+    import torch
+
+    from aotpack_runtime.entries import fold_weight
+
+    assert "`transpose` (version 7) swaps the two dims of a 2-d input" in DOC
+    entry = {"folded_weights": {"_aotpack_folded_0": {"dtype": "float32", "shape": [512, 128], "steps": [
+        {"op": "weight", "name": "c.weight"}, {"op": "transpose", "in": [0]}]}}}
+    folded = schema.folded_weights_from_json(entry, "doc", "cpu", {"_aotpack_folded_0": "_aotpack_folded_0"})
+    record = folded["_aotpack_folded_0"]
+    record.check_shapes({"c.weight": schema.WeightRecord(name="c.weight", blob="b", dtype="float32",
+                                                         shape=(128, 512))}, "doc")
+    w = torch.randn(128, 512)
+    out = fold_weight(record, {"c.weight": w})
+    assert torch.equal(out, w.t()) and out.is_contiguous()
+    with pytest.raises(ArchiveError, match="transposes a 3-d tensor; it takes a 2-d one"):
+        record.check_shapes({"c.weight": schema.WeightRecord(name="c.weight", blob="b", dtype="float32",
+                                                             shape=(4, 128, 512))}, "doc")
+    assert fmt.v7_features({"entries": [entry]}) == ["a weight transposed at load (the fold step transpose)"]
+    assert fmt.version_for({"entries": [entry]}) == 7
+
+
 def test_folded_weights_example_is_what_the_loader_computes_and_needs_version_6():
     """The example of "Folded weights (version 6)": a batch norm's scale folded into a convolution's weight,
     checked against the weights it reads, computed as folding by hand computes it, and written as version 6."""
@@ -177,7 +223,7 @@ def test_folded_weights_example_is_what_the_loader_computes_and_needs_version_6(
     scale = tensors["features.1.weight"] / torch.sqrt(tensors["features.1.running_var"] + 1e-05)
     torch.testing.assert_close(fold_weight(record, tensors), tensors["features.0.weight"] * scale.reshape(-1, 1, 1, 1))
     assert fmt.v6_features({"entries": [example]}) == ["weights folded at load (folded_weights)"]
-    assert fmt.version_for({"entries": [example]}) == fmt.V6_FORMAT_VERSION == fmt.FORMAT_VERSION == 6
+    assert fmt.version_for({"entries": [example]}) == fmt.V6_FORMAT_VERSION == 6
     assert "## Entries" in DOC and "### Folded weights (version 6)" in DOC
     with pytest.raises(ArchiveError, match="only CPU entries have folded weights"):
         schema.folded_weights_from_json(example, "doc", "cuda", {"_aotpack_folded_0": "_aotpack_folded_0"})

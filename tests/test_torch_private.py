@@ -2,6 +2,8 @@
 that moves one fails here, by name."""
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 
@@ -697,6 +699,72 @@ def test_convolutions_to_onednn_pass_and_the_weight_packing_it_relies_on():
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_linears_to_onednn_pass_and_the_weight_packing_it_relies_on():
+    """The CPU post-grad pass with onednn_convs gives a large float32 linear (``addmm(b, x, w.T)``, ``mm(x, w.T)``)
+    whose weight is a stored weight read by nothing else to mkldnn._linear_pointwise and records its rows; a
+    linear an activation reads, a small one and one whose weight is read elsewhere stay with ATen. The op takes
+    the weight as runtime/_torch.onednn_linear_weight packs it, and plain."""
+    aten = torch.ops.aten
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    x.meta["val"] = torch.empty(64, 256)
+    nodes = {}
+    for name, shape in (("a.weight", (256, 256)), ("a.bias", (256,)), ("b.weight", (256, 256)),
+                        ("c.weight", (256, 256)), ("d.weight", (4, 256)), ("e.weight", (256, 256))):
+        nodes[name] = graph.get_attr(name)
+        nodes[name].meta["val"] = torch.empty(shape)
+
+    def linear(weight, bias=None):
+        t = graph.call_function(aten.permute.default, (nodes[weight], [1, 0]))
+        t.meta["val"] = torch.empty(nodes[weight].meta["val"].shape[::-1])
+        out = graph.call_function(aten.addmm.default, (nodes[bias], x, t)) if bias \
+            else graph.call_function(aten.mm.default, (x, t))
+        out.meta["val"] = torch.empty(64, t.meta["val"].shape[1])
+        return out
+    a, b, c, d, e = linear("a.weight", "a.bias"), linear("b.weight"), linear("c.weight"), linear("d.weight"), \
+        linear("e.weight")
+    r = graph.call_function(aten.relu.default, (c,))
+    s = graph.call_function(aten.mul.Tensor, (b, 0.5))
+    other = graph.call_function(aten.neg.default, (nodes["e.weight"],))
+    graph.output((a, s, r, d, e, other))
+    config_pass = build_torch.inductor_options("avx2", 16, onednn_convs=True)["post_grad_custom_pre_pass"]
+    with build_torch.conv_records() as records:
+        config_pass(graph)
+    calls = [n for n in graph.nodes if n.op == "call_function" and n.target is not aten.permute.default]
+    assert [n.target for n in calls] == [torch.ops.mkldnn._linear_pointwise.default, aten.mm.default,
+                                         aten.mm.default, aten.mm.default, aten.mm.default, aten.relu.default,
+                                         aten.mul.Tensor, aten.neg.default]
+    assert calls[0].args[1] is nodes["a.weight"] and calls[0].args[2] is nodes["a.bias"]
+    assert records.linear == {"a.weight": 64}
+
+    # Linears holding more weight than the budget of packed weights all stay with ATen (a large model's weights
+    # stay shared between processes); the budget is part of the pass's identity for Inductor's caches.
+    graph2 = torch.fx.Graph()
+    x2 = graph2.placeholder("x")
+    x2.meta["val"] = torch.empty(64, 256)
+    w2 = graph2.get_attr("a.weight")
+    w2.meta["val"] = torch.empty(256, 256)
+    t2 = graph2.call_function(aten.permute.default, (w2, [1, 0]))
+    t2.meta["val"] = torch.empty(256, 256)
+    mm2 = graph2.call_function(aten.mm.default, (x2, t2))
+    mm2.meta["val"] = torch.empty(64, 256)
+    graph2.output((mm2,))
+    before = config_pass.uuid()
+    with mock.patch.object(build_torch, "ONEDNN_LINEAR_MAX_BYTES", 256 * 256 * 4 - 1):
+        assert config_pass.uuid() != before
+        with build_torch.conv_records() as records:
+            config_pass(graph2)
+    assert records.linear == {} and mm2 in graph2.nodes
+
+    gen = torch.Generator().manual_seed(0)
+    xs, ws, bs = torch.randn(64, 256, generator=gen), torch.randn(128, 256, generator=gen), torch.randn(128)
+    packed = rt_torch.onednn_linear_weight(ws, 64)
+    assert packed.layout == torch._mkldnn
+    for weight in (packed, ws):
+        out = torch.ops.mkldnn._linear_pointwise(xs, weight, bs, "none", [], "")
+        torch.testing.assert_close(out, torch.nn.functional.linear(xs, ws, bs), rtol=1e-4, atol=1e-4)
+
+
 def test_fold_into_convolutions_pass_on_a_graph_module():
     """The fold pass uses a post-grad GraphModule as Inductor hands it over: it registers the folded constants as
     buffers of ``graph.owning_module``, gives their get_attr nodes fake-free metadata made with ``new_empty``,
@@ -785,6 +853,27 @@ def test_onednn_conv_weights_reads_the_generated_wrapper(convnet_pack):
     binary = "aoti_torch_cpu_mkldnn__convolution_pointwise_binary(buf4, buf0, layer_weight, nullptr, ...);\n" \
              "[[maybe_unused]] auto& layer_weight = constants_->at(9);\n"
     assert torch_text.onednn_conv_weights(binary, {"layer_weight"}) == {"layer_weight"}
+
+
+def test_onednn_conv_weights_finds_linear_weights_in_the_generated_wrapper(linearnet_pack):
+    """The constants a real build's wrapper passes only to oneDNN's linear as its weight (its first argument an
+    expression with parentheses of its own), and the form with a fused add."""
+    from aotpack_runtime.archive import Archive
+
+    a = Archive.open(linearnet_pack[2])
+    try:
+        wrapper = bytes(a.read_blob("source/0/wrapper.cpp")).decode()
+        constants = a.manifest.entries[0].constants
+    finally:
+        a.close()
+    linears = {"down_weight", "proj_weight", "_aotpack_folded_0"}
+    assert torch_text.onednn_conv_weights(wrapper, constants, linear=True) == linears
+    assert torch_text.onednn_conv_weights(wrapper, constants) == set()
+    elsewhere = wrapper + "\n    cpp_fused_extra((const float*)(proj_weight.data_ptr()));\n"
+    assert torch_text.onednn_conv_weights(elsewhere, constants, linear=True) == linears - {"proj_weight"}
+    binary = "aoti_torch_cpu__linear_pointwise_binary(wrap(reinterpret(buf4, 2, a, b, 0L)), buf0, out_weight, " \
+             "nullptr, \"add\");\n[[maybe_unused]] auto& out_weight = constants_->at(9);\n"
+    assert torch_text.onednn_conv_weights(binary, {"out_weight"}, linear=True) == {"out_weight"}
 
 
 def test_fake_val_computes_a_new_nodes_metadata_in_the_graphs_fake_mode():
