@@ -129,7 +129,7 @@ _LINEAR_BINARY = re.compile(r"\baoti_torch_cpu__linear_pointwise_binary\(\s*" + 
 _CONSTANT_BINDING = r"auto&\s+{name}\s*=\s*constants_->at\(\d+\);"
 
 
-def onednn_conv_weights(wrapper_source: str, names, linear: bool = False) -> set[str]:
+def onednn_weights(wrapper_source: str, names, linear: bool = False) -> set[str]:
     """Those of the constants ``names`` that a generated CPU wrapper passes to oneDNN's convolution (``linear``:
     to oneDNN's linear) as its weight and uses in no other way (outside the constants table and the constant's
     local binding): only these may be bound to a weight in oneDNN's packed layout, which nothing else can read."""

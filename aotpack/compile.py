@@ -315,9 +315,9 @@ def onednn_packed_weights(records: dict[str, dict], linear: dict[str, int], cons
     packed = {c: PackedWeightRecord(kind="onednn_conv", padding=tuple(convs[c]["padding"]),
                                     stride=tuple(convs[c]["stride"]), dilation=tuple(convs[c]["dilation"]),
                                     groups=convs[c]["groups"], input_size=tuple(convs[c]["input_size"]))
-              for c in _torch_text.onednn_conv_weights(wrapper, convs)}
+              for c in _torch_text.onednn_weights(wrapper, convs)}
     packed.update({c: PackedWeightRecord(kind="onednn_linear", rows=linears[c])
-                   for c in _torch_text.onednn_conv_weights(wrapper, linears, linear=True)})
+                   for c in _torch_text.onednn_weights(wrapper, linears, linear=True)})
     return dict(sorted(packed.items()))
 
 

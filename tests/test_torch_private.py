@@ -835,45 +835,42 @@ def test_eager_activations_rewrites_relu_and_relu6_after_a_convolution_only():
         torch.testing.assert_close(out, ref, equal_nan=True)
 
 
-def test_onednn_conv_weights_reads_the_generated_wrapper(convnet_pack):
+def _wrapper_and_constants(path) -> tuple[str, dict]:
+    """The generated wrapper of a pack's first entry, and that entry's constants."""
+    from aotpack_runtime.archive import Archive
+
+    a = Archive.open(path)
+    try:
+        return bytes(a.read_blob("source/0/wrapper.cpp")).decode(), a.manifest.entries[0].constants
+    finally:
+        a.close()
+
+
+def test_onednn_weights_reads_the_generated_wrapper(convnet_pack):
     """The constants a real build's wrapper passes only to oneDNN's convolution as its weight; a constant the
     wrapper also reads another way is not one of them."""
-    from aotpack_runtime.archive import Archive
-
-    a = Archive.open(convnet_pack.path)
-    try:
-        wrapper = bytes(a.read_blob("source/0/wrapper.cpp")).decode()
-        constants = a.manifest.entries[0].constants
-    finally:
-        a.close()
+    wrapper, constants = _wrapper_and_constants(convnet_pack.path)
     convs = {"_aotpack_folded_0", "_aotpack_folded_2", "_aotpack_folded_4"}
-    assert torch_text.onednn_conv_weights(wrapper, constants) == convs
+    assert torch_text.onednn_weights(wrapper, constants) == convs
     elsewhere = wrapper + "\n    cpp_fused_extra((const float*)(_aotpack_folded_2.data_ptr()));\n"
-    assert torch_text.onednn_conv_weights(elsewhere, constants) == convs - {"_aotpack_folded_2"}
+    assert torch_text.onednn_weights(elsewhere, constants) == convs - {"_aotpack_folded_2"}
     binary = "aoti_torch_cpu_mkldnn__convolution_pointwise_binary(buf4, buf0, layer_weight, nullptr, ...);\n" \
              "[[maybe_unused]] auto& layer_weight = constants_->at(9);\n"
-    assert torch_text.onednn_conv_weights(binary, {"layer_weight"}) == {"layer_weight"}
+    assert torch_text.onednn_weights(binary, {"layer_weight"}) == {"layer_weight"}
 
 
-def test_onednn_conv_weights_finds_linear_weights_in_the_generated_wrapper(linearnet_pack):
+def test_onednn_weights_finds_linear_weights_in_the_generated_wrapper(linearnet_pack):
     """The constants a real build's wrapper passes only to oneDNN's linear as its weight (its first argument an
     expression with parentheses of its own), and the form with a fused add."""
-    from aotpack_runtime.archive import Archive
-
-    a = Archive.open(linearnet_pack[2])
-    try:
-        wrapper = bytes(a.read_blob("source/0/wrapper.cpp")).decode()
-        constants = a.manifest.entries[0].constants
-    finally:
-        a.close()
+    wrapper, constants = _wrapper_and_constants(linearnet_pack[2])
     linears = {"down_weight", "proj_weight", "_aotpack_folded_0"}
-    assert torch_text.onednn_conv_weights(wrapper, constants, linear=True) == linears
-    assert torch_text.onednn_conv_weights(wrapper, constants) == set()
+    assert torch_text.onednn_weights(wrapper, constants, linear=True) == linears
+    assert torch_text.onednn_weights(wrapper, constants) == set()
     elsewhere = wrapper + "\n    cpp_fused_extra((const float*)(proj_weight.data_ptr()));\n"
-    assert torch_text.onednn_conv_weights(elsewhere, constants, linear=True) == linears - {"proj_weight"}
+    assert torch_text.onednn_weights(elsewhere, constants, linear=True) == linears - {"proj_weight"}
     binary = "aoti_torch_cpu__linear_pointwise_binary(wrap(reinterpret(buf4, 2, a, b, 0L)), buf0, out_weight, " \
              "nullptr, \"add\");\n[[maybe_unused]] auto& out_weight = constants_->at(9);\n"
-    assert torch_text.onednn_conv_weights(binary, {"out_weight"}, linear=True) == {"out_weight"}
+    assert torch_text.onednn_weights(binary, {"out_weight"}, linear=True) == {"out_weight"}
 
 
 def test_fake_val_computes_a_new_nodes_metadata_in_the_graphs_fake_mode():
