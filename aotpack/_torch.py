@@ -324,6 +324,16 @@ def _folded_constant(graph, before, record, like: torch.Tensor):
     return attr
 
 
+def _get_attr_reads(graph) -> dict[str, int]:
+    """get_attr target -> how many get_attr nodes of ``graph`` read it (a weight routed to oneDNN must be read
+    once: its constant is then bound to a packed layout nothing else can read)."""
+    reads: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            reads[str(node.target)] = reads.get(str(node.target), 0) + 1
+    return reads
+
+
 def _writes_a_buffer(graph) -> bool:
     """Whether ``graph`` has no module to hold new constants or calls an op that writes its input in place (a
     graph that writes state is left as it is by the passes that add constants)."""
@@ -475,16 +485,14 @@ def _convolutions_to_onednn(graph) -> None:
     faster once its weight is in oneDNN's packed layout, which the runtime computes at load, on the serving
     host, from the stored weight (``packed_weights`` in the manifest). The op also accepts the plain weight
     (it then reorders it on every call), so code whose constant is bound to the stored weight, by an older
-    reader, computes the same outputs, only slower. Records each rewritten weight in ``onednn_conv_records``.
+    reader, computes the same outputs, only slower. Records each rewritten weight in ``conv_records().onednn``.
     """
     if not torch.backends.mkldnn.is_available():
         return
     conv = torch.ops.aten.convolution.default
     targets: dict[Any, list] = {}
-    reads: dict[str, int] = {}  # get_attr target -> how many get_attr nodes read it
+    reads = _get_attr_reads(graph)
     for node in graph.nodes:
-        if node.op == "get_attr":
-            reads[str(node.target)] = reads.get(str(node.target), 0) + 1
         if node.op == "call_function" and node.target is conv and len(node.args) == 9:
             targets.setdefault(node.args[1], []).append(node)
     for weight, convs in targets.items():
@@ -539,8 +547,7 @@ def _convolutions_to_onednn(graph) -> None:
 # or sum with a number, stays with ATen (``_linears_to_onednn``).
 _LINEAR_FUSED_USERS = frozenset(getattr(torch.ops.aten, name).default for name in (
     "relu", "sigmoid", "tanh", "clamp_min", "clamp_max", "clamp", "hardtanh", "gelu", "silu", "hardswish",
-    "hardsigmoid", "leaky_relu", "mish", "elu", "erf", "abs", "exp", "gt", "lt", "ge", "le")
-    if hasattr(getattr(torch.ops.aten, name, None), "default")) | {
+    "hardsigmoid", "leaky_relu", "mish", "elu", "erf", "abs", "exp")) | {
     torch.ops.aten.gt.Scalar, torch.ops.aten.lt.Scalar, torch.ops.aten.ge.Scalar, torch.ops.aten.le.Scalar}
 
 
@@ -581,10 +588,7 @@ def _linears_to_onednn(graph) -> None:
     if not torch.backends.mkldnn.is_available():
         return
     aten = torch.ops.aten
-    reads: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "get_attr":
-            reads[str(node.target)] = reads.get(str(node.target), 0) + 1
+    reads = _get_attr_reads(graph)
     stateless = not _writes_a_buffer(graph)  # where a new (transposed) constant may be added
     plans = []
     for node in list(graph.nodes):
@@ -626,7 +630,7 @@ def _linears_to_onednn(graph) -> None:
         plans.append((node, x, bias, w, wt, wv, stored_in_out, rows[0]))
     # Packing copies each weight into the process at load: a model whose linears hold more than the budget keeps
     # MKL's GEMM on its plain weights, which stay mapped from the pack, shared between processes and read lazily.
-    if sum(math.prod(p[5].shape) * 4 for p in plans) > ONEDNN_LINEAR_MAX_BYTES:
+    if sum(wv.numel() * 4 for _, _, _, _, _, wv, _, _ in plans) > ONEDNN_LINEAR_MAX_BYTES:
         return
     for node, x, bias, w, wt, wv, stored_in_out, rows in plans:
         if stored_in_out:
@@ -643,10 +647,7 @@ def _linears_to_onednn(graph) -> None:
         _fake_val(new)
         node.replace_all_uses_with(new)
         graph.erase_node(node)
-        if wt is not w:
-            graph.erase_node(wt)
-        else:
-            graph.erase_node(w)
+        graph.erase_node(wt)  # the permute of w, or (stored [in, out]) w itself, read now by the folded constant
         if _conv_records is not None:
             _conv_records.linear[str(weight.target)] = rows
 

@@ -176,15 +176,15 @@ def v6_features(manifest: dict) -> list[str]:
 
 def v7_features(manifest: dict) -> list[str]:
     """What in ``manifest`` needs format version 7, in words (empty when nothing does), as ``v4_features``."""
+    def records(e: Any, key: str) -> list:
+        found = e.get(key) if isinstance(e, dict) else None
+        return [r for r in found.values() if isinstance(r, dict)] if isinstance(found, dict) else []
+
     for e in _items(manifest.get("entries")):
-        packed = e.get("packed_weights") if isinstance(e, dict) else None
-        if isinstance(packed, dict) and any(isinstance(r, dict) and r.get("kind") == "onednn_linear"
-                                            for r in packed.values()):
+        if any(r.get("kind") == "onednn_linear" for r in records(e, "packed_weights")):
             return ["linear weights packed at load (packed_weights of kind onednn_linear)"]
-        folded = e.get("folded_weights") if isinstance(e, dict) else None
-        if isinstance(folded, dict) and any(isinstance(r, dict) and any(
-                isinstance(s, dict) and s.get("op") == "transpose" for s in _items(r.get("steps")))
-                for r in folded.values()):
+        if any(isinstance(s, dict) and s.get("op") == "transpose"
+               for r in records(e, "folded_weights") for s in _items(r.get("steps"))):
             return ["a weight transposed at load (the fold step transpose)"]
     return []
 

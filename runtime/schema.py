@@ -26,8 +26,8 @@ from typing import Any
 from .errors import ArchiveError
 from .format import (ALIGN, BLOB_NAME, BREADTH_FORMAT_VERSION, COMPRESSIONS, CUDA_FORMAT_VERSION, DEFAULT_METHOD,
                      DEVICES, DTYPES, MAX_BLOBS, MAX_ZSTD_FLOOR, MAX_ZSTD_RATIO, METHOD_NAME, STATE_FORMAT_VERSION,
-                     V5_FORMAT_VERSION, V6_FORMAT_VERSION, V7_FORMAT_VERSION, _field, _items, field_of, nonneg_int, one_of, v4_features,
-                     v6_features, v7_features, zstd_limit)
+                     V5_FORMAT_VERSION, V6_FORMAT_VERSION, V7_FORMAT_VERSION, _field, _items, field_of, nonneg_int,
+                     one_of, v4_features, v6_features, v7_features, zstd_limit)
 from .symbolic import Poly, monomial_from_json, poly_from_json
 
 # ---------------------------------------------------------------------------------------------------
